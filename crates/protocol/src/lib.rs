@@ -1,1 +1,369 @@
-pub fn x(){}
+//! Wire types between Brume edge agents and the cloud hub.
+//!
+//! Everything that crosses the network between an agent and the hub is defined here and
+//! encoded with [postcard]. postcard is compact and stable, but *positional*: it is not
+//! self-describing, so the rules for changing this file are strict:
+//!
+//! * Every top-level message is an enum whose variant index is the wire version
+//!   ([`AgentMessage::BatchV1`], [`HubMessage::AckV1`]). A new version is a new variant
+//!   appended at the end; existing variants and their structs are never reordered,
+//!   removed or changed. The golden-bytes tests at the bottom of this file fail when
+//!   someone breaks that rule by accident.
+//! * A reading's fields travel and are stored as one opaque *fields blob*
+//!   (`postcard(Vec<Field>)`, see [`FieldsBlob`]). The agent stores exactly these bytes in
+//!   SQLite, the batch carries them unchanged, and the hub stores them unchanged, so the
+//!   hot path never re-encodes fields. Anyone who reads them decodes with
+//!   [`FieldsBlob::decode`], which also enforces the limits in [`limits`].
+//!
+//! Architecture invariant: this crate does no IO and depends on no async runtime.
+
+use serde::{Deserialize, Serialize};
+
+/// Limits every decoder enforces. They are part of the protocol: an agent must never
+/// produce a message a hub would refuse.
+pub mod limits {
+    /// Longest stream name, in bytes.
+    pub const MAX_STREAM_NAME: usize = 256;
+    /// Longest field name, in bytes.
+    pub const MAX_FIELD_NAME: usize = 128;
+    /// Longest string field value, in bytes.
+    pub const MAX_STRING_VALUE: usize = 16 * 1024;
+    /// Most fields on one reading.
+    pub const MAX_FIELDS: usize = 256;
+    /// Longest agent id, in bytes.
+    pub const MAX_AGENT_ID: usize = 128;
+    /// Largest encoded message the hub accepts (a batch), in bytes.
+    pub const MAX_MESSAGE_BYTES: usize = 8 * 1024 * 1024;
+}
+
+/// One field value of a reading: the InfluxDB point model.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum Value {
+    /// A 64-bit float (the default for numbers).
+    F64(f64),
+    /// A signed integer (line protocol `12i`, JSON integers that do not fit a float exactly).
+    I64(i64),
+    /// A boolean.
+    Bool(bool),
+    /// A UTF-8 string.
+    Str(String),
+}
+
+/// A named field.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Field {
+    /// Field name, e.g. `temperature`. A bare-number payload becomes the field `value`.
+    pub name: String,
+    /// The value.
+    pub value: Value,
+}
+
+/// A reading as the agent ingests it: a timestamped record on a named stream.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Reading {
+    /// Stream name, e.g. `sensors/line1/temp`.
+    pub stream: String,
+    /// Timestamp, nanoseconds since the Unix epoch.
+    pub ts_ns: i64,
+    /// The encoded fields (`postcard(Vec<Field>)`).
+    pub fields: FieldsBlob,
+}
+
+impl Reading {
+    /// Builds a reading, encoding and validating its fields.
+    pub fn new(stream: impl Into<String>, ts_ns: i64, fields: &[Field]) -> Result<Self, DecodeError> {
+        let stream = stream.into();
+        validate_stream_name(&stream)?;
+        Ok(Reading { stream, ts_ns, fields: FieldsBlob::encode(fields)? })
+    }
+}
+
+/// The canonical encoding of a reading's fields: `postcard(Vec<Field>)`.
+///
+/// Kept as bytes so that the agent's store, the wire and the hub's store share one
+/// representation and nothing on the hot path decodes and re-encodes it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FieldsBlob(#[serde(with = "serde_bytes")] pub Vec<u8>);
+
+impl FieldsBlob {
+    /// Validates and encodes fields. Fails on an empty list, too many fields, bad names
+    /// or oversize strings, naming which.
+    pub fn encode(fields: &[Field]) -> Result<Self, DecodeError> {
+        validate_fields(fields)?;
+        Ok(FieldsBlob(postcard::to_stdvec(fields).expect("encoding to a Vec cannot fail")))
+    }
+
+    /// Decodes and validates the fields.
+    pub fn decode(&self) -> Result<Vec<Field>, DecodeError> {
+        let (fields, rest): (Vec<Field>, _) = postcard::take_from_bytes(&self.0)?;
+        if !rest.is_empty() {
+            return Err(DecodeError::TrailingBytes(rest.len()));
+        }
+        validate_fields(&fields)?;
+        Ok(fields)
+    }
+}
+
+/// Why an agent dropped readings without forwarding them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub enum LossReason {
+    /// Deleted by the stream's retention (age or bytes) before the hub acknowledged it.
+    Retention,
+    /// Deleted to make room because the store was full and the stream's policy is `drop_oldest`.
+    StoreFull,
+}
+
+impl LossReason {
+    /// Stable lower-case name used in metrics and APIs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LossReason::Retention => "retention",
+            LossReason::StoreFull => "store_full",
+        }
+    }
+}
+
+/// Cumulative count of readings an agent (in one store epoch) dropped for one stream and
+/// reason. Cumulative, so the hub can keep the maximum it has seen and re-sends are harmless.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LossReport {
+    /// The stream that lost readings.
+    pub stream: String,
+    /// Why.
+    pub reason: LossReason,
+    /// Total readings dropped for this stream and reason since the store was created.
+    pub total: u64,
+}
+
+/// One reading inside a [`StreamChunk`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Point {
+    /// Timestamp, nanoseconds since the Unix epoch.
+    pub ts_ns: i64,
+    /// The reading's fields.
+    pub fields: FieldsBlob,
+}
+
+/// The readings of one stream inside a batch, in the agent's ingest order.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StreamChunk {
+    /// Stream name.
+    pub stream: String,
+    /// Readings, oldest first.
+    pub points: Vec<Point>,
+}
+
+/// A batch of readings from one agent: the unit of forwarding, acknowledgement and dedup.
+///
+/// `(agent_id, epoch, seq)` identifies a batch forever: an agent never reuses a sequence
+/// number within an epoch, and a re-sent batch carries the same readings (or, if local
+/// retention deleted some of them meanwhile, fewer, accounted for in `losses`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BatchV1 {
+    /// The agent's configured id. Must match the id in the MQTT topic.
+    pub agent_id: String,
+    /// Random id of the agent's store, chosen when the store is created. A wiped data
+    /// directory starts a new epoch, so its sequence numbers restarting at 1 are not
+    /// mistaken for duplicates.
+    pub epoch: u64,
+    /// Per-agent, per-epoch batch sequence number: 1, 2, 3, … without holes.
+    pub seq: u64,
+    /// When the agent cut the batch, milliseconds since the Unix epoch.
+    pub created_ms: i64,
+    /// Readings grouped by stream.
+    pub streams: Vec<StreamChunk>,
+    /// The agent's cumulative loss counters at the time the batch was sent.
+    pub losses: Vec<LossReport>,
+}
+
+impl BatchV1 {
+    /// Number of readings in the batch.
+    pub fn reading_count(&self) -> usize {
+        self.streams.iter().map(|s| s.points.len()).sum()
+    }
+}
+
+/// Messages an agent sends to the hub. The variant index is the wire version.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum AgentMessage {
+    /// Version 1 batch.
+    BatchV1(BatchV1),
+}
+
+/// The hub's acknowledgement: these batches are durably committed (or were already).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AckV1 {
+    /// The store epoch the sequence numbers belong to.
+    pub epoch: u64,
+    /// Committed batch sequence numbers.
+    pub seqs: Vec<u64>,
+}
+
+/// Messages the hub sends to one agent. The variant index is the wire version.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum HubMessage {
+    /// Version 1 acknowledgement.
+    AckV1(AckV1),
+}
+
+/// Why a message or fields blob was refused.
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum DecodeError {
+    /// Not valid postcard for the expected type, or an unknown version variant.
+    #[error("malformed message: {0} (unknown protocol version or corrupt bytes)")]
+    Postcard(#[from] postcard::Error),
+    /// Bytes left after the message.
+    #[error("{0} trailing bytes after the message")]
+    TrailingBytes(usize),
+    /// The message is larger than the protocol allows.
+    #[error("message of {0} bytes exceeds the limit of {max} bytes", max = limits::MAX_MESSAGE_BYTES)]
+    TooLarge(usize),
+    /// A name or value breaks a limit.
+    #[error("invalid {what}: {why}")]
+    Invalid {
+        /// What was invalid (`stream name`, `field name`, …).
+        what: &'static str,
+        /// Why, for the operator.
+        why: String,
+    },
+}
+
+fn invalid(what: &'static str, why: impl Into<String>) -> DecodeError {
+    DecodeError::Invalid { what, why: why.into() }
+}
+
+/// Checks a stream name: non-empty, at most [`limits::MAX_STREAM_NAME`] bytes, no control
+/// characters and no MQTT wildcards.
+pub fn validate_stream_name(name: &str) -> Result<(), DecodeError> {
+    if name.is_empty() {
+        return Err(invalid("stream name", "is empty"));
+    }
+    if name.len() > limits::MAX_STREAM_NAME {
+        return Err(invalid("stream name", format!("{} bytes, limit {}", name.len(), limits::MAX_STREAM_NAME)));
+    }
+    if name.chars().any(|c| c.is_control() || c == '+' || c == '#') {
+        return Err(invalid("stream name", format!("{name:?} contains a control character or an MQTT wildcard")));
+    }
+    Ok(())
+}
+
+/// Checks an agent id: 1 to [`limits::MAX_AGENT_ID`] bytes of `[A-Za-z0-9_.-]`, so it is
+/// always a single, literal MQTT topic level.
+pub fn validate_agent_id(id: &str) -> Result<(), DecodeError> {
+    if id.is_empty() || id.len() > limits::MAX_AGENT_ID {
+        return Err(invalid("agent id", format!("{id:?}: must be 1 to {} bytes", limits::MAX_AGENT_ID)));
+    }
+    if !id.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-')) {
+        return Err(invalid("agent id", format!("{id:?}: only letters, digits, '_', '.' and '-' are allowed")));
+    }
+    Ok(())
+}
+
+fn validate_fields(fields: &[Field]) -> Result<(), DecodeError> {
+    if fields.is_empty() {
+        return Err(invalid("fields", "a reading needs at least one field"));
+    }
+    if fields.len() > limits::MAX_FIELDS {
+        return Err(invalid("fields", format!("{} fields, limit {}", fields.len(), limits::MAX_FIELDS)));
+    }
+    for f in fields {
+        if f.name.is_empty() || f.name.len() > limits::MAX_FIELD_NAME {
+            return Err(invalid("field name", format!("{:?}: must be 1 to {} bytes", f.name, limits::MAX_FIELD_NAME)));
+        }
+        match &f.value {
+            Value::Str(s) if s.len() > limits::MAX_STRING_VALUE => {
+                return Err(invalid(
+                    "field value",
+                    format!("string field {:?} is {} bytes, limit {}", f.name, s.len(), limits::MAX_STRING_VALUE),
+                ));
+            }
+            Value::F64(v) if !v.is_finite() => {
+                return Err(invalid("field value", format!("field {:?} is {v}, only finite numbers are allowed", f.name)));
+            }
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+fn decode_exact<'a, T: Deserialize<'a>>(bytes: &'a [u8]) -> Result<T, DecodeError> {
+    if bytes.len() > limits::MAX_MESSAGE_BYTES {
+        return Err(DecodeError::TooLarge(bytes.len()));
+    }
+    let (msg, rest) = postcard::take_from_bytes(bytes)?;
+    if !rest.is_empty() {
+        return Err(DecodeError::TrailingBytes(rest.len()));
+    }
+    Ok(msg)
+}
+
+impl AgentMessage {
+    /// Encodes the message.
+    pub fn encode(&self) -> Vec<u8> {
+        postcard::to_stdvec(self).expect("encoding to a Vec cannot fail")
+    }
+
+    /// Decodes and validates a message: names, limits and every reading's fields.
+    pub fn decode(bytes: &[u8]) -> Result<Self, DecodeError> {
+        let msg: AgentMessage = decode_exact(bytes)?;
+        match &msg {
+            AgentMessage::BatchV1(b) => {
+                validate_agent_id(&b.agent_id)?;
+                if b.seq == 0 {
+                    return Err(invalid("batch sequence", "sequence numbers start at 1"));
+                }
+                for chunk in &b.streams {
+                    validate_stream_name(&chunk.stream)?;
+                    for p in &chunk.points {
+                        p.fields.decode()?;
+                    }
+                }
+                for l in &b.losses {
+                    validate_stream_name(&l.stream)?;
+                }
+            }
+        }
+        Ok(msg)
+    }
+}
+
+impl HubMessage {
+    /// Encodes the message.
+    pub fn encode(&self) -> Vec<u8> {
+        postcard::to_stdvec(self).expect("encoding to a Vec cannot fail")
+    }
+
+    /// Decodes a message.
+    pub fn decode(bytes: &[u8]) -> Result<Self, DecodeError> {
+        decode_exact(bytes)
+    }
+}
+
+/// MQTT topics shared by agents and hubs. `{agent}` is the agent id.
+pub mod topics {
+    /// Prefix of every Brume topic.
+    pub const ROOT: &str = "brume/v1/agents";
+
+    /// Where an agent publishes its batches.
+    pub fn batches(agent_id: &str) -> String {
+        format!("{ROOT}/{agent_id}/batches")
+    }
+
+    /// Where the hub publishes acknowledgements for one agent.
+    pub fn acks(agent_id: &str) -> String {
+        format!("{ROOT}/{agent_id}/acks")
+    }
+
+    /// The filter a hub subscribes to for all agents' batches.
+    pub const ALL_BATCHES: &str = "brume/v1/agents/+/batches";
+
+    /// Extracts the agent id from a batch topic.
+    pub fn agent_of_batch_topic(topic: &str) -> Option<&str> {
+        let rest = topic.strip_prefix(ROOT)?.strip_prefix('/')?;
+        let (agent, tail) = rest.split_once('/')?;
+        (tail == "batches" && !agent.is_empty()).then_some(agent)
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,141 @@
+use super::*;
+use proptest::prelude::*;
+
+fn field(name: &str, value: Value) -> Field {
+    Field { name: name.into(), value }
+}
+
+fn batch() -> AgentMessage {
+    AgentMessage::BatchV1(BatchV1 {
+        agent_id: "a1".into(),
+        epoch: 7,
+        seq: 3,
+        created_ms: 1_000,
+        streams: vec![StreamChunk {
+            stream: "s".into(),
+            points: vec![Point { ts_ns: 5, fields: FieldsBlob::encode(&[field("v", Value::I64(-1))]).unwrap() }],
+        }],
+        losses: vec![LossReport { stream: "s".into(), reason: LossReason::StoreFull, total: 2 }],
+    })
+}
+
+/// Golden bytes: if this test fails, a change broke wire compatibility with deployed
+/// agents or hubs. Add a new version variant instead of changing an existing one.
+#[test]
+fn golden_bytes_batch_v1() {
+    #[rustfmt::skip]
+    let expected: &[u8] = &[
+        0,                // AgentMessage::BatchV1
+        2, b'a', b'1',    // agent_id
+        7,                // epoch
+        3,                // seq
+        0xd0, 0x0f,       // created_ms = 1000 (zigzag varint)
+        1,                // one stream chunk
+        1, b's',          //   stream "s"
+        1,                //   one point
+        10,               //     ts_ns = 5 (zigzag)
+        5,                //     fields blob, 5 bytes:
+        1, 1, b'v', 1, 1, //       [Field { "v", I64(-1) }]
+        1,                // one loss report
+        1, b's', 1, 2,    //   "s", StoreFull, total 2
+    ];
+    assert_eq!(batch().encode(), expected);
+    assert_eq!(AgentMessage::decode(expected).unwrap(), batch());
+}
+
+#[test]
+fn golden_bytes_ack_v1() {
+    let ack = HubMessage::AckV1(AckV1 { epoch: 7, seqs: vec![1, 300] });
+    let expected: &[u8] = &[0, 7, 2, 1, 0xac, 0x02];
+    assert_eq!(ack.encode(), expected);
+    assert_eq!(HubMessage::decode(expected).unwrap(), ack);
+}
+
+#[test]
+fn refuses_unknown_version() {
+    let mut bytes = batch().encode();
+    bytes[0] = 9;
+    assert!(matches!(AgentMessage::decode(&bytes), Err(DecodeError::Postcard(_))));
+}
+
+#[test]
+fn refuses_trailing_bytes_and_truncation() {
+    let mut bytes = batch().encode();
+    bytes.push(0);
+    assert_eq!(AgentMessage::decode(&bytes), Err(DecodeError::TrailingBytes(1)));
+    let bytes = batch().encode();
+    for cut in 0..bytes.len() {
+        assert!(AgentMessage::decode(&bytes[..cut]).is_err(), "prefix of {cut} bytes decoded");
+    }
+}
+
+#[test]
+fn refuses_bad_names_and_values() {
+    let check = |fields: &[Field], want: &str| {
+        let err = FieldsBlob::encode(fields).unwrap_err().to_string();
+        assert!(err.contains(want), "{err:?} does not contain {want:?}");
+    };
+    check(&[], "at least one field");
+    check(&[field("", Value::Bool(true))], "field name");
+    check(&[field("x", Value::F64(f64::NAN))], "finite");
+    check(&[field("x", Value::Str("a".repeat(limits::MAX_STRING_VALUE + 1)))], "limit");
+    assert!(validate_stream_name("a/+/b").is_err());
+    assert!(validate_stream_name("").is_err());
+    assert!(validate_stream_name("line1/temp").is_ok());
+    assert!(validate_agent_id("edge-01.plant_a").is_ok());
+    assert!(validate_agent_id("a/b").is_err());
+    assert!(validate_agent_id("").is_err());
+}
+
+#[test]
+fn batch_with_corrupt_fields_blob_is_refused() {
+    let AgentMessage::BatchV1(mut b) = batch();
+    b.streams[0].points[0].fields = FieldsBlob(vec![1, 1, b'v', 9]);
+    assert!(AgentMessage::decode(&AgentMessage::BatchV1(b).encode()).is_err());
+}
+
+#[test]
+fn topics_round_trip() {
+    assert_eq!(topics::agent_of_batch_topic(&topics::batches("edge-1")), Some("edge-1"));
+    assert_eq!(topics::agent_of_batch_topic("brume/v1/agents/x/acks"), None);
+    assert_eq!(topics::agent_of_batch_topic("other/x/batches"), None);
+}
+
+fn arb_value() -> impl Strategy<Value = Value> {
+    prop_oneof![
+        (-1e12f64..1e12).prop_map(Value::F64),
+        any::<i64>().prop_map(Value::I64),
+        any::<bool>().prop_map(Value::Bool),
+        "[a-z ]{0,20}".prop_map(Value::Str),
+    ]
+}
+
+fn arb_fields() -> impl Strategy<Value = Vec<Field>> {
+    prop::collection::vec(("[a-z_]{1,12}", arb_value()).prop_map(|(n, v)| Field { name: n, value: v }), 1..6)
+}
+
+proptest! {
+    #[test]
+    fn batch_round_trips(
+        agent in "[a-z0-9-]{1,20}",
+        epoch in any::<u64>(),
+        seq in 1u64..,
+        chunks in prop::collection::vec(
+            ("[a-z/]{1,16}", prop::collection::vec((any::<i64>(), arb_fields()), 0..8)),
+            0..5,
+        ),
+    ) {
+        let streams = chunks.into_iter().map(|(stream, pts)| StreamChunk {
+            stream,
+            points: pts.into_iter().map(|(ts_ns, f)| Point { ts_ns, fields: FieldsBlob::encode(&f).unwrap() }).collect(),
+        }).collect();
+        let msg = AgentMessage::BatchV1(BatchV1 { agent_id: agent, epoch, seq, created_ms: 0, streams, losses: vec![] });
+        prop_assert_eq!(AgentMessage::decode(&msg.encode()).unwrap(), msg);
+    }
+
+    #[test]
+    fn decoder_never_panics(bytes in prop::collection::vec(any::<u8>(), 0..256)) {
+        let _ = AgentMessage::decode(&bytes);
+        let _ = HubMessage::decode(&bytes);
+    }
+}
