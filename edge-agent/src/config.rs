@@ -1,0 +1,541 @@
+//! The agent's TOML configuration: typed, with defaults for every key, unknown keys
+//! rejected, and [`Config::validate`] reporting errors that name the offending key.
+//!
+//! `edge-agent/config.example.toml` documents every key; a unit test loads it so it
+//! cannot drift from this file.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use bytesize::ByteSize;
+use serde::{Deserialize, Serialize};
+
+use crate::ingest::payload::PayloadConfig;
+
+/// A configuration error, naming the key.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The TOML is malformed or has an unknown key or a wrongly typed value.
+    #[error("invalid config: {0}")]
+    Parse(#[from] toml::de::Error),
+    /// A value is out of range.
+    #[error("invalid config key `{key}`: {why}")]
+    Invalid {
+        /// Dotted key path, e.g. `forward.batch_max_readings`.
+        key: String,
+        /// What is wrong and what would be valid.
+        why: String,
+    },
+}
+
+fn invalid(key: impl Into<String>, why: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid { key: key.into(), why: why.into() }
+}
+
+/// The whole agent configuration.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// This agent's id: its identity at the hub and its MQTT topic level.
+    /// Letters, digits, `_`, `.` and `-`.
+    pub agent_id: String,
+    /// Directory holding the SQLite store (`agent.db`). Created if missing.
+    pub data_dir: PathBuf,
+    /// The local store: durability, retention, limits.
+    pub store: StoreConfig,
+    /// How readings leave the agent.
+    pub forward: ForwardConfig,
+    /// The built-in MQTT listener sensors publish to.
+    pub listener: ListenerConfig,
+    /// Consuming from an existing local MQTT broker.
+    pub subscribe: SubscribeConfig,
+    /// Local HTTP server: ingest, health, metrics, status.
+    pub http: HttpConfig,
+    /// Simulated sensors, for the demo and benchmarks.
+    pub simulator: SimulatorConfig,
+    /// How payloads and their timestamps are parsed.
+    pub payload: PayloadConfig,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            agent_id: "edge-01".into(),
+            data_dir: PathBuf::from("./agent-data"),
+            store: StoreConfig::default(),
+            forward: ForwardConfig::default(),
+            listener: ListenerConfig::default(),
+            subscribe: SubscribeConfig::default(),
+            http: HttpConfig::default(),
+            simulator: SimulatorConfig::default(),
+            payload: PayloadConfig::default(),
+        }
+    }
+}
+
+/// How commits reach the disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Durability {
+    /// fsync the write-ahead log on every commit, before any acknowledgement: survives
+    /// power loss. The default.
+    Full,
+    /// Commit without fsync (SQLite `synchronous=NORMAL`): survives a crash of the agent
+    /// process, but a power loss may lose the last commits that were already acknowledged.
+    Fast,
+}
+
+/// What a stream does when it reaches its byte budget.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum WhenFull {
+    /// Delete the stream's oldest readings to make room; each one not yet acknowledged by
+    /// the hub is counted as lost and reported.
+    DropOldest,
+    /// Refuse new readings of the stream (MQTT: no PUBACK / PUBACK "quota exceeded";
+    /// HTTP: 507), so sensors keep them until there is room.
+    RefuseNew,
+}
+
+/// The local SQLite store.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StoreConfig {
+    /// `full` (default, fsync before acknowledging) or `fast`.
+    pub durability: Durability,
+    /// Budget for all readings together, e.g. `"1 GiB"`. When reached, streams with
+    /// `when_full = "drop_oldest"` lose their oldest readings first and streams with
+    /// `refuse_new` refuse new ones.
+    pub max_bytes: ByteSize,
+    /// Most distinct streams; readings for further new streams are refused. Protects
+    /// the agent against a flood of new topics.
+    pub max_streams: usize,
+    /// Most readings committed in one transaction (group commit bound).
+    pub max_readings_per_commit: usize,
+    /// How often age-based retention runs.
+    #[serde(with = "humantime_serde")]
+    pub retention_interval: Duration,
+    /// Per-stream rules; the first whose `match` fits the stream applies. Streams that match
+    /// none get `default_rule`.
+    pub streams: Vec<StreamRule>,
+    /// Rule for streams no entry in `streams` matches.
+    pub default_rule: StreamRuleBody,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        StoreConfig {
+            durability: Durability::Full,
+            max_bytes: ByteSize::gib(1),
+            max_streams: 10_000,
+            max_readings_per_commit: 20_000,
+            retention_interval: Duration::from_secs(60),
+            streams: Vec::new(),
+            default_rule: StreamRuleBody::default(),
+        }
+    }
+}
+
+/// Retention and overflow policy for the streams a pattern matches.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StreamRule {
+    /// MQTT-style pattern: `sensors/+/temp`, `line1/#`, or an exact name.
+    #[serde(rename = "match")]
+    pub pattern: String,
+    /// The rule.
+    #[serde(flatten)]
+    pub rule: StreamRuleBody,
+}
+
+/// Retention and overflow policy of one stream.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StreamRuleBody {
+    /// Readings older than this (by reading timestamp) are deleted.
+    #[serde(with = "humantime_serde")]
+    pub max_age: Duration,
+    /// Byte budget of the stream.
+    pub max_bytes: ByteSize,
+    /// What happens when the stream (or the whole store) is full.
+    pub when_full: WhenFull,
+}
+
+impl Default for StreamRuleBody {
+    fn default() -> Self {
+        StreamRuleBody {
+            max_age: Duration::from_secs(7 * 24 * 3600),
+            max_bytes: ByteSize::mib(256),
+            when_full: WhenFull::DropOldest,
+        }
+    }
+}
+
+/// Where forwarded data goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ForwardMode {
+    /// Postcard batches to a Brume hub, deleted from the outbox only on the hub's ack.
+    Hub,
+    /// JSON for plain MQTT consumers; the broker's PUBACK is the acknowledgement.
+    Json,
+    /// Store locally only.
+    Off,
+}
+
+/// JSON output granularity.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum JsonGranularity {
+    /// One JSON object per reading.
+    Reading,
+    /// One JSON array per batch.
+    Batch,
+}
+
+/// Forwarding over MQTT.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ForwardConfig {
+    /// `hub` (default), `json` or `off`.
+    pub mode: ForwardMode,
+    /// The cloud broker's host.
+    pub host: String,
+    /// The cloud broker's port.
+    pub port: u16,
+    /// MQTT client id; empty means `brume-agent-<agent_id>`.
+    pub client_id: String,
+    /// MQTT keepalive.
+    #[serde(with = "humantime_serde")]
+    pub keep_alive: Duration,
+    /// Most readings in one batch.
+    pub batch_max_readings: usize,
+    /// Most bytes (approximately) in one batch.
+    pub batch_max_bytes: ByteSize,
+    /// How long a reading may wait for its batch to fill before the batch is cut anyway.
+    #[serde(with = "humantime_serde")]
+    pub batch_linger: Duration,
+    /// Batches sent and not yet acknowledged by the hub, at most.
+    pub window: usize,
+    /// A batch not acknowledged within this time is sent again.
+    #[serde(with = "humantime_serde")]
+    pub ack_timeout: Duration,
+    /// First reconnect delay; doubles up to `reconnect_max`, with jitter.
+    #[serde(with = "humantime_serde")]
+    pub reconnect_min: Duration,
+    /// Longest reconnect delay.
+    #[serde(with = "humantime_serde")]
+    pub reconnect_max: Duration,
+    /// JSON mode: topic to publish to; `{agent}` is replaced by the agent id and `{stream}`
+    /// (per-reading granularity only) by the stream name.
+    pub json_topic: String,
+    /// JSON mode: one message per `reading` or per `batch`.
+    pub json_granularity: JsonGranularity,
+}
+
+impl Default for ForwardConfig {
+    fn default() -> Self {
+        ForwardConfig {
+            mode: ForwardMode::Hub,
+            host: "127.0.0.1".into(),
+            port: 1883,
+            client_id: String::new(),
+            keep_alive: Duration::from_secs(30),
+            batch_max_readings: 1000,
+            batch_max_bytes: ByteSize::kib(512),
+            batch_linger: Duration::from_millis(200),
+            window: 16,
+            ack_timeout: Duration::from_secs(10),
+            reconnect_min: Duration::from_millis(100),
+            reconnect_max: Duration::from_secs(30),
+            json_topic: "brume/json/{agent}".into(),
+            json_granularity: JsonGranularity::Reading,
+        }
+    }
+}
+
+/// The built-in MQTT listener (MQTT 3.1.1 and 5) for sensors.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ListenerConfig {
+    /// Whether the listener runs.
+    pub enabled: bool,
+    /// Address to listen on.
+    pub listen: SocketAddr,
+    /// Largest MQTT packet accepted; larger ones close the connection (MQTT 5: with
+    /// reason "packet too large").
+    pub max_packet_bytes: ByteSize,
+    /// Most concurrent sensor connections.
+    pub max_connections: usize,
+    /// QoS 1 PUBLISHes of one connection awaiting their commit, at most (MQTT 5 receive
+    /// maximum); reading stops beyond it, which pushes back on the sensor.
+    pub max_inflight: u16,
+    /// Prefix removed from topics to form stream names (`sensors/` makes `sensors/a/t` the
+    /// stream `a/t`).
+    pub strip_prefix: String,
+    /// A connection silent for 1.5 × its keepalive is closed; this is the keepalive used when
+    /// a client asks for none.
+    #[serde(with = "humantime_serde")]
+    pub default_keep_alive: Duration,
+}
+
+impl Default for ListenerConfig {
+    fn default() -> Self {
+        ListenerConfig {
+            enabled: true,
+            listen: "127.0.0.1:1884".parse().expect("valid address"),
+            max_packet_bytes: ByteSize::kib(256),
+            max_connections: 1000,
+            max_inflight: 100,
+            strip_prefix: String::new(),
+            default_keep_alive: Duration::from_secs(300),
+        }
+    }
+}
+
+/// Subscribe mode: consume from an existing local broker with a persistent QoS 1 session.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SubscribeConfig {
+    /// Whether subscribe mode runs.
+    pub enabled: bool,
+    /// Local broker host.
+    pub host: String,
+    /// Local broker port.
+    pub port: u16,
+    /// MQTT client id (the persistent session's name); empty means `brume-ingest-<agent_id>`.
+    pub client_id: String,
+    /// Topic filters to subscribe to at QoS 1.
+    pub topics: Vec<String>,
+    /// Prefix removed from topics to form stream names.
+    pub strip_prefix: String,
+}
+
+impl Default for SubscribeConfig {
+    fn default() -> Self {
+        SubscribeConfig {
+            enabled: false,
+            host: "127.0.0.1".into(),
+            port: 1883,
+            client_id: String::new(),
+            topics: vec!["sensors/#".into()],
+            strip_prefix: String::new(),
+        }
+    }
+}
+
+/// Local HTTP server.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpConfig {
+    /// Whether it runs.
+    pub enabled: bool,
+    /// Address to listen on.
+    pub listen: SocketAddr,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        HttpConfig { enabled: true, listen: "127.0.0.1:8181".parse().expect("valid address") }
+    }
+}
+
+/// Simulated sensors.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SimulatorConfig {
+    /// Whether the simulator runs.
+    pub enabled: bool,
+    /// Number of simulated streams, named `sim/<n>`.
+    pub streams: usize,
+    /// Readings per second, all streams together.
+    pub rate: f64,
+    /// Readings handed to the store per write (batched ingest).
+    pub batch: usize,
+}
+
+impl Default for SimulatorConfig {
+    fn default() -> Self {
+        SimulatorConfig { enabled: false, streams: 4, rate: 20.0, batch: 100 }
+    }
+}
+
+impl Config {
+    /// Reads and validates a config file.
+    pub fn load(path: &std::path::Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.into(), source })?;
+        Config::parse(&text)
+    }
+
+    /// Parses and validates TOML text.
+    pub fn parse(text: &str) -> Result<Config, ConfigError> {
+        let cfg: Config = toml::from_str(text)?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Checks values serde cannot, naming the key.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        brume_protocol::validate_agent_id(&self.agent_id).map_err(|e| invalid("agent_id", e.to_string()))?;
+        if self.store.max_streams == 0 {
+            return Err(invalid("store.max_streams", "must be at least 1"));
+        }
+        if self.store.max_readings_per_commit == 0 {
+            return Err(invalid("store.max_readings_per_commit", "must be at least 1"));
+        }
+        if self.store.retention_interval.is_zero() {
+            return Err(invalid("store.retention_interval", "must be positive"));
+        }
+        for (i, s) in self.store.streams.iter().enumerate() {
+            validate_pattern(&s.pattern).map_err(|why| invalid(format!("store.streams[{i}].match"), why))?;
+        }
+        let f = &self.forward;
+        if f.batch_max_readings == 0 {
+            return Err(invalid("forward.batch_max_readings", "must be at least 1"));
+        }
+        if f.batch_max_bytes.as_u64() as usize > brume_protocol::limits::MAX_MESSAGE_BYTES / 2 {
+            return Err(invalid(
+                "forward.batch_max_bytes",
+                format!("must be at most {} bytes", brume_protocol::limits::MAX_MESSAGE_BYTES / 2),
+            ));
+        }
+        if f.window == 0 {
+            return Err(invalid("forward.window", "must be at least 1"));
+        }
+        if f.ack_timeout.is_zero() {
+            return Err(invalid("forward.ack_timeout", "must be positive"));
+        }
+        if f.reconnect_min.is_zero() || f.reconnect_min > f.reconnect_max {
+            return Err(invalid("forward.reconnect_min", "must be positive and at most forward.reconnect_max"));
+        }
+        if f.keep_alive < Duration::from_secs(1) {
+            return Err(invalid("forward.keep_alive", "must be at least 1s"));
+        }
+        if f.mode == ForwardMode::Json && f.json_topic.is_empty() {
+            return Err(invalid("forward.json_topic", "must not be empty in json mode"));
+        }
+        if self.listener.max_inflight == 0 {
+            return Err(invalid("listener.max_inflight", "must be at least 1"));
+        }
+        if self.listener.max_connections == 0 {
+            return Err(invalid("listener.max_connections", "must be at least 1"));
+        }
+        if self.subscribe.enabled && self.subscribe.topics.is_empty() {
+            return Err(invalid("subscribe.topics", "needs at least one topic filter when subscribe.enabled"));
+        }
+        for (i, t) in self.subscribe.topics.iter().enumerate() {
+            validate_pattern(t).map_err(|why| invalid(format!("subscribe.topics[{i}]"), why))?;
+        }
+        if self.simulator.enabled && (self.simulator.streams == 0 || !(self.simulator.rate > 0.0) || self.simulator.batch == 0)
+        {
+            return Err(invalid("simulator", "streams, rate and batch must be positive when enabled"));
+        }
+        Ok(())
+    }
+
+    /// The rule for a stream.
+    pub fn rule_for(&self, stream: &str) -> &StreamRuleBody {
+        self.store
+            .streams
+            .iter()
+            .find(|r| pattern_matches(&r.pattern, stream))
+            .map(|r| &r.rule)
+            .unwrap_or(&self.store.default_rule)
+    }
+}
+
+fn validate_pattern(p: &str) -> Result<(), String> {
+    if p.is_empty() {
+        return Err("pattern is empty".into());
+    }
+    let levels: Vec<&str> = p.split('/').collect();
+    for (i, l) in levels.iter().enumerate() {
+        if l.contains('#') && (*l != "#" || i + 1 != levels.len()) {
+            return Err(format!("{p:?}: '#' must be a whole level and the last one"));
+        }
+        if l.contains('+') && *l != "+" {
+            return Err(format!("{p:?}: '+' must be a whole level"));
+        }
+    }
+    Ok(())
+}
+
+/// MQTT topic-filter matching: `+` matches one level, a final `#` any number (including zero).
+pub fn pattern_matches(pattern: &str, name: &str) -> bool {
+    let mut p = pattern.split('/');
+    let mut n = name.split('/');
+    loop {
+        match (p.next(), n.next()) {
+            (Some("#"), _) => return true,
+            (Some("+"), Some(_)) => {}
+            (Some(a), Some(b)) if a == b => {}
+            (None, None) => return true,
+            _ => return false,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn example_config_loads_and_matches_defaults_where_it_says_so() {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("config.example.toml");
+        let cfg = Config::load(&path).expect("config.example.toml must load");
+        assert_eq!(cfg.store.durability, Durability::Full);
+        assert!(!cfg.store.streams.is_empty(), "the example shows a per-stream rule");
+    }
+
+    #[test]
+    fn empty_config_is_all_defaults() {
+        assert_eq!(Config::parse("").unwrap(), Config::default());
+    }
+
+    fn err(text: &str) -> String {
+        Config::parse(text).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        assert!(err("agent_idd = \"x\"").contains("agent_idd"));
+        assert!(err("[forward]\nwindoww = 3").contains("windoww"));
+        assert!(err("agent_id = \"a/b\"").contains("`agent_id`"));
+        assert!(err("[forward]\nwindow = 0").contains("`forward.window`"));
+        assert!(err("[forward]\nack_timeout = \"soon\"").contains("ack_timeout"));
+        assert!(err("[[store.streams]]\nmatch = \"a/#/b\"").contains("`store.streams[0].match`"));
+        assert!(err("[store]\nmax_bytes = \"lots\"").contains("max_bytes"));
+        assert!(err("[store.default_rule]\nwhen_full = \"panic\"").contains("when_full"));
+    }
+
+    #[test]
+    fn patterns() {
+        assert!(pattern_matches("#", "a/b"));
+        assert!(pattern_matches("a/#", "a"));
+        assert!(pattern_matches("a/#", "a/b/c"));
+        assert!(pattern_matches("a/+/c", "a/b/c"));
+        assert!(!pattern_matches("a/+/c", "a/b/d"));
+        assert!(!pattern_matches("a/b", "a/b/c"));
+        assert!(pattern_matches("a/b", "a/b"));
+    }
+
+    #[test]
+    fn first_matching_rule_wins() {
+        let cfg = Config::parse(
+            "[[store.streams]]\nmatch = \"crit/#\"\nwhen_full = \"refuse_new\"\n\
+             [[store.streams]]\nmatch = \"#\"\nmax_bytes = \"1 MiB\"\n",
+        )
+        .unwrap();
+        assert_eq!(cfg.rule_for("crit/x").when_full, WhenFull::RefuseNew);
+        assert_eq!(cfg.rule_for("other").max_bytes, ByteSize::mib(1));
+    }
+}

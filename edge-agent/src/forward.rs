@@ -1,0 +1,449 @@
+//! Forwarding: sends outbox batches over MQTT and removes them only when acknowledged.
+//!
+//! Two tasks cooperate:
+//!
+//! * the **event-loop task** polls rumqttc's `EventLoop` nonstop (nothing is sent, acked
+//!   or reconnected otherwise), reconnects with capped, jittered exponential backoff, and
+//!   turns the events that matter into [`LinkEvent`]s;
+//! * the **forwarder** keeps a window of batches in flight, loads each from the store when
+//!   it is sent (a batch is a range of reading ids, see [`crate::store`]), and reacts to
+//!   acknowledgements, reconnects and timeouts.
+//!
+//! In `hub` mode a batch is acknowledged by the hub's [`HubMessage::AckV1`], published
+//! after the hub committed it; the broker's PUBACK means nothing here. In `json` mode the
+//! broker's PUBACK of every message of the batch is the acknowledgement.
+//!
+//! rumqttc keeps unacknowledged publishes only in memory and, with a clean session, drops
+//! them on reconnect. That is fine: the outbox in SQLite is the source of truth, and after
+//! every (re)connect the forwarder starts again from the oldest unacknowledged batch. The
+//! hub deduplicates on (agent, epoch, seq), so re-sends are harmless.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use brume_protocol::{AgentMessage, BatchV1, HubMessage, Value, topics};
+use rand::Rng;
+use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Outgoing, Packet, QoS};
+use serde::Serialize;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{Config, ForwardMode, JsonGranularity};
+use crate::metrics::Metrics;
+use crate::store::writer::StoreHandle;
+
+/// What the event-loop task reports to the forwarder.
+#[derive(Debug)]
+enum LinkEvent {
+    Connected,
+    Disconnected,
+    /// Hub mode: the hub committed these batches.
+    HubAck { epoch: u64, seqs: Vec<u64> },
+    /// JSON mode: rumqttc assigned this packet id to the next outgoing publish.
+    Published(u16),
+    /// JSON mode: the broker acknowledged this packet id.
+    PubAck(u16),
+}
+
+/// Forwarding state shown in the agent's JSON status.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct ForwardStatus {
+    /// Connected to the cloud broker.
+    pub connected: bool,
+    /// Batches sent and awaiting acknowledgement.
+    pub in_flight: usize,
+    /// Readings acknowledged per second over the last 10 s (drain rate).
+    pub acked_readings_per_s: f64,
+    /// Last connection error, if any.
+    pub last_error: Option<String>,
+}
+
+/// Shared, lock-protected forwarding status.
+pub type SharedForwardStatus = Arc<Mutex<ForwardStatus>>;
+
+/// Runs forwarding until `shutdown` is cancelled.
+pub async fn run(cfg: Config, store: StoreHandle, metrics: Arc<Metrics>, status: SharedForwardStatus, shutdown: CancellationToken) {
+    let f = &cfg.forward;
+    if f.mode == ForwardMode::Off {
+        return;
+    }
+    let client_id = if f.client_id.is_empty() { format!("brume-agent-{}", cfg.agent_id) } else { f.client_id.clone() };
+    let mut opts = MqttOptions::new(client_id, f.host.clone(), f.port);
+    opts.set_keep_alive(f.keep_alive);
+    opts.set_clean_session(true);
+    opts.set_max_packet_size(64 * 1024, brume_protocol::limits::MAX_MESSAGE_BYTES);
+    // Per-reading JSON mode has many messages per batch in flight.
+    let inflight = if f.mode == ForwardMode::Json { 1000 } else { f.window.max(1) };
+    opts.set_inflight(inflight.min(u16::MAX as usize) as u16);
+    let (client, eventloop) = AsyncClient::new(opts, inflight + 16);
+    let (ev_tx, ev_rx) = mpsc::channel(1024);
+    let link = tokio::spawn(event_loop_task(
+        eventloop,
+        ev_tx,
+        cfg.clone(),
+        metrics.clone(),
+        status.clone(),
+        shutdown.clone(),
+    ));
+    let mut fwd = Forwarder::new(cfg, store, client.clone(), metrics, status);
+    fwd.run(ev_rx, shutdown).await;
+    let _ = tokio::time::timeout(Duration::from_secs(2), client.disconnect()).await;
+    let _ = tokio::time::timeout(Duration::from_secs(2), link).await;
+}
+
+async fn event_loop_task(
+    mut eventloop: EventLoop,
+    tx: mpsc::Sender<LinkEvent>,
+    cfg: Config,
+    metrics: Arc<Metrics>,
+    status: SharedForwardStatus,
+    shutdown: CancellationToken,
+) {
+    let ack_topic = topics::acks(&cfg.agent_id);
+    let json = cfg.forward.mode == ForwardMode::Json;
+    let mut backoff = cfg.forward.reconnect_min;
+    let mut connected = false;
+    loop {
+        let ev = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            ev = eventloop.poll() => ev,
+        };
+        let link = match ev {
+            Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                tracing::info!(host = %cfg.forward.host, port = cfg.forward.port, "connected to cloud broker");
+                backoff = cfg.forward.reconnect_min;
+                connected = true;
+                metrics.connected.set(1);
+                status.lock().unwrap_or_else(|e| e.into_inner()).last_error = None;
+                Some(LinkEvent::Connected)
+            }
+            Ok(Event::Incoming(Packet::Publish(p))) if p.topic == ack_topic => match HubMessage::decode(&p.payload) {
+                Ok(HubMessage::AckV1(a)) => Some(LinkEvent::HubAck { epoch: a.epoch, seqs: a.seqs }),
+                Err(e) => {
+                    tracing::warn!(error = %e, "ignoring undecodable acknowledgement from the hub");
+                    None
+                }
+            },
+            Ok(Event::Outgoing(Outgoing::Publish(pkid))) if json => Some(LinkEvent::Published(pkid)),
+            Ok(Event::Incoming(Packet::PubAck(a))) if json => Some(LinkEvent::PubAck(a.pkid)),
+            Ok(_) => None,
+            Err(e) => {
+                if connected {
+                    tracing::warn!(error = %e, "lost connection to cloud broker; buffering locally");
+                    connected = false;
+                    metrics.connected.set(0);
+                    let _ = tx.send(LinkEvent::Disconnected).await;
+                } else {
+                    tracing::debug!(error = %e, "cloud broker still unreachable");
+                }
+                status.lock().unwrap_or_else(|e| e.into_inner()).last_error = Some(e.to_string());
+                metrics.reconnects.inc();
+                // Capped exponential backoff with full jitter in [backoff/2, backoff].
+                let jittered = backoff.mul_f64(rand::rng().random_range(0.5..=1.0));
+                backoff = (backoff * 2).min(cfg.forward.reconnect_max);
+                tokio::select! {
+                    _ = shutdown.cancelled() => break,
+                    _ = tokio::time::sleep(jittered) => {}
+                }
+                None
+            }
+        };
+        if let Some(link) = link
+            && tx.send(link).await.is_err()
+        {
+            break;
+        }
+    }
+    metrics.connected.set(0);
+}
+
+struct Forwarder {
+    cfg: Config,
+    store: StoreHandle,
+    client: AsyncClient,
+    metrics: Arc<Metrics>,
+    status: SharedForwardStatus,
+    epoch: u64,
+    connected: bool,
+    /// Batches published in this session and not yet acknowledged, with the send time.
+    in_flight: BTreeMap<u64, Instant>,
+    /// Highest sequence number published in this session.
+    cursor: u64,
+    /// Readings per in-flight batch, for the acked-readings counter.
+    batch_readings: HashMap<u64, u64>,
+    /// JSON mode: sequence numbers of publishes not yet given a packet id, in order.
+    json_unassigned: VecDeque<u64>,
+    /// JSON mode: packet id → batch.
+    json_pkids: HashMap<u16, u64>,
+    /// JSON mode: messages of a batch still awaiting PUBACK.
+    json_remaining: HashMap<u64, usize>,
+    /// Recent (time, readings acknowledged), for the drain rate.
+    recent_acks: VecDeque<(Instant, u64)>,
+}
+
+impl Forwarder {
+    fn new(cfg: Config, store: StoreHandle, client: AsyncClient, metrics: Arc<Metrics>, status: SharedForwardStatus) -> Self {
+        let epoch = store.snapshot().borrow().epoch;
+        Forwarder {
+            cfg,
+            store,
+            client,
+            metrics,
+            status,
+            epoch,
+            connected: false,
+            in_flight: BTreeMap::new(),
+            cursor: 0,
+            batch_readings: HashMap::new(),
+            json_unassigned: VecDeque::new(),
+            json_pkids: HashMap::new(),
+            json_remaining: HashMap::new(),
+            recent_acks: VecDeque::new(),
+        }
+    }
+
+    async fn run(&mut self, mut events: mpsc::Receiver<LinkEvent>, shutdown: CancellationToken) {
+        let mut snapshot = self.store.snapshot();
+        let tick_every = (self.cfg.forward.ack_timeout / 4).clamp(Duration::from_millis(50), Duration::from_secs(1));
+        let mut tick = tokio::time::interval(tick_every);
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                ev = events.recv() => match ev {
+                    Some(ev) => self.on_event(ev).await,
+                    None => break,
+                },
+                changed = snapshot.changed() => {
+                    if changed.is_err() { break; }
+                    self.fill().await;
+                }
+                _ = tick.tick() => {
+                    self.resend_timed_out();
+                    self.fill().await;
+                    self.update_status();
+                }
+            }
+        }
+    }
+
+    async fn on_event(&mut self, ev: LinkEvent) {
+        match ev {
+            LinkEvent::Connected => {
+                self.connected = true;
+                self.reset_session();
+                if self.cfg.forward.mode == ForwardMode::Hub {
+                    // Clean session: subscribe again on every connect. The request is queued
+                    // before any publish, so the broker has the subscription before the hub
+                    // can answer.
+                    let _ = self.client.subscribe(topics::acks(&self.cfg.agent_id), QoS::AtLeastOnce).await;
+                }
+                self.fill().await;
+            }
+            LinkEvent::Disconnected => {
+                self.connected = false;
+                self.reset_session();
+            }
+            LinkEvent::HubAck { epoch, seqs } => {
+                if epoch != self.epoch {
+                    tracing::warn!(epoch, ours = self.epoch, "acknowledgement for another store epoch ignored");
+                    return;
+                }
+                self.acked(seqs).await;
+                self.fill().await;
+            }
+            LinkEvent::Published(pkid) => {
+                if let Some(seq) = self.json_unassigned.pop_front() {
+                    self.json_pkids.insert(pkid, seq);
+                }
+            }
+            LinkEvent::PubAck(pkid) => {
+                let Some(seq) = self.json_pkids.remove(&pkid) else { return };
+                let done = match self.json_remaining.get_mut(&seq) {
+                    Some(n) => {
+                        *n -= 1;
+                        *n == 0
+                    }
+                    None => false,
+                };
+                if done {
+                    self.json_remaining.remove(&seq);
+                    self.acked(vec![seq]).await;
+                    self.fill().await;
+                }
+            }
+        }
+    }
+
+    /// Forgets everything about the current session: after a reconnect every
+    /// unacknowledged batch is sent again, oldest first.
+    fn reset_session(&mut self) {
+        self.in_flight.clear();
+        self.batch_readings.clear();
+        self.cursor = 0;
+        self.json_unassigned.clear();
+        self.json_pkids.clear();
+        self.json_remaining.clear();
+    }
+
+    async fn acked(&mut self, seqs: Vec<u64>) {
+        let now = Instant::now();
+        let mut readings = 0;
+        let mut fresh = Vec::with_capacity(seqs.len());
+        for seq in seqs {
+            if self.in_flight.remove(&seq).is_some() {
+                readings += self.batch_readings.remove(&seq).unwrap_or(0);
+            }
+            fresh.push(seq);
+        }
+        self.metrics.batches_acked.inc_by(fresh.len() as u64);
+        self.metrics.readings_acked.inc_by(readings);
+        self.recent_acks.push_back((now, readings));
+        self.store.ack(fresh).await;
+    }
+
+    fn resend_timed_out(&mut self) {
+        let timeout = self.cfg.forward.ack_timeout;
+        let now = Instant::now();
+        let expired: Vec<u64> = self.in_flight.iter().filter(|(_, t)| now.duration_since(**t) >= timeout).map(|(s, _)| *s).collect();
+        if let Some(&first) = expired.first() {
+            // Rewind: the oldest expired batch and everything after it go again, in order.
+            tracing::debug!(first, count = expired.len(), "acknowledgement timed out; re-sending");
+            self.metrics.batches_resent.inc_by(expired.len() as u64);
+            self.in_flight.retain(|s, _| *s < first);
+            self.cursor = first - 1;
+            if self.cfg.forward.mode == ForwardMode::Json {
+                // Late PUBACKs of the abandoned publishes must not count for the re-sent ones.
+                self.json_pkids.retain(|_, s| *s < first);
+                self.json_remaining.retain(|s, _| *s < first);
+                self.json_unassigned.retain(|s| *s < first);
+            }
+        }
+    }
+
+    /// Sends batches until the window is full or the outbox has nothing more.
+    async fn fill(&mut self) {
+        while self.connected && self.in_flight.len() < self.cfg.forward.window {
+            let room = self.cfg.forward.window - self.in_flight.len();
+            let after = self.cursor;
+            let epoch = self.epoch;
+            let batches = match self
+                .store
+                .read(move |r| {
+                    let seqs = r.pending_seqs(after, room)?;
+                    let mut out = Vec::with_capacity(seqs.len());
+                    for s in seqs {
+                        if let Some(b) = r.load_batch(epoch, s)? {
+                            out.push(b);
+                        }
+                    }
+                    Ok(out)
+                })
+                .await
+            {
+                Ok(b) => b,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot read the outbox; will retry");
+                    return;
+                }
+            };
+            if batches.is_empty() {
+                return;
+            }
+            for b in batches {
+                self.cursor = b.seq;
+                if !self.send(b).await {
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Publishes one batch. Returns false if the client is gone.
+    async fn send(&mut self, b: BatchV1) -> bool {
+        let seq = b.seq;
+        let n = b.reading_count() as u64;
+        let ok = match self.cfg.forward.mode {
+            ForwardMode::Hub => {
+                let payload = AgentMessage::BatchV1(b).encode();
+                self.client.publish(topics::batches(&self.cfg.agent_id), QoS::AtLeastOnce, false, payload).await.is_ok()
+            }
+            ForwardMode::Json => self.send_json(b).await,
+            ForwardMode::Off => true,
+        };
+        if ok {
+            self.in_flight.insert(seq, Instant::now());
+            self.batch_readings.insert(seq, n);
+            self.metrics.batches_sent.inc();
+        }
+        ok
+    }
+
+    async fn send_json(&mut self, b: BatchV1) -> bool {
+        let topic_base = self.cfg.forward.json_topic.replace("{agent}", &self.cfg.agent_id);
+        let mut messages: Vec<(String, Vec<u8>)> = Vec::new();
+        let mut all = Vec::new();
+        for chunk in &b.streams {
+            for p in &chunk.points {
+                let obj = json_reading(&self.cfg.agent_id, &chunk.stream, p.ts_ns, &p.fields);
+                match self.cfg.forward.json_granularity {
+                    JsonGranularity::Reading => {
+                        let topic = topic_base.replace("{stream}", &chunk.stream);
+                        messages.push((topic, serde_json::to_vec(&obj).expect("JSON encoding")));
+                    }
+                    JsonGranularity::Batch => all.push(obj),
+                }
+            }
+        }
+        if self.cfg.forward.json_granularity == JsonGranularity::Batch {
+            let body = serde_json::json!({ "agent_id": self.cfg.agent_id, "seq": b.seq, "readings": all });
+            messages.push((topic_base, serde_json::to_vec(&body).expect("JSON encoding")));
+        }
+        if messages.is_empty() {
+            // Everything in it was dropped by retention: nothing to publish, done.
+            self.acked(vec![b.seq]).await;
+            return true;
+        }
+        self.json_remaining.insert(b.seq, messages.len());
+        for (topic, payload) in messages {
+            self.json_unassigned.push_back(b.seq);
+            if self.client.publish(topic, QoS::AtLeastOnce, false, payload).await.is_err() {
+                return false;
+            }
+        }
+        true
+    }
+
+    fn update_status(&mut self) {
+        let now = Instant::now();
+        while self.recent_acks.front().is_some_and(|(t, _)| now.duration_since(*t) > Duration::from_secs(10)) {
+            self.recent_acks.pop_front();
+        }
+        let total: u64 = self.recent_acks.iter().map(|(_, n)| n).sum();
+        let mut s = self.status.lock().unwrap_or_else(|e| e.into_inner());
+        s.connected = self.connected;
+        s.in_flight = self.in_flight.len();
+        s.acked_readings_per_s = total as f64 / 10.0;
+    }
+}
+
+/// A reading as JSON: `{"agent_id","stream","ts_ns","fields":{...}}`.
+pub fn json_reading(agent: &str, stream: &str, ts_ns: i64, fields: &brume_protocol::FieldsBlob) -> serde_json::Value {
+    let mut map = serde_json::Map::new();
+    if let Ok(fields) = fields.decode() {
+        for f in fields {
+            map.insert(f.name, json_value(&f.value));
+        }
+    }
+    serde_json::json!({ "agent_id": agent, "stream": stream, "ts_ns": ts_ns, "fields": map })
+}
+
+/// A field value as JSON.
+pub fn json_value(v: &Value) -> serde_json::Value {
+    match v {
+        Value::F64(x) => serde_json::json!(x),
+        Value::I64(x) => serde_json::json!(x),
+        Value::Bool(x) => serde_json::json!(x),
+        Value::Str(x) => serde_json::json!(x),
+    }
+}

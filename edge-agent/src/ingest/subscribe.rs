@@ -1,0 +1,116 @@
+//! Subscribe mode: consume sensor topics from an existing local broker.
+//!
+//! The agent holds a persistent session (clean_session = false, fixed client id) with QoS 1
+//! subscriptions and manual acknowledgements: a PUBLISH is acknowledged to the broker only
+//! after its readings are committed, so the broker keeps (and re-delivers) anything the
+//! agent had not yet stored, across agent crashes and restarts. Commits are awaited in
+//! order, so PUBACKs go out in the order the publishes arrived, as MQTT requires.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use super::payload::{self, PayloadConfig};
+use crate::config::SubscribeConfig;
+use crate::metrics::Metrics;
+use crate::store::writer::{AppendError, StoreHandle};
+
+/// Runs subscribe mode until `shutdown`.
+pub async fn run(
+    cfg: SubscribeConfig,
+    agent_id: String,
+    payload_cfg: PayloadConfig,
+    store: StoreHandle,
+    metrics: Arc<Metrics>,
+    shutdown: CancellationToken,
+) {
+    let client_id = if cfg.client_id.is_empty() { format!("brume-ingest-{agent_id}") } else { cfg.client_id.clone() };
+    let mut opts = MqttOptions::new(client_id, cfg.host.clone(), cfg.port);
+    opts.set_clean_session(false);
+    opts.set_manual_acks(true);
+    opts.set_keep_alive(Duration::from_secs(30));
+    opts.set_max_packet_size(payload_cfg.max_payload_bytes + 4096, 64 * 1024);
+    let (client, mut eventloop) = AsyncClient::new(opts, 256);
+    // Pending verdicts, in arrival order, with the publish to acknowledge.
+    let (q_tx, mut q_rx) = mpsc::channel::<(rumqttc::Publish, Verdict)>(256);
+    let acker_client = client.clone();
+    let acker = tokio::spawn(async move {
+        while let Some((publish, verdict)) = q_rx.recv().await {
+            let ok = match verdict {
+                Verdict::Malformed => true, // acknowledge: re-delivery cannot fix it
+                Verdict::Pending(v) => matches!(v.await, Ok(Ok(()))),
+                Verdict::Failed => false,
+            };
+            if ok {
+                let _ = acker_client.ack(&publish).await;
+            } else {
+                // Not acknowledged: the broker re-delivers it after we reconnect. Drop the
+                // connection now so that happens soon and in order.
+                tracing::warn!(topic = %publish.topic, "reading not committed; not acknowledging to the local broker");
+                let _ = acker_client.disconnect().await;
+            }
+        }
+    });
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        let ev = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            ev = eventloop.poll() => ev,
+        };
+        match ev {
+            Ok(Event::Incoming(Packet::ConnAck(ack))) => {
+                backoff = Duration::from_millis(100);
+                tracing::info!(host = %cfg.host, port = cfg.port, session_present = ack.session_present, "subscribed to local broker");
+                for t in &cfg.topics {
+                    let _ = client.subscribe(t.clone(), QoS::AtLeastOnce).await;
+                }
+            }
+            Ok(Event::Incoming(Packet::Publish(p))) => {
+                let stream = p.topic.strip_prefix(cfg.strip_prefix.as_str()).unwrap_or(&p.topic).to_string();
+                let verdict = match payload::parse_mqtt(&stream, &p.payload, crate::now_ns(), &payload_cfg) {
+                    Ok(readings) => {
+                        metrics.received("subscribe", readings.len() as u64);
+                        match store.submit(readings).await {
+                            Ok(rx) => Verdict::Pending(rx),
+                            Err(_) => Verdict::Failed,
+                        }
+                    }
+                    Err(e) => {
+                        metrics.bad(e.reason());
+                        tracing::warn!(topic = %p.topic, error = %e, "bad payload from local broker; nothing stored");
+                        Verdict::Malformed
+                    }
+                };
+                if q_tx.send((p, verdict)).await.is_err() {
+                    break;
+                }
+            }
+            Ok(_) => {}
+            Err(e) => {
+                tracing::warn!(error = %e, "local broker connection lost; reconnecting");
+                tokio::select! {
+                    _ = shutdown.cancelled() => break,
+                    _ = tokio::time::sleep(backoff) => {}
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(10));
+            }
+        }
+    }
+    drop(q_tx);
+    // Give pending commits a moment to be acknowledged before we disconnect.
+    let _ = tokio::time::timeout(Duration::from_secs(5), acker).await;
+    let _ = tokio::time::timeout(Duration::from_secs(1), client.disconnect()).await;
+}
+
+/// What became of one publish.
+enum Verdict {
+    /// Not parseable: acknowledged, counted, nothing stored.
+    Malformed,
+    /// Submitted; the store's verdict arrives here.
+    Pending(tokio::sync::oneshot::Receiver<Result<(), AppendError>>),
+    /// Could not even be submitted (shutting down): not acknowledged.
+    Failed,
+}

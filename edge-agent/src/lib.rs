@@ -1,0 +1,159 @@
+//! Brume edge agent.
+//!
+//! Sensors publish to the built-in MQTT listener (or the agent subscribes to a local
+//! broker, or they POST over HTTP, or the simulator runs); every reading is committed to
+//! the local SQLite [`store`] before it is acknowledged; committed readings are cut into
+//! batches in the store's outbox; the [`forward`]er sends the batches over MQTT and
+//! deletes each only when the hub says it has committed it.
+//!
+//! Start at [`run`]. `ARCHITECTURE.md` at the repository root has the bird's-eye view.
+
+pub mod config;
+pub mod forward;
+pub mod http;
+pub mod ingest;
+pub mod metrics;
+pub mod store;
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::Context;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::Config;
+use crate::metrics::Metrics;
+use crate::store::StoreOptions;
+use crate::store::writer::StoreHandle;
+
+/// Nanoseconds since the Unix epoch, now.
+pub fn now_ns() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos().min(i64::MAX as u128) as i64)
+        .unwrap_or(0)
+}
+
+/// The sockets the agent serves on, bound by the caller (tests bind port 0).
+pub struct Listeners {
+    /// Built-in MQTT listener, if enabled.
+    pub mqtt: Option<TcpListener>,
+    /// Local HTTP server, if enabled.
+    pub http: Option<TcpListener>,
+}
+
+impl Listeners {
+    /// Binds the addresses in the config.
+    pub async fn bind(cfg: &Config) -> anyhow::Result<Listeners> {
+        let mqtt = if cfg.listener.enabled {
+            Some(TcpListener::bind(cfg.listener.listen).await.with_context(|| {
+                format!("cannot listen for MQTT on {} (listener.listen)", cfg.listener.listen)
+            })?)
+        } else {
+            None
+        };
+        let http = if cfg.http.enabled {
+            Some(
+                TcpListener::bind(cfg.http.listen)
+                    .await
+                    .with_context(|| format!("cannot listen for HTTP on {} (http.listen)", cfg.http.listen))?,
+            )
+        } else {
+            None
+        };
+        Ok(Listeners { mqtt, http })
+    }
+}
+
+/// Runs the agent until `shutdown` is cancelled, then shuts down in order:
+/// stop ingest (pending commits finish and are acknowledged) → stop forwarding and
+/// disconnect → the store writer commits what it has and exits.
+pub async fn run(cfg: Config, listeners: Listeners, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let metrics = Arc::new(Metrics::default());
+    let (store, writer) = StoreHandle::start(
+        cfg.data_dir.clone(),
+        &cfg.agent_id,
+        StoreOptions::from_config(&cfg),
+        cfg.store.max_readings_per_commit,
+        cfg.store.retention_interval,
+        metrics.clone(),
+    )
+    .with_context(|| format!("cannot open the store in {} (data_dir)", cfg.data_dir.display()))?;
+    let snap = store.snapshot().borrow().clone();
+    tracing::info!(
+        agent_id = %cfg.agent_id,
+        data_dir = %cfg.data_dir.display(),
+        epoch = snap.epoch,
+        readings = snap.readings,
+        outbox_batches = snap.outbox_batches,
+        "store open"
+    );
+
+    let ingest_stop = CancellationToken::new();
+    let forward_stop = CancellationToken::new();
+    let ingest = TaskTracker::new();
+    let forward_status = Arc::new(Mutex::new(forward::ForwardStatus::default()));
+
+    if let Some(l) = listeners.mqtt {
+        tracing::info!(addr = %l.local_addr()?, "MQTT listener for sensors");
+        ingest.spawn(ingest::mqtt_listener::serve(
+            l,
+            cfg.listener.clone(),
+            cfg.payload.clone(),
+            store.clone(),
+            metrics.clone(),
+            ingest_stop.clone(),
+        ));
+    }
+    if let Some(l) = listeners.http {
+        tracing::info!(addr = %l.local_addr()?, "HTTP: /api/v1/write, /healthz, /metrics, /api/v1/status");
+        let state = http::AppState {
+            agent_id: cfg.agent_id.clone(),
+            store: store.clone(),
+            registry: Arc::new(metrics.registry()),
+            metrics: metrics.clone(),
+            payload: cfg.payload.clone(),
+            forward: forward_status.clone(),
+            started: std::time::Instant::now(),
+        };
+        let stop = ingest_stop.clone();
+        ingest.spawn(async move {
+            if let Err(e) = http::serve(l, state, stop).await {
+                tracing::error!(error = %e, "HTTP server failed");
+            }
+        });
+    }
+    if cfg.subscribe.enabled {
+        ingest.spawn(ingest::subscribe::run(
+            cfg.subscribe.clone(),
+            cfg.agent_id.clone(),
+            cfg.payload.clone(),
+            store.clone(),
+            metrics.clone(),
+            ingest_stop.clone(),
+        ));
+    }
+    if cfg.simulator.enabled {
+        ingest.spawn(ingest::simulator::run(cfg.simulator.clone(), store.clone(), metrics.clone(), ingest_stop.clone()));
+    }
+    ingest.close();
+    let forwarder =
+        tokio::spawn(forward::run(cfg.clone(), store.clone(), metrics.clone(), forward_status, forward_stop.clone()));
+
+    shutdown.cancelled().await;
+    tracing::info!("shutting down: stopping ingest");
+    ingest_stop.cancel();
+    if tokio::time::timeout(Duration::from_secs(10), ingest.wait()).await.is_err() {
+        tracing::warn!("ingest did not stop within 10 s; unacknowledged readings stay with their senders");
+    }
+    tracing::info!("stopping forwarding");
+    forward_stop.cancel();
+    let _ = tokio::time::timeout(Duration::from_secs(5), forwarder).await;
+    drop(store);
+    // The writer exits once every handle is gone, after committing what it holds.
+    let _ = tokio::task::spawn_blocking(move || writer.join()).await;
+    tracing::info!("stopped");
+    Ok(())
+}

@@ -1,0 +1,189 @@
+//! Prometheus metrics of the agent, served at `/metrics`.
+//!
+//! Counters are updated where events happen; gauges that describe the store and the
+//! outbox are computed from the latest [`StoreSnapshot`](crate::store::StoreSnapshot)
+//! when scraped, so they can never drift from the store.
+
+use std::sync::atomic::{AtomicI64, AtomicU64};
+
+use brume_protocol::LossReason;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+/// Label: a source (`mqtt`, `http`, `subscribe`, `simulator`).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SourceLabel {
+    /// Source name.
+    pub source: String,
+}
+
+/// Labels: a reason.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabel {
+    /// Reason name.
+    pub reason: String,
+}
+
+/// Labels: an error kind.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KindLabel {
+    /// Kind name.
+    pub kind: String,
+}
+
+/// Labels: a stream and a reason.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StreamReasonLabel {
+    /// Stream name.
+    pub stream: String,
+    /// Reason name.
+    pub reason: String,
+}
+
+/// All agent metrics.
+pub struct Metrics {
+    /// Readings received per source (before the store's verdict).
+    pub readings_received: Family<SourceLabel, Counter>,
+    /// Readings durably committed.
+    pub readings_committed: Counter,
+    /// Readings refused (not acknowledged to their sender) per reason.
+    pub readings_refused: Family<ReasonLabel, Counter>,
+    /// Payloads or packets rejected as malformed, per reason.
+    pub bad_input: Family<ReasonLabel, Counter>,
+    /// Readings dropped after being accepted, per stream and reason (loss accounting).
+    pub readings_dropped: Family<StreamReasonLabel, Counter>,
+    /// Store commit errors per kind.
+    pub store_errors: Family<KindLabel, Counter>,
+    /// Commit latency.
+    pub commit_seconds: Histogram,
+    /// Batches cut.
+    pub batches_cut: Counter,
+    /// Batches published to the broker (including re-sends).
+    pub batches_sent: Counter,
+    /// Batches re-sent after a timeout or reconnect.
+    pub batches_resent: Counter,
+    /// Batches acknowledged by the hub.
+    pub batches_acked: Counter,
+    /// Readings acknowledged by the hub (or the broker in JSON mode).
+    pub readings_acked: Counter,
+    /// 1 while connected to the cloud broker.
+    pub connected: Gauge,
+    /// Reconnect attempts to the cloud broker.
+    pub reconnects: Counter,
+    /// Open sensor connections on the built-in listener.
+    pub listener_connections: Gauge,
+    /// Store bytes (budget accounting), set at scrape time.
+    pub store_bytes: Gauge<i64, AtomicI64>,
+    /// Readings in the store, set at scrape time.
+    pub store_readings: Gauge<i64, AtomicI64>,
+    /// Unacknowledged batches, set at scrape time.
+    pub outbox_batches: Gauge<i64, AtomicI64>,
+    /// Readings in unacknowledged batches, set at scrape time.
+    pub outbox_readings: Gauge<i64, AtomicI64>,
+    /// Readings not yet batched, set at scrape time.
+    pub unbatched_readings: Gauge<i64, AtomicI64>,
+    /// Age of the oldest unacknowledged batch, seconds, set at scrape time.
+    pub outbox_oldest_age_seconds: Gauge<f64, AtomicU64>,
+    /// 0 when the store is writable, 1 when the last commit failed.
+    pub store_unavailable: Gauge,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics {
+            readings_received: Family::default(),
+            readings_committed: Counter::default(),
+            readings_refused: Family::default(),
+            bad_input: Family::default(),
+            readings_dropped: Family::default(),
+            store_errors: Family::default(),
+            commit_seconds: Histogram::new(exponential_buckets(0.0001, 2.0, 16)),
+            batches_cut: Counter::default(),
+            batches_sent: Counter::default(),
+            batches_resent: Counter::default(),
+            batches_acked: Counter::default(),
+            readings_acked: Counter::default(),
+            connected: Gauge::default(),
+            reconnects: Counter::default(),
+            listener_connections: Gauge::default(),
+            store_bytes: Gauge::default(),
+            store_readings: Gauge::default(),
+            outbox_batches: Gauge::default(),
+            outbox_readings: Gauge::default(),
+            unbatched_readings: Gauge::default(),
+            outbox_oldest_age_seconds: Gauge::default(),
+            store_unavailable: Gauge::default(),
+        }
+    }
+}
+
+impl Metrics {
+    /// Counts readings received from a source.
+    pub fn received(&self, source: &str, n: u64) {
+        self.readings_received.get_or_create(&SourceLabel { source: source.into() }).inc_by(n);
+    }
+
+    /// Counts refused readings.
+    pub fn refused(&self, reason: &str, n: u64) {
+        self.readings_refused.get_or_create(&ReasonLabel { reason: reason.into() }).inc_by(n);
+    }
+
+    /// Counts a rejected payload or packet.
+    pub fn bad(&self, reason: &str) {
+        self.bad_input.get_or_create(&ReasonLabel { reason: reason.into() }).inc();
+    }
+
+    /// Counts dropped readings.
+    pub fn record_dropped(&self, dropped: &[(String, LossReason, u64)]) {
+        for (stream, reason, n) in dropped {
+            tracing::warn!(stream, reason = reason.as_str(), count = n, "readings dropped before the hub acknowledged them");
+            self.readings_dropped
+                .get_or_create(&StreamReasonLabel { stream: stream.clone(), reason: reason.as_str().into() })
+                .inc_by(*n);
+        }
+    }
+
+    /// Sets the scrape-time gauges from a store snapshot.
+    pub fn set_snapshot(&self, s: &crate::store::StoreSnapshot, unavailable: bool) {
+        self.store_bytes.set(s.bytes as i64);
+        self.store_readings.set(s.readings as i64);
+        self.outbox_batches.set(s.outbox_batches as i64);
+        self.outbox_readings.set(s.outbox_readings as i64);
+        self.unbatched_readings.set(s.unbatched as i64);
+        let age = s.oldest_created_ms.map_or(0.0, |c| ((crate::now_ns() / 1_000_000 - c).max(0)) as f64 / 1000.0);
+        self.outbox_oldest_age_seconds.set(age);
+        self.store_unavailable.set(i64::from(unavailable));
+    }
+
+    /// Builds a registry exposing every metric with the `brume_agent_` prefix.
+    pub fn registry(self: &std::sync::Arc<Self>) -> Registry {
+        let mut r = Registry::with_prefix("brume_agent");
+        r.register("readings_received", "Readings received per source", self.readings_received.clone());
+        r.register("readings_committed", "Readings durably committed", self.readings_committed.clone());
+        r.register("readings_refused", "Readings refused, not acknowledged", self.readings_refused.clone());
+        r.register("bad_input", "Malformed packets or payloads rejected", self.bad_input.clone());
+        r.register("readings_dropped", "Accepted readings dropped before the hub acknowledged them", self.readings_dropped.clone());
+        r.register("store_errors", "Store commit errors", self.store_errors.clone());
+        r.register("commit_seconds", "Store commit latency", self.commit_seconds.clone());
+        r.register("batches_cut", "Batches cut into the outbox", self.batches_cut.clone());
+        r.register("batches_sent", "Batches published, including re-sends", self.batches_sent.clone());
+        r.register("batches_resent", "Batches re-sent after timeout or reconnect", self.batches_resent.clone());
+        r.register("batches_acked", "Batches acknowledged by the hub", self.batches_acked.clone());
+        r.register("readings_acked", "Readings acknowledged by the hub", self.readings_acked.clone());
+        r.register("connected", "1 while connected to the cloud broker", self.connected.clone());
+        r.register("reconnects", "Reconnect attempts to the cloud broker", self.reconnects.clone());
+        r.register("listener_connections", "Open sensor connections", self.listener_connections.clone());
+        r.register("store_bytes", "Bytes of stored readings", self.store_bytes.clone());
+        r.register("store_readings", "Readings in the store", self.store_readings.clone());
+        r.register("outbox_batches", "Batches awaiting the hub's acknowledgement", self.outbox_batches.clone());
+        r.register("outbox_readings", "Readings awaiting the hub's acknowledgement", self.outbox_readings.clone());
+        r.register("unbatched_readings", "Readings not yet cut into a batch", self.unbatched_readings.clone());
+        r.register("outbox_oldest_age_seconds", "Age of the oldest unacknowledged batch", self.outbox_oldest_age_seconds.clone());
+        r.register("store_unavailable", "1 while the store cannot commit (disk full, read-only)", self.store_unavailable.clone());
+        r
+    }
+}

@@ -1,0 +1,814 @@
+//! The agent's durable store: readings, the outbox and loss counters in one SQLite file.
+//!
+//! Start with [`Store::apply`], the single entry point for writes. It is called by exactly
+//! one thread (see [`writer`]), which gives *group commit*: everything that queued up
+//! while the previous transaction was being fsynced goes into the next one.
+//!
+//! # On-disk format (`agent.db`, WAL mode)
+//!
+//! * `readings(id, stream_id, ts_ns, fields)`: every reading, `id` assigned by the writer
+//!   from a counter that never goes backwards (also after deletes), so ids are a total
+//!   ingest order. `fields` is the protocol's fields blob, stored as it will be sent.
+//! * `outbox(seq, first_id, last_id, ...)`: a batch is a *range of reading ids*, not a
+//!   copy of them. Cutting a batch writes one small row; the batch's bytes are read back
+//!   from `readings` when it is sent. Readings deleted by retention meanwhile are simply
+//!   absent from the (re)sent batch and counted as lost.
+//! * `meta`: the store epoch (random, chosen at creation), the next batch sequence
+//!   number, the next reading id, and `batched_upto` (every reading id ≤ it belongs to a
+//!   batch).
+//! * `streams(id, name, bytes, count)` and `losses(stream_id, reason, total)`.
+//!
+//! # Invariants
+//!
+//! * A reading is acknowledged to its sender only after the transaction holding it has
+//!   committed (with `durability = full`, after the WAL fsync).
+//! * A batch row is deleted only when the hub acknowledges its sequence number.
+//! * Sequence numbers are contiguous and never reused within an epoch; batches cover
+//!   increasing, disjoint id ranges, so per-stream order equals sequence order.
+//! * A reading deleted before the hub acknowledged it (not yet batched, or inside an
+//!   unacknowledged batch) is counted in `losses` exactly once.
+//! * In-memory mirrors (stream counters, the outbox index, the counters in `meta`) are
+//!   rebuilt from the database whenever a transaction fails, so they never describe
+//!   uncommitted state.
+
+pub mod writer;
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use brume_protocol::{BatchV1, FieldsBlob, LossReason, LossReport, Point, Reading, StreamChunk};
+use rusqlite::{Connection, OptionalExtension, params};
+
+use crate::config::{Config, Durability, StreamRuleBody, WhenFull};
+
+/// Estimated on-disk cost of one reading beyond its fields blob (row header, id, stream
+/// id, timestamp, index entry). Budgets are enforced on `fields.len() + ROW_OVERHEAD`.
+pub const ROW_OVERHEAD: u64 = 40;
+
+/// Errors of the store.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// SQLite failed: disk full, read-only file system, I/O error or corruption.
+    #[error("storage error: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    /// The data directory could not be created.
+    #[error("cannot create data directory {path}: {source}")]
+    DataDir {
+        /// The directory.
+        path: std::path::PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+}
+
+impl StoreError {
+    /// Short label for metrics and status: `disk_full`, `read_only`, `io` or `other`.
+    pub fn kind(&self) -> &'static str {
+        use rusqlite::ErrorCode::*;
+        match self {
+            StoreError::Sqlite(rusqlite::Error::SqliteFailure(e, _)) => match e.code {
+                DiskFull => "disk_full",
+                ReadOnly => "read_only",
+                SystemIoFailure | CannotOpen => "io",
+                _ => "other",
+            },
+            _ => "other",
+        }
+    }
+}
+
+/// Why the store refused one group of readings. The rest of the transaction goes on.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Refusal {
+    /// The stream's policy is `refuse_new` and it (or the whole store) is at its budget.
+    #[error("stream {0:?} is full and its policy is refuse_new; retry later")]
+    StreamFull(String),
+    /// Creating the stream would exceed `store.max_streams`.
+    #[error("too many streams: {0:?} would exceed store.max_streams")]
+    TooManyStreams(String),
+}
+
+impl Refusal {
+    /// Metric label.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Refusal::StreamFull(_) => "stream_full",
+            Refusal::TooManyStreams(_) => "too_many_streams",
+        }
+    }
+}
+
+/// The part of the config the store needs, resolved.
+#[derive(Debug, Clone)]
+pub struct StoreOptions {
+    /// fsync per commit or not.
+    pub durability: Durability,
+    /// Budget of all readings.
+    pub max_bytes: u64,
+    /// Most streams.
+    pub max_streams: usize,
+    /// Batch bounds.
+    pub batch_max_readings: u64,
+    /// Batch bound in bytes (approximate).
+    pub batch_max_bytes: u64,
+    /// Batch linger.
+    pub batch_linger: Duration,
+    /// Per-stream rules, resolved with [`Config::rule_for`].
+    pub rules: Config,
+}
+
+impl StoreOptions {
+    /// Resolves the store's options from the agent config.
+    pub fn from_config(cfg: &Config) -> Self {
+        StoreOptions {
+            durability: cfg.store.durability,
+            max_bytes: cfg.store.max_bytes.as_u64(),
+            max_streams: cfg.store.max_streams,
+            batch_max_readings: cfg.forward.batch_max_readings as u64,
+            batch_max_bytes: cfg.forward.batch_max_bytes.as_u64(),
+            batch_linger: cfg.forward.batch_linger,
+            rules: cfg.clone(),
+        }
+    }
+}
+
+/// In-memory state of one stream.
+#[derive(Debug, Clone)]
+struct StreamState {
+    id: i64,
+    bytes: u64,
+    count: u64,
+    rule: StreamRuleBody,
+    /// Touched in the current transaction (counters must be written back).
+    dirty: bool,
+}
+
+/// An unacknowledged batch, as kept in memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OutboxEntry {
+    /// Batch sequence number.
+    pub seq: u64,
+    /// First reading id of the batch.
+    pub first_id: i64,
+    /// Last reading id of the batch.
+    pub last_id: i64,
+    /// Readings in the batch when it was cut.
+    pub readings: u64,
+    /// When it was cut, ms since the epoch.
+    pub created_ms: i64,
+}
+
+/// A snapshot of the store's state, for metrics and the forwarder.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct StoreSnapshot {
+    /// Store epoch.
+    pub epoch: u64,
+    /// Bytes of all readings (budget accounting).
+    pub bytes: u64,
+    /// Readings stored.
+    pub readings: u64,
+    /// Streams known.
+    pub streams: usize,
+    /// Unacknowledged batches.
+    pub outbox_batches: u64,
+    /// Readings in unacknowledged batches.
+    pub outbox_readings: u64,
+    /// Oldest unacknowledged batch's sequence number.
+    pub oldest_seq: Option<u64>,
+    /// Newest batch sequence number cut so far (0 if none).
+    pub newest_seq: u64,
+    /// Creation time of the oldest unacknowledged batch, ms since the epoch.
+    pub oldest_created_ms: Option<i64>,
+    /// Readings not yet in a batch.
+    pub unbatched: u64,
+}
+
+/// Result of one [`Store::apply`] call.
+#[derive(Debug, Default)]
+pub struct ApplyOutcome {
+    /// One entry per input group: `Ok` if committed, or why it was refused.
+    pub results: Vec<Result<(), Refusal>>,
+    /// Readings dropped in this transaction, per (stream, reason).
+    pub dropped: Vec<(String, LossReason, u64)>,
+    /// Batches cut in this transaction.
+    pub batches_cut: u64,
+}
+
+/// The store. Not `Sync`: exactly one thread writes (see [`writer`]).
+pub struct Store {
+    conn: Connection,
+    st: State,
+}
+
+/// In-memory mirrors of what is committed; kept apart from the connection so a
+/// transaction can borrow the connection while the state is updated.
+struct State {
+    opts: StoreOptions,
+    epoch: u64,
+    next_id: i64,
+    next_seq: u64,
+    batched_upto: i64,
+    streams: HashMap<String, StreamState>,
+    stream_names: HashMap<i64, String>,
+    total_bytes: u64,
+    total_count: u64,
+    /// Unacknowledged batches keyed by sequence number.
+    outbox: BTreeMap<u64, OutboxEntry>,
+    /// Bytes of readings not yet batched (approximate: reset on cut).
+    unbatched_bytes: u64,
+    /// When the oldest not-yet-batched reading was committed.
+    oldest_unbatched_at: Option<Instant>,
+}
+
+const SCHEMA_VERSION: i64 = 1;
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
+}
+
+/// Opens a connection with the store's pragmas.
+fn open_conn(path: &Path, durability: Durability) -> Result<Connection, StoreError> {
+    let conn = Connection::open(path)?;
+    conn.pragma_update(None, "journal_mode", "WAL")?;
+    conn.pragma_update(None, "synchronous", if durability == Durability::Full { "FULL" } else { "NORMAL" })?;
+    conn.pragma_update(None, "busy_timeout", 5000)?;
+    // Keep the WAL from growing without bound during a long outage with many commits.
+    conn.pragma_update(None, "journal_size_limit", 64 * 1024 * 1024)?;
+    Ok(conn)
+}
+
+impl Store {
+    /// Opens (creating if needed) the store at `dir/agent.db`.
+    pub fn open(dir: &Path, opts: StoreOptions) -> Result<Store, StoreError> {
+        std::fs::create_dir_all(dir).map_err(|source| StoreError::DataDir { path: dir.into(), source })?;
+        let conn = open_conn(&dir.join("agent.db"), opts.durability)?;
+        migrate(&conn)?;
+        let mut store = Store {
+            conn,
+            st: State {
+            opts,
+            epoch: 0,
+            next_id: 1,
+            next_seq: 1,
+            batched_upto: 0,
+            streams: HashMap::new(),
+            stream_names: HashMap::new(),
+            total_bytes: 0,
+            total_count: 0,
+            outbox: BTreeMap::new(),
+            unbatched_bytes: 0,
+            oldest_unbatched_at: None,
+            },
+        };
+        store.reload()?;
+        Ok(store)
+    }
+
+    /// Path of the database file inside a data directory.
+    pub fn db_path(dir: &Path) -> std::path::PathBuf {
+        dir.join("agent.db")
+    }
+
+    /// Rebuilds every in-memory mirror from the database.
+    fn reload(&mut self) -> Result<(), StoreError> {
+        let get = |k: &str| -> Result<Option<i64>, rusqlite::Error> {
+            self.conn.query_row("SELECT value FROM meta WHERE key = ?1", [k], |r| r.get(0)).optional()
+        };
+        self.st.epoch = match get("epoch")? {
+            Some(e) => e as u64,
+            None => {
+                // A new store: pick a random epoch so that a wiped data directory never
+                // reuses (agent, epoch, seq) identities the hub already holds.
+                let e = rand::random::<u64>() >> 1;
+                self.conn.execute("INSERT INTO meta(key, value) VALUES ('epoch', ?1)", [e as i64])?;
+                e
+            }
+        };
+        self.st.next_seq = get("next_seq")?.unwrap_or(1) as u64;
+        self.st.batched_upto = get("batched_upto")?.unwrap_or(0);
+        let max_id: i64 = self.conn.query_row("SELECT COALESCE(MAX(id), 0) FROM readings", [], |r| r.get(0))?;
+        self.st.next_id = get("next_id")?.unwrap_or(1).max(max_id + 1).max(self.st.batched_upto + 1);
+
+        self.st.streams.clear();
+        self.st.stream_names.clear();
+        self.st.total_bytes = 0;
+        self.st.total_count = 0;
+        let mut stmt = self.conn.prepare("SELECT id, name, bytes, count FROM streams")?;
+        let rows = stmt.query_map([], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?, r.get::<_, i64>(2)?, r.get::<_, i64>(3)?)))?;
+        for row in rows {
+            let (id, name, bytes, count) = row?;
+            let rule = self.st.opts.rules.rule_for(&name).clone();
+            self.st.total_bytes += bytes as u64;
+            self.st.total_count += count as u64;
+            self.st.stream_names.insert(id, name.clone());
+            self.st.streams.insert(name, StreamState { id, bytes: bytes as u64, count: count as u64, rule, dirty: false });
+        }
+        drop(stmt);
+
+        self.st.outbox.clear();
+        let mut stmt = self.conn.prepare("SELECT seq, first_id, last_id, readings, created_ms FROM outbox ORDER BY seq")?;
+        let rows = stmt.query_map([], |r| {
+            Ok(OutboxEntry {
+                seq: r.get::<_, i64>(0)? as u64,
+                first_id: r.get(1)?,
+                last_id: r.get(2)?,
+                readings: r.get::<_, i64>(3)? as u64,
+                created_ms: r.get(4)?,
+            })
+        })?;
+        for e in rows {
+            let e = e?;
+            self.st.outbox.insert(e.seq, e);
+        }
+        drop(stmt);
+        // Readings committed before a restart but not yet batched: treat them as just
+        // arrived so they are batched after one linger period.
+        let unbatched: i64 =
+            self.conn.query_row("SELECT COUNT(*) FROM readings WHERE id > ?1", [self.st.batched_upto], |r| r.get(0))?;
+        self.st.unbatched_bytes = 0;
+        self.st.oldest_unbatched_at = (unbatched > 0).then(Instant::now);
+        Ok(())
+    }
+
+    /// The store epoch.
+    pub fn epoch(&self) -> u64 {
+        self.st.epoch
+    }
+
+    /// Applies one transaction: appends each group of readings (each all-or-nothing),
+    /// applies `acks` (hub-acknowledged batch sequence numbers), enforces byte budgets,
+    /// cuts batches that are full or have lingered, and commits.
+    ///
+    /// On `Err` nothing was committed and the in-memory state was rebuilt from disk; the
+    /// caller must not acknowledge any of the groups.
+    pub fn apply(&mut self, groups: &[&[Reading]], acks: &[u64], now: Instant) -> Result<ApplyOutcome, StoreError> {
+        let res = self.apply_inner(groups, acks, now);
+        if res.is_err() {
+            // The transaction rolled back (dropped uncommitted). Whatever we changed in
+            // memory described it, so start again from what is on disk.
+            if let Err(e) = self.reload() {
+                tracing::warn!(error = %e, "store reload after failed transaction also failed");
+            }
+        }
+        res
+    }
+
+    fn apply_inner(&mut self, groups: &[&[Reading]], acks: &[u64], now: Instant) -> Result<ApplyOutcome, StoreError> {
+        let mut out = ApplyOutcome::default();
+        let tx = self.conn.transaction()?;
+        let mut lost: HashMap<(i64, LossReason), u64> = HashMap::new();
+        {
+            let mut insert = tx.prepare_cached("INSERT INTO readings(id, stream_id, ts_ns, fields) VALUES (?1, ?2, ?3, ?4)")?;
+            let mut new_stream = tx.prepare_cached("INSERT INTO streams(name, bytes, count) VALUES (?1, 0, 0)")?;
+            for group in groups {
+                // Admission, all in memory, before touching the database, so a refused
+                // group leaves no trace.
+                match admit(&self.st.streams, self.st.total_bytes, &self.st.opts, group) {
+                    Err(r) => {
+                        out.results.push(Err(r));
+                        continue;
+                    }
+                    Ok(()) => out.results.push(Ok(())),
+                }
+                for r in group.iter() {
+                    if !self.st.streams.contains_key(&r.stream) {
+                        new_stream.execute([&r.stream])?;
+                        let id = tx.last_insert_rowid();
+                        let rule = self.st.opts.rules.rule_for(&r.stream).clone();
+                        self.st.stream_names.insert(id, r.stream.clone());
+                        let st = StreamState { id, bytes: 0, count: 0, rule, dirty: true };
+                        self.st.streams.insert(r.stream.clone(), st);
+                    }
+                    let st = self.st.streams.get_mut(&r.stream).expect("inserted above");
+                    insert.execute(params![self.st.next_id, st.id, r.ts_ns, r.fields.0])?;
+                    let b = r.fields.0.len() as u64 + ROW_OVERHEAD;
+                    st.bytes += b;
+                    st.count += 1;
+                    st.dirty = true;
+                    self.st.total_bytes += b;
+                    self.st.total_count += 1;
+                    self.st.unbatched_bytes += b;
+                    self.st.next_id += 1;
+                }
+                if !group.is_empty() && self.st.oldest_unbatched_at.is_none() {
+                    self.st.oldest_unbatched_at = Some(now);
+                }
+            }
+        }
+
+        // Hub acknowledgements: the batch rows go; the readings stay as local history
+        // until retention removes them.
+        if !acks.is_empty() {
+            let mut del = tx.prepare_cached("DELETE FROM outbox WHERE seq = ?1")?;
+            for &seq in acks {
+                if self.st.outbox.remove(&seq).is_some() {
+                    del.execute([seq as i64])?;
+                }
+            }
+        }
+
+        self.st.enforce_budgets(&tx, &mut lost)?;
+        out.batches_cut = self.st.cut_batches(&tx, now)?;
+        self.st.write_back(&tx, &lost)?;
+        tx.commit()?;
+        out.dropped = lost
+            .into_iter()
+            .filter_map(|((sid, reason), n)| Some((self.st.stream_names.get(&sid)?.clone(), reason, n)))
+            .collect();
+        Ok(out)
+    }
+
+    /// Deletes readings older than each stream's `max_age` (by reading timestamp).
+    pub fn expire(&mut self, now_ns: i64) -> Result<ApplyOutcome, StoreError> {
+        let res = (|| {
+            let tx = self.conn.transaction()?;
+            let mut lost = HashMap::new();
+            let victims: Vec<(i64, i64)> = self
+                .st
+                .streams
+                .values()
+                .map(|s| (s.id, now_ns.saturating_sub(s.rule.max_age.as_nanos().min(i64::MAX as u128) as i64)))
+                .collect();
+            for (sid, cutoff) in victims {
+                let rows: Vec<(i64, u64)> = {
+                    let mut q = tx.prepare_cached(
+                        "SELECT id, length(fields) FROM readings WHERE stream_id = ?1 AND ts_ns < ?2",
+                    )?;
+                    q.query_map(params![sid, cutoff], |r| Ok((r.get(0)?, r.get::<_, i64>(1)? as u64)))?
+                        .collect::<Result<_, _>>()?
+                };
+                self.st.delete_rows(&tx, sid, &rows, LossReason::Retention, &mut lost)?;
+            }
+            self.st.write_back(&tx, &lost)?;
+            tx.commit()?;
+            let dropped = lost
+                .into_iter()
+                .filter_map(|((sid, reason), n)| Some((self.st.stream_names.get(&sid)?.clone(), reason, n)))
+                .collect();
+            Ok(ApplyOutcome { results: vec![], dropped, batches_cut: 0 })
+        })();
+        if res.is_err() {
+            let _ = self.reload();
+        }
+        res
+    }
+
+    /// When the next batch must be cut because of linger, if any reading is waiting.
+    pub fn linger_deadline(&self) -> Option<Instant> {
+        self.st.oldest_unbatched_at.map(|t| t + self.st.opts.batch_linger)
+    }
+
+    /// A snapshot for metrics and the forwarder.
+    pub fn snapshot(&self) -> StoreSnapshot {
+        let first = self.st.outbox.values().next();
+        StoreSnapshot {
+            epoch: self.st.epoch,
+            bytes: self.st.total_bytes,
+            readings: self.st.total_count,
+            streams: self.st.streams.len(),
+            outbox_batches: self.st.outbox.len() as u64,
+            outbox_readings: self.st.outbox.values().map(|e| e.readings).sum(),
+            oldest_seq: first.map(|e| e.seq),
+            newest_seq: self.st.next_seq - 1,
+            oldest_created_ms: first.map(|e| e.created_ms),
+            unbatched: (self.st.next_id - 1 - self.st.batched_upto).max(0) as u64,
+        }
+    }
+
+}
+
+impl State {
+    fn linger_deadline(&self) -> Option<Instant> {
+        self.oldest_unbatched_at.map(|t| t + self.opts.batch_linger)
+    }
+
+    /// Streams over budget lose their oldest readings (policy `drop_oldest`); then, if the
+    /// whole store is over budget, the oldest readings of `drop_oldest` streams go.
+    fn enforce_budgets(&mut self, tx: &rusqlite::Transaction, lost: &mut HashMap<(i64, LossReason), u64>) -> Result<(), StoreError> {
+        let over: Vec<(i64, u64)> = self
+            .streams
+            .values()
+            .filter(|s| s.rule.when_full == WhenFull::DropOldest && s.bytes > s.rule.max_bytes.as_u64())
+            // Free 10% below the budget so we do not delete on every commit.
+            .map(|s| (s.id, s.bytes - s.rule.max_bytes.as_u64() * 9 / 10))
+            .collect();
+        for (sid, mut to_free) in over {
+            while to_free > 0 {
+                let rows: Vec<(i64, u64)> = {
+                    let mut q = tx.prepare_cached(
+                        "SELECT id, length(fields) FROM readings WHERE stream_id = ?1 ORDER BY ts_ns, id LIMIT 512",
+                    )?;
+                    q.query_map([sid], |r| Ok((r.get(0)?, r.get::<_, i64>(1)? as u64)))?.collect::<Result<_, _>>()?
+                };
+                if rows.is_empty() {
+                    break;
+                }
+                let mut take = Vec::new();
+                for (id, len) in rows {
+                    if to_free == 0 {
+                        break;
+                    }
+                    to_free = to_free.saturating_sub(len + ROW_OVERHEAD);
+                    take.push((id, len));
+                }
+                self.delete_rows(tx, sid, &take, LossReason::StoreFull, lost)?;
+            }
+        }
+        if self.total_bytes > self.opts.max_bytes {
+            let mut to_free = self.total_bytes - self.opts.max_bytes * 9 / 10;
+            let mut after = 0i64;
+            while to_free > 0 {
+                let rows: Vec<(i64, i64, u64)> = {
+                    let mut q = tx.prepare_cached(
+                        "SELECT id, stream_id, length(fields) FROM readings WHERE id > ?1 ORDER BY id LIMIT 1024",
+                    )?;
+                    q.query_map([after], |r| Ok((r.get(0)?, r.get(1)?, r.get::<_, i64>(2)? as u64)))?
+                        .collect::<Result<_, _>>()?
+                };
+                let Some(last) = rows.last() else { break };
+                after = last.0;
+                let mut by_stream: HashMap<i64, Vec<(i64, u64)>> = HashMap::new();
+                for (id, sid, len) in rows {
+                    if to_free == 0 {
+                        break;
+                    }
+                    let drop_oldest = self
+                        .stream_names
+                        .get(&sid)
+                        .and_then(|n| self.streams.get(n))
+                        .is_some_and(|s| s.rule.when_full == WhenFull::DropOldest);
+                    if drop_oldest {
+                        to_free = to_free.saturating_sub(len + ROW_OVERHEAD);
+                        by_stream.entry(sid).or_default().push((id, len));
+                    }
+                }
+                for (sid, rows) in by_stream {
+                    self.delete_rows(tx, sid, &rows, LossReason::StoreFull, lost)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Deletes readings of one stream and counts those the hub had not acknowledged.
+    fn delete_rows(
+        &mut self,
+        tx: &rusqlite::Transaction,
+        sid: i64,
+        rows: &[(i64, u64)],
+        reason: LossReason,
+        lost: &mut HashMap<(i64, LossReason), u64>,
+    ) -> Result<(), StoreError> {
+        if rows.is_empty() {
+            return Ok(());
+        }
+        let mut del = tx.prepare_cached("DELETE FROM readings WHERE id = ?1")?;
+        let mut n_lost = 0;
+        let mut freed = 0;
+        for &(id, len) in rows {
+            del.execute([id])?;
+            freed += len + ROW_OVERHEAD;
+            if self.is_unacked(id) {
+                n_lost += 1;
+            }
+        }
+        if n_lost > 0 {
+            *lost.entry((sid, reason)).or_default() += n_lost;
+        }
+        if let Some(st) = self.stream_names.get(&sid).and_then(|n| self.streams.get_mut(n)) {
+            st.bytes = st.bytes.saturating_sub(freed);
+            st.count = st.count.saturating_sub(rows.len() as u64);
+            st.dirty = true;
+        }
+        self.total_bytes = self.total_bytes.saturating_sub(freed);
+        self.total_count = self.total_count.saturating_sub(rows.len() as u64);
+        Ok(())
+    }
+
+    /// Whether a reading id is not yet acknowledged by the hub: not batched yet, or
+    /// inside a batch still in the outbox.
+    fn is_unacked(&self, id: i64) -> bool {
+        if id > self.batched_upto {
+            return true;
+        }
+        // Batches cover increasing disjoint ranges; find the last one starting at or
+        // before `id`. The outbox is small (a window plus an outage's backlog), and
+        // deletions are rare, so a linear scan from the front is fine.
+        self.outbox.values().take_while(|e| e.first_id <= id).any(|e| id <= e.last_id)
+    }
+
+    /// Cuts batches from readings not yet batched: full ones always, and everything left
+    /// once the oldest waiting reading has lingered long enough.
+    fn cut_batches(&mut self, tx: &rusqlite::Transaction, now: Instant) -> Result<u64, StoreError> {
+        let mut cut = 0;
+        let last_id = self.next_id - 1;
+        let lingered = self.linger_deadline().is_some_and(|d| now >= d);
+        loop {
+            let pending = (last_id - self.batched_upto).max(0) as u64;
+            if pending == 0 {
+                break;
+            }
+            // Average size decides how many readings fit under the byte bound.
+            let avg = (self.unbatched_bytes / pending).max(1);
+            let by_bytes = (self.opts.batch_max_bytes / avg).max(1);
+            let size = self.opts.batch_max_readings.min(by_bytes);
+            if pending < size && !lingered {
+                break;
+            }
+            let take = pending.min(size);
+            let first = self.batched_upto + 1;
+            let last = self.batched_upto + take as i64;
+            let entry = OutboxEntry { seq: self.next_seq, first_id: first, last_id: last, readings: take, created_ms: now_ms() };
+            tx.prepare_cached("INSERT INTO outbox(seq, first_id, last_id, readings, created_ms) VALUES (?1, ?2, ?3, ?4, ?5)")?
+                .execute(params![entry.seq as i64, first, last, take as i64, entry.created_ms])?;
+            self.outbox.insert(entry.seq, entry);
+            self.next_seq += 1;
+            self.batched_upto = last;
+            self.unbatched_bytes = self.unbatched_bytes.saturating_sub(avg * take);
+            cut += 1;
+        }
+        if self.batched_upto >= last_id {
+            self.oldest_unbatched_at = None;
+            self.unbatched_bytes = 0;
+        }
+        Ok(cut)
+    }
+
+    /// Writes counters and meta back inside the transaction.
+    fn write_back(&mut self, tx: &rusqlite::Transaction, lost: &HashMap<(i64, LossReason), u64>) -> Result<(), StoreError> {
+        let mut upd = tx.prepare_cached("UPDATE streams SET bytes = ?2, count = ?3 WHERE id = ?1")?;
+        for st in self.streams.values_mut().filter(|s| s.dirty) {
+            upd.execute(params![st.id, st.bytes as i64, st.count as i64])?;
+            st.dirty = false;
+        }
+        let mut loss = tx.prepare_cached(
+            "INSERT INTO losses(stream_id, reason, total) VALUES (?1, ?2, ?3) \
+             ON CONFLICT(stream_id, reason) DO UPDATE SET total = total + excluded.total",
+        )?;
+        for (&(sid, reason), &n) in lost {
+            loss.execute(params![sid, reason_code(reason), n as i64])?;
+        }
+        let mut meta = tx.prepare_cached("INSERT OR REPLACE INTO meta(key, value) VALUES (?1, ?2)")?;
+        meta.execute(params!["next_seq", self.next_seq as i64])?;
+        meta.execute(params!["batched_upto", self.batched_upto])?;
+        meta.execute(params!["next_id", self.next_id])?;
+        Ok(())
+    }
+}
+
+/// Checks whether a group may be stored, without changing anything.
+fn admit(streams: &HashMap<String, StreamState>, total_bytes: u64, opts: &StoreOptions, group: &[Reading]) -> Result<(), Refusal> {
+    let mut new_streams: Vec<&str> = Vec::new();
+    let mut incoming: HashMap<&str, u64> = HashMap::new();
+    for r in group {
+        if !streams.contains_key(&r.stream) && !new_streams.contains(&r.stream.as_str()) {
+            if streams.len() + new_streams.len() >= opts.max_streams {
+                return Err(Refusal::TooManyStreams(r.stream.clone()));
+            }
+            new_streams.push(&r.stream);
+        }
+        *incoming.entry(&r.stream).or_default() += r.fields.0.len() as u64 + ROW_OVERHEAD;
+    }
+    let group_bytes: u64 = incoming.values().sum();
+    for (name, add) in incoming {
+        let (rule, have) = match streams.get(name) {
+            Some(s) => (s.rule.clone(), s.bytes),
+            None => (opts.rules.rule_for(name).clone(), 0),
+        };
+        if rule.when_full == WhenFull::RefuseNew
+            && (have + add > rule.max_bytes.as_u64() || total_bytes + group_bytes > opts.max_bytes)
+        {
+            return Err(Refusal::StreamFull(name.to_string()));
+        }
+    }
+    Ok(())
+}
+
+fn reason_code(r: LossReason) -> i64 {
+    match r {
+        LossReason::Retention => 0,
+        LossReason::StoreFull => 1,
+    }
+}
+
+fn reason_from_code(c: i64) -> LossReason {
+    if c == 0 { LossReason::Retention } else { LossReason::StoreFull }
+}
+
+fn migrate(conn: &Connection) -> Result<(), StoreError> {
+    let version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
+    if version < 1 {
+        conn.execute_batch(
+            "BEGIN;
+             CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value INTEGER NOT NULL);
+             CREATE TABLE IF NOT EXISTS streams(
+                 id INTEGER PRIMARY KEY, name TEXT NOT NULL UNIQUE,
+                 bytes INTEGER NOT NULL, count INTEGER NOT NULL);
+             CREATE TABLE IF NOT EXISTS readings(
+                 id INTEGER PRIMARY KEY, stream_id INTEGER NOT NULL,
+                 ts_ns INTEGER NOT NULL, fields BLOB NOT NULL);
+             CREATE INDEX IF NOT EXISTS readings_by_stream_time ON readings(stream_id, ts_ns);
+             CREATE TABLE IF NOT EXISTS outbox(
+                 seq INTEGER PRIMARY KEY, first_id INTEGER NOT NULL, last_id INTEGER NOT NULL,
+                 readings INTEGER NOT NULL, created_ms INTEGER NOT NULL);
+             CREATE TABLE IF NOT EXISTS losses(
+                 stream_id INTEGER NOT NULL, reason INTEGER NOT NULL, total INTEGER NOT NULL,
+                 PRIMARY KEY(stream_id, reason)) WITHOUT ROWID;
+             PRAGMA user_version = 1;
+             COMMIT;",
+        )?;
+    }
+    debug_assert_eq!(SCHEMA_VERSION, 1);
+    Ok(())
+}
+
+/// A read-only connection for building batches to send and answering status queries,
+/// so reads never wait behind the writer (WAL readers see the last commit).
+pub struct StoreReader {
+    conn: Connection,
+    agent_id: String,
+}
+
+impl StoreReader {
+    /// Opens a reader on the store in `dir` (which the writer must have created).
+    pub fn open(dir: &Path, agent_id: &str) -> Result<StoreReader, StoreError> {
+        let conn = Connection::open_with_flags(
+            Store::db_path(dir),
+            rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )?;
+        conn.pragma_update(None, "busy_timeout", 5000)?;
+        Ok(StoreReader { conn, agent_id: agent_id.to_string() })
+    }
+
+    /// Builds the batch with sequence number `seq`, or `None` if it was acknowledged (or
+    /// never cut). Readings deleted since the batch was cut are absent.
+    pub fn load_batch(&self, epoch: u64, seq: u64) -> Result<Option<BatchV1>, StoreError> {
+        let tx = self.conn.unchecked_transaction()?; // one consistent snapshot
+        let Some((first, last, created_ms)) = tx
+            .prepare_cached("SELECT first_id, last_id, created_ms FROM outbox WHERE seq = ?1")?
+            .query_row([seq as i64], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?, r.get::<_, i64>(2)?)))
+            .optional()?
+        else {
+            return Ok(None);
+        };
+        let mut streams: Vec<StreamChunk> = Vec::new();
+        let mut index: HashMap<i64, usize> = HashMap::new();
+        {
+            let mut q = tx.prepare_cached(
+                "SELECT r.stream_id, s.name, r.ts_ns, r.fields FROM readings r JOIN streams s ON s.id = r.stream_id \
+                 WHERE r.id BETWEEN ?1 AND ?2 ORDER BY r.id",
+            )?;
+            let mut rows = q.query(params![first, last])?;
+            while let Some(row) = rows.next()? {
+                let sid: i64 = row.get(0)?;
+                let i = match index.get(&sid) {
+                    Some(&i) => i,
+                    None => {
+                        streams.push(StreamChunk { stream: row.get(1)?, points: Vec::new() });
+                        index.insert(sid, streams.len() - 1);
+                        streams.len() - 1
+                    }
+                };
+                streams[i].points.push(Point { ts_ns: row.get(2)?, fields: FieldsBlob(row.get(3)?) });
+            }
+        }
+        let losses = self.losses_in(&tx)?;
+        Ok(Some(BatchV1 { agent_id: self.agent_id.clone(), epoch, seq, created_ms, streams, losses }))
+    }
+
+    fn losses_in(&self, conn: &Connection) -> Result<Vec<LossReport>, StoreError> {
+        let mut q = conn.prepare_cached(
+            "SELECT s.name, l.reason, l.total FROM losses l JOIN streams s ON s.id = l.stream_id ORDER BY s.name, l.reason",
+        )?;
+        let rows = q.query_map([], |r| {
+            Ok(LossReport { stream: r.get(0)?, reason: reason_from_code(r.get(1)?), total: r.get::<_, i64>(2)? as u64 })
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// Cumulative loss counters.
+    pub fn losses(&self) -> Result<Vec<LossReport>, StoreError> {
+        self.losses_in(&self.conn)
+    }
+
+    /// The sequence numbers of unacknowledged batches greater than `after`, oldest first.
+    pub fn pending_seqs(&self, after: u64, limit: usize) -> Result<Vec<u64>, StoreError> {
+        let mut q = self.conn.prepare_cached("SELECT seq FROM outbox WHERE seq > ?1 ORDER BY seq LIMIT ?2")?;
+        let rows = q.query_map(params![after as i64, limit as i64], |r| r.get::<_, i64>(0).map(|v| v as u64))?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// Readings of a stream in `[from_ns, to_ns)`, oldest first, at most `limit`.
+    pub fn readings(&self, stream: &str, from_ns: i64, to_ns: i64, limit: usize) -> Result<Vec<(i64, FieldsBlob)>, StoreError> {
+        let mut q = self.conn.prepare_cached(
+            "SELECT r.ts_ns, r.fields FROM readings r JOIN streams s ON s.id = r.stream_id \
+             WHERE s.name = ?1 AND r.ts_ns >= ?2 AND r.ts_ns < ?3 ORDER BY r.ts_ns, r.id LIMIT ?4",
+        )?;
+        let rows = q.query_map(params![stream, from_ns, to_ns, limit as i64], |r| Ok((r.get(0)?, FieldsBlob(r.get(1)?))))?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+}
+
+#[cfg(test)]
+mod tests;

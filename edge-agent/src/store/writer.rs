@@ -1,0 +1,228 @@
+//! The single writer thread and its async handle.
+//!
+//! Every write to the store goes through [`StoreHandle`], which sends a command over a
+//! bounded channel to one OS thread that owns the [`Store`]. The thread takes the first
+//! command, then everything else already queued (up to `store.max_readings_per_commit`
+//! readings), and commits it all in one transaction: while one commit is being fsynced,
+//! the next group builds up. The delay this adds is bounded by one commit.
+//!
+//! Replies are sent only after the commit returned, which is what makes an
+//! acknowledgement (PUBACK, HTTP 2xx) a promise.
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use brume_protocol::Reading;
+use tokio::sync::{oneshot, watch};
+
+use super::{Refusal, Store, StoreError, StoreOptions, StoreReader, StoreSnapshot};
+use crate::metrics::Metrics;
+
+/// Why an append was not committed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AppendError {
+    /// The store refused the readings by policy.
+    #[error(transparent)]
+    Refused(#[from] Refusal),
+    /// The store cannot write right now (disk full, read-only, I/O error). Retry later.
+    #[error("store unavailable ({0}); retry later")]
+    Unavailable(&'static str),
+    /// The agent is shutting down.
+    #[error("agent is shutting down")]
+    Closed,
+}
+
+impl AppendError {
+    /// Metric label.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            AppendError::Refused(r) => r.reason(),
+            AppendError::Unavailable(k) => k,
+            AppendError::Closed => "shutting_down",
+        }
+    }
+}
+
+enum Cmd {
+    Append { readings: Vec<Reading>, reply: oneshot::Sender<Result<(), AppendError>> },
+    Ack(Vec<u64>),
+}
+
+/// Cloneable async handle to the store.
+#[derive(Clone)]
+pub struct StoreHandle {
+    /// Commands to the writer thread; bounded, so producers wait when it falls behind.
+    tx: flume::Sender<Cmd>,
+    snapshot: watch::Receiver<StoreSnapshot>,
+    /// Read-only connection, used on blocking threads; the mutex serialises its users.
+    reader: Arc<Mutex<StoreReader>>,
+    status: watch::Receiver<Option<&'static str>>,
+}
+
+/// Join handle of the writer thread; [`WriterThread::join`] waits for its last commit.
+pub struct WriterThread(std::thread::JoinHandle<()>);
+
+impl WriterThread {
+    /// Waits until the writer has committed everything it received and exited. The
+    /// writer exits once every [`StoreHandle`] is dropped.
+    pub fn join(self) {
+        let _ = self.0.join();
+    }
+}
+
+impl StoreHandle {
+    /// Opens the store and starts the writer thread.
+    pub fn start(dir: PathBuf, agent_id: &str, opts: StoreOptions, max_per_commit: usize, retention_interval: Duration, metrics: Arc<Metrics>) -> Result<(StoreHandle, WriterThread), StoreError> {
+        let store = Store::open(&dir, opts)?;
+        let reader = StoreReader::open(&dir, agent_id)?;
+        let (tx, rx) = flume::bounded(1024);
+        let (snap_tx, snap_rx) = watch::channel(store.snapshot());
+        let (status_tx, status_rx) = watch::channel(None);
+        let thread = std::thread::Builder::new()
+            .name("store-writer".into())
+            .spawn(move || writer_loop(store, rx, snap_tx, status_tx, max_per_commit, retention_interval, metrics))
+            .expect("spawning the writer thread");
+        Ok((StoreHandle { tx, snapshot: snap_rx, reader: Arc::new(Mutex::new(reader)), status: status_rx }, WriterThread(thread)))
+    }
+
+    /// Appends readings atomically; resolves once they are durably committed.
+    pub async fn append(&self, readings: Vec<Reading>) -> Result<(), AppendError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx.send_async(Cmd::Append { readings, reply }).await.map_err(|_| AppendError::Closed)?;
+        rx.await.map_err(|_| AppendError::Closed)?
+    }
+
+    /// Queues readings for the next commit and returns the receiver of the verdict, so a
+    /// caller can pipeline several appends and await them in order.
+    pub async fn submit(&self, readings: Vec<Reading>) -> Result<oneshot::Receiver<Result<(), AppendError>>, AppendError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx.send_async(Cmd::Append { readings, reply }).await.map_err(|_| AppendError::Closed)?;
+        Ok(rx)
+    }
+
+    /// Blocking variant of [`append`](Self::append) for non-async threads.
+    pub fn append_blocking(&self, readings: Vec<Reading>) -> Result<(), AppendError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx.send(Cmd::Append { readings, reply }).map_err(|_| AppendError::Closed)?;
+        rx.blocking_recv().map_err(|_| AppendError::Closed)?
+    }
+
+    /// Records hub acknowledgements; the batches leave the outbox with the next commit.
+    pub async fn ack(&self, seqs: Vec<u64>) {
+        let _ = self.tx.send_async(Cmd::Ack(seqs)).await;
+    }
+
+    /// Latest snapshot; `changed()` on the receiver wakes when a commit changed it.
+    pub fn snapshot(&self) -> watch::Receiver<StoreSnapshot> {
+        self.snapshot.clone()
+    }
+
+    /// `None` when healthy, else the kind of the last storage error (`disk_full`, …).
+    pub fn status(&self) -> Option<&'static str> {
+        *self.status.borrow()
+    }
+
+    /// Runs `f` with the read-only connection on a blocking thread.
+    pub async fn read<T: Send + 'static>(&self, f: impl FnOnce(&StoreReader) -> Result<T, StoreError> + Send + 'static) -> Result<T, StoreError> {
+        let reader = self.reader.clone();
+        tokio::task::spawn_blocking(move || f(&reader.lock().unwrap_or_else(|e| e.into_inner())))
+            .await
+            .expect("store reader task panicked")
+    }
+}
+
+fn writer_loop(
+    mut store: Store,
+    rx: flume::Receiver<Cmd>,
+    snap_tx: watch::Sender<StoreSnapshot>,
+    status_tx: watch::Sender<Option<&'static str>>,
+    max_per_commit: usize,
+    retention_interval: Duration,
+    metrics: Arc<Metrics>,
+) {
+    let mut next_expire = Instant::now() + retention_interval;
+    let mut acks: Vec<u64> = Vec::new();
+    let mut failures = 0u32;
+    let mut closed = false;
+    while !closed {
+        let deadline = store.linger_deadline().map_or(next_expire, |d| d.min(next_expire));
+        let mut appends: Vec<(Vec<Reading>, oneshot::Sender<Result<(), AppendError>>)> = Vec::new();
+        let mut n = 0usize;
+        let mut take = |cmd: Cmd, n: &mut usize, acks: &mut Vec<u64>| match cmd {
+            Cmd::Append { readings, reply } => {
+                *n += readings.len();
+                appends.push((readings, reply));
+            }
+            Cmd::Ack(s) => acks.extend(s),
+        };
+        match rx.recv_deadline(deadline) {
+            Ok(cmd) => take(cmd, &mut n, &mut acks),
+            Err(flume::RecvTimeoutError::Timeout) => {}
+            Err(flume::RecvTimeoutError::Disconnected) => closed = true,
+        }
+        // Group commit: take everything already queued, up to the per-commit bound.
+        while n < max_per_commit {
+            match rx.try_recv() {
+                Ok(cmd) => take(cmd, &mut n, &mut acks),
+                Err(_) => break,
+            }
+        }
+
+        let now = Instant::now();
+        if now >= next_expire {
+            next_expire = now + retention_interval;
+            match store.expire(crate::now_ns()) {
+                Ok(out) => metrics.record_dropped(&out.dropped),
+                Err(e) => tracing::warn!(error = %e, "retention run failed; will retry"),
+            }
+        }
+        if appends.is_empty() && acks.is_empty() && store.linger_deadline().is_none_or(|d| now < d) {
+            continue;
+        }
+
+        let groups: Vec<&[Reading]> = appends.iter().map(|(r, _)| r.as_slice()).collect();
+        let started = Instant::now();
+        match store.apply(&groups, &acks, now) {
+            Ok(out) => {
+                metrics.commit_seconds.observe(started.elapsed().as_secs_f64());
+                acks.clear();
+                if failures > 0 {
+                    tracing::info!("store writable again");
+                    failures = 0;
+                    let _ = status_tx.send(None);
+                }
+                metrics.record_dropped(&out.dropped);
+                metrics.batches_cut.inc_by(out.batches_cut);
+                for ((readings, reply), result) in appends.into_iter().zip(out.results) {
+                    match &result {
+                        Ok(()) => {
+                            metrics.readings_committed.inc_by(readings.len() as u64);
+                        }
+                        Err(refusal) => {
+                            metrics.refused(refusal.reason(), readings.len() as u64);
+                        }
+                    }
+                    let _ = reply.send(result.map_err(AppendError::from));
+                }
+            }
+            Err(e) => {
+                let kind = e.kind();
+                failures += 1;
+                // ERROR: nothing is lost (nothing here was acknowledged), but new data
+                // cannot be accepted until an operator frees space or fixes the disk.
+                tracing::error!(error = %e, kind, "store commit failed; readings refused until storage recovers");
+                metrics.store_errors.get_or_create(&crate::metrics::KindLabel { kind: kind.into() }).inc();
+                let _ = status_tx.send(Some(kind));
+                for (readings, reply) in appends {
+                    metrics.refused(kind, readings.len() as u64);
+                    let _ = reply.send(Err(AppendError::Unavailable(kind)));
+                }
+                // Keep `acks` for the next attempt. Back off so a full disk is not hammered.
+                std::thread::sleep(Duration::from_millis(50 * u64::from(failures.min(20))));
+            }
+        }
+        let _ = snap_tx.send(store.snapshot());
+    }
+    tracing::debug!("store writer stopped");
+}
