@@ -1,0 +1,236 @@
+//! The HTTP API: health, metrics and read-only JSON queries over the store.
+//!
+//! Handlers hold no state of their own ([`AppState`] is the store and the metrics), and
+//! every store call runs on a blocking thread. JSON is built with `serde_json::json!`
+//! rather than derived: only protocol types derive `Serialize`, so the API's shapes are
+//! written out here, in one place.
+
+use std::sync::Arc;
+
+use axum::Router;
+use axum::extract::rejection::QueryRejection;
+use axum::extract::{Query, State};
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use brume_protocol::Value;
+use serde_json::json;
+
+use crate::metrics::Metrics;
+use crate::store::{AgentSummary, Cursor, HubStore, ReadingsQuery, StoreError, StreamSummary};
+
+/// Default page size of `GET /api/v1/readings`.
+pub const DEFAULT_LIMIT: usize = 1000;
+/// Largest page size of `GET /api/v1/readings`.
+pub const MAX_LIMIT: usize = 100_000;
+
+/// Shared state of the handlers.
+#[derive(Clone)]
+pub struct AppState {
+    /// The store the API reads.
+    pub store: Arc<dyn HubStore>,
+    /// Metrics served at `/metrics`.
+    pub metrics: Arc<Metrics>,
+}
+
+/// Builds the router.
+pub fn app(state: AppState) -> Router {
+    Router::new()
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/metrics", get(metrics))
+        .route("/api/v1/streams", get(streams))
+        .route("/api/v1/readings", get(readings))
+        .route("/api/v1/agents", get(agents))
+        .with_state(state)
+}
+
+/// An API error: a status and a message, sent as `{"error": message}`.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    message: String,
+}
+
+impl ApiError {
+    fn bad_request(message: impl Into<String>) -> ApiError {
+        ApiError { status: StatusCode::BAD_REQUEST, message: message.into() }
+    }
+}
+
+impl From<StoreError> for ApiError {
+    fn from(e: StoreError) -> ApiError {
+        tracing::error!(error = %e, "store query failed");
+        ApiError { status: StatusCode::INTERNAL_SERVER_ERROR, message: e.to_string() }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.status, axum::Json(json!({ "error": self.message }))).into_response()
+    }
+}
+
+/// Runs a store query on a blocking thread.
+async fn query<T: Send + 'static>(
+    store: &Arc<dyn HubStore>,
+    f: impl FnOnce(&dyn HubStore) -> Result<T, StoreError> + Send + 'static,
+) -> Result<T, ApiError> {
+    let store = Arc::clone(store);
+    tokio::task::spawn_blocking(move || f(&*store)).await.map_err(|e| ApiError {
+        status: StatusCode::INTERNAL_SERVER_ERROR,
+        message: format!("query task failed: {e}"),
+    })?
+    .map_err(ApiError::from)
+}
+
+async fn metrics(State(s): State<AppState>) -> impl IntoResponse {
+    ([(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], s.metrics.encode())
+}
+
+fn stream_json(s: &StreamSummary) -> serde_json::Value {
+    json!({ "stream": s.stream, "readings": s.readings, "first_ts_ns": s.first_ts_ns, "last_ts_ns": s.last_ts_ns })
+}
+
+async fn streams(State(s): State<AppState>) -> Result<axum::Json<serde_json::Value>, ApiError> {
+    let list = query(&s.store, |st| st.streams()).await?;
+    Ok(axum::Json(list.iter().map(stream_json).collect()))
+}
+
+/// Parses the query string of `GET /api/v1/readings`, naming the bad parameter on error.
+pub fn parse_readings_query(params: &[(String, String)]) -> Result<ReadingsQuery, String> {
+    let mut stream = None;
+    let mut from = None;
+    let mut to = None;
+    let mut limit = DEFAULT_LIMIT;
+    let mut after = None;
+    let int = |name: &str, v: &str| v.parse::<i64>().map_err(|_| format!("parameter `{name}`: {v:?} is not an integer"));
+    for (k, v) in params {
+        match k.as_str() {
+            "stream" => stream = Some(v.clone()),
+            "from" => from = Some(int("from", v)?),
+            "to" => to = Some(int("to", v)?),
+            "limit" => {
+                limit = match v.parse::<usize>() {
+                    Ok(n) if (1..=MAX_LIMIT).contains(&n) => n,
+                    _ => return Err(format!("parameter `limit`: {v:?} is not an integer from 1 to {MAX_LIMIT}")),
+                }
+            }
+            "after" => {
+                after = Some(Cursor::from_token(v).ok_or_else(|| {
+                    format!("parameter `after`: {v:?} is not a cursor returned as `next` by this API")
+                })?)
+            }
+            other => return Err(format!("unknown parameter `{other}`")),
+        }
+    }
+    let stream = stream.filter(|s| !s.is_empty()).ok_or("missing parameter `stream`")?;
+    Ok(ReadingsQuery { stream, from, to, limit, after })
+}
+
+/// Converts a stored fields blob to a JSON object: numbers, booleans and strings.
+pub fn fields_json(fields: &[brume_protocol::Field]) -> serde_json::Value {
+    let map = fields
+        .iter()
+        .map(|f| {
+            let v = match &f.value {
+                // Stored fields are validated on ingest, so floats are finite; null is
+                // the only JSON answer for a non-finite one anyway.
+                Value::F64(x) => serde_json::Number::from_f64(*x).map_or(serde_json::Value::Null, Into::into),
+                Value::I64(i) => (*i).into(),
+                Value::Bool(b) => (*b).into(),
+                Value::Str(s) => s.clone().into(),
+            };
+            (f.name.clone(), v)
+        })
+        .collect::<serde_json::Map<_, _>>();
+    serde_json::Value::Object(map)
+}
+
+async fn readings(
+    State(s): State<AppState>,
+    params: Result<Query<Vec<(String, String)>>, QueryRejection>,
+) -> Result<axum::Json<serde_json::Value>, ApiError> {
+    let Query(params) = params.map_err(|e| ApiError::bad_request(format!("invalid query string: {e}")))?;
+    let q = parse_readings_query(&params).map_err(ApiError::bad_request)?;
+    let stream = q.stream.clone();
+    let page = query(&s.store, move |st| st.readings(&q)).await?;
+    let mut out = Vec::with_capacity(page.readings.len());
+    for r in &page.readings {
+        let fields = r.fields.decode().map_err(|e| {
+            ApiError::from(StoreError::Corrupt(format!(
+                "fields of agent {} seq {} reading {}: {e}",
+                r.agent_id, r.seq, r.idx
+            )))
+        })?;
+        out.push(json!({ "ts_ns": r.ts_ns, "agent_id": r.agent_id, "seq": r.seq, "fields": fields_json(&fields) }));
+    }
+    Ok(axum::Json(json!({
+        "stream": stream,
+        "readings": out,
+        "next": page.next.map(|c| c.to_token()),
+    })))
+}
+
+fn agent_json(a: &AgentSummary) -> serde_json::Value {
+    json!({
+        "agent_id": a.agent_id,
+        "epoch": a.epoch,
+        "batches": a.batches,
+        "readings": a.readings,
+        "watermark": a.watermark,
+        "max_seq": a.max_seq,
+        "missing": a.missing.iter().map(|&(lo, hi)| json!([lo, hi])).collect::<Vec<_>>(),
+        "losses": a.losses.iter().map(|l| json!({
+            "stream": l.stream, "reason": l.reason.as_str(), "total": l.total,
+        })).collect::<Vec<_>>(),
+        "last_seen_ms": a.last_seen_ms,
+    })
+}
+
+async fn agents(State(s): State<AppState>) -> Result<axum::Json<serde_json::Value>, ApiError> {
+    let list = query(&s.store, |st| st.agents()).await?;
+    Ok(axum::Json(list.iter().map(agent_json).collect()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use brume_protocol::Field;
+
+    fn params(q: &[(&str, &str)]) -> Vec<(String, String)> {
+        q.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    }
+
+    #[test]
+    fn readings_query_errors_name_the_parameter() {
+        let check = |q: &[(&str, &str)], name: &str| {
+            let err = parse_readings_query(&params(q)).unwrap_err();
+            assert!(err.contains(&format!("`{name}`")), "{q:?}: {err}");
+        };
+        check(&[], "stream");
+        check(&[("stream", "s"), ("from", "x")], "from");
+        check(&[("stream", "s"), ("to", "1.5")], "to");
+        check(&[("stream", "s"), ("limit", "0")], "limit");
+        check(&[("stream", "s"), ("limit", "100001")], "limit");
+        check(&[("stream", "s"), ("after", "nope")], "after");
+        check(&[("stream", "s"), ("bogus", "1")], "bogus");
+    }
+
+    #[test]
+    fn readings_query_defaults() {
+        let q = parse_readings_query(&params(&[("stream", "s"), ("from", "5")])).unwrap();
+        assert_eq!(q, ReadingsQuery { stream: "s".into(), from: Some(5), to: None, limit: DEFAULT_LIMIT, after: None });
+    }
+
+    #[test]
+    fn fields_to_json() {
+        let f = |name: &str, value| Field { name: name.into(), value };
+        let j = fields_json(&[
+            f("value", Value::F64(1.5)),
+            f("n", Value::I64(-3)),
+            f("ok", Value::Bool(true)),
+            f("name", Value::Str("x".into())),
+        ]);
+        assert_eq!(j, json!({"value": 1.5, "n": -3, "ok": true, "name": "x"}));
+    }
+}

@@ -1,0 +1,149 @@
+//! Brume cloud hub: receives agent batches over MQTT, stores each exactly once,
+//! acknowledges them, and serves the stored readings over HTTP.
+//!
+//! Start at [`run`]. The pieces, one task each:
+//!
+//! * [`mqtt`]: drives the rumqttc event loop (connect, re-subscribe, reconnect with
+//!   backoff) and queues batch publishes for ingest;
+//! * [`ingest`]: validates batches, stores them in group-committed transactions through
+//!   [`store::HubStore`], then publishes hub acks and acks the broker;
+//! * [`http`]: the JSON API and `/metrics`.
+//!
+//! Architecture invariant: a batch is acknowledged (to the agent or to the broker) only
+//! after the transaction that stored it has committed, or after it has been rejected as
+//! invalid.
+
+pub mod config;
+pub mod http;
+pub mod ingest;
+pub mod metrics;
+pub mod mqtt;
+pub mod store;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+pub use config::{Config, ConfigError};
+pub use store::sqlite::SqliteStore;
+pub use store::{HubStore, StoreError};
+
+/// How long shutdown waits for the ingest task to finish its current transaction and
+/// send its acks.
+const INGEST_DRAIN_TIMEOUT: Duration = Duration::from_secs(15);
+/// How long shutdown waits for the DISCONNECT to reach the broker.
+const MQTT_DISCONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long shutdown waits for in-flight HTTP requests.
+const HTTP_DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Why the hub could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum HubError {
+    /// The configuration is invalid.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// The store could not be opened.
+    #[error("cannot open the store: {0}")]
+    Store(#[from] StoreError),
+    /// The HTTP server failed.
+    #[error("HTTP server failed: {0}")]
+    Http(#[source] std::io::Error),
+    /// A task panicked.
+    #[error("{task} task failed: {source}")]
+    Task {
+        /// Which task.
+        task: &'static str,
+        /// The join error.
+        source: tokio::task::JoinError,
+    },
+}
+
+/// Runs the hub with the SQLite store in `cfg.data_dir` until `shutdown` is cancelled.
+///
+/// `http_listener` is the bound HTTP listener (`cfg.http.listen` is not used here, so
+/// tests can pass a listener on port 0). Validates `cfg` first.
+pub async fn run(cfg: Config, http_listener: TcpListener, shutdown: CancellationToken) -> Result<(), HubError> {
+    cfg.validate()?;
+    let data_dir = cfg.data_dir.clone();
+    // Opening runs migrations and may fsync: not on the async runtime.
+    let store = tokio::task::spawn_blocking(move || SqliteStore::open(&data_dir))
+        .await
+        .map_err(|source| HubError::Task { task: "store open", source })??;
+    tracing::info!(path = %store.path().display(), "store opened");
+    run_with_store(cfg, Arc::new(store), http_listener, shutdown).await
+}
+
+/// Like [`run`], with a store chosen by the caller.
+///
+/// Shutdown order: stop taking new batches and let the ingest task commit and ack the
+/// group it holds, then send DISCONNECT to the broker, then let in-flight HTTP requests
+/// finish. Each wait is bounded; on timeout the remaining work is dropped, which loses
+/// nothing durable (unacknowledged batches are re-sent by agents).
+pub async fn run_with_store(
+    cfg: Config,
+    store: Arc<dyn HubStore>,
+    http_listener: TcpListener,
+    shutdown: CancellationToken,
+) -> Result<(), HubError> {
+    cfg.validate()?;
+    let metrics = metrics::Metrics::new();
+    let tracker = TaskTracker::new();
+
+    // The MQTT task has its own token: it must outlive `shutdown` so that the ingest
+    // task's final acks and the DISCONNECT still go out.
+    let mqtt_stop = CancellationToken::new();
+    let (mqtt, deliveries, event_loop) = mqtt::start(&cfg, metrics.clone(), mqtt_stop.clone());
+    let mqtt_task = tracker.spawn(event_loop);
+
+    let ingest = ingest::Ingest {
+        store: store.clone(),
+        mqtt: mqtt.clone(),
+        deliveries,
+        metrics: metrics.clone(),
+        max_batches_per_tx: cfg.ingest.max_batches_per_tx,
+    };
+    let ingest_task = tracker.spawn(ingest.run(shutdown.clone()));
+
+    let addr = http_listener.local_addr().map_err(HubError::Http)?;
+    let app = http::app(http::AppState { store, metrics });
+    let http_shutdown = shutdown.clone();
+    let http_task = tracker.spawn(async move {
+        axum::serve(http_listener, app).with_graceful_shutdown(http_shutdown.cancelled_owned()).await
+    });
+    tracker.close();
+    tracing::info!(%addr, "HTTP API listening");
+
+    shutdown.cancelled().await;
+    tracing::info!("shutting down: finishing the current ingest transaction");
+    let mut result = Ok(());
+    match tokio::time::timeout(INGEST_DRAIN_TIMEOUT, ingest_task).await {
+        Ok(Ok(())) => {}
+        Ok(Err(source)) => result = Err(HubError::Task { task: "ingest", source }),
+        Err(_) => tracing::warn!("ingest did not finish in {INGEST_DRAIN_TIMEOUT:?}; its batches stay unacknowledged"),
+    }
+    // The DISCONNECT is queued behind the ingest task's last acks, so they are sent first.
+    let disconnected = async {
+        let _ = mqtt.disconnect().await;
+        mqtt_task.await
+    };
+    if tokio::time::timeout(MQTT_DISCONNECT_TIMEOUT, disconnected).await.is_err() {
+        tracing::warn!("MQTT disconnect did not complete in {MQTT_DISCONNECT_TIMEOUT:?}");
+    }
+    mqtt_stop.cancel();
+    match tokio::time::timeout(HTTP_DRAIN_TIMEOUT, http_task).await {
+        Ok(Ok(Ok(()))) => {}
+        Ok(Ok(Err(e))) => result = result.and(Err(HubError::Http(e))),
+        Ok(Err(source)) => result = result.and(Err(HubError::Task { task: "http", source })),
+        Err(_) => tracing::warn!("HTTP requests did not finish in {HTTP_DRAIN_TIMEOUT:?}"),
+    }
+    // Every task has ended or been abandoned after its timeout; this returns at once
+    // unless something is stuck, which the bounded wait turns into a warning.
+    if tokio::time::timeout(Duration::from_secs(1), tracker.wait()).await.is_err() {
+        tracing::warn!("some tasks did not stop");
+    }
+    tracing::info!("hub stopped");
+    result
+}

@@ -1,0 +1,249 @@
+//! The MQTT side of the hub: one task that drives rumqttc's `EventLoop` and hands
+//! batch publishes to the ingest task, and [`MqttHandle`], through which the ingest task
+//! publishes hub acks and acknowledges publishes to the broker.
+//!
+//! # Why the event loop task never waits on anyone
+//!
+//! rumqttc does all network IO, keep-alives and reconnects inside `EventLoop::poll`, and
+//! the requests the ingest task makes (`publish`, `ack`) travel through a bounded
+//! channel that only `poll` drains. If the event loop task ever awaited the ingest task
+//! (say, a full delivery queue) while the ingest task awaited room in the request
+//! channel, both would stop for good. So the event loop task only uses non-blocking
+//! operations: `try_send` to the ingest queue and `try_ack` for overload rejects. The
+//! queue is bounded yet never fills in normal operation because deliveries are QoS 1
+//! with manual acks: the broker stops sending once its in-flight window for this client
+//! (mosquitto: `max_inflight_messages`, 20 by default) is full of unacknowledged
+//! publishes, which is far below [`DELIVERY_QUEUE`].
+//!
+//! # Broker acks and reconnects
+//!
+//! The hub connects with `clean_session = true`, so after a reconnect the broker has
+//! forgotten the old session: packet ids of publishes received on the previous
+//! connection mean nothing (or something else) on the new one. Every delivery is
+//! therefore tagged with a connection generation, and [`MqttHandle::ack_broker`] drops
+//! acks for an older generation. Such publishes are not lost: the hub ack was sent
+//! (or the batch is re-sent by the agent, which retries until it gets a hub ack).
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use rand::Rng;
+use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Outgoing, Packet, Publish, QoS, Request, Subscribe};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Config;
+use crate::metrics::Metrics;
+
+/// Capacity of the queue from the event loop task to the ingest task, in publishes.
+/// See the module docs for why it does not fill in practice.
+pub const DELIVERY_QUEUE: usize = 1024;
+
+/// Capacity of rumqttc's request channel (publishes and acks from the hub to the broker).
+const REQUEST_CHANNEL: usize = 256;
+
+/// Allowance for the MQTT fixed header, topic and packet id on top of the largest
+/// payload the protocol allows ([`brume_protocol::limits::MAX_MESSAGE_BYTES`]).
+const PACKET_OVERHEAD: usize = 1024;
+
+/// Largest outgoing packet: acks list at most `max_batches_per_tx` sequence numbers of
+/// at most 10 bytes each (postcard varints), plus the topic.
+const MAX_OUTGOING_PACKET: usize = 64 * 1024;
+
+/// First reconnect delay; doubled after every failure up to [`BACKOFF_MAX`].
+const BACKOFF_MIN: Duration = Duration::from_millis(100);
+/// Longest reconnect delay.
+const BACKOFF_MAX: Duration = Duration::from_secs(10);
+
+/// A publish received from the broker, tagged with the connection it arrived on.
+#[derive(Debug)]
+pub struct Delivery {
+    /// The publish, needed to acknowledge it to the broker.
+    pub publish: Publish,
+    /// Connection generation the publish arrived on.
+    pub generation: u64,
+}
+
+/// Sends hub acks and broker acks. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct MqttHandle {
+    client: AsyncClient,
+    /// Current connection generation, bumped by the event loop task on every
+    /// disconnect and connect.
+    generation: Arc<AtomicU64>,
+}
+
+impl MqttHandle {
+    /// Acknowledges a publish to the broker (PUBACK), unless it arrived on an older
+    /// connection (see the module docs). Fails only when the event loop is gone.
+    pub async fn ack_broker(&self, d: &Delivery) -> Result<(), rumqttc::ClientError> {
+        if d.generation != self.generation.load(Ordering::Acquire) {
+            tracing::debug!(pkid = d.publish.pkid, "not acking a publish from an earlier connection");
+            return Ok(());
+        }
+        self.client.ack(&d.publish).await
+    }
+
+    /// Publishes `payload` QoS 1 on `topic`. Fails only when the event loop is gone.
+    pub async fn publish(&self, topic: String, payload: Vec<u8>) -> Result<(), rumqttc::ClientError> {
+        self.client.publish(topic, QoS::AtLeastOnce, false, payload).await
+    }
+
+    /// Queues a DISCONNECT; the event loop task ends once it has been sent.
+    pub async fn disconnect(&self) -> Result<(), rumqttc::ClientError> {
+        self.client.disconnect().await
+    }
+}
+
+/// Builds the client options from the configuration.
+pub fn options(cfg: &Config) -> MqttOptions {
+    let client_id = if cfg.mqtt.client_id.is_empty() {
+        format!("brume-hub-{:08x}", rand::rng().random::<u32>())
+    } else {
+        cfg.mqtt.client_id.clone()
+    };
+    let mut opts = MqttOptions::new(client_id, cfg.mqtt.host.clone(), cfg.mqtt.port);
+    opts.set_keep_alive(cfg.mqtt.keep_alive)
+        .set_clean_session(true)
+        // Acks go to the broker only after the batch is committed (or rejected), so a
+        // crash before commit makes the broker's copy the one that survives.
+        .set_manual_acks(true)
+        .set_max_packet_size(brume_protocol::limits::MAX_MESSAGE_BYTES + PACKET_OVERHEAD, MAX_OUTGOING_PACKET)
+        .set_request_channel_capacity(REQUEST_CHANNEL);
+    opts
+}
+
+/// Creates the client and the event loop task's future.
+///
+/// The returned future runs until `stop` is cancelled or a DISCONNECT queued through
+/// [`MqttHandle::disconnect`] has been sent. Deliveries go to the returned receiver.
+pub fn start(
+    cfg: &Config,
+    metrics: Arc<Metrics>,
+    stop: CancellationToken,
+) -> (MqttHandle, mpsc::Receiver<Delivery>, impl Future<Output = ()> + Send + 'static) {
+    let (client, eventloop) = AsyncClient::new(options(cfg), REQUEST_CHANNEL);
+    let (tx, rx) = mpsc::channel(DELIVERY_QUEUE);
+    let generation = Arc::new(AtomicU64::new(0));
+    let handle = MqttHandle { client: client.clone(), generation: generation.clone() };
+    let driver = EventLoopDriver { eventloop, client, tx, generation, metrics, filter: cfg.batch_filter() };
+    (handle, rx, driver.run(stop))
+}
+
+struct EventLoopDriver {
+    eventloop: EventLoop,
+    /// Used only for non-blocking `try_ack` of publishes dropped on overload.
+    client: AsyncClient,
+    /// Deliveries to the ingest task; only ever `try_send` (see module docs).
+    tx: mpsc::Sender<Delivery>,
+    generation: Arc<AtomicU64>,
+    metrics: Arc<Metrics>,
+    filter: String,
+}
+
+impl EventLoopDriver {
+    async fn run(mut self, stop: CancellationToken) {
+        let mut backoff = BACKOFF_MIN;
+        loop {
+            // Cancelling `poll` mid-write could leave a half-written packet, but the
+            // stop token is only cancelled when the connection is being dropped anyway.
+            let event = tokio::select! {
+                biased;
+                _ = stop.cancelled() => break,
+                ev = self.eventloop.poll() => ev,
+            };
+            match event {
+                Ok(Event::Incoming(Packet::ConnAck(ack))) => {
+                    self.generation.fetch_add(1, Ordering::AcqRel);
+                    self.metrics.mqtt_connected.set(1);
+                    backoff = BACKOFF_MIN;
+                    tracing::info!(code = ?ack.code, filter = %self.filter, "connected to MQTT broker, subscribing");
+                    // clean_session = true: the broker forgot our subscription, so
+                    // subscribe again on every connect. Pushed straight into the event
+                    // loop's pending queue (emptied by poll before it returned ConnAck)
+                    // because awaiting the request channel from this task could deadlock.
+                    self.eventloop
+                        .pending
+                        .push_front(Request::Subscribe(Subscribe::new(self.filter.clone(), QoS::AtLeastOnce)));
+                }
+                Ok(Event::Incoming(Packet::SubAck(ack))) => {
+                    if ack.return_codes.iter().any(|c| matches!(c, rumqttc::SubscribeReasonCode::Failure)) {
+                        tracing::error!(filter = %self.filter, "broker refused the batch subscription");
+                    } else {
+                        tracing::info!(filter = %self.filter, "subscribed to agent batches");
+                    }
+                }
+                Ok(Event::Incoming(Packet::Publish(publish))) => self.deliver(publish),
+                Ok(Event::Outgoing(Outgoing::Disconnect)) => {
+                    tracing::info!("disconnected from MQTT broker");
+                    break;
+                }
+                Ok(_) => {}
+                Err(err) => {
+                    // Acks queued from now on refer to a dead connection: bump the
+                    // generation before anything else can be queued.
+                    self.generation.fetch_add(1, Ordering::AcqRel);
+                    self.metrics.mqtt_connected.set(0);
+                    let delay = jitter(backoff);
+                    tracing::warn!(error = %err, retry_in = ?delay, "MQTT connection failed");
+                    tokio::select! {
+                        _ = stop.cancelled() => break,
+                        _ = tokio::time::sleep(delay) => {}
+                    }
+                    backoff = (backoff * 2).min(BACKOFF_MAX);
+                }
+            }
+        }
+        self.metrics.mqtt_connected.set(0);
+    }
+
+    fn deliver(&self, publish: Publish) {
+        let generation = self.generation.load(Ordering::Acquire);
+        match self.tx.try_send(Delivery { publish, generation }) {
+            Ok(()) => {}
+            Err(mpsc::error::TrySendError::Full(d)) => {
+                // Only reachable with QoS 0 floods or a broker ignoring its in-flight
+                // window. Drop the batch but ack it so the broker's window stays open;
+                // the agent re-sends because it gets no hub ack.
+                self.metrics.count_batch(crate::ingest::Reject::Overloaded.metric_label());
+                tracing::warn!(topic = %d.publish.topic, "ingest queue full, dropping batch");
+                if let Err(e) = self.client.try_ack(&d.publish) {
+                    tracing::warn!(error = %e, "cannot ack dropped batch");
+                }
+            }
+            // The ingest task has stopped (shutdown): leave the publish unacked.
+            Err(mpsc::error::TrySendError::Closed(_)) => {}
+        }
+    }
+}
+
+/// A random delay in `[d/2, d]`, so hubs that lost the broker together do not reconnect
+/// in lockstep.
+fn jitter(d: Duration) -> Duration {
+    let ms = d.as_millis() as u64;
+    Duration::from_millis(rand::rng().random_range(ms / 2..=ms))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn jitter_stays_within_half_to_full() {
+        for _ in 0..100 {
+            let j = jitter(Duration::from_millis(400));
+            assert!(j >= Duration::from_millis(200) && j <= Duration::from_millis(400), "{j:?}");
+        }
+    }
+
+    #[test]
+    fn options_from_config() {
+        let cfg = Config::default();
+        let opts = options(&cfg);
+        assert!(opts.client_id().starts_with("brume-hub-"));
+        assert!(opts.manual_acks());
+        assert!(opts.clean_session());
+        assert!(opts.max_packet_size() >= brume_protocol::limits::MAX_MESSAGE_BYTES);
+    }
+}

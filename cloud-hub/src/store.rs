@@ -1,0 +1,247 @@
+//! Storage behind the hub: the [`HubStore`] trait and the types it speaks.
+//!
+//! The ingest task calls [`HubStore::ingest`] with a group of validated batches and
+//! acknowledges them only after it returns `Ok`: the trait's contract is that `Ok`
+//! means *durably committed*. The HTTP API only reads.
+//!
+//! The methods are synchronous and may block on disk IO; callers run them on a
+//! blocking thread (`tokio::task::spawn_blocking`), never on the async runtime.
+//! [`sqlite::SqliteStore`] is the only implementation today; a later PostgreSQL one
+//! plugs in behind the same trait.
+
+pub mod sqlite;
+
+use brume_protocol::{BatchV1, FieldsBlob, LossReason};
+
+/// Why a storage operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The data directory could not be created.
+    #[error("cannot create data directory {path}: {source}")]
+    CreateDir {
+        /// The directory.
+        path: std::path::PathBuf,
+        /// The IO error.
+        source: std::io::Error,
+    },
+    /// An SQLite call failed.
+    #[error("sqlite error while {op}: {source}")]
+    Sqlite {
+        /// What the store was doing, e.g. `inserting readings`.
+        op: &'static str,
+        /// The underlying error.
+        source: rusqlite::Error,
+    },
+    /// The database was written by a newer hub with a schema this one does not know.
+    #[error("database schema version {found} is newer than the {supported} this hub supports")]
+    SchemaTooNew {
+        /// `PRAGMA user_version` of the file.
+        found: i64,
+        /// Newest version this build knows.
+        supported: i64,
+    },
+    /// A stored value does not decode (the file was modified outside the hub).
+    #[error("corrupt stored data: {0}")]
+    Corrupt(String),
+}
+
+/// What happened to one batch of an [`HubStore::ingest`] call. Both outcomes mean the
+/// batch is durably stored, so both are acknowledged to the agent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BatchOutcome {
+    /// First time this `(agent_id, epoch, seq)` was seen: its readings were stored.
+    Stored,
+    /// Already stored earlier (a re-send): nothing but loss counters was written.
+    Duplicate,
+}
+
+/// Summary of one stream, for `GET /api/v1/streams`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StreamSummary {
+    /// Stream name.
+    pub stream: String,
+    /// Number of stored readings.
+    pub readings: u64,
+    /// Oldest reading timestamp, ns since the Unix epoch.
+    pub first_ts_ns: Option<i64>,
+    /// Newest reading timestamp, ns since the Unix epoch.
+    pub last_ts_ns: Option<i64>,
+}
+
+/// Position of a reading in the total order `(ts_ns, agent_id, epoch, seq, idx)` used by
+/// [`HubStore::readings`]. A page's cursor is its last reading's position; the next page
+/// starts strictly after it (keyset pagination: stable while new readings arrive).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Cursor {
+    /// Timestamp, ns.
+    pub ts_ns: i64,
+    /// Agent id.
+    pub agent_id: String,
+    /// Store epoch.
+    pub epoch: u64,
+    /// Batch sequence number.
+    pub seq: u64,
+    /// Index of the reading inside its batch.
+    pub idx: u32,
+}
+
+impl Cursor {
+    /// Encodes the cursor as an opaque token (hex, so it is URL-safe as is).
+    pub fn to_token(&self) -> String {
+        // Agent ids never contain ':' (protocol::validate_agent_id), and it is the last
+        // part anyway, so the split in `from_token` is unambiguous.
+        let plain = format!("{}:{}:{}:{}:{}", self.ts_ns, self.epoch, self.seq, self.idx, self.agent_id);
+        plain.bytes().map(|b| format!("{b:02x}")).collect()
+    }
+
+    /// Decodes a token made by [`Cursor::to_token`]; `None` if it is not one.
+    pub fn from_token(token: &str) -> Option<Cursor> {
+        if token.len() % 2 != 0 || !token.is_ascii() {
+            return None;
+        }
+        let bytes: Vec<u8> = (0..token.len())
+            .step_by(2)
+            .map(|i| u8::from_str_radix(&token[i..i + 2], 16))
+            .collect::<Result<_, _>>()
+            .ok()?;
+        let plain = String::from_utf8(bytes).ok()?;
+        let mut parts = plain.splitn(5, ':');
+        let cursor = Cursor {
+            ts_ns: parts.next()?.parse().ok()?,
+            epoch: parts.next()?.parse().ok()?,
+            seq: parts.next()?.parse().ok()?,
+            idx: parts.next()?.parse().ok()?,
+            agent_id: parts.next()?.to_owned(),
+        };
+        brume_protocol::validate_agent_id(&cursor.agent_id).ok()?;
+        Some(cursor)
+    }
+}
+
+/// A readings query: one stream, an optional time range, a page size and a cursor.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReadingsQuery {
+    /// Stream name.
+    pub stream: String,
+    /// Inclusive lower bound on `ts_ns`.
+    pub from: Option<i64>,
+    /// Exclusive upper bound on `ts_ns`.
+    pub to: Option<i64>,
+    /// Page size, at least 1.
+    pub limit: usize,
+    /// Start strictly after this position.
+    pub after: Option<Cursor>,
+}
+
+/// One stored reading.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StoredReading {
+    /// Timestamp, ns since the Unix epoch.
+    pub ts_ns: i64,
+    /// Agent that sent it.
+    pub agent_id: String,
+    /// The agent's store epoch.
+    pub epoch: u64,
+    /// Batch sequence number.
+    pub seq: u64,
+    /// Index of the reading inside its batch.
+    pub idx: u32,
+    /// The fields, exactly as the agent sent them.
+    pub fields: FieldsBlob,
+}
+
+impl StoredReading {
+    /// This reading's position, for pagination.
+    pub fn cursor(&self) -> Cursor {
+        Cursor { ts_ns: self.ts_ns, agent_id: self.agent_id.clone(), epoch: self.epoch, seq: self.seq, idx: self.idx }
+    }
+}
+
+/// One page of readings.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ReadingsPage {
+    /// Readings in `(ts_ns, agent_id, epoch, seq, idx)` order.
+    pub readings: Vec<StoredReading>,
+    /// Where the next page starts; `None` when this page is the last.
+    pub next: Option<Cursor>,
+}
+
+/// Cumulative losses an agent reported for one stream and reason.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LossSummary {
+    /// Stream name.
+    pub stream: String,
+    /// Why the readings were dropped.
+    pub reason: LossReason,
+    /// Highest cumulative total reported.
+    pub total: u64,
+}
+
+/// Ingest state of one agent store epoch, for `GET /api/v1/agents`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AgentSummary {
+    /// Agent id.
+    pub agent_id: String,
+    /// Store epoch.
+    pub epoch: u64,
+    /// Stored batches.
+    pub batches: u64,
+    /// Stored readings.
+    pub readings: u64,
+    /// Highest `w` such that batches `1..=w` are all stored (0 if batch 1 is missing).
+    pub watermark: u64,
+    /// Highest stored sequence number.
+    pub max_seq: u64,
+    /// Inclusive ranges of sequence numbers below `max_seq` that are not stored,
+    /// ascending. Capped at [`MAX_MISSING_RANGES`] ranges.
+    pub missing: Vec<(u64, u64)>,
+    /// Losses the agent reported in this epoch.
+    pub losses: Vec<LossSummary>,
+    /// When the hub last stored a batch of this epoch, ms since the Unix epoch.
+    pub last_seen_ms: i64,
+}
+
+/// Most gap ranges reported per agent epoch, so one badly broken agent cannot make the
+/// agents listing arbitrarily large.
+pub const MAX_MISSING_RANGES: usize = 10_000;
+
+/// Durable storage for batches and the queries the HTTP API serves.
+///
+/// Implementations are shared between the ingest task and HTTP handlers
+/// (`Arc<dyn HubStore>`), so they synchronise internally. Every method may block.
+pub trait HubStore: Send + Sync + 'static {
+    /// Stores a group of validated batches in one transaction, deduplicating on
+    /// `(agent_id, epoch, seq)`: readings are inserted only for batches not seen
+    /// before, loss counters keep the maximum per `(agent, epoch, stream, reason)`.
+    ///
+    /// Returns one outcome per input batch, in order, only after the transaction is
+    /// durably committed. On `Err` nothing was stored.
+    fn ingest(&self, batches: &[BatchV1], received_ms: i64) -> Result<Vec<BatchOutcome>, StoreError>;
+
+    /// All streams, sorted by name.
+    fn streams(&self) -> Result<Vec<StreamSummary>, StoreError>;
+
+    /// One page of a stream's readings. An unknown stream yields an empty page.
+    fn readings(&self, query: &ReadingsQuery) -> Result<ReadingsPage, StoreError>;
+
+    /// Every `(agent, epoch)` the hub has stored batches for, sorted by agent id, then epoch.
+    fn agents(&self) -> Result<Vec<AgentSummary>, StoreError>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cursor_token_round_trips() {
+        let c = Cursor { ts_ns: -5, agent_id: "a.b-c_d".into(), epoch: u64::MAX, seq: 7, idx: 3 };
+        assert_eq!(Cursor::from_token(&c.to_token()), Some(c));
+    }
+
+    #[test]
+    fn bad_cursor_tokens_are_refused() {
+        for t in ["", "zz", "abc", "3a3a3a3a", &"1:2:3:4:bad agent".bytes().map(|b| format!("{b:02x}")).collect::<String>()] {
+            assert_eq!(Cursor::from_token(t), None, "{t}");
+        }
+    }
+}

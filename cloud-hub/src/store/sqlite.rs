@@ -1,0 +1,527 @@
+//! [`HubStore`] on one SQLite file (`data_dir/hub.db`).
+//!
+//! # Schema (version 1, `PRAGMA user_version`)
+//!
+//! * `batches(agent_id, epoch, seq, readings, created_ms, received_ms)`, primary key
+//!   `(agent_id, epoch, seq)`: the dedup key. A batch's readings are inserted in the
+//!   same transaction as its `batches` row, so "row present" means "readings present".
+//! * `streams(id, name UNIQUE, readings, first_ts_ns, last_ts_ns)`: stream ids plus
+//!   running statistics, updated in the ingest transaction so that listing streams never
+//!   scans `readings`.
+//! * `readings(stream_id, ts_ns, agent_id, epoch, seq, idx, fields)`: `fields` is the
+//!   agent's `FieldsBlob`, stored byte for byte. `idx` numbers the readings of a batch
+//!   across all its stream chunks, so `(agent_id, epoch, seq, idx)` is unique. The index
+//!   on `(stream_id, ts_ns, agent_id, epoch, seq, idx)` is exactly the API's sort order,
+//!   so a page is one index range scan.
+//! * `losses(agent_id, epoch, stream, reason, total)`: the maximum cumulative total seen.
+//!
+//! Epochs are random `u64`s; SQLite integers are `i64`. They are stored with the sign
+//! bit flipped ([`epoch_to_sql`]) so that SQLite's integer order is the `u64` order the
+//! API promises. Sequence numbers are at most `i64::MAX` (the ingest path rejects larger
+//! ones) and are stored as they are.
+//!
+//! # Concurrency and durability
+//!
+//! There is one write connection, used only by [`HubStore::ingest`], and a small pool of
+//! read connections for the HTTP API. WAL mode lets readers run while a write
+//! transaction is open and always see the last committed state. `synchronous=FULL`
+//! fsyncs the WAL on every commit, which is what makes "acknowledged" mean "survives a
+//! power cut"; group commit (many batches per transaction) pays for that fsync.
+//! Migrations run on open, under an immediate (write-locked) transaction.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
+
+use brume_protocol::{BatchV1, FieldsBlob, LossReason};
+use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
+
+use super::{
+    AgentSummary, BatchOutcome, HubStore, LossSummary, MAX_MISSING_RANGES, ReadingsPage, ReadingsQuery,
+    StoreError, StoredReading, StreamSummary,
+};
+
+/// Schema version this build writes and understands.
+pub const SCHEMA_VERSION: i64 = 1;
+
+/// Idle read connections kept open. More concurrent readers open extra connections
+/// that are closed after use; this only bounds what stays open.
+const MAX_IDLE_READERS: usize = 4;
+
+/// How long a connection waits for a lock held by another connection before failing.
+/// Only migrations and checkpoints contend in practice (WAL readers never block).
+const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+
+const SCHEMA_V1: &str = "
+CREATE TABLE batches (
+    agent_id    TEXT    NOT NULL,
+    epoch       INTEGER NOT NULL,
+    seq         INTEGER NOT NULL,
+    readings    INTEGER NOT NULL,
+    created_ms  INTEGER NOT NULL,
+    received_ms INTEGER NOT NULL,
+    PRIMARY KEY (agent_id, epoch, seq)
+) WITHOUT ROWID;
+CREATE TABLE streams (
+    id          INTEGER PRIMARY KEY,
+    name        TEXT    NOT NULL UNIQUE,
+    readings    INTEGER NOT NULL DEFAULT 0,
+    first_ts_ns INTEGER,
+    last_ts_ns  INTEGER
+);
+CREATE TABLE readings (
+    stream_id INTEGER NOT NULL REFERENCES streams(id),
+    ts_ns     INTEGER NOT NULL,
+    agent_id  TEXT    NOT NULL,
+    epoch     INTEGER NOT NULL,
+    seq       INTEGER NOT NULL,
+    idx       INTEGER NOT NULL,
+    fields    BLOB    NOT NULL
+);
+CREATE INDEX readings_by_stream_time ON readings (stream_id, ts_ns, agent_id, epoch, seq, idx);
+CREATE TABLE losses (
+    agent_id TEXT    NOT NULL,
+    epoch    INTEGER NOT NULL,
+    stream   TEXT    NOT NULL,
+    reason   TEXT    NOT NULL,
+    total    INTEGER NOT NULL,
+    PRIMARY KEY (agent_id, epoch, stream, reason)
+) WITHOUT ROWID;
+";
+
+/// Maps a `u64` epoch to an `i64` with the same ordering (flips the sign bit).
+pub fn epoch_to_sql(epoch: u64) -> i64 {
+    (epoch ^ (1 << 63)) as i64
+}
+
+/// Inverse of [`epoch_to_sql`].
+pub fn epoch_from_sql(v: i64) -> u64 {
+    (v as u64) ^ (1 << 63)
+}
+
+fn sql(op: &'static str) -> impl FnOnce(rusqlite::Error) -> StoreError {
+    move |source| StoreError::Sqlite { op, source }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panic while holding the lock leaves at worst a rolled-back transaction behind
+    // (rusqlite rolls back on drop), so the connection is still usable.
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// The write side: the connection plus a cache of stream ids.
+struct Writer {
+    conn: Connection,
+    /// Stream name → id, for streams known to be committed. Entries created inside a
+    /// transaction are added only after it commits, so a rollback cannot leave an id
+    /// in the cache that does not exist in the file.
+    stream_ids: HashMap<String, i64>,
+}
+
+/// SQLite implementation of [`HubStore`].
+pub struct SqliteStore {
+    path: PathBuf,
+    /// The only connection that writes. Only the ingest task calls `ingest`, so this
+    /// lock is uncontended; it is what lets the store be shared as `Arc<dyn HubStore>`.
+    writer: Mutex<Writer>,
+    /// Idle read connections (at most [`MAX_IDLE_READERS`]). The lock is held only to
+    /// pop or push a connection, never during a query.
+    readers: Mutex<Vec<Connection>>,
+}
+
+impl std::fmt::Debug for SqliteStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SqliteStore").field("path", &self.path).finish_non_exhaustive()
+    }
+}
+
+fn open_conn(path: &Path) -> Result<Connection, StoreError> {
+    let conn = Connection::open(path).map_err(sql("opening the database"))?;
+    conn.busy_timeout(BUSY_TIMEOUT).map_err(sql("setting busy_timeout"))?;
+    // journal_mode is persistent in the file, synchronous is per connection: both are
+    // set on every connection so no code path runs with weaker durability.
+    let mode: String =
+        conn.query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0)).map_err(sql("enabling WAL"))?;
+    if !mode.eq_ignore_ascii_case("wal") {
+        return Err(StoreError::Corrupt(format!("cannot enable WAL journal mode (got {mode})")));
+    }
+    conn.pragma_update(None, "synchronous", "FULL").map_err(sql("setting synchronous=FULL"))?;
+    Ok(conn)
+}
+
+fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(sql("starting migration"))?;
+    let version: i64 = tx.query_row("PRAGMA user_version", [], |r| r.get(0)).map_err(sql("reading user_version"))?;
+    if version > SCHEMA_VERSION {
+        return Err(StoreError::SchemaTooNew { found: version, supported: SCHEMA_VERSION });
+    }
+    if version < 1 {
+        tx.execute_batch(SCHEMA_V1).map_err(sql("creating schema v1"))?;
+    }
+    // Later versions add `if version < N { ... }` steps here, in order.
+    tx.pragma_update(None, "user_version", SCHEMA_VERSION).map_err(sql("writing user_version"))?;
+    tx.commit().map_err(sql("committing migration"))
+}
+
+impl SqliteStore {
+    /// Opens (creating if needed) `data_dir/hub.db` and applies migrations.
+    pub fn open(data_dir: &Path) -> Result<SqliteStore, StoreError> {
+        std::fs::create_dir_all(data_dir)
+            .map_err(|source| StoreError::CreateDir { path: data_dir.to_owned(), source })?;
+        let path = data_dir.join("hub.db");
+        let mut conn = open_conn(&path)?;
+        migrate(&mut conn)?;
+        let stream_ids = {
+            let mut stmt = conn.prepare("SELECT name, id FROM streams").map_err(sql("loading streams"))?;
+            stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+                .and_then(|rows| rows.collect::<Result<HashMap<String, i64>, _>>())
+                .map_err(sql("loading streams"))?
+        };
+        Ok(SqliteStore { path, writer: Mutex::new(Writer { conn, stream_ids }), readers: Mutex::new(Vec::new()) })
+    }
+
+    /// Path of the database file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Runs `f` on a pooled read connection.
+    fn with_reader<T>(&self, f: impl FnOnce(&Connection) -> Result<T, StoreError>) -> Result<T, StoreError> {
+        let conn = lock(&self.readers).pop();
+        let conn = match conn {
+            Some(c) => c,
+            None => open_conn(&self.path)?,
+        };
+        let result = f(&conn);
+        let mut idle = lock(&self.readers);
+        if idle.len() < MAX_IDLE_READERS {
+            idle.push(conn);
+        }
+        result
+    }
+}
+
+/// Per-stream statistics accumulated over one ingest transaction, written once per
+/// stream at the end instead of once per reading.
+#[derive(Default)]
+struct StreamDelta {
+    readings: i64,
+    first_ts_ns: i64,
+    last_ts_ns: i64,
+}
+
+fn ingest_tx(
+    tx: &rusqlite::Transaction<'_>,
+    known: &HashMap<String, i64>,
+    created: &mut HashMap<String, i64>,
+    batches: &[BatchV1],
+    received_ms: i64,
+) -> Result<Vec<BatchOutcome>, StoreError> {
+    let mut insert_batch = tx
+        .prepare_cached(
+            "INSERT INTO batches (agent_id, epoch, seq, readings, created_ms, received_ms)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6) ON CONFLICT DO NOTHING",
+        )
+        .map_err(sql("preparing batch insert"))?;
+    let mut insert_reading = tx
+        .prepare_cached(
+            "INSERT INTO readings (stream_id, ts_ns, agent_id, epoch, seq, idx, fields)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+        )
+        .map_err(sql("preparing reading insert"))?;
+    let mut upsert_loss = tx
+        .prepare_cached(
+            "INSERT INTO losses (agent_id, epoch, stream, reason, total) VALUES (?1, ?2, ?3, ?4, ?5)
+             ON CONFLICT (agent_id, epoch, stream, reason) DO UPDATE SET total = max(total, excluded.total)",
+        )
+        .map_err(sql("preparing loss upsert"))?;
+
+    let mut deltas: HashMap<i64, StreamDelta> = HashMap::new();
+    let mut outcomes = Vec::with_capacity(batches.len());
+    for b in batches {
+        let epoch = epoch_to_sql(b.epoch);
+        let seq = i64::try_from(b.seq).map_err(|_| StoreError::Corrupt(format!("seq {} exceeds i64", b.seq)))?;
+        // ON CONFLICT DO NOTHING: zero changed rows means this (agent, epoch, seq) is
+        // already committed, by an earlier transaction or earlier in this one.
+        let inserted = insert_batch
+            .execute(params![b.agent_id, epoch, seq, b.reading_count() as i64, b.created_ms, received_ms])
+            .map_err(sql("inserting batch"))?;
+        if inserted == 1 {
+            let mut idx: i64 = 0;
+            for chunk in &b.streams {
+                if chunk.points.is_empty() {
+                    continue;
+                }
+                let stream_id = stream_id(tx, known, created, &chunk.stream)?;
+                let delta = deltas.entry(stream_id).or_insert(StreamDelta {
+                    readings: 0,
+                    first_ts_ns: i64::MAX,
+                    last_ts_ns: i64::MIN,
+                });
+                for p in &chunk.points {
+                    insert_reading
+                        .execute(params![stream_id, p.ts_ns, b.agent_id, epoch, seq, idx, p.fields.0])
+                        .map_err(sql("inserting reading"))?;
+                    idx += 1;
+                    delta.readings += 1;
+                    delta.first_ts_ns = delta.first_ts_ns.min(p.ts_ns);
+                    delta.last_ts_ns = delta.last_ts_ns.max(p.ts_ns);
+                }
+            }
+            outcomes.push(BatchOutcome::Stored);
+        } else {
+            outcomes.push(BatchOutcome::Duplicate);
+        }
+        // Loss counters are cumulative, so a re-sent batch may carry newer totals than
+        // the stored one: apply them for duplicates too. max() makes this idempotent.
+        for l in &b.losses {
+            let total = i64::try_from(l.total).unwrap_or(i64::MAX);
+            upsert_loss
+                .execute(params![b.agent_id, epoch, l.stream, l.reason.as_str(), total])
+                .map_err(sql("upserting loss report"))?;
+        }
+    }
+    let mut update_stream = tx
+        .prepare_cached(
+            "UPDATE streams SET readings = readings + ?2,
+                first_ts_ns = min(coalesce(first_ts_ns, ?3), ?3),
+                last_ts_ns = max(coalesce(last_ts_ns, ?4), ?4)
+             WHERE id = ?1",
+        )
+        .map_err(sql("preparing stream statistics update"))?;
+    for (id, d) in deltas {
+        update_stream
+            .execute(params![id, d.readings, d.first_ts_ns, d.last_ts_ns])
+            .map_err(sql("updating stream statistics"))?;
+    }
+    Ok(outcomes)
+}
+
+/// Looks up or creates a stream id inside the ingest transaction. `known` holds
+/// committed ids; ids created in this transaction go to `created` until commit.
+fn stream_id(
+    tx: &rusqlite::Transaction<'_>,
+    known: &HashMap<String, i64>,
+    created: &mut HashMap<String, i64>,
+    name: &str,
+) -> Result<i64, StoreError> {
+    if let Some(&id) = known.get(name).or_else(|| created.get(name)) {
+        return Ok(id);
+    }
+    // The write transaction is IMMEDIATE and this is the only writer, so nobody can
+    // insert the name between this SELECT and the INSERT.
+    let existing: Option<i64> = tx
+        .prepare_cached("SELECT id FROM streams WHERE name = ?1")
+        .and_then(|mut s| s.query_row([name], |r| r.get(0)).optional())
+        .map_err(sql("looking up stream"))?;
+    let id = match existing {
+        Some(id) => id,
+        None => {
+            tx.prepare_cached("INSERT INTO streams (name) VALUES (?1)")
+                .and_then(|mut s| s.execute([name]))
+                .map_err(sql("creating stream"))?;
+            tx.last_insert_rowid()
+        }
+    };
+    created.insert(name.to_owned(), id);
+    Ok(id)
+}
+
+fn loss_reason_from_str(s: &str) -> Result<LossReason, StoreError> {
+    match s {
+        "retention" => Ok(LossReason::Retention),
+        "store_full" => Ok(LossReason::StoreFull),
+        other => Err(StoreError::Corrupt(format!("unknown loss reason {other:?}"))),
+    }
+}
+
+impl HubStore for SqliteStore {
+    fn ingest(&self, batches: &[BatchV1], received_ms: i64) -> Result<Vec<BatchOutcome>, StoreError> {
+        let mut guard = lock(&self.writer);
+        let Writer { conn, stream_ids } = &mut *guard;
+        // IMMEDIATE takes the write lock up front, so the transaction cannot fail
+        // half-way with SQLITE_BUSY when upgrading from a read lock.
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(sql("starting transaction"))?;
+        let mut created = HashMap::new();
+        // On error the transaction is dropped, which rolls it back, and `created` (ids
+        // that no longer exist) is discarded with it.
+        let outcomes = ingest_tx(&tx, stream_ids, &mut created, batches, received_ms)?;
+        tx.commit().map_err(sql("committing transaction"))?;
+        stream_ids.extend(created);
+        Ok(outcomes)
+    }
+
+    fn streams(&self) -> Result<Vec<StreamSummary>, StoreError> {
+        self.with_reader(|conn| {
+            let mut stmt = conn
+                .prepare_cached("SELECT name, readings, first_ts_ns, last_ts_ns FROM streams ORDER BY name")
+                .map_err(sql("listing streams"))?;
+            let rows = stmt
+                .query_map([], |r| {
+                    Ok(StreamSummary {
+                        stream: r.get(0)?,
+                        readings: r.get::<_, i64>(1)?.max(0) as u64,
+                        first_ts_ns: r.get(2)?,
+                        last_ts_ns: r.get(3)?,
+                    })
+                })
+                .and_then(|rows| rows.collect::<Result<Vec<_>, _>>())
+                .map_err(sql("listing streams"))?;
+            Ok(rows)
+        })
+    }
+
+    fn readings(&self, q: &ReadingsQuery) -> Result<ReadingsPage, StoreError> {
+        self.with_reader(|conn| {
+            let stream_id: Option<i64> = conn
+                .prepare_cached("SELECT id FROM streams WHERE name = ?1")
+                .and_then(|mut s| s.query_row([&q.stream], |r| r.get(0)).optional())
+                .map_err(sql("looking up stream"))?;
+            let Some(stream_id) = stream_id else {
+                return Ok(ReadingsPage { readings: Vec::new(), next: None });
+            };
+            let from = q.from.unwrap_or(i64::MIN);
+            let to = q.to.unwrap_or(i64::MAX);
+            // One row more than asked tells whether another page exists without a COUNT.
+            let fetch = q.limit.saturating_add(1) as i64;
+            let map_row = |r: &rusqlite::Row<'_>| {
+                Ok(StoredReading {
+                    ts_ns: r.get(0)?,
+                    agent_id: r.get(1)?,
+                    epoch: epoch_from_sql(r.get(2)?),
+                    seq: r.get::<_, i64>(3)? as u64,
+                    idx: r.get::<_, i64>(4)? as u32,
+                    fields: FieldsBlob(r.get(5)?),
+                })
+            };
+            // A row-value comparison on the index's own column order lets SQLite seek
+            // straight to the cursor position instead of skipping rows (keyset paging).
+            let mut rows: Vec<StoredReading> = match &q.after {
+                None => conn
+                    .prepare_cached(
+                        "SELECT ts_ns, agent_id, epoch, seq, idx, fields FROM readings
+                         WHERE stream_id = ?1 AND ts_ns >= ?2 AND ts_ns < ?3
+                         ORDER BY ts_ns, agent_id, epoch, seq, idx LIMIT ?4",
+                    )
+                    .and_then(|mut s| {
+                        s.query_map(params![stream_id, from, to, fetch], map_row)?.collect::<Result<Vec<_>, _>>()
+                    }),
+                Some(c) => conn
+                    .prepare_cached(
+                        "SELECT ts_ns, agent_id, epoch, seq, idx, fields FROM readings
+                         WHERE stream_id = ?1 AND ts_ns >= ?2 AND ts_ns < ?3
+                           AND (ts_ns, agent_id, epoch, seq, idx) > (?5, ?6, ?7, ?8, ?9)
+                         ORDER BY ts_ns, agent_id, epoch, seq, idx LIMIT ?4",
+                    )
+                    .and_then(|mut s| {
+                        let seq = i64::try_from(c.seq).unwrap_or(i64::MAX);
+                        s.query_map(
+                            params![stream_id, from, to, fetch, c.ts_ns, c.agent_id, epoch_to_sql(c.epoch), seq, c.idx],
+                            map_row,
+                        )?
+                        .collect::<Result<Vec<_>, _>>()
+                    }),
+            }
+            .map_err(sql("querying readings"))?;
+            let next = if rows.len() > q.limit {
+                rows.truncate(q.limit);
+                rows.last().map(StoredReading::cursor)
+            } else {
+                None
+            };
+            Ok(ReadingsPage { readings: rows, next })
+        })
+    }
+
+    fn agents(&self) -> Result<Vec<AgentSummary>, StoreError> {
+        self.with_reader(|conn| {
+            // One consistent snapshot for the three queries below: WAL readers see the
+            // state as of the start of the read transaction.
+            conn.execute_batch("BEGIN").map_err(sql("starting read transaction"))?;
+            let result = agents_in_snapshot(conn);
+            // Ending a read-only transaction cannot lose data; ignore a failure here so
+            // it does not hide the query's own error.
+            let _ = conn.execute_batch("COMMIT");
+            result
+        })
+    }
+}
+
+fn agents_in_snapshot(conn: &Connection) -> Result<Vec<AgentSummary>, StoreError> {
+    let mut out: Vec<AgentSummary> = conn
+        .prepare_cached(
+            "SELECT agent_id, epoch, count(*), sum(readings), max(seq), max(received_ms)
+             FROM batches GROUP BY agent_id, epoch",
+        )
+        .and_then(|mut s| {
+            s.query_map([], |r| {
+                Ok(AgentSummary {
+                    agent_id: r.get(0)?,
+                    epoch: epoch_from_sql(r.get(1)?),
+                    batches: r.get::<_, i64>(2)? as u64,
+                    readings: r.get::<_, i64>(3)? as u64,
+                    watermark: 0,
+                    max_seq: r.get::<_, i64>(4)? as u64,
+                    missing: Vec::new(),
+                    losses: Vec::new(),
+                    last_seen_ms: r.get(5)?,
+                })
+            })?
+            .collect::<Result<Vec<_>, _>>()
+        })
+        .map_err(sql("summarising batches"))?;
+    out.sort_by(|a, b| (&a.agent_id, a.epoch).cmp(&(&b.agent_id, b.epoch)));
+    let pos: HashMap<(String, u64), usize> =
+        out.iter().enumerate().map(|(i, a)| ((a.agent_id.clone(), a.epoch), i)).collect();
+
+    // Gaps: each stored seq whose predecessor (in seq order) is not seq-1 ends a gap.
+    // The window function does this in one pass over the primary key, without
+    // shipping every seq to Rust. LAG's default 0 makes a missing seq 1 a gap too.
+    let mut stmt = conn
+        .prepare_cached(
+            "SELECT agent_id, epoch, prev + 1, seq - 1 FROM (
+                 SELECT agent_id, epoch, seq,
+                        lag(seq, 1, 0) OVER (PARTITION BY agent_id, epoch ORDER BY seq) AS prev
+                 FROM batches)
+             WHERE seq > prev + 1 ORDER BY agent_id, epoch, seq",
+        )
+        .map_err(sql("computing gaps"))?;
+    let mut rows = stmt.query([]).map_err(sql("computing gaps"))?;
+    while let Some(r) = rows.next().map_err(sql("computing gaps"))? {
+        let key: (String, u64) = (r.get(0).map_err(sql("computing gaps"))?, epoch_from_sql(r.get(1).map_err(sql("computing gaps"))?));
+        let lo: i64 = r.get(2).map_err(sql("computing gaps"))?;
+        let hi: i64 = r.get(3).map_err(sql("computing gaps"))?;
+        if let Some(&i) = pos.get(&key)
+            && out[i].missing.len() < MAX_MISSING_RANGES
+        {
+            out[i].missing.push((lo as u64, hi as u64));
+        }
+    }
+    for a in &mut out {
+        // 1..=watermark are all present: everything below the first gap.
+        a.watermark = match a.missing.first() {
+            Some(&(lo, _)) => lo - 1,
+            None => a.max_seq,
+        };
+    }
+
+    let mut stmt = conn
+        .prepare_cached("SELECT agent_id, epoch, stream, reason, total FROM losses ORDER BY agent_id, epoch, stream, reason")
+        .map_err(sql("listing losses"))?;
+    let mut rows = stmt.query([]).map_err(sql("listing losses"))?;
+    while let Some(r) = rows.next().map_err(sql("listing losses"))? {
+        let agent: String = r.get(0).map_err(sql("listing losses"))?;
+        let epoch = epoch_from_sql(r.get(1).map_err(sql("listing losses"))?);
+        let stream: String = r.get(2).map_err(sql("listing losses"))?;
+        let reason: String = r.get(3).map_err(sql("listing losses"))?;
+        let total: i64 = r.get(4).map_err(sql("listing losses"))?;
+        if let Some(&i) = pos.get(&(agent, epoch)) {
+            out[i].losses.push(LossSummary { stream, reason: loss_reason_from_str(&reason)?, total: total.max(0) as u64 });
+        }
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests;
