@@ -8,6 +8,7 @@
 //!
 //! Start at [`run`]. `ARCHITECTURE.md` at the repository root has the bird's-eye view.
 
+pub mod cli;
 pub mod config;
 pub mod forward;
 pub mod http;
