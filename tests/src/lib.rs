@@ -1,1 +1,429 @@
+//! Test harness for Brume's end-to-end tests: a private mosquitto on a free port, hub and
+//! agent processes that can be stopped, killed and restarted, a sensor that publishes
+//! over MQTT and remembers what was acknowledged, and HTTP helpers to read the hub.
+//!
+//! Everything listens on 127.0.0.1 and lives in temporary directories removed on drop.
 
+use std::collections::HashSet;
+use std::net::TcpListener as StdListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+
+/// A free TCP port on 127.0.0.1 (bound then released).
+pub fn free_port() -> u16 {
+    StdListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// Polls `cond` every 50 ms until it holds or `timeout` passes.
+pub async fn wait_until<F, Fut>(what: &str, timeout: Duration, mut cond: F) -> Result<()>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if cond().await {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("timed out after {timeout:?} waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn port_open(port: u16) -> bool {
+    tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_ok()
+}
+
+/// A child process killed on drop.
+pub struct Proc {
+    child: Option<Child>,
+    name: String,
+    cmd: Command,
+}
+
+impl Proc {
+    fn build(exe: &Path, args: &[String], log: &Path) -> Command {
+        let mut cmd = Command::new(exe);
+        cmd.args(args);
+        let out = std::fs::OpenOptions::new().create(true).append(true).open(log).unwrap();
+        cmd.stdout(out.try_clone().unwrap()).stderr(out).stdin(Stdio::null());
+        cmd.env("RUST_LOG", std::env::var("BRUME_E2E_LOG").unwrap_or_else(|_| "info,rumqttc=warn".into()));
+        cmd
+    }
+
+    /// Spawns `exe args`, appending its output to `log`.
+    pub fn spawn(name: &str, exe: &Path, args: &[String], log: &Path) -> Result<Proc> {
+        let mut cmd = Self::build(exe, args, log);
+        let child = cmd.spawn().with_context(|| format!("spawning {}", exe.display()))?;
+        Ok(Proc { child: Some(child), name: name.into(), cmd })
+    }
+
+    /// SIGKILL, no chance to flush anything.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM and wait for a clean exit (up to 30 s, then SIGKILL). Returns the exit status.
+    pub fn terminate(&mut self) -> Option<std::process::ExitStatus> {
+        let mut c = self.child.take()?;
+        // SAFETY: sending a signal to our own child's pid has no memory-safety impact.
+        unsafe { libc::kill(c.id() as libc::pid_t, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok(Some(st)) = c.try_wait() {
+                return Some(st);
+            }
+            if Instant::now() > deadline {
+                eprintln!("{} ignored SIGTERM for 30 s; killing", self.name);
+                let _ = c.kill();
+                return c.wait().ok();
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Starts the same command again (after `kill9` or `terminate`).
+    pub fn restart(&mut self) -> Result<()> {
+        assert!(self.child.is_none(), "{} is still running", self.name);
+        self.child = Some(self.cmd.spawn().with_context(|| format!("restarting {}", self.name))?);
+        Ok(())
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// A private mosquitto broker on a free port.
+pub struct Mosquitto {
+    /// Its port.
+    pub port: u16,
+    proc: Proc,
+    _dir: tempfile::TempDir,
+}
+
+impl Mosquitto {
+    /// Starts mosquitto (must be installed: `apt-get install mosquitto`).
+    pub async fn start() -> Result<Mosquitto> {
+        let dir = tempfile::tempdir()?;
+        let port = free_port();
+        let conf = dir.path().join("mosquitto.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n\
+                 max_queued_messages 100000\nmax_inflight_messages 1000\nlog_dest stderr\nlog_type error\nlog_type warning\n"
+            ),
+        )?;
+        let exe = which("mosquitto").context("mosquitto not found: run `apt-get install mosquitto`")?;
+        let proc = Proc::spawn("mosquitto", &exe, &["-c".into(), conf.display().to_string()], &dir.path().join("log"))?;
+        let m = Mosquitto { port, proc, _dir: dir };
+        wait_until("mosquitto to listen", Duration::from_secs(10), || port_open(port)).await?;
+        Ok(m)
+    }
+
+    /// Stops the broker (an outage). Clients see their connections drop.
+    pub fn stop(&mut self) {
+        self.proc.kill9();
+    }
+
+    /// Starts it again on the same port.
+    pub async fn restart(&mut self) -> Result<()> {
+        self.proc.restart()?;
+        let port = self.port;
+        wait_until("mosquitto to listen again", Duration::from_secs(10), || port_open(port)).await
+    }
+}
+
+fn which(name: &str) -> Option<PathBuf> {
+    for dir in ["/usr/sbin", "/usr/bin", "/usr/local/sbin", "/usr/local/bin", "/sbin"] {
+        let p = Path::new(dir).join(name);
+        if p.exists() {
+            return Some(p);
+        }
+    }
+    None
+}
+
+/// A cloud hub process with its own data directory.
+pub struct Hub {
+    /// HTTP API base URL.
+    pub url: String,
+    /// The process.
+    pub proc: Proc,
+    /// Its data directory (kept across restarts).
+    pub dir: tempfile::TempDir,
+}
+
+impl Hub {
+    /// Starts a hub against the broker on `broker_port`.
+    pub async fn start(exe: &Path, broker_port: u16) -> Result<Hub> {
+        let dir = tempfile::tempdir()?;
+        let http = free_port();
+        let cfg = dir.path().join("hub.toml");
+        std::fs::write(
+            &cfg,
+            format!(
+                "data_dir = {data:?}\n[mqtt]\nhost = \"127.0.0.1\"\nport = {broker_port}\n[http]\nlisten = \"127.0.0.1:{http}\"\n",
+                data = dir.path().join("data").display().to_string()
+            ),
+        )?;
+        let proc = Proc::spawn("cloud-hub", exe, &["--config".into(), cfg.display().to_string()], &dir.path().join("log"))?;
+        let hub = Hub { url: format!("http://127.0.0.1:{http}"), proc, dir };
+        wait_until("the hub's HTTP API", Duration::from_secs(20), || port_open(http)).await?;
+        Ok(hub)
+    }
+
+    /// Restarts after a kill, on the same data directory, and waits for its API.
+    pub async fn restart(&mut self) -> Result<()> {
+        self.proc.restart()?;
+        let port: u16 = self.url.rsplit(':').next().unwrap().parse()?;
+        wait_until("the hub's HTTP API after restart", Duration::from_secs(20), || port_open(port)).await
+    }
+
+    /// All readings of a stream, in the hub's order, paging through the API.
+    pub async fn readings(&self, stream: &str) -> Result<Vec<serde_json::Value>> {
+        let client = reqwest::Client::new();
+        let mut out = Vec::new();
+        let mut after: Option<String> = None;
+        loop {
+            let mut req = client.get(format!("{}/api/v1/readings", self.url)).query(&[("stream", stream), ("limit", "100000")]);
+            if let Some(a) = &after {
+                req = req.query(&[("after", a)]);
+            }
+            let v: serde_json::Value = req.send().await?.error_for_status()?.json().await?;
+            out.extend(v["readings"].as_array().context("readings array")?.iter().cloned());
+            match v["next"].as_str() {
+                Some(n) => after = Some(n.to_string()),
+                None => return Ok(out),
+            }
+        }
+    }
+
+    /// Reading counts per stream.
+    pub async fn counts(&self) -> Result<Vec<(String, u64)>> {
+        let v: serde_json::Value = reqwest::get(format!("{}/api/v1/streams", self.url)).await?.error_for_status()?.json().await?;
+        Ok(v.as_array()
+            .context("streams array")?
+            .iter()
+            .map(|s| (s["stream"].as_str().unwrap_or("").to_string(), s["readings"].as_u64().unwrap_or(0)))
+            .collect())
+    }
+
+    /// Total readings stored, or 0 while the API is unreachable.
+    pub async fn total(&self) -> u64 {
+        self.counts().await.map(|c| c.iter().map(|x| x.1).sum()).unwrap_or(0)
+    }
+}
+
+/// An edge agent process with its own data directory and a config file.
+pub struct Agent {
+    /// Port of its MQTT listener for sensors.
+    pub mqtt_port: u16,
+    /// Its local HTTP base URL.
+    pub url: String,
+    /// The process.
+    pub proc: Proc,
+    /// Data directory and config, kept across restarts.
+    pub dir: tempfile::TempDir,
+}
+
+impl Agent {
+    /// Starts an agent forwarding to the broker on `broker_port`. `extra` is appended to
+    /// its TOML config.
+    pub async fn start(exe: &Path, agent_id: &str, broker_port: u16, extra: &str) -> Result<Agent> {
+        let dir = tempfile::tempdir()?;
+        let mqtt = free_port();
+        let http = free_port();
+        let cfg = dir.path().join("agent.toml");
+        std::fs::write(
+            &cfg,
+            format!(
+                "agent_id = {agent_id:?}\ndata_dir = {data:?}\n{extra}\n[forward]\nport = {broker_port}\nack_timeout = \"3s\"\nreconnect_max = \"1s\"\n\
+                 [listener]\nlisten = \"127.0.0.1:{mqtt}\"\n[http]\nlisten = \"127.0.0.1:{http}\"\n",
+                data = dir.path().join("data").display().to_string()
+            ),
+        )?;
+        let proc = Proc::spawn("edge-agent", exe, &["--config".into(), cfg.display().to_string()], &dir.path().join("log"))?;
+        let a = Agent { mqtt_port: mqtt, url: format!("http://127.0.0.1:{http}"), proc, dir };
+        wait_until("the agent's MQTT listener", Duration::from_secs(20), || port_open(mqtt)).await?;
+        Ok(a)
+    }
+
+    /// Restarts on the same data directory and waits for the listener.
+    pub async fn restart(&mut self) -> Result<()> {
+        self.proc.restart()?;
+        let port = self.mqtt_port;
+        wait_until("the agent's MQTT listener after restart", Duration::from_secs(20), || port_open(port)).await
+    }
+
+    /// The agent's JSON status.
+    pub async fn status(&self) -> Result<serde_json::Value> {
+        Ok(reqwest::get(format!("{}/api/v1/status", self.url)).await?.error_for_status()?.json().await?)
+    }
+
+    /// The agent's log so far (for failure messages).
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("log")).unwrap_or_default()
+    }
+}
+
+/// A sensor publishing numbered readings at QoS 1 to an agent's MQTT listener, round-robin
+/// over `streams` topics `s/<i>`, remembering which numbers were PUBACKed.
+pub struct Sensor {
+    /// Numbers whose PUBACK arrived.
+    pub acked: Arc<Mutex<HashSet<u64>>>,
+    /// Numbers published.
+    pub sent: Arc<Mutex<u64>>,
+    stop: tokio_util_stop::Stop,
+    task: tokio::task::JoinHandle<()>,
+}
+
+/// Minimal stop flag (keeps the harness free of extra dependencies).
+pub mod tokio_util_stop {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    /// A shared stop flag.
+    #[derive(Clone, Default)]
+    pub struct Stop(Arc<AtomicBool>);
+    impl Stop {
+        /// Raise it.
+        pub fn set(&self) {
+            self.0.store(true, Ordering::SeqCst)
+        }
+        /// Is it raised?
+        pub fn is_set(&self) -> bool {
+            self.0.load(Ordering::SeqCst)
+        }
+    }
+}
+
+impl Sensor {
+    /// Stream name of reading `n`.
+    pub fn stream_of(n: u64, streams: u64) -> String {
+        format!("s/{}", n % streams)
+    }
+
+    /// Starts publishing `rate` readings per second.
+    pub fn start(agent_port: u16, streams: u64, rate: u64) -> Sensor {
+        use rumqttc::{AsyncClient, Event, MqttOptions, Outgoing, Packet, QoS};
+        let acked = Arc::new(Mutex::new(HashSet::new()));
+        let sent = Arc::new(Mutex::new(0u64));
+        let stop = tokio_util_stop::Stop::default();
+        let (a, s, st) = (acked.clone(), sent.clone(), stop.clone());
+        let task = tokio::spawn(async move {
+            let mut opts = MqttOptions::new(format!("sensor-{agent_port}"), "127.0.0.1", agent_port);
+            opts.set_keep_alive(Duration::from_secs(5));
+            opts.set_inflight(100);
+            let (client, mut el) = AsyncClient::new(opts, 200);
+            // pkid assignment order = publish order; map pkid → reading number.
+            let order: Arc<Mutex<std::collections::VecDeque<u64>>> = Default::default();
+            let pkids: Arc<Mutex<std::collections::HashMap<u16, u64>>> = Default::default();
+            let (o2, p2, a2, st2) = (order.clone(), pkids.clone(), a.clone(), st.clone());
+            let poller = tokio::spawn(async move {
+                loop {
+                    match el.poll().await {
+                        Ok(Event::Outgoing(Outgoing::Publish(pkid))) => {
+                            if let Some(n) = o2.lock().unwrap().pop_front() {
+                                p2.lock().unwrap().insert(pkid, n);
+                            }
+                        }
+                        Ok(Event::Incoming(Packet::PubAck(ack))) => {
+                            if let Some(n) = p2.lock().unwrap().remove(&ack.pkid) {
+                                a2.lock().unwrap().insert(n);
+                            }
+                        }
+                        Ok(_) => {}
+                        Err(_) => {
+                            // Agent down (killed): what was in flight is not acknowledged and
+                            // rumqttc will not replay it on a clean session; forget it.
+                            o2.lock().unwrap().clear();
+                            p2.lock().unwrap().clear();
+                            if st2.is_set() {
+                                return;
+                            }
+                            tokio::time::sleep(Duration::from_millis(100)).await;
+                        }
+                    }
+                }
+            });
+            let start = Instant::now();
+            let mut n = 0u64;
+            while !st.is_set() {
+                let due = (start.elapsed().as_secs_f64() * rate as f64) as u64;
+                while n < due && !st.is_set() {
+                    let topic = Sensor::stream_of(n, streams);
+                    let payload = format!("{{\"n\":{n}}}");
+                    order.lock().unwrap().push_back(n);
+                    if client.publish(topic, QoS::AtLeastOnce, false, payload).await.is_err() {
+                        order.lock().unwrap().pop_back();
+                        break;
+                    }
+                    n += 1;
+                    *s.lock().unwrap() = n;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            // Let outstanding PUBACKs arrive.
+            let _ = tokio::time::timeout(Duration::from_secs(5), async {
+                while !pkids.lock().unwrap().is_empty() || !order.lock().unwrap().is_empty() {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            })
+            .await;
+            let _ = client.disconnect().await;
+            let _ = tokio::time::timeout(Duration::from_secs(2), poller).await;
+        });
+        Sensor { acked, sent, stop, task }
+    }
+
+    /// Stops publishing and waits for outstanding acknowledgements.
+    pub async fn stop(self) -> (HashSet<u64>, u64) {
+        self.stop.set();
+        let _ = self.task.await;
+        let acked = self.acked.lock().unwrap().clone();
+        let sent = *self.sent.lock().unwrap();
+        (acked, sent)
+    }
+}
+
+/// Checks the hub holds each acknowledged reading exactly once, in per-stream order, and
+/// nothing that was never published. Returns the number of readings at the hub.
+pub async fn check_exactly_once(hub: &Hub, acked: &HashSet<u64>, sent: u64, streams: u64) -> Result<u64> {
+    let mut total = 0;
+    for s in 0..streams {
+        let stream = format!("s/{s}");
+        let rows = hub.readings(&stream).await?;
+        let ns: Vec<u64> = rows.iter().map(|r| r["fields"]["n"].as_f64().unwrap_or(-1.0) as u64).collect();
+        let mut seen = HashSet::new();
+        for &n in &ns {
+            if !seen.insert(n) {
+                bail!("reading {n} stored twice on {stream}");
+            }
+            if n >= sent || n % streams != s {
+                bail!("reading {n} on {stream} was never published there");
+            }
+        }
+        if let Some(w) = ns.windows(2).find(|w| w[0] > w[1]) {
+            bail!("order broken on {stream}: {} before {}", w[0], w[1]);
+        }
+        for &n in acked.iter().filter(|n| *n % streams == s) {
+            if !seen.contains(&n) {
+                bail!("reading {n} was PUBACKed by the agent but never reached the hub ({} stored on {stream})", ns.len());
+            }
+        }
+        total += ns.len() as u64;
+    }
+    Ok(total)
+}
