@@ -38,7 +38,10 @@ pub enum ConfigError {
 }
 
 fn invalid(key: &'static str, reason: impl Into<String>) -> ConfigError {
-    ConfigError::Invalid { key, reason: reason.into() }
+    ConfigError::Invalid {
+        key,
+        reason: reason.into(),
+    }
 }
 
 /// The whole hub configuration.
@@ -109,7 +112,9 @@ pub struct HttpConfig {
 
 impl Default for HttpConfig {
     fn default() -> Self {
-        HttpConfig { listen: SocketAddr::from(([127, 0, 0, 1], 8080)) }
+        HttpConfig {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+        }
     }
 }
 
@@ -129,7 +134,9 @@ pub struct IngestConfig {
 
 impl Default for IngestConfig {
     fn default() -> Self {
-        IngestConfig { max_batches_per_tx: 64 }
+        IngestConfig {
+            max_batches_per_tx: 64,
+        }
     }
 }
 
@@ -141,8 +148,10 @@ impl Config {
 
     /// Reads and parses a configuration file. Does not validate; call [`Config::validate`].
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
         Config::from_toml(&text)
     }
 
@@ -161,19 +170,34 @@ impl Config {
         // MQTT 3.1.1 brokers must accept 23 characters; most accept far more. 256 keeps
         // the id printable in logs and well inside every broker's limit we know of.
         if m.client_id.len() > 256 || m.client_id.chars().any(|c| c.is_control()) {
-            return Err(invalid("mqtt.client_id", "at most 256 bytes, no control characters"));
+            return Err(invalid(
+                "mqtt.client_id",
+                "at most 256 bytes, no control characters",
+            ));
         }
-        if m.share_group.chars().any(|c| matches!(c, '/' | '+' | '#') || c.is_control()) {
+        if m.share_group
+            .chars()
+            .any(|c| matches!(c, '/' | '+' | '#') || c.is_control())
+        {
             return Err(invalid(
                 "mqtt.share_group",
-                format!("{:?} must not contain '/', '+', '#' or control characters", m.share_group),
+                format!(
+                    "{:?} must not contain '/', '+', '#' or control characters",
+                    m.share_group
+                ),
             ));
         }
         if !m.keep_alive.is_zero() && m.keep_alive < Duration::from_secs(1) {
-            return Err(invalid("mqtt.keep_alive", "must be 0 (disabled) or at least 1s"));
+            return Err(invalid(
+                "mqtt.keep_alive",
+                "must be 0 (disabled) or at least 1s",
+            ));
         }
         if m.keep_alive > Duration::from_secs(u16::MAX as u64) {
-            return Err(invalid("mqtt.keep_alive", "must be at most 65535s (an MQTT limit)"));
+            return Err(invalid(
+                "mqtt.keep_alive",
+                "must be at most 65535s (an MQTT limit)",
+            ));
         }
         let n = self.ingest.max_batches_per_tx;
         if n == 0 || n > MAX_BATCHES_PER_TX_LIMIT {
@@ -195,7 +219,11 @@ impl Config {
         if self.mqtt.share_group.is_empty() {
             brume_protocol::topics::ALL_BATCHES.to_owned()
         } else {
-            format!("$share/{}/{}", self.mqtt.share_group, brume_protocol::topics::ALL_BATCHES)
+            format!(
+                "$share/{}/{}",
+                self.mqtt.share_group,
+                brume_protocol::topics::ALL_BATCHES
+            )
         }
     }
 }
@@ -220,9 +248,13 @@ mod tests {
 
     #[test]
     fn unknown_key_error_names_the_key() {
-        let err = Config::from_toml("[mqtt]\nhots = \"x\"\n").unwrap_err().to_string();
+        let err = Config::from_toml("[mqtt]\nhots = \"x\"\n")
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("hots"), "{err}");
-        let err = Config::from_toml("datadir = \"x\"\n").unwrap_err().to_string();
+        let err = Config::from_toml("datadir = \"x\"\n")
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("datadir"), "{err}");
     }
 
@@ -230,28 +262,40 @@ mod tests {
     fn durations_are_humantime() {
         let cfg = Config::from_toml("[mqtt]\nkeep_alive = \"1m 5s\"\n").unwrap();
         assert_eq!(cfg.mqtt.keep_alive, Duration::from_secs(65));
-        let err = Config::from_toml("[mqtt]\nkeep_alive = 30\n").unwrap_err().to_string();
+        let err = Config::from_toml("[mqtt]\nkeep_alive = 30\n")
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("keep_alive"), "{err}");
     }
 
     #[test]
     fn validate_names_the_key() {
         let check = |toml: &str, key: &str| {
-            let err = Config::from_toml(toml).unwrap().validate().unwrap_err().to_string();
+            let err = Config::from_toml(toml)
+                .unwrap()
+                .validate()
+                .unwrap_err()
+                .to_string();
             assert!(err.contains(&format!("`{key}`")), "{toml:?}: {err}");
         };
         check("[mqtt]\nport = 0", "mqtt.port");
         check("[mqtt]\nhost = \"\"", "mqtt.host");
         check("[mqtt]\nshare_group = \"a/b\"", "mqtt.share_group");
         check("[mqtt]\nkeep_alive = \"500ms\"", "mqtt.keep_alive");
-        check("[ingest]\nmax_batches_per_tx = 0", "ingest.max_batches_per_tx");
+        check(
+            "[ingest]\nmax_batches_per_tx = 0",
+            "ingest.max_batches_per_tx",
+        );
         check("data_dir = \"\"", "data_dir");
     }
 
     #[test]
     fn batch_filter_shared_or_plain() {
         let mut cfg = Config::default();
-        assert_eq!(cfg.batch_filter(), "$share/brume-hub/brume/v1/agents/+/batches");
+        assert_eq!(
+            cfg.batch_filter(),
+            "$share/brume-hub/brume/v1/agents/+/batches"
+        );
         cfg.mqtt.share_group.clear();
         assert_eq!(cfg.batch_filter(), "brume/v1/agents/+/batches");
     }

@@ -53,14 +53,20 @@ pub struct ApiError {
 
 impl ApiError {
     fn bad_request(message: impl Into<String>) -> ApiError {
-        ApiError { status: StatusCode::BAD_REQUEST, message: message.into() }
+        ApiError {
+            status: StatusCode::BAD_REQUEST,
+            message: message.into(),
+        }
     }
 }
 
 impl From<StoreError> for ApiError {
     fn from(e: StoreError) -> ApiError {
         tracing::error!(error = %e, "store query failed");
-        ApiError { status: StatusCode::INTERNAL_SERVER_ERROR, message: e.to_string() }
+        ApiError {
+            status: StatusCode::INTERNAL_SERVER_ERROR,
+            message: e.to_string(),
+        }
     }
 }
 
@@ -76,15 +82,23 @@ async fn query<T: Send + 'static>(
     f: impl FnOnce(&dyn HubStore) -> Result<T, StoreError> + Send + 'static,
 ) -> Result<T, ApiError> {
     let store = Arc::clone(store);
-    tokio::task::spawn_blocking(move || f(&*store)).await.map_err(|e| ApiError {
-        status: StatusCode::INTERNAL_SERVER_ERROR,
-        message: format!("query task failed: {e}"),
-    })?
-    .map_err(ApiError::from)
+    tokio::task::spawn_blocking(move || f(&*store))
+        .await
+        .map_err(|e| ApiError {
+            status: StatusCode::INTERNAL_SERVER_ERROR,
+            message: format!("query task failed: {e}"),
+        })?
+        .map_err(ApiError::from)
 }
 
 async fn metrics(State(s): State<AppState>) -> impl IntoResponse {
-    ([(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], s.metrics.encode())
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        s.metrics.encode(),
+    )
 }
 
 fn stream_json(s: &StreamSummary) -> serde_json::Value {
@@ -103,7 +117,10 @@ pub fn parse_readings_query(params: &[(String, String)]) -> Result<ReadingsQuery
     let mut to = None;
     let mut limit = DEFAULT_LIMIT;
     let mut after = None;
-    let int = |name: &str, v: &str| v.parse::<i64>().map_err(|_| format!("parameter `{name}`: {v:?} is not an integer"));
+    let int = |name: &str, v: &str| {
+        v.parse::<i64>()
+            .map_err(|_| format!("parameter `{name}`: {v:?} is not an integer"))
+    };
     for (k, v) in params {
         match k.as_str() {
             "stream" => stream = Some(v.clone()),
@@ -112,19 +129,33 @@ pub fn parse_readings_query(params: &[(String, String)]) -> Result<ReadingsQuery
             "limit" => {
                 limit = match v.parse::<usize>() {
                     Ok(n) if (1..=MAX_LIMIT).contains(&n) => n,
-                    _ => return Err(format!("parameter `limit`: {v:?} is not an integer from 1 to {MAX_LIMIT}")),
+                    _ => {
+                        return Err(format!(
+                            "parameter `limit`: {v:?} is not an integer from 1 to {MAX_LIMIT}"
+                        ));
+                    }
                 }
             }
             "after" => {
                 after = Some(Cursor::from_token(v).ok_or_else(|| {
-                    format!("parameter `after`: {v:?} is not a cursor returned as `next` by this API")
+                    format!(
+                        "parameter `after`: {v:?} is not a cursor returned as `next` by this API"
+                    )
                 })?)
             }
             other => return Err(format!("unknown parameter `{other}`")),
         }
     }
-    let stream = stream.filter(|s| !s.is_empty()).ok_or("missing parameter `stream`")?;
-    Ok(ReadingsQuery { stream, from, to, limit, after })
+    let stream = stream
+        .filter(|s| !s.is_empty())
+        .ok_or("missing parameter `stream`")?;
+    Ok(ReadingsQuery {
+        stream,
+        from,
+        to,
+        limit,
+        after,
+    })
 }
 
 /// Converts a stored fields blob to a JSON object: numbers, booleans and strings.
@@ -135,7 +166,9 @@ pub fn fields_json(fields: &[brume_protocol::Field]) -> serde_json::Value {
             let v = match &f.value {
                 // Stored fields are validated on ingest, so floats are finite; null is
                 // the only JSON answer for a non-finite one anyway.
-                Value::F64(x) => serde_json::Number::from_f64(*x).map_or(serde_json::Value::Null, Into::into),
+                Value::F64(x) => {
+                    serde_json::Number::from_f64(*x).map_or(serde_json::Value::Null, Into::into)
+                }
                 Value::I64(i) => (*i).into(),
                 Value::Bool(b) => (*b).into(),
                 Value::Str(s) => s.clone().into(),
@@ -150,7 +183,8 @@ async fn readings(
     State(s): State<AppState>,
     params: Result<Query<Vec<(String, String)>>, QueryRejection>,
 ) -> Result<axum::Json<serde_json::Value>, ApiError> {
-    let Query(params) = params.map_err(|e| ApiError::bad_request(format!("invalid query string: {e}")))?;
+    let Query(params) =
+        params.map_err(|e| ApiError::bad_request(format!("invalid query string: {e}")))?;
     let q = parse_readings_query(&params).map_err(ApiError::bad_request)?;
     let stream = q.stream.clone();
     let page = query(&s.store, move |st| st.readings(&q)).await?;
@@ -198,7 +232,9 @@ mod tests {
     use brume_protocol::Field;
 
     fn params(q: &[(&str, &str)]) -> Vec<(String, String)> {
-        q.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+        q.iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
     }
 
     #[test]
@@ -219,12 +255,24 @@ mod tests {
     #[test]
     fn readings_query_defaults() {
         let q = parse_readings_query(&params(&[("stream", "s"), ("from", "5")])).unwrap();
-        assert_eq!(q, ReadingsQuery { stream: "s".into(), from: Some(5), to: None, limit: DEFAULT_LIMIT, after: None });
+        assert_eq!(
+            q,
+            ReadingsQuery {
+                stream: "s".into(),
+                from: Some(5),
+                to: None,
+                limit: DEFAULT_LIMIT,
+                after: None
+            }
+        );
     }
 
     #[test]
     fn fields_to_json() {
-        let f = |name: &str, value| Field { name: name.into(), value };
+        let f = |name: &str, value| Field {
+            name: name.into(),
+            value,
+        };
         let j = fields_json(&[
             f("value", Value::F64(1.5)),
             f("n", Value::I64(-3)),

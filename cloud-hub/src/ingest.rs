@@ -74,19 +74,36 @@ pub fn validate(topic: &str, payload: &[u8]) -> Result<BatchV1, (Reject, String)
     let agent = topics::agent_of_batch_topic(topic)
         .ok_or_else(|| (Reject::BadTopic, format!("{topic:?} is not a batch topic")))?;
     validate_agent_id(agent).map_err(|e| (Reject::BadTopic, e.to_string()))?;
-    let AgentMessage::BatchV1(batch) = AgentMessage::decode(payload).map_err(|e| (Reject::Malformed, e.to_string()))?;
+    let AgentMessage::BatchV1(batch) =
+        AgentMessage::decode(payload).map_err(|e| (Reject::Malformed, e.to_string()))?;
     if batch.agent_id != agent {
-        return Err((Reject::AgentMismatch, format!("payload agent id {:?} differs from the topic's", batch.agent_id)));
+        return Err((
+            Reject::AgentMismatch,
+            format!(
+                "payload agent id {:?} differs from the topic's",
+                batch.agent_id
+            ),
+        ));
     }
     // Sequence numbers are stored as SQLite integers (i64); nothing legitimate gets near.
     if batch.seq > i64::MAX as u64 {
-        return Err((Reject::Malformed, format!("seq {} is out of range", batch.seq)));
+        return Err((
+            Reject::Malformed,
+            format!("seq {} is out of range", batch.seq),
+        ));
     }
     for chunk in &batch.streams {
-        if let Some(p) = chunk.points.iter().find(|p| !(MIN_TS_NS..MAX_TS_NS).contains(&p.ts_ns)) {
+        if let Some(p) = chunk
+            .points
+            .iter()
+            .find(|p| !(MIN_TS_NS..MAX_TS_NS).contains(&p.ts_ns))
+        {
             return Err((
                 Reject::BadTimestamp,
-                format!("stream {:?}: timestamp {} ns is outside 2000-01-01..2200-01-01", chunk.stream, p.ts_ns),
+                format!(
+                    "stream {:?}: timestamp {} ns is outside 2000-01-01..2200-01-01",
+                    chunk.stream, p.ts_ns
+                ),
             ));
         }
     }
@@ -134,7 +151,9 @@ impl Ingest {
                 break;
             }
             while group.len() < self.max_batches_per_tx {
-                let Ok(d) = self.deliveries.try_recv() else { break };
+                let Ok(d) = self.deliveries.try_recv() else {
+                    break;
+                };
                 if !self.accept(d, &mut group).await {
                     return;
                 }
@@ -142,10 +161,14 @@ impl Ingest {
             if group.is_empty() {
                 continue;
             }
-            let (batches, deliveries): (Vec<_>, Vec<_>) = group.into_iter().map(|p| (p.batch, p.delivery)).unzip();
+            let (batches, deliveries): (Vec<_>, Vec<_>) =
+                group.into_iter().map(|p| (p.batch, p.delivery)).unzip();
             let batches = Arc::new(batches);
             let Some(outcomes) = self.commit(&batches, &shutdown).await else {
-                tracing::info!(batches = batches.len(), "shutting down with an uncommitted group; agents will re-send");
+                tracing::info!(
+                    batches = batches.len(),
+                    "shutting down with an uncommitted group; agents will re-send"
+                );
                 break;
             };
             if !self.acknowledge(&batches, &deliveries, &outcomes).await {
@@ -174,7 +197,11 @@ impl Ingest {
     }
 
     /// Stores the group, retrying until it commits. `None` if shutdown came first.
-    async fn commit(&self, batches: &Arc<Vec<BatchV1>>, shutdown: &CancellationToken) -> Option<Vec<BatchOutcome>> {
+    async fn commit(
+        &self,
+        batches: &Arc<Vec<BatchV1>>,
+        shutdown: &CancellationToken,
+    ) -> Option<Vec<BatchOutcome>> {
         let mut delay = RETRY_MIN;
         loop {
             let store = Arc::clone(&self.store);
@@ -183,8 +210,11 @@ impl Ingest {
             let started = Instant::now();
             let received_ms = now_ms();
             // SQLite blocks on fsync: keep it off the async worker threads.
-            let joined = tokio::task::spawn_blocking(move || store.ingest(&shared, received_ms)).await;
-            self.metrics.ingest_tx_seconds.observe(started.elapsed().as_secs_f64());
+            let joined =
+                tokio::task::spawn_blocking(move || store.ingest(&shared, received_ms)).await;
+            self.metrics
+                .ingest_tx_seconds
+                .observe(started.elapsed().as_secs_f64());
             let err = match joined {
                 Ok(Ok(outcomes)) => return Some(outcomes),
                 Ok(Err(e)) => e.to_string(),
@@ -203,7 +233,12 @@ impl Ingest {
 
     /// Publishes hub acks, then acks the publishes to the broker, and counts outcomes.
     /// Returns false if the MQTT event loop is gone.
-    async fn acknowledge(&self, batches: &[BatchV1], deliveries: &[Delivery], outcomes: &[BatchOutcome]) -> bool {
+    async fn acknowledge(
+        &self,
+        batches: &[BatchV1],
+        deliveries: &[Delivery],
+        outcomes: &[BatchOutcome],
+    ) -> bool {
         // One ack per (agent, epoch). BTreeMap for a deterministic order; seqs keep
         // arrival order with repeats removed (the same batch can arrive twice in a group).
         let mut acks: BTreeMap<(&str, u64), Vec<u64>> = BTreeMap::new();
@@ -211,7 +246,9 @@ impl Ingest {
             match outcome {
                 BatchOutcome::Stored => {
                     self.metrics.count_batch("stored");
-                    self.metrics.readings_stored.inc_by(b.reading_count() as u64);
+                    self.metrics
+                        .readings_stored
+                        .inc_by(b.reading_count() as u64);
                 }
                 BatchOutcome::Duplicate => self.metrics.count_batch("duplicate"),
             }
@@ -243,7 +280,10 @@ fn jitter(d: Duration) -> Duration {
 }
 
 fn now_ms() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
 }
 
 #[cfg(test)]
@@ -261,7 +301,11 @@ mod tests {
                 stream: "s".into(),
                 points: vec![Point {
                     ts_ns,
-                    fields: FieldsBlob::encode(&[Field { name: "v".into(), value: Value::F64(1.0) }]).unwrap(),
+                    fields: FieldsBlob::encode(&[Field {
+                        name: "v".into(),
+                        value: Value::F64(1.0),
+                    }])
+                    .unwrap(),
                 }],
             }],
             losses: vec![],
@@ -277,20 +321,51 @@ mod tests {
         let ok_ts = MIN_TS_NS + 1;
         let good = AgentMessage::BatchV1(batch("a1", ok_ts)).encode();
         assert_eq!(check("brume/v1/agents/a1/batches", &good), Ok(()));
-        assert_eq!(check("brume/v1/agents/a2/batches", &good), Err(Reject::AgentMismatch));
-        assert_eq!(check("brume/v1/agents/a 1/batches", &good), Err(Reject::BadTopic));
-        assert_eq!(check("brume/v1/agents/a1/acks", &good), Err(Reject::BadTopic));
-        assert_eq!(check("brume/v1/agents/a1/batches", b"\xff\xff garbage"), Err(Reject::Malformed));
+        assert_eq!(
+            check("brume/v1/agents/a2/batches", &good),
+            Err(Reject::AgentMismatch)
+        );
+        assert_eq!(
+            check("brume/v1/agents/a 1/batches", &good),
+            Err(Reject::BadTopic)
+        );
+        assert_eq!(
+            check("brume/v1/agents/a1/acks", &good),
+            Err(Reject::BadTopic)
+        );
+        assert_eq!(
+            check("brume/v1/agents/a1/batches", b"\xff\xff garbage"),
+            Err(Reject::Malformed)
+        );
         let mut trailing = good.clone();
         trailing.push(0);
-        assert_eq!(check("brume/v1/agents/a1/batches", &trailing), Err(Reject::Malformed));
+        assert_eq!(
+            check("brume/v1/agents/a1/batches", &trailing),
+            Err(Reject::Malformed)
+        );
         for ts in [MIN_TS_NS - 1, MAX_TS_NS, 0, i64::MIN] {
             let m = AgentMessage::BatchV1(batch("a1", ts)).encode();
-            assert_eq!(check("brume/v1/agents/a1/batches", &m), Err(Reject::BadTimestamp), "{ts}");
+            assert_eq!(
+                check("brume/v1/agents/a1/batches", &m),
+                Err(Reject::BadTimestamp),
+                "{ts}"
+            );
         }
-        assert_eq!(check("brume/v1/agents/a1/batches", &AgentMessage::BatchV1(batch("a1", MAX_TS_NS - 1)).encode()), Ok(()));
+        assert_eq!(
+            check(
+                "brume/v1/agents/a1/batches",
+                &AgentMessage::BatchV1(batch("a1", MAX_TS_NS - 1)).encode()
+            ),
+            Ok(())
+        );
         let mut big_seq = batch("a1", ok_ts);
         big_seq.seq = u64::MAX;
-        assert_eq!(check("brume/v1/agents/a1/batches", &AgentMessage::BatchV1(big_seq).encode()), Err(Reject::Malformed));
+        assert_eq!(
+            check(
+                "brume/v1/agents/a1/batches",
+                &AgentMessage::BatchV1(big_seq).encode()
+            ),
+            Err(Reject::Malformed)
+        );
     }
 }

@@ -13,6 +13,7 @@
 //! after the transaction that stored it has committed, or after it has been rejected as
 //! invalid.
 
+pub mod cli;
 pub mod config;
 pub mod http;
 pub mod ingest;
@@ -65,13 +66,20 @@ pub enum HubError {
 ///
 /// `http_listener` is the bound HTTP listener (`cfg.http.listen` is not used here, so
 /// tests can pass a listener on port 0). Validates `cfg` first.
-pub async fn run(cfg: Config, http_listener: TcpListener, shutdown: CancellationToken) -> Result<(), HubError> {
+pub async fn run(
+    cfg: Config,
+    http_listener: TcpListener,
+    shutdown: CancellationToken,
+) -> Result<(), HubError> {
     cfg.validate()?;
     let data_dir = cfg.data_dir.clone();
     // Opening runs migrations and may fsync: not on the async runtime.
     let store = tokio::task::spawn_blocking(move || SqliteStore::open(&data_dir))
         .await
-        .map_err(|source| HubError::Task { task: "store open", source })??;
+        .map_err(|source| HubError::Task {
+            task: "store open",
+            source,
+        })??;
     tracing::info!(path = %store.path().display(), "store opened");
     run_with_store(cfg, Arc::new(store), http_listener, shutdown).await
 }
@@ -108,10 +116,15 @@ pub async fn run_with_store(
     let ingest_task = tracker.spawn(ingest.run(shutdown.clone()));
 
     let addr = http_listener.local_addr().map_err(HubError::Http)?;
-    let app = http::app(http::AppState { store, metrics });
+    let app = http::app(http::AppState {
+        store,
+        metrics: metrics.clone(),
+    });
     let http_shutdown = shutdown.clone();
     let http_task = tracker.spawn(async move {
-        axum::serve(http_listener, app).with_graceful_shutdown(http_shutdown.cancelled_owned()).await
+        axum::serve(http_listener, app)
+            .with_graceful_shutdown(http_shutdown.cancelled_owned())
+            .await
     });
     tracker.close();
     tracing::info!(%addr, "HTTP API listening");
@@ -121,27 +134,50 @@ pub async fn run_with_store(
     let mut result = Ok(());
     match tokio::time::timeout(INGEST_DRAIN_TIMEOUT, ingest_task).await {
         Ok(Ok(())) => {}
-        Ok(Err(source)) => result = Err(HubError::Task { task: "ingest", source }),
-        Err(_) => tracing::warn!("ingest did not finish in {INGEST_DRAIN_TIMEOUT:?}; its batches stay unacknowledged"),
+        Ok(Err(source)) => {
+            result = Err(HubError::Task {
+                task: "ingest",
+                source,
+            })
+        }
+        Err(_) => tracing::warn!(
+            "ingest did not finish in {INGEST_DRAIN_TIMEOUT:?}; its batches stay unacknowledged"
+        ),
+    }
+    // Not connected: nothing queued can be delivered, and the event loop may be asleep
+    // in its reconnect backoff. Stop it instead of waiting out the timeout.
+    if metrics.mqtt_connected.get() == 0 {
+        mqtt_stop.cancel();
     }
     // The DISCONNECT is queued behind the ingest task's last acks, so they are sent first.
     let disconnected = async {
         let _ = mqtt.disconnect().await;
         mqtt_task.await
     };
-    if tokio::time::timeout(MQTT_DISCONNECT_TIMEOUT, disconnected).await.is_err() {
+    if tokio::time::timeout(MQTT_DISCONNECT_TIMEOUT, disconnected)
+        .await
+        .is_err()
+    {
         tracing::warn!("MQTT disconnect did not complete in {MQTT_DISCONNECT_TIMEOUT:?}");
     }
     mqtt_stop.cancel();
     match tokio::time::timeout(HTTP_DRAIN_TIMEOUT, http_task).await {
         Ok(Ok(Ok(()))) => {}
         Ok(Ok(Err(e))) => result = result.and(Err(HubError::Http(e))),
-        Ok(Err(source)) => result = result.and(Err(HubError::Task { task: "http", source })),
+        Ok(Err(source)) => {
+            result = result.and(Err(HubError::Task {
+                task: "http",
+                source,
+            }))
+        }
         Err(_) => tracing::warn!("HTTP requests did not finish in {HTTP_DRAIN_TIMEOUT:?}"),
     }
     // Every task has ended or been abandoned after its timeout; this returns at once
     // unless something is stuck, which the bounded wait turns into a warning.
-    if tokio::time::timeout(Duration::from_secs(1), tracker.wait()).await.is_err() {
+    if tokio::time::timeout(Duration::from_secs(1), tracker.wait())
+        .await
+        .is_err()
+    {
         tracing::warn!("some tasks did not stop");
     }
     tracing::info!("hub stopped");

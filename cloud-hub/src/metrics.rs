@@ -38,15 +38,40 @@ impl Metrics {
         let batches = Family::<ResultLabel, Counter>::default();
         registry.register("batches", "Batches received, by result", batches.clone());
         let readings_stored = Counter::default();
-        registry.register("readings_stored", "Readings stored (duplicates excluded)", readings_stored.clone());
+        registry.register(
+            "readings_stored",
+            "Readings stored (duplicates excluded)",
+            readings_stored.clone(),
+        );
         let db_errors = Counter::default();
-        registry.register("db_errors", "Ingest transactions that failed and were not acknowledged", db_errors.clone());
+        registry.register(
+            "db_errors",
+            "Ingest transactions that failed and were not acknowledged",
+            db_errors.clone(),
+        );
         let mqtt_connected = Gauge::<i64, AtomicI64>::default();
-        registry.register("mqtt_connected", "1 while connected to the MQTT broker", mqtt_connected.clone());
+        registry.register(
+            "mqtt_connected",
+            "1 while connected to the MQTT broker",
+            mqtt_connected.clone(),
+        );
         // 100 µs .. ~3.3 s: a durable SQLite commit is ~0.1-0.3 ms, a large group a few ms.
-        let ingest_tx_seconds = Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(1e-4, 2.0, 16));
-        registry.register("ingest_tx_seconds", "Duration of one ingest transaction", ingest_tx_seconds.clone());
-        Arc::new(Metrics { registry, batches, readings_stored, db_errors, mqtt_connected, ingest_tx_seconds })
+        let ingest_tx_seconds = Histogram::new(
+            prometheus_client::metrics::histogram::exponential_buckets(1e-4, 2.0, 16),
+        );
+        registry.register(
+            "ingest_tx_seconds",
+            "Duration of one ingest transaction",
+            ingest_tx_seconds.clone(),
+        );
+        Arc::new(Metrics {
+            registry,
+            batches,
+            readings_stored,
+            db_errors,
+            mqtt_connected,
+            ingest_tx_seconds,
+        })
     }
 
     /// Counts one batch under `result` (`stored`, `duplicate`, `rejected_<reason>`).
@@ -57,7 +82,8 @@ impl Metrics {
     /// Encodes every metric in the Prometheus/OpenMetrics text format.
     pub fn encode(&self) -> String {
         let mut out = String::new();
-        prometheus_client::encoding::text::encode(&mut out, &self.registry).expect("writing to a String cannot fail");
+        prometheus_client::encoding::text::encode(&mut out, &self.registry)
+            .expect("writing to a String cannot fail");
         out
     }
 }

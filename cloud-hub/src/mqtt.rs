@@ -29,7 +29,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use rand::Rng;
-use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Outgoing, Packet, Publish, QoS, Request, Subscribe};
+use rumqttc::{
+    AsyncClient, Event, EventLoop, MqttOptions, Outgoing, Packet, Publish, QoS, Request, Subscribe,
+};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
@@ -79,15 +81,24 @@ impl MqttHandle {
     /// connection (see the module docs). Fails only when the event loop is gone.
     pub async fn ack_broker(&self, d: &Delivery) -> Result<(), rumqttc::ClientError> {
         if d.generation != self.generation.load(Ordering::Acquire) {
-            tracing::debug!(pkid = d.publish.pkid, "not acking a publish from an earlier connection");
+            tracing::debug!(
+                pkid = d.publish.pkid,
+                "not acking a publish from an earlier connection"
+            );
             return Ok(());
         }
         self.client.ack(&d.publish).await
     }
 
     /// Publishes `payload` QoS 1 on `topic`. Fails only when the event loop is gone.
-    pub async fn publish(&self, topic: String, payload: Vec<u8>) -> Result<(), rumqttc::ClientError> {
-        self.client.publish(topic, QoS::AtLeastOnce, false, payload).await
+    pub async fn publish(
+        &self,
+        topic: String,
+        payload: Vec<u8>,
+    ) -> Result<(), rumqttc::ClientError> {
+        self.client
+            .publish(topic, QoS::AtLeastOnce, false, payload)
+            .await
     }
 
     /// Queues a DISCONNECT; the event loop task ends once it has been sent.
@@ -109,7 +120,10 @@ pub fn options(cfg: &Config) -> MqttOptions {
         // Acks go to the broker only after the batch is committed (or rejected), so a
         // crash before commit makes the broker's copy the one that survives.
         .set_manual_acks(true)
-        .set_max_packet_size(brume_protocol::limits::MAX_MESSAGE_BYTES + PACKET_OVERHEAD, MAX_OUTGOING_PACKET)
+        .set_max_packet_size(
+            brume_protocol::limits::MAX_MESSAGE_BYTES + PACKET_OVERHEAD,
+            MAX_OUTGOING_PACKET,
+        )
         .set_request_channel_capacity(REQUEST_CHANNEL);
     opts
 }
@@ -122,12 +136,26 @@ pub fn start(
     cfg: &Config,
     metrics: Arc<Metrics>,
     stop: CancellationToken,
-) -> (MqttHandle, mpsc::Receiver<Delivery>, impl Future<Output = ()> + Send + 'static) {
+) -> (
+    MqttHandle,
+    mpsc::Receiver<Delivery>,
+    impl Future<Output = ()> + Send + 'static,
+) {
     let (client, eventloop) = AsyncClient::new(options(cfg), REQUEST_CHANNEL);
     let (tx, rx) = mpsc::channel(DELIVERY_QUEUE);
     let generation = Arc::new(AtomicU64::new(0));
-    let handle = MqttHandle { client: client.clone(), generation: generation.clone() };
-    let driver = EventLoopDriver { eventloop, client, tx, generation, metrics, filter: cfg.batch_filter() };
+    let handle = MqttHandle {
+        client: client.clone(),
+        generation: generation.clone(),
+    };
+    let driver = EventLoopDriver {
+        eventloop,
+        client,
+        tx,
+        generation,
+        metrics,
+        filter: cfg.batch_filter(),
+    };
     (handle, rx, driver.run(stop))
 }
 
@@ -165,10 +193,17 @@ impl EventLoopDriver {
                     // because awaiting the request channel from this task could deadlock.
                     self.eventloop
                         .pending
-                        .push_front(Request::Subscribe(Subscribe::new(self.filter.clone(), QoS::AtLeastOnce)));
+                        .push_front(Request::Subscribe(Subscribe::new(
+                            self.filter.clone(),
+                            QoS::AtLeastOnce,
+                        )));
                 }
                 Ok(Event::Incoming(Packet::SubAck(ack))) => {
-                    if ack.return_codes.iter().any(|c| matches!(c, rumqttc::SubscribeReasonCode::Failure)) {
+                    if ack
+                        .return_codes
+                        .iter()
+                        .any(|c| matches!(c, rumqttc::SubscribeReasonCode::Failure))
+                    {
                         tracing::error!(filter = %self.filter, "broker refused the batch subscription");
                     } else {
                         tracing::info!(filter = %self.filter, "subscribed to agent batches");
@@ -200,13 +235,17 @@ impl EventLoopDriver {
 
     fn deliver(&self, publish: Publish) {
         let generation = self.generation.load(Ordering::Acquire);
-        match self.tx.try_send(Delivery { publish, generation }) {
+        match self.tx.try_send(Delivery {
+            publish,
+            generation,
+        }) {
             Ok(()) => {}
             Err(mpsc::error::TrySendError::Full(d)) => {
                 // Only reachable with QoS 0 floods or a broker ignoring its in-flight
                 // window. Drop the batch but ack it so the broker's window stays open;
                 // the agent re-sends because it gets no hub ack.
-                self.metrics.count_batch(crate::ingest::Reject::Overloaded.metric_label());
+                self.metrics
+                    .count_batch(crate::ingest::Reject::Overloaded.metric_label());
                 tracing::warn!(topic = %d.publish.topic, "ingest queue full, dropping batch");
                 if let Err(e) = self.client.try_ack(&d.publish) {
                     tracing::warn!(error = %e, "cannot ack dropped batch");
@@ -233,7 +272,10 @@ mod tests {
     fn jitter_stays_within_half_to_full() {
         for _ in 0..100 {
             let j = jitter(Duration::from_millis(400));
-            assert!(j >= Duration::from_millis(200) && j <= Duration::from_millis(400), "{j:?}");
+            assert!(
+                j >= Duration::from_millis(200) && j <= Duration::from_millis(400),
+                "{j:?}"
+            );
         }
     }
 

@@ -90,13 +90,16 @@ impl Cursor {
     pub fn to_token(&self) -> String {
         // Agent ids never contain ':' (protocol::validate_agent_id), and it is the last
         // part anyway, so the split in `from_token` is unambiguous.
-        let plain = format!("{}:{}:{}:{}:{}", self.ts_ns, self.epoch, self.seq, self.idx, self.agent_id);
+        let plain = format!(
+            "{}:{}:{}:{}:{}",
+            self.ts_ns, self.epoch, self.seq, self.idx, self.agent_id
+        );
         plain.bytes().map(|b| format!("{b:02x}")).collect()
     }
 
     /// Decodes a token made by [`Cursor::to_token`]; `None` if it is not one.
     pub fn from_token(token: &str) -> Option<Cursor> {
-        if token.len() % 2 != 0 || !token.is_ascii() {
+        if !token.len().is_multiple_of(2) || !token.is_ascii() {
             return None;
         }
         let bytes: Vec<u8> = (0..token.len())
@@ -153,7 +156,13 @@ pub struct StoredReading {
 impl StoredReading {
     /// This reading's position, for pagination.
     pub fn cursor(&self) -> Cursor {
-        Cursor { ts_ns: self.ts_ns, agent_id: self.agent_id.clone(), epoch: self.epoch, seq: self.seq, idx: self.idx }
+        Cursor {
+            ts_ns: self.ts_ns,
+            agent_id: self.agent_id.clone(),
+            epoch: self.epoch,
+            seq: self.seq,
+            idx: self.idx,
+        }
     }
 }
 
@@ -216,7 +225,11 @@ pub trait HubStore: Send + Sync + 'static {
     ///
     /// Returns one outcome per input batch, in order, only after the transaction is
     /// durably committed. On `Err` nothing was stored.
-    fn ingest(&self, batches: &[BatchV1], received_ms: i64) -> Result<Vec<BatchOutcome>, StoreError>;
+    fn ingest(
+        &self,
+        batches: &[BatchV1],
+        received_ms: i64,
+    ) -> Result<Vec<BatchOutcome>, StoreError>;
 
     /// All streams, sorted by name.
     fn streams(&self) -> Result<Vec<StreamSummary>, StoreError>;
@@ -234,13 +247,28 @@ mod tests {
 
     #[test]
     fn cursor_token_round_trips() {
-        let c = Cursor { ts_ns: -5, agent_id: "a.b-c_d".into(), epoch: u64::MAX, seq: 7, idx: 3 };
+        let c = Cursor {
+            ts_ns: -5,
+            agent_id: "a.b-c_d".into(),
+            epoch: u64::MAX,
+            seq: 7,
+            idx: 3,
+        };
         assert_eq!(Cursor::from_token(&c.to_token()), Some(c));
     }
 
     #[test]
     fn bad_cursor_tokens_are_refused() {
-        for t in ["", "zz", "abc", "3a3a3a3a", &"1:2:3:4:bad agent".bytes().map(|b| format!("{b:02x}")).collect::<String>()] {
+        for t in [
+            "",
+            "zz",
+            "abc",
+            "3a3a3a3a",
+            &"1:2:3:4:bad agent"
+                .bytes()
+                .map(|b| format!("{b:02x}"))
+                .collect::<String>(),
+        ] {
             assert_eq!(Cursor::from_token(t), None, "{t}");
         }
     }

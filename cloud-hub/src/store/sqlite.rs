@@ -38,8 +38,8 @@ use brume_protocol::{BatchV1, FieldsBlob, LossReason};
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 
 use super::{
-    AgentSummary, BatchOutcome, HubStore, LossSummary, MAX_MISSING_RANGES, ReadingsPage, ReadingsQuery,
-    StoreError, StoredReading, StreamSummary,
+    AgentSummary, BatchOutcome, HubStore, LossSummary, MAX_MISSING_RANGES, ReadingsPage,
+    ReadingsQuery, StoreError, StoredReading, StreamSummary,
 };
 
 /// Schema version this build writes and understands.
@@ -132,53 +132,77 @@ pub struct SqliteStore {
 
 impl std::fmt::Debug for SqliteStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("SqliteStore").field("path", &self.path).finish_non_exhaustive()
+        f.debug_struct("SqliteStore")
+            .field("path", &self.path)
+            .finish_non_exhaustive()
     }
 }
 
 fn open_conn(path: &Path) -> Result<Connection, StoreError> {
     let conn = Connection::open(path).map_err(sql("opening the database"))?;
-    conn.busy_timeout(BUSY_TIMEOUT).map_err(sql("setting busy_timeout"))?;
+    conn.busy_timeout(BUSY_TIMEOUT)
+        .map_err(sql("setting busy_timeout"))?;
     // journal_mode is persistent in the file, synchronous is per connection: both are
     // set on every connection so no code path runs with weaker durability.
-    let mode: String =
-        conn.query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0)).map_err(sql("enabling WAL"))?;
+    let mode: String = conn
+        .query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))
+        .map_err(sql("enabling WAL"))?;
     if !mode.eq_ignore_ascii_case("wal") {
-        return Err(StoreError::Corrupt(format!("cannot enable WAL journal mode (got {mode})")));
+        return Err(StoreError::Corrupt(format!(
+            "cannot enable WAL journal mode (got {mode})"
+        )));
     }
-    conn.pragma_update(None, "synchronous", "FULL").map_err(sql("setting synchronous=FULL"))?;
+    conn.pragma_update(None, "synchronous", "FULL")
+        .map_err(sql("setting synchronous=FULL"))?;
     Ok(conn)
 }
 
 fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
-    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(sql("starting migration"))?;
-    let version: i64 = tx.query_row("PRAGMA user_version", [], |r| r.get(0)).map_err(sql("reading user_version"))?;
+    let tx = conn
+        .transaction_with_behavior(TransactionBehavior::Immediate)
+        .map_err(sql("starting migration"))?;
+    let version: i64 = tx
+        .query_row("PRAGMA user_version", [], |r| r.get(0))
+        .map_err(sql("reading user_version"))?;
     if version > SCHEMA_VERSION {
-        return Err(StoreError::SchemaTooNew { found: version, supported: SCHEMA_VERSION });
+        return Err(StoreError::SchemaTooNew {
+            found: version,
+            supported: SCHEMA_VERSION,
+        });
     }
     if version < 1 {
-        tx.execute_batch(SCHEMA_V1).map_err(sql("creating schema v1"))?;
+        tx.execute_batch(SCHEMA_V1)
+            .map_err(sql("creating schema v1"))?;
     }
     // Later versions add `if version < N { ... }` steps here, in order.
-    tx.pragma_update(None, "user_version", SCHEMA_VERSION).map_err(sql("writing user_version"))?;
+    tx.pragma_update(None, "user_version", SCHEMA_VERSION)
+        .map_err(sql("writing user_version"))?;
     tx.commit().map_err(sql("committing migration"))
 }
 
 impl SqliteStore {
     /// Opens (creating if needed) `data_dir/hub.db` and applies migrations.
     pub fn open(data_dir: &Path) -> Result<SqliteStore, StoreError> {
-        std::fs::create_dir_all(data_dir)
-            .map_err(|source| StoreError::CreateDir { path: data_dir.to_owned(), source })?;
+        std::fs::create_dir_all(data_dir).map_err(|source| StoreError::CreateDir {
+            path: data_dir.to_owned(),
+            source,
+        })?;
         let path = data_dir.join("hub.db");
         let mut conn = open_conn(&path)?;
         migrate(&mut conn)?;
         let stream_ids = {
-            let mut stmt = conn.prepare("SELECT name, id FROM streams").map_err(sql("loading streams"))?;
+            let mut stmt = conn
+                .prepare("SELECT name, id FROM streams")
+                .map_err(sql("loading streams"))?;
             stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
                 .and_then(|rows| rows.collect::<Result<HashMap<String, i64>, _>>())
                 .map_err(sql("loading streams"))?
         };
-        Ok(SqliteStore { path, writer: Mutex::new(Writer { conn, stream_ids }), readers: Mutex::new(Vec::new()) })
+        Ok(SqliteStore {
+            path,
+            writer: Mutex::new(Writer { conn, stream_ids }),
+            readers: Mutex::new(Vec::new()),
+        })
     }
 
     /// Path of the database file.
@@ -187,7 +211,10 @@ impl SqliteStore {
     }
 
     /// Runs `f` on a pooled read connection.
-    fn with_reader<T>(&self, f: impl FnOnce(&Connection) -> Result<T, StoreError>) -> Result<T, StoreError> {
+    fn with_reader<T>(
+        &self,
+        f: impl FnOnce(&Connection) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
         let conn = lock(&self.readers).pop();
         let conn = match conn {
             Some(c) => c,
@@ -241,11 +268,19 @@ fn ingest_tx(
     let mut outcomes = Vec::with_capacity(batches.len());
     for b in batches {
         let epoch = epoch_to_sql(b.epoch);
-        let seq = i64::try_from(b.seq).map_err(|_| StoreError::Corrupt(format!("seq {} exceeds i64", b.seq)))?;
+        let seq = i64::try_from(b.seq)
+            .map_err(|_| StoreError::Corrupt(format!("seq {} exceeds i64", b.seq)))?;
         // ON CONFLICT DO NOTHING: zero changed rows means this (agent, epoch, seq) is
         // already committed, by an earlier transaction or earlier in this one.
         let inserted = insert_batch
-            .execute(params![b.agent_id, epoch, seq, b.reading_count() as i64, b.created_ms, received_ms])
+            .execute(params![
+                b.agent_id,
+                epoch,
+                seq,
+                b.reading_count() as i64,
+                b.created_ms,
+                received_ms
+            ])
             .map_err(sql("inserting batch"))?;
         if inserted == 1 {
             let mut idx: i64 = 0;
@@ -261,7 +296,9 @@ fn ingest_tx(
                 });
                 for p in &chunk.points {
                     insert_reading
-                        .execute(params![stream_id, p.ts_ns, b.agent_id, epoch, seq, idx, p.fields.0])
+                        .execute(params![
+                            stream_id, p.ts_ns, b.agent_id, epoch, seq, idx, p.fields.0
+                        ])
                         .map_err(sql("inserting reading"))?;
                     idx += 1;
                     delta.readings += 1;
@@ -278,7 +315,13 @@ fn ingest_tx(
         for l in &b.losses {
             let total = i64::try_from(l.total).unwrap_or(i64::MAX);
             upsert_loss
-                .execute(params![b.agent_id, epoch, l.stream, l.reason.as_str(), total])
+                .execute(params![
+                    b.agent_id,
+                    epoch,
+                    l.stream,
+                    l.reason.as_str(),
+                    total
+                ])
                 .map_err(sql("upserting loss report"))?;
         }
     }
@@ -332,17 +375,25 @@ fn loss_reason_from_str(s: &str) -> Result<LossReason, StoreError> {
     match s {
         "retention" => Ok(LossReason::Retention),
         "store_full" => Ok(LossReason::StoreFull),
-        other => Err(StoreError::Corrupt(format!("unknown loss reason {other:?}"))),
+        other => Err(StoreError::Corrupt(format!(
+            "unknown loss reason {other:?}"
+        ))),
     }
 }
 
 impl HubStore for SqliteStore {
-    fn ingest(&self, batches: &[BatchV1], received_ms: i64) -> Result<Vec<BatchOutcome>, StoreError> {
+    fn ingest(
+        &self,
+        batches: &[BatchV1],
+        received_ms: i64,
+    ) -> Result<Vec<BatchOutcome>, StoreError> {
         let mut guard = lock(&self.writer);
         let Writer { conn, stream_ids } = &mut *guard;
         // IMMEDIATE takes the write lock up front, so the transaction cannot fail
         // half-way with SQLITE_BUSY when upgrading from a read lock.
-        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(sql("starting transaction"))?;
+        let tx = conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(sql("starting transaction"))?;
         let mut created = HashMap::new();
         // On error the transaction is dropped, which rolls it back, and `created` (ids
         // that no longer exist) is discarded with it.
@@ -355,7 +406,9 @@ impl HubStore for SqliteStore {
     fn streams(&self) -> Result<Vec<StreamSummary>, StoreError> {
         self.with_reader(|conn| {
             let mut stmt = conn
-                .prepare_cached("SELECT name, readings, first_ts_ns, last_ts_ns FROM streams ORDER BY name")
+                .prepare_cached(
+                    "SELECT name, readings, first_ts_ns, last_ts_ns FROM streams ORDER BY name",
+                )
                 .map_err(sql("listing streams"))?;
             let rows = stmt
                 .query_map([], |r| {
@@ -379,7 +432,10 @@ impl HubStore for SqliteStore {
                 .and_then(|mut s| s.query_row([&q.stream], |r| r.get(0)).optional())
                 .map_err(sql("looking up stream"))?;
             let Some(stream_id) = stream_id else {
-                return Ok(ReadingsPage { readings: Vec::new(), next: None });
+                return Ok(ReadingsPage {
+                    readings: Vec::new(),
+                    next: None,
+                });
             };
             let from = q.from.unwrap_or(i64::MIN);
             let to = q.to.unwrap_or(i64::MAX);
@@ -405,7 +461,8 @@ impl HubStore for SqliteStore {
                          ORDER BY ts_ns, agent_id, epoch, seq, idx LIMIT ?4",
                     )
                     .and_then(|mut s| {
-                        s.query_map(params![stream_id, from, to, fetch], map_row)?.collect::<Result<Vec<_>, _>>()
+                        s.query_map(params![stream_id, from, to, fetch], map_row)?
+                            .collect::<Result<Vec<_>, _>>()
                     }),
                 Some(c) => conn
                     .prepare_cached(
@@ -417,7 +474,17 @@ impl HubStore for SqliteStore {
                     .and_then(|mut s| {
                         let seq = i64::try_from(c.seq).unwrap_or(i64::MAX);
                         s.query_map(
-                            params![stream_id, from, to, fetch, c.ts_ns, c.agent_id, epoch_to_sql(c.epoch), seq, c.idx],
+                            params![
+                                stream_id,
+                                from,
+                                to,
+                                fetch,
+                                c.ts_ns,
+                                c.agent_id,
+                                epoch_to_sql(c.epoch),
+                                seq,
+                                c.idx
+                            ],
                             map_row,
                         )?
                         .collect::<Result<Vec<_>, _>>()
@@ -430,7 +497,10 @@ impl HubStore for SqliteStore {
             } else {
                 None
             };
-            Ok(ReadingsPage { readings: rows, next })
+            Ok(ReadingsPage {
+                readings: rows,
+                next,
+            })
         })
     }
 
@@ -438,7 +508,8 @@ impl HubStore for SqliteStore {
         self.with_reader(|conn| {
             // One consistent snapshot for the three queries below: WAL readers see the
             // state as of the start of the read transaction.
-            conn.execute_batch("BEGIN").map_err(sql("starting read transaction"))?;
+            conn.execute_batch("BEGIN")
+                .map_err(sql("starting read transaction"))?;
             let result = agents_in_snapshot(conn);
             // Ending a read-only transaction cannot lose data; ignore a failure here so
             // it does not hide the query's own error.
@@ -472,8 +543,11 @@ fn agents_in_snapshot(conn: &Connection) -> Result<Vec<AgentSummary>, StoreError
         })
         .map_err(sql("summarising batches"))?;
     out.sort_by(|a, b| (&a.agent_id, a.epoch).cmp(&(&b.agent_id, b.epoch)));
-    let pos: HashMap<(String, u64), usize> =
-        out.iter().enumerate().map(|(i, a)| ((a.agent_id.clone(), a.epoch), i)).collect();
+    let pos: HashMap<(String, u64), usize> = out
+        .iter()
+        .enumerate()
+        .map(|(i, a)| ((a.agent_id.clone(), a.epoch), i))
+        .collect();
 
     // Gaps: each stored seq whose predecessor (in seq order) is not seq-1 ends a gap.
     // The window function does this in one pass over the primary key, without
@@ -489,7 +563,10 @@ fn agents_in_snapshot(conn: &Connection) -> Result<Vec<AgentSummary>, StoreError
         .map_err(sql("computing gaps"))?;
     let mut rows = stmt.query([]).map_err(sql("computing gaps"))?;
     while let Some(r) = rows.next().map_err(sql("computing gaps"))? {
-        let key: (String, u64) = (r.get(0).map_err(sql("computing gaps"))?, epoch_from_sql(r.get(1).map_err(sql("computing gaps"))?));
+        let key: (String, u64) = (
+            r.get(0).map_err(sql("computing gaps"))?,
+            epoch_from_sql(r.get(1).map_err(sql("computing gaps"))?),
+        );
         let lo: i64 = r.get(2).map_err(sql("computing gaps"))?;
         let hi: i64 = r.get(3).map_err(sql("computing gaps"))?;
         if let Some(&i) = pos.get(&key)
@@ -517,7 +594,11 @@ fn agents_in_snapshot(conn: &Connection) -> Result<Vec<AgentSummary>, StoreError
         let reason: String = r.get(3).map_err(sql("listing losses"))?;
         let total: i64 = r.get(4).map_err(sql("listing losses"))?;
         if let Some(&i) = pos.get(&(agent, epoch)) {
-            out[i].losses.push(LossSummary { stream, reason: loss_reason_from_str(&reason)?, total: total.max(0) as u64 });
+            out[i].losses.push(LossSummary {
+                stream,
+                reason: loss_reason_from_str(&reason)?,
+                total: total.max(0) as u64,
+            });
         }
     }
     Ok(out)

@@ -18,10 +18,29 @@ async fn batch_is_acked_and_served_over_http() {
     let hub = Hub::start(broker.port).await;
     let mut agent = Agent::connect(broker.port, "agent-1").await;
 
-    let mut b = batch("agent-1", 7, 1, &[("temp", T0 + 2, 2.5), ("temp", T0, 1.5), ("hum", T0 + 1, 40.0)]);
-    b.losses = vec![LossReport { stream: "temp".into(), reason: LossReason::StoreFull, total: 2 }];
+    let mut b = batch(
+        "agent-1",
+        7,
+        1,
+        &[
+            ("temp", T0 + 2, 2.5),
+            ("temp", T0, 1.5),
+            ("hum", T0 + 1, 40.0),
+        ],
+    );
+    b.losses = vec![LossReport {
+        stream: "temp".into(),
+        reason: LossReason::StoreFull,
+        total: 2,
+    }];
     let ack = agent.send_until_acked(&b).await;
-    assert_eq!(ack, HubMessage::AckV1(AckV1 { epoch: 7, seqs: vec![1] }));
+    assert_eq!(
+        ack,
+        HubMessage::AckV1(AckV1 {
+            epoch: 7,
+            seqs: vec![1]
+        })
+    );
 
     assert_eq!(hub.get("/healthz").await, (200, "ok".to_string()));
     let readings = hub.get_json("/api/v1/readings?stream=temp").await;
@@ -40,17 +59,35 @@ async fn batch_is_acked_and_served_over_http() {
     let page = hub.get_json("/api/v1/readings?stream=temp&limit=1").await;
     assert_eq!(page["readings"][0]["ts_ns"], json!(T0));
     let next = page["next"].as_str().expect("a next cursor");
-    let page = hub.get_json(&format!("/api/v1/readings?stream=temp&limit=1&after={next}")).await;
+    let page = hub
+        .get_json(&format!(
+            "/api/v1/readings?stream=temp&limit=1&after={next}"
+        ))
+        .await;
     assert_eq!(page["readings"][0]["ts_ns"], json!(T0 + 2));
     assert_eq!(page["next"], json!(null));
     // Range: from inclusive, to exclusive.
-    let page = hub.get_json(&format!("/api/v1/readings?stream=temp&from={}&to={}", T0, T0 + 2)).await;
+    let page = hub
+        .get_json(&format!(
+            "/api/v1/readings?stream=temp&from={}&to={}",
+            T0,
+            T0 + 2
+        ))
+        .await;
     assert_eq!(page["readings"].as_array().unwrap().len(), 1);
     // Unknown stream: empty list. Bad parameter: 400 naming it.
-    assert_eq!(hub.get_json("/api/v1/readings?stream=nope").await["readings"], json!([]));
+    assert_eq!(
+        hub.get_json("/api/v1/readings?stream=nope").await["readings"],
+        json!([])
+    );
     let (status, body) = hub.get("/api/v1/readings?stream=temp&limit=abc").await;
     assert_eq!(status, 400);
-    assert!(serde_json::from_str::<serde_json::Value>(&body).unwrap()["error"].as_str().unwrap().contains("limit"));
+    assert!(
+        serde_json::from_str::<serde_json::Value>(&body).unwrap()["error"]
+            .as_str()
+            .unwrap()
+            .contains("limit")
+    );
 
     assert_eq!(
         hub.get_json("/api/v1/streams").await,
@@ -63,13 +100,36 @@ async fn batch_is_acked_and_served_over_http() {
     let a = &agents[0];
     assert_eq!(agents.as_array().unwrap().len(), 1);
     assert_eq!(
-        (&a["agent_id"], &a["epoch"], &a["batches"], &a["readings"], &a["watermark"], &a["max_seq"], &a["missing"]),
-        (&json!("agent-1"), &json!(7), &json!(1), &json!(3), &json!(1), &json!(1), &json!([]))
+        (
+            &a["agent_id"],
+            &a["epoch"],
+            &a["batches"],
+            &a["readings"],
+            &a["watermark"],
+            &a["max_seq"],
+            &a["missing"]
+        ),
+        (
+            &json!("agent-1"),
+            &json!(7),
+            &json!(1),
+            &json!(3),
+            &json!(1),
+            &json!(1),
+            &json!([])
+        )
     );
-    assert_eq!(a["losses"], json!([{"stream": "temp", "reason": "store_full", "total": 2}]));
+    assert_eq!(
+        a["losses"],
+        json!([{"stream": "temp", "reason": "store_full", "total": 2}])
+    );
     assert!(a["last_seen_ms"].as_i64().unwrap() > 0);
 
-    assert_eq!(hub.metric(r#"brume_hub_batches_total{result="stored"}"#).await, 1.0);
+    assert_eq!(
+        hub.metric(r#"brume_hub_batches_total{result="stored"}"#)
+            .await,
+        1.0
+    );
     assert_eq!(hub.metric("brume_hub_readings_stored_total").await, 3.0);
     assert_eq!(hub.metric("brume_hub_mqtt_connected").await, 1.0);
     hub.stop().await;
@@ -87,12 +147,26 @@ async fn duplicate_batch_is_acked_twice_and_stored_once() {
     while agent.next_ack(Duration::from_millis(200)).await.is_some() {}
     agent.publish(&b).await;
     let ack = agent.next_ack(util::DEADLINE).await.expect("second ack");
-    assert_eq!(ack, HubMessage::AckV1(AckV1 { epoch: 42, seqs: vec![1] }));
+    assert_eq!(
+        ack,
+        HubMessage::AckV1(AckV1 {
+            epoch: 42,
+            seqs: vec![1]
+        })
+    );
 
     let readings = hub.get_json("/api/v1/readings?stream=s").await;
     assert_eq!(readings["readings"].as_array().unwrap().len(), 2);
-    assert_eq!(hub.metric(r#"brume_hub_batches_total{result="stored"}"#).await, 1.0);
-    assert!(hub.metric(r#"brume_hub_batches_total{result="duplicate"}"#).await >= 1.0);
+    assert_eq!(
+        hub.metric(r#"brume_hub_batches_total{result="stored"}"#)
+            .await,
+        1.0
+    );
+    assert!(
+        hub.metric(r#"brume_hub_batches_total{result="duplicate"}"#)
+            .await
+            >= 1.0
+    );
     assert_eq!(hub.metric("brume_hub_readings_stored_total").await, 2.0);
     assert_eq!(hub.get_json("/api/v1/agents").await[0]["batches"], json!(1));
     hub.stop().await;
@@ -104,20 +178,49 @@ async fn bad_batches_are_counted_and_do_not_stop_ingest() {
     let hub = Hub::start(broker.port).await;
     let mut agent = Agent::connect(broker.port, "a1").await;
     // Make sure the hub is subscribed before sending what it must reject.
-    agent.send_until_acked(&batch("a1", 1, 1, &[("s", T0, 1.0)])).await;
+    agent
+        .send_until_acked(&batch("a1", 1, 1, &[("s", T0, 1.0)]))
+        .await;
     while agent.next_ack(Duration::from_millis(200)).await.is_some() {}
 
-    agent.publish_raw(topics::batches("a1"), b"not postcard at all".to_vec()).await;
-    agent.publish(&batch("someone-else", 1, 2, &[("s", T0 + 1, 2.0)])).await;
+    agent
+        .publish_raw(topics::batches("a1"), b"not postcard at all".to_vec())
+        .await;
+    agent
+        .publish(&batch("someone-else", 1, 2, &[("s", T0 + 1, 2.0)]))
+        .await;
     agent.publish(&batch("a1", 1, 3, &[("s", 5, 3.0)])).await; // 1970: bad timestamp
-    agent.publish(&batch("a1", 1, 2, &[("s", T0 + 2, 4.0)])).await;
+    agent
+        .publish(&batch("a1", 1, 2, &[("s", T0 + 2, 4.0)]))
+        .await;
     // One connection delivers in order, so once seq 2 is acked the rejects were handled.
-    let ack = agent.next_ack(util::DEADLINE).await.expect("ack for the good batch");
-    assert_eq!(ack, HubMessage::AckV1(AckV1 { epoch: 1, seqs: vec![2] }));
+    let ack = agent
+        .next_ack(util::DEADLINE)
+        .await
+        .expect("ack for the good batch");
+    assert_eq!(
+        ack,
+        HubMessage::AckV1(AckV1 {
+            epoch: 1,
+            seqs: vec![2]
+        })
+    );
 
-    assert_eq!(hub.metric(r#"brume_hub_batches_total{result="rejected_malformed"}"#).await, 1.0);
-    assert_eq!(hub.metric(r#"brume_hub_batches_total{result="rejected_agent_mismatch"}"#).await, 1.0);
-    assert_eq!(hub.metric(r#"brume_hub_batches_total{result="rejected_bad_timestamp"}"#).await, 1.0);
+    assert_eq!(
+        hub.metric(r#"brume_hub_batches_total{result="rejected_malformed"}"#)
+            .await,
+        1.0
+    );
+    assert_eq!(
+        hub.metric(r#"brume_hub_batches_total{result="rejected_agent_mismatch"}"#)
+            .await,
+        1.0
+    );
+    assert_eq!(
+        hub.metric(r#"brume_hub_batches_total{result="rejected_bad_timestamp"}"#)
+            .await,
+        1.0
+    );
     let ts: Vec<i64> = hub.get_json("/api/v1/readings?stream=s").await["readings"]
         .as_array()
         .unwrap()
@@ -138,13 +241,42 @@ async fn hub_reconnects_after_broker_restart() {
     let port = broker.port;
     let hub = Hub::start(port).await;
     let mut agent = Agent::connect(port, "r1").await;
-    agent.send_until_acked(&batch("r1", 1, 1, &[("s", T0, 1.0)])).await;
+    agent
+        .send_until_acked(&batch("r1", 1, 1, &[("s", T0, 1.0)]))
+        .await;
     drop(agent);
     drop(broker);
     // A new broker on the same port: the hub reconnects (backoff) and re-subscribes.
     let broker = Mosquitto::start_on(port);
     let mut agent = Agent::connect(broker.port, "r1").await;
-    agent.send_until_acked(&batch("r1", 1, 2, &[("s", T0 + 1, 2.0)])).await;
-    assert_eq!(hub.get_json("/api/v1/agents").await[0]["watermark"], json!(2));
+    agent
+        .send_until_acked(&batch("r1", 1, 2, &[("s", T0 + 1, 2.0)]))
+        .await;
+    assert_eq!(
+        hub.get_json("/api/v1/agents").await[0]["watermark"],
+        json!(2)
+    );
     hub.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hub_serves_http_and_stops_promptly_without_a_broker() {
+    // A port nothing listens on: the hub keeps retrying MQTT in the background.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let hub = Hub::start(port).await;
+    assert_eq!(hub.get("/healthz").await, (200, "ok".to_string()));
+    assert_eq!(hub.get_json("/api/v1/streams").await, json!([]));
+    assert_eq!(hub.get_json("/api/v1/agents").await, json!([]));
+    assert_eq!(hub.metric("brume_hub_mqtt_connected").await, 0.0);
+    let started = std::time::Instant::now();
+    hub.stop().await;
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "shutdown took {:?}",
+        started.elapsed()
+    );
 }

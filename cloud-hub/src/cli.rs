@@ -1,0 +1,113 @@
+//! The `cloud-hub` command line: flags, config, logging and signals, then [`crate::run`].
+//!
+//! A library module (not only `main.rs`) so that other packages, such as the e2e tests,
+//! can build the exact same binary.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use crate::Config;
+use anyhow::Context;
+use clap::Parser;
+use tokio_util::sync::CancellationToken;
+
+/// Brume cloud hub: stores agent batches received over MQTT and serves them over HTTP.
+#[derive(Debug, Parser)]
+#[command(version)]
+struct Args {
+    /// TOML config file (see config.example.toml). Without it, defaults are used.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Overrides `data_dir`.
+    #[arg(long, value_name = "DIR")]
+    data_dir: Option<PathBuf>,
+    /// Overrides `mqtt.host`.
+    #[arg(long, value_name = "HOST")]
+    mqtt_host: Option<String>,
+    /// Overrides `mqtt.port`.
+    #[arg(long, value_name = "PORT")]
+    mqtt_port: Option<u16>,
+    /// Overrides `http.listen`.
+    #[arg(long, value_name = "ADDR")]
+    http_listen: Option<SocketAddr>,
+}
+
+/// Entry point of the `cloud-hub` binary: returns the process exit code.
+pub fn main() -> ExitCode {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,rumqttc=warn"));
+    // rumqttc logs through `log`; tracing-subscriber's tracing-log bridge picks it up.
+    tracing_subscriber::fmt().with_env_filter(filter).init();
+    match real_main(Args::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            eprintln!("cloud-hub: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn load_config(args: Args) -> anyhow::Result<Config> {
+    let mut cfg = match &args.config {
+        Some(path) => Config::load(path).with_context(|| format!("loading {}", path.display()))?,
+        None => Config::default(),
+    };
+    if let Some(d) = args.data_dir {
+        cfg.data_dir = d;
+    }
+    if let Some(h) = args.mqtt_host {
+        cfg.mqtt.host = h;
+    }
+    if let Some(p) = args.mqtt_port {
+        cfg.mqtt.port = p;
+    }
+    if let Some(l) = args.http_listen {
+        cfg.http.listen = l;
+    }
+    cfg.validate().context("invalid configuration")?;
+    Ok(cfg)
+}
+
+fn real_main(args: Args) -> anyhow::Result<()> {
+    let cfg = load_config(args)?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the tokio runtime")?;
+    rt.block_on(async {
+        let listener = tokio::net::TcpListener::bind(cfg.http.listen)
+            .await
+            .with_context(|| format!("binding the HTTP API to {}", cfg.http.listen))?;
+        let shutdown = CancellationToken::new();
+        tokio::spawn(signal_shutdown(shutdown.clone()));
+        crate::run(cfg, listener, shutdown)
+            .await
+            .context("hub failed")
+    })
+}
+
+/// Cancels `shutdown` on SIGTERM or Ctrl-C (SIGINT).
+async fn signal_shutdown(shutdown: CancellationToken) {
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot listen for SIGTERM");
+                std::future::pending::<()>().await
+            }
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        r = tokio::signal::ctrl_c() => if let Err(e) = r { tracing::warn!(error = %e, "cannot listen for Ctrl-C"); std::future::pending::<()>().await },
+        _ = term => {}
+    }
+    tracing::info!("shutdown signal received");
+    shutdown.cancel();
+}
