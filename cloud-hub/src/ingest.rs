@@ -317,6 +317,27 @@ mod tests {
     }
 
     #[test]
+    fn every_reject_label_is_preregistered() {
+        for r in [
+            Reject::BadTopic,
+            Reject::Malformed,
+            Reject::AgentMismatch,
+            Reject::BadTimestamp,
+            Reject::Overloaded,
+        ] {
+            assert!(
+                crate::metrics::ALL_RESULTS.contains(&r.metric_label()),
+                "{r:?}"
+            );
+        }
+        let text = crate::metrics::Metrics::new().encode();
+        assert!(
+            text.contains("brume_hub_batches_total{result=\"rejected_malformed\"} 0"),
+            "{text}"
+        );
+    }
+
+    #[test]
     fn validation_reasons() {
         let ok_ts = MIN_TS_NS + 1;
         let good = AgentMessage::BatchV1(batch("a1", ok_ts)).encode();

@@ -15,6 +15,17 @@ use prometheus_client::registry::Registry;
 /// Label set of `brume_hub_batches_total`: `result="stored|duplicate|rejected_<reason>"`.
 pub type ResultLabel = [(&'static str, &'static str); 1];
 
+/// Every `result` label value of `brume_hub_batches_total`.
+pub const ALL_RESULTS: [&str; 7] = [
+    "stored",
+    "duplicate",
+    "rejected_bad_topic",
+    "rejected_malformed",
+    "rejected_agent_mismatch",
+    "rejected_bad_timestamp",
+    "rejected_overloaded",
+];
+
 /// All hub metrics plus the registry that encodes them. Cheap to share via `Arc`.
 #[derive(Debug)]
 pub struct Metrics {
@@ -36,6 +47,11 @@ impl Metrics {
     pub fn new() -> Arc<Metrics> {
         let mut registry = Registry::with_prefix("brume_hub");
         let batches = Family::<ResultLabel, Counter>::default();
+        // Create every result up front so each series exists (at 0) from the first
+        // scrape: `rate()` and alerts on a counter that appears late miss its first step.
+        for result in ALL_RESULTS {
+            let _ = batches.get_or_create(&[("result", result)]);
+        }
         registry.register("batches", "Batches received, by result", batches.clone());
         let readings_stored = Counter::default();
         registry.register(
