@@ -286,9 +286,16 @@ async fn read_connect(
     if buf.is_empty() {
         return Ok(None);
     }
-    // Try 3.1.1 first on a copy: a 5.0 CONNECT fails it with "invalid protocol level 5".
+    // Try 3.1.1 first on a copy. rumqttc's v4 decoder accepts protocol level 5 too (and
+    // misreads the properties), so a 5.0 CONNECT is turned into "invalid protocol level 5",
+    // which sends it to the v5 decoder below.
     let mut copy = buf.clone();
-    match v4::Packet::read(&mut copy, max) {
+    match v4::Packet::read(&mut copy, max).and_then(|p| match p {
+        v4::Packet::Connect(c) if c.protocol == rumqttc::mqttbytes::Protocol::V5 => {
+            Err(rumqttc::mqttbytes::Error::InvalidProtocolLevel(5))
+        }
+        p => Ok(p),
+    }) {
         Ok(v4::Packet::Connect(c)) => {
             *buf = copy;
             Ok(Some((Version::V4, c.client_id, c.clean_session, c.keep_alive)))
@@ -354,7 +361,10 @@ async fn read_loop(
                     tracing::warn!(reason, error = %msg, "closing sensor connection on a bad packet");
                     if let (Version::V5, Some(code)) = (version, code) {
                         let mut out = BytesMut::new();
-                        let _ = v5::Disconnect::new(code).write(&mut out);
+                        // DISCONNECT, remaining length 2, reason code, no properties. Not
+                        // rumqttc's Disconnect::write: it announces remaining length 1, then
+                        // writes 2 bytes.
+                        out.extend_from_slice(&[0xE0, 0x02, code as u8, 0x00]);
                         let _ = q.send(Outbound::Now(out)).await;
                     }
                     return Err(ConnError::Protocol(msg));
@@ -436,6 +446,12 @@ fn decode(version: Version, buf: &mut BytesMut, max: usize) -> Result<Option<Inb
         QoS::AtLeastOnce => 1,
         QoS::ExactlyOnce => 2,
     };
+    // rumqttc's v5 decoder rejects the normal DISCONNECT, remaining length 0 (`E0 00`), with
+    // "payload required"; it is what most MQTT 5 clients (rumqttc's own included) send.
+    if version == Version::V5 && buf.starts_with(&[0xE0, 0x00]) {
+        bytes::Buf::advance(buf, 2);
+        return Ok(Some(Inbound::Disconnect));
+    }
     match version {
         Version::V4 => match v4::Packet::read(buf, max) {
             Ok(p) => Ok(Some(match p {
