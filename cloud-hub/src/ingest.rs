@@ -30,10 +30,10 @@ use crate::metrics::Metrics;
 use crate::mqtt::{Delivery, MqttHandle};
 use crate::store::{BatchOutcome, HubStore};
 
-/// Earliest reading timestamp accepted: 2000-01-01T00:00:00Z, in ns.
-pub const MIN_TS_NS: i64 = 946_684_800 * 1_000_000_000;
-/// First reading timestamp refused: 2200-01-01T00:00:00Z, in ns.
-pub const MAX_TS_NS: i64 = 7_258_118_400 * 1_000_000_000;
+/// Earliest reading timestamp accepted (shared with agents, which refuse older ones).
+pub const MIN_TS_NS: i64 = brume_protocol::limits::MIN_TS_NS;
+/// First reading timestamp refused (shared with agents).
+pub const MAX_TS_NS: i64 = brume_protocol::limits::MAX_TS_NS;
 
 /// First delay before retrying a failed transaction.
 const RETRY_MIN: Duration = Duration::from_millis(100);

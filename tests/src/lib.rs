@@ -240,32 +240,48 @@ pub struct Agent {
 }
 
 impl Agent {
-    /// Starts an agent forwarding to the broker on `broker_port`. `extra` is appended to
-    /// its TOML config.
-    pub async fn start(exe: &Path, agent_id: &str, broker_port: u16, extra: &str) -> Result<Agent> {
+    /// Starts an agent forwarding to the broker on `broker_port`. `extra` adds TOML lines
+    /// per section: `("", "top-level = 1")`, `("forward", "mode = \"json\"")`,
+    /// `("store.default_rule", "...")`; they are merged with the harness's own.
+    pub async fn start(exe: &Path, agent_id: &str, broker_port: u16, extra: &[(&str, &str)]) -> Result<Agent> {
         let dir = tempfile::tempdir()?;
         let mqtt = free_port();
         let http = free_port();
+        let mut sections: Vec<(String, String)> = vec![
+            (String::new(), format!("agent_id = {agent_id:?}\ndata_dir = {:?}\n", dir.path().join("data").display().to_string())),
+            ("forward".into(), format!("port = {broker_port}\nack_timeout = \"3s\"\nreconnect_max = \"1s\"\n")),
+            ("listener".into(), format!("listen = \"127.0.0.1:{mqtt}\"\n")),
+            ("http".into(), format!("listen = \"127.0.0.1:{http}\"\n")),
+        ];
+        for (name, body) in extra {
+            match sections.iter_mut().find(|(n, _)| n == name) {
+                Some((_, b)) => {
+                    b.push_str(body);
+                    b.push('\n');
+                }
+                None => sections.push((name.to_string(), format!("{body}\n"))),
+            }
+        }
+        let mut text = String::new();
+        for (name, body) in &sections {
+            if !name.is_empty() {
+                text.push_str(&format!("[{name}]\n"));
+            }
+            text.push_str(body);
+        }
         let cfg = dir.path().join("agent.toml");
-        std::fs::write(
-            &cfg,
-            format!(
-                "agent_id = {agent_id:?}\ndata_dir = {data:?}\n{extra}\n[forward]\nport = {broker_port}\nack_timeout = \"3s\"\nreconnect_max = \"1s\"\n\
-                 [listener]\nlisten = \"127.0.0.1:{mqtt}\"\n[http]\nlisten = \"127.0.0.1:{http}\"\n",
-                data = dir.path().join("data").display().to_string()
-            ),
-        )?;
+        std::fs::write(&cfg, text)?;
         let proc = Proc::spawn("edge-agent", exe, &["--config".into(), cfg.display().to_string()], &dir.path().join("log"))?;
         let a = Agent { mqtt_port: mqtt, url: format!("http://127.0.0.1:{http}"), proc, dir };
-        wait_until("the agent's MQTT listener", Duration::from_secs(20), || port_open(mqtt)).await?;
+        wait_until("the agent's HTTP server", Duration::from_secs(20), || port_open(http)).await?;
         Ok(a)
     }
 
     /// Restarts on the same data directory and waits for the listener.
     pub async fn restart(&mut self) -> Result<()> {
         self.proc.restart()?;
-        let port = self.mqtt_port;
-        wait_until("the agent's MQTT listener after restart", Duration::from_secs(20), || port_open(port)).await
+        let port: u16 = self.url.rsplit(':').next().unwrap().parse()?;
+        wait_until("the agent's HTTP server after restart", Duration::from_secs(20), || port_open(port)).await
     }
 
     /// The agent's JSON status.

@@ -35,7 +35,7 @@ fn tail(s: &str) -> &str {
 async fn broker_outage_loses_nothing_and_duplicates_nothing() {
     let mut broker = Mosquitto::start().await.unwrap();
     let hub = Hub::start(Path::new(HUB), broker.port).await.unwrap();
-    let agent = Agent::start(Path::new(AGENT), "edge-outage", broker.port, "").await.unwrap();
+    let agent = Agent::start(Path::new(AGENT), "edge-outage", broker.port, &[]).await.unwrap();
     let sensor = Sensor::start(agent.mqtt_port, STREAMS, RATE);
 
     wait_until("data to reach the hub", Duration::from_secs(30), || async { hub.total().await > 500 }).await.unwrap();
@@ -69,7 +69,7 @@ async fn broker_outage_loses_nothing_and_duplicates_nothing() {
 async fn agent_and_hub_kill_9_lose_nothing_acknowledged() {
     let mut broker = Mosquitto::start().await.unwrap();
     let mut hub = Hub::start(Path::new(HUB), broker.port).await.unwrap();
-    let mut agent = Agent::start(Path::new(AGENT), "edge-kill", broker.port, "").await.unwrap();
+    let mut agent = Agent::start(Path::new(AGENT), "edge-kill", broker.port, &[]).await.unwrap();
     let sensor = Sensor::start(agent.mqtt_port, STREAMS, RATE);
 
     wait_until("data to reach the hub", Duration::from_secs(30), || async { hub.total().await > 500 }).await.unwrap();

@@ -34,6 +34,11 @@ pub mod limits {
     pub const MAX_AGENT_ID: usize = 128;
     /// Largest encoded message the hub accepts (a batch), in bytes.
     pub const MAX_MESSAGE_BYTES: usize = 8 * 1024 * 1024;
+    /// Earliest reading timestamp: 2000-01-01T00:00:00Z, in ns. Older timestamps are
+    /// almost always a unit mistake (seconds read as milliseconds) or an unset clock.
+    pub const MIN_TS_NS: i64 = 946_684_800 * 1_000_000_000;
+    /// First reading timestamp refused: 2200-01-01T00:00:00Z, in ns.
+    pub const MAX_TS_NS: i64 = 7_258_118_400 * 1_000_000_000;
 }
 
 /// One field value of a reading: the InfluxDB point model.
@@ -74,6 +79,7 @@ impl Reading {
     pub fn new(stream: impl Into<String>, ts_ns: i64, fields: &[Field]) -> Result<Self, DecodeError> {
         let stream = stream.into();
         validate_stream_name(&stream)?;
+        validate_timestamp(ts_ns)?;
         Ok(Reading { stream, ts_ns, fields: FieldsBlob::encode(fields)? })
     }
 }
@@ -245,6 +251,17 @@ pub fn validate_stream_name(name: &str) -> Result<(), DecodeError> {
         return Err(invalid("stream name", format!("{name:?} contains a control character or an MQTT wildcard")));
     }
     Ok(())
+}
+
+/// Checks a reading timestamp: within [`limits::MIN_TS_NS`]..[`limits::MAX_TS_NS`]
+/// (2000-01-01 to 2200-01-01). Agents refuse other timestamps at ingest and hubs refuse
+/// them in batches, so no batch an agent cuts is ever refused for its timestamps.
+pub fn validate_timestamp(ts_ns: i64) -> Result<(), DecodeError> {
+    if (limits::MIN_TS_NS..limits::MAX_TS_NS).contains(&ts_ns) {
+        Ok(())
+    } else {
+        Err(invalid("timestamp", format!("{ts_ns} ns is outside 2000-01-01T00:00:00Z..2200-01-01T00:00:00Z")))
+    }
 }
 
 /// Checks an agent id: 1 to [`limits::MAX_AGENT_ID`] bytes of `[A-Za-z0-9_.-]`, so it is

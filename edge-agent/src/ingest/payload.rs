@@ -66,8 +66,9 @@
 //! * Line protocol: the optional trailing timestamp is in nanoseconds; without it, the
 //!   arrival time.
 //! * Anything else (another JSON type, an unparsable string) or a time outside
-//!   1970-01-01T00:00:00Z..2262-04-11 (the range of signed 64-bit nanoseconds) is
-//!   rejected (`bad_timestamp`), naming the key or line.
+//!   2000-01-01T00:00:00Z..2200-01-01T00:00:00Z is rejected (`bad_timestamp`), naming the
+//!   key or line: earlier times are nearly always a unit mistake (seconds read as
+//!   milliseconds) or a device whose clock was never set, and the hub refuses them too.
 //!
 //! ## Line protocol
 //!
@@ -91,7 +92,7 @@ use influxdb_line_protocol::{FieldValue, ParsedLine};
 use serde_json::{Map, Number, Value as Json};
 
 /// The range of timestamps a reading can have, for error messages.
-const TIME_RANGE: &str = "1970-01-01T00:00:00Z..2262-04-11";
+const TIME_RANGE: &str = "2000-01-01T00:00:00Z..2200-01-01T00:00:00Z";
 
 /// How payloads are read: timestamps and size limits. Part of the agent's TOML config;
 /// every key is optional.
@@ -346,9 +347,20 @@ fn decode_text(payload: &[u8]) -> Result<&str, PayloadError> {
     Ok(text)
 }
 
+/// Whether a timestamp is one the protocol accepts.
+fn in_range(ts_ns: i64) -> bool {
+    (limits::MIN_TS_NS..limits::MAX_TS_NS).contains(&ts_ns)
+}
+
 /// Builds a reading, mapping the protocol's validation errors to ours.
 fn build_reading(stream: String, ts_ns: i64, fields: &[Field], at: Location) -> Result<Reading, PayloadError> {
     validate_stream_name(&stream).map_err(|e| PayloadError::BadStream { at, msg: e.to_string() })?;
+    if !in_range(ts_ns) {
+        // Only arrival times get here (parsed timestamps were checked with their key or
+        // line): the device's clock is wrong.
+        let msg = format!("arrival time {ts_ns} ns is outside {TIME_RANGE}: is the device clock set?");
+        return Err(PayloadError::BadTimestamp { at, msg });
+    }
     Reading::new(stream, ts_ns, fields).map_err(|e| PayloadError::BadField { at, msg: e.to_string() })
 }
 
@@ -544,7 +556,7 @@ fn number_timestamp(n: &Number, unit: TimestampUnit) -> Result<i64, String> {
         }
     };
     match ns {
-        Some(ns) if ns >= 0 => Ok(ns),
+        Some(ns) if in_range(ns) => Ok(ns),
         _ => Err(format!("{n} {unit} is outside {TIME_RANGE}")),
     }
 }
@@ -555,7 +567,7 @@ fn rfc3339_timestamp(s: &str) -> Result<i64, String> {
         humantime::parse_rfc3339_weak(utc_or_local).map_err(|e| format!("{s:?} is not an RFC 3339 timestamp ({e})"))?;
     let since_epoch = time.duration_since(UNIX_EPOCH).map_err(|_| format!("{s:?} is outside {TIME_RANGE}"))?;
     let ns = since_epoch.as_nanos() as i128 - i128::from(offset_s) * 1_000_000_000;
-    i64::try_from(ns).ok().filter(|ns| *ns >= 0).ok_or_else(|| format!("{s:?} is outside {TIME_RANGE}"))
+    i64::try_from(ns).ok().filter(|ns| in_range(*ns)).ok_or_else(|| format!("{s:?} is outside {TIME_RANGE}"))
 }
 
 /// Splits a numeric UTC offset (`+02:00`, `-05:30`) off an RFC 3339 string, returning the
@@ -638,7 +650,7 @@ fn line_reading(parsed: ParsedLine<'_>, line: usize, now_ns: i64) -> Result<Read
     }
     let ts_ns = match parsed.timestamp {
         None => now_ns,
-        Some(ts) if ts >= 0 => ts,
+        Some(ts) if in_range(ts) => ts,
         Some(ts) => {
             return Err(PayloadError::BadTimestamp { at, msg: format!("timestamp {ts} ns is outside {TIME_RANGE}") });
         }
@@ -781,7 +793,7 @@ mod tests {
                 (r#"{"a":{"temp":[1,[2]]}}"#, err("bad_field", &[r#""a.temp""#, "nested arrays"])),
                 ("{}", err("bad_field", &["payload", "no fields"])),
                 (r#"{"a":null,"b":{},"c":[]}"#, err("bad_field", &["no fields"])),
-                (r#"{"ts":1}"#, err("bad_field", &["no fields"])),
+                (r#"{"ts":1700000000000}"#, err("bad_field", &["no fields"])),
                 (r#"{"":1}"#, err("bad_field", &["field name", r#""""#])),
                 (&long_string, err("bad_field", &[r#""note""#, "16384"])),
                 (&many_fields, err("bad_field", &["payload", "more than 256 fields"])),
@@ -801,10 +813,10 @@ mod tests {
             &PayloadConfig::default(),
             vec![
                 (
-                    r#"[{"a":1,"ts":1},{"a":2,"ts":2},{"b":"x"}]"#,
+                    r#"[{"a":1,"ts":1700000000001},{"a":2,"ts":1700000000002},{"b":"x"}]"#,
                     ok([
-                        row(TOPIC_STREAM, MS, &[("a", f(1.0))]),
-                        row(TOPIC_STREAM, 2 * MS, &[("a", f(2.0))]),
+                        row(TOPIC_STREAM, NOW + MS, &[("a", f(1.0))]),
+                        row(TOPIC_STREAM, NOW + 2 * MS, &[("a", f(2.0))]),
                         row(TOPIC_STREAM, NOW, &[("b", s("x"))]),
                     ]),
                 ),
@@ -865,7 +877,11 @@ mod tests {
             vec![
                 (at("1700000000000"), on_topic(NOW, &a)),
                 (at("1700000000000.5"), on_topic(NOW + 500_000, &a)),
-                (at("0"), on_topic(0, &a)),
+                // Before 2000: a unit mistake (seconds sent as ms) or an unset clock.
+                (at("0"), err("bad_timestamp", &[r#""ts""#, "outside 2000-01-01"])),
+                (at("1700000000"), err("bad_timestamp", &[r#""ts""#, "outside 2000-01-01"])),
+                (at(r#""1999-12-31T23:59:59Z""#), err("bad_timestamp", &[r#""ts""#, "outside"])),
+                (at(r#""2200-01-01T00:00:00Z""#), err("bad_timestamp", &[r#""ts""#, "outside"])),
                 (at(r#""2023-11-14T22:13:20Z""#), on_topic(NOW, &a)),
                 (at(r#""2023-11-14T22:13:20.123456789Z""#), on_topic(NOW + 123_456_789, &a)),
                 (at(r#""2023-11-15T00:43:20+02:30""#), on_topic(NOW, &a)),
@@ -899,7 +915,7 @@ mod tests {
             nanos,
             vec![
                 (at("1700000000000000001"), on_topic(NOW + 1, &a)),
-                (at("9223372036854775807"), on_topic(i64::MAX, &a)),
+                (at("9223372036854775807"), err("bad_timestamp", &[r#""ts""#, "outside"])),
             ],
         );
         cases(
@@ -935,8 +951,8 @@ mod tests {
                 ),
                 ("cpu v=1", ok([cpu(NOW, &[("v", f(1.0))])])),
                 (
-                    "# header\n\ncpu v=1\n   \n  # indented comment\nmem,host=b v=2 5\n",
-                    ok([cpu(NOW, &[("v", f(1.0))]), row("mem", 5, &[("host", s("b")), ("v", f(2.0))])]),
+                    "# header\n\ncpu v=1\n   \n  # indented comment\nmem,host=b v=2 1700000000000000005\n",
+                    ok([cpu(NOW, &[("v", f(1.0))]), row("mem", NOW + 5, &[("host", s("b")), ("v", f(2.0))])]),
                 ),
                 ("cpu v=1\r\nmem v=2\r\n", ok([cpu(NOW, &[("v", f(1.0))]), row("mem", NOW, &[("v", f(2.0))])])),
                 // A quoted string may span lines; later line numbers still count physical lines.
@@ -996,8 +1012,8 @@ mod tests {
             (
                 None,
                 Some("application/json"),
-                r#"[{"stream":"a","v":1},{"stream":"b","v":2,"ts":7}]"#,
-                ok([row("a", NOW, &[("v", f(1.0))]), row("b", 7 * MS, &[("v", f(2.0))])]),
+                r#"[{"stream":"a","v":1},{"stream":"b","v":2,"ts":1700000000007}]"#,
+                ok([row("a", NOW, &[("v", f(1.0))]), row("b", NOW + 7 * MS, &[("v", f(2.0))])]),
             ),
             (
                 None,
@@ -1035,8 +1051,8 @@ mod tests {
             (
                 Some("dflt"),
                 None,
-                "cpu v=1\nmem v=2i 3",
-                ok([row("cpu", NOW, &[("v", f(1.0))]), row("mem", 3, &[("v", i(2))])]),
+                "cpu v=1\nmem v=2i 1700000000000000003",
+                ok([row("cpu", NOW, &[("v", f(1.0))]), row("mem", NOW + 3, &[("v", i(2))])]),
             ),
             (None, Some("text/plain; charset=utf-8"), "cpu v=1", ok([row("cpu", NOW, &[("v", f(1.0))])])),
             (None, Some("text/plain"), r#"{"stream":"a","v":1}"#, err("bad_line_protocol", &["line 1"])),

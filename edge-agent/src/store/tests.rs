@@ -8,8 +8,13 @@ fn opts(cfg_toml: &str) -> StoreOptions {
     StoreOptions::from_config(&cfg)
 }
 
+/// A valid timestamp base (2023-11-14); tests add small offsets.
+const T0: i64 = 1_700_000_000_000_000_000;
+
+/// A reading whose timestamp is `T0 + ts` and whose `value` is `ts`, so tests can speak
+/// in small numbers.
 fn reading(stream: &str, ts: i64) -> Reading {
-    Reading::new(stream, ts, &[Field { name: "value".into(), value: Value::F64(ts as f64) }]).unwrap()
+    Reading::new(stream, T0 + ts, &[Field { name: "value".into(), value: Value::F64(ts as f64) }]).unwrap()
 }
 
 /// Sends every pending batch "to the hub" and returns (stream, ts) in sequence order.
@@ -89,7 +94,7 @@ fn refuse_new_stream_refuses_when_full_and_drop_oldest_counts_losses() {
     // What is left plus what was lost is everything.
     let left = reader.readings("drop/y", i64::MIN, i64::MAX, 1000).unwrap();
     assert_eq!(left.len() as u64 + lost, 20);
-    assert_eq!(left.first().unwrap().0, lost as i64, "the oldest went first");
+    assert_eq!(left.first().unwrap().0, T0 + lost as i64, "the oldest went first");
 }
 
 #[test]
@@ -109,7 +114,7 @@ fn age_retention_deletes_old_readings_and_counts_unacknowledged_ones() {
     let now_ns = 10_000_000_000;
     let rs = [reading("s", now_ns - 5_000_000_000), reading("s", now_ns)];
     store.apply(&[&rs], &[], Instant::now()).unwrap();
-    let out = store.expire(now_ns).unwrap();
+    let out = store.expire(T0 + now_ns).unwrap();
     assert_eq!(out.dropped, vec![("s".to_string(), LossReason::Retention, 1)]);
     assert_eq!(store.snapshot().readings, 1);
 }
