@@ -225,6 +225,9 @@ async fn handle(mut socket: TcpStream, shared: &Shared, shutdown: CancellationTo
     let (rd, mut wr) = socket.into_split();
     let (q_tx, mut q_rx) = mpsc::channel::<Outbound>(usize::from(shared.cfg.max_inflight));
 
+    // Stops the reader: on shutdown or takeover (parent token), or when the writer fails.
+    let reader_stop = conn_token.child_token();
+    let stop_reader = reader_stop.clone();
     // Writer half: awaits verdicts in order, writes acknowledgements.
     let writer = async move {
         while let Some(item) = q_rx.recv().await {
@@ -262,10 +265,19 @@ async fn handle(mut socket: TcpStream, shared: &Shared, shutdown: CancellationTo
         let _ = wr.shutdown().await;
         Ok::<(), ConnError>(())
     };
+    let writer = async move {
+        let res = writer.await;
+        if res.is_err() {
+            // Nothing read after this could be acknowledged: stop reading now, so the
+            // sensor sees the close and re-sends.
+            stop_reader.cancel();
+        }
+        res
+    };
 
-    let reader = read_loop(rd, buf, version, max, idle_limit, shared, q_tx, conn_token.clone());
+    let reader = read_loop(rd, buf, version, max, idle_limit, shared, q_tx, reader_stop);
     // The reader ends on DISCONNECT, EOF, error or shutdown; dropping its queue sender lets
-    // the writer finish every pending PUBACK first. If the writer fails, stop reading.
+    // the writer finish every pending PUBACK first.
     let (r, w) = tokio::join!(reader, writer);
     {
         let mut s = shared.sessions.lock().unwrap_or_else(|e| e.into_inner());

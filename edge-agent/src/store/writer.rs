@@ -194,6 +194,8 @@ fn writer_loop(
                 }
                 metrics.record_dropped(&out.dropped);
                 metrics.batches_cut.inc_by(out.batches_cut);
+                // Publish the new state before replying, so whoever was acknowledged sees it.
+                let _ = snap_tx.send(store.snapshot());
                 for ((readings, reply), result) in appends.into_iter().zip(out.results) {
                     match &result {
                         Ok(()) => {
@@ -220,9 +222,9 @@ fn writer_loop(
                 }
                 // Keep `acks` for the next attempt. Back off so a full disk is not hammered.
                 std::thread::sleep(Duration::from_millis(50 * u64::from(failures.min(20))));
+                let _ = snap_tx.send(store.snapshot());
             }
         }
-        let _ = snap_tx.send(store.snapshot());
     }
     tracing::debug!("store writer stopped");
 }
