@@ -52,16 +52,18 @@ async fn subscribe_mode_survives_kill_9() {
     agent.proc.kill9();
     publish_all(local.port, "sensors/press", 5_000..8_000).await; // queued by the broker for the session
     agent.restart().await.unwrap();
-    wait_until("all 8,000 readings at the hub", Duration::from_secs(90), || async {
-        hub.counts().await.unwrap_or_default().iter().any(|(s, n)| s == "press" && *n >= 8_000)
-    })
-    .await
-    .unwrap_or_else(|e| panic!("{e}\n{}", agent.log()));
-    let rows = hub.readings("press").await.unwrap();
-    let mut seen: HashMap<u64, u32> = HashMap::new();
-    for r in &rows {
-        *seen.entry(r["fields"]["n"].as_f64().unwrap() as u64).or_default() += 1;
-    }
+    let unique = || async {
+        let rows = hub.readings("press").await.unwrap_or_default();
+        let mut seen: HashMap<u64, u32> = HashMap::new();
+        for r in &rows {
+            *seen.entry(r["fields"]["n"].as_f64().unwrap_or(-1.0) as u64).or_default() += 1;
+        }
+        seen
+    };
+    wait_until("all 8,000 readings at the hub", Duration::from_secs(90), || async { unique().await.len() >= 8_000 })
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n{}", agent.log()));
+    let seen = unique().await;
     assert_eq!(seen.len(), 8_000, "every reading published to the local broker reached the hub");
     assert!(seen.keys().all(|n| *n < 8_000));
 }

@@ -35,7 +35,14 @@ pub async fn run(
     opts.set_max_packet_size(payload_cfg.max_payload_bytes + 4096, 64 * 1024);
     let (client, mut eventloop) = AsyncClient::new(opts, 256);
     // Pending verdicts, in arrival order, with the publish to acknowledge.
-    let (q_tx, mut q_rx) = mpsc::channel::<(rumqttc::Publish, Verdict)>(256);
+    //
+    // Unbounded on purpose: the loop below polls the `EventLoop`, and the acker's
+    // `client.ack()` needs that polling to make progress. If the loop could block on a
+    // full queue while the acker blocks on a full request channel, both would stop for
+    // good. The queue is bounded in practice by the broker's in-flight window for this
+    // session (mosquitto `max_inflight_messages`), since nothing is acknowledged before
+    // its commit.
+    let (q_tx, mut q_rx) = mpsc::unbounded_channel::<(rumqttc::Publish, Verdict)>();
     let acker_client = client.clone();
     let acker = tokio::spawn(async move {
         while let Some((publish, verdict)) = q_rx.recv().await {
@@ -84,7 +91,7 @@ pub async fn run(
                         Verdict::Malformed
                     }
                 };
-                if q_tx.send((p, verdict)).await.is_err() {
+                if q_tx.send((p, verdict)).is_err() {
                     break;
                 }
             }
