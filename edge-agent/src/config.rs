@@ -168,6 +168,9 @@ pub struct StreamRuleBody {
     pub max_bytes: ByteSize,
     /// What happens when the stream (or the whole store) is full.
     pub when_full: WhenFull,
+    /// Whether the stream is forwarded. `false` keeps it as local history only (for
+    /// example raw sensor streams whose processed results are what leaves the device).
+    pub forward: bool,
 }
 
 impl Default for StreamRuleBody {
@@ -176,6 +179,7 @@ impl Default for StreamRuleBody {
             max_age: Duration::from_secs(7 * 24 * 3600),
             max_bytes: ByteSize::mib(256),
             when_full: WhenFull::DropOldest,
+            forward: true,
         }
     }
 }

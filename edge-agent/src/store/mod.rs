@@ -16,7 +16,7 @@
 //! * `meta`: the store epoch (random, chosen at creation), the next batch sequence
 //!   number, the next reading id, and `batched_upto` (every reading id ≤ it belongs to a
 //!   batch).
-//! * `streams(id, name, bytes, count)` and `losses(stream_id, reason, total)`.
+//! * `streams(id, name, bytes, count, forward)` (`forward` mirrors the stream's rule) and `losses(stream_id, reason, total)`.
 //! * `stream_buckets(bucket, stream_id, first_id, last_id, min_ts, max_ts, count)`: the
 //!   per-stream directory. Reading ids are grouped in buckets of [`BUCKET_IDS`]; for every
 //!   bucket and stream with readings in it, one row says where they are and which times
@@ -344,6 +344,14 @@ impl Store {
         self.st.stream_names.clear();
         self.st.total_bytes = 0;
         self.st.total_count = 0;
+        // The config may have changed since the last run: bring the forward flags in line.
+        let mut stmt = self.conn.prepare("SELECT id, name FROM streams")?;
+        let names: Vec<(i64, String)> = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?.collect::<Result<_, _>>()?;
+        drop(stmt);
+        for (id, name) in names {
+            let forward = self.st.opts.rules.rule_for(&name).forward;
+            self.conn.execute("UPDATE streams SET forward = ?2 WHERE id = ?1 AND forward != ?2", params![id, forward])?;
+        }
         let mut stmt = self.conn.prepare("SELECT id, name, bytes, count FROM streams")?;
         let rows = stmt.query_map([], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?, r.get::<_, i64>(2)?, r.get::<_, i64>(3)?)))?;
         for row in rows {
@@ -411,7 +419,7 @@ impl Store {
         let mut added: HashMap<(i64, i64), BucketDelta> = HashMap::new();
         {
             let mut insert = tx.prepare_cached("INSERT INTO readings(id, stream_id, ts_ns, fields) VALUES (?1, ?2, ?3, ?4)")?;
-            let mut new_stream = tx.prepare_cached("INSERT INTO streams(name, bytes, count) VALUES (?1, 0, 0)")?;
+            let mut new_stream = tx.prepare_cached("INSERT INTO streams(name, bytes, count, forward) VALUES (?1, 0, 0, ?2)")?;
             for group in groups {
                 // Admission, all in memory, before touching the database, so a refused
                 // group leaves no trace.
@@ -424,9 +432,9 @@ impl Store {
                 }
                 for r in group.iter() {
                     if !self.st.streams.contains_key(&r.stream) {
-                        new_stream.execute([&r.stream])?;
-                        let id = tx.last_insert_rowid();
                         let rule = self.st.opts.rules.rule_for(&r.stream).clone();
+                        new_stream.execute(params![&r.stream, rule.forward])?;
+                        let id = tx.last_insert_rowid();
                         self.st.stream_names.insert(id, r.stream.clone());
                         let st = StreamState { id, bytes: 0, count: 0, rule, dirty: true };
                         self.st.streams.insert(r.stream.clone(), st);
@@ -806,7 +814,7 @@ fn migrate(conn: &Connection) -> Result<(), StoreError> {
              CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value INTEGER NOT NULL);
              CREATE TABLE IF NOT EXISTS streams(
                  id INTEGER PRIMARY KEY, name TEXT NOT NULL UNIQUE,
-                 bytes INTEGER NOT NULL, count INTEGER NOT NULL);
+                 bytes INTEGER NOT NULL, count INTEGER NOT NULL, forward INTEGER NOT NULL DEFAULT 1);
              CREATE TABLE IF NOT EXISTS readings(
                  id INTEGER PRIMARY KEY, stream_id INTEGER NOT NULL,
                  ts_ns INTEGER NOT NULL, fields BLOB NOT NULL);
@@ -864,7 +872,7 @@ impl StoreReader {
         {
             let mut q = tx.prepare_cached(
                 "SELECT r.stream_id, s.name, r.ts_ns, r.fields FROM readings r JOIN streams s ON s.id = r.stream_id \
-                 WHERE r.id BETWEEN ?1 AND ?2 ORDER BY r.id",
+                 WHERE r.id BETWEEN ?1 AND ?2 AND s.forward = 1 ORDER BY r.id",
             )?;
             let mut rows = q.query(params![first, last])?;
             while let Some(row) = rows.next()? {

@@ -313,3 +313,16 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn local_only_streams_are_kept_but_not_forwarded() {
+    let dir = tempfile::tempdir().unwrap();
+    let o = opts("[[store.streams]]\nmatch = \"raw/#\"\nforward = false\n[forward]\nbatch_max_readings = 100");
+    let mut store = Store::open(dir.path(), o).unwrap();
+    let rs: Vec<Reading> = (0..10).map(|i| reading(if i % 2 == 0 { "raw/a" } else { "out/a" }, i)).collect();
+    store.apply(&[&rs], &[], Instant::now()).unwrap();
+    let got = drain(&mut store, dir.path());
+    assert_eq!(got.iter().map(|g| g.0.as_str()).collect::<Vec<_>>(), vec!["out/a"; 5]);
+    let reader = StoreReader::open(dir.path(), "a").unwrap();
+    assert_eq!(reader.readings("raw/a", i64::MIN, i64::MAX, 100).unwrap().len(), 5, "kept as local history");
+}
