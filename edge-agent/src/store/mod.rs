@@ -234,6 +234,19 @@ pub struct StoreSnapshot {
     pub unbatched: u64,
 }
 
+/// Where a processing module is: the last reading id it has consumed and its state.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ModuleProgress {
+    /// Module name (from its manifest or config).
+    pub name: String,
+    /// Hex sha256 of the module that made this progress.
+    pub hash: String,
+    /// Every reading id ≤ this has been consumed.
+    pub cursor: i64,
+    /// The module's saved state.
+    pub state: Vec<u8>,
+}
+
 /// Result of one [`Store::apply`] call.
 #[derive(Debug, Default)]
 pub struct ApplyOutcome {
@@ -401,7 +414,22 @@ impl Store {
     /// On `Err` nothing was committed and the in-memory state was rebuilt from disk; the
     /// caller must not acknowledge any of the groups.
     pub fn apply(&mut self, groups: &[&[Reading]], acks: &[u64], now: Instant) -> Result<ApplyOutcome, StoreError> {
-        let res = self.apply_inner(groups, acks, now);
+        self.apply_with_progress(groups, &[], acks, now)
+    }
+
+    /// Like [`apply`](Self::apply), and also records module progress: each
+    /// `(group index, progress)` is written in the same transaction as the module's
+    /// output readings (that group), and only if that group was admitted. So a module's
+    /// outputs, its input cursor and its state are committed together or not at all,
+    /// which makes processing exactly-once across crashes.
+    pub fn apply_with_progress(
+        &mut self,
+        groups: &[&[Reading]],
+        progress: &[(usize, ModuleProgress)],
+        acks: &[u64],
+        now: Instant,
+    ) -> Result<ApplyOutcome, StoreError> {
+        let res = self.apply_inner(groups, progress, acks, now);
         if res.is_err() {
             // The transaction rolled back (dropped uncommitted). Whatever we changed in
             // memory described it, so start again from what is on disk.
@@ -412,7 +440,13 @@ impl Store {
         res
     }
 
-    fn apply_inner(&mut self, groups: &[&[Reading]], acks: &[u64], now: Instant) -> Result<ApplyOutcome, StoreError> {
+    fn apply_inner(
+        &mut self,
+        groups: &[&[Reading]],
+        progress: &[(usize, ModuleProgress)],
+        acks: &[u64],
+        now: Instant,
+    ) -> Result<ApplyOutcome, StoreError> {
         let mut out = ApplyOutcome::default();
         let tx = self.conn.transaction()?;
         let mut lost: HashMap<(i64, LossReason), u64> = HashMap::new();
@@ -485,6 +519,16 @@ impl Store {
         }
 
         self.st.enforce_budgets(&tx, &mut lost)?;
+        if !progress.is_empty() {
+            let mut up = tx.prepare_cached(
+                "INSERT OR REPLACE INTO module_progress(name, hash, cursor, state, updated_ms) VALUES (?1, ?2, ?3, ?4, ?5)",
+            )?;
+            for (i, p) in progress {
+                if matches!(out.results.get(*i), Some(Ok(()))) {
+                    up.execute(params![p.name, p.hash, p.cursor, p.state, now_ms()])?;
+                }
+            }
+        }
         out.batches_cut = self.st.cut_batches(&tx, now)?;
         self.st.write_back(&tx, &lost)?;
         tx.commit()?;
@@ -827,6 +871,9 @@ fn migrate(conn: &Connection) -> Result<(), StoreError> {
              CREATE TABLE IF NOT EXISTS outbox(
                  seq INTEGER PRIMARY KEY, first_id INTEGER NOT NULL, last_id INTEGER NOT NULL,
                  readings INTEGER NOT NULL, created_ms INTEGER NOT NULL);
+             CREATE TABLE IF NOT EXISTS module_progress(
+                 name TEXT PRIMARY KEY, hash TEXT NOT NULL, cursor INTEGER NOT NULL,
+                 state BLOB NOT NULL, updated_ms INTEGER NOT NULL);
              CREATE TABLE IF NOT EXISTS losses(
                  stream_id INTEGER NOT NULL, reason INTEGER NOT NULL, total INTEGER NOT NULL,
                  PRIMARY KEY(stream_id, reason)) WITHOUT ROWID;
@@ -900,6 +947,61 @@ impl StoreReader {
             Ok(LossReport { stream: r.get(0)?, reason: reason_from_code(r.get(1)?), total: r.get::<_, i64>(2)? as u64 })
         })?;
         Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// A module's persisted progress, if any.
+    pub fn module_progress(&self, name: &str) -> Result<Option<ModuleProgress>, StoreError> {
+        Ok(self
+            .conn
+            .prepare_cached("SELECT name, hash, cursor, state FROM module_progress WHERE name = ?1")?
+            .query_row([name], |r| Ok(ModuleProgress { name: r.get(0)?, hash: r.get(1)?, cursor: r.get(2)?, state: r.get(3)? }))
+            .optional()?)
+    }
+
+    /// The highest reading id committed so far (0 if none).
+    pub fn last_id(&self) -> Result<i64, StoreError> {
+        Ok(self.conn.query_row("SELECT COALESCE(MAX(id), 0) FROM readings", [], |r| r.get(0))?)
+    }
+
+    /// Readings with id > `after` on streams accepted by `wanted`, oldest first, at most
+    /// `limit`, and the id up to which the store was scanned (the caller's next cursor,
+    /// which moves past readings of other streams even when none matched).
+    pub fn readings_after(
+        &self,
+        after: i64,
+        limit: usize,
+        wanted: &mut dyn FnMut(&str) -> bool,
+    ) -> Result<(Vec<(i64, String, i64, FieldsBlob)>, i64), StoreError> {
+        let mut names: HashMap<i64, Option<String>> = HashMap::new();
+        let mut q = self.conn.prepare_cached(
+            "SELECT r.id, r.stream_id, s.name, r.ts_ns, r.fields FROM readings r JOIN streams s ON s.id = r.stream_id \
+             WHERE r.id > ?1 ORDER BY r.id LIMIT 4096",
+        )?;
+        let mut out = Vec::new();
+        let mut cursor = after;
+        loop {
+            let mut rows = q.query([cursor])?;
+            let mut scanned = 0;
+            while let Some(row) = rows.next()? {
+                scanned += 1;
+                let id: i64 = row.get(0)?;
+                let sid: i64 = row.get(1)?;
+                let name = names.entry(sid).or_insert_with(|| {
+                    let n: String = row.get(2).unwrap_or_default();
+                    wanted(&n).then_some(n)
+                });
+                if let Some(n) = name {
+                    out.push((id, n.clone(), row.get(3)?, FieldsBlob(row.get(4)?)));
+                }
+                cursor = id;
+                if out.len() >= limit {
+                    return Ok((out, cursor));
+                }
+            }
+            if scanned < 4096 {
+                return Ok((out, cursor));
+            }
+        }
     }
 
     /// Cumulative loss counters.

@@ -326,3 +326,23 @@ fn local_only_streams_are_kept_but_not_forwarded() {
     let reader = StoreReader::open(dir.path(), "a").unwrap();
     assert_eq!(reader.readings("raw/a", i64::MIN, i64::MAX, 100).unwrap().len(), 5, "kept as local history");
 }
+
+#[test]
+fn module_progress_commits_with_its_outputs_or_not_at_all() {
+    let dir = tempfile::tempdir().unwrap();
+    let o = opts("[store]\nmax_streams = 2");
+    let mut store = Store::open(dir.path(), o).unwrap();
+    let p = |cursor: i64| ModuleProgress { name: "m".into(), hash: "h".into(), cursor, state: vec![cursor as u8] };
+    let out = store.apply_with_progress(&[&[reading("a", 1)], &[reading("out", 1)]], &[(1, p(7))], &[], Instant::now()).unwrap();
+    assert_eq!(out.results, vec![Ok(()), Ok(())]);
+    let reader = StoreReader::open(dir.path(), "a").unwrap();
+    assert_eq!(reader.module_progress("m").unwrap(), Some(p(7)));
+    // Outputs refused (a third stream): the progress must not move either.
+    let out = store.apply_with_progress(&[&[reading("new", 2)]], &[(0, p(9))], &[], Instant::now()).unwrap();
+    assert!(out.results[0].is_err());
+    assert_eq!(reader.module_progress("m").unwrap(), Some(p(7)));
+    // readings_after skips other streams but moves the cursor past them.
+    let (rows, cursor) = reader.readings_after(0, 10, &mut |s| s == "out").unwrap();
+    assert_eq!(rows.iter().map(|r| r.1.as_str()).collect::<Vec<_>>(), vec!["out"]);
+    assert_eq!(cursor, reader.last_id().unwrap());
+}

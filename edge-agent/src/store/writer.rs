@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use brume_protocol::Reading;
 use tokio::sync::{oneshot, watch};
 
-use super::{Refusal, Store, StoreError, StoreOptions, StoreReader, StoreSnapshot};
+use super::{ModuleProgress, Refusal, Store, StoreError, StoreOptions, StoreReader, StoreSnapshot};
 use crate::metrics::Metrics;
 
 /// Why an append was not committed.
@@ -46,6 +46,8 @@ impl AppendError {
 
 enum Cmd {
     Append { readings: Vec<Reading>, reply: oneshot::Sender<Result<(), AppendError>> },
+    /// A module's outputs and progress, committed together.
+    Module { readings: Vec<Reading>, progress: ModuleProgress, reply: oneshot::Sender<Result<(), AppendError>> },
     Ack(Vec<u64>),
 }
 
@@ -101,6 +103,14 @@ impl StoreHandle {
         Ok(rx)
     }
 
+    /// Commits a module's output readings together with its progress (input cursor and
+    /// state): both or neither. Resolves once durable.
+    pub async fn commit_module(&self, readings: Vec<Reading>, progress: ModuleProgress) -> Result<(), AppendError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx.send_async(Cmd::Module { readings, progress, reply }).await.map_err(|_| AppendError::Closed)?;
+        rx.await.map_err(|_| AppendError::Closed)?
+    }
+
     /// Blocking variant of [`append`](Self::append) for non-async threads.
     pub fn append_blocking(&self, readings: Vec<Reading>) -> Result<(), AppendError> {
         let (reply, rx) = oneshot::channel();
@@ -148,10 +158,16 @@ fn writer_loop(
     while !closed {
         let deadline = store.linger_deadline().map_or(next_expire, |d| d.min(next_expire));
         let mut appends: Vec<(Vec<Reading>, oneshot::Sender<Result<(), AppendError>>)> = Vec::new();
+        let mut progress: Vec<(usize, ModuleProgress)> = Vec::new();
         let mut n = 0usize;
         let mut take = |cmd: Cmd, n: &mut usize, acks: &mut Vec<u64>| match cmd {
             Cmd::Append { readings, reply } => {
                 *n += readings.len();
+                appends.push((readings, reply));
+            }
+            Cmd::Module { readings, progress: p, reply } => {
+                *n += readings.len();
+                progress.push((appends.len(), p));
                 appends.push((readings, reply));
             }
             Cmd::Ack(s) => acks.extend(s),
@@ -183,7 +199,7 @@ fn writer_loop(
 
         let groups: Vec<&[Reading]> = appends.iter().map(|(r, _)| r.as_slice()).collect();
         let started = Instant::now();
-        match store.apply(&groups, &acks, now) {
+        match store.apply_with_progress(&groups, &progress, &acks, now) {
             Ok(out) => {
                 metrics.commit_seconds.observe(started.elapsed().as_secs_f64());
                 acks.clear();
