@@ -4,12 +4,21 @@
 //! acknowledges them only after it returns `Ok`: the trait's contract is that `Ok`
 //! means *durably committed*. The HTTP API only reads.
 //!
-//! The methods are synchronous and may block on disk IO; callers run them on a
-//! blocking thread (`tokio::task::spawn_blocking`), never on the async runtime.
-//! [`sqlite::SqliteStore`] is the only implementation today; a later PostgreSQL one
-//! plugs in behind the same trait.
+//! The methods are synchronous and may block on disk or network IO; callers run them
+//! on a blocking thread (`tokio::task::spawn_blocking`), never on the async runtime.
+//!
+//! Two implementations, tested by one suite (`store/suite.rs`, instantiated per backend):
+//!
+//! * [`sqlite::SqliteStore`], one file in `data_dir`: the single-machine default;
+//! * [`postgres::PostgresStore`], a PostgreSQL database shared by any number of hubs:
+//!   the scale-out path (time-partitioned readings, retention by dropping partitions).
 
+pub mod postgres;
 pub mod sqlite;
+#[cfg(test)]
+pub(crate) mod suite;
+
+use std::time::Duration;
 
 use brume_protocol::{BatchV1, FieldsBlob, LossReason};
 
@@ -43,6 +52,71 @@ pub enum StoreError {
     /// A stored value does not decode (the file was modified outside the hub).
     #[error("corrupt stored data: {0}")]
     Corrupt(String),
+    /// A PostgreSQL call failed. `source` carries the server's SQLSTATE and message
+    /// when the server answered; otherwise it is a connection error.
+    #[error("postgres error while {op}: {}", postgres::pg_error_text(.source))]
+    Postgres {
+        /// What the store was doing, e.g. `inserting batches`.
+        op: &'static str,
+        /// The underlying error.
+        source: tokio_postgres::Error,
+    },
+    /// Could not connect to PostgreSQL.
+    #[error("cannot connect to postgres at {target}: {}", postgres::pg_error_text(.source))]
+    PostgresConnect {
+        /// Host, port and database (never the password).
+        target: String,
+        /// The underlying error.
+        source: tokio_postgres::Error,
+    },
+    /// A PostgreSQL operation took longer than `storage.postgres.query_timeout`. The
+    /// connection was dropped, which makes the server roll back an open transaction.
+    #[error("postgres {op} timed out after {after:?}")]
+    Timeout {
+        /// What the store was doing.
+        op: &'static str,
+        /// The limit that was exceeded.
+        after: Duration,
+    },
+    /// The store's dedicated IO runtime could not be started.
+    #[error("cannot start the postgres IO runtime: {0}")]
+    Runtime(#[source] std::io::Error),
+    /// A batch holds more readings than the schema can number.
+    #[error("batch ({agent_id}, {epoch}, {seq}) has more than {max} readings")]
+    TooManyReadings {
+        /// Agent id.
+        agent_id: String,
+        /// Store epoch.
+        epoch: u64,
+        /// Sequence number.
+        seq: u64,
+        /// Largest reading index the schema holds.
+        max: i64,
+    },
+}
+
+/// Maps a `u64` epoch to an `i64` with the same ordering (flips the sign bit).
+///
+/// Both SQL backends store epochs as signed 64-bit integers; flipping the sign bit makes
+/// the database's integer order the `u64` order the API promises.
+pub fn epoch_to_sql(epoch: u64) -> i64 {
+    (epoch ^ (1 << 63)) as i64
+}
+
+/// Inverse of [`epoch_to_sql`].
+pub fn epoch_from_sql(v: i64) -> u64 {
+    (v as u64) ^ (1 << 63)
+}
+
+/// Parses a loss reason as stored by [`LossReason::as_str`].
+fn loss_reason_from_str(s: &str) -> Result<LossReason, StoreError> {
+    match s {
+        "retention" => Ok(LossReason::Retention),
+        "store_full" => Ok(LossReason::StoreFull),
+        other => Err(StoreError::Corrupt(format!(
+            "unknown loss reason {other:?}"
+        ))),
+    }
 }
 
 /// What happened to one batch of an [`HubStore::ingest`] call. Both outcomes mean the

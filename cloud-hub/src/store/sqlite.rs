@@ -34,11 +34,11 @@ use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
-use brume_protocol::{BatchV1, FieldsBlob, LossReason};
+use brume_protocol::{BatchV1, FieldsBlob};
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 
 use super::{
-    AgentSummary, BatchOutcome, HubStore, LossSummary, MAX_MISSING_RANGES, ReadingsPage,
+    loss_reason_from_str, AgentSummary, BatchOutcome, HubStore, LossSummary, MAX_MISSING_RANGES, ReadingsPage,
     ReadingsQuery, StoreError, StoredReading, StreamSummary,
 };
 
@@ -90,15 +90,7 @@ CREATE TABLE losses (
 ) WITHOUT ROWID;
 ";
 
-/// Maps a `u64` epoch to an `i64` with the same ordering (flips the sign bit).
-pub fn epoch_to_sql(epoch: u64) -> i64 {
-    (epoch ^ (1 << 63)) as i64
-}
-
-/// Inverse of [`epoch_to_sql`].
-pub fn epoch_from_sql(v: i64) -> u64 {
-    (v as u64) ^ (1 << 63)
-}
+pub use super::{epoch_from_sql, epoch_to_sql};
 
 fn sql(op: &'static str) -> impl FnOnce(rusqlite::Error) -> StoreError {
     move |source| StoreError::Sqlite { op, source }
@@ -369,16 +361,6 @@ fn stream_id(
     };
     created.insert(name.to_owned(), id);
     Ok(id)
-}
-
-fn loss_reason_from_str(s: &str) -> Result<LossReason, StoreError> {
-    match s {
-        "retention" => Ok(LossReason::Retention),
-        "store_full" => Ok(LossReason::StoreFull),
-        other => Err(StoreError::Corrupt(format!(
-            "unknown loss reason {other:?}"
-        ))),
-    }
 }
 
 impl HubStore for SqliteStore {

@@ -1,0 +1,283 @@
+//! A private PostgreSQL server for tests: `initdb` into a temporary directory, `pg_ctl
+//! start` on a free loopback port, `pg_ctl stop -m immediate` and removal on drop.
+//!
+//! Shared by the store unit tests (`store/postgres/tests.rs`) and the hub integration
+//! tests (`tests/integration/main.rs` includes this file with `#[path]`), so it only
+//! uses std and `tempfile`. Needs the PostgreSQL server binaries: found through
+//! `BRUME_PG_BINDIR`, `pg_config --bindir` or `/usr/lib/postgresql/*/bin`
+//! (`apt-get install postgresql`, or `scripts/deps.sh`).
+//!
+//! PostgreSQL refuses to run as root. When the tests run as root, every server command
+//! runs as the `postgres` system user through `runuser`, with the directory chowned to
+//! it; otherwise the commands run directly.
+
+// Each test binary that includes this file uses a different subset of it.
+#![allow(dead_code)]
+
+use std::net::{Ipv4Addr, TcpListener};
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+
+/// A running (or stopped) private PostgreSQL server, destroyed on drop.
+pub struct TestPostgres {
+    /// TCP port on 127.0.0.1.
+    pub port: u16,
+    bindir: PathBuf,
+    dir: tempfile::TempDir,
+    /// Run server commands as the `postgres` user (the tests run as root).
+    as_postgres: bool,
+    running: bool,
+}
+
+/// Picks a free port by binding port 0 and releasing it.
+fn free_port() -> u16 {
+    TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn find_bindir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("BRUME_PG_BINDIR") {
+        return PathBuf::from(dir);
+    }
+    // pg_config may belong to libpq-dev and point at a server that is not installed, so
+    // its answer counts only if initdb is really there.
+    if let Ok(out) = Command::new("pg_config").arg("--bindir").output()
+        && out.status.success()
+    {
+        let dir = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
+        if dir.join("initdb").exists() {
+            return dir;
+        }
+    }
+    // Debian layout: /usr/lib/postgresql/<major>/bin; take the newest major.
+    let mut found: Vec<(u32, PathBuf)> = std::fs::read_dir("/usr/lib/postgresql")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            let major = e.file_name().to_str()?.parse::<u32>().ok()?;
+            let bin = e.path().join("bin");
+            bin.join("initdb").exists().then_some((major, bin))
+        })
+        .collect();
+    found.sort();
+    match found.pop() {
+        Some((_, bin)) => bin,
+        None => panic!(
+            "PostgreSQL server binaries (initdb, pg_ctl) not found: install the `postgresql` \
+             package (scripts/deps.sh) or set BRUME_PG_BINDIR"
+        ),
+    }
+}
+
+fn id_of(flag: &str) -> u32 {
+    let out = Command::new("id")
+        .args([flag, "postgres"])
+        .output()
+        .expect("running `id`");
+    assert!(
+        out.status.success(),
+        "running as root, but there is no `postgres` user to run PostgreSQL as"
+    );
+    String::from_utf8_lossy(&out.stdout).trim().parse().unwrap()
+}
+
+impl TestPostgres {
+    /// Creates a cluster (superuser `postgres`, trust authentication) and starts it.
+    pub fn start() -> TestPostgres {
+        let bindir = find_bindir();
+        let dir = tempfile::Builder::new()
+            .prefix("brume-pg-")
+            .tempdir()
+            .unwrap();
+        // Files we create are owned by our effective uid: 0 means root.
+        let as_postgres = std::fs::metadata(dir.path()).unwrap().uid() == 0;
+        if as_postgres {
+            std::os::unix::fs::chown(dir.path(), Some(id_of("-u")), Some(id_of("-g")))
+                .unwrap();
+        }
+        let mut pg = TestPostgres {
+            port: free_port(),
+            bindir,
+            dir,
+            as_postgres,
+            running: false,
+        };
+        let data = pg.data_dir();
+        pg.run(
+            "initdb",
+            &[
+                "-D".as_ref(),
+                data.as_os_str(),
+                "-A".as_ref(),
+                "trust".as_ref(),
+                "-U".as_ref(),
+                "postgres".as_ref(),
+                // Test data does not need to survive a power cut.
+                "--no-sync".as_ref(),
+            ],
+        );
+        pg.restart();
+        pg
+    }
+
+    fn data_dir(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    /// Runs a server binary (as `postgres` when we are root); panics with its output
+    /// (and the server log) on failure.
+    fn run(&self, bin: &str, args: &[&std::ffi::OsStr]) -> Output {
+        let exe = self.bindir.join(bin);
+        let mut cmd = if self.as_postgres {
+            let mut c = Command::new("runuser");
+            c.args(["-u", "postgres", "--"]).arg(&exe);
+            c
+        } else {
+            Command::new(&exe)
+        };
+        let out = cmd
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap_or_else(|e| panic!("running {}: {e}", exe.display()));
+        if !out.status.success() {
+            let log = std::fs::read_to_string(self.dir.path().join("log")).unwrap_or_default();
+            panic!(
+                "{bin} failed ({}):\n{}{}\nserver log:\n{log}",
+                out.status,
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        out
+    }
+
+    /// Starts the server (again) on the same port and data, waiting until it accepts
+    /// connections.
+    pub fn restart(&mut self) {
+        let data = self.data_dir();
+        let log = self.dir.path().join("log");
+        let opts = format!(
+            "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=50",
+            self.port,
+            self.dir.path().display()
+        );
+        self.run(
+            "pg_ctl",
+            &[
+                "-D".as_ref(),
+                data.as_os_str(),
+                "-l".as_ref(),
+                log.as_os_str(),
+                "-o".as_ref(),
+                opts.as_ref(),
+                "-w".as_ref(),
+                "start".as_ref(),
+            ],
+        );
+        self.running = true;
+    }
+
+    /// Stops the server at once (no shutdown checkpoint, clients are cut off), as a
+    /// crash would. [`TestPostgres::restart`] brings it back with all committed data.
+    pub fn stop(&mut self) {
+        let data = self.data_dir();
+        self.run(
+            "pg_ctl",
+            &[
+                "-D".as_ref(),
+                data.as_os_str(),
+                "-m".as_ref(),
+                "immediate".as_ref(),
+                "-w".as_ref(),
+                "stop".as_ref(),
+            ],
+        );
+        self.running = false;
+    }
+
+    /// Creates an empty database and returns its connection URL.
+    pub fn create_db(&self, name: &str) -> String {
+        let port = self.port.to_string();
+        self.run(
+            "psql",
+            &[
+                "-h".as_ref(),
+                "127.0.0.1".as_ref(),
+                "-p".as_ref(),
+                port.as_ref(),
+                "-U".as_ref(),
+                "postgres".as_ref(),
+                "-v".as_ref(),
+                "ON_ERROR_STOP=1".as_ref(),
+                "-c".as_ref(),
+                format!("CREATE DATABASE \"{name}\"").as_ref(),
+            ],
+        );
+        self.url(name)
+    }
+
+    /// Runs SQL through `psql` on `db`, returning its unaligned, tuples-only output.
+    pub fn psql(&self, db: &str, sql: &str) -> String {
+        let port = self.port.to_string();
+        let out = self.run(
+            "psql",
+            &[
+                "-h".as_ref(),
+                "127.0.0.1".as_ref(),
+                "-p".as_ref(),
+                port.as_ref(),
+                "-U".as_ref(),
+                "postgres".as_ref(),
+                "-d".as_ref(),
+                db.as_ref(),
+                "-At".as_ref(),
+                "-v".as_ref(),
+                "ON_ERROR_STOP=1".as_ref(),
+                "-c".as_ref(),
+                sql.as_ref(),
+            ],
+        );
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    }
+
+    /// Connection URL for database `db`.
+    pub fn url(&self, db: &str) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/{db}", self.port)
+    }
+
+    /// The data directory's parent, which also holds the server log (`log`).
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+}
+
+impl Drop for TestPostgres {
+    fn drop(&mut self) {
+        if self.running {
+            // Best effort: a panic here would abort a test that is already unwinding.
+            let data = self.data_dir();
+            let exe = self.bindir.join("pg_ctl");
+            let mut cmd = if self.as_postgres {
+                let mut c = Command::new("runuser");
+                c.args(["-u", "postgres", "--"]).arg(exe);
+                c
+            } else {
+                Command::new(exe)
+            };
+            let _ = cmd
+                .arg("-D")
+                .arg(&data)
+                .args(["-m", "immediate", "-w", "stop"])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status();
+        }
+        // TempDir removes the directory after this.
+    }
+}

@@ -1,0 +1,491 @@
+//! The store test suite every [`HubStore`] implementation must pass.
+//!
+//! Each backend implements [`Fixture`] (how to get a fresh, empty store and how to open
+//! it again) and instantiates the suite with [`store_suite!`](crate::store_suite), which
+//! expands to one `#[test]` per behaviour below. Backend-specific tests (schema version
+//! markers, partitions) live next to each backend.
+
+use brume_protocol::{
+    BatchV1, Field, FieldsBlob, LossReason, LossReport, Point, StreamChunk, Value,
+};
+
+use super::{
+    BatchOutcome, HubStore, LossSummary, ReadingsPage, ReadingsQuery, StreamSummary,
+};
+
+/// A backend under test: owns whatever the store lives in (a temporary directory, a
+/// private PostgreSQL server) and removes it on drop.
+pub(crate) trait Fixture: Sized {
+    /// The store type.
+    type Store: HubStore;
+    /// Sets up an empty place for a store.
+    fn new() -> Self;
+    /// Opens a store on this fixture's data. Opening again after dropping (or next to)
+    /// a previous store must see everything that store committed.
+    fn open(&self) -> Self::Store;
+}
+
+/// Expands to one `#[test]` per suite function, each running on a fresh `$fixture`.
+#[macro_export]
+#[doc(hidden)]
+macro_rules! store_suite {
+    ($fixture:ty) => {
+        $crate::store_suite!(@tests $fixture;
+            same_batch_twice_is_stored_once_and_both_committed,
+            readings_are_ordered_and_paginated,
+            watermark_and_gaps,
+            losses_keep_the_maximum,
+            reopen_keeps_data,
+            failed_transaction_stores_nothing,
+            random_ingest_matches_a_model,
+        );
+    };
+    (@tests $fixture:ty; $($name:ident),* $(,)?) => {
+        $(
+            #[test]
+            fn $name() {
+                let fixture = <$fixture as $crate::store::suite::Fixture>::new();
+                $crate::store::suite::$name(&fixture);
+            }
+        )*
+    };
+}
+
+pub(crate) fn fields(v: f64) -> FieldsBlob {
+    FieldsBlob::encode(&[Field {
+        name: "value".into(),
+        value: Value::F64(v),
+    }])
+    .unwrap()
+}
+
+/// A batch with one chunk per `(stream, timestamps)` entry.
+pub(crate) fn batch(agent: &str, epoch: u64, seq: u64, chunks: &[(&str, &[i64])]) -> BatchV1 {
+    BatchV1 {
+        agent_id: agent.into(),
+        epoch,
+        seq,
+        created_ms: 1,
+        streams: chunks
+            .iter()
+            .map(|(s, ts)| StreamChunk {
+                stream: (*s).into(),
+                points: ts
+                    .iter()
+                    .map(|&t| Point {
+                        ts_ns: t,
+                        fields: fields(t as f64),
+                    })
+                    .collect(),
+            })
+            .collect(),
+        losses: vec![],
+    }
+}
+
+/// Every reading of `stream`, following cursors with pages of `limit`; also returns the
+/// number of pages.
+pub(crate) fn all(
+    store: &dyn HubStore,
+    stream: &str,
+    limit: usize,
+) -> (Vec<(i64, String, u64, u32)>, usize) {
+    let mut out = Vec::new();
+    let mut after = None;
+    let mut pages = 0;
+    loop {
+        let page = store
+            .readings(&ReadingsQuery {
+                stream: stream.into(),
+                from: None,
+                to: None,
+                limit,
+                after: after.take(),
+            })
+            .unwrap();
+        pages += 1;
+        assert!(page.readings.len() <= limit);
+        out.extend(
+            page.readings
+                .iter()
+                .map(|r| (r.ts_ns, r.agent_id.clone(), r.seq, r.idx)),
+        );
+        match page.next {
+            Some(c) => after = Some(c),
+            None => return (out, pages),
+        }
+    }
+}
+
+pub(crate) fn same_batch_twice_is_stored_once_and_both_committed(f: &impl Fixture) {
+    let store = f.open();
+    let b = batch("a1", 7, 1, &[("s", &[10, 20])]);
+    assert_eq!(
+        store.ingest(std::slice::from_ref(&b), 100).unwrap(),
+        vec![BatchOutcome::Stored]
+    );
+    assert_eq!(
+        store.ingest(std::slice::from_ref(&b), 200).unwrap(),
+        vec![BatchOutcome::Duplicate]
+    );
+    // Twice in one transaction: the second is a duplicate of the first.
+    let c = batch("a1", 7, 2, &[("s", &[30])]);
+    assert_eq!(
+        store.ingest(&[c.clone(), c], 300).unwrap(),
+        vec![BatchOutcome::Stored, BatchOutcome::Duplicate]
+    );
+    let streams = store.streams().unwrap();
+    assert_eq!(
+        streams,
+        vec![StreamSummary {
+            stream: "s".into(),
+            readings: 3,
+            first_ts_ns: Some(10),
+            last_ts_ns: Some(30)
+        }]
+    );
+    assert_eq!(all(&store, "s", 100).0.len(), 3);
+    // Same seq in another epoch is a different batch.
+    let e = batch("a1", 8, 1, &[("s", &[40])]);
+    assert_eq!(store.ingest(&[e], 400).unwrap(), vec![BatchOutcome::Stored]);
+    // Outcomes follow the input order, whatever order the store inserts in.
+    let out = store
+        .ingest(
+            &[
+                batch("z", 1, 9, &[]),
+                batch("a1", 7, 1, &[("s", &[10])]),
+                batch("b", 1, 1, &[]),
+            ],
+            500,
+        )
+        .unwrap();
+    assert_eq!(
+        out,
+        vec![
+            BatchOutcome::Stored,
+            BatchOutcome::Duplicate,
+            BatchOutcome::Stored
+        ]
+    );
+}
+
+pub(crate) fn readings_are_ordered_and_paginated(f: &impl Fixture) {
+    let store = f.open();
+    // Interleaved timestamps across agents, epochs and batches; equal timestamps are
+    // ordered by agent id, then epoch (as u64: 2^63+1 after 5), then seq, then idx.
+    // Agent ids compare bytewise: "A-x" < "a" < "a_b" < "b" (a locale collation would
+    // put them differently).
+    store
+        .ingest(
+            &[
+                batch("b", 5, 1, &[("s", &[30, 10]), ("other", &[1])]),
+                batch("a", 5, 1, &[("s", &[30, 20])]),
+                batch("a", (1 << 63) + 1, 1, &[("s", &[30])]),
+                batch("a", 5, 2, &[("s", &[30, 30])]),
+                batch("a_b", 5, 1, &[("s", &[40])]),
+                batch("A-x", 5, 1, &[("s", &[40])]),
+            ],
+            1,
+        )
+        .unwrap();
+    let expected = vec![
+        (10, "b".to_string(), 1, 1),
+        (20, "a".into(), 1, 1),
+        (30, "a".into(), 1, 0),
+        (30, "a".into(), 2, 0),
+        (30, "a".into(), 2, 1),
+        (30, "a".into(), 1, 0), // epoch 2^63+1
+        (30, "b".into(), 1, 0),
+        (40, "A-x".into(), 1, 0),
+        (40, "a_b".into(), 1, 0),
+    ];
+    for limit in [1, 2, 3, 6, 7, 100] {
+        let (rows, pages) = all(&store, "s", limit);
+        assert_eq!(rows, expected, "limit {limit}");
+        assert_eq!(
+            pages,
+            expected.len().div_ceil(limit).max(1),
+            "limit {limit}"
+        );
+    }
+    // The 6th row is the big epoch.
+    let page = store
+        .readings(&ReadingsQuery {
+            stream: "s".into(),
+            from: None,
+            to: None,
+            limit: 9,
+            after: None,
+        })
+        .unwrap();
+    assert_eq!(page.readings[5].epoch, (1 << 63) + 1);
+    assert_eq!(page.next, None);
+    assert_eq!(page.readings[0].fields, fields(10.0));
+
+    // from inclusive, to exclusive.
+    let q = ReadingsQuery {
+        stream: "s".into(),
+        from: Some(20),
+        to: Some(30),
+        limit: 10,
+        after: None,
+    };
+    let page = store.readings(&q).unwrap();
+    assert_eq!(
+        page.readings.iter().map(|r| r.ts_ns).collect::<Vec<_>>(),
+        vec![20]
+    );
+    // A range combined with a cursor: both bounds apply.
+    let first = store
+        .readings(&ReadingsQuery {
+            stream: "s".into(),
+            from: Some(20),
+            to: Some(40),
+            limit: 2,
+            after: None,
+        })
+        .unwrap();
+    let rest = store
+        .readings(&ReadingsQuery {
+            stream: "s".into(),
+            from: Some(20),
+            to: Some(40),
+            limit: 100,
+            after: first.next.clone(),
+        })
+        .unwrap();
+    assert_eq!(first.readings.len() + rest.readings.len(), 6);
+    assert_eq!(rest.next, None);
+
+    let unknown = ReadingsQuery {
+        stream: "nope".into(),
+        from: None,
+        to: None,
+        limit: 10,
+        after: None,
+    };
+    assert_eq!(
+        store.readings(&unknown).unwrap(),
+        ReadingsPage {
+            readings: vec![],
+            next: None
+        }
+    );
+
+    let names: Vec<String> = store
+        .streams()
+        .unwrap()
+        .into_iter()
+        .map(|s| s.stream)
+        .collect();
+    assert_eq!(names, vec!["other", "s"]);
+}
+
+pub(crate) fn watermark_and_gaps(f: &impl Fixture) {
+    let store = f.open();
+    let seqs = [2u64, 3, 5, 9, 10];
+    let batches: Vec<BatchV1> = seqs
+        .iter()
+        .map(|&s| batch("a", 1, s, &[("s", &[s as i64])]))
+        .collect();
+    store.ingest(&batches, 50).unwrap();
+    store
+        .ingest(
+            &[batch("a", 2, 1, &[]), batch("a", 2, 2, &[("s", &[1, 2])])],
+            60,
+        )
+        .unwrap();
+    store
+        .ingest(&[batch("b", 1, 1, &[]), batch("b", 1, 3, &[])], 70)
+        .unwrap();
+    let agents = store.agents().unwrap();
+    let summary: Vec<_> = agents
+        .iter()
+        .map(|a| {
+            (
+                a.agent_id.as_str(),
+                a.epoch,
+                a.batches,
+                a.readings,
+                a.watermark,
+                a.max_seq,
+                a.missing.clone(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        summary,
+        vec![
+            ("a", 1, 5, 5, 0, 10, vec![(1, 1), (4, 4), (6, 8)]),
+            ("a", 2, 2, 2, 2, 2, vec![]),
+            ("b", 1, 2, 0, 1, 3, vec![(2, 2)]),
+        ]
+    );
+    assert_eq!(agents[0].last_seen_ms, 50);
+    assert_eq!(agents[2].last_seen_ms, 70);
+    // Filling seq 1 moves the watermark to 3.
+    store.ingest(&[batch("a", 1, 1, &[])], 80).unwrap();
+    let a = &store.agents().unwrap()[0];
+    assert_eq!(
+        (a.watermark, a.missing.clone(), a.last_seen_ms),
+        (3, vec![(4, 4), (6, 8)], 80)
+    );
+}
+
+pub(crate) fn losses_keep_the_maximum(f: &impl Fixture) {
+    let store = f.open();
+    let loss = |stream: &str, reason, total| LossReport {
+        stream: stream.into(),
+        reason,
+        total,
+    };
+    let mut b1 = batch("a", 1, 1, &[]);
+    b1.losses = vec![
+        loss("s", LossReason::StoreFull, 5),
+        loss("s", LossReason::Retention, 1),
+    ];
+    let mut b2 = batch("a", 1, 2, &[]);
+    b2.losses = vec![loss("s", LossReason::StoreFull, 3)];
+    // A duplicate carrying a newer total still updates the counter.
+    let mut b1_again = b1.clone();
+    b1_again.losses = vec![loss("t", LossReason::StoreFull, 2)];
+    store.ingest(&[b1, b2], 1).unwrap();
+    store.ingest(&[b1_again], 2).unwrap();
+    let a = &store.agents().unwrap()[0];
+    assert_eq!(
+        a.losses,
+        vec![
+            LossSummary {
+                stream: "s".into(),
+                reason: LossReason::Retention,
+                total: 1
+            },
+            LossSummary {
+                stream: "s".into(),
+                reason: LossReason::StoreFull,
+                total: 5
+            },
+            LossSummary {
+                stream: "t".into(),
+                reason: LossReason::StoreFull,
+                total: 2
+            },
+        ]
+    );
+    // Loss-only streams do not appear as streams.
+    assert!(store.streams().unwrap().is_empty());
+}
+
+pub(crate) fn reopen_keeps_data(f: &impl Fixture) {
+    {
+        let store = f.open();
+        store
+            .ingest(&[batch("a", 1, 1, &[("s", &[5])])], 1)
+            .unwrap();
+    }
+    let store = f.open();
+    // Stream ids are found again: new readings land on the existing stream.
+    store
+        .ingest(&[batch("a", 1, 2, &[("s", &[6])])], 2)
+        .unwrap();
+    assert_eq!(store.streams().unwrap()[0].readings, 2);
+    assert_eq!(
+        store.ingest(&[batch("a", 1, 1, &[("s", &[5])])], 3).unwrap(),
+        vec![BatchOutcome::Duplicate]
+    );
+}
+
+pub(crate) fn failed_transaction_stores_nothing(f: &impl Fixture) {
+    let store = f.open();
+    // A seq beyond i64 fails the call after the first batch was prepared or written.
+    let mut bad = batch("a", 1, 2, &[("new", &[1])]);
+    bad.seq = u64::MAX;
+    assert!(
+        store
+            .ingest(&[batch("a", 1, 1, &[("new", &[1])]), bad], 1)
+            .is_err()
+    );
+    assert!(store.streams().unwrap().is_empty());
+    assert!(store.agents().unwrap().is_empty());
+    // The stream id created by the rolled-back transaction is not cached.
+    store
+        .ingest(&[batch("a", 1, 1, &[("new", &[1])])], 2)
+        .unwrap();
+    assert_eq!(store.streams().unwrap()[0].readings, 1);
+}
+
+/// Random groups (with re-sends) against an in-memory model: outcomes, stream
+/// statistics and the paginated readings must agree. Deterministic seed, so a failure
+/// reproduces.
+pub(crate) fn random_ingest_matches_a_model(f: &impl Fixture) {
+    use rand::{Rng, SeedableRng};
+    use std::collections::{BTreeMap, BTreeSet};
+
+    let store = f.open();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(5);
+    let day = 86_400_000_000_000i64;
+    let mut seen: BTreeSet<(String, u64, u64)> = BTreeSet::new();
+    // stream -> sorted (ts, agent, epoch, seq, idx)
+    let mut model: BTreeMap<String, Vec<(i64, String, u64, u64, u32)>> = BTreeMap::new();
+    for _ in 0..12 {
+        let group: Vec<BatchV1> = (0..rng.random_range(1..8))
+            .map(|_| {
+                let agent = ["a", "b", "c"][rng.random_range(0..3)];
+                let epoch = [1u64, u64::MAX][rng.random_range(0..2)];
+                let seq = rng.random_range(1..10);
+                let chunks: Vec<(String, Vec<i64>)> = (0..rng.random_range(0..3))
+                    .map(|i| {
+                        let n = rng.random_range(0..4);
+                        // Spread over a few days so several partitions are involved.
+                        let ts = (0..n).map(|_| rng.random_range(0..3 * day)).collect();
+                        (format!("s{i}"), ts)
+                    })
+                    .collect();
+                let refs: Vec<(&str, &[i64])> = chunks
+                    .iter()
+                    .map(|(s, t)| (s.as_str(), t.as_slice()))
+                    .collect();
+                batch(agent, epoch, seq, &refs)
+            })
+            .collect();
+        let outcomes = store.ingest(&group, 1).unwrap();
+        for (b, o) in group.iter().zip(outcomes) {
+            let new = seen.insert((b.agent_id.clone(), b.epoch, b.seq));
+            assert_eq!(o == BatchOutcome::Stored, new, "{b:?}");
+            if !new {
+                continue;
+            }
+            let mut idx = 0;
+            for c in &b.streams {
+                for p in &c.points {
+                    model.entry(c.stream.clone()).or_default().push((
+                        p.ts_ns,
+                        b.agent_id.clone(),
+                        b.epoch,
+                        b.seq,
+                        idx,
+                    ));
+                    idx += 1;
+                }
+            }
+        }
+    }
+    model.retain(|_, v| !v.is_empty());
+    let summaries = store.streams().unwrap();
+    assert_eq!(
+        summaries.iter().map(|s| &s.stream).collect::<Vec<_>>(),
+        model.keys().collect::<Vec<_>>()
+    );
+    for s in &summaries {
+        let rows = model.get_mut(&s.stream).unwrap();
+        rows.sort();
+        assert_eq!(s.readings, rows.len() as u64);
+        assert_eq!(s.first_ts_ns, rows.first().map(|r| r.0));
+        assert_eq!(s.last_ts_ns, rows.iter().map(|r| r.0).max());
+        let expect: Vec<_> = rows
+            .iter()
+            .map(|r| (r.0, r.1.clone(), r.3, r.4))
+            .collect();
+        assert_eq!(all(&store, &s.stream, 3).0, expect, "{}", s.stream);
+    }
+}
