@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # Installs what Brume's demo and tests need when it is missing: mosquitto (the MQTT broker
-# the tests start privately on free ports). Debian/Ubuntu; needs root or sudo for apt-get.
+# the tests start privately on free ports) and the PostgreSQL server binaries (the hub's
+# postgres tests initdb private servers). Debian/Ubuntu; needs root or sudo for apt-get.
 set -euo pipefail
 
 need=()
 command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || need+=(mosquitto)
 command -v mosquitto_pub >/dev/null 2>&1 || need+=(mosquitto-clients)
 command -v curl >/dev/null 2>&1 || need+=(curl)
+[ -x "$(ls /usr/lib/postgresql/*/bin/initdb 2>/dev/null | head -1)" ] || need+=(postgresql)
 
 if [ ${#need[@]} -gt 0 ]; then
   echo "installing: ${need[*]}"

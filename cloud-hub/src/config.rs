@@ -48,8 +48,11 @@ fn invalid(key: &'static str, reason: impl Into<String>) -> ConfigError {
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
-    /// Directory holding the hub's SQLite database (`hub.db`). Created if missing.
+    /// Directory holding the hub's SQLite database (`hub.db`). Created if missing. Not
+    /// used by the PostgreSQL backend.
     pub data_dir: PathBuf,
+    /// Which database stores batches and readings.
+    pub storage: StorageConfig,
     /// MQTT broker connection.
     pub mqtt: MqttConfig,
     /// HTTP API.
@@ -62,10 +65,117 @@ impl Default for Config {
     fn default() -> Self {
         Config {
             data_dir: PathBuf::from("./hub-data"),
+            storage: StorageConfig::default(),
             mqtt: MqttConfig::default(),
             http: HttpConfig::default(),
             ingest: IngestConfig::default(),
         }
+    }
+}
+
+/// Storage backend selection and settings.
+#[derive(Debug, Clone, PartialEq, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StorageConfig {
+    /// `sqlite` (one file in `data_dir`, the single-machine default) or `postgres`
+    /// (a database shared by any number of hubs).
+    pub backend: Backend,
+    /// PostgreSQL settings, used when `backend = "postgres"`.
+    pub postgres: PostgresConfig,
+}
+
+/// A storage backend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Backend {
+    /// Embedded SQLite in `data_dir/hub.db`.
+    #[default]
+    Sqlite,
+    /// PostgreSQL at `storage.postgres.url`.
+    Postgres,
+}
+
+/// Largest accepted `storage.postgres.pool_size`. Every hub instance opens up to this
+/// many connections, and PostgreSQL's default `max_connections` is 100.
+pub const MAX_POOL_SIZE: usize = 64;
+
+/// PostgreSQL connection settings.
+#[derive(Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PostgresConfig {
+    /// Connection string, as a URL (`postgres://user:password@host:5432/dbname`) or in
+    /// libpq key/value form (`host=db1 port=5432 user=brume dbname=brume`). Several
+    /// hosts (`host=a,b`) with `target_session_attrs=read-write` follow a failover.
+    /// TLS is not supported yet: use a trusted network or a local proxy.
+    pub url: String,
+    /// Most connections this hub opens (ingest uses one; the rest serve HTTP queries).
+    pub pool_size: usize,
+    /// How long to wait for a new connection to be established.
+    #[serde(with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    /// Bound on one store call (an ingest transaction, a query), connecting included.
+    /// On expiry the connection is dropped and the server rolls the transaction back;
+    /// an ingest is then retried, which dedup makes safe.
+    #[serde(with = "humantime_serde")]
+    pub query_timeout: Duration,
+}
+
+impl Default for PostgresConfig {
+    fn default() -> Self {
+        PostgresConfig {
+            url: "postgres://brume@localhost:5432/brume".to_owned(),
+            pool_size: 8,
+            connect_timeout: Duration::from_secs(5),
+            query_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+impl std::fmt::Debug for PostgresConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The URL may hold a password: show only where it points.
+        let target = self
+            .url
+            .parse::<tokio_postgres::Config>()
+            .map(|c| crate::store::postgres::describe_target(&c))
+            .unwrap_or_else(|_| "<unparsable>".to_owned());
+        f.debug_struct("PostgresConfig")
+            .field("url", &target)
+            .field("pool_size", &self.pool_size)
+            .field("connect_timeout", &self.connect_timeout)
+            .field("query_timeout", &self.query_timeout)
+            .finish()
+    }
+}
+
+impl PostgresConfig {
+    /// The store options these settings describe, naming the key at fault if the URL
+    /// does not parse. (The parse error is not echoed: it could quote a password.)
+    pub fn store_options(&self) -> Result<crate::store::postgres::PostgresOptions, ConfigError> {
+        if self.url.trim().is_empty() {
+            return Err(invalid("storage.postgres.url", "must not be empty"));
+        }
+        let mut config: tokio_postgres::Config = self.url.parse().map_err(|_| {
+            invalid(
+                "storage.postgres.url",
+                "is not a postgres:// URL or a key=value connection string",
+            )
+        })?;
+        if config.get_hosts().is_empty() {
+            return Err(invalid("storage.postgres.url", "names no host"));
+        }
+        config.connect_timeout(self.connect_timeout);
+        // Notice a dead server or network path on idle connections within minutes
+        // rather than the kernel's default two hours.
+        config.keepalives_idle(Duration::from_secs(60));
+        if config.get_application_name().is_none() {
+            config.application_name("brume-hub");
+        }
+        Ok(crate::store::postgres::PostgresOptions {
+            config,
+            pool_size: self.pool_size,
+            query_timeout: self.query_timeout,
+        })
     }
 }
 
@@ -128,7 +238,7 @@ pub const MAX_BATCHES_PER_TX_LIMIT: usize = 4096;
 #[serde(deny_unknown_fields, default)]
 pub struct IngestConfig {
     /// Group commit: at most this many batches that are already waiting are stored in
-    /// one SQLite transaction (one fsync). 1 disables grouping.
+    /// one transaction (one fsync). 1 disables grouping.
     pub max_batches_per_tx: usize,
 }
 
@@ -197,6 +307,28 @@ impl Config {
             return Err(invalid(
                 "mqtt.keep_alive",
                 "must be at most 65535s (an MQTT limit)",
+            ));
+        }
+        let p = &self.storage.postgres;
+        if self.storage.backend == Backend::Postgres {
+            p.store_options()?;
+        }
+        if p.pool_size == 0 || p.pool_size > MAX_POOL_SIZE {
+            return Err(invalid(
+                "storage.postgres.pool_size",
+                format!("{} is out of range 1 to {MAX_POOL_SIZE}", p.pool_size),
+            ));
+        }
+        if p.connect_timeout.is_zero() {
+            return Err(invalid(
+                "storage.postgres.connect_timeout",
+                "must be positive",
+            ));
+        }
+        if p.query_timeout < Duration::from_secs(1) {
+            return Err(invalid(
+                "storage.postgres.query_timeout",
+                "must be at least 1s",
             ));
         }
         let n = self.ingest.max_batches_per_tx;
@@ -287,6 +419,75 @@ mod tests {
             "ingest.max_batches_per_tx",
         );
         check("data_dir = \"\"", "data_dir");
+        let pg = "[storage]\nbackend = \"postgres\"\n[storage.postgres]\n";
+        check(&format!("{pg}url = \"\""), "storage.postgres.url");
+        check(&format!("{pg}url = \"http://x\""), "storage.postgres.url");
+        check(&format!("{pg}url = \"port=5\""), "storage.postgres.url");
+        check(&format!("{pg}pool_size = 0"), "storage.postgres.pool_size");
+        check(
+            &format!("{pg}pool_size = 1000"),
+            "storage.postgres.pool_size",
+        );
+        check(
+            &format!("{pg}connect_timeout = \"0s\""),
+            "storage.postgres.connect_timeout",
+        );
+        check(
+            &format!("{pg}query_timeout = \"10ms\""),
+            "storage.postgres.query_timeout",
+        );
+    }
+
+    #[test]
+    fn storage_backend_and_postgres_settings() {
+        assert_eq!(Config::default().storage.backend, Backend::Sqlite);
+        let cfg = Config::from_toml(
+            "[storage]\nbackend = \"postgres\"\n[storage.postgres]\n\
+             url = \"host=db1,db2 user=brume password=s3cret dbname=telemetry target_session_attrs=read-write\"\n\
+             pool_size = 3\nquery_timeout = \"1m\"\n",
+        )
+        .unwrap();
+        cfg.validate().unwrap();
+        assert_eq!(cfg.storage.backend, Backend::Postgres);
+        let opts = cfg.storage.postgres.store_options().unwrap();
+        assert_eq!(opts.pool_size, 3);
+        assert_eq!(opts.query_timeout, Duration::from_secs(60));
+        assert_eq!(opts.config.get_dbname(), Some("telemetry"));
+        assert_eq!(opts.config.get_hosts().len(), 2);
+        // Debug output never shows the password.
+        let shown = format!("{cfg:?}");
+        assert!(!shown.contains("s3cret"), "{shown}");
+        assert!(shown.contains("db1:5432/telemetry"), "{shown}");
+        let err = Config::from_toml("[storage]\nbackend = \"mysql\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("backend"), "{err}");
+        // A bad URL with a password: the error names the key, not the password.
+        let err = Config::from_toml(
+            "[storage]\nbackend = \"postgres\"\n[storage.postgres]\nurl = \"postgres://u:s3cret@h:notaport/db\"\n",
+        )
+        .unwrap()
+        .validate()
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("`storage.postgres.url`") && !err.contains("s3cret"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn postgres_doc_sample_config_is_valid() {
+        // POSTGRES.md's sample must stay loadable: extract its ```toml block.
+        let doc =
+            std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("POSTGRES.md"))
+                .unwrap();
+        let start = doc.find("```toml\n").expect("a ```toml block") + 8;
+        let len = doc[start..].find("```").unwrap();
+        let cfg = Config::from_toml(&doc[start..start + len]).unwrap();
+        cfg.validate().unwrap();
+        assert_eq!(cfg.storage.backend, Backend::Postgres);
+        assert!(!cfg.mqtt.share_group.is_empty());
     }
 
     #[test]

@@ -28,7 +28,8 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-pub use config::{Config, ConfigError};
+pub use config::{Backend, Config, ConfigError};
+pub use store::postgres::PostgresStore;
 pub use store::sqlite::SqliteStore;
 pub use store::{HubStore, StoreError};
 
@@ -62,26 +63,47 @@ pub enum HubError {
     },
 }
 
-/// Runs the hub with the SQLite store in `cfg.data_dir` until `shutdown` is cancelled.
+/// Runs the hub with the store `cfg.storage` selects (SQLite in `cfg.data_dir` by
+/// default, or PostgreSQL) until `shutdown` is cancelled.
 ///
 /// `http_listener` is the bound HTTP listener (`cfg.http.listen` is not used here, so
-/// tests can pass a listener on port 0). Validates `cfg` first.
+/// tests can pass a listener on port 0). Validates `cfg` first. An unreachable
+/// PostgreSQL at start is an error (a supervisor restarts the hub); once running, the
+/// hub rides out database outages by retrying, without acknowledging anything.
 pub async fn run(
     cfg: Config,
     http_listener: TcpListener,
     shutdown: CancellationToken,
 ) -> Result<(), HubError> {
     cfg.validate()?;
-    let data_dir = cfg.data_dir.clone();
-    // Opening runs migrations and may fsync: not on the async runtime.
-    let store = tokio::task::spawn_blocking(move || SqliteStore::open(&data_dir))
-        .await
-        .map_err(|source| HubError::Task {
-            task: "store open",
-            source,
-        })??;
-    tracing::info!(path = %store.path().display(), "store opened");
-    run_with_store(cfg, Arc::new(store), http_listener, shutdown).await
+    let store: Arc<dyn HubStore> = match cfg.storage.backend {
+        Backend::Sqlite => {
+            let data_dir = cfg.data_dir.clone();
+            // Opening runs migrations and may fsync: not on the async runtime.
+            let store = tokio::task::spawn_blocking(move || SqliteStore::open(&data_dir))
+                .await
+                .map_err(|source| HubError::Task {
+                    task: "store open",
+                    source,
+                })??;
+            tracing::info!(path = %store.path().display(), "sqlite store opened");
+            Arc::new(store)
+        }
+        Backend::Postgres => {
+            let options = cfg.storage.postgres.store_options()?;
+            // Connecting blocks on this store's own runtime (see store::postgres), which
+            // must not happen on an async worker thread.
+            let store = tokio::task::spawn_blocking(move || PostgresStore::connect(options))
+                .await
+                .map_err(|source| HubError::Task {
+                    task: "store open",
+                    source,
+                })??;
+            tracing::info!(target = %store.target(), "postgres store opened");
+            Arc::new(store)
+        }
+    };
+    run_with_store(cfg, store, http_listener, shutdown).await
 }
 
 /// Like [`run`], with a store chosen by the caller.

@@ -185,7 +185,10 @@ impl Drop for PostgresStore {
     fn drop(&mut self) {
         // Close connections first, then stop the runtime without waiting for it: the
         // last `Arc<dyn HubStore>` may well be dropped on an async worker thread.
-        self.idle.get_mut().unwrap_or_else(PoisonError::into_inner).clear();
+        self.idle
+            .get_mut()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clear();
         if let Some(rt) = self.runtime.take() {
             rt.shutdown_background();
         }
@@ -455,7 +458,10 @@ impl PostgresStore {
     ) -> Result<(), StoreError> {
         let missing: Vec<i32> = {
             let known = lock(&self.partitions);
-            days.iter().copied().filter(|d| !known.contains(d)).collect()
+            days.iter()
+                .copied()
+                .filter(|d| !known.contains(d))
+                .collect()
         };
         if missing.is_empty() {
             return Ok(());
@@ -542,9 +548,12 @@ impl PostgresStore {
             tx.execute("DELETE FROM stream_days WHERE day = ANY($1)", &[&days])
                 .await
                 .map_err(pg("deleting stream statistics"))?;
-            tx.execute("DELETE FROM reading_partitions WHERE day = ANY($1)", &[&days])
-                .await
-                .map_err(pg("forgetting partitions"))?;
+            tx.execute(
+                "DELETE FROM reading_partitions WHERE day = ANY($1)",
+                &[&days],
+            )
+            .await
+            .map_err(pg("forgetting partitions"))?;
             tx.commit().await.map_err(pg("committing retention"))?;
             conn.release();
             Ok(dropped)
@@ -856,12 +865,14 @@ async fn ingest_tx(
                         .write(&[&sid, &p.ts_ns, &k.agent_id, &k.epoch, &k.seq, &idx, &fields])
                         .await
                         .map_err(pg("copying readings"))?;
-                    idx = idx.checked_add(1).ok_or_else(|| StoreError::TooManyReadings {
-                        agent_id: b.agent_id.clone(),
-                        epoch: b.epoch,
-                        seq: b.seq,
-                        max: i32::MAX.into(),
-                    })?;
+                    idx = idx
+                        .checked_add(1)
+                        .ok_or_else(|| StoreError::TooManyReadings {
+                            agent_id: b.agent_id.clone(),
+                            epoch: b.epoch,
+                            seq: b.seq,
+                            max: i32::MAX.into(),
+                        })?;
                     let d = days.entry((sid, day_of(p.ts_ns))).or_insert(DayDelta {
                         readings: 0,
                         first_ts_ns: i64::MAX,

@@ -38,8 +38,8 @@ use brume_protocol::{BatchV1, FieldsBlob};
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 
 use super::{
-    loss_reason_from_str, AgentSummary, BatchOutcome, HubStore, LossSummary, MAX_MISSING_RANGES, ReadingsPage,
-    ReadingsQuery, StoreError, StoredReading, StreamSummary,
+    AgentSummary, BatchOutcome, HubStore, LossSummary, MAX_MISSING_RANGES, ReadingsPage,
+    ReadingsQuery, StoreError, StoredReading, StreamSummary, loss_reason_from_str,
 };
 
 /// Schema version this build writes and understands.

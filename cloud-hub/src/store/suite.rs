@@ -9,9 +9,7 @@ use brume_protocol::{
     BatchV1, Field, FieldsBlob, LossReason, LossReport, Point, StreamChunk, Value,
 };
 
-use super::{
-    BatchOutcome, HubStore, LossSummary, ReadingsPage, ReadingsQuery, StreamSummary,
-};
+use super::{BatchOutcome, HubStore, LossSummary, ReadingsPage, ReadingsQuery, StreamSummary};
 
 /// A backend under test: owns whatever the store lives in (a temporary directory, a
 /// private PostgreSQL server) and removes it on drop.
@@ -390,7 +388,9 @@ pub(crate) fn reopen_keeps_data(f: &impl Fixture) {
         .unwrap();
     assert_eq!(store.streams().unwrap()[0].readings, 2);
     assert_eq!(
-        store.ingest(&[batch("a", 1, 1, &[("s", &[5])])], 3).unwrap(),
+        store
+            .ingest(&[batch("a", 1, 1, &[("s", &[5])])], 3)
+            .unwrap(),
         vec![BatchOutcome::Duplicate]
     );
 }
@@ -414,6 +414,9 @@ pub(crate) fn failed_transaction_stores_nothing(f: &impl Fixture) {
     assert_eq!(store.streams().unwrap()[0].readings, 1);
 }
 
+/// A reading in the model: `(ts_ns, agent_id, epoch, seq, idx)`, the API's order.
+type ModelRow = (i64, String, u64, u64, u32);
+
 /// Random groups (with re-sends) against an in-memory model: outcomes, stream
 /// statistics and the paginated readings must agree. Deterministic seed, so a failure
 /// reproduces.
@@ -426,7 +429,7 @@ pub(crate) fn random_ingest_matches_a_model(f: &impl Fixture) {
     let day = 86_400_000_000_000i64;
     let mut seen: BTreeSet<(String, u64, u64)> = BTreeSet::new();
     // stream -> sorted (ts, agent, epoch, seq, idx)
-    let mut model: BTreeMap<String, Vec<(i64, String, u64, u64, u32)>> = BTreeMap::new();
+    let mut model: BTreeMap<String, Vec<ModelRow>> = BTreeMap::new();
     for _ in 0..12 {
         let group: Vec<BatchV1> = (0..rng.random_range(1..8))
             .map(|_| {
@@ -482,10 +485,7 @@ pub(crate) fn random_ingest_matches_a_model(f: &impl Fixture) {
         assert_eq!(s.readings, rows.len() as u64);
         assert_eq!(s.first_ts_ns, rows.first().map(|r| r.0));
         assert_eq!(s.last_ts_ns, rows.iter().map(|r| r.0).max());
-        let expect: Vec<_> = rows
-            .iter()
-            .map(|r| (r.0, r.1.clone(), r.3, r.4))
-            .collect();
+        let expect: Vec<_> = rows.iter().map(|r| (r.0, r.1.clone(), r.3, r.4)).collect();
         assert_eq!(all(&store, &s.stream, 3).0, expect, "{}", s.stream);
     }
 }

@@ -1,12 +1,17 @@
 //! Integration tests: a real mosquitto broker, the hub in-process, an MQTT client
-//! playing the agent. Needs `/usr/sbin/mosquitto`.
+//! playing the agent. Needs `/usr/sbin/mosquitto`, and the PostgreSQL server binaries
+//! for the `postgres_*` tests (each starts its own private server).
 
+// The store unit tests' private PostgreSQL harness, shared rather than copied.
+#[path = "../../src/store/postgres/test_server.rs"]
+mod test_server;
 mod util;
 
 use std::time::Duration;
 
 use brume_protocol::{AckV1, HubMessage, LossReason, LossReport, topics};
 use serde_json::json;
+use test_server::TestPostgres;
 use util::{Agent, Hub, Mosquitto, batch};
 
 /// 2024-01-01T00:00:00Z in ns: inside the hub's accepted timestamp range.
@@ -279,4 +284,134 @@ async fn hub_serves_http_and_stops_promptly_without_a_broker() {
         "shutdown took {:?}",
         started.elapsed()
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_backend_end_to_end_with_duplicates() {
+    let pg = TestPostgres::start();
+    let url = pg.create_db("hub");
+    let broker = Mosquitto::start();
+    let hub = Hub::start_postgres(broker.port, &url).await;
+    let mut agent = Agent::connect(broker.port, "pg-1").await;
+
+    let b = batch(
+        "pg-1",
+        3,
+        1,
+        &[("temp", T0 + 1, 2.5), ("temp", T0, 1.5), ("hum", T0, 40.0)],
+    );
+    assert_eq!(
+        agent.send_until_acked(&b).await,
+        HubMessage::AckV1(AckV1 {
+            epoch: 3,
+            seqs: vec![1]
+        })
+    );
+    let readings = hub.get_json("/api/v1/readings?stream=temp").await;
+    assert_eq!(
+        readings,
+        json!({
+            "stream": "temp",
+            "readings": [
+                {"ts_ns": T0, "agent_id": "pg-1", "seq": 1, "fields": {"value": 1.5, "ok": true, "name": "x"}},
+                {"ts_ns": T0 + 1, "agent_id": "pg-1", "seq": 1, "fields": {"value": 2.5, "ok": true, "name": "x"}},
+            ],
+            "next": null,
+        })
+    );
+    // The same batch again (its ack was "lost"): acked again, stored once.
+    while agent.next_ack(Duration::from_millis(200)).await.is_some() {}
+    agent.publish(&b).await;
+    assert_eq!(
+        agent.next_ack(util::DEADLINE).await,
+        Some(HubMessage::AckV1(AckV1 {
+            epoch: 3,
+            seqs: vec![1]
+        }))
+    );
+    assert_eq!(
+        hub.get_json("/api/v1/streams").await,
+        json!([
+            {"stream": "hum", "readings": 1, "first_ts_ns": T0, "last_ts_ns": T0},
+            {"stream": "temp", "readings": 2, "first_ts_ns": T0, "last_ts_ns": T0 + 1},
+        ])
+    );
+    let agents = hub.get_json("/api/v1/agents").await;
+    assert_eq!(
+        (
+            &agents[0]["batches"],
+            &agents[0]["readings"],
+            &agents[0]["watermark"]
+        ),
+        (&json!(1), &json!(3), &json!(1))
+    );
+    assert_eq!(
+        hub.metric(r#"brume_hub_batches_total{result="stored"}"#)
+            .await,
+        1.0
+    );
+    assert!(
+        hub.metric(r#"brume_hub_batches_total{result="duplicate"}"#)
+            .await
+            >= 1.0
+    );
+    // The rows are in PostgreSQL, in the day's partition.
+    assert_eq!(
+        pg.psql("hub", "SELECT count(*) FROM readings_p20240101"),
+        "3"
+    );
+    hub.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_outage_withholds_acks_until_the_database_is_back() {
+    let mut pg = TestPostgres::start();
+    let url = pg.create_db("hub");
+    let broker = Mosquitto::start();
+    let hub = Hub::start_postgres(broker.port, &url).await;
+    let mut agent = Agent::connect(broker.port, "pg-2").await;
+    agent
+        .send_until_acked(&batch("pg-2", 1, 1, &[("s", T0, 1.0)]))
+        .await;
+    while agent.next_ack(Duration::from_millis(200)).await.is_some() {}
+
+    pg.stop();
+    agent
+        .publish(&batch("pg-2", 1, 2, &[("s", T0 + 1, 2.0)]))
+        .await;
+    // Wait until the hub has tried and failed to store it...
+    let start = std::time::Instant::now();
+    while hub.metric("brume_hub_db_errors_total").await < 2.0 {
+        assert!(start.elapsed() < util::DEADLINE, "no ingest failure seen");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // ...and check it acknowledged nothing meanwhile.
+    assert_eq!(agent.next_ack(Duration::from_millis(300)).await, None);
+    assert_eq!(
+        hub.metric(r#"brume_hub_batches_total{result="stored"}"#)
+            .await,
+        1.0
+    );
+
+    // Same hub, database back: the held batch is stored and acknowledged by the retry.
+    pg.restart();
+    assert_eq!(
+        agent.next_ack(util::DEADLINE).await,
+        Some(HubMessage::AckV1(AckV1 {
+            epoch: 1,
+            seqs: vec![2]
+        }))
+    );
+    let ts: Vec<i64> = hub.get_json("/api/v1/readings?stream=s").await["readings"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["ts_ns"].as_i64().unwrap())
+        .collect();
+    assert_eq!(ts, vec![T0, T0 + 1]);
+    assert_eq!(
+        hub.get_json("/api/v1/agents").await[0]["watermark"],
+        json!(2)
+    );
+    hub.stop().await;
 }

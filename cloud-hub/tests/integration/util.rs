@@ -103,14 +103,32 @@ pub struct Hub {
 }
 
 impl Hub {
-    /// Starts the hub against the broker on `mqtt_port`.
+    /// Starts the hub (SQLite store in a temporary directory) against the broker on
+    /// `mqtt_port`.
     pub async fn start(mqtt_port: u16) -> Hub {
+        Hub::start_with(mqtt_port, |_| {}).await
+    }
+
+    /// Starts the hub with the PostgreSQL store at `url`.
+    pub async fn start_postgres(mqtt_port: u16, url: &str) -> Hub {
+        Hub::start_with(mqtt_port, |cfg| {
+            cfg.storage.backend = cloud_hub::Backend::Postgres;
+            cfg.storage.postgres.url = url.to_owned();
+            // Short enough that an outage test does not wait long for a retry.
+            cfg.storage.postgres.connect_timeout = Duration::from_secs(2);
+        })
+        .await
+    }
+
+    /// Starts the hub with the default config adjusted by `configure`.
+    pub async fn start_with(mqtt_port: u16, configure: impl FnOnce(&mut cloud_hub::Config)) -> Hub {
         let dir = tempfile::tempdir().unwrap();
         let mut cfg = cloud_hub::Config {
             data_dir: dir.path().to_owned(),
             ..Default::default()
         };
         cfg.mqtt.port = mqtt_port;
+        configure(&mut cfg);
         let listener = tokio::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
             .await
             .unwrap();

@@ -97,8 +97,7 @@ impl TestPostgres {
         // Files we create are owned by our effective uid: 0 means root.
         let as_postgres = std::fs::metadata(dir.path()).unwrap().uid() == 0;
         if as_postgres {
-            std::os::unix::fs::chown(dir.path(), Some(id_of("-u")), Some(id_of("-g")))
-                .unwrap();
+            std::os::unix::fs::chown(dir.path(), Some(id_of("-u")), Some(id_of("-g"))).unwrap();
         }
         let mut pg = TestPostgres {
             port: free_port(),

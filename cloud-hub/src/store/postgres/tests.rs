@@ -47,7 +47,10 @@ fn partition_names_and_bounds() {
     assert_eq!(partition_name(-1), "readings_p19691231");
     assert_eq!(partition_name(day_of(T0)), "readings_p20240101");
     assert_eq!(partition_name(day_of(T0 - 1)), "readings_p20231231");
-    assert_eq!(partition_name(day_of(T0 + 59 * DAY_NS)), "readings_p20240229");
+    assert_eq!(
+        partition_name(day_of(T0 + 59 * DAY_NS)),
+        "readings_p20240229"
+    );
     assert_eq!(partition_name(day_of(i64::MAX)), "readings_p22620411");
     assert_eq!(partition_name(day_of(i64::MIN)), "readings_p16770921");
     assert_eq!(
@@ -66,7 +69,12 @@ fn daily_partitions_and_retention_by_dropping_them() {
     store
         .ingest(
             &[
-                batch("a", 1, 1, &[("s", &[T0 + 5, T0 + day + 5]), ("t", &[T0 + 7])]),
+                batch(
+                    "a",
+                    1,
+                    1,
+                    &[("s", &[T0 + 5, T0 + day + 5]), ("t", &[T0 + 7])],
+                ),
                 batch("a", 1, 2, &[("s", &[T0 + 2 * day + 5])]),
             ],
             1,
@@ -107,7 +115,10 @@ fn daily_partitions_and_retention_by_dropping_them() {
         store.drop_partitions_before(T0 + day + 5).unwrap(),
         vec!["readings_p20240101"]
     );
-    assert_eq!(store.drop_partitions_before(T0 + day).unwrap(), Vec::<String>::new());
+    assert_eq!(
+        store.drop_partitions_before(T0 + day).unwrap(),
+        Vec::<String>::new()
+    );
     assert_eq!(
         all(&store, "s", 10).0,
         vec![
@@ -172,7 +183,8 @@ fn another_hubs_retention_does_not_break_ingest() {
     // `b` drops the partition `a` has cached as existing.
     assert_eq!(b.drop_partitions_before(T0 + DAY_NS).unwrap().len(), 1);
     assert_eq!(
-        a.ingest(&[batch("x", 1, 2, &[("s", &[T0 + 1])])], 2).unwrap(),
+        a.ingest(&[batch("x", 1, 2, &[("s", &[T0 + 1])])], 2)
+            .unwrap(),
         vec![BatchOutcome::Stored]
     );
     assert_eq!(all(&b, "s", 10).0.len(), 1);
@@ -187,8 +199,10 @@ fn concurrent_hubs_migrate_once_and_store_each_batch_once() {
         handles.into_iter().map(|h| h.join().unwrap()).collect()
     });
     assert_eq!(
-        f.server
-            .psql("brume", "SELECT string_agg(version::text, ',') FROM schema_migrations"),
+        f.server.psql(
+            "brume",
+            "SELECT string_agg(version::text, ',') FROM schema_migrations"
+        ),
         SCHEMA_VERSION.to_string()
     );
     // Each hub gets every batch (as after redeliveries), in its own order and grouping,
@@ -196,7 +210,12 @@ fn concurrent_hubs_migrate_once_and_store_each_batch_once() {
     let batches: Vec<BatchV1> = (1..=40)
         .map(|seq| {
             let s = format!("s{}", seq % 3);
-            batch("a", 9, seq, &[(s.as_str(), &[T0 + seq as i64, T0 + DAY_NS])])
+            batch(
+                "a",
+                9,
+                seq,
+                &[(s.as_str(), &[T0 + seq as i64, T0 + DAY_NS])],
+            )
         })
         .collect();
     let stored: usize = std::thread::scope(|s| {
@@ -226,7 +245,12 @@ fn concurrent_hubs_migrate_once_and_store_each_batch_once() {
         handles.into_iter().map(|h| h.join().unwrap()).sum()
     });
     assert_eq!(stored, 40);
-    let total: u64 = stores[0].streams().unwrap().iter().map(|s| s.readings).sum();
+    let total: u64 = stores[0]
+        .streams()
+        .unwrap()
+        .iter()
+        .map(|s| s.readings)
+        .sum();
     assert_eq!(total, 80);
     let a = &stores[3].agents().unwrap()[0];
     assert_eq!((a.batches, a.watermark, a.missing.len()), (40, 40, 0));
@@ -253,7 +277,9 @@ fn newer_schema_is_refused() {
 fn server_restart_fails_calls_then_recovers_without_reopening() {
     let mut f = Pg::new();
     let store = f.open();
-    store.ingest(&[batch("a", 1, 1, &[("s", &[T0])])], 1).unwrap();
+    store
+        .ingest(&[batch("a", 1, 1, &[("s", &[T0])])], 1)
+        .unwrap();
     f.server.stop();
     let err = store
         .ingest(&[batch("a", 1, 2, &[("s", &[T0 + 1])])], 2)
@@ -286,11 +312,9 @@ fn unreachable_server_is_a_connect_error_naming_the_target() {
         .local_addr()
         .unwrap()
         .port();
-    let err = PostgresStore::connect(options(&format!(
-        "postgres://u:secret@127.0.0.1:{port}/db"
-    )))
-    .unwrap_err()
-    .to_string();
+    let err = PostgresStore::connect(options(&format!("postgres://u:secret@127.0.0.1:{port}/db")))
+        .unwrap_err()
+        .to_string();
     assert!(err.contains(&format!("127.0.0.1:{port}/db")), "{err}");
     assert!(!err.contains("secret"), "{err}");
 }
