@@ -85,7 +85,8 @@ pub fn validate(topic: &str, payload: &[u8]) -> Result<BatchV1, (Reject, String)
             ),
         ));
     }
-    // Sequence numbers are stored as SQLite integers (i64); nothing legitimate gets near.
+    // Sequence numbers are stored as signed 64-bit integers (SQLite and PostgreSQL);
+    // nothing legitimate gets near.
     if batch.seq > i64::MAX as u64 {
         return Err((
             Reject::Malformed,
@@ -209,7 +210,8 @@ impl Ingest {
             let shared = Arc::clone(batches);
             let started = Instant::now();
             let received_ms = now_ms();
-            // SQLite blocks on fsync: keep it off the async worker threads.
+            // Stores block (SQLite on fsync, PostgreSQL on its own runtime): keep them
+            // off the async worker threads.
             let joined =
                 tokio::task::spawn_blocking(move || store.ingest(&shared, received_ms)).await;
             self.metrics

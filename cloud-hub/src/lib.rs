@@ -9,6 +9,9 @@
 //!   [`store::HubStore`], then publishes hub acks and acks the broker;
 //! * [`http`]: the JSON API and `/metrics`.
 //!
+//! Storage is [`store::HubStore`]: embedded SQLite by default, or PostgreSQL shared by
+//! several hub instances (`[storage] backend = "postgres"`, see `POSTGRES.md`).
+//!
 //! Architecture invariant: a batch is acknowledged (to the agent or to the broker) only
 //! after the transaction that stored it has committed, or after it has been rejected as
 //! invalid.
