@@ -64,6 +64,10 @@ pub struct Config {
     pub simulator: SimulatorConfig,
     /// How payloads and their timestamps are parsed.
     pub payload: PayloadConfig,
+    /// How WASM processing modules run.
+    pub module_runtime: ModuleRuntimeConfig,
+    /// WASM processing modules (`[[modules]]` entries).
+    pub modules: Vec<ModuleConfig>,
 }
 
 impl Default for Config {
@@ -78,8 +82,94 @@ impl Default for Config {
             http: HttpConfig::default(),
             simulator: SimulatorConfig::default(),
             payload: PayloadConfig::default(),
+            module_runtime: ModuleRuntimeConfig::default(),
+            modules: Vec::new(),
         }
     }
+}
+
+/// How WASM processing modules run.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ModuleRuntimeConfig {
+    /// Most input readings handed to a module in one call.
+    pub batch_max_readings: usize,
+    /// How often a module's file is checked for changes (hot reload) and an idle module
+    /// looks for new input.
+    #[serde(with = "humantime_serde")]
+    pub poll_interval: Duration,
+}
+
+impl Default for ModuleRuntimeConfig {
+    fn default() -> Self {
+        ModuleRuntimeConfig { batch_max_readings: 1000, poll_interval: Duration::from_millis(500) }
+    }
+}
+
+/// What to do with a batch a module failed on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnFailure {
+    /// Skip the batch (its readings stay in the store) and go on with the next.
+    Skip,
+    /// Retry the same batch after a backoff.
+    Retry,
+}
+
+/// Where a newly deployed module starts reading.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StartAt {
+    /// With readings that arrive from now on.
+    Latest,
+    /// With the oldest reading still in the local store (re-processing history).
+    Earliest,
+}
+
+/// One WASM processing module.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModuleConfig {
+    /// Name (defaults to the manifest's name). Progress and state are kept under it.
+    #[serde(default)]
+    pub name: Option<String>,
+    /// The `.wasm` file. Reloaded when it changes.
+    pub path: PathBuf,
+    /// The module's config block, handed to its `init` as JSON.
+    #[serde(default)]
+    pub config: Option<toml::Table>,
+    /// Failed batch: `skip` (default) or `retry`.
+    #[serde(default = "default_on_failure")]
+    pub on_failure: OnFailure,
+    /// After this many consecutive failed batches the module is disabled until its file
+    /// changes.
+    #[serde(default = "default_max_failures")]
+    pub max_consecutive_failures: u32,
+    /// Where a module with no saved progress starts: `latest` (default) or `earliest`.
+    #[serde(default = "default_start_at")]
+    pub start_at: StartAt,
+    /// Overrides the manifest's linear-memory cap.
+    #[serde(default)]
+    pub memory: Option<ByteSize>,
+    /// Overrides the manifest's fuel per batch.
+    #[serde(default)]
+    pub fuel_per_batch: Option<u64>,
+    /// Wall-clock budget per batch.
+    #[serde(default, with = "humantime_serde")]
+    pub time_per_batch: Option<Duration>,
+    /// Overrides the manifest's cap on output readings per batch.
+    #[serde(default)]
+    pub max_output_readings: Option<u32>,
+}
+
+fn default_on_failure() -> OnFailure {
+    OnFailure::Skip
+}
+fn default_max_failures() -> u32 {
+    5
+}
+fn default_start_at() -> StartAt {
+    StartAt::Latest
 }
 
 /// How commits reach the disk.
@@ -438,6 +528,29 @@ impl Config {
         }
         for (i, t) in self.subscribe.topics.iter().enumerate() {
             validate_pattern(t).map_err(|why| invalid(format!("subscribe.topics[{i}]"), why))?;
+        }
+        if self.module_runtime.batch_max_readings == 0 {
+            return Err(invalid("module_runtime.batch_max_readings", "must be at least 1"));
+        }
+        if self.module_runtime.poll_interval.is_zero() {
+            return Err(invalid("module_runtime.poll_interval", "must be positive"));
+        }
+        let mut names = std::collections::HashSet::new();
+        for (i, m) in self.modules.iter().enumerate() {
+            if m.path.as_os_str().is_empty() {
+                return Err(invalid(format!("modules[{i}].path"), "must name a .wasm file"));
+            }
+            if let Some(n) = &m.name
+                && !names.insert(n.clone())
+            {
+                return Err(invalid(format!("modules[{i}].name"), format!("{n:?} is used twice")));
+            }
+            if m.max_consecutive_failures == 0 {
+                return Err(invalid(format!("modules[{i}].max_consecutive_failures"), "must be at least 1"));
+            }
+            if m.time_per_batch.is_some_and(|t| t.is_zero()) || m.fuel_per_batch == Some(0) {
+                return Err(invalid(format!("modules[{i}]"), "time_per_batch and fuel_per_batch must be positive"));
+            }
         }
         if self.simulator.enabled && (self.simulator.streams == 0 || !(self.simulator.rate > 0.0) || self.simulator.batch == 0)
         {

@@ -41,6 +41,8 @@ pub struct AppState {
     pub payload: PayloadConfig,
     /// Forwarding status.
     pub forward: SharedForwardStatus,
+    /// WASM module status.
+    pub modules: crate::modules::SharedModuleStatus,
     /// Agent start time.
     pub started: std::time::Instant,
 }
@@ -137,6 +139,7 @@ async fn status(State(st): State<AppState>) -> Response {
             "oldest_age_s": oldest_age_s,
         },
         "forward": fwd,
+        "modules": st.modules.lock().unwrap_or_else(|e| e.into_inner()).clone(),
         "losses": losses.iter().map(|l| serde_json::json!({
             "stream": l.stream, "reason": l.reason.as_str(), "total": l.total,
         })).collect::<Vec<_>>(),

@@ -14,6 +14,7 @@ pub mod forward;
 pub mod http;
 pub mod ingest;
 pub mod metrics;
+pub mod modules;
 pub mod store;
 
 use std::sync::{Arc, Mutex};
@@ -69,7 +70,8 @@ impl Listeners {
 }
 
 /// Runs the agent until `shutdown` is cancelled, then shuts down in order:
-/// stop ingest (pending commits finish and are acknowledged) → stop forwarding and
+/// stop ingest (pending commits finish and are acknowledged) → stop WASM modules after
+/// their current batch (its outputs and progress commit together) → stop forwarding and
 /// disconnect → the store writer commits what it has and exits.
 pub async fn run(cfg: Config, listeners: Listeners, shutdown: CancellationToken) -> anyhow::Result<()> {
     let metrics = Arc::new(Metrics::default());
@@ -96,6 +98,7 @@ pub async fn run(cfg: Config, listeners: Listeners, shutdown: CancellationToken)
     let forward_stop = CancellationToken::new();
     let ingest = TaskTracker::new();
     let forward_status = Arc::new(Mutex::new(forward::ForwardStatus::default()));
+    let module_status: modules::SharedModuleStatus = Arc::new(Mutex::new(Vec::new()));
 
     if let Some(l) = listeners.mqtt {
         tracing::info!(addr = %l.local_addr()?, "MQTT listener for sensors");
@@ -117,6 +120,7 @@ pub async fn run(cfg: Config, listeners: Listeners, shutdown: CancellationToken)
             metrics: metrics.clone(),
             payload: cfg.payload.clone(),
             forward: forward_status.clone(),
+            modules: module_status.clone(),
             started: std::time::Instant::now(),
         };
         let stop = ingest_stop.clone();
@@ -140,6 +144,8 @@ pub async fn run(cfg: Config, listeners: Listeners, shutdown: CancellationToken)
         ingest.spawn(ingest::simulator::run(cfg.simulator.clone(), store.clone(), metrics.clone(), ingest_stop.clone()));
     }
     ingest.close();
+    let runners = modules::ModuleRunners::start(&cfg, store.clone(), metrics.clone(), module_status)
+        .context("starting WASM modules")?;
     let forwarder =
         tokio::spawn(forward::run(cfg.clone(), store.clone(), metrics.clone(), forward_status, forward_stop.clone()));
 
@@ -149,6 +155,8 @@ pub async fn run(cfg: Config, listeners: Listeners, shutdown: CancellationToken)
     if tokio::time::timeout(Duration::from_secs(10), ingest.wait()).await.is_err() {
         tracing::warn!("ingest did not stop within 10 s; unacknowledged readings stay with their senders");
     }
+    tracing::info!("stopping modules after their current batch");
+    let _ = tokio::task::spawn_blocking(move || runners.stop()).await;
     tracing::info!("stopping forwarding");
     forward_stop.cancel();
     let _ = tokio::time::timeout(Duration::from_secs(5), forwarder).await;

@@ -44,6 +44,31 @@ pub struct StreamReasonLabel {
     pub reason: String,
 }
 
+/// Labels: a module and a result or event.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ModuleLabel {
+    /// Module name.
+    pub module: String,
+    /// Result (`ok`, an error kind, `store_refused`) or event (`loaded`, `disabled`, …).
+    pub result: String,
+}
+
+/// Labels: a module.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ModuleNameLabel {
+    /// Module name.
+    pub module: String,
+}
+
+/// Labels: a module and one of its own metrics.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ModuleMetricLabel {
+    /// Module name.
+    pub module: String,
+    /// The module's metric name.
+    pub name: String,
+}
+
 /// All agent metrics.
 pub struct Metrics {
     /// Readings received per source (before the store's verdict).
@@ -90,6 +115,18 @@ pub struct Metrics {
     pub outbox_oldest_age_seconds: Gauge<f64, AtomicU64>,
     /// 0 when the store is writable, 1 when the last commit failed.
     pub store_unavailable: Gauge,
+    /// Module batches by result (`ok` or the error kind).
+    pub module_batches: Family<ModuleLabel, Counter>,
+    /// Module lifecycle events (`loaded`, `load_error`, `disabled`).
+    pub module_events: Family<ModuleLabel, Counter>,
+    /// Readings handed to modules.
+    pub module_readings_in: Family<ModuleNameLabel, Counter>,
+    /// Readings modules produced.
+    pub module_readings_out: Family<ModuleNameLabel, Counter>,
+    /// Fuel modules consumed.
+    pub module_fuel: Family<ModuleNameLabel, Counter>,
+    /// Metrics modules report about themselves.
+    pub module_gauges: Family<ModuleMetricLabel, Gauge<f64, AtomicU64>>,
 }
 
 impl Default for Metrics {
@@ -117,6 +154,12 @@ impl Default for Metrics {
             unbatched_readings: Gauge::default(),
             outbox_oldest_age_seconds: Gauge::default(),
             store_unavailable: Gauge::default(),
+            module_batches: Family::default(),
+            module_events: Family::default(),
+            module_readings_in: Family::default(),
+            module_readings_out: Family::default(),
+            module_fuel: Family::default(),
+            module_gauges: Family::default(),
         }
     }
 }
@@ -135,6 +178,25 @@ impl Metrics {
     /// Counts a rejected payload or packet.
     pub fn bad(&self, reason: &str) {
         self.bad_input.get_or_create(&ReasonLabel { reason: reason.into() }).inc();
+    }
+
+    /// Counts a module batch.
+    pub fn module_batch(&self, module: &str, result: &str, n_in: u64, n_out: u64, fuel: u64) {
+        self.module_batches.get_or_create(&ModuleLabel { module: module.into(), result: result.into() }).inc();
+        let m = ModuleNameLabel { module: module.into() };
+        self.module_readings_in.get_or_create(&m).inc_by(n_in);
+        self.module_readings_out.get_or_create(&m).inc_by(n_out);
+        self.module_fuel.get_or_create(&m).inc_by(fuel);
+    }
+
+    /// Counts a module lifecycle event.
+    pub fn module_event(&self, module: &str, event: &str) {
+        self.module_events.get_or_create(&ModuleLabel { module: module.into(), result: event.into() }).inc();
+    }
+
+    /// Sets a metric a module reported about itself.
+    pub fn module_metric(&self, module: &str, name: &str, value: f64) {
+        self.module_gauges.get_or_create(&ModuleMetricLabel { module: module.into(), name: name.into() }).set(value);
     }
 
     /// Counts dropped readings.
@@ -184,6 +246,12 @@ impl Metrics {
         r.register("unbatched_readings", "Readings not yet cut into a batch", self.unbatched_readings.clone());
         r.register("outbox_oldest_age_seconds", "Age of the oldest unacknowledged batch", self.outbox_oldest_age_seconds.clone());
         r.register("store_unavailable", "1 while the store cannot commit (disk full, read-only)", self.store_unavailable.clone());
+        r.register("module_batches", "Module batches by result", self.module_batches.clone());
+        r.register("module_events", "Module lifecycle events", self.module_events.clone());
+        r.register("module_readings_in", "Readings handed to modules", self.module_readings_in.clone());
+        r.register("module_readings_out", "Readings produced by modules", self.module_readings_out.clone());
+        r.register("module_fuel", "Fuel consumed by modules", self.module_fuel.clone());
+        r.register("module_metric", "Metrics reported by modules", self.module_gauges.clone());
         r
     }
 }

@@ -949,6 +949,34 @@ impl StoreReader {
         Ok(rows.collect::<Result<_, _>>()?)
     }
 
+    /// The last `n` readings of a stream (by arrival) with a timestamp before `before_ns`,
+    /// returned oldest first.
+    pub fn last_n(&self, stream: &str, before_ns: i64, n: usize) -> Result<Vec<(i64, FieldsBlob)>, StoreError> {
+        let mut dir = self.conn.prepare_cached(
+            "SELECT b.first_id, b.last_id, b.stream_id FROM stream_buckets b JOIN streams s ON s.id = b.stream_id \
+             WHERE s.name = ?1 AND b.min_ts < ?2 ORDER BY b.bucket DESC",
+        )?;
+        let ranges: Vec<(i64, i64, i64)> =
+            dir.query_map(params![stream, before_ns], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?.collect::<Result<_, _>>()?;
+        let mut q = self.conn.prepare_cached(
+            "SELECT ts_ns, fields FROM readings WHERE id BETWEEN ?1 AND ?2 AND stream_id = ?3 AND ts_ns < ?4 \
+             ORDER BY id DESC LIMIT ?5",
+        )?;
+        let mut out: Vec<(i64, FieldsBlob)> = Vec::new();
+        for (first, last, sid) in ranges {
+            if out.len() >= n {
+                break;
+            }
+            let left = (n - out.len()) as i64;
+            let rows = q.query_map(params![first, last, sid, before_ns, left], |r| Ok((r.get(0)?, FieldsBlob(r.get(1)?))))?;
+            for row in rows {
+                out.push(row?);
+            }
+        }
+        out.reverse();
+        Ok(out)
+    }
+
     /// A module's persisted progress, if any.
     pub fn module_progress(&self, name: &str) -> Result<Option<ModuleProgress>, StoreError> {
         Ok(self

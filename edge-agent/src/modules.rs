@@ -1,0 +1,465 @@
+//! Runs WASM processing modules against the local streams.
+//!
+//! Each configured module runs on its own OS thread (module calls are synchronous and
+//! CPU-bound; a slow module must not hold up ingest or other modules). The thread:
+//!
+//! 1. loads the `.wasm` file through the process's one [`WasmEngine`] and restores the
+//!    module's progress (input cursor and state) from the store;
+//! 2. reads readings after its cursor on the streams its manifest's `inputs` match (never
+//!    its own outputs), in id order, so in order per stream;
+//! 3. calls the module under its budgets (memory, fuel, time, output);
+//! 4. commits the module's outputs *together with* its new cursor and state
+//!    ([`StoreHandle::commit_module`]): after a crash the module resumes exactly where the
+//!    last commit left it, with the state that went with it, so its results are the same
+//!    as without the crash;
+//! 5. on failure (trap, loop, memory bomb, flood of output, bad output) counts and logs it,
+//!    re-instantiates a poisoned instance from the last committed state, skips or retries
+//!    the batch as configured, backs off, and after `max_consecutive_failures` disables the
+//!    module until its file changes. Input readings are never deleted by a failure.
+//!
+//! The file is checked for changes every `module_runtime.poll_interval` and reloaded
+//! (hot reload). A new version (different hash) keeps the cursor and starts with fresh
+//! state, since the old state's format may not be the new version's.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use brume_module_abi::{Aggregates, HistoryKind, HistoryQuery, HistoryResult, Input, ModuleReading};
+use brume_protocol::{FieldsBlob, Reading};
+use brume_wasm_host::{HistoryProvider, LimitOverrides, Limits, LoadedModule, ModuleError, ModuleInstance, WasmEngine};
+use serde::Serialize;
+
+use crate::config::{Config, ModuleConfig, OnFailure, StartAt, pattern_matches};
+use crate::metrics::Metrics;
+use crate::store::writer::StoreHandle;
+use crate::store::{ModuleProgress, StoreError, StoreReader};
+
+/// What the agent's status shows about one module.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct ModuleStatus {
+    /// Module name.
+    pub name: String,
+    /// The `.wasm` file.
+    pub path: String,
+    /// Manifest version, once loaded.
+    pub version: Option<String>,
+    /// Hex sha256 of the loaded file.
+    pub hash: Option<String>,
+    /// Running (false: not loaded, or disabled after repeated failures).
+    pub enabled: bool,
+    /// Last reading id consumed.
+    pub cursor: i64,
+    /// Batches processed successfully.
+    pub batches_ok: u64,
+    /// Batches that failed.
+    pub batches_failed: u64,
+    /// Consecutive failures right now.
+    pub consecutive_failures: u32,
+    /// The last error, if any.
+    pub last_error: Option<String>,
+}
+
+/// Shared status of all modules, for `/api/v1/status`.
+pub type SharedModuleStatus = Arc<Mutex<Vec<ModuleStatus>>>;
+
+/// Handle to the running module threads.
+pub struct ModuleRunners {
+    stop: Arc<AtomicBool>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl ModuleRunners {
+    /// Starts one thread per configured module. Nothing to start → no engine is built.
+    pub fn start(cfg: &Config, store: StoreHandle, metrics: Arc<Metrics>, status: SharedModuleStatus) -> anyhow::Result<ModuleRunners> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut threads = Vec::new();
+        if cfg.modules.is_empty() {
+            return Ok(ModuleRunners { stop, threads });
+        }
+        let engine = Arc::new(WasmEngine::new(Default::default()).map_err(|e| anyhow::anyhow!("cannot start the WASM engine: {e}"))?);
+        let rt = tokio::runtime::Handle::current();
+        for (i, m) in cfg.modules.iter().enumerate() {
+            let name = m.name.clone().unwrap_or_else(|| {
+                m.path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| format!("module{i}"))
+            });
+            status.lock().unwrap_or_else(|e| e.into_inner()).push(ModuleStatus {
+                name: name.clone(),
+                path: m.path.display().to_string(),
+                ..Default::default()
+            });
+            let runner = Runner {
+                index: i,
+                name,
+                cfg: m.clone(),
+                data_dir: cfg.data_dir.clone(),
+                agent_id: cfg.agent_id.clone(),
+                batch_max: cfg.module_runtime.batch_max_readings,
+                poll: cfg.module_runtime.poll_interval,
+                engine: engine.clone(),
+                store: store.clone(),
+                metrics: metrics.clone(),
+                status: status.clone(),
+                stop: stop.clone(),
+                rt: rt.clone(),
+            };
+            threads.push(
+                std::thread::Builder::new()
+                    .name(format!("module-{i}"))
+                    .spawn(move || runner.run())
+                    .map_err(|e| anyhow::anyhow!("cannot start a module thread: {e}"))?,
+            );
+        }
+        Ok(ModuleRunners { stop, threads })
+    }
+
+    /// Stops every module after its current batch and waits for the threads.
+    pub fn stop(self) {
+        self.stop.store(true, Ordering::SeqCst);
+        for t in self.threads {
+            let _ = t.join();
+        }
+    }
+}
+
+struct Runner {
+    index: usize,
+    name: String,
+    cfg: ModuleConfig,
+    data_dir: std::path::PathBuf,
+    agent_id: String,
+    batch_max: usize,
+    poll: Duration,
+    engine: Arc<WasmEngine>,
+    store: StoreHandle,
+    metrics: Arc<Metrics>,
+    status: SharedModuleStatus,
+    stop: Arc<AtomicBool>,
+    rt: tokio::runtime::Handle,
+}
+
+/// A loaded module with a live instance.
+struct Live {
+    module: LoadedModule,
+    instance: ModuleInstance,
+    limits: Limits,
+    config_json: String,
+    hash: String,
+    /// Last committed state (restored into a fresh instance after a poisoning failure).
+    state: Vec<u8>,
+    cursor: i64,
+    failures: u32,
+    disabled: bool,
+}
+
+impl Runner {
+    fn set_status(&self, f: impl FnOnce(&mut ModuleStatus)) {
+        if let Some(s) = self.status.lock().unwrap_or_else(|e| e.into_inner()).get_mut(self.index) {
+            f(s);
+        }
+    }
+
+    fn run(self) {
+        let reader = match StoreReader::open(&self.data_dir, &self.agent_id) {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::error!(module = %self.name, error = %e, "module cannot read the store; not running");
+                return;
+            }
+        };
+        let history: Arc<dyn HistoryProvider> = match StoreReader::open(&self.data_dir, &self.agent_id) {
+            Ok(r) => Arc::new(StoreHistory { reader: Mutex::new(r) }),
+            Err(e) => {
+                tracing::error!(module = %self.name, error = %e, "module cannot read the store; not running");
+                return;
+            }
+        };
+        let mut mtime: Option<SystemTime> = None;
+        let mut live: Option<Live> = None;
+        while !self.stop.load(Ordering::SeqCst) {
+            // Hot reload: (re)load when the file appears or changes.
+            let now_mtime = std::fs::metadata(&self.cfg.path).and_then(|m| m.modified()).ok();
+            if now_mtime != mtime {
+                mtime = now_mtime;
+                if now_mtime.is_some() {
+                    live = self.load(&reader, &history, live.take());
+                }
+            }
+            let worked = match live.as_mut() {
+                Some(l) if !l.disabled => self.step(l, &reader, &history),
+                _ => false,
+            };
+            if !worked {
+                std::thread::sleep(self.poll.min(Duration::from_millis(100)).max(Duration::from_millis(10)));
+            }
+        }
+    }
+
+    /// Loads the file, restores progress, instantiates. `None` (logged) if it cannot.
+    fn load(&self, reader: &StoreReader, history: &Arc<dyn HistoryProvider>, previous: Option<Live>) -> Option<Live> {
+        let fail = |what: String| {
+            tracing::error!(module = %self.name, path = %self.cfg.path.display(), error = %what, "module not loaded");
+            self.metrics.module_event(&self.name, "load_error");
+            self.set_status(|s| {
+                s.enabled = false;
+                s.last_error = Some(what);
+            });
+            None
+        };
+        let bytes = match std::fs::read(&self.cfg.path) {
+            Ok(b) => b,
+            Err(e) => return fail(format!("cannot read {}: {e}", self.cfg.path.display())),
+        };
+        let module = match self.engine.load(&bytes) {
+            Ok(m) => m,
+            Err(e) => return fail(e.to_string()),
+        };
+        let hash = module.hash_hex();
+        if let Some(mut p) = previous
+            && p.hash == hash
+        {
+            // Touched but unchanged: keep the running instance; a disabled module gets
+            // another chance, since touching the file is how an operator asks for one.
+            if p.disabled {
+                tracing::info!(module = %self.name, "module file touched: re-enabling");
+                p.disabled = false;
+                p.failures = 0;
+                self.set_status(|s| {
+                    s.enabled = true;
+                    s.consecutive_failures = 0;
+                });
+            }
+            return Some(p);
+        }
+        let overrides = LimitOverrides {
+            memory_bytes: self.cfg.memory.map(|b| b.as_u64()),
+            fuel_per_batch: self.cfg.fuel_per_batch,
+            time_per_batch: self.cfg.time_per_batch,
+            max_output_readings: self.cfg.max_output_readings,
+            ..Default::default()
+        };
+        let limits = Limits::from_manifest(&module.manifest().budgets, &overrides);
+        let config_json = match &self.cfg.config {
+            Some(t) => serde_json::to_string(t).unwrap_or_else(|_| "{}".into()),
+            None => "{}".into(),
+        };
+        let saved = match reader.module_progress(&self.name) {
+            Ok(p) => p,
+            Err(e) => return fail(format!("cannot read saved progress: {e}")),
+        };
+        let (cursor, state) = match saved {
+            // Same version: resume exactly, state included.
+            Some(p) if p.hash == hash => (p.cursor, p.state),
+            // New version: keep the position, start with fresh state.
+            Some(p) => (p.cursor, Vec::new()),
+            None => match self.cfg.start_at {
+                StartAt::Earliest => (0, Vec::new()),
+                StartAt::Latest => (reader.last_id().unwrap_or(0), Vec::new()),
+            },
+        };
+        let mut instance = match module.instantiate(&self.engine, limits.clone(), history.clone(), &config_json) {
+            Ok(i) => i,
+            Err(e) => return fail(format!("init failed: {e}")),
+        };
+        if !state.is_empty()
+            && let Err(e) = instance.load_state(&state)
+        {
+            return fail(format!("restoring saved state failed: {e}"));
+        }
+        let m = module.manifest().clone();
+        tracing::info!(module = %self.name, version = %m.version, hash = %hash, cursor, inputs = ?m.inputs, outputs = ?m.outputs, "module loaded");
+        self.metrics.module_event(&self.name, "loaded");
+        self.set_status(|s| {
+            s.version = Some(m.version.clone());
+            s.hash = Some(hash.clone());
+            s.enabled = true;
+            s.cursor = cursor;
+            s.consecutive_failures = 0;
+            s.last_error = None;
+        });
+        Some(Live { module, instance, limits, config_json, hash, state, cursor, failures: 0, disabled: false })
+    }
+
+    /// Processes one batch if there is input. Returns whether it did any work.
+    fn step(&self, l: &mut Live, reader: &StoreReader, history: &Arc<dyn HistoryProvider>) -> bool {
+        let manifest = l.module.manifest();
+        let inputs = manifest.inputs.clone();
+        let outputs = manifest.outputs.clone();
+        let mut wanted = |s: &str| inputs.iter().any(|p| pattern_matches(p, s)) && !outputs.iter().any(|o| o == s);
+        let (rows, scanned_to) = match reader.readings_after(l.cursor, self.batch_max, &mut wanted) {
+            Ok(x) => x,
+            Err(e) => {
+                tracing::warn!(module = %self.name, error = %e, "cannot read module input; will retry");
+                return false;
+            }
+        };
+        if rows.is_empty() {
+            // Nothing for us: move past other streams' readings in memory only. Losing this
+            // on a crash costs a re-scan, never a result.
+            l.cursor = l.cursor.max(scanned_to);
+            return false;
+        }
+        let last_id = rows.last().map(|r| r.0).unwrap_or(l.cursor);
+        let input = Input {
+            readings: rows
+                .iter()
+                .filter_map(|(_, stream, ts, fields)| {
+                    Some(ModuleReading { stream: stream.clone(), ts_ns: *ts, fields: fields.decode().ok()? })
+                })
+                .collect(),
+        };
+        let n_in = input.readings.len() as u64;
+        let result = l.instance.process(&input).and_then(|outcome| {
+            let readings = to_readings(&outcome.output.readings)?;
+            let state = l.instance.save_state()?;
+            Ok((outcome, readings, state))
+        });
+        match result {
+            Ok((outcome, readings, state)) => {
+                let n_out = readings.len() as u64;
+                let progress = ModuleProgress { name: self.name.clone(), hash: l.hash.clone(), cursor: last_id, state: state.clone() };
+                match self.rt.block_on(self.store.commit_module(readings, progress)) {
+                    Ok(()) => {
+                        l.cursor = last_id;
+                        l.state = state;
+                        l.failures = 0;
+                        self.metrics.module_batch(&self.name, "ok", n_in, n_out, outcome.fuel_used);
+                        for (k, v) in &outcome.output.metrics {
+                            self.metrics.module_metric(&self.name, k, *v);
+                        }
+                        self.set_status(|s| {
+                            s.cursor = last_id;
+                            s.batches_ok += 1;
+                            s.consecutive_failures = 0;
+                        });
+                        true
+                    }
+                    Err(e) => {
+                        // Not a module failure: the store refused the outputs (full, disk).
+                        // Keep cursor and state; the same batch is processed again later.
+                        tracing::warn!(module = %self.name, error = %e, "module outputs not committed; will retry the batch");
+                        self.metrics.module_batch(&self.name, "store_refused", 0, 0, 0);
+                        l.instance = match l.module.instantiate(&self.engine, l.limits.clone(), history.clone(), &l.config_json) {
+                            Ok(mut i) => {
+                                let _ = i.load_state(&l.state);
+                                i
+                            }
+                            Err(_) => return false,
+                        };
+                        std::thread::sleep(Duration::from_millis(200));
+                        false
+                    }
+                }
+            }
+            Err(e) => {
+                self.failed(l, e, last_id, history);
+                true
+            }
+        }
+    }
+
+    fn failed(&self, l: &mut Live, e: ModuleError, last_id: i64, history: &Arc<dyn HistoryProvider>) {
+        l.failures += 1;
+        self.metrics.module_batch(&self.name, e.kind(), 0, 0, 0);
+        tracing::warn!(module = %self.name, kind = e.kind(), error = %e, consecutive = l.failures, "module failed on a batch");
+        // Whatever happened, the instance may hold half-updated state: start from the last
+        // committed state again.
+        match l.module.instantiate(&self.engine, l.limits.clone(), history.clone(), &l.config_json) {
+            Ok(mut i) => {
+                if !l.state.is_empty() {
+                    let _ = i.load_state(&l.state);
+                }
+                l.instance = i;
+            }
+            Err(err) => {
+                tracing::error!(module = %self.name, error = %err, "module cannot be re-instantiated; disabling it");
+                l.disabled = true;
+            }
+        }
+        if self.cfg.on_failure == OnFailure::Skip {
+            // Skipping is a decision that must survive a restart: persist the cursor.
+            let progress = ModuleProgress { name: self.name.clone(), hash: l.hash.clone(), cursor: last_id, state: l.state.clone() };
+            if self.rt.block_on(self.store.commit_module(Vec::new(), progress)).is_ok() {
+                l.cursor = last_id;
+            }
+        }
+        if l.failures >= self.cfg.max_consecutive_failures {
+            // ERROR: an operator must look at the module (or ship a fixed version).
+            tracing::error!(module = %self.name, failures = l.failures, "module disabled after repeated failures; replace the file to re-enable it");
+            l.disabled = true;
+            self.metrics.module_event(&self.name, "disabled");
+        }
+        let msg = e.to_string();
+        let (failures, disabled, cursor) = (l.failures, l.disabled, l.cursor);
+        self.set_status(|s| {
+            s.batches_failed += 1;
+            s.consecutive_failures = failures;
+            s.last_error = Some(msg);
+            s.enabled = !disabled;
+            s.cursor = cursor;
+        });
+        if !l.disabled {
+            // Back off: 100 ms, 200 ms, ... up to 10 s.
+            let backoff = Duration::from_millis(100u64.saturating_mul(1 << l.failures.min(7))).min(Duration::from_secs(10));
+            let until = Instant::now() + backoff;
+            while Instant::now() < until && !self.stop.load(Ordering::SeqCst) {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+    }
+}
+
+/// Converts module output readings into store readings, validating names, timestamps and
+/// fields like any other input.
+fn to_readings(out: &[ModuleReading]) -> Result<Vec<Reading>, ModuleError> {
+    out.iter()
+        .map(|r| {
+            Reading::new(r.stream.clone(), r.ts_ns, &r.fields)
+                .map_err(|e| ModuleError::BadMessage(format!("invalid output reading on {:?}: {e}", r.stream)))
+        })
+        .collect()
+}
+
+/// `brume.history` on the agent's SQLite store, through its own read-only connection.
+struct StoreHistory {
+    reader: Mutex<StoreReader>,
+}
+
+/// Most readings an aggregate query scans.
+const MAX_AGGREGATE_SCAN: usize = 200_000;
+
+impl HistoryProvider for StoreHistory {
+    fn query(&self, q: &HistoryQuery) -> HistoryResult {
+        let reader = self.reader.lock().unwrap_or_else(|e| e.into_inner());
+        let decode = |rows: Vec<(i64, FieldsBlob)>| -> Vec<ModuleReading> {
+            rows.into_iter()
+                .filter_map(|(ts, f)| Some(ModuleReading { stream: q.stream.clone(), ts_ns: ts, fields: f.decode().ok()? }))
+                .collect()
+        };
+        let res: Result<HistoryResult, StoreError> = match &q.kind {
+            HistoryKind::LastN { n, before_ns } => {
+                reader.last_n(&q.stream, *before_ns, *n as usize).map(|r| HistoryResult::Readings(decode(r)))
+            }
+            HistoryKind::Range { from_ns, to_ns, limit } => {
+                reader.readings(&q.stream, *from_ns, *to_ns, *limit as usize).map(|r| HistoryResult::Readings(decode(r)))
+            }
+            HistoryKind::Aggregate { from_ns, to_ns, field } => {
+                reader.readings(&q.stream, *from_ns, *to_ns, MAX_AGGREGATE_SCAN).map(|rows| {
+                    let mut a = Aggregates { count: 0, min: None, max: None, mean: None };
+                    let mut sum = 0.0;
+                    for r in decode(rows) {
+                        if let Some(v) = r.number(field) {
+                            a.count += 1;
+                            sum += v;
+                            a.min = Some(a.min.map_or(v, |m: f64| m.min(v)));
+                            a.max = Some(a.max.map_or(v, |m: f64| m.max(v)));
+                        }
+                    }
+                    a.mean = (a.count > 0).then(|| sum / a.count as f64);
+                    HistoryResult::Aggregates(a)
+                })
+            }
+        };
+        res.unwrap_or_else(|e| HistoryResult::Err(format!("history query failed: {e}")))
+    }
+}
