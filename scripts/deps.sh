@@ -18,3 +18,9 @@ if [ ${#need[@]} -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${need[@]}"
 fi
 command -v cargo >/dev/null 2>&1 || { echo "cargo not found: install Rust from https://rustup.rs" >&2; exit 1; }
+# The WASM modules (modules/examples, `cargo xtask build-modules`) build for this target.
+if ! rustc --print target-libdir --target wasm32-unknown-unknown 2>/dev/null | xargs test -d 2>/dev/null; then
+  command -v rustup >/dev/null 2>&1 || { echo "the Rust target wasm32-unknown-unknown is missing and rustup is not installed" >&2; exit 1; }
+  echo "installing the Rust target wasm32-unknown-unknown"
+  rustup target add wasm32-unknown-unknown
+fi

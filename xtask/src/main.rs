@@ -3,7 +3,12 @@
 //! `cargo xtask bench [--quick] [--write] [--only mqtt,store,rss]` runs the benchmarks and
 //! prints a Markdown table; `--write` also rewrites `BENCHMARKS.md` at the repository root.
 //! Benchmarks print; nothing here asserts a timing.
+//!
+//! `cargo xtask build-modules` builds the example WASM modules (`modules/examples`) for
+//! wasm32-unknown-unknown, checks them against the module ABI and copies them to
+//! `target/modules/` (see `modules.rs`).
 
+mod modules;
 mod mqtt;
 mod rss;
 mod store;
@@ -42,6 +47,9 @@ enum Cmd {
         #[arg(long, default_value_t = 3)]
         samples: usize,
     },
+    /// Build the example WASM modules (release, wasm32-unknown-unknown), check each against
+    /// the module ABI, and copy them to target/modules/.
+    BuildModules,
 }
 
 /// Notes below this line in BENCHMARKS.md survive `--write`.
@@ -49,15 +57,22 @@ const KEEP_MARKER: &str =
     "<!-- Everything below this line is hand-written and kept by `cargo xtask bench --write`. -->";
 
 fn main() -> Result<()> {
-    let Cli {
-        cmd:
-            Cmd::Bench {
-                write,
-                quick,
-                only,
-                samples,
-            },
-    } = Cli::parse();
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives in the workspace")
+        .to_path_buf();
+    match Cli::parse().cmd {
+        Cmd::Bench {
+            write,
+            quick,
+            only,
+            samples,
+        } => bench(&root, write, quick, only, samples),
+        Cmd::BuildModules => modules::build(&root),
+    }
+}
+
+fn bench(root: &Path, write: bool, quick: bool, only: Vec<String>, samples: usize) -> Result<()> {
     for o in &only {
         if !["mqtt", "store", "rss"].contains(&o.as_str()) {
             bail!("--only takes mqtt, store, rss; got {o:?}");
@@ -70,17 +85,13 @@ fn main() -> Result<()> {
         bail!("--samples must be at least 1");
     }
     let runs = |g: &str| only.is_empty() || only.iter().any(|o| o == g);
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("xtask lives in the workspace")
-        .to_path_buf();
     let p = Params::new(quick, samples);
     let machine = Machine::probe();
     let started = Instant::now();
 
     // Build first, so the compiler does not compete with the measurements.
     let exe = if runs("rss") {
-        Some(rss::build_agent(&root)?)
+        Some(rss::build_agent(root)?)
     } else {
         None
     };
