@@ -39,6 +39,8 @@
 //! Host functions (`brume.history`, `brume.log`) are in the `host` module; they are the
 //! module's only way out of its sandbox, and each is bounded.
 
+#![warn(missing_docs)]
+
 mod engine;
 mod error;
 mod host;

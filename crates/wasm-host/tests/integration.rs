@@ -772,7 +772,17 @@ fn log_lines_are_rate_limited() {
         ..Limits::default()
     };
     let mut inst = instantiate(&engine, &guest, limits);
-    let outcome = inst.process(&input()).unwrap();
+    let logs = LogCapture::default();
+    let subscriber = tracing_subscriber::fmt()
+        .with_ansi(false)
+        .with_writer(logs.clone())
+        .finish();
+    let outcome = tracing::subscriber::with_default(subscriber, || inst.process(&input()).unwrap());
+    let text = logs.text();
+    let emitted = text
+        .lines()
+        .filter(|l| l.contains("INFO brume_module: hello") && l.ends_with("module=\"chatty\""));
+    assert_eq!(emitted.count(), 10, "{text}");
     // A burst of one second's worth (10) passes; the loop takes microseconds, so the
     // bucket cannot refill a whole token before it ends.
     assert_eq!(
@@ -780,4 +790,32 @@ fn log_lines_are_rate_limited() {
         (10, 15)
     );
     assert_eq!(outcome.output, Output::default());
+}
+
+/// Collects formatted log output (the subscriber is thread-local, and the module runs on
+/// the test's thread).
+#[derive(Clone, Default)]
+struct LogCapture(Arc<Mutex<Vec<u8>>>);
+
+impl LogCapture {
+    fn text(&self) -> String {
+        String::from_utf8(self.0.lock().unwrap().clone()).unwrap()
+    }
+}
+
+impl std::io::Write for LogCapture {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for LogCapture {
+    type Writer = LogCapture;
+    fn make_writer(&'a self) -> LogCapture {
+        self.clone()
+    }
 }
