@@ -89,7 +89,7 @@ impl Module for ZScore {
             let var = xs.iter().map(|x| (x - mean) * (x - mean)).sum::<f64>() / (xs.len() - 1) as f64;
             let stddev = var.sqrt();
             judged += 1;
-            if !(stddev > 0.0) {
+            if stddev.is_nan() || stddev <= 0.0 {
                 continue; // a flat history gives no scale to judge a deviation by
             }
             let z = (v - mean) / stddev;
