@@ -7,6 +7,7 @@
 //! Every test that feeds the agent bad input ends by proving the agent still ingests a
 //! good reading on a new connection. Helpers live in `tests/util/`.
 
+mod modules;
 mod util;
 
 use bytesize::ByteSize;

@@ -66,6 +66,11 @@ impl Agent {
         Agent { mqtt, http, dir: Some(dir), token, task: Some(task), client }
     }
 
+    /// The agent's data directory.
+    pub fn data_dir(&self) -> &std::path::Path {
+        self.dir.as_ref().expect("running").path()
+    }
+
     /// Cancels the agent, waits for `run` to return, asserts it returned `Ok`, and hands
     /// back the data directory (for a restart on the same store).
     pub async fn stop(mut self) -> TempDir {

@@ -1,0 +1,208 @@
+//! WASM processing modules running in the agent: real example modules built from
+//! `modules/examples` by `cargo xtask build-modules`, and hostile modules in inline WAT.
+
+use std::path::PathBuf;
+
+use edge_agent::config::{Config, ModuleConfig, OnFailure, StartAt};
+use edge_agent::store::StoreReader;
+use serde_json::Value;
+
+use crate::util::agent::Agent;
+use crate::util::eventually;
+
+/// A module built by `cargo xtask build-modules`; fails with that command if missing.
+fn built_module(name: &str) -> PathBuf {
+    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/modules").join(format!("{name}.wasm"));
+    assert!(p.exists(), "{} is missing: run `cargo xtask build-modules` first", p.display());
+    p
+}
+
+fn module(path: PathBuf, config: &str) -> ModuleConfig {
+    ModuleConfig {
+        name: None,
+        path,
+        config: Some(toml::from_str(config).expect("module config")),
+        on_failure: OnFailure::Skip,
+        max_consecutive_failures: 3,
+        start_at: StartAt::Earliest,
+        memory: None,
+        fuel_per_batch: None,
+        time_per_batch: None,
+        max_output_readings: None,
+    }
+}
+
+async fn post(agent: &Agent, stream: &str, values: &[f64]) {
+    let body: Vec<Value> = values.iter().map(|v| serde_json::json!({ "value": v })).collect();
+    let r = agent
+        .http_client()
+        .post(agent.url(&format!("/api/v1/write?stream={stream}")))
+        .header("content-type", "application/json")
+        .body(serde_json::to_vec(&body).unwrap())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 204);
+}
+
+fn values(agent: &Agent, stream: &str) -> Vec<f64> {
+    let reader = StoreReader::open(agent.data_dir(), "t").unwrap();
+    reader
+        .readings(stream, i64::MIN, i64::MAX, 100_000)
+        .unwrap()
+        .into_iter()
+        .map(|(_, f)| {
+            f.decode()
+                .unwrap()
+                .into_iter()
+                .find(|f| f.name == "value")
+                .map(|f| match f.value {
+                    brume_protocol::Value::F64(v) => v,
+                    _ => f64::NAN,
+                })
+                .unwrap_or(f64::NAN)
+        })
+        .collect()
+}
+
+async fn module_status(agent: &Agent, i: usize) -> Value {
+    agent.status().await["modules"][i].clone()
+}
+
+/// The threshold example runs on readings ingested over HTTP and writes exactly the
+/// readings above its limit to `alerts/threshold`; its progress is visible in the status.
+#[tokio::test]
+async fn threshold_module_filters_readings() {
+    let path = built_module("threshold");
+    let agent = Agent::start_with(|c: &mut Config| c.modules = vec![module(path, "limit = 30.0")]).await;
+    post(&agent, "sensors/t", &[10.0, 40.0, 25.0, 50.0, 30.0]).await;
+    eventually("two alerts", || async {
+        let v = values(&agent, "alerts/threshold");
+        if v == [40.0, 50.0] { Ok(()) } else { Err(format!("{v:?} {}", module_status(&agent, 0).await)) }
+    })
+    .await;
+    let st = module_status(&agent, 0).await;
+    assert_eq!(st["enabled"], true, "{st}");
+    assert!(st["batches_ok"].as_u64().unwrap() >= 1, "{st}");
+    assert_eq!(st["hash"].as_str().unwrap().len(), 64);
+    agent.stop().await;
+}
+
+/// A hostile module (infinite loop) is stopped by its budget on every batch, counted,
+/// and disabled after `max_consecutive_failures`, while a healthy module beside it keeps
+/// processing; the input readings stay in the store.
+#[tokio::test]
+async fn looping_module_is_contained_and_disabled() {
+    let dir = tempfile::tempdir().unwrap();
+    let looping = dir.path().join("looping.wasm");
+    std::fs::write(&looping, wat::parse_str(LOOPING_WAT).unwrap()).unwrap();
+    let path = built_module("threshold");
+    let agent = Agent::start_with(|c: &mut Config| {
+        let mut bad = module(looping, "");
+        bad.time_per_batch = Some(std::time::Duration::from_millis(50));
+        c.modules = vec![bad, module(path, "limit = 0.0")];
+        c.module_runtime.batch_max_readings = 1;
+    })
+    .await;
+    post(&agent, "sensors/x", &[1.0, 2.0, 3.0, 4.0]).await;
+    eventually("the looping module disabled", || async {
+        let st = module_status(&agent, 0).await;
+        if st["enabled"] == false && st["batches_failed"] == 3 { Ok(()) } else { Err(st.to_string()) }
+    })
+    .await;
+    let st = module_status(&agent, 0).await;
+    let err = st["last_error"].as_str().unwrap();
+    assert!(err.contains("fuel") || err.contains("time"), "{err}");
+    eventually("the healthy module processed everything", || async {
+        let v = values(&agent, "alerts/threshold");
+        if v.len() == 4 { Ok(()) } else { Err(format!("{v:?}")) }
+    })
+    .await;
+    assert_eq!(values(&agent, "sensors/x").len(), 4, "inputs stay in the store");
+    let metrics = agent.metrics_text().await;
+    assert!(metrics.contains("brume_agent_module_batches_total{module=\"looping\",result=\"timeout\"}") || metrics.contains("out_of_fuel"), "{metrics}");
+    agent.stop().await;
+}
+
+/// Modules resume exactly where they stopped: after a restart on the same store, the
+/// downsample example's outputs equal those of an uninterrupted run.
+#[tokio::test]
+async fn downsample_resumes_with_its_state_after_restart() {
+    let path = built_module("downsample");
+    let cfg = |c: &mut Config| {
+        c.modules = vec![module(path.clone(), "window_s = 1")];
+        c.module_runtime.batch_max_readings = 7;
+    };
+    // Readings with explicit timestamps: 0..30 over 3 one-second windows, sent in two halves.
+    let body = |range: std::ops::Range<i64>| {
+        let rows: Vec<Value> = range
+            .map(|i| serde_json::json!({ "value": i as f64, "ts": 1_700_000_000_000i64 + i * 100 }))
+            .collect();
+        serde_json::to_vec(&rows).unwrap()
+    };
+    let send = |agent: &Agent, b: Vec<u8>| {
+        let req = agent
+            .http_client()
+            .post(agent.url("/api/v1/write?stream=sensors/d"))
+            .header("content-type", "application/json")
+            .body(b);
+        async move { assert_eq!(req.send().await.unwrap().status().as_u16(), 204) }
+    };
+    let outputs = |agent: &Agent| {
+        let reader = StoreReader::open(agent.data_dir(), "t").unwrap();
+        reader.readings("downsampled", i64::MIN, i64::MAX, 1000).unwrap().into_iter().map(|(ts, f)| (ts, f.0)).collect::<Vec<_>>()
+    };
+
+    // Uninterrupted.
+    let a = Agent::start_with(cfg).await;
+    send(&a, body(0..15)).await;
+    send(&a, body(15..30)).await;
+    send(&a, body(30..31)).await; // closes the third window
+    eventually("three windows", || async { if outputs(&a).len() == 3 { Ok(()) } else { Err(format!("{}", outputs(&a).len())) } }).await;
+    let want = outputs(&a);
+    a.stop().await;
+
+    // Interrupted after the first half.
+    let b = Agent::start_with(cfg).await;
+    send(&b, body(0..15)).await;
+    eventually("first window", || async { if outputs(&b).len() == 1 { Ok(()) } else { Err(format!("{}", outputs(&b).len())) } }).await;
+    eventually("all input consumed", || async {
+        let st = module_status(&b, 0).await;
+        let reader = StoreReader::open(b.data_dir(), "t").unwrap();
+        let (inputs, _) = reader.readings_after(0, usize::MAX, &mut |s| s == "sensors/d").unwrap();
+        let last = inputs.last().map(|r| r.0).unwrap();
+        if st["cursor"].as_i64() == Some(last) { Ok(()) } else { Err(st.to_string()) }
+    })
+    .await;
+    let dir = b.stop().await;
+    let b = Agent::start_in(dir, cfg).await;
+    send(&b, body(15..30)).await;
+    send(&b, body(30..31)).await;
+    eventually("three windows after restart", || async { if outputs(&b).len() == 3 { Ok(()) } else { Err(format!("{}", outputs(&b).len())) } }).await;
+    let got = outputs(&b);
+    assert_eq!(got, want, "same outputs with and without the restart");
+    b.stop().await;
+}
+
+/// A module that implements the ABI but loops forever in `brume_process`.
+const LOOPING_WAT: &str = r#"
+(module
+  (@custom "brume-manifest" "{\"name\":\"looping\",\"version\":\"0.0.1\",\"abi_version\":1,\"inputs\":[\"sensors/#\"],\"outputs\":[]}")
+  (memory (export "memory") 1)
+  (global $next (mut i32) (i32.const 1024))
+  (func (export "brume_abi_version") (result i32) (i32.const 1))
+  (func (export "brume_alloc") (param $len i32) (result i32)
+    (local $p i32)
+    (local.set $p (global.get $next))
+    (global.set $next (i32.add (global.get $next) (local.get $len)))
+    (local.get $p))
+  ;; CallResult::Ok(()) = [0]; CallResult::Ok(Vec<u8>) empty = [0, 0]
+  (data (i32.const 16) "\00\00")
+  (func (export "brume_init") (param i32 i32) (result i64) (i64.const 0x0000001000000001))
+  (func (export "brume_save_state") (result i64) (i64.const 0x0000001000000002))
+  (func (export "brume_load_state") (param i32 i32) (result i64) (i64.const 0x0000001000000001))
+  (func (export "brume_process") (param i32 i32) (result i64)
+    (loop $l (br $l))
+    (i64.const 0))
+)
+"#;
