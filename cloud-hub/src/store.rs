@@ -288,6 +288,27 @@ pub struct AgentSummary {
 /// agents listing arbitrarily large.
 pub const MAX_MISSING_RANGES: usize = 10_000;
 
+/// Records a missing range for the agent at `pos[key]`, up to [`MAX_MISSING_RANGES`].
+/// Shared by the backends, which differ only in how they find the gaps.
+pub(crate) fn add_gap(out: &mut [AgentSummary], pos: &std::collections::HashMap<(String, u64), usize>, key: &(String, u64), lo: i64, hi: i64) {
+    if let Some(&i) = pos.get(key)
+        && out[i].missing.len() < MAX_MISSING_RANGES
+    {
+        out[i].missing.push((lo as u64, hi as u64));
+    }
+}
+
+/// Sets each agent's watermark from its missing ranges (ascending): 1..=watermark are all
+/// present, i.e. everything below the first gap.
+pub(crate) fn set_watermarks(out: &mut [AgentSummary]) {
+    for a in out {
+        a.watermark = match a.missing.first() {
+            Some(&(lo, _)) => lo - 1,
+            None => a.max_seq,
+        };
+    }
+}
+
 /// Durable storage for batches and the queries the HTTP API serves.
 ///
 /// Implementations are shared between the ingest task and HTTP handlers

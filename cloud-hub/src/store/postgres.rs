@@ -71,7 +71,7 @@ use tokio_postgres::types::Type;
 use tokio_postgres::{Client, IsolationLevel, NoTls, Transaction};
 
 use super::{
-    AgentSummary, BatchOutcome, HubStore, LossSummary, MAX_MISSING_RANGES, ReadingsPage,
+    AgentSummary, BatchOutcome, HubStore, LossSummary, ReadingsPage,
     ReadingsQuery, StoreError, StoredReading, StreamSummary, epoch_from_sql, epoch_to_sql,
     loss_reason_from_str,
 };
@@ -1172,19 +1172,9 @@ async fn agents_in_snapshot(tx: &Transaction<'_>) -> Result<Vec<AgentSummary>, S
     for r in gaps {
         let key = (r.get::<_, String>(0), epoch_from_sql(r.get(1)));
         let (lo, hi): (i64, i64) = (r.get(2), r.get(3));
-        if let Some(&i) = pos.get(&key)
-            && out[i].missing.len() < MAX_MISSING_RANGES
-        {
-            out[i].missing.push((lo as u64, hi as u64));
-        }
+        super::add_gap(&mut out, &pos, &key, lo, hi);
     }
-    for a in &mut out {
-        // 1..=watermark are all present: everything below the first gap.
-        a.watermark = match a.missing.first() {
-            Some(&(lo, _)) => lo - 1,
-            None => a.max_seq,
-        };
-    }
+    super::set_watermarks(&mut out);
 
     let losses = tx
         .query(

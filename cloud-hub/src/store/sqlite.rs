@@ -38,7 +38,7 @@ use brume_protocol::{BatchV1, FieldsBlob};
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 
 use super::{
-    AgentSummary, BatchOutcome, HubStore, LossSummary, MAX_MISSING_RANGES, ReadingsPage,
+    AgentSummary, BatchOutcome, HubStore, LossSummary, ReadingsPage,
     ReadingsQuery, StoreError, StoredReading, StreamSummary, loss_reason_from_str,
 };
 
@@ -551,19 +551,9 @@ fn agents_in_snapshot(conn: &Connection) -> Result<Vec<AgentSummary>, StoreError
         );
         let lo: i64 = r.get(2).map_err(sql("computing gaps"))?;
         let hi: i64 = r.get(3).map_err(sql("computing gaps"))?;
-        if let Some(&i) = pos.get(&key)
-            && out[i].missing.len() < MAX_MISSING_RANGES
-        {
-            out[i].missing.push((lo as u64, hi as u64));
-        }
+        super::add_gap(&mut out, &pos, &key, lo, hi);
     }
-    for a in &mut out {
-        // 1..=watermark are all present: everything below the first gap.
-        a.watermark = match a.missing.first() {
-            Some(&(lo, _)) => lo - 1,
-            None => a.max_seq,
-        };
-    }
+    super::set_watermarks(&mut out);
 
     let mut stmt = conn
         .prepare_cached("SELECT agent_id, epoch, stream, reason, total FROM losses ORDER BY agent_id, epoch, stream, reason")
