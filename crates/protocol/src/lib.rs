@@ -5,7 +5,7 @@
 //! self-describing, so the rules for changing this file are strict:
 //!
 //! * Every top-level message is an enum whose variant index is the wire version
-//!   ([`AgentMessage::BatchV1`], [`HubMessage::AckV1`]). A new version is a new variant
+//!   ([`AgentMessage::BatchV1`], [`AgentMessage::BatchV2`], [`HubMessage::AckV1`]). A new version is a new variant
 //!   appended at the end; existing variants and their structs are never reordered,
 //!   removed or changed. The golden-bytes tests at the bottom of this file fail when
 //!   someone breaks that rule by accident.
@@ -189,11 +189,111 @@ impl BatchV1 {
     }
 }
 
+/// Longest module name or version string in lineage, in bytes.
+pub const MAX_MODULE_LABEL: usize = 128;
+
+/// Identifies the WASM module build that computed some readings: its manifest name and
+/// version, for people, and the sha256 of the `.wasm` file, which is what identifies
+/// the code exactly.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct ModuleRef {
+    /// Module name from its manifest (or the agent config).
+    pub name: String,
+    /// Module version from its manifest.
+    pub version: String,
+    /// sha256 of the module file.
+    pub sha256: [u8; 32],
+}
+
+impl ModuleRef {
+    /// The hash as 64 lower-case hex digits.
+    pub fn sha256_hex(&self) -> String {
+        self.sha256.iter().map(|b| format!("{b:02x}")).collect()
+    }
+
+    /// Parses 64 hex digits into a hash.
+    pub fn parse_sha256(hex: &str) -> Option<[u8; 32]> {
+        if hex.len() != 64 || !hex.is_ascii() {
+            return None;
+        }
+        let mut out = [0u8; 32];
+        for (i, b) in out.iter_mut().enumerate() {
+            *b = u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).ok()?;
+        }
+        Some(out)
+    }
+}
+
+/// Lineage of one chunk of a [`BatchV2`]: which module computed its readings. Chunks
+/// without an entry were ingested as they arrived, not computed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChunkLineage {
+    /// Index of the chunk in [`BatchV2::streams`].
+    pub chunk: u32,
+    /// The module that produced every reading of that chunk.
+    pub module: ModuleRef,
+}
+
+/// Version 2 batch: [`BatchV1`] plus lineage, so the hub can tell which module build
+/// computed which readings. A stream's readings may arrive in several chunks of one
+/// batch when different producers (ingest, module versions) wrote to it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BatchV2 {
+    /// The agent's configured id. Must match the id in the MQTT topic.
+    pub agent_id: String,
+    /// Random id of the agent's store (see [`BatchV1::epoch`]).
+    pub epoch: u64,
+    /// Per-agent, per-epoch batch sequence number: 1, 2, 3, … without holes.
+    pub seq: u64,
+    /// When the agent cut the batch, milliseconds since the Unix epoch.
+    pub created_ms: i64,
+    /// Readings grouped by stream and producer, in the agent's ingest order per stream.
+    pub streams: Vec<StreamChunk>,
+    /// The agent's cumulative loss counters at the time the batch was sent.
+    pub losses: Vec<LossReport>,
+    /// Producer of each computed chunk, ascending by chunk index.
+    pub lineage: Vec<ChunkLineage>,
+}
+
+impl BatchV2 {
+    /// Number of readings in the batch.
+    pub fn reading_count(&self) -> usize {
+        self.streams.iter().map(|s| s.points.len()).sum()
+    }
+
+    /// The module that computed chunk `i`, if any.
+    pub fn module_of(&self, chunk: usize) -> Option<&ModuleRef> {
+        self.lineage
+            .binary_search_by_key(&chunk, |l| l.chunk as usize)
+            .ok()
+            .map(|i| &self.lineage[i].module)
+    }
+}
+
+impl From<BatchV1> for BatchV2 {
+    fn from(b: BatchV1) -> Self {
+        BatchV2 {
+            agent_id: b.agent_id,
+            epoch: b.epoch,
+            seq: b.seq,
+            created_ms: b.created_ms,
+            streams: b.streams,
+            losses: b.losses,
+            lineage: Vec::new(),
+        }
+    }
+}
+
+/// The batch version this build sends; hubs accept every version.
+pub type Batch = BatchV2;
+
 /// Messages an agent sends to the hub. The variant index is the wire version.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum AgentMessage {
-    /// Version 1 batch.
+    /// Version 1 batch (agents before lineage).
     BatchV1(BatchV1),
+    /// Version 2 batch: with module lineage.
+    BatchV2(BatchV2),
 }
 
 /// The hub's acknowledgement: these batches are durably committed (or were already).
@@ -323,25 +423,58 @@ impl AgentMessage {
     /// Decodes and validates a message: names, limits and every reading's fields.
     pub fn decode(bytes: &[u8]) -> Result<Self, DecodeError> {
         let msg: AgentMessage = decode_exact(bytes)?;
-        match &msg {
-            AgentMessage::BatchV1(b) => {
-                validate_agent_id(&b.agent_id)?;
-                if b.seq == 0 {
-                    return Err(invalid("batch sequence", "sequence numbers start at 1"));
-                }
-                for chunk in &b.streams {
-                    validate_stream_name(&chunk.stream)?;
-                    for p in &chunk.points {
-                        p.fields.decode()?;
-                    }
-                }
-                for l in &b.losses {
-                    validate_stream_name(&l.stream)?;
-                }
+        let (agent_id, seq, streams, losses) = match &msg {
+            AgentMessage::BatchV1(b) => (&b.agent_id, b.seq, &b.streams, &b.losses),
+            AgentMessage::BatchV2(b) => {
+                validate_lineage(b)?;
+                (&b.agent_id, b.seq, &b.streams, &b.losses)
             }
+        };
+        validate_agent_id(agent_id)?;
+        if seq == 0 {
+            return Err(invalid("batch sequence", "sequence numbers start at 1"));
+        }
+        for chunk in streams {
+            validate_stream_name(&chunk.stream)?;
+            for p in &chunk.points {
+                p.fields.decode()?;
+            }
+        }
+        for l in losses {
+            validate_stream_name(&l.stream)?;
         }
         Ok(msg)
     }
+
+    /// Decodes a batch of any version as the current [`Batch`].
+    pub fn decode_batch(bytes: &[u8]) -> Result<Batch, DecodeError> {
+        Ok(match Self::decode(bytes)? {
+            AgentMessage::BatchV1(b) => b.into(),
+            AgentMessage::BatchV2(b) => b,
+        })
+    }
+}
+
+fn validate_lineage(b: &BatchV2) -> Result<(), DecodeError> {
+    let mut prev: Option<u32> = None;
+    for l in &b.lineage {
+        if l.chunk as usize >= b.streams.len() {
+            return Err(invalid("lineage", format!("chunk {} of a batch with {} chunks", l.chunk, b.streams.len())));
+        }
+        if prev.is_some_and(|p| p >= l.chunk) {
+            return Err(invalid("lineage", "chunk indices must be strictly ascending"));
+        }
+        prev = Some(l.chunk);
+        for (what, s) in [("module name", &l.module.name), ("module version", &l.module.version)] {
+            if s.len() > MAX_MODULE_LABEL || s.chars().any(char::is_control) {
+                return Err(invalid(what, format!("{s:?}: at most {MAX_MODULE_LABEL} bytes, no control characters")));
+            }
+        }
+        if l.module.name.is_empty() {
+            return Err(invalid("module name", "is empty"));
+        }
+    }
+    Ok(())
 }
 
 impl HubMessage {

@@ -43,6 +43,60 @@ fn golden_bytes_batch_v1() {
     assert_eq!(AgentMessage::decode(expected).unwrap(), batch());
 }
 
+fn module_ref() -> ModuleRef {
+    ModuleRef { name: "m".into(), version: "1".into(), sha256: [0xab; 32] }
+}
+
+fn batch_v2() -> AgentMessage {
+    let AgentMessage::BatchV1(b) = batch() else { unreachable!() };
+    let mut b = BatchV2::from(b);
+    b.lineage.push(ChunkLineage { chunk: 0, module: module_ref() });
+    AgentMessage::BatchV2(b)
+}
+
+#[test]
+fn golden_bytes_batch_v2() {
+    let v1 = batch().encode();
+    let mut expected = vec![1u8]; // AgentMessage::BatchV2
+    expected.extend_from_slice(&v1[1..]); // the V1 fields, unchanged
+    expected.extend_from_slice(&[1, 0, 1, b'm', 1, b'1']); // one lineage: chunk 0, "m", "1"
+    expected.extend_from_slice(&[0xab; 32]); // sha256, fixed size
+    assert_eq!(batch_v2().encode(), expected);
+    assert_eq!(AgentMessage::decode(&expected).unwrap(), batch_v2());
+}
+
+#[test]
+fn v1_batches_decode_as_current_batch_without_lineage() {
+    let b = AgentMessage::decode_batch(&batch().encode()).unwrap();
+    assert!(b.lineage.is_empty());
+    assert_eq!(b.module_of(0), None);
+    let b = AgentMessage::decode_batch(&batch_v2().encode()).unwrap();
+    assert_eq!(b.module_of(0), Some(&module_ref()));
+}
+
+#[test]
+fn refuses_bad_lineage() {
+    let AgentMessage::BatchV2(good) = batch_v2() else { unreachable!() };
+    let check = |f: &dyn Fn(&mut BatchV2), want: &str| {
+        let mut b = good.clone();
+        f(&mut b);
+        let err = AgentMessage::decode(&AgentMessage::BatchV2(b).encode()).unwrap_err().to_string();
+        assert!(err.contains(want), "{err:?} does not contain {want:?}");
+    };
+    check(&|b| b.lineage[0].chunk = 1, "chunk 1 of a batch with 1 chunks");
+    check(&|b| b.lineage.push(b.lineage[0].clone()), "strictly ascending");
+    check(&|b| b.lineage[0].module.name.clear(), "module name");
+    check(&|b| b.lineage[0].module.version = "x".repeat(MAX_MODULE_LABEL + 1), "module version");
+}
+
+#[test]
+fn sha256_hex_round_trips() {
+    let m = module_ref();
+    assert_eq!(ModuleRef::parse_sha256(&m.sha256_hex()), Some(m.sha256));
+    assert_eq!(ModuleRef::parse_sha256("ab"), None);
+    assert_eq!(ModuleRef::parse_sha256(&"zz".repeat(32)), None);
+}
+
 #[test]
 fn golden_bytes_ack_v1() {
     let ack = HubMessage::AckV1(AckV1 { epoch: 7, seqs: vec![1, 300] });
@@ -89,7 +143,7 @@ fn refuses_bad_names_and_values() {
 
 #[test]
 fn batch_with_corrupt_fields_blob_is_refused() {
-    let AgentMessage::BatchV1(mut b) = batch();
+    let AgentMessage::BatchV1(mut b) = batch() else { unreachable!() };
     b.streams[0].points[0].fields = FieldsBlob(vec![1, 1, b'v', 9]);
     assert!(AgentMessage::decode(&AgentMessage::BatchV1(b).encode()).is_err());
 }
