@@ -120,7 +120,8 @@ pub enum OnFailure {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum StartAt {
-    /// With readings that arrive from now on.
+    /// With readings accepted after the agent started (agent start, not module load, so
+    /// nothing is missed while the module compiles).
     Latest,
     /// With the oldest reading still in the local store (re-processing history).
     Earliest,

@@ -22,7 +22,7 @@ use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use brume_protocol::{AgentMessage, BatchV1, HubMessage, Value, topics};
+use brume_protocol::{AgentMessage, Batch, HubMessage, Value, topics};
 use rand::Rng;
 use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Outgoing, Packet, QoS};
 use serde::Serialize;
@@ -360,12 +360,12 @@ impl Forwarder {
     }
 
     /// Publishes one batch. Returns false if the client is gone.
-    async fn send(&mut self, b: BatchV1) -> bool {
+    async fn send(&mut self, b: Batch) -> bool {
         let seq = b.seq;
         let n = b.reading_count() as u64;
         let ok = match self.cfg.forward.mode {
             ForwardMode::Hub => {
-                let payload = AgentMessage::BatchV1(b).encode();
+                let payload = AgentMessage::BatchV2(b).encode();
                 self.client.publish(topics::batches(&self.cfg.agent_id), QoS::AtLeastOnce, false, payload).await.is_ok()
             }
             ForwardMode::Json => self.send_json(b).await,
@@ -379,7 +379,7 @@ impl Forwarder {
         ok
     }
 
-    async fn send_json(&mut self, b: BatchV1) -> bool {
+    async fn send_json(&mut self, b: Batch) -> bool {
         let topic_base = self.cfg.forward.json_topic.replace("{agent}", &self.cfg.agent_id);
         let mut messages: Vec<(String, Vec<u8>)> = Vec::new();
         let mut all = Vec::new();

@@ -100,6 +100,9 @@ pub async fn run(cfg: Config, listeners: Listeners, shutdown: CancellationToken)
     let forward_status = Arc::new(Mutex::new(forward::ForwardStatus::default()));
     let module_status: modules::SharedModuleStatus = Arc::new(Mutex::new(Vec::new()));
 
+    // Modules start before ingest so that `start_at = "latest"` means from agent start.
+    let runners = modules::ModuleRunners::start(&cfg, store.clone(), metrics.clone(), module_status.clone())
+        .context("starting WASM modules")?;
     if let Some(l) = listeners.mqtt {
         tracing::info!(addr = %l.local_addr()?, "MQTT listener for sensors");
         ingest.spawn(ingest::mqtt_listener::serve(
@@ -144,8 +147,6 @@ pub async fn run(cfg: Config, listeners: Listeners, shutdown: CancellationToken)
         ingest.spawn(ingest::simulator::run(cfg.simulator.clone(), store.clone(), metrics.clone(), ingest_stop.clone()));
     }
     ingest.close();
-    let runners = modules::ModuleRunners::start(&cfg, store.clone(), metrics.clone(), module_status)
-        .context("starting WASM modules")?;
     let forwarder =
         tokio::spawn(forward::run(cfg.clone(), store.clone(), metrics.clone(), forward_status, forward_stop.clone()));
 

@@ -78,6 +78,11 @@ impl ModuleRunners {
             return Ok(ModuleRunners { stop, threads });
         }
         let engine = Arc::new(WasmEngine::new(Default::default()).map_err(|e| anyhow::anyhow!("cannot start the WASM engine: {e}"))?);
+        // "From now on" means from agent start, not from whenever compilation finishes:
+        // readings accepted while modules load must still reach them.
+        let latest_at_start = StoreReader::open(&cfg.data_dir, &cfg.agent_id)
+            .and_then(|r| r.last_id())
+            .map_err(|e| anyhow::anyhow!("cannot read the store to position new modules: {e}"))?;
         let rt = tokio::runtime::Handle::current();
         for (i, m) in cfg.modules.iter().enumerate() {
             let name = m.name.clone().unwrap_or_else(|| {
@@ -102,6 +107,7 @@ impl ModuleRunners {
                 status: status.clone(),
                 stop: stop.clone(),
                 rt: rt.clone(),
+                latest_at_start,
             };
             threads.push(
                 std::thread::Builder::new()
@@ -136,6 +142,9 @@ struct Runner {
     status: SharedModuleStatus,
     stop: Arc<AtomicBool>,
     rt: tokio::runtime::Handle,
+    /// Where `start_at = "latest"` puts a module without saved progress: the store's last
+    /// reading id when the agent started.
+    latest_at_start: i64,
 }
 
 /// A loaded module with a live instance.
@@ -254,7 +263,7 @@ impl Runner {
             Some(p) => (p.cursor, Vec::new()),
             None => match self.cfg.start_at {
                 StartAt::Earliest => (0, Vec::new()),
-                StartAt::Latest => (reader.last_id().unwrap_or(0), Vec::new()),
+                StartAt::Latest => (self.latest_at_start, Vec::new()),
             },
         };
         let mut instance = match module.instantiate(&self.engine, limits.clone(), history.clone(), &config_json) {
@@ -317,7 +326,10 @@ impl Runner {
         match result {
             Ok((outcome, readings, state)) => {
                 let n_out = readings.len() as u64;
-                let progress = ModuleProgress { name: self.name.clone(), hash: l.hash.clone(), cursor: last_id, state: state.clone() };
+                let progress = ModuleProgress {
+                    name: self.name.clone(),
+                    version: l.module.manifest().version.clone(),
+                    hash: l.hash.clone(), cursor: last_id, state: state.clone() };
                 match self.rt.block_on(self.store.commit_module(readings, progress)) {
                     Ok(()) => {
                         l.cursor = last_id;
@@ -378,7 +390,10 @@ impl Runner {
         }
         if self.cfg.on_failure == OnFailure::Skip {
             // Skipping is a decision that must survive a restart: persist the cursor.
-            let progress = ModuleProgress { name: self.name.clone(), hash: l.hash.clone(), cursor: last_id, state: l.state.clone() };
+            let progress = ModuleProgress {
+                    name: self.name.clone(),
+                    version: l.module.manifest().version.clone(),
+                    hash: l.hash.clone(), cursor: last_id, state: l.state.clone() };
             if self.rt.block_on(self.store.commit_module(Vec::new(), progress)).is_ok() {
                 l.cursor = last_id;
             }

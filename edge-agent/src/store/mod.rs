@@ -51,7 +51,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use brume_protocol::{BatchV1, FieldsBlob, LossReason, LossReport, Point, Reading, StreamChunk};
+use brume_protocol::{Batch, ChunkLineage, FieldsBlob, LossReason, LossReport, ModuleRef, Point, Reading, StreamChunk};
 use rusqlite::{Connection, OptionalExtension, params};
 
 use crate::config::{Config, Durability, StreamRuleBody, WhenFull};
@@ -110,6 +110,9 @@ pub enum StoreError {
         /// Why.
         source: std::io::Error,
     },
+    /// A stored value does not decode (the file was modified outside the agent).
+    #[error("corrupt store: {0}")]
+    Corrupt(String),
 }
 
 impl StoreError {
@@ -239,6 +242,9 @@ pub struct StoreSnapshot {
 pub struct ModuleProgress {
     /// Module name (from its manifest or config).
     pub name: String,
+    /// Module version (from its manifest), recorded with the hash as the lineage of the
+    /// module's output readings.
+    pub version: String,
     /// Hex sha256 of the module that made this progress.
     pub hash: String,
     /// Every reading id ≤ this has been consumed.
@@ -284,7 +290,7 @@ struct State {
     oldest_unbatched_at: Option<Instant>,
 }
 
-const SCHEMA_VERSION: i64 = 1;
+const SCHEMA_VERSION: i64 = 2;
 
 fn now_ms() -> i64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
@@ -452,9 +458,10 @@ impl Store {
         let mut lost: HashMap<(i64, LossReason), u64> = HashMap::new();
         let mut added: HashMap<(i64, i64), BucketDelta> = HashMap::new();
         {
-            let mut insert = tx.prepare_cached("INSERT INTO readings(id, stream_id, ts_ns, fields) VALUES (?1, ?2, ?3, ?4)")?;
+            let mut insert =
+                tx.prepare_cached("INSERT INTO readings(id, stream_id, ts_ns, fields, producer) VALUES (?1, ?2, ?3, ?4, ?5)")?;
             let mut new_stream = tx.prepare_cached("INSERT INTO streams(name, bytes, count, forward) VALUES (?1, 0, 0, ?2)")?;
-            for group in groups {
+            for (gi, group) in groups.iter().enumerate() {
                 // Admission, all in memory, before touching the database, so a refused
                 // group leaves no trace.
                 match admit(&self.st.streams, self.st.total_bytes, &self.st.opts, group) {
@@ -464,6 +471,10 @@ impl Store {
                     }
                     Ok(()) => out.results.push(Ok(())),
                 }
+                let producer = match progress.iter().find(|(i, _)| *i == gi) {
+                    Some((_, p)) if !group.is_empty() => Some(producer_id(&tx, p)?),
+                    _ => None,
+                };
                 for r in group.iter() {
                     if !self.st.streams.contains_key(&r.stream) {
                         let rule = self.st.opts.rules.rule_for(&r.stream).clone();
@@ -474,7 +485,7 @@ impl Store {
                         self.st.streams.insert(r.stream.clone(), st);
                     }
                     let st = self.st.streams.get_mut(&r.stream).expect("inserted above");
-                    insert.execute(params![self.st.next_id, st.id, r.ts_ns, r.fields.0])?;
+                    insert.execute(params![self.st.next_id, st.id, r.ts_ns, r.fields.0, producer])?;
                     added
                         .entry((bucket_of(self.st.next_id), st.id))
                         .or_insert_with(|| BucketDelta::new(self.st.next_id, r.ts_ns))
@@ -521,11 +532,11 @@ impl Store {
         self.st.enforce_budgets(&tx, &mut lost)?;
         if !progress.is_empty() {
             let mut up = tx.prepare_cached(
-                "INSERT OR REPLACE INTO module_progress(name, hash, cursor, state, updated_ms) VALUES (?1, ?2, ?3, ?4, ?5)",
+                "INSERT OR REPLACE INTO module_progress(name, hash, cursor, state, updated_ms, version) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
             )?;
             for (i, p) in progress {
                 if matches!(out.results.get(*i), Some(Ok(()))) {
-                    up.execute(params![p.name, p.hash, p.cursor, p.state, now_ms()])?;
+                    up.execute(params![p.name, p.hash, p.cursor, p.state, now_ms(), p.version])?;
                 }
             }
         }
@@ -850,6 +861,15 @@ fn reason_from_code(c: i64) -> LossReason {
     if c == 0 { LossReason::Retention } else { LossReason::StoreFull }
 }
 
+/// The id of a module build in `producers`, created on first use.
+fn producer_id(tx: &Connection, p: &ModuleProgress) -> Result<i64, StoreError> {
+    tx.prepare_cached("INSERT OR IGNORE INTO producers(name, version, hash) VALUES (?1, ?2, ?3)")?
+        .execute(params![p.name, p.version, p.hash])?;
+    Ok(tx
+        .prepare_cached("SELECT id FROM producers WHERE name = ?1 AND version = ?2 AND hash = ?3")?
+        .query_row(params![p.name, p.version, p.hash], |r| r.get(0))?)
+}
+
 fn migrate(conn: &Connection) -> Result<(), StoreError> {
     let version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
     if version < 1 {
@@ -881,7 +901,20 @@ fn migrate(conn: &Connection) -> Result<(), StoreError> {
              COMMIT;",
         )?;
     }
-    debug_assert_eq!(SCHEMA_VERSION, 1);
+    if version < 2 {
+        // Lineage: which module build wrote a reading (NULL: ingested).
+        conn.execute_batch(
+            "BEGIN;
+             ALTER TABLE readings ADD COLUMN producer INTEGER;
+             ALTER TABLE module_progress ADD COLUMN version TEXT NOT NULL DEFAULT '';
+             CREATE TABLE IF NOT EXISTS producers(
+                 id INTEGER PRIMARY KEY, name TEXT NOT NULL, version TEXT NOT NULL, hash TEXT NOT NULL,
+                 UNIQUE(name, version, hash));
+             PRAGMA user_version = 2;
+             COMMIT;",
+        )?;
+    }
+    debug_assert_eq!(SCHEMA_VERSION, 2);
     Ok(())
 }
 
@@ -905,7 +938,7 @@ impl StoreReader {
 
     /// Builds the batch with sequence number `seq`, or `None` if it was acknowledged (or
     /// never cut). Readings deleted since the batch was cut are absent.
-    pub fn load_batch(&self, epoch: u64, seq: u64) -> Result<Option<BatchV1>, StoreError> {
+    pub fn load_batch(&self, epoch: u64, seq: u64) -> Result<Option<Batch>, StoreError> {
         let tx = self.conn.unchecked_transaction()?; // one consistent snapshot
         let Some((first, last, created_ms)) = tx
             .prepare_cached("SELECT first_id, last_id, created_ms FROM outbox WHERE seq = ?1")?
@@ -915,28 +948,45 @@ impl StoreReader {
             return Ok(None);
         };
         let mut streams: Vec<StreamChunk> = Vec::new();
-        let mut index: HashMap<i64, usize> = HashMap::new();
+        // One chunk per (stream, producer): ingested readings and each module build's
+        // outputs travel apart, so the hub knows what computed what.
+        let mut index: HashMap<(i64, Option<i64>), usize> = HashMap::new();
+        let mut producers: Vec<(usize, i64)> = Vec::new();
         {
             let mut q = tx.prepare_cached(
-                "SELECT r.stream_id, s.name, r.ts_ns, r.fields FROM readings r JOIN streams s ON s.id = r.stream_id \
+                "SELECT r.stream_id, s.name, r.ts_ns, r.fields, r.producer FROM readings r JOIN streams s ON s.id = r.stream_id \
                  WHERE r.id BETWEEN ?1 AND ?2 AND s.forward = 1 ORDER BY r.id",
             )?;
             let mut rows = q.query(params![first, last])?;
             while let Some(row) = rows.next()? {
-                let sid: i64 = row.get(0)?;
-                let i = match index.get(&sid) {
+                let key: (i64, Option<i64>) = (row.get(0)?, row.get(4)?);
+                let i = match index.get(&key) {
                     Some(&i) => i,
                     None => {
                         streams.push(StreamChunk { stream: row.get(1)?, points: Vec::new() });
-                        index.insert(sid, streams.len() - 1);
+                        index.insert(key, streams.len() - 1);
+                        if let Some(pid) = key.1 {
+                            producers.push((streams.len() - 1, pid));
+                        }
                         streams.len() - 1
                     }
                 };
                 streams[i].points.push(Point { ts_ns: row.get(2)?, fields: FieldsBlob(row.get(3)?) });
             }
         }
+        let mut lineage = Vec::with_capacity(producers.len());
+        {
+            let mut q = tx.prepare_cached("SELECT name, version, hash FROM producers WHERE id = ?1")?;
+            for (chunk, pid) in producers {
+                let (name, version, hash): (String, String, String) =
+                    q.query_row([pid], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
+                let sha256 = ModuleRef::parse_sha256(&hash)
+                    .ok_or_else(|| StoreError::Corrupt(format!("producer {pid} has hash {hash:?}, not 64 hex digits")))?;
+                lineage.push(ChunkLineage { chunk: chunk as u32, module: ModuleRef { name, version, sha256 } });
+            }
+        }
         let losses = self.losses_in(&tx)?;
-        Ok(Some(BatchV1 { agent_id: self.agent_id.clone(), epoch, seq, created_ms, streams, losses }))
+        Ok(Some(Batch { agent_id: self.agent_id.clone(), epoch, seq, created_ms, streams, losses, lineage }))
     }
 
     fn losses_in(&self, conn: &Connection) -> Result<Vec<LossReport>, StoreError> {
@@ -981,8 +1031,10 @@ impl StoreReader {
     pub fn module_progress(&self, name: &str) -> Result<Option<ModuleProgress>, StoreError> {
         Ok(self
             .conn
-            .prepare_cached("SELECT name, hash, cursor, state FROM module_progress WHERE name = ?1")?
-            .query_row([name], |r| Ok(ModuleProgress { name: r.get(0)?, hash: r.get(1)?, cursor: r.get(2)?, state: r.get(3)? }))
+            .prepare_cached("SELECT name, version, hash, cursor, state FROM module_progress WHERE name = ?1")?
+            .query_row([name], |r| {
+                Ok(ModuleProgress { name: r.get(0)?, version: r.get(1)?, hash: r.get(2)?, cursor: r.get(3)?, state: r.get(4)? })
+            })
             .optional()?)
     }
 

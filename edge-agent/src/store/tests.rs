@@ -332,7 +332,7 @@ fn module_progress_commits_with_its_outputs_or_not_at_all() {
     let dir = tempfile::tempdir().unwrap();
     let o = opts("[store]\nmax_streams = 2");
     let mut store = Store::open(dir.path(), o).unwrap();
-    let p = |cursor: i64| ModuleProgress { name: "m".into(), hash: "h".into(), cursor, state: vec![cursor as u8] };
+    let p = |cursor: i64| ModuleProgress { name: "m".into(), version: "1".into(), hash: "ab".repeat(32), cursor, state: vec![cursor as u8] };
     let out = store.apply_with_progress(&[&[reading("a", 1)], &[reading("out", 1)]], &[(1, p(7))], &[], Instant::now()).unwrap();
     assert_eq!(out.results, vec![Ok(()), Ok(())]);
     let reader = StoreReader::open(dir.path(), "a").unwrap();
@@ -345,4 +345,45 @@ fn module_progress_commits_with_its_outputs_or_not_at_all() {
     let (rows, cursor) = reader.readings_after(0, 10, &mut |s| s == "out").unwrap();
     assert_eq!(rows.iter().map(|r| r.1.as_str()).collect::<Vec<_>>(), vec!["out"]);
     assert_eq!(cursor, reader.last_id().unwrap());
+}
+
+#[test]
+fn module_outputs_carry_lineage_in_their_own_chunks() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut store = Store::open(dir.path(), opts("")).unwrap();
+    let p = |version: &str, hash: u8| ModuleProgress {
+        name: "m".into(),
+        version: version.into(),
+        hash: format!("{hash:02x}").repeat(32),
+        cursor: 1,
+        state: vec![],
+    };
+    // Ingested readings and two module builds writing to the same stream "out".
+    let (r1, r2, r3) = ([reading("out", 1)], [reading("out", 2)], [reading("out", 3), reading("in", 4)]);
+    let groups: [&[Reading]; 3] = [&r1, &r2, &r3];
+    store.apply_with_progress(&groups, &[(0, p("1.0", 0xaa)), (1, p("1.1", 0xbb))], &[], Instant::now()).unwrap();
+    store.apply(&[], &[], Instant::now() + Duration::from_secs(3600)).unwrap();
+    let reader = StoreReader::open(dir.path(), "a").unwrap();
+    let b = reader.load_batch(store.epoch(), 1).unwrap().unwrap();
+    let chunks: Vec<(&str, Vec<i64>, Option<(&str, u8)>)> = b
+        .streams
+        .iter()
+        .enumerate()
+        .map(|(i, c)| {
+            let module = b.module_of(i).map(|m| (m.version.as_str(), m.sha256[0]));
+            (c.stream.as_str(), c.points.iter().map(|p| p.ts_ns - T0).collect(), module)
+        })
+        .collect();
+    assert_eq!(
+        chunks,
+        vec![
+            ("out", vec![1], Some(("1.0", 0xaa))),
+            ("out", vec![2], Some(("1.1", 0xbb))),
+            ("out", vec![3], None),
+            ("in", vec![4], None),
+        ]
+    );
+    // The batch passes the hub's decoder.
+    let bytes = brume_protocol::AgentMessage::BatchV2(b.clone()).encode();
+    assert_eq!(brume_protocol::AgentMessage::decode_batch(&bytes).unwrap(), b);
 }
