@@ -41,6 +41,7 @@ pub fn app(state: AppState) -> Router {
         .route("/api/v1/streams", get(streams))
         .route("/api/v1/readings", get(readings))
         .route("/api/v1/agents", get(agents))
+        .route("/api/v1/modules", get(modules))
         .with_state(state)
 }
 
@@ -196,7 +197,11 @@ async fn readings(
                 r.agent_id, r.seq, r.idx
             )))
         })?;
-        out.push(json!({ "ts_ns": r.ts_ns, "agent_id": r.agent_id, "seq": r.seq, "fields": fields_json(&fields) }));
+        let mut o = json!({ "ts_ns": r.ts_ns, "agent_id": r.agent_id, "seq": r.seq, "idx": r.idx, "fields": fields_json(&fields) });
+        if let Some(m) = &r.module {
+            o["module"] = module_json(m);
+        }
+        out.push(o);
     }
     Ok(axum::Json(json!({
         "stream": stream,
@@ -219,6 +224,25 @@ fn agent_json(a: &AgentSummary) -> serde_json::Value {
         })).collect::<Vec<_>>(),
         "last_seen_ms": a.last_seen_ms,
     })
+}
+
+fn module_json(m: &brume_protocol::ModuleRef) -> serde_json::Value {
+    json!({ "name": m.name, "version": m.version, "sha256": m.sha256_hex() })
+}
+
+/// Module builds whose outputs the hub has stored: lineage at a glance.
+async fn modules(State(s): State<AppState>) -> Result<axum::Json<serde_json::Value>, ApiError> {
+    let list = query(&s.store, |st| st.modules()).await?;
+    Ok(axum::Json(
+        list.iter()
+            .map(|m| {
+                let mut o = module_json(&m.module);
+                o["agents"] = json!(m.agents);
+                o["readings"] = json!(m.readings);
+                o
+            })
+            .collect(),
+    ))
 }
 
 async fn agents(State(s): State<AppState>) -> Result<axum::Json<serde_json::Value>, ApiError> {

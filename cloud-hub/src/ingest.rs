@@ -21,7 +21,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use brume_protocol::{AckV1, AgentMessage, BatchV1, HubMessage, topics, validate_agent_id};
+use brume_protocol::{AckV1, AgentMessage, Batch, HubMessage, topics, validate_agent_id};
 use rand::Rng;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -70,12 +70,12 @@ impl Reject {
 
 /// Checks one publish: topic, decoding, agent id and timestamps. On refusal returns the
 /// reason and a human-readable detail for the log.
-pub fn validate(topic: &str, payload: &[u8]) -> Result<BatchV1, (Reject, String)> {
+pub fn validate(topic: &str, payload: &[u8]) -> Result<Batch, (Reject, String)> {
     let agent = topics::agent_of_batch_topic(topic)
         .ok_or_else(|| (Reject::BadTopic, format!("{topic:?} is not a batch topic")))?;
     validate_agent_id(agent).map_err(|e| (Reject::BadTopic, e.to_string()))?;
-    let AgentMessage::BatchV1(batch) =
-        AgentMessage::decode(payload).map_err(|e| (Reject::Malformed, e.to_string()))?;
+    let batch =
+        AgentMessage::decode_batch(payload).map_err(|e| (Reject::Malformed, e.to_string()))?;
     if batch.agent_id != agent {
         return Err((
             Reject::AgentMismatch,
@@ -127,7 +127,7 @@ pub struct Ingest {
 
 /// A valid batch waiting to be stored, with the delivery to ack afterwards.
 struct Pending {
-    batch: BatchV1,
+    batch: Batch,
     delivery: Delivery,
 }
 
@@ -200,7 +200,7 @@ impl Ingest {
     /// Stores the group, retrying until it commits. `None` if shutdown came first.
     async fn commit(
         &self,
-        batches: &Arc<Vec<BatchV1>>,
+        batches: &Arc<Vec<Batch>>,
         shutdown: &CancellationToken,
     ) -> Option<Vec<BatchOutcome>> {
         let mut delay = RETRY_MIN;
@@ -237,7 +237,7 @@ impl Ingest {
     /// Returns false if the MQTT event loop is gone.
     async fn acknowledge(
         &self,
-        batches: &[BatchV1],
+        batches: &[Batch],
         deliveries: &[Delivery],
         outcomes: &[BatchOutcome],
     ) -> bool {
@@ -293,8 +293,8 @@ mod tests {
     use super::*;
     use brume_protocol::{Field, FieldsBlob, Point, StreamChunk, Value};
 
-    fn batch(agent: &str, ts_ns: i64) -> BatchV1 {
-        BatchV1 {
+    fn batch(agent: &str, ts_ns: i64) -> Batch {
+        Batch {
             agent_id: agent.into(),
             epoch: 1,
             seq: 1,
@@ -311,6 +311,7 @@ mod tests {
                 }],
             }],
             losses: vec![],
+            lineage: vec![],
         }
     }
 
@@ -342,7 +343,7 @@ mod tests {
     #[test]
     fn validation_reasons() {
         let ok_ts = MIN_TS_NS + 1;
-        let good = AgentMessage::BatchV1(batch("a1", ok_ts)).encode();
+        let good = AgentMessage::BatchV2(batch("a1", ok_ts)).encode();
         assert_eq!(check("brume/v1/agents/a1/batches", &good), Ok(()));
         assert_eq!(
             check("brume/v1/agents/a2/batches", &good),
@@ -367,7 +368,7 @@ mod tests {
             Err(Reject::Malformed)
         );
         for ts in [MIN_TS_NS - 1, MAX_TS_NS, 0, i64::MIN] {
-            let m = AgentMessage::BatchV1(batch("a1", ts)).encode();
+            let m = AgentMessage::BatchV2(batch("a1", ts)).encode();
             assert_eq!(
                 check("brume/v1/agents/a1/batches", &m),
                 Err(Reject::BadTimestamp),
@@ -377,7 +378,7 @@ mod tests {
         assert_eq!(
             check(
                 "brume/v1/agents/a1/batches",
-                &AgentMessage::BatchV1(batch("a1", MAX_TS_NS - 1)).encode()
+                &AgentMessage::BatchV2(batch("a1", MAX_TS_NS - 1)).encode()
             ),
             Ok(())
         );
@@ -386,7 +387,7 @@ mod tests {
         assert_eq!(
             check(
                 "brume/v1/agents/a1/batches",
-                &AgentMessage::BatchV1(big_seq).encode()
+                &AgentMessage::BatchV2(big_seq).encode()
             ),
             Err(Reject::Malformed)
         );

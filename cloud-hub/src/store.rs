@@ -20,7 +20,7 @@ pub(crate) mod suite;
 
 use std::time::Duration;
 
-use brume_protocol::{BatchV1, FieldsBlob, LossReason};
+use brume_protocol::{Batch, FieldsBlob, LossReason, ModuleRef};
 
 /// Why a storage operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -225,6 +225,8 @@ pub struct StoredReading {
     pub idx: u32,
     /// The fields, exactly as the agent sent them.
     pub fields: FieldsBlob,
+    /// The module build that computed this reading; `None` if it was ingested as is.
+    pub module: Option<ModuleRef>,
 }
 
 impl StoredReading {
@@ -309,6 +311,76 @@ pub(crate) fn set_watermarks(out: &mut [AgentSummary]) {
     }
 }
 
+/// Summary of one module build that produced stored readings, for `GET /api/v1/modules`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ModuleSummary {
+    /// The build.
+    pub module: ModuleRef,
+    /// Distinct agents whose batches carried its outputs.
+    pub agents: u64,
+    /// Stored readings it computed.
+    pub readings: u64,
+}
+
+/// Readings `first_idx..=last_idx` of one batch were computed by `module`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct LineageRange {
+    pub first_idx: u32,
+    pub last_idx: u32,
+    pub module: ModuleRef,
+}
+
+/// The lineage of a batch as index ranges, numbering readings the way both backends
+/// store them: consecutively over the batch's non-empty chunks.
+pub(crate) fn lineage_ranges(b: &Batch) -> Vec<LineageRange> {
+    let mut out = Vec::with_capacity(b.lineage.len());
+    let mut idx: u64 = 0;
+    for (i, chunk) in b.streams.iter().enumerate() {
+        let n = chunk.points.len() as u64;
+        if n > 0
+            && let Some(m) = b.module_of(i)
+        {
+            // Batches beyond u32 readings are refused by the stores before this matters.
+            out.push(LineageRange {
+                first_idx: idx.min(u32::MAX.into()) as u32,
+                last_idx: (idx + n - 1).min(u32::MAX.into()) as u32,
+                module: m.clone(),
+            });
+        }
+        idx += n;
+    }
+    out
+}
+
+/// A module reference from its stored columns.
+pub(crate) fn module_ref(name: String, version: String, sha256: &[u8]) -> Result<ModuleRef, StoreError> {
+    let sha256 = sha256
+        .try_into()
+        .map_err(|_| StoreError::Corrupt(format!("module {name:?} has a {}-byte sha256", sha256.len())))?;
+    Ok(ModuleRef { name, version, sha256 })
+}
+
+/// Sets `module` on every reading of a page, looking up each distinct batch's lineage
+/// once with `lookup(agent_id, epoch, seq)`.
+pub(crate) fn attach_lineage(
+    readings: &mut [StoredReading],
+    mut lookup: impl FnMut(&str, u64, u64) -> Result<Vec<LineageRange>, StoreError>,
+) -> Result<(), StoreError> {
+    let mut cache: std::collections::HashMap<(String, u64, u64), Vec<LineageRange>> = std::collections::HashMap::new();
+    for r in readings.iter_mut() {
+        let key = (r.agent_id.clone(), r.epoch, r.seq);
+        if !cache.contains_key(&key) {
+            let ranges = lookup(&r.agent_id, r.epoch, r.seq)?;
+            cache.insert(key.clone(), ranges);
+        }
+        r.module = cache[&key]
+            .iter()
+            .find(|l| (l.first_idx..=l.last_idx).contains(&r.idx))
+            .map(|l| l.module.clone());
+    }
+    Ok(())
+}
+
 /// Durable storage for batches and the queries the HTTP API serves.
 ///
 /// Implementations are shared between the ingest task and HTTP handlers
@@ -322,7 +394,7 @@ pub trait HubStore: Send + Sync + 'static {
     /// durably committed. On `Err` nothing was stored.
     fn ingest(
         &self,
-        batches: &[BatchV1],
+        batches: &[Batch],
         received_ms: i64,
     ) -> Result<Vec<BatchOutcome>, StoreError>;
 
@@ -334,6 +406,9 @@ pub trait HubStore: Send + Sync + 'static {
 
     /// Every `(agent, epoch)` the hub has stored batches for, sorted by agent id, then epoch.
     fn agents(&self) -> Result<Vec<AgentSummary>, StoreError>;
+
+    /// Every module build that computed stored readings, sorted by name, version, hash.
+    fn modules(&self) -> Result<Vec<ModuleSummary>, StoreError>;
 }
 
 #[cfg(test)]

@@ -61,7 +61,7 @@ use std::future::Future;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
-use brume_protocol::{BatchV1, FieldsBlob};
+use brume_protocol::{Batch, FieldsBlob};
 use bytes::Bytes;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_postgres::CopyInSink;
@@ -71,9 +71,9 @@ use tokio_postgres::types::Type;
 use tokio_postgres::{Client, IsolationLevel, NoTls, Transaction};
 
 use super::{
-    AgentSummary, BatchOutcome, HubStore, LossSummary, ReadingsPage,
-    ReadingsQuery, StoreError, StoredReading, StreamSummary, epoch_from_sql, epoch_to_sql,
-    loss_reason_from_str,
+    AgentSummary, BatchOutcome, HubStore, LineageRange, LossSummary, ModuleSummary, ReadingsPage,
+    ReadingsQuery, StoreError, StoredReading, StreamSummary, attach_lineage, module_ref, epoch_from_sql,
+    epoch_to_sql, lineage_ranges, loss_reason_from_str,
 };
 
 /// One UTC day in nanoseconds: the partition width.
@@ -86,7 +86,7 @@ const PARTITION_LOCK: i64 = 0x6272_756d_6502;
 
 /// Versioned migrations, applied in order, each in the migration transaction. Never edit
 /// a released entry: add a new one.
-pub const MIGRATIONS: &[(i32, &str)] = &[(1, SCHEMA_V1)];
+pub const MIGRATIONS: &[(i32, &str)] = &[(1, SCHEMA_V1), (2, SCHEMA_V2)];
 
 /// Newest schema version this build knows.
 pub const SCHEMA_VERSION: i32 = MIGRATIONS[MIGRATIONS.len() - 1].0;
@@ -137,6 +137,22 @@ CREATE TABLE losses (
     reason   text COLLATE "C" NOT NULL,
     total    int8 NOT NULL,
     PRIMARY KEY (agent_id, epoch, stream, reason)
+);
+"#;
+
+/// Lineage: which module build computed which readings of a batch (chunks without an
+/// entry were ingested as is). One row per computed chunk, not per reading.
+const SCHEMA_V2: &str = r#"
+CREATE TABLE lineage (
+    agent_id  text COLLATE "C" NOT NULL,
+    epoch     int8 NOT NULL,
+    seq       int8 NOT NULL,
+    first_idx int4 NOT NULL,
+    last_idx  int4 NOT NULL,
+    module    text COLLATE "C" NOT NULL,
+    version   text COLLATE "C" NOT NULL,
+    sha256    bytea NOT NULL,
+    PRIMARY KEY (agent_id, epoch, seq, first_idx)
 );
 "#;
 
@@ -588,7 +604,7 @@ impl PostgresStore {
     async fn days_needed(
         &self,
         client: &mut Client,
-        batches: &[BatchV1],
+        batches: &[Batch],
         keys: &[Key<'_>],
     ) -> Result<BTreeSet<i32>, StoreError> {
         let per_batch: Vec<BTreeSet<i32>> = batches
@@ -638,7 +654,7 @@ impl PostgresStore {
     /// One attempt at storing a group: partitions first, then the ingest transaction.
     async fn ingest_once(
         &self,
-        batches: &[BatchV1],
+        batches: &[Batch],
         keys: &[Key<'_>],
         received_ms: i64,
     ) -> Result<Vec<BatchOutcome>, StoreError> {
@@ -727,7 +743,7 @@ async fn ingest_tx(
     tx: &Transaction<'_>,
     known: &HashMap<String, i64>,
     created: &mut HashMap<String, i64>,
-    batches: &[BatchV1],
+    batches: &[Batch],
     keys: &[Key<'_>],
     received_ms: i64,
 ) -> Result<Vec<BatchOutcome>, StoreError> {
@@ -789,7 +805,7 @@ async fn ingest_tx(
     // 2. Stream ids for the new batches' non-empty chunks. Unknown names are inserted in
     //    name order; a concurrent hub inserting the same name makes this wait for its
     //    commit, after which the SELECT (a new snapshot in READ COMMITTED) sees its id.
-    let new_batches: Vec<(usize, &BatchV1)> = batches
+    let new_batches: Vec<(usize, &Batch)> = batches
         .iter()
         .enumerate()
         .filter(|(i, _)| outcomes[*i] == BatchOutcome::Stored)
@@ -913,7 +929,37 @@ async fn ingest_tx(
         .map_err(pg("updating stream statistics"))?;
     }
 
-    // 5. Loss counters, for duplicates too: totals are cumulative, so a re-sent batch
+    // 5. Lineage of the new batches' computed chunks.
+    let mut l_agents: Vec<&str> = Vec::new();
+    let (mut l_epochs, mut l_seqs): (Vec<i64>, Vec<i64>) = (Vec::new(), Vec::new());
+    let (mut l_first, mut l_last): (Vec<i32>, Vec<i32>) = (Vec::new(), Vec::new());
+    let (mut l_names, mut l_versions, mut l_hashes): (Vec<String>, Vec<String>, Vec<Vec<u8>>) =
+        (Vec::new(), Vec::new(), Vec::new());
+    for &(i, b) in &new_batches {
+        for l in lineage_ranges(b) {
+            l_agents.push(keys[i].agent_id);
+            l_epochs.push(keys[i].epoch);
+            l_seqs.push(keys[i].seq);
+            // Readings are numbered in int4 (checked above), so the ranges fit.
+            l_first.push(l.first_idx as i32);
+            l_last.push(l.last_idx as i32);
+            l_names.push(l.module.name);
+            l_versions.push(l.module.version);
+            l_hashes.push(l.module.sha256.to_vec());
+        }
+    }
+    if !l_agents.is_empty() {
+        tx.execute(
+            "INSERT INTO lineage (agent_id, epoch, seq, first_idx, last_idx, module, version, sha256)
+             SELECT * FROM unnest($1::text[], $2::int8[], $3::int8[], $4::int4[], $5::int4[],
+                                  $6::text[], $7::text[], $8::bytea[])",
+            &[&l_agents, &l_epochs, &l_seqs, &l_first, &l_last, &l_names, &l_versions, &l_hashes],
+        )
+        .await
+        .map_err(pg("inserting lineage"))?;
+    }
+
+    // 6. Loss counters, for duplicates too: totals are cumulative, so a re-sent batch
     //    may carry newer ones, and greatest() makes applying them idempotent.
     let mut losses: BTreeMap<(&str, i64, &str, &str), i64> = BTreeMap::new();
     for (b, k) in batches.iter().zip(keys) {
@@ -957,7 +1003,7 @@ fn is_missing_partition(e: &StoreError) -> bool {
 impl HubStore for PostgresStore {
     fn ingest(
         &self,
-        batches: &[BatchV1],
+        batches: &[Batch],
         received_ms: i64,
     ) -> Result<Vec<BatchOutcome>, StoreError> {
         let keys = batches
@@ -1084,7 +1130,6 @@ impl HubStore for PostgresStore {
                 }
             }
             .map_err(pg("querying readings"))?;
-            conn.release();
             let mut readings: Vec<StoredReading> = rows
                 .iter()
                 .map(|r| StoredReading {
@@ -1094,6 +1139,7 @@ impl HubStore for PostgresStore {
                     seq: r.get::<_, i64>(3) as u64,
                     idx: r.get::<_, i32>(4) as u32,
                     fields: FieldsBlob(r.get(5)),
+                    module: None,
                 })
                 .collect();
             let next = if readings.len() > q.limit {
@@ -1102,6 +1148,37 @@ impl HubStore for PostgresStore {
             } else {
                 None
             };
+            // The page's lineage in one query for all its batches.
+            let keys: BTreeSet<(&str, i64, i64)> = readings
+                .iter()
+                .map(|r| (r.agent_id.as_str(), epoch_to_sql(r.epoch), r.seq as i64))
+                .collect();
+            let mut ranges: HashMap<(String, u64, u64), Vec<LineageRange>> = HashMap::new();
+            if !keys.is_empty() {
+                let agents: Vec<&str> = keys.iter().map(|k| k.0).collect();
+                let epochs: Vec<i64> = keys.iter().map(|k| k.1).collect();
+                let seqs: Vec<i64> = keys.iter().map(|k| k.2).collect();
+                let rows = client
+                    .query(
+                        "SELECT l.agent_id, l.epoch, l.seq, l.first_idx, l.last_idx, l.module, l.version, l.sha256
+                         FROM unnest($1::text[], $2::int8[], $3::int8[]) AS k(a, e, s)
+                         JOIN lineage l ON l.agent_id = k.a AND l.epoch = k.e AND l.seq = k.s",
+                        &[&agents, &epochs, &seqs],
+                    )
+                    .await
+                    .map_err(pg("looking up lineage"))?;
+                for r in rows {
+                    let key = (r.get::<_, String>(0), epoch_from_sql(r.get(1)), r.get::<_, i64>(2) as u64);
+                    let module = module_ref(r.get(5), r.get(6), r.get(7))?;
+                    ranges.entry(key).or_default().push(LineageRange {
+                        first_idx: r.get::<_, i32>(3) as u32,
+                        last_idx: r.get::<_, i32>(4) as u32,
+                        module,
+                    });
+                }
+            }
+            conn.release();
+            attach_lineage(&mut readings, |a, e, s| Ok(ranges.remove(&(a.to_owned(), e, s)).unwrap_or_default()))?;
             Ok(ReadingsPage { readings, next })
         })
     }
@@ -1122,6 +1199,32 @@ impl HubStore for PostgresStore {
             tx.commit().await.map_err(pg("ending read transaction"))?;
             conn.release();
             Ok(out)
+        })
+    }
+
+    fn modules(&self) -> Result<Vec<ModuleSummary>, StoreError> {
+        self.call("listing modules", async {
+            let mut conn = self.checkout().await?;
+            let rows = conn
+                .client()
+                .query(
+                    "SELECT module, version, sha256, count(DISTINCT agent_id),
+                            sum(last_idx - first_idx + 1)::int8
+                     FROM lineage GROUP BY module, version, sha256 ORDER BY module, version, sha256",
+                    &[],
+                )
+                .await
+                .map_err(pg("listing modules"))?;
+            conn.release();
+            rows.iter()
+                .map(|r| {
+                    Ok(ModuleSummary {
+                        module: module_ref(r.get(0), r.get(1), r.get(2))?,
+                        agents: r.get::<_, i64>(3).max(0) as u64,
+                        readings: r.get::<_, i64>(4).max(0) as u64,
+                    })
+                })
+                .collect()
         })
     }
 }

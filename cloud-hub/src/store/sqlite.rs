@@ -34,16 +34,17 @@ use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
-use brume_protocol::{BatchV1, FieldsBlob};
+use brume_protocol::{Batch, FieldsBlob};
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 
 use super::{
-    AgentSummary, BatchOutcome, HubStore, LossSummary, ReadingsPage,
-    ReadingsQuery, StoreError, StoredReading, StreamSummary, loss_reason_from_str,
+    AgentSummary, BatchOutcome, HubStore, LineageRange, LossSummary, ModuleSummary, ReadingsPage,
+    ReadingsQuery, StoreError, StoredReading, StreamSummary, attach_lineage, module_ref, lineage_ranges,
+    loss_reason_from_str,
 };
 
 /// Schema version this build writes and understands.
-pub const SCHEMA_VERSION: i64 = 1;
+pub const SCHEMA_VERSION: i64 = 2;
 
 /// Idle read connections kept open. More concurrent readers open extra connections
 /// that are closed after use; this only bounds what stays open.
@@ -87,6 +88,22 @@ CREATE TABLE losses (
     reason   TEXT    NOT NULL,
     total    INTEGER NOT NULL,
     PRIMARY KEY (agent_id, epoch, stream, reason)
+) WITHOUT ROWID;
+";
+
+/// Lineage: which module build computed which readings of a batch (chunks without an
+/// entry were ingested as is).
+const SCHEMA_V2: &str = "
+CREATE TABLE lineage (
+    agent_id  TEXT    NOT NULL,
+    epoch     INTEGER NOT NULL,
+    seq       INTEGER NOT NULL,
+    first_idx INTEGER NOT NULL,
+    last_idx  INTEGER NOT NULL,
+    module    TEXT    NOT NULL,
+    version   TEXT    NOT NULL,
+    sha256    BLOB    NOT NULL,
+    PRIMARY KEY (agent_id, epoch, seq, first_idx)
 ) WITHOUT ROWID;
 ";
 
@@ -166,6 +183,10 @@ fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
         tx.execute_batch(SCHEMA_V1)
             .map_err(sql("creating schema v1"))?;
     }
+    if version < 2 {
+        tx.execute_batch(SCHEMA_V2)
+            .map_err(sql("creating schema v2"))?;
+    }
     // Later versions add `if version < N { ... }` steps here, in order.
     tx.pragma_update(None, "user_version", SCHEMA_VERSION)
         .map_err(sql("writing user_version"))?;
@@ -234,7 +255,7 @@ fn ingest_tx(
     tx: &rusqlite::Transaction<'_>,
     known: &HashMap<String, i64>,
     created: &mut HashMap<String, i64>,
-    batches: &[BatchV1],
+    batches: &[Batch],
     received_ms: i64,
 ) -> Result<Vec<BatchOutcome>, StoreError> {
     let mut insert_batch = tx
@@ -255,6 +276,12 @@ fn ingest_tx(
              ON CONFLICT (agent_id, epoch, stream, reason) DO UPDATE SET total = max(total, excluded.total)",
         )
         .map_err(sql("preparing loss upsert"))?;
+    let mut insert_lineage = tx
+        .prepare_cached(
+            "INSERT INTO lineage (agent_id, epoch, seq, first_idx, last_idx, module, version, sha256)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+        )
+        .map_err(sql("preparing lineage insert"))?;
 
     let mut deltas: HashMap<i64, StreamDelta> = HashMap::new();
     let mut outcomes = Vec::with_capacity(batches.len());
@@ -297,6 +324,20 @@ fn ingest_tx(
                     delta.first_ts_ns = delta.first_ts_ns.min(p.ts_ns);
                     delta.last_ts_ns = delta.last_ts_ns.max(p.ts_ns);
                 }
+            }
+            for l in lineage_ranges(b) {
+                insert_lineage
+                    .execute(params![
+                        b.agent_id,
+                        epoch,
+                        seq,
+                        l.first_idx,
+                        l.last_idx,
+                        l.module.name,
+                        l.module.version,
+                        &l.module.sha256[..]
+                    ])
+                    .map_err(sql("inserting lineage"))?;
             }
             outcomes.push(BatchOutcome::Stored);
         } else {
@@ -366,7 +407,7 @@ fn stream_id(
 impl HubStore for SqliteStore {
     fn ingest(
         &self,
-        batches: &[BatchV1],
+        batches: &[Batch],
         received_ms: i64,
     ) -> Result<Vec<BatchOutcome>, StoreError> {
         let mut guard = lock(&self.writer);
@@ -431,6 +472,7 @@ impl HubStore for SqliteStore {
                     seq: r.get::<_, i64>(3)? as u64,
                     idx: r.get::<_, i64>(4)? as u32,
                     fields: FieldsBlob(r.get(5)?),
+                    module: None,
                 })
             };
             // A row-value comparison on the index's own column order lets SQLite seek
@@ -479,6 +521,25 @@ impl HubStore for SqliteStore {
             } else {
                 None
             };
+            let mut lineage = conn
+                .prepare_cached(
+                    "SELECT first_idx, last_idx, module, version, sha256 FROM lineage
+                     WHERE agent_id = ?1 AND epoch = ?2 AND seq = ?3",
+                )
+                .map_err(sql("looking up lineage"))?;
+            attach_lineage(&mut rows, |agent, epoch, seq| {
+                lineage
+                    .query_map(params![agent, epoch_to_sql(epoch), seq as i64], |r| {
+                        Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get::<_, Vec<u8>>(4)?))
+                    })
+                    .and_then(|rows| rows.collect::<Result<Vec<_>, _>>())
+                    .map_err(sql("looking up lineage"))?
+                    .into_iter()
+                    .map(|(first_idx, last_idx, name, version, sha)| {
+                        Ok(LineageRange { first_idx, last_idx, module: module_ref(name, version, &sha)? })
+                    })
+                    .collect()
+            })?;
             Ok(ReadingsPage {
                 readings: rows,
                 next,
@@ -497,6 +558,31 @@ impl HubStore for SqliteStore {
             // it does not hide the query's own error.
             let _ = conn.execute_batch("COMMIT");
             result
+        })
+    }
+
+    fn modules(&self) -> Result<Vec<ModuleSummary>, StoreError> {
+        self.with_reader(|conn| {
+            conn.prepare_cached(
+                "SELECT module, version, sha256, count(DISTINCT agent_id), sum(last_idx - first_idx + 1)
+                 FROM lineage GROUP BY module, version, sha256 ORDER BY module, version, sha256",
+            )
+            .and_then(|mut s| {
+                s.query_map([], |r| {
+                    Ok((r.get(0)?, r.get(1)?, r.get::<_, Vec<u8>>(2)?, r.get::<_, i64>(3)?, r.get::<_, i64>(4)?))
+                })?
+                .collect::<Result<Vec<_>, _>>()
+            })
+            .map_err(sql("listing modules"))?
+            .into_iter()
+            .map(|(name, version, sha, agents, readings)| {
+                Ok(ModuleSummary {
+                    module: module_ref(name, version, &sha)?,
+                    agents: agents.max(0) as u64,
+                    readings: readings.max(0) as u64,
+                })
+            })
+            .collect()
         })
     }
 }

@@ -6,7 +6,8 @@
 //! markers, partitions) live next to each backend.
 
 use brume_protocol::{
-    BatchV1, Field, FieldsBlob, LossReason, LossReport, Point, StreamChunk, Value,
+    Batch, ChunkLineage, Field, FieldsBlob, LossReason, LossReport, ModuleRef, Point, StreamChunk,
+    Value,
 };
 
 use super::{BatchOutcome, HubStore, LossSummary, ReadingsPage, ReadingsQuery, StreamSummary};
@@ -36,6 +37,7 @@ macro_rules! store_suite {
             reopen_keeps_data,
             failed_transaction_stores_nothing,
             random_ingest_matches_a_model,
+            lineage_is_stored_per_reading_and_listed,
         );
     };
     (@tests $fixture:ty; $($name:ident),* $(,)?) => {
@@ -58,8 +60,8 @@ pub(crate) fn fields(v: f64) -> FieldsBlob {
 }
 
 /// A batch with one chunk per `(stream, timestamps)` entry.
-pub(crate) fn batch(agent: &str, epoch: u64, seq: u64, chunks: &[(&str, &[i64])]) -> BatchV1 {
-    BatchV1 {
+pub(crate) fn batch(agent: &str, epoch: u64, seq: u64, chunks: &[(&str, &[i64])]) -> Batch {
+    Batch {
         agent_id: agent.into(),
         epoch,
         seq,
@@ -78,6 +80,7 @@ pub(crate) fn batch(agent: &str, epoch: u64, seq: u64, chunks: &[(&str, &[i64])]
             })
             .collect(),
         losses: vec![],
+        lineage: vec![],
     }
 }
 
@@ -282,7 +285,7 @@ pub(crate) fn readings_are_ordered_and_paginated(f: &impl Fixture) {
 pub(crate) fn watermark_and_gaps(f: &impl Fixture) {
     let store = f.open();
     let seqs = [2u64, 3, 5, 9, 10];
-    let batches: Vec<BatchV1> = seqs
+    let batches: Vec<Batch> = seqs
         .iter()
         .map(|&s| batch("a", 1, s, &[("s", &[s as i64])]))
         .collect();
@@ -431,7 +434,7 @@ pub(crate) fn random_ingest_matches_a_model(f: &impl Fixture) {
     // stream -> sorted (ts, agent, epoch, seq, idx)
     let mut model: BTreeMap<String, Vec<ModelRow>> = BTreeMap::new();
     for _ in 0..12 {
-        let group: Vec<BatchV1> = (0..rng.random_range(1..8))
+        let group: Vec<Batch> = (0..rng.random_range(1..8))
             .map(|_| {
                 let agent = ["a", "b", "c"][rng.random_range(0..3)];
                 let epoch = [1u64, u64::MAX][rng.random_range(0..2)];
@@ -488,4 +491,34 @@ pub(crate) fn random_ingest_matches_a_model(f: &impl Fixture) {
         let expect: Vec<_> = rows.iter().map(|r| (r.0, r.1.clone(), r.3, r.4)).collect();
         assert_eq!(all(&store, &s.stream, 3).0, expect, "{}", s.stream);
     }
+}
+
+pub(crate) fn lineage_is_stored_per_reading_and_listed(f: &impl Fixture) {
+    let store = f.open();
+    let m = |version: &str, h: u8| ModuleRef { name: "down".into(), version: version.into(), sha256: [h; 32] };
+    // Chunks: ingested "s" [1, 2], empty "t" (computed, no readings), "s" [3, 4] by
+    // v1, "s" [5] by v2. Readings are numbered over non-empty chunks: 0..=4.
+    let mut b = batch("a1", 1, 1, &[("s", &[1, 2]), ("t", &[]), ("s", &[3, 4]), ("s", &[5])]);
+    b.lineage = vec![
+        ChunkLineage { chunk: 1, module: m("1", 1) },
+        ChunkLineage { chunk: 2, module: m("1", 1) },
+        ChunkLineage { chunk: 3, module: m("2", 2) },
+    ];
+    let mut other = batch("a2", 1, 1, &[("s", &[6])]);
+    other.lineage = vec![ChunkLineage { chunk: 0, module: m("1", 1) }];
+    store.ingest(&[b.clone(), other], 1).unwrap();
+    // A re-send must not duplicate lineage rows (or fail on them).
+    assert_eq!(store.ingest(&[b], 2).unwrap(), vec![BatchOutcome::Duplicate]);
+    let page = store
+        .readings(&ReadingsQuery { stream: "s".into(), from: None, to: None, limit: 100, after: None })
+        .unwrap();
+    let got: Vec<(i64, Option<String>)> =
+        page.readings.iter().map(|r| (r.ts_ns, r.module.as_ref().map(|m| m.version.clone()))).collect();
+    let v = |s: &str| Some(s.to_owned());
+    assert_eq!(got, vec![(1, None), (2, None), (3, v("1")), (4, v("1")), (5, v("2")), (6, v("1"))]);
+    assert_eq!(page.readings[2].module, Some(m("1", 1)));
+    let modules = store.modules().unwrap();
+    let summary: Vec<(String, u64, u64)> =
+        modules.iter().map(|s| (s.module.version.clone(), s.agents, s.readings)).collect();
+    assert_eq!(summary, vec![("1".into(), 2, 3), ("2".into(), 1, 1)]);
 }

@@ -54,8 +54,8 @@ async fn batch_is_acked_and_served_over_http() {
         json!({
             "stream": "temp",
             "readings": [
-                {"ts_ns": T0, "agent_id": "agent-1", "seq": 1, "fields": {"value": 1.5, "ok": true, "name": "x"}},
-                {"ts_ns": T0 + 2, "agent_id": "agent-1", "seq": 1, "fields": {"value": 2.5, "ok": true, "name": "x"}},
+                {"ts_ns": T0, "agent_id": "agent-1", "seq": 1, "idx": 1, "fields": {"value": 1.5, "ok": true, "name": "x"}},
+                {"ts_ns": T0 + 2, "agent_id": "agent-1", "seq": 1, "idx": 0, "fields": {"value": 2.5, "ok": true, "name": "x"}},
             ],
             "next": null,
         })
@@ -313,8 +313,8 @@ async fn postgres_backend_end_to_end_with_duplicates() {
         json!({
             "stream": "temp",
             "readings": [
-                {"ts_ns": T0, "agent_id": "pg-1", "seq": 1, "fields": {"value": 1.5, "ok": true, "name": "x"}},
-                {"ts_ns": T0 + 1, "agent_id": "pg-1", "seq": 1, "fields": {"value": 2.5, "ok": true, "name": "x"}},
+                {"ts_ns": T0, "agent_id": "pg-1", "seq": 1, "idx": 1, "fields": {"value": 1.5, "ok": true, "name": "x"}},
+                {"ts_ns": T0 + 1, "agent_id": "pg-1", "seq": 1, "idx": 0, "fields": {"value": 2.5, "ok": true, "name": "x"}},
             ],
             "next": null,
         })

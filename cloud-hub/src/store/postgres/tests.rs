@@ -201,13 +201,16 @@ fn concurrent_hubs_migrate_once_and_store_each_batch_once() {
     assert_eq!(
         f.server.psql(
             "brume",
-            "SELECT string_agg(version::text, ',') FROM schema_migrations"
+            "SELECT string_agg(version::text, ',' ORDER BY version) FROM schema_migrations"
         ),
-        SCHEMA_VERSION.to_string()
+        (1..=SCHEMA_VERSION)
+            .map(|v| v.to_string())
+            .collect::<Vec<_>>()
+            .join(",")
     );
     // Each hub gets every batch (as after redeliveries), in its own order and grouping,
     // on shared streams and days: every batch is stored exactly once overall.
-    let batches: Vec<BatchV1> = (1..=40)
+    let batches: Vec<brume_protocol::Batch> = (1..=40)
         .map(|seq| {
             let s = format!("s{}", seq % 3);
             batch(
