@@ -139,6 +139,10 @@ pub struct ModuleConfig {
     /// The module's config block, handed to its `init` as JSON.
     #[serde(default)]
     pub config: Option<toml::Table>,
+    /// Input stream patterns (MQTT-style `+`/`#`), replacing the manifest's `inputs`: binds
+    /// a module to this device's stream names without rebuilding it.
+    #[serde(default)]
+    pub inputs: Option<Vec<String>>,
     /// Failed batch: `skip` (default) or `retry`.
     #[serde(default = "default_on_failure")]
     pub on_failure: OnFailure,
@@ -546,6 +550,12 @@ impl Config {
             {
                 return Err(invalid(format!("modules[{i}].name"), format!("{n:?} is used twice")));
             }
+            for (j, p) in m.inputs.iter().flatten().enumerate() {
+                validate_pattern(p).map_err(|why| invalid(format!("modules[{i}].inputs[{j}]"), why))?;
+            }
+            if m.inputs.as_ref().is_some_and(|v| v.is_empty()) {
+                return Err(invalid(format!("modules[{i}].inputs"), "is empty: omit it to use the manifest's inputs"));
+            }
             if m.max_consecutive_failures == 0 {
                 return Err(invalid(format!("modules[{i}].max_consecutive_failures"), "must be at least 1"));
             }
@@ -633,6 +643,8 @@ mod tests {
         assert!(err("[[store.streams]]\nmatch = \"a/#/b\"").contains("`store.streams[0].match`"));
         assert!(err("[store]\nmax_bytes = \"lots\"").contains("max_bytes"));
         assert!(err("[store.default_rule]\nwhen_full = \"panic\"").contains("when_full"));
+        assert!(err("[[modules]]\npath = \"m.wasm\"\ninputs = [\"a/#/b\"]").contains("`modules[0].inputs[0]`"));
+        assert!(err("[[modules]]\npath = \"m.wasm\"\ninputs = []").contains("`modules[0].inputs`"));
     }
 
     #[test]

@@ -5,8 +5,9 @@
 //!
 //! 1. loads the `.wasm` file through the process's one [`WasmEngine`] and restores the
 //!    module's progress (input cursor and state) from the store;
-//! 2. reads readings after its cursor on the streams its manifest's `inputs` match (never
-//!    its own outputs), in id order, so in order per stream;
+//! 2. reads readings after its cursor on the streams its manifest's `inputs` (or the
+//!    config's `inputs`, which replace them) match (never its own outputs), in id order,
+//!    so in order per stream;
 //! 3. calls the module under its budgets (memory, fuel, time, output);
 //! 4. commits the module's outputs *together with* its new cursor and state
 //!    ([`StoreHandle::commit_module`]): after a crash the module resumes exactly where the
@@ -276,7 +277,7 @@ impl Runner {
             return fail(format!("restoring saved state failed: {e}"));
         }
         let m = module.manifest().clone();
-        tracing::info!(module = %self.name, version = %m.version, hash = %hash, cursor, inputs = ?m.inputs, outputs = ?m.outputs, "module loaded");
+        tracing::info!(module = %self.name, version = %m.version, hash = %hash, cursor, inputs = ?self.cfg.inputs.as_ref().unwrap_or(&m.inputs), outputs = ?m.outputs, "module loaded");
         self.metrics.module_event(&self.name, "loaded");
         self.set_status(|s| {
             s.version = Some(m.version.clone());
@@ -292,7 +293,7 @@ impl Runner {
     /// Processes one batch if there is input. Returns whether it did any work.
     fn step(&self, l: &mut Live, reader: &StoreReader, history: &Arc<dyn HistoryProvider>) -> bool {
         let manifest = l.module.manifest();
-        let inputs = manifest.inputs.clone();
+        let inputs = self.cfg.inputs.clone().unwrap_or_else(|| manifest.inputs.clone());
         let outputs = manifest.outputs.clone();
         let mut wanted = |s: &str| inputs.iter().any(|p| pattern_matches(p, s)) && !outputs.iter().any(|o| o == s);
         let (rows, scanned_to) = match reader.readings_after(l.cursor, self.batch_max, &mut wanted) {
@@ -305,7 +306,11 @@ impl Runner {
         if rows.is_empty() {
             // Nothing for us: move past other streams' readings in memory only. Losing this
             // on a crash costs a re-scan, never a result.
-            l.cursor = l.cursor.max(scanned_to);
+            if scanned_to > l.cursor {
+                l.cursor = scanned_to;
+                let cursor = l.cursor;
+                self.set_status(|s| s.cursor = cursor);
+            }
             return false;
         }
         let last_id = rows.last().map(|r| r.0).unwrap_or(l.cursor);
