@@ -1,6 +1,6 @@
 //! Brume developer tasks.
 //!
-//! `cargo xtask bench [--quick] [--write] [--only mqtt,store,rss]` runs the benchmarks and
+//! `cargo xtask bench [--quick] [--write] [--only mqtt,store,rss,wasm]` runs the benchmarks and
 //! prints a Markdown table; `--write` also rewrites `BENCHMARKS.md` at the repository root.
 //! Benchmarks print; nothing here asserts a timing.
 //!
@@ -13,6 +13,7 @@ mod mqtt;
 mod rss;
 mod store;
 mod util;
+mod wasm;
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -40,7 +41,7 @@ enum Cmd {
         /// Smaller N and a 10 s RSS run: a smoke check, not a measurement.
         #[arg(long)]
         quick: bool,
-        /// Run only these groups (mqtt, store, rss); cannot be combined with --write.
+        /// Run only these groups (mqtt, store, rss, wasm); cannot be combined with --write.
         #[arg(long, value_delimiter = ',')]
         only: Vec<String>,
         /// Samples per short benchmark (median [min..max] is reported).
@@ -74,8 +75,8 @@ fn main() -> Result<()> {
 
 fn bench(root: &Path, write: bool, quick: bool, only: Vec<String>, samples: usize) -> Result<()> {
     for o in &only {
-        if !["mqtt", "store", "rss"].contains(&o.as_str()) {
-            bail!("--only takes mqtt, store, rss; got {o:?}");
+        if !["mqtt", "store", "rss", "wasm"].contains(&o.as_str()) {
+            bail!("--only takes mqtt, store, rss, wasm; got {o:?}");
         }
     }
     if write && !only.is_empty() {
@@ -90,6 +91,9 @@ fn bench(root: &Path, write: bool, quick: bool, only: Vec<String>, samples: usiz
     let started = Instant::now();
 
     // Build first, so the compiler does not compete with the measurements.
+    if runs("wasm") || runs("rss") {
+        modules::build(root)?;
+    }
     let exe = if runs("rss") {
         Some(rss::build_agent(root)?)
     } else {
@@ -104,7 +108,10 @@ fn bench(root: &Path, write: bool, quick: bool, only: Vec<String>, samples: usiz
         rows.extend(bench_store(&p)?);
     }
     if let Some(exe) = exe {
-        rows.extend(bench_rss(&p, &exe)?);
+        rows.extend(bench_rss(&p, root, &exe)?);
+    }
+    if runs("wasm") {
+        rows.extend(bench_wasm(&p, root)?);
     }
     let total = started.elapsed().as_secs_f64();
 
@@ -145,6 +152,8 @@ struct Params {
     store_n: usize,
     rss_secs: u64,
     rss_rate: u32,
+    wasm_batches: usize,
+    pipeline_n: usize,
 }
 
 impl Params {
@@ -156,6 +165,8 @@ impl Params {
             store_n: if quick { 100_000 } else { 1_000_000 },
             rss_secs: if quick { 10 } else { 60 },
             rss_rate: 1000,
+            wasm_batches: if quick { 200 } else { 2000 },
+            pipeline_n: if quick { 100_000 } else { 1_000_000 },
         }
     }
 }
@@ -377,13 +388,13 @@ fn bench_store(p: &Params) -> Result<Vec<Row>> {
     ])
 }
 
-fn bench_rss(p: &Params, exe: &Path) -> Result<Vec<Row>> {
+fn bench_rss(p: &Params, root: &Path, exe: &Path) -> Result<Vec<Row>> {
     eprintln!(
         "3. agent RSS at {} readings/s for {} s",
         p.rss_rate, p.rss_secs
     );
     let size = std::fs::metadata(exe)?.len();
-    let r = rss::run(exe, p.rss_secs, p.rss_rate)?;
+    let r = rss::run(exe, p.rss_secs, p.rss_rate, "")?;
     eprintln!(
         "  VmHWM {}, VmRSS {} at the end; {} readings, {} unacked batches; {} batch publishes seen at the broker",
         fmt_bytes(r.hwm as f64),
@@ -424,6 +435,7 @@ fn bench_rss(p: &Params, exe: &Path) -> Result<Vec<Row>> {
                 fmt_bytes(r.rss_max as f64)
             ),
         },
+        modules_rss_row(p, root, exe)?,
         Row {
             id: "3b",
             name: "edge-agent release binary size (strip = true, lto = thin)".into(),
@@ -433,6 +445,137 @@ fn bench_rss(p: &Params, exe: &Path) -> Result<Vec<Row>> {
             target: "–".into(),
             verdict: "–".into(),
             note: format!("`ls -l {}`; x86_64, workspace release profile.", rel(exe)),
+        },
+    ])
+}
+
+fn modules_rss_row(p: &Params, root: &Path, exe: &Path) -> Result<Row> {
+    let r = rss::run(exe, p.rss_secs, p.rss_rate, &rss::five_modules(root))?;
+    eprintln!(
+        "  with 5 modules: VmHWM {}, VmRSS {} at the end; {} readings of which {} module outputs",
+        fmt_bytes(r.hwm as f64),
+        fmt_bytes(r.rss_end as f64),
+        group(r.readings as f64),
+        group(r.module_outputs as f64)
+    );
+    if r.module_outputs == 0 {
+        bail!("the five modules wrote nothing: the RSS run with modules did not exercise them");
+    }
+    let target = 20e6;
+    Ok(Row {
+        id: "3c",
+        name: format!(
+            "edge-agent process as 3a plus the five example WASM modules on every simulated stream, {:.0} s",
+            r.secs
+        ),
+        result: format!("VmHWM {}", fmt_bytes(r.hwm as f64)),
+        limit: "–".into(),
+        ratio: "–".into(),
+        target: "≤ 20 MB".into(),
+        verdict: if (r.hwm as f64) <= target {
+            "meets".into()
+        } else {
+            format!("**misses** ({:.0} % of target)", 100.0 * r.hwm as f64 / target)
+        },
+        note: format!(
+            "threshold, deadband, downsample, zscore (history query per reading), unit-convert: one engine, one \
+             store and one thread each; {} of the {} stored readings are module outputs. VmRSS {} at the end, {} at \
+             most.",
+            group(r.module_outputs as f64),
+            group(r.readings as f64),
+            fmt_bytes(r.rss_end as f64),
+            fmt_bytes(r.rss_max as f64)
+        ),
+    })
+}
+
+fn bench_wasm(p: &Params, root: &Path) -> Result<Vec<Row>> {
+    eprintln!(
+        "4. WASM modules: {} batches of {} readings per sample, {} samples; pipeline over {} readings",
+        group(p.wasm_batches as f64),
+        wasm::BATCH,
+        p.samples,
+        group(p.pipeline_n as f64)
+    );
+    let c = wasm::calls(root, p.wasm_batches, p.samples)?;
+    progress("native threshold (median)", c.native.median());
+    progress("wasm threshold (median)", c.wasm.median());
+    let mut pipe = Samples::default();
+    let mut outputs = 0;
+    for _ in 0..p.samples {
+        let r = wasm::pipeline(root, p.pipeline_n)?;
+        let v = r.readings as f64 / r.secs;
+        progress("module pipeline", v);
+        pipe.push(v);
+        outputs = r.outputs;
+    }
+    let us = |s: &Samples| format!("{:.1} µs [{:.1}..{:.1}]", s.median() * 1e6, s.min() * 1e6, s.max() * 1e6);
+    let ratio = c.wasm.median() / c.native.median();
+    Ok(vec![
+        Row {
+            id: "4a",
+            name: format!("threshold module, {} readings per call, through the agent's host (fuel + epochs)", wasm::BATCH),
+            result: c.wasm.fmt_rate(),
+            limit: format!("same filter native: {}", c.native.fmt_rate()),
+            ratio: pct(c.wasm.median(), c.native.median()),
+            target: "≥ 50 % of native (≤ 2× slower)".into(),
+            verdict: at_least(ratio, 0.5),
+            note: format!(
+                "Both sides encode the input and decode the output with postcard through the SDK runtime; the difference is \
+                 WASM: copy-in, Cranelift code with fuel and epoch checks, copy-out. {} of {} readings pass per batch; \
+                 {} fuel per batch ({:.0} per reading).",
+                c.outputs_per_batch,
+                wasm::BATCH,
+                group(c.fuel_per_batch as f64),
+                c.fuel_per_batch as f64 / wasm::BATCH as f64
+            ),
+        },
+        Row {
+            id: "4b",
+            name: "instantiate + brume_init (threshold)".into(),
+            result: us(&c.instantiate),
+            limit: "–".into(),
+            ratio: "–".into(),
+            target: "–".into(),
+            verdict: "–".into(),
+            note: "A fresh Store, instance and init call: what re-instantiating a poisoned module costs.".into(),
+        },
+        Row {
+            id: "4c",
+            name: "empty call (0 readings) through the host".into(),
+            result: us(&c.empty_call),
+            limit: "–".into(),
+            ratio: "–".into(),
+            target: "–".into(),
+            verdict: "–".into(),
+            note: "Fixed cost per batch: fuel and deadline set-up, encode, alloc, call, decode.".into(),
+        },
+        Row {
+            id: "4d",
+            name: format!("compile threshold.wasm ({} B), Cranelift, once per file", group(c.module_bytes as f64)),
+            result: format!("{:.0} ms", c.compile.as_secs_f64() * 1e3),
+            limit: "–".into(),
+            ratio: "–".into(),
+            target: "–".into(),
+            verdict: "–".into(),
+            note: "Paid at agent start and on hot reload, on a module thread: ingest does not wait for it.".into(),
+        },
+        Row {
+            id: "4e",
+            name: format!(
+                "module pipeline: store → threshold → commit, {} readings on 100 streams, the agent's ModuleRunners",
+                group(p.pipeline_n as f64)
+            ),
+            result: pipe.fmt_rate(),
+            limit: format!("host call alone (4a): {}", c.wasm.fmt_rate()),
+            ratio: pct(pipe.median(), c.wasm.median()),
+            target: "≥ 1,000,000/s".into(),
+            verdict: at_least(pipe.median(), 1e6),
+            note: format!(
+                "Read a batch of 1,000 from SQLite, decode fields, call, commit outputs ({} per run) with the new cursor and \
+                 state in one transaction (durability = full). Timed from the module's load to its cursor passing the last reading.",
+                group(outputs as f64)
+            ),
         },
     ])
 }

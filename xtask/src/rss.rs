@@ -4,7 +4,8 @@
 //! mosquitto with no hub behind it: every batch is sent and never acknowledged, so the
 //! outbox only grows and batches are re-sent after `forward.ack_timeout` — the worst case
 //! for memory. A rumqttc subscriber on `#` counts what reaches the broker, to show that
-//! forwarding really ran.
+//! forwarding really ran. A second run adds the five example WASM modules, bound to the
+//! simulated streams.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -28,6 +29,8 @@ pub struct RssResult {
     /// Readings stored and batches left in the outbox (read from agent.db after the run).
     pub readings: u64,
     pub outbox_batches: u64,
+    /// Readings written by modules (a non-null producer).
+    pub module_outputs: u64,
     /// PUBLISHes seen on the broker from the agent (batches, including re-sends) and bytes.
     pub broker_msgs: u64,
     pub broker_bytes: u64,
@@ -63,8 +66,9 @@ pub fn build_agent(root: &Path) -> Result<PathBuf> {
     Ok(exe)
 }
 
-/// Runs the agent for `secs` seconds at `rate` simulated readings/s.
-pub fn run(exe: &Path, secs: u64, rate: u32) -> Result<RssResult> {
+/// Runs the agent for `secs` seconds at `rate` simulated readings/s, with `extra` appended
+/// to its config (e.g. `[[modules]]` tables).
+pub fn run(exe: &Path, secs: u64, rate: u32, extra: &str) -> Result<RssResult> {
     let mosq = Mosquitto::start()?;
     let dir = tempfile::tempdir()?;
     let data = dir.path().join("data");
@@ -74,7 +78,7 @@ pub fn run(exe: &Path, secs: u64, rate: u32) -> Result<RssResult> {
         &cfg,
         format!(
             "agent_id = \"bench-rss\"\ndata_dir = {data:?}\n\n[forward]\nmode = \"hub\"\nhost = \"127.0.0.1\"\nport = {port}\n\n\
-             [listener]\nlisten = \"127.0.0.1:{mqtt}\"\n\n[http]\nlisten = \"127.0.0.1:{http}\"\n",
+             [listener]\nlisten = \"127.0.0.1:{mqtt}\"\n\n[http]\nlisten = \"127.0.0.1:{http}\"\n\n{extra}\n",
             data = data.display().to_string(),
             port = mosq.port
         ),
@@ -152,6 +156,8 @@ pub fn run(exe: &Path, secs: u64, rate: u32) -> Result<RssResult> {
     let conn = rusqlite::Connection::open(edge_agent::store::Store::db_path(&data))?;
     let readings: i64 = conn.query_row("SELECT COUNT(*) FROM readings", [], |r| r.get(0))?;
     let outbox: i64 = conn.query_row("SELECT COUNT(*) FROM outbox", [], |r| r.get(0))?;
+    let module_outputs: i64 =
+        conn.query_row("SELECT COUNT(*) FROM readings WHERE producer IS NOT NULL", [], |r| r.get(0))?;
     Ok(RssResult {
         hwm,
         rss_end,
@@ -159,6 +165,7 @@ pub fn run(exe: &Path, secs: u64, rate: u32) -> Result<RssResult> {
         mosquitto_hwm,
         readings: readings as u64,
         outbox_batches: outbox as u64,
+        module_outputs: module_outputs as u64,
         broker_msgs: msgs.load(Ordering::Relaxed),
         broker_bytes: bytes.load(Ordering::Relaxed),
         secs: elapsed,
@@ -172,4 +179,25 @@ fn log_tail(p: &Path) -> String {
         "agent log:\n{}",
         lines[lines.len().saturating_sub(20)..].join("\n")
     )
+}
+
+/// `[[modules]]` tables for the five example modules (built in `target/modules/`), each
+/// reading every simulated stream.
+pub fn five_modules(root: &Path) -> String {
+    [
+        ("threshold", "limit = 25.0"),
+        ("deadband", "band = 0.5"),
+        ("downsample", "window_s = 10"),
+        ("zscore", "z = 3.0, window_s = 60"),
+        ("unit-convert", "factor = 1.8, offset = 32.0"),
+    ]
+    .iter()
+    .map(|(name, config)| {
+        format!(
+            "[[modules]]\npath = {:?}\ninputs = [\"sim/#\"]\nconfig = {{ {config} }}\nstart_at = \"earliest\"\n",
+            root.join("target/modules").join(format!("{name}.wasm")).display().to_string()
+        )
+    })
+    .collect::<Vec<_>>()
+    .join("\n")
 }
