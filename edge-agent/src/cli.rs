@@ -35,6 +35,22 @@ struct Cli {
     /// Print the effective configuration as TOML and exit.
     #[arg(long)]
     print_config: bool,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(clap::Subcommand, Debug)]
+enum Command {
+    /// Compile and check a WASM module into the agent's module cache format. The agent
+    /// runs this in a child process of itself, so the compiler's memory never stays
+    /// resident in the long-lived agent.
+    #[command(hide = true)]
+    CompileModule {
+        /// The `.wasm` file.
+        input: PathBuf,
+        /// Where to write the compiled module.
+        output: PathBuf,
+    },
 }
 
 /// Entry point of the `edge-agent` binary.
@@ -56,6 +72,13 @@ pub fn main() -> ExitCode {
 
 fn real_main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    if let Some(Command::CompileModule { input, output }) = &cli.command {
+        return crate::modules::compile_module_command(input, output);
+    }
+    match std::env::current_exe() {
+        Ok(exe) => crate::modules::compile_in_child_processes(exe),
+        Err(e) => tracing::warn!(error = %e, "cannot find the agent's own executable; WASM modules compile in-process"),
+    }
     let mut cfg = match &cli.config {
         Some(p) => crate::config::Config::load(p)?,
         None => crate::config::Config::default(),

@@ -22,6 +22,10 @@
 //! (hot reload). A new version (different hash) keeps the cursor and starts with fresh
 //! state, since the old state's format may not be the new version's.
 
+mod compile;
+
+pub use compile::{compile_in_child_processes, compile_module_command};
+
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
@@ -30,6 +34,7 @@ use brume_module_abi::{Aggregates, HistoryKind, HistoryQuery, HistoryResult, Inp
 use brume_protocol::{FieldsBlob, Reading};
 use brume_wasm_host::{HistoryProvider, LimitOverrides, Limits, LoadedModule, ModuleError, ModuleInstance, WasmEngine};
 use serde::Serialize;
+use sha2::{Digest, Sha256};
 
 use crate::config::{Config, ModuleConfig, OnFailure, StartAt, pattern_matches};
 use crate::metrics::Metrics;
@@ -129,22 +134,6 @@ impl ModuleRunners {
     }
 }
 
-/// Serialises module compilation across module threads.
-static COMPILING: Mutex<()> = Mutex::new(());
-
-/// Hands memory freed by a compilation back to the OS. glibc keeps freed heap pages in
-/// the thread's arena; after a Cranelift compilation that is several MB per module
-/// thread, resident for the life of the agent (BENCHMARKS.md, row 3c).
-fn release_freed_memory() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: malloc_trim takes no pointers and only releases free pages; it is safe to
-    // call from any thread at any time.
-    #[allow(unsafe_code)]
-    unsafe {
-        libc::malloc_trim(0);
-    }
-}
-
 struct Runner {
     index: usize,
     name: String,
@@ -236,18 +225,13 @@ impl Runner {
             Ok(b) => b,
             Err(e) => return fail(format!("cannot read {}: {e}", self.cfg.path.display())),
         };
-        let module = {
-            // One compilation at a time: Cranelift's working memory is the agent's
-            // largest allocation, and five modules compiling at once would hold five.
-            let _one_at_a_time = COMPILING.lock().unwrap_or_else(|e| e.into_inner());
-            let loaded = self.engine.load(&bytes);
-            release_freed_memory();
-            match loaded {
-                Ok(m) => m,
-                Err(e) => return fail(e.to_string()),
-            }
+        let file_hash: String = Sha256::digest(&bytes).iter().map(|b| format!("{b:02x}")).collect();
+        let module = match compile::load(&self.engine, &self.data_dir, &bytes, &file_hash) {
+            Ok(m) => m,
+            Err(e) => return fail(e),
         };
         let hash = module.hash_hex();
+        let replaced = previous.as_ref().map(|p| p.hash.clone()).filter(|h| *h != hash);
         if let Some(mut p) = previous
             && p.hash == hash
         {
@@ -310,6 +294,9 @@ impl Runner {
             s.consecutive_failures = 0;
             s.last_error = None;
         });
+        if let Some(old) = replaced {
+            compile::forget(&self.data_dir, &old);
+        }
         Some(Live { module, instance, limits, config_json, hash, state, cursor, failures: 0, disabled: false })
     }
 

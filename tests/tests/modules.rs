@@ -263,3 +263,67 @@ async fn downsample_outputs_survive_kill_9() {
     }
     agent.proc.terminate();
 }
+
+/// The agent binary compiles modules in a child process of itself and caches the
+/// machine code under `data_dir/module-cache/<sha256>.cwasm`: a corrupt `.wasm` is
+/// reported with the compiler's exact error while a healthy module beside it runs; a
+/// damaged cache file is detected at the next start, and the module is compiled again
+/// and keeps working.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn modules_compile_in_a_child_process_into_a_checked_cache() {
+    let broker = Mosquitto::start().await.unwrap();
+    let threshold = built_module("threshold");
+    let dir = tempfile::tempdir().unwrap();
+    let corrupt = dir.path().join("corrupt.wasm");
+    std::fs::write(&corrupt, b"\0asm\x01\0\0\0 this is not a module").unwrap();
+    let mods = modules_config(&[(&threshold, "limit = 80.0"), (&corrupt, "")]);
+    let mut agent = Agent::start(Path::new(AGENT), "edge-cc", broker.port, &[("", &mods)]).await.unwrap();
+
+    let modules = |agent: &Agent| {
+        let agent_url = agent.url.clone();
+        async move {
+            let s: Value = reqwest::get(format!("{agent_url}/api/v1/status")).await.ok()?.json().await.ok()?;
+            Some(s["modules"].clone())
+        }
+    };
+    let loaded = |m: &Value| m[0]["hash"].as_str() == Some(sha256_hex(&threshold).as_str()) && m[0]["enabled"] == true;
+    wait_until("threshold loaded, corrupt refused", Duration::from_secs(60), || async {
+        modules(&agent).await.is_some_and(|m| loaded(&m) && !m[1]["last_error"].is_null())
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}\nagent log:\n{}", agent.log()));
+    let m = modules(&agent).await.unwrap();
+    let err = m[1]["last_error"].as_str().unwrap();
+    assert!(err.starts_with("module does not compile: "), "{err}");
+    assert_eq!(m[1]["enabled"], false);
+
+    let cached = agent.dir.path().join("data/module-cache").join(format!("{}.cwasm", sha256_hex(&threshold)));
+    let bytes = std::fs::read(&cached).unwrap_or_else(|e| panic!("{}: {e}", cached.display()));
+    assert!(bytes.starts_with(b"BRUMECW1"));
+    let leftovers: Vec<_> = std::fs::read_dir(cached.parent().unwrap())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .filter(|n| !n.ends_with(".cwasm"))
+        .collect();
+    assert!(leftovers.is_empty(), "temporary files left in the cache: {leftovers:?}");
+
+    // Damage the cached code: the next start notices, recompiles, and runs the module.
+    let mut damaged = bytes.clone();
+    let last = damaged.len() - 1;
+    damaged[last] ^= 0xff;
+    agent.proc.terminate();
+    std::fs::write(&cached, &damaged).unwrap();
+    agent.restart().await.unwrap();
+    wait_until("threshold loaded again", Duration::from_secs(60), || async { modules(&agent).await.is_some_and(|m| loaded(&m)) })
+        .await
+        .unwrap_or_else(|e| panic!("{e}\nagent log:\n{}", agent.log()));
+    assert!(agent.log().contains("damaged compiled module in the cache"), "{}", agent.log());
+    assert_eq!(std::fs::read(&cached).unwrap(), bytes, "recompiled to the same code");
+    publish_reliably(agent.mqtt_port, "sensors/x", 0..1).await;
+    wait_until("the reading processed", Duration::from_secs(30), || async {
+        modules(&agent).await.is_some_and(|m| m[0]["batches_ok"].as_u64() >= Some(1))
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}\nagent log:\n{}", agent.log()));
+    agent.proc.terminate();
+}

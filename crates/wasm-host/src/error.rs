@@ -64,6 +64,13 @@ pub enum LoadError {
     },
 }
 
+/// A module compiled ahead of time (by [`crate::LoadedModule::serialize`]) could not be
+/// used: written by another wasmtime version or engine configuration, or damaged. The
+/// caller recompiles from the `.wasm`.
+#[derive(Debug, thiserror::Error)]
+#[error("precompiled module unusable: {0}; compile it again from the .wasm file")]
+pub struct PrecompiledError(pub String);
+
 /// Which output cap a module exceeded.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum OutputCap {

@@ -49,7 +49,7 @@ mod limits;
 mod module;
 
 pub use engine::{EngineConfig, HostError, WasmEngine};
-pub use error::{LoadError, ModuleError, OutputCap};
+pub use error::{LoadError, ModuleError, OutputCap, PrecompiledError};
 pub use host::{CallStats, HistoryProvider, NoHistory};
 pub use instance::{ModuleInstance, ProcessOutcome};
 pub use limits::{LimitOverrides, Limits};

@@ -7,7 +7,7 @@ use sha2::{Digest, Sha256};
 use wasmtime::{ExternType, FuncType, Module, ValType};
 
 use crate::engine::WasmEngine;
-use crate::error::LoadError;
+use crate::error::{LoadError, PrecompiledError};
 use crate::host::MEMORY_EXPORT;
 
 /// A compiled, checked module: ready to be instantiated any number of times. Cheap to
@@ -253,22 +253,57 @@ impl WasmEngine {
     pub fn load(&self, bytes: &[u8]) -> Result<LoadedModule, LoadError> {
         let module = Module::new(&self.inner.engine, bytes)
             .map_err(|e| LoadError::Compile(format!("{e:#}")))?;
-        let manifest = read_manifest(bytes)?;
-        if manifest.abi_version != ABI_VERSION {
-            return Err(LoadError::AbiMismatch {
-                module: manifest.abi_version,
-                host: ABI_VERSION,
-            });
-        }
-        check_exports(&module)?;
-        check_imports(&module)?;
-        let hash: [u8; 32] = Sha256::digest(bytes).into();
-        Ok(LoadedModule {
-            module,
-            manifest: Arc::new(manifest),
-            hash,
-        })
+        checked(module, bytes)
     }
+
+    /// Loads a module compiled ahead of time: `compiled` is what
+    /// [`LoadedModule::serialize`] returned for the module `wasm`, in this or another
+    /// process of the same build. No compilation happens, so none of the compiler's
+    /// memory is touched: the agent compiles in a short-lived child process and loads
+    /// the result with this. The same checks as [`WasmEngine::load`] apply to `wasm`.
+    ///
+    /// Returns `Ok(Err(_))` when `compiled` was written by another wasmtime version or
+    /// engine configuration (or is not a compiled module at all): recompile.
+    ///
+    /// # Trust
+    ///
+    /// `compiled` is machine code that will run in this process: pass only bytes this
+    /// build produced and kept where only the agent writes (its data directory), with
+    /// an integrity check against accidental damage. wasmtime checks the version and
+    /// configuration it was compiled for, not that its code is benign.
+    pub fn load_precompiled(
+        &self,
+        wasm: &[u8],
+        compiled: &[u8],
+    ) -> Result<Result<LoadedModule, PrecompiledError>, LoadError> {
+        // SAFETY: see "Trust" above; the caller vouches that `compiled` came from
+        // `LoadedModule::serialize` of this build, unmodified.
+        #[allow(unsafe_code)]
+        let module = unsafe { Module::deserialize(&self.inner.engine, compiled) };
+        match module {
+            Ok(m) => checked(m, wasm).map(Ok),
+            Err(e) => Ok(Err(PrecompiledError(format!("{e:#}")))),
+        }
+    }
+}
+
+/// The checks every loaded module passes, on its compiled form and its bytes.
+fn checked(module: Module, bytes: &[u8]) -> Result<LoadedModule, LoadError> {
+    let manifest = read_manifest(bytes)?;
+    if manifest.abi_version != ABI_VERSION {
+        return Err(LoadError::AbiMismatch {
+            module: manifest.abi_version,
+            host: ABI_VERSION,
+        });
+    }
+    check_exports(&module)?;
+    check_imports(&module)?;
+    let hash: [u8; 32] = Sha256::digest(bytes).into();
+    Ok(LoadedModule {
+        module,
+        manifest: Arc::new(manifest),
+        hash,
+    })
 }
 
 impl LoadedModule {
@@ -280,6 +315,12 @@ impl LoadedModule {
     /// SHA-256 of the module's bytes: its identity for lineage (every output carries it).
     pub fn hash(&self) -> [u8; 32] {
         self.hash
+    }
+
+    /// The compiled machine code, for [`WasmEngine::load_precompiled`] in a process of
+    /// the same build.
+    pub fn serialize(&self) -> Result<Vec<u8>, PrecompiledError> {
+        self.module.serialize().map_err(|e| PrecompiledError(format!("{e:#}")))
     }
 
     /// [`LoadedModule::hash`] as 64 lowercase hex digits.

@@ -274,6 +274,35 @@ fn healthy_module_processes_saves_and_loads_state() {
     assert!(!inst.is_poisoned());
 }
 
+/// A module compiled in one engine loads in another (as in the agent's compile child
+/// process) and runs the same; bytes that are not a compiled module are refused with
+/// `PrecompiledError`, and a bad `.wasm` beside good compiled code is still checked.
+#[test]
+fn precompiled_module_loads_in_another_engine() {
+    let guest = Guest::returning("healthy", ok_output(&healthy_output()));
+    let wasm = guest.bytes();
+    let compiled = load(&engine(), &guest).serialize().unwrap();
+    let other = engine();
+    let module = other.load_precompiled(&wasm, &compiled).unwrap().unwrap();
+    assert_eq!(module.manifest().name, "healthy");
+    assert_eq!(module.hash(), load(&other, &guest).hash());
+    let mut inst = module
+        .instantiate(&other, Limits::default(), Arc::new(NoHistory), "{}")
+        .unwrap();
+    assert_eq!(inst.process(&input()).unwrap().output, healthy_output());
+
+    let err = other.load_precompiled(&wasm, b"not a compiled module").unwrap().unwrap_err();
+    assert!(err.to_string().starts_with("precompiled module unusable: "), "{err}");
+    let wrong_abi = Guest {
+        manifest: Some(manifest_json("healthy", 99, &["out"])),
+        ..Guest::returning("healthy", ok_output(&healthy_output()))
+    };
+    assert!(matches!(
+        other.load_precompiled(&wrong_abi.bytes(), &compiled),
+        Err(LoadError::AbiMismatch { module: 99, .. })
+    ));
+}
+
 #[test]
 fn limits_resolve_override_then_manifest_then_default() {
     let budgets = abi::Budgets {

@@ -933,6 +933,10 @@ impl StoreReader {
             rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
         )?;
         conn.pragma_update(None, "busy_timeout", 5000)?;
+        // Readers scan recent data once (forwarding, module input, history); the OS page
+        // cache holds the file. A small page cache keeps each reader (two per module)
+        // from holding up to SQLite's default 2 MiB.
+        conn.pragma_update(None, "cache_size", -512)?;
         Ok(StoreReader { conn, agent_id: agent_id.to_string() })
     }
 
