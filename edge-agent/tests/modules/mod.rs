@@ -89,6 +89,57 @@ async fn threshold_module_filters_readings() {
     agent.stop().await;
 }
 
+/// The deadband, unit-convert and zscore examples side by side in the agent on one input
+/// stream: change-only forwarding, a map, and an anomaly detector that reads its window
+/// from the agent's SQLite history through `brume.history`. Each produces exactly what
+/// its definition says for the input.
+#[tokio::test]
+async fn deadband_unit_convert_and_zscore_in_the_agent() {
+    let agent = Agent::start_with(|c: &mut Config| {
+        c.modules = vec![
+            module(built_module("deadband"), "band = 0.5"),
+            module(built_module("unit-convert"), "factor = 1.8\noffset = 32.0"),
+            module(built_module("zscore"), "z = 3.0\nmin_count = 10"),
+        ]
+    })
+    .await;
+    // 20 readings cycling 20.0 … 20.4, a spike, then back to normal; explicit timestamps
+    // 100 ms apart, so the zscore window (the hour before each reading) holds those before.
+    let mut input: Vec<f64> = (0..20).map(|i| 20.0 + 0.1 * f64::from(i % 5)).collect();
+    input.extend([30.0, 20.3]);
+    let body: Vec<Value> = input
+        .iter()
+        .enumerate()
+        .map(|(i, v)| serde_json::json!({ "value": v, "ts": 1_700_000_000_000i64 + 100 * i as i64 }))
+        .collect();
+    let r = agent
+        .http_client()
+        .post(agent.url("/api/v1/write?stream=sensors/line"))
+        .header("content-type", "application/json")
+        .body(serde_json::to_vec(&body).unwrap())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 204);
+    eventually("every module past the input", || async {
+        let st = agent.status().await;
+        let behind: Vec<&Value> = (0..3).map(|i| &st["modules"][i]).filter(|m| m["cursor"].as_i64() < Some(22)).collect();
+        if behind.is_empty() { Ok(()) } else { Err(format!("{behind:?}")) }
+    })
+    .await;
+
+    assert_eq!(values(&agent, "deadband"), [20.0, 30.0, 20.3], "first value, then only changes ≥ 0.5");
+    let converted = values(&agent, "converted");
+    let want: Vec<f64> = input.iter().map(|v| v * 1.8 + 32.0).collect();
+    assert_eq!(converted, want);
+    assert_eq!(values(&agent, "anomalies"), [30.0], "only the spike is more than 3 σ from its hour's mean");
+    for i in 0..3 {
+        let st = module_status(&agent, i).await;
+        assert_eq!(st["batches_failed"], 0, "{st}");
+    }
+    agent.stop().await;
+}
+
 /// `inputs` in the config replaces the manifest's patterns: the threshold example, built
 /// for `sensors/#`, filters `line1/+` instead, and no longer sees `sensors/…`.
 #[tokio::test]
