@@ -558,7 +558,9 @@ fn bench_wasm(p: &Params, root: &Path) -> Result<Vec<Row>> {
             ratio: "–".into(),
             target: "–".into(),
             verdict: "–".into(),
-            note: "Paid at agent start and on hot reload, on a module thread: ingest does not wait for it.".into(),
+            note: "Paid once per module build, in a child process of the agent (edge-agent compile-module); the machine code is \
+                   cached in data_dir/module-cache, so restarts and rollbacks load it without compiling."
+                .into(),
         },
         Row {
             id: "4e",
@@ -668,7 +670,18 @@ fn render_doc(
          `hub` mode to a private mosquitto with no hub behind it: batches are published and never acknowledged, so \
          they accumulate in the outbox and are re-sent after `forward.ack_timeout` — the worst case for memory. \
          After {secs} s VmHWM and VmRSS are read from `/proc/<pid>/status`, then the agent gets SIGTERM. A \
-         subscriber on `#` counts what reaches the broker.\n\n\
+         subscriber on `#` counts what reaches the broker. Row 3c is the same run with the five example modules \
+         (`target/modules/*.wasm`, each with `inputs = [\"sim/#\"]`) in the config.\n\
+         4. **WASM modules.** `cargo xtask build-modules` first. 4a: one batch of {wasm_batch} simulated readings \
+         (`sensors/<n>` streams) processed {wasm_batches} times per sample by the threshold example through \
+         `brume_wasm_host::ModuleInstance::process` (fuel and epoch interruption on, limits from the manifest), \
+         interleaved with the same filter compiled natively and driven through the SDK's byte-level runtime \
+         (`brume_module_sdk::rt::Runtime`: postcard decode of the input, filter, postcard encode of the output); both \
+         must keep the same readings. 4b: 200 instantiations per sample; 4c: 20,000 calls with an empty batch; 4d: one \
+         `WasmEngine::load`. 4e: a store pre-filled with {pipeline_n} simulated readings on 100 streams, then \
+         `edge_agent::modules::ModuleRunners` with the threshold module from the first reading (`start_at = \
+         \"earliest\"`, batches of 1,000, `durability = full`), timed from the module's load to its cursor passing \
+         the last reading.\n\n\
          {KEEP_MARKER}\n\n{kept}",
         date = m.date,
         nproc = m.nproc,
@@ -686,5 +699,8 @@ fn render_doc(
         store_n = group(p.store_n as f64),
         streams = store::STREAMS,
         rate = p.rss_rate,
+        wasm_batch = group(wasm::BATCH as f64),
+        wasm_batches = group(p.wasm_batches as f64),
+        pipeline_n = group(p.pipeline_n as f64),
     )
 }
