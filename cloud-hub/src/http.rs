@@ -16,6 +16,7 @@ use axum::routing::get;
 use brume_protocol::Value;
 use serde_json::json;
 
+use crate::aggregate::{self, AggregateError, AggregateQuery};
 use crate::metrics::Metrics;
 use crate::store::{AgentSummary, Cursor, HubStore, ReadingsQuery, StoreError, StreamSummary};
 
@@ -42,6 +43,7 @@ pub fn app(state: AppState) -> Router {
         .route("/api/v1/readings", get(readings))
         .route("/api/v1/agents", get(agents))
         .route("/api/v1/modules", get(modules))
+        .route("/api/v1/aggregate", get(aggregate))
         .with_state(state)
 }
 
@@ -109,6 +111,83 @@ fn stream_json(s: &StreamSummary) -> serde_json::Value {
 async fn streams(State(s): State<AppState>) -> Result<axum::Json<serde_json::Value>, ApiError> {
     let list = query(&s.store, |st| st.streams()).await?;
     Ok(axum::Json(list.iter().map(stream_json).collect()))
+}
+
+/// Parses `/api/v1/aggregate` parameters: `stream`, `field` (default `value`), `from` and
+/// `to` (ns, required), and either `step` (a duration: `10s`, `5m`, `1h`) or `buckets`
+/// (default 500, at most [`aggregate::MAX_BUCKETS`]).
+pub fn parse_aggregate_query(params: &[(String, String)]) -> Result<AggregateQuery, String> {
+    let (mut stream, mut field, mut from, mut to, mut step, mut buckets) = (None, None, None, None, None, None);
+    let int = |name: &str, v: &str| v.parse::<i64>().map_err(|_| format!("parameter `{name}`: {v:?} is not an integer"));
+    for (k, v) in params {
+        match k.as_str() {
+            "stream" => stream = Some(v.clone()),
+            "field" => field = Some(v.clone()),
+            "from" => from = Some(int("from", v)?),
+            "to" => to = Some(int("to", v)?),
+            "step" => {
+                let d = humantime::parse_duration(v)
+                    .map_err(|e| format!("parameter `step`: {v:?} is not a duration like 10s, 5m or 1h: {e}"))?;
+                step = Some(i64::try_from(d.as_nanos()).ok().filter(|&n| n > 0).ok_or_else(|| {
+                    format!("parameter `step`: {v:?} must be positive and under 292 years")
+                })?);
+            }
+            "buckets" => {
+                buckets = Some(match v.parse::<i64>() {
+                    Ok(n) if (1..=aggregate::MAX_BUCKETS).contains(&n) => n,
+                    _ => return Err(format!("parameter `buckets`: {v:?} is not an integer from 1 to {}", aggregate::MAX_BUCKETS)),
+                })
+            }
+            other => return Err(format!("unknown parameter `{other}`")),
+        }
+    }
+    let stream = stream.filter(|s| !s.is_empty()).ok_or("missing parameter `stream`")?;
+    let (from, to) = match (from, to) {
+        (Some(f), Some(t)) if f < t => (f, t),
+        (Some(f), Some(t)) => return Err(format!("`from` ({f}) must be before `to` ({t})")),
+        _ => return Err("parameters `from` and `to` (ns since the Unix epoch) are required".into()),
+    };
+    let step = match (step, buckets) {
+        (Some(_), Some(_)) => return Err("give `step` or `buckets`, not both".into()),
+        (Some(s), None) => s,
+        (None, b) => aggregate::step_for(from, to, b.unwrap_or(500)),
+    };
+    Ok(AggregateQuery { stream, field: field.unwrap_or_else(|| "value".into()), from, to, step })
+}
+
+/// Buckets of one numeric field: count, min, max, mean and last per bucket.
+async fn aggregate(
+    State(s): State<AppState>,
+    params: Result<Query<Vec<(String, String)>>, QueryRejection>,
+) -> Result<axum::Json<serde_json::Value>, ApiError> {
+    let Query(params) = params.map_err(|e| ApiError::bad_request(format!("invalid query string: {e}")))?;
+    let q = parse_aggregate_query(&params).map_err(ApiError::bad_request)?;
+    let q2 = q.clone();
+    let store = Arc::clone(&s.store);
+    let result = tokio::task::spawn_blocking(move || aggregate::aggregate(&*store, &q2))
+        .await
+        .map_err(|e| ApiError { status: StatusCode::INTERNAL_SERVER_ERROR, message: format!("query task failed: {e}") })?;
+    let out = match result {
+        Ok(out) => out,
+        Err(AggregateError::Invalid(m)) => return Err(ApiError::bad_request(m)),
+        Err(AggregateError::Store(e)) => return Err(e.into()),
+    };
+    let buckets: Vec<serde_json::Value> = out
+        .buckets
+        .iter()
+        .map(|(start, a)| {
+            json!({ "start_ns": start, "count": a.count, "min": a.min, "max": a.max, "mean": a.mean(), "last": a.last })
+        })
+        .collect();
+    Ok(axum::Json(json!({
+        "stream": q.stream,
+        "field": q.field,
+        "from_ns": out.from,
+        "to_ns": out.to,
+        "step_ns": q.step,
+        "source": if out.from_rollups { "rollups" } else { "raw" },
+        "buckets": buckets,
+    })))
 }
 
 /// Parses the query string of `GET /api/v1/readings`, naming the bad parameter on error.

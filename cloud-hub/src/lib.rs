@@ -16,6 +16,7 @@
 //! after the transaction that stored it has committed, or after it has been rejected as
 //! invalid.
 
+pub mod aggregate;
 pub mod cli;
 pub mod config;
 pub mod http;

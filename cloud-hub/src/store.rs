@@ -409,6 +409,10 @@ pub trait HubStore: Send + Sync + 'static {
 
     /// Every module build that computed stored readings, sorted by name, version, hash.
     fn modules(&self) -> Result<Vec<ModuleSummary>, StoreError>;
+
+    /// One-minute rollups of `field` on `stream` for minutes in `[from, to)`, oldest
+    /// first (see [`crate::aggregate`]). An unknown stream or field yields none.
+    fn rollups(&self, stream: &str, field: &str, from: i64, to: i64) -> Result<Vec<(i64, crate::aggregate::Agg)>, StoreError>;
 }
 
 #[cfg(test)]

@@ -62,6 +62,8 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use brume_protocol::{Batch, FieldsBlob};
+
+use crate::aggregate::{Agg, RollupDeltas};
 use bytes::Bytes;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_postgres::CopyInSink;
@@ -86,7 +88,7 @@ const PARTITION_LOCK: i64 = 0x6272_756d_6502;
 
 /// Versioned migrations, applied in order, each in the migration transaction. Never edit
 /// a released entry: add a new one.
-pub const MIGRATIONS: &[(i32, &str)] = &[(1, SCHEMA_V1), (2, SCHEMA_V2)];
+pub const MIGRATIONS: &[(i32, &str)] = &[(1, SCHEMA_V1), (2, SCHEMA_V2), (3, SCHEMA_V3)];
 
 /// Newest schema version this build knows.
 pub const SCHEMA_VERSION: i32 = MIGRATIONS[MIGRATIONS.len() - 1].0;
@@ -155,6 +157,59 @@ CREATE TABLE lineage (
     PRIMARY KEY (agent_id, epoch, seq, first_idx)
 );
 "#;
+
+/// One-minute rollups of numeric fields (see `crate::aggregate`). Kept when retention
+/// drops the raw readings' days: a year of minutes per field is small.
+const SCHEMA_V3: &str = r#"
+CREATE TABLE rollups (
+    stream_id  int8 NOT NULL REFERENCES streams (id),
+    field      text COLLATE "C" NOT NULL,
+    minute     int8 NOT NULL,
+    count      int8 NOT NULL,
+    sum        float8 NOT NULL,
+    min        float8 NOT NULL,
+    max        float8 NOT NULL,
+    last_ts_ns int8 NOT NULL,
+    last       float8 NOT NULL,
+    PRIMARY KEY (stream_id, field, minute)
+);
+"#;
+
+/// Merges rollup deltas (one row per key per statement) into `rollups`; `SET`
+/// expressions read the old row, so `last` is compared before `last_ts_ns` changes.
+const UPSERT_ROLLUPS: &str = "
+INSERT INTO rollups (stream_id, field, minute, count, sum, min, max, last_ts_ns, last)
+SELECT * FROM unnest($1::int8[], $2::text[], $3::int8[], $4::int8[], $5::float8[], $6::float8[],
+                     $7::float8[], $8::int8[], $9::float8[])
+ON CONFLICT (stream_id, field, minute) DO UPDATE SET
+    count = rollups.count + excluded.count,
+    sum = rollups.sum + excluded.sum,
+    min = least(rollups.min, excluded.min),
+    max = greatest(rollups.max, excluded.max),
+    last = CASE WHEN excluded.last_ts_ns > rollups.last_ts_ns
+                  OR (excluded.last_ts_ns = rollups.last_ts_ns AND excluded.last > rollups.last)
+                THEN excluded.last ELSE rollups.last END,
+    last_ts_ns = greatest(rollups.last_ts_ns, excluded.last_ts_ns)";
+
+/// Writes rollup deltas in key order (so concurrent hubs lock rows in the same order).
+async fn write_rollups(tx: &Transaction<'_>, deltas: RollupDeltas) -> Result<(), StoreError> {
+    let rows: Vec<_> = deltas.0.into_iter().collect();
+    for part in rows.chunks(ROWS_PER_STATEMENT) {
+        let sid: Vec<i64> = part.iter().map(|((s, _, _), _)| *s).collect();
+        let field: Vec<&str> = part.iter().map(|((_, f, _), _)| f.as_str()).collect();
+        let minute: Vec<i64> = part.iter().map(|((_, _, m), _)| *m).collect();
+        let count: Vec<i64> = part.iter().map(|(_, a)| a.count as i64).collect();
+        let sum: Vec<f64> = part.iter().map(|(_, a)| a.sum).collect();
+        let min: Vec<f64> = part.iter().map(|(_, a)| a.min).collect();
+        let max: Vec<f64> = part.iter().map(|(_, a)| a.max).collect();
+        let last_ts: Vec<i64> = part.iter().map(|(_, a)| a.last_ts_ns).collect();
+        let last: Vec<f64> = part.iter().map(|(_, a)| a.last).collect();
+        tx.execute(UPSERT_ROLLUPS, &[&sid, &field, &minute, &count, &sum, &min, &max, &last_ts, &last])
+            .await
+            .map_err(pg("updating rollups"))?;
+    }
+    Ok(())
+}
 
 /// How to reach the database and how many connections to use.
 #[derive(Debug, Clone)]
@@ -727,6 +782,18 @@ async fn migrate(client: &mut Client) -> Result<(), StoreError> {
         tx.batch_execute(sql)
             .await
             .map_err(pg("applying a migration"))?;
+        if version == 3 {
+            // Readings stored before rollups existed, rolled up once.
+            let mut deltas = RollupDeltas::default();
+            for r in tx
+                .query("SELECT stream_id, ts_ns, fields FROM readings", &[])
+                .await
+                .map_err(pg("reading readings for rollups"))?
+            {
+                deltas.add(r.get(0), r.get(1), &FieldsBlob(r.get(2)))?;
+            }
+            write_rollups(&tx, deltas).await?;
+        }
         tx.execute(
             "INSERT INTO schema_migrations (version) VALUES ($1)",
             &[&version],
@@ -848,6 +915,7 @@ async fn ingest_tx(
     //    handling, and needs none: the batches insert above already decided which
     //    readings are new, in this same transaction.
     let mut days: BTreeMap<(i64, i32), DayDelta> = BTreeMap::new();
+    let mut rollups = RollupDeltas::default();
     if new_batches.iter().any(|(_, b)| b.reading_count() > 0) {
         let sink: CopyInSink<Bytes> = tx
             .copy_in(
@@ -897,6 +965,7 @@ async fn ingest_tx(
                     d.readings += 1;
                     d.first_ts_ns = d.first_ts_ns.min(p.ts_ns);
                     d.last_ts_ns = d.last_ts_ns.max(p.ts_ns);
+                    rollups.add(sid, p.ts_ns, &p.fields)?;
                 }
             }
         }
@@ -928,6 +997,8 @@ async fn ingest_tx(
         .await
         .map_err(pg("updating stream statistics"))?;
     }
+
+    write_rollups(tx, rollups).await?;
 
     // 5. Lineage of the new batches' computed chunks.
     let mut l_agents: Vec<&str> = Vec::new();
@@ -1225,6 +1296,40 @@ impl HubStore for PostgresStore {
                     })
                 })
                 .collect()
+        })
+    }
+
+    fn rollups(&self, stream: &str, field: &str, from: i64, to: i64) -> Result<Vec<(i64, Agg)>, StoreError> {
+        self.call("reading rollups", async {
+            let mut conn = self.checkout().await?;
+            let rows = conn
+                .client()
+                .query(
+                    "SELECT r.minute, r.count, r.sum, r.min, r.max, r.last_ts_ns, r.last
+                     FROM rollups r JOIN streams s ON s.id = r.stream_id
+                     WHERE s.name = $1 AND r.field = $2 AND r.minute >= $3 AND r.minute < $4
+                     ORDER BY r.minute",
+                    &[&stream, &field, &from, &to],
+                )
+                .await
+                .map_err(pg("reading rollups"))?;
+            conn.release();
+            Ok(rows
+                .iter()
+                .map(|r| {
+                    (
+                        r.get(0),
+                        Agg {
+                            count: r.get::<_, i64>(1).max(0) as u64,
+                            sum: r.get(2),
+                            min: r.get(3),
+                            max: r.get(4),
+                            last_ts_ns: r.get(5),
+                            last: r.get(6),
+                        },
+                    )
+                })
+                .collect())
         })
     }
 }

@@ -1,6 +1,6 @@
 //! [`HubStore`] on one SQLite file (`data_dir/hub.db`).
 //!
-//! # Schema (version 1, `PRAGMA user_version`)
+//! # Schema (version 3, `PRAGMA user_version`)
 //!
 //! * `batches(agent_id, epoch, seq, readings, created_ms, received_ms)`, primary key
 //!   `(agent_id, epoch, seq)`: the dedup key. A batch's readings are inserted in the
@@ -14,6 +14,12 @@
 //!   on `(stream_id, ts_ns, agent_id, epoch, seq, idx)` is exactly the API's sort order,
 //!   so a page is one index range scan.
 //! * `losses(agent_id, epoch, stream, reason, total)`: the maximum cumulative total seen.
+//! * `lineage(agent_id, epoch, seq, first_idx, last_idx, module, version, sha256)` (v2):
+//!   which module build computed which index range of a batch.
+//! * `rollups(stream_id, field, minute, count, sum, min, max, last_ts_ns, last)` (v3):
+//!   one-minute aggregates of every numeric field, updated from new readings in the
+//!   ingest transaction (see `crate::aggregate`); the v3 migration rolls up the readings
+//!   already stored.
 //!
 //! Epochs are random `u64`s; SQLite integers are `i64`. They are stored with the sign
 //! bit flipped ([`epoch_to_sql`]) so that SQLite's integer order is the `u64` order the
@@ -35,6 +41,8 @@ use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use brume_protocol::{Batch, FieldsBlob};
+
+use crate::aggregate::{Agg, RollupDeltas};
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 
 use super::{
@@ -44,7 +52,7 @@ use super::{
 };
 
 /// Schema version this build writes and understands.
-pub const SCHEMA_VERSION: i64 = 2;
+pub const SCHEMA_VERSION: i64 = 3;
 
 /// Idle read connections kept open. More concurrent readers open extra connections
 /// that are closed after use; this only bounds what stays open.
@@ -106,6 +114,46 @@ CREATE TABLE lineage (
     PRIMARY KEY (agent_id, epoch, seq, first_idx)
 ) WITHOUT ROWID;
 ";
+
+/// One-minute rollups of numeric fields (see `crate::aggregate`).
+const SCHEMA_V3: &str = "
+CREATE TABLE rollups (
+    stream_id  INTEGER NOT NULL,
+    field      TEXT    NOT NULL,
+    minute     INTEGER NOT NULL,
+    count      INTEGER NOT NULL,
+    sum        REAL    NOT NULL,
+    min        REAL    NOT NULL,
+    max        REAL    NOT NULL,
+    last_ts_ns INTEGER NOT NULL,
+    last       REAL    NOT NULL,
+    PRIMARY KEY (stream_id, field, minute)
+) WITHOUT ROWID;
+";
+
+/// Merges rollup deltas into `rollups` (see `Agg::merge`: `SET` expressions read the old
+/// row, so `last` is compared before `last_ts_ns` changes).
+const UPSERT_ROLLUP: &str = "
+INSERT INTO rollups (stream_id, field, minute, count, sum, min, max, last_ts_ns, last)
+VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)
+ON CONFLICT (stream_id, field, minute) DO UPDATE SET
+    count = count + excluded.count,
+    sum = sum + excluded.sum,
+    min = min(min, excluded.min),
+    max = max(max, excluded.max),
+    last = CASE WHEN excluded.last_ts_ns > last_ts_ns
+                  OR (excluded.last_ts_ns = last_ts_ns AND excluded.last > last)
+                THEN excluded.last ELSE last END,
+    last_ts_ns = max(last_ts_ns, excluded.last_ts_ns)";
+
+fn write_rollups(tx: &rusqlite::Transaction<'_>, deltas: RollupDeltas) -> Result<(), StoreError> {
+    let mut up = tx.prepare_cached(UPSERT_ROLLUP).map_err(sql("preparing rollup upsert"))?;
+    for ((sid, field, minute), a) in deltas.0 {
+        up.execute(params![sid, field, minute, a.count as i64, a.sum, a.min, a.max, a.last_ts_ns, a.last])
+            .map_err(sql("upserting rollup"))?;
+    }
+    Ok(())
+}
 
 pub use super::{epoch_from_sql, epoch_to_sql};
 
@@ -186,6 +234,27 @@ fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
     if version < 2 {
         tx.execute_batch(SCHEMA_V2)
             .map_err(sql("creating schema v2"))?;
+    }
+    if version < 3 {
+        tx.execute_batch(SCHEMA_V3)
+            .map_err(sql("creating schema v3"))?;
+        // Readings stored before rollups existed, rolled up once.
+        let mut deltas = RollupDeltas::default();
+        {
+            let mut q = tx
+                .prepare("SELECT stream_id, ts_ns, fields FROM readings")
+                .map_err(sql("reading readings for rollups"))?;
+            let mut rows = q.query([]).map_err(sql("reading readings for rollups"))?;
+            while let Some(r) = rows.next().map_err(sql("reading readings for rollups"))? {
+                let fields = FieldsBlob(r.get(2).map_err(sql("reading readings for rollups"))?);
+                let (sid, ts): (i64, i64) = (
+                    r.get(0).map_err(sql("reading readings for rollups"))?,
+                    r.get(1).map_err(sql("reading readings for rollups"))?,
+                );
+                deltas.add(sid, ts, &fields)?;
+            }
+        }
+        write_rollups(&tx, deltas)?;
     }
     // Later versions add `if version < N { ... }` steps here, in order.
     tx.pragma_update(None, "user_version", SCHEMA_VERSION)
@@ -284,6 +353,7 @@ fn ingest_tx(
         .map_err(sql("preparing lineage insert"))?;
 
     let mut deltas: HashMap<i64, StreamDelta> = HashMap::new();
+    let mut rollups = RollupDeltas::default();
     let mut outcomes = Vec::with_capacity(batches.len());
     for b in batches {
         let epoch = epoch_to_sql(b.epoch);
@@ -320,6 +390,7 @@ fn ingest_tx(
                         ])
                         .map_err(sql("inserting reading"))?;
                     idx += 1;
+                    rollups.add(stream_id, p.ts_ns, &p.fields)?;
                     delta.readings += 1;
                     delta.first_ts_ns = delta.first_ts_ns.min(p.ts_ns);
                     delta.last_ts_ns = delta.last_ts_ns.max(p.ts_ns);
@@ -371,6 +442,7 @@ fn ingest_tx(
             .execute(params![id, d.readings, d.first_ts_ns, d.last_ts_ns])
             .map_err(sql("updating stream statistics"))?;
     }
+    write_rollups(tx, rollups)?;
     Ok(outcomes)
 }
 
@@ -583,6 +655,34 @@ impl HubStore for SqliteStore {
                 })
             })
             .collect()
+        })
+    }
+
+    fn rollups(&self, stream: &str, field: &str, from: i64, to: i64) -> Result<Vec<(i64, Agg)>, StoreError> {
+        self.with_reader(|conn| {
+            conn.prepare_cached(
+                "SELECT r.minute, r.count, r.sum, r.min, r.max, r.last_ts_ns, r.last
+                 FROM rollups r JOIN streams s ON s.id = r.stream_id
+                 WHERE s.name = ?1 AND r.field = ?2 AND r.minute >= ?3 AND r.minute < ?4
+                 ORDER BY r.minute",
+            )
+            .and_then(|mut st| {
+                st.query_map(params![stream, field, from, to], |r| {
+                    Ok((
+                        r.get(0)?,
+                        Agg {
+                            count: r.get::<_, i64>(1)?.max(0) as u64,
+                            sum: r.get(2)?,
+                            min: r.get(3)?,
+                            max: r.get(4)?,
+                            last_ts_ns: r.get(5)?,
+                            last: r.get(6)?,
+                        },
+                    ))
+                })?
+                .collect::<Result<Vec<_>, _>>()
+            })
+            .map_err(sql("reading rollups"))
         })
     }
 }

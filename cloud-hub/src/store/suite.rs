@@ -22,6 +22,8 @@ pub(crate) trait Fixture: Sized {
     /// Opens a store on this fixture's data. Opening again after dropping (or next to)
     /// a previous store must see everything that store committed.
     fn open(&self) -> Self::Store;
+    /// Turns the (closed) store's database back into a schema v2 one: no rollups.
+    fn undo_rollups_migration(&self);
 }
 
 /// Expands to one `#[test]` per suite function, each running on a fresh `$fixture`.
@@ -38,6 +40,8 @@ macro_rules! store_suite {
             failed_transaction_stores_nothing,
             random_ingest_matches_a_model,
             lineage_is_stored_per_reading_and_listed,
+            aggregation_matches_brute_force,
+            migration_to_v3_rolls_up_existing_readings,
         );
     };
     (@tests $fixture:ty; $($name:ident),* $(,)?) => {
@@ -521,4 +525,117 @@ pub(crate) fn lineage_is_stored_per_reading_and_listed(f: &impl Fixture) {
     let summary: Vec<(String, u64, u64)> =
         modules.iter().map(|s| (s.module.version.clone(), s.agents, s.readings)).collect();
     assert_eq!(summary, vec![("1".into(), 2, 3), ("2".into(), 1, 1)]);
+}
+
+/// Server-side aggregation (rollups for whole-minute steps, raw readings otherwise)
+/// equals a brute-force computation over the readings the model says are stored: random
+/// batches from two agents, re-sent duplicates, readings with and without the field,
+/// integer and non-numeric fields, timestamp ties, random ranges and steps.
+pub(crate) fn aggregation_matches_brute_force(f: &impl Fixture) {
+    use crate::aggregate::{Agg, AggregateQuery, aggregate};
+    use rand::{Rng, SeedableRng};
+    use std::collections::{BTreeMap, BTreeSet};
+
+    const S: i64 = 1_000_000_000;
+    const T0: i64 = 1_700_000_000 * S;
+    let store = f.open();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(11);
+    let mut sent: Vec<Batch> = Vec::new();
+    let mut stored: BTreeSet<(String, u64)> = BTreeSet::new();
+    // (stream, ts, numeric fields) of every stored reading.
+    let mut model: Vec<(String, i64, Vec<(String, f64)>)> = Vec::new();
+    for round in 0..15 {
+        let mut group: Vec<Batch> = Vec::new();
+        for _ in 0..rng.random_range(1..6) {
+            let agent = ["a", "b"][rng.random_range(0..2)];
+            let seq = sent.iter().filter(|b| b.agent_id == agent).count() as u64 + 1;
+            let streams = (0..rng.random_range(1..3))
+                .map(|i| StreamChunk {
+                    stream: format!("s{i}"),
+                    points: (0..rng.random_range(0..40))
+                        .map(|_| {
+                            // Whole seconds over 6 hours: many timestamp ties.
+                            let ts_ns = T0 + rng.random_range(0..6 * 3600) * S;
+                            let mut fl = vec![Field { name: "n".into(), value: Value::I64(rng.random_range(-50..50)) }];
+                            if rng.random_bool(0.8) {
+                                let v = f64::from(rng.random_range(-10_000..10_000)) / 100.0;
+                                fl.push(Field { name: "value".into(), value: Value::F64(v) });
+                            }
+                            fl.push(Field { name: "ok".into(), value: Value::Bool(true) });
+                            fl.push(Field { name: "name".into(), value: Value::Str("x".into()) });
+                            Point { ts_ns, fields: FieldsBlob::encode(&fl).unwrap() }
+                        })
+                        .collect(),
+                })
+                .collect();
+            let b = Batch { agent_id: agent.into(), epoch: 1, seq, created_ms: 1, streams, losses: vec![], lineage: vec![] };
+            sent.push(b.clone());
+            group.push(b);
+        }
+        // Re-send an earlier batch now and then: it must add nothing.
+        if round % 3 == 2 {
+            group.push(sent[rng.random_range(0..sent.len())].clone());
+        }
+        store.ingest(&group, 1).unwrap();
+        for b in &group {
+            if stored.insert((b.agent_id.clone(), b.seq)) {
+                for c in &b.streams {
+                    for p in &c.points {
+                        let nums = crate::aggregate::numeric_fields(&p.fields).unwrap();
+                        model.push((c.stream.clone(), p.ts_ns, nums));
+                    }
+                }
+            }
+        }
+    }
+
+    let floor = |t: i64, step: i64| t - t.rem_euclid(step);
+    let mut checked = 0;
+    for _ in 0..40 {
+        let stream = ["s0", "s1", "s9"][rng.random_range(0..3)];
+        let field = ["value", "n", "ok", "absent"][rng.random_range(0..4)];
+        let step = [60 * S, 300 * S, 3600 * S, 7 * S, 90 * S][rng.random_range(0..5)];
+        let (a, b) = (rng.random_range(-3600..7 * 3600) * S, rng.random_range(-3600..7 * 3600) * S);
+        let (from, to) = (T0 + a.min(b), T0 + a.max(b) + 1);
+        let got = aggregate(&store, &AggregateQuery { stream: stream.into(), field: field.into(), from, to, step }).unwrap();
+        let (lo, hi) = (floor(from, step), floor(to - 1, step) + step);
+        assert_eq!((got.from, got.to), (lo, hi));
+        assert_eq!(got.from_rollups, step % (60 * S) == 0);
+        let mut want: BTreeMap<i64, Agg> = BTreeMap::new();
+        for (s, ts, nums) in &model {
+            if s != stream || *ts < lo || *ts >= hi {
+                continue;
+            }
+            if let Some((_, v)) = nums.iter().find(|(n, _)| n == field) {
+                let x = Agg::of(*ts, *v);
+                want.entry(floor(*ts, step)).and_modify(|a| a.merge(&x)).or_insert(x);
+            }
+        }
+        let want: Vec<(i64, Agg)> = want.into_iter().collect();
+        assert_eq!(got.buckets.len(), want.len(), "{stream} {field} step {step} [{from}, {to})");
+        for ((gs, g), (ws, w)) in got.buckets.iter().zip(&want) {
+            assert_eq!(gs, ws);
+            assert_eq!((g.count, g.min, g.max, g.last_ts_ns, g.last), (w.count, w.min, w.max, w.last_ts_ns, w.last), "bucket {gs}");
+            assert!((g.sum - w.sum).abs() <= 1e-9 * w.sum.abs().max(1.0), "bucket {gs}: sum {} vs {}", g.sum, w.sum);
+        }
+        checked += want.len();
+    }
+    assert!(checked > 100, "the random queries hit only {checked} non-empty buckets");
+}
+
+/// A version 2 database (readings, no rollups) gets its readings rolled up by the v3
+/// migration, so aggregation covers data ingested before the upgrade.
+pub(crate) fn migration_to_v3_rolls_up_existing_readings(f: &impl Fixture) {
+    use crate::aggregate::{AggregateQuery, ROLLUP_NS, aggregate};
+    let store = f.open();
+    let m = 1_700_000_040 * 1_000_000_000; // a whole minute
+    store.ingest(&[batch("a", 1, 1, &[("s", &[m, m + 1, m + ROLLUP_NS])])], 1).unwrap();
+    drop(store);
+    f.undo_rollups_migration();
+    let store = f.open();
+    let q = AggregateQuery { stream: "s".into(), field: "value".into(), from: m, to: m + 2 * ROLLUP_NS, step: ROLLUP_NS };
+    let got = aggregate(&store, &q).unwrap();
+    let summary: Vec<(i64, u64, f64)> = got.buckets.iter().map(|(t, a)| (*t, a.count, a.last)).collect();
+    // `batch` sets each reading's value to its timestamp.
+    assert_eq!(summary, [(m, 2, (m + 1) as f64), (m + ROLLUP_NS, 1, (m + ROLLUP_NS) as f64)]);
 }

@@ -415,3 +415,48 @@ async fn postgres_outage_withholds_acks_until_the_database_is_back() {
     );
     hub.stop().await;
 }
+
+/// `/api/v1/aggregate` over HTTP: buckets from rollups for whole-minute steps, from raw
+/// readings below a minute, and parameter errors that name the parameter.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn aggregate_api_buckets_a_stream() {
+    let broker = Mosquitto::start();
+    let hub = Hub::start(broker.port).await;
+    let mut agent = Agent::connect(broker.port, "agg-1").await;
+    const MIN: i64 = 60_000_000_000;
+    // Three minutes, two readings each, 10 s apart inside the minute.
+    let readings: Vec<(&str, i64, f64)> =
+        (0..6).map(|i| ("temp", T0 + (i / 2) * MIN + (i % 2) * 10_000_000_000, i as f64)).collect();
+    agent.send_until_acked(&batch("agg-1", 1, 1, &readings)).await;
+
+    let v = hub.get_json(&format!("/api/v1/aggregate?stream=temp&from={T0}&to={}&step=2m", T0 + 3 * MIN)).await;
+    assert_eq!(v["source"], "rollups");
+    assert_eq!(v["step_ns"], 2 * MIN);
+    // T0 is a whole number of 2-minute steps since the epoch.
+    assert_eq!(
+        v["buckets"],
+        json!([
+            {"start_ns": T0, "count": 4, "min": 0.0, "max": 3.0, "mean": 1.5, "last": 3.0},
+            {"start_ns": T0 + 2 * MIN, "count": 2, "min": 4.0, "max": 5.0, "mean": 4.5, "last": 5.0},
+        ])
+    );
+    let v = hub.get_json(&format!("/api/v1/aggregate?stream=temp&from={T0}&to={}&step=10s", T0 + MIN)).await;
+    assert_eq!(v["source"], "raw");
+    let starts: Vec<i64> = v["buckets"].as_array().unwrap().iter().map(|b| b["start_ns"].as_i64().unwrap()).collect();
+    assert_eq!(starts, [T0, T0 + 10_000_000_000]);
+    // `buckets=3` over three minutes: one-minute steps, from the rollups.
+    let v = hub.get_json(&format!("/api/v1/aggregate?stream=temp&from={T0}&to={}&buckets=3", T0 + 3 * MIN)).await;
+    assert_eq!((v["step_ns"].as_i64(), v["buckets"].as_array().unwrap().len()), (Some(MIN), 3));
+
+    for (query, want) in [
+        ("stream=temp&from=1&to=2&step=1s&buckets=2", "give `step` or `buckets`, not both"),
+        ("stream=temp&from=5&to=2", "`from` (5) must be before `to` (2)"),
+        ("stream=temp&from=1", "parameters `from` and `to` (ns since the Unix epoch) are required"),
+        ("stream=temp&from=0&to=1000000000000&step=1ns", "1000000000000 buckets requested, at most 10000: use a larger step or fewer buckets"),
+        ("from=1&to=2", "missing parameter `stream`"),
+    ] {
+        let (status, body) = hub.get(&format!("/api/v1/aggregate?{query}")).await;
+        assert_eq!(status, 400, "{query}: {body}");
+        assert!(body.contains(want), "{query}: {body}");
+    }
+}

@@ -37,6 +37,9 @@ impl Fixture for Pg {
     fn open(&self) -> PostgresStore {
         PostgresStore::connect(options(&self.url)).unwrap()
     }
+    fn undo_rollups_migration(&self) {
+        self.server.psql("brume", "DROP TABLE rollups; DELETE FROM schema_migrations WHERE version = 3");
+    }
 }
 
 crate::store_suite!(Pg);
@@ -321,3 +324,4 @@ fn unreachable_server_is_a_connect_error_naming_the_target() {
     assert!(err.contains(&format!("127.0.0.1:{port}/db")), "{err}");
     assert!(!err.contains("secret"), "{err}");
 }
+

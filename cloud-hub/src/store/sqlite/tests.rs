@@ -15,6 +15,10 @@ impl Fixture for Sqlite {
     fn open(&self) -> SqliteStore {
         SqliteStore::open(self.0.path()).unwrap()
     }
+    fn undo_rollups_migration(&self) {
+        let conn = Connection::open(self.0.path().join("hub.db")).unwrap();
+        conn.execute_batch("DROP TABLE rollups; PRAGMA user_version = 2;").unwrap();
+    }
 }
 
 crate::store_suite!(Sqlite);
@@ -51,3 +55,4 @@ fn epoch_mapping_preserves_order() {
         assert_eq!(epoch_from_sql(epoch_to_sql(e)), e);
     }
 }
+
