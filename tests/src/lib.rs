@@ -4,6 +4,11 @@
 //!
 //! Everything listens on 127.0.0.1 and lives in temporary directories removed on drop.
 
+/// A private PostgreSQL server per test (initdb in a temporary directory, free port): the
+/// hub's own test harness, shared rather than copied.
+#[path = "../../cloud-hub/src/store/postgres/test_server.rs"]
+pub mod pg;
+
 use std::collections::HashSet;
 use std::net::TcpListener as StdListener;
 use std::path::{Path, PathBuf};
@@ -169,13 +174,18 @@ pub struct Hub {
 impl Hub {
     /// Starts a hub against the broker on `broker_port`.
     pub async fn start(exe: &Path, broker_port: u16) -> Result<Hub> {
+        Hub::start_with(exe, broker_port, "").await
+    }
+
+    /// Starts a hub with `extra` TOML appended to its config (e.g. a `[storage]` table).
+    pub async fn start_with(exe: &Path, broker_port: u16, extra: &str) -> Result<Hub> {
         let dir = tempfile::tempdir()?;
         let http = free_port();
         let cfg = dir.path().join("hub.toml");
         std::fs::write(
             &cfg,
             format!(
-                "data_dir = {data:?}\n[mqtt]\nhost = \"127.0.0.1\"\nport = {broker_port}\n[http]\nlisten = \"127.0.0.1:{http}\"\n",
+                "data_dir = {data:?}\n[mqtt]\nhost = \"127.0.0.1\"\nport = {broker_port}\n[http]\nlisten = \"127.0.0.1:{http}\"\n{extra}\n",
                 data = dir.path().join("data").display().to_string()
             ),
         )?;
@@ -296,7 +306,8 @@ impl Agent {
 }
 
 /// A sensor publishing numbered readings at QoS 1 to an agent's MQTT listener, round-robin
-/// over `streams` topics `s/<i>`, remembering which numbers were PUBACKed.
+/// over `streams` topics `<prefix>/<i>` (`s/<i>` by default), remembering which numbers
+/// were PUBACKed.
 pub struct Sensor {
     /// Numbers whose PUBACK arrived.
     pub acked: Arc<Mutex<HashSet<u64>>>,
@@ -331,8 +342,14 @@ impl Sensor {
         format!("s/{}", n % streams)
     }
 
-    /// Starts publishing `rate` readings per second.
+    /// Starts publishing `rate` readings per second on `s/<i>`.
     pub fn start(agent_port: u16, streams: u64, rate: u64) -> Sensor {
+        Sensor::start_named(agent_port, "s", streams, rate)
+    }
+
+    /// Starts publishing `rate` readings per second on `<prefix>/<i>`.
+    pub fn start_named(agent_port: u16, prefix: &str, streams: u64, rate: u64) -> Sensor {
+        let prefix = prefix.to_owned();
         use rumqttc::{AsyncClient, Event, MqttOptions, Outgoing, Packet, QoS};
         let acked = Arc::new(Mutex::new(HashSet::new()));
         let sent = Arc::new(Mutex::new(0u64));
@@ -379,7 +396,7 @@ impl Sensor {
             while !st.is_set() {
                 let due = (start.elapsed().as_secs_f64() * rate as f64) as u64;
                 while n < due && !st.is_set() {
-                    let topic = Sensor::stream_of(n, streams);
+                    let topic = format!("{prefix}/{}", n % streams);
                     let payload = format!("{{\"n\":{n}}}");
                     order.lock().unwrap().push_back(n);
                     if client.publish(topic, QoS::AtLeastOnce, false, payload).await.is_err() {
@@ -417,9 +434,14 @@ impl Sensor {
 /// Checks the hub holds each acknowledged reading exactly once, in per-stream order, and
 /// nothing that was never published. Returns the number of readings at the hub.
 pub async fn check_exactly_once(hub: &Hub, acked: &HashSet<u64>, sent: u64, streams: u64) -> Result<u64> {
+    check_exactly_once_named(hub, "s", acked, sent, streams).await
+}
+
+/// [`check_exactly_once`] for a sensor started with [`Sensor::start_named`].
+pub async fn check_exactly_once_named(hub: &Hub, prefix: &str, acked: &HashSet<u64>, sent: u64, streams: u64) -> Result<u64> {
     let mut total = 0;
     for s in 0..streams {
-        let stream = format!("s/{s}");
+        let stream = format!("{prefix}/{s}");
         let rows = hub.readings(&stream).await?;
         let ns: Vec<u64> = rows.iter().map(|r| r["fields"]["n"].as_f64().unwrap_or(-1.0) as u64).collect();
         let mut seen = HashSet::new();
