@@ -38,6 +38,7 @@ pub struct AppState {
 pub fn app(state: AppState) -> Router {
     Router::new()
         .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .route("/api/v1/streams", get(streams))
         .route("/api/v1/readings", get(readings))
@@ -92,6 +93,28 @@ async fn query<T: Send + 'static>(
             message: format!("query task failed: {e}"),
         })?
         .map_err(ApiError::from)
+}
+
+/// Ready when the MQTT connection is up and the store answers: a load balancer or
+/// orchestrator sends no traffic (and an operator gets paged) otherwise. 503 names what is
+/// down.
+async fn readyz(State(s): State<AppState>) -> Response {
+    let mqtt = s.metrics.mqtt_connected.get() == 1;
+    let store = Arc::clone(&s.store);
+    let db = match tokio::time::timeout(std::time::Duration::from_secs(5), tokio::task::spawn_blocking(move || store.ping()))
+        .await
+    {
+        Ok(Ok(Ok(()))) => Ok(()),
+        Ok(Ok(Err(e))) => Err(e.to_string()),
+        Ok(Err(e)) => Err(format!("ping task failed: {e}")),
+        Err(_) => Err("no answer within 5 s".to_string()),
+    };
+    let body = json!({
+        "mqtt": if mqtt { "connected" } else { "disconnected" },
+        "store": match &db { Ok(()) => "ok".to_string(), Err(e) => e.clone() },
+    });
+    let status = if mqtt && db.is_ok() { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    (status, axum::Json(body)).into_response()
 }
 
 async fn metrics(State(s): State<AppState>) -> impl IntoResponse {

@@ -248,6 +248,8 @@ impl Ingest {
             match outcome {
                 BatchOutcome::Stored => {
                     self.metrics.count_batch("stored");
+                    let late_ms = now_ms().saturating_sub(b.created_ms).max(0);
+                    self.metrics.batch_latency_seconds.observe(late_ms as f64 / 1e3);
                     self.metrics
                         .readings_stored
                         .inc_by(b.reading_count() as u64);

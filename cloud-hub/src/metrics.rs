@@ -40,6 +40,8 @@ pub struct Metrics {
     pub mqtt_connected: Gauge<i64, AtomicI64>,
     /// Duration of ingest transactions, including the commit's fsync.
     pub ingest_tx_seconds: Histogram,
+    /// From the agent cutting a batch (its `created_ms`) to the hub committing it.
+    pub batch_latency_seconds: Histogram,
 }
 
 impl Metrics {
@@ -80,8 +82,18 @@ impl Metrics {
             "Duration of one ingest transaction",
             ingest_tx_seconds.clone(),
         );
+        // 10 ms .. ~3 days: live batches take milliseconds, a backlog after an outage
+        // arrives hours or days late.
+        let batch_latency_seconds =
+            Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(0.01, 4.0, 16));
+        registry.register(
+            "batch_latency_seconds",
+            "From the agent cutting a batch to the hub committing it (agent clock to hub clock), stored batches only",
+            batch_latency_seconds.clone(),
+        );
         Arc::new(Metrics {
             registry,
+            batch_latency_seconds,
             batches,
             readings_stored,
             db_errors,

@@ -413,6 +413,9 @@ pub trait HubStore: Send + Sync + 'static {
     /// One-minute rollups of `field` on `stream` for minutes in `[from, to)`, oldest
     /// first (see [`crate::aggregate`]). An unknown stream or field yields none.
     fn rollups(&self, stream: &str, field: &str, from: i64, to: i64) -> Result<Vec<(i64, crate::aggregate::Agg)>, StoreError>;
+
+    /// Checks the database answers a trivial query: for readiness probes.
+    fn ping(&self) -> Result<(), StoreError>;
 }
 
 #[cfg(test)]

@@ -1299,6 +1299,15 @@ impl HubStore for PostgresStore {
         })
     }
 
+    fn ping(&self) -> Result<(), StoreError> {
+        self.call("ping", async {
+            let mut conn = self.checkout().await?;
+            conn.client().query_one("SELECT 1", &[]).await.map_err(pg("ping"))?;
+            conn.release();
+            Ok(())
+        })
+    }
+
     fn rollups(&self, stream: &str, field: &str, from: i64, to: i64) -> Result<Vec<(i64, Agg)>, StoreError> {
         self.call("reading rollups", async {
             let mut conn = self.checkout().await?;

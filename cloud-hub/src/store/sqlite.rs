@@ -658,6 +658,10 @@ impl HubStore for SqliteStore {
         })
     }
 
+    fn ping(&self) -> Result<(), StoreError> {
+        self.with_reader(|conn| conn.query_row("SELECT count(*) FROM streams", [], |_| Ok(())).map_err(sql("ping")))
+    }
+
     fn rollups(&self, stream: &str, field: &str, from: i64, to: i64) -> Result<Vec<(i64, Agg)>, StoreError> {
         self.with_reader(|conn| {
             conn.prepare_cached(

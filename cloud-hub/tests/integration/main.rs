@@ -277,6 +277,11 @@ async fn hub_serves_http_and_stops_promptly_without_a_broker() {
     assert_eq!(hub.get_json("/api/v1/streams").await, json!([]));
     assert_eq!(hub.get_json("/api/v1/agents").await, json!([]));
     assert_eq!(hub.metric("brume_hub_mqtt_connected").await, 0.0);
+    assert_eq!(
+        hub.get("/readyz").await,
+        (503, r#"{"mqtt":"disconnected","store":"ok"}"#.to_string()),
+        "not ready without the broker"
+    );
     let started = std::time::Instant::now();
     hub.stop().await;
     assert!(
@@ -374,6 +379,8 @@ async fn postgres_outage_withholds_acks_until_the_database_is_back() {
         .send_until_acked(&batch("pg-2", 1, 1, &[("s", T0, 1.0)]))
         .await;
     while agent.next_ack(Duration::from_millis(200)).await.is_some() {}
+    assert_eq!(hub.get("/readyz").await, (200, r#"{"mqtt":"connected","store":"ok"}"#.to_string()));
+    assert_eq!(hub.metric("brume_hub_batch_latency_seconds_count").await, 1.0, "one stored batch observed");
 
     pg.stop();
     agent
@@ -385,8 +392,11 @@ async fn postgres_outage_withholds_acks_until_the_database_is_back() {
         assert!(start.elapsed() < util::DEADLINE, "no ingest failure seen");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    // ...and check it acknowledged nothing meanwhile.
+    // ...and check it acknowledged nothing meanwhile, and says it is not ready.
     assert_eq!(agent.next_ack(Duration::from_millis(300)).await, None);
+    let (status, body) = hub.get("/readyz").await;
+    assert_eq!(status, 503, "{body}");
+    assert!(body.starts_with(r#"{"mqtt":"connected","store":"#) && !body.contains(r#""store":"ok""#), "{body}");
     assert_eq!(
         hub.metric(r#"brume_hub_batches_total{result="stored"}"#)
             .await,
