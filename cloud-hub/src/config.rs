@@ -348,13 +348,22 @@ impl Config {
 
     /// The MQTT subscription filter for batches, shared or plain.
     pub fn batch_filter(&self) -> String {
+        self.shared(brume_protocol::topics::ALL_BATCHES)
+    }
+
+    /// The topic filter for agents' presence messages, shared like the batches.
+    pub fn status_filter(&self) -> String {
+        self.shared(brume_protocol::topics::ALL_STATUS)
+    }
+
+    fn shared(&self, filter: &str) -> String {
         if self.mqtt.share_group.is_empty() {
-            brume_protocol::topics::ALL_BATCHES.to_owned()
+            filter.to_owned()
         } else {
             format!(
                 "$share/{}/{}",
                 self.mqtt.share_group,
-                brume_protocol::topics::ALL_BATCHES
+                filter
             )
         }
     }

@@ -45,6 +45,7 @@ pub fn app(state: AppState) -> Router {
         .route("/api/v1/agents", get(agents))
         .route("/api/v1/modules", get(modules))
         .route("/api/v1/aggregate", get(aggregate))
+        .route("/api/v1/presence", get(presence))
         .with_state(state)
 }
 
@@ -330,6 +331,39 @@ fn agent_json(a: &AgentSummary) -> serde_json::Value {
 
 fn module_json(m: &brume_protocol::ModuleRef) -> serde_json::Value {
     json!({ "name": m.name, "version": m.version, "sha256": m.sha256_hex() })
+}
+
+/// Every agent's presence: online or not, last seen, version, uptime, backlog, modules.
+async fn presence(State(s): State<AppState>) -> Result<axum::Json<serde_json::Value>, ApiError> {
+    let list = query(&s.store, |st| st.presence()).await?;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0);
+    Ok(axum::Json(
+        list.iter()
+            .map(|p| {
+                let st = &p.status;
+                json!({
+                    "agent_id": st.agent_id,
+                    "online": p.online_at(now),
+                    "last_seen_ms": p.received_ms,
+                    "version": st.version,
+                    "started_ms": st.started_ms,
+                    "uptime_s": (st.sent_ms - st.started_ms).max(0) / 1000,
+                    "heartbeat_s": st.heartbeat_s,
+                    "store_readings": st.store_readings,
+                    "outbox_batches": st.outbox_batches,
+                    "outbox_readings": st.outbox_readings,
+                    "modules": st.modules.iter().map(|m| json!({
+                        "name": m.name, "sha256": m.sha256, "enabled": m.enabled,
+                        "batches_failed": m.batches_failed,
+                        "last_error": (!m.last_error.is_empty()).then_some(&m.last_error),
+                    })).collect::<Vec<_>>(),
+                })
+            })
+            .collect(),
+    ))
 }
 
 /// Module builds whose outputs the hub has stored: lineage at a glance.

@@ -21,7 +21,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use brume_protocol::{AckV1, AgentMessage, Batch, HubMessage, topics, validate_agent_id};
+use brume_protocol::{AckV1, AgentMessage, AgentStatus, Batch, HubMessage, topics, validate_agent_id};
 use rand::Rng;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -182,6 +182,10 @@ impl Ingest {
     /// Validates a delivery: valid batches join the group, rejects are acked at once.
     /// Returns false if the MQTT event loop is gone.
     async fn accept(&self, d: Delivery, group: &mut Vec<Pending>) -> bool {
+        if let Some(agent) = topics::agent_of_status_topic(&d.publish.topic) {
+            self.record_presence(agent, &d.publish.payload).await;
+            return self.mqtt.ack_broker(&d).await.is_ok();
+        }
         match validate(&d.publish.topic, &d.publish.payload) {
             Ok(batch) => {
                 group.push(Pending { batch, delivery: d });
@@ -195,6 +199,38 @@ impl Ingest {
                 self.mqtt.ack_broker(&d).await.is_ok()
             }
         }
+    }
+
+    /// Stores an agent's presence message. Best effort: a message that cannot be stored
+    /// is logged and counted, and the next heartbeat (every few seconds) replaces it.
+    async fn record_presence(&self, agent: &str, payload: &[u8]) {
+        let status = match AgentStatus::decode(payload) {
+            Ok(s) if s.agent_id == agent => s,
+            Ok(s) => {
+                self.metrics.presence_messages.get_or_create(&[("result", "rejected")]).inc();
+                tracing::warn!(agent_id = agent, payload_agent_id = %s.agent_id, "presence message for another agent; ignored");
+                return;
+            }
+            Err(e) => {
+                self.metrics.presence_messages.get_or_create(&[("result", "rejected")]).inc();
+                tracing::warn!(agent_id = agent, error = %e, "malformed presence message; ignored");
+                return;
+            }
+        };
+        let store = Arc::clone(&self.store);
+        let result = tokio::task::spawn_blocking(move || store.record_presence(&status, now_ms())).await;
+        let outcome = match result {
+            Ok(Ok(())) => "stored",
+            Ok(Err(e)) => {
+                tracing::warn!(agent_id = agent, error = %e, "cannot store a presence message; the next heartbeat will replace it");
+                "failed"
+            }
+            Err(e) => {
+                tracing::warn!(agent_id = agent, error = %e, "presence task failed");
+                "failed"
+            }
+        };
+        self.metrics.presence_messages.get_or_create(&[("result", outcome)]).inc();
     }
 
     /// Stores the group, retrying until it commits. `None` if shutdown came first.

@@ -42,6 +42,8 @@ pub struct Metrics {
     pub ingest_tx_seconds: Histogram,
     /// From the agent cutting a batch (its `created_ms`) to the hub committing it.
     pub batch_latency_seconds: Histogram,
+    /// Agents' presence messages, by `result="stored|rejected|failed"`.
+    pub presence_messages: Family<ResultLabel, Counter>,
 }
 
 impl Metrics {
@@ -91,8 +93,18 @@ impl Metrics {
             "From the agent cutting a batch to the hub committing it (agent clock to hub clock), stored batches only",
             batch_latency_seconds.clone(),
         );
+        let presence_messages = Family::<ResultLabel, Counter>::default();
+        for result in ["stored", "rejected", "failed"] {
+            let _ = presence_messages.get_or_create(&[("result", result)]);
+        }
+        registry.register(
+            "presence_messages",
+            "Agents' presence messages, by result",
+            presence_messages.clone(),
+        );
         Arc::new(Metrics {
             registry,
+            presence_messages,
             batch_latency_seconds,
             batches,
             readings_stored,

@@ -155,6 +155,7 @@ pub fn start(
         generation,
         metrics,
         filter: cfg.batch_filter(),
+        status_filter: cfg.status_filter(),
     };
     (handle, rx, driver.run(stop))
 }
@@ -168,6 +169,8 @@ struct EventLoopDriver {
     generation: Arc<AtomicU64>,
     metrics: Arc<Metrics>,
     filter: String,
+    /// Agents' presence messages.
+    status_filter: String,
 }
 
 impl EventLoopDriver {
@@ -191,12 +194,11 @@ impl EventLoopDriver {
                     // subscribe again on every connect. Pushed straight into the event
                     // loop's pending queue (emptied by poll before it returned ConnAck)
                     // because awaiting the request channel from this task could deadlock.
-                    self.eventloop
-                        .pending
-                        .push_front(Request::Subscribe(Subscribe::new(
-                            self.filter.clone(),
-                            QoS::AtLeastOnce,
-                        )));
+                    for f in [&self.status_filter, &self.filter] {
+                        self.eventloop
+                            .pending
+                            .push_front(Request::Subscribe(Subscribe::new(f.clone(), QoS::AtLeastOnce)));
+                    }
                 }
                 Ok(Event::Incoming(Packet::SubAck(ack))) => {
                     if ack

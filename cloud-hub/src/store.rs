@@ -20,7 +20,7 @@ pub(crate) mod suite;
 
 use std::time::Duration;
 
-use brume_protocol::{Batch, FieldsBlob, LossReason, ModuleRef};
+use brume_protocol::{Batch, FieldsBlob, LossReason, ModuleRef, StatusV1};
 
 /// Why a storage operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -416,6 +416,35 @@ pub trait HubStore: Send + Sync + 'static {
 
     /// Checks the database answers a trivial query: for readiness probes.
     fn ping(&self) -> Result<(), StoreError>;
+
+    /// Records an agent's latest presence message (the last one received wins).
+    fn record_presence(&self, status: &StatusV1, received_ms: i64) -> Result<(), StoreError>;
+
+    /// Every agent's latest presence message, sorted by agent id.
+    fn presence(&self) -> Result<Vec<PresenceRecord>, StoreError>;
+}
+
+/// An agent's latest presence message and when the hub received it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PresenceRecord {
+    /// The message.
+    pub status: StatusV1,
+    /// Hub time of receipt, ms since the Unix epoch: the agent's last-seen time.
+    pub received_ms: i64,
+}
+
+impl PresenceRecord {
+    /// Online: the agent's last message said so and it is not more than three heartbeats
+    /// old (a last will may be lost with the broker).
+    pub fn online_at(&self, now_ms: i64) -> bool {
+        self.status.online && now_ms - self.received_ms <= 3_000 * i64::from(self.status.heartbeat_s.max(1))
+    }
+}
+
+pub(crate) fn decode_presence(blob: &[u8], received_ms: i64) -> Result<PresenceRecord, StoreError> {
+    let status = brume_protocol::AgentStatus::decode(blob)
+        .map_err(|e| StoreError::Corrupt(format!("stored presence does not decode: {e}")))?;
+    Ok(PresenceRecord { status, received_ms })
 }
 
 #[cfg(test)]

@@ -334,6 +334,10 @@ pub struct ForwardConfig {
     /// Longest reconnect delay.
     #[serde(with = "humantime_serde")]
     pub reconnect_max: Duration,
+    /// Hub mode: how often the agent publishes its presence (retained, on
+    /// `brume/v1/agents/<id>/status`); the hub considers it gone after three missed.
+    #[serde(with = "humantime_serde")]
+    pub heartbeat: Duration,
     /// JSON mode: topic to publish to; `{agent}` is replaced by the agent id and `{stream}`
     /// (per-reading granularity only) by the stream name.
     pub json_topic: String,
@@ -356,6 +360,7 @@ impl Default for ForwardConfig {
             ack_timeout: Duration::from_secs(10),
             reconnect_min: Duration::from_millis(100),
             reconnect_max: Duration::from_secs(30),
+            heartbeat: Duration::from_secs(10),
             json_topic: "brume/json/{agent}".into(),
             json_granularity: JsonGranularity::Reading,
         }
@@ -509,6 +514,9 @@ impl Config {
         }
         if f.window == 0 {
             return Err(invalid("forward.window", "must be at least 1"));
+        }
+        if f.heartbeat < Duration::from_secs(1) || f.heartbeat > Duration::from_secs(3600) {
+            return Err(invalid("forward.heartbeat", "must be between 1s and 1h"));
         }
         if f.ack_timeout.is_zero() {
             return Err(invalid("forward.ack_timeout", "must be positive"));

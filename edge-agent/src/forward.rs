@@ -24,7 +24,10 @@ use std::time::{Duration, Instant};
 
 use brume_protocol::{AgentMessage, Batch, HubMessage, Value, topics};
 use rand::Rng;
-use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Outgoing, Packet, QoS};
+use brume_protocol::{AgentStatus, ModuleHealth, StatusV1};
+use rumqttc::{AsyncClient, Event, EventLoop, LastWill, MqttOptions, Outgoing, Packet, QoS};
+
+use crate::modules::SharedModuleStatus;
 use serde::Serialize;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -63,11 +66,19 @@ pub struct ForwardStatus {
 pub type SharedForwardStatus = Arc<Mutex<ForwardStatus>>;
 
 /// Runs forwarding until `shutdown` is cancelled.
-pub async fn run(cfg: Config, store: StoreHandle, metrics: Arc<Metrics>, status: SharedForwardStatus, shutdown: CancellationToken) {
+pub async fn run(
+    cfg: Config,
+    store: StoreHandle,
+    metrics: Arc<Metrics>,
+    status: SharedForwardStatus,
+    modules: SharedModuleStatus,
+    shutdown: CancellationToken,
+) {
     let f = &cfg.forward;
     if f.mode == ForwardMode::Off {
         return;
     }
+    let presence = Presence { agent_id: cfg.agent_id.clone(), started_ms: now_ms(), heartbeat: f.heartbeat, modules };
     let client_id = if f.client_id.is_empty() { format!("brume-agent-{}", cfg.agent_id) } else { f.client_id.clone() };
     let mut opts = MqttOptions::new(client_id, f.host.clone(), f.port);
     opts.set_keep_alive(f.keep_alive);
@@ -76,6 +87,11 @@ pub async fn run(cfg: Config, store: StoreHandle, metrics: Arc<Metrics>, status:
     // Per-reading JSON mode has many messages per batch in flight.
     let inflight = if f.mode == ForwardMode::Json { 1000 } else { f.window.max(1) };
     opts.set_inflight(inflight.min(u16::MAX as usize) as u16);
+    if f.mode == ForwardMode::Hub {
+        // The broker announces an agent that vanishes (crash, power cut, lost link).
+        let will = presence.message(false, &store.snapshot().borrow());
+        opts.set_last_will(LastWill::new(topics::status(&cfg.agent_id), will, QoS::AtLeastOnce, true));
+    }
     let (client, eventloop) = AsyncClient::new(opts, inflight + 16);
     let (ev_tx, ev_rx) = mpsc::channel(1024);
     let link = tokio::spawn(event_loop_task(
@@ -86,8 +102,9 @@ pub async fn run(cfg: Config, store: StoreHandle, metrics: Arc<Metrics>, status:
         status.clone(),
         shutdown.clone(),
     ));
-    let mut fwd = Forwarder::new(cfg, store, client.clone(), metrics, status);
+    let mut fwd = Forwarder::new(cfg, store, client.clone(), metrics, status, presence);
     fwd.run(ev_rx, shutdown).await;
+    fwd.publish_presence(false).await;
     let _ = tokio::time::timeout(Duration::from_secs(2), client.disconnect()).await;
     let _ = tokio::time::timeout(Duration::from_secs(2), link).await;
 }
@@ -158,7 +175,59 @@ async fn event_loop_task(
     metrics.connected.set(0);
 }
 
+/// What the agent says about itself on its status topic.
+struct Presence {
+    agent_id: String,
+    started_ms: i64,
+    heartbeat: Duration,
+    modules: SharedModuleStatus,
+}
+
+impl Presence {
+    fn message(&self, online: bool, snap: &crate::store::StoreSnapshot) -> Vec<u8> {
+        let label = |s: &str| {
+            let mut end = s.len().min(brume_protocol::MAX_STATUS_LABEL);
+            while !s.is_char_boundary(end) {
+                end -= 1;
+            }
+            s[..end].to_owned()
+        };
+        let modules = self
+            .modules
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .take(brume_protocol::MAX_STATUS_MODULES)
+            .map(|m| ModuleHealth {
+                name: label(&m.name),
+                sha256: m.hash.clone().unwrap_or_default(),
+                enabled: m.enabled,
+                batches_failed: m.batches_failed,
+                last_error: label(m.last_error.as_deref().unwrap_or("")),
+            })
+            .collect();
+        AgentStatus::V1(StatusV1 {
+            agent_id: self.agent_id.clone(),
+            online,
+            version: env!("CARGO_PKG_VERSION").into(),
+            started_ms: self.started_ms,
+            sent_ms: now_ms(),
+            heartbeat_s: self.heartbeat.as_secs().try_into().unwrap_or(u32::MAX),
+            store_readings: snap.readings,
+            outbox_batches: snap.outbox_batches,
+            outbox_readings: snap.outbox_readings,
+            modules,
+        })
+        .encode()
+    }
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
+}
+
 struct Forwarder {
+    presence: Presence,
     cfg: Config,
     store: StoreHandle,
     client: AsyncClient,
@@ -183,9 +252,17 @@ struct Forwarder {
 }
 
 impl Forwarder {
-    fn new(cfg: Config, store: StoreHandle, client: AsyncClient, metrics: Arc<Metrics>, status: SharedForwardStatus) -> Self {
+    fn new(
+        cfg: Config,
+        store: StoreHandle,
+        client: AsyncClient,
+        metrics: Arc<Metrics>,
+        status: SharedForwardStatus,
+        presence: Presence,
+    ) -> Self {
         let epoch = store.snapshot().borrow().epoch;
         Forwarder {
+            presence,
             cfg,
             store,
             client,
@@ -207,9 +284,12 @@ impl Forwarder {
         let mut snapshot = self.store.snapshot();
         let tick_every = (self.cfg.forward.ack_timeout / 4).clamp(Duration::from_millis(50), Duration::from_secs(1));
         let mut tick = tokio::time::interval(tick_every);
+        let mut heartbeat = tokio::time::interval(self.presence.heartbeat);
+        heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => break,
+                _ = heartbeat.tick() => self.publish_presence(true).await,
                 ev = events.recv() => match ev {
                     Some(ev) => self.on_event(ev).await,
                     None => break,
@@ -227,6 +307,15 @@ impl Forwarder {
         }
     }
 
+    /// Hub mode, while connected: publishes the agent's presence, retained.
+    async fn publish_presence(&self, online: bool) {
+        if self.cfg.forward.mode != ForwardMode::Hub || !self.connected {
+            return;
+        }
+        let msg = self.presence.message(online, &self.store.snapshot().borrow());
+        let _ = self.client.publish(topics::status(&self.cfg.agent_id), QoS::AtLeastOnce, true, msg).await;
+    }
+
     async fn on_event(&mut self, ev: LinkEvent) {
         match ev {
             LinkEvent::Connected => {
@@ -238,6 +327,8 @@ impl Forwarder {
                     // can answer.
                     let _ = self.client.subscribe(topics::acks(&self.cfg.agent_id), QoS::AtLeastOnce).await;
                 }
+                // Replaces the last will the broker may have published while we were away.
+                self.publish_presence(true).await;
                 self.fill().await;
             }
             LinkEvent::Disconnected => {

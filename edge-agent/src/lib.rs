@@ -148,7 +148,7 @@ pub async fn run(cfg: Config, listeners: Listeners, shutdown: CancellationToken)
     }
     ingest.close();
     let forwarder =
-        tokio::spawn(forward::run(cfg.clone(), store.clone(), metrics.clone(), forward_status, forward_stop.clone()));
+        tokio::spawn(forward::run(cfg.clone(), store.clone(), metrics.clone(), forward_status, module_status.clone(), forward_stop.clone()));
 
     shutdown.cancelled().await;
     tracing::info!("shutting down: stopping ingest");

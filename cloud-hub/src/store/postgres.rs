@@ -61,7 +61,7 @@ use std::future::Future;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
-use brume_protocol::{Batch, FieldsBlob};
+use brume_protocol::{AgentStatus, Batch, FieldsBlob, StatusV1};
 
 use crate::aggregate::{Agg, RollupDeltas};
 use bytes::Bytes;
@@ -73,8 +73,8 @@ use tokio_postgres::types::Type;
 use tokio_postgres::{Client, IsolationLevel, NoTls, Transaction};
 
 use super::{
-    AgentSummary, BatchOutcome, HubStore, LineageRange, LossSummary, ModuleSummary, ReadingsPage,
-    ReadingsQuery, StoreError, StoredReading, StreamSummary, attach_lineage, module_ref, epoch_from_sql,
+    AgentSummary, BatchOutcome, HubStore, LineageRange, LossSummary, ModuleSummary, PresenceRecord, ReadingsPage,
+    ReadingsQuery, StoreError, StoredReading, StreamSummary, attach_lineage, decode_presence, module_ref, epoch_from_sql,
     epoch_to_sql, lineage_ranges, loss_reason_from_str,
 };
 
@@ -88,7 +88,7 @@ const PARTITION_LOCK: i64 = 0x6272_756d_6502;
 
 /// Versioned migrations, applied in order, each in the migration transaction. Never edit
 /// a released entry: add a new one.
-pub const MIGRATIONS: &[(i32, &str)] = &[(1, SCHEMA_V1), (2, SCHEMA_V2), (3, SCHEMA_V3)];
+pub const MIGRATIONS: &[(i32, &str)] = &[(1, SCHEMA_V1), (2, SCHEMA_V2), (3, SCHEMA_V3), (4, SCHEMA_V4)];
 
 /// Newest schema version this build knows.
 pub const SCHEMA_VERSION: i32 = MIGRATIONS[MIGRATIONS.len() - 1].0;
@@ -172,6 +172,15 @@ CREATE TABLE rollups (
     last_ts_ns int8 NOT NULL,
     last       float8 NOT NULL,
     PRIMARY KEY (stream_id, field, minute)
+);
+"#;
+
+/// Agents' latest presence messages.
+const SCHEMA_V4: &str = r#"
+CREATE TABLE presence (
+    agent_id    text COLLATE "C" PRIMARY KEY,
+    received_ms int8 NOT NULL,
+    status      bytea NOT NULL
 );
 "#;
 
@@ -1296,6 +1305,36 @@ impl HubStore for PostgresStore {
                     })
                 })
                 .collect()
+        })
+    }
+
+    fn record_presence(&self, status: &StatusV1, received_ms: i64) -> Result<(), StoreError> {
+        let blob = AgentStatus::V1(status.clone()).encode();
+        self.call("recording presence", async {
+            let mut conn = self.checkout().await?;
+            conn.client()
+                .execute(
+                    "INSERT INTO presence (agent_id, received_ms, status) VALUES ($1, $2, $3)
+                     ON CONFLICT (agent_id) DO UPDATE SET received_ms = excluded.received_ms, status = excluded.status",
+                    &[&status.agent_id, &received_ms, &blob],
+                )
+                .await
+                .map_err(pg("recording presence"))?;
+            conn.release();
+            Ok(())
+        })
+    }
+
+    fn presence(&self) -> Result<Vec<PresenceRecord>, StoreError> {
+        self.call("listing presence", async {
+            let mut conn = self.checkout().await?;
+            let rows = conn
+                .client()
+                .query("SELECT status, received_ms FROM presence ORDER BY agent_id", &[])
+                .await
+                .map_err(pg("listing presence"))?;
+            conn.release();
+            rows.iter().map(|r| decode_presence(r.get(0), r.get(1))).collect()
         })
     }
 

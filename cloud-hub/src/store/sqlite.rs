@@ -40,19 +40,19 @@ use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
-use brume_protocol::{Batch, FieldsBlob};
+use brume_protocol::{AgentStatus, Batch, FieldsBlob, StatusV1};
 
 use crate::aggregate::{Agg, RollupDeltas};
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 
 use super::{
     AgentSummary, BatchOutcome, HubStore, LineageRange, LossSummary, ModuleSummary, ReadingsPage,
-    ReadingsQuery, StoreError, StoredReading, StreamSummary, attach_lineage, module_ref, lineage_ranges,
-    loss_reason_from_str,
+    PresenceRecord, ReadingsQuery, StoreError, StoredReading, StreamSummary, attach_lineage, decode_presence,
+    module_ref, lineage_ranges, loss_reason_from_str,
 };
 
 /// Schema version this build writes and understands.
-pub const SCHEMA_VERSION: i64 = 3;
+pub const SCHEMA_VERSION: i64 = 4;
 
 /// Idle read connections kept open. More concurrent readers open extra connections
 /// that are closed after use; this only bounds what stays open.
@@ -128,6 +128,15 @@ CREATE TABLE rollups (
     last_ts_ns INTEGER NOT NULL,
     last       REAL    NOT NULL,
     PRIMARY KEY (stream_id, field, minute)
+) WITHOUT ROWID;
+";
+
+/// Agents' latest presence messages.
+const SCHEMA_V4: &str = "
+CREATE TABLE presence (
+    agent_id    TEXT    NOT NULL PRIMARY KEY,
+    received_ms INTEGER NOT NULL,
+    status      BLOB    NOT NULL
 ) WITHOUT ROWID;
 ";
 
@@ -255,6 +264,10 @@ fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
             }
         }
         write_rollups(&tx, deltas)?;
+    }
+    if version < 4 {
+        tx.execute_batch(SCHEMA_V4)
+            .map_err(sql("creating schema v4"))?;
     }
     // Later versions add `if version < N { ... }` steps here, in order.
     tx.pragma_update(None, "user_version", SCHEMA_VERSION)
@@ -655,6 +668,34 @@ impl HubStore for SqliteStore {
                 })
             })
             .collect()
+        })
+    }
+
+    fn record_presence(&self, status: &StatusV1, received_ms: i64) -> Result<(), StoreError> {
+        let blob = AgentStatus::V1(status.clone()).encode();
+        let guard = lock(&self.writer);
+        guard
+            .conn
+            .prepare_cached(
+                "INSERT INTO presence (agent_id, received_ms, status) VALUES (?1, ?2, ?3)
+                 ON CONFLICT (agent_id) DO UPDATE SET received_ms = excluded.received_ms, status = excluded.status",
+            )
+            .and_then(|mut st| st.execute(params![status.agent_id, received_ms, blob]))
+            .map_err(sql("recording presence"))?;
+        Ok(())
+    }
+
+    fn presence(&self) -> Result<Vec<PresenceRecord>, StoreError> {
+        self.with_reader(|conn| {
+            conn.prepare_cached("SELECT status, received_ms FROM presence ORDER BY agent_id")
+                .and_then(|mut st| {
+                    st.query_map([], |r| Ok((r.get::<_, Vec<u8>>(0)?, r.get::<_, i64>(1)?)))?
+                        .collect::<Result<Vec<_>, _>>()
+                })
+                .map_err(sql("listing presence"))?
+                .into_iter()
+                .map(|(blob, at)| decode_presence(&blob, at))
+                .collect()
         })
     }
 

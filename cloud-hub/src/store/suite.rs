@@ -22,7 +22,7 @@ pub(crate) trait Fixture: Sized {
     /// Opens a store on this fixture's data. Opening again after dropping (or next to)
     /// a previous store must see everything that store committed.
     fn open(&self) -> Self::Store;
-    /// Turns the (closed) store's database back into a schema v2 one: no rollups.
+    /// Turns the (closed) store's database back into a schema v2 one: no rollups, no presence.
     fn undo_rollups_migration(&self);
 }
 
@@ -42,6 +42,7 @@ macro_rules! store_suite {
             lineage_is_stored_per_reading_and_listed,
             aggregation_matches_brute_force,
             migration_to_v3_rolls_up_existing_readings,
+            presence_keeps_the_latest_message_per_agent,
         );
     };
     (@tests $fixture:ty; $($name:ident),* $(,)?) => {
@@ -638,4 +639,35 @@ pub(crate) fn migration_to_v3_rolls_up_existing_readings(f: &impl Fixture) {
     let summary: Vec<(i64, u64, f64)> = got.buckets.iter().map(|(t, a)| (*t, a.count, a.last)).collect();
     // `batch` sets each reading's value to its timestamp.
     assert_eq!(summary, [(m, 2, (m + 1) as f64), (m + ROLLUP_NS, 1, (m + ROLLUP_NS) as f64)]);
+}
+
+/// Presence: the last message received per agent wins, listed by agent id, and survives
+/// reopening; `online_at` expires an agent after three missed heartbeats.
+pub(crate) fn presence_keeps_the_latest_message_per_agent(f: &impl Fixture) {
+    use brume_protocol::{ModuleHealth, StatusV1};
+    let st = |agent: &str, online: bool, sent_ms: i64| StatusV1 {
+        agent_id: agent.into(),
+        online,
+        version: "0.1.0".into(),
+        started_ms: 1,
+        sent_ms,
+        heartbeat_s: 10,
+        store_readings: 5,
+        outbox_batches: 1,
+        outbox_readings: 2,
+        modules: vec![ModuleHealth { name: "m".into(), sha256: "ab".into(), enabled: true, batches_failed: 0, last_error: String::new() }],
+    };
+    let store = f.open();
+    assert_eq!(store.presence().unwrap(), vec![]);
+    store.record_presence(&st("b", true, 100), 1_000).unwrap();
+    store.record_presence(&st("a", true, 100), 1_000).unwrap();
+    store.record_presence(&st("b", false, 50), 2_000).unwrap(); // a last will, made at connect time
+    drop(store);
+    let list = f.open().presence().unwrap();
+    let got: Vec<(&str, bool, i64)> = list.iter().map(|p| (p.status.agent_id.as_str(), p.status.online, p.received_ms)).collect();
+    assert_eq!(got, [("a", true, 1_000), ("b", false, 2_000)]);
+    assert_eq!(list[0].status, st("a", true, 100));
+    assert!(list[0].online_at(1_000 + 30_000));
+    assert!(!list[0].online_at(1_000 + 30_001), "three heartbeats missed");
+    assert!(!list[1].online_at(2_000));
 }

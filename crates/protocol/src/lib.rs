@@ -312,6 +312,84 @@ pub enum HubMessage {
     AckV1(AckV1),
 }
 
+/// Longest free-text label in a presence message (version, module name, error), bytes.
+pub const MAX_STATUS_LABEL: usize = 256;
+/// Most modules one presence message lists.
+pub const MAX_STATUS_MODULES: usize = 64;
+
+/// An agent's presence and health, published retained on [`topics::status`] every
+/// heartbeat interval and, with `online = false`, as its MQTT last will (so the broker
+/// announces an agent that vanished) and on a clean shutdown.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum AgentStatus {
+    /// Version 1.
+    V1(StatusV1),
+}
+
+/// Version 1 presence message.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StatusV1 {
+    /// The agent's id. Must match the id in the topic.
+    pub agent_id: String,
+    /// False in the last will and on shutdown.
+    pub online: bool,
+    /// Agent software version.
+    pub version: String,
+    /// When the agent process started, ms since the Unix epoch.
+    pub started_ms: i64,
+    /// When this message was made, ms since the Unix epoch (orders messages).
+    pub sent_ms: i64,
+    /// Seconds between heartbeats: a hub considers the agent gone after missing three.
+    pub heartbeat_s: u32,
+    /// Readings in the local store.
+    pub store_readings: u64,
+    /// Batches waiting for the hub's acknowledgement, and their readings.
+    pub outbox_batches: u64,
+    /// Readings in those batches.
+    pub outbox_readings: u64,
+    /// The agent's modules.
+    pub modules: Vec<ModuleHealth>,
+}
+
+/// One module in a presence message.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ModuleHealth {
+    /// Module name.
+    pub name: String,
+    /// Hex sha256 of the running build, empty if none is loaded.
+    pub sha256: String,
+    /// Running (false: failed to load, or disabled after repeated failures).
+    pub enabled: bool,
+    /// Batches that failed since the agent started.
+    pub batches_failed: u64,
+    /// The last error, empty if none.
+    pub last_error: String,
+}
+
+impl AgentStatus {
+    /// Encodes the message.
+    pub fn encode(&self) -> Vec<u8> {
+        postcard::to_stdvec(self).expect("encoding to a Vec cannot fail")
+    }
+
+    /// Decodes and validates a message.
+    pub fn decode(bytes: &[u8]) -> Result<StatusV1, DecodeError> {
+        let AgentStatus::V1(s) = decode_exact(bytes)?;
+        validate_agent_id(&s.agent_id)?;
+        if s.modules.len() > MAX_STATUS_MODULES {
+            return Err(invalid("status modules", format!("{} listed, at most {MAX_STATUS_MODULES}", s.modules.len())));
+        }
+        let labels = std::iter::once(&s.version)
+            .chain(s.modules.iter().flat_map(|m| [&m.name, &m.sha256, &m.last_error]));
+        for l in labels {
+            if l.len() > MAX_STATUS_LABEL {
+                return Err(invalid("status label", format!("{} bytes, at most {MAX_STATUS_LABEL}", l.len())));
+            }
+        }
+        Ok(s)
+    }
+}
+
 /// Why a message or fields blob was refused.
 #[derive(Debug, thiserror::Error, PartialEq)]
 pub enum DecodeError {
@@ -504,8 +582,23 @@ pub mod topics {
         format!("{ROOT}/{agent_id}/acks")
     }
 
+    /// Where an agent publishes its presence (retained, and as its last will).
+    pub fn status(agent_id: &str) -> String {
+        format!("{ROOT}/{agent_id}/status")
+    }
+
     /// The filter a hub subscribes to for all agents' batches.
     pub const ALL_BATCHES: &str = "brume/v1/agents/+/batches";
+
+    /// The filter a hub subscribes to for all agents' presence.
+    pub const ALL_STATUS: &str = "brume/v1/agents/+/status";
+
+    /// Extracts the agent id from a status topic.
+    pub fn agent_of_status_topic(topic: &str) -> Option<&str> {
+        let rest = topic.strip_prefix(ROOT)?.strip_prefix('/')?;
+        let (agent, tail) = rest.split_once('/')?;
+        (tail == "status" && !agent.is_empty()).then_some(agent)
+    }
 
     /// Extracts the agent id from a batch topic.
     pub fn agent_of_batch_topic(topic: &str) -> Option<&str> {

@@ -193,3 +193,49 @@ proptest! {
         let _ = HubMessage::decode(&bytes);
     }
 }
+
+/// A valid presence message with no modules.
+fn status() -> StatusV1 {
+    StatusV1 {
+        agent_id: "a".into(),
+        online: true,
+        version: "1".into(),
+        started_ms: 1,
+        sent_ms: 2,
+        heartbeat_s: 10,
+        store_readings: 3,
+        outbox_batches: 4,
+        outbox_readings: 5,
+        modules: vec![],
+    }
+}
+
+#[test]
+fn golden_bytes_status_v1() {
+    let st = AgentStatus::V1(StatusV1 {
+        modules: vec![ModuleHealth { name: "m".into(), sha256: String::new(), enabled: false, batches_failed: 6, last_error: "x".into() }],
+        ..status()
+    });
+    let expected: &[u8] = &[0, 1, b'a', 1, 1, b'1', 2, 4, 10, 3, 4, 5, 1, 1, b'm', 0, 0, 6, 1, b'x'];
+    assert_eq!(st.encode(), expected);
+    let AgentStatus::V1(inner) = st;
+    assert_eq!(AgentStatus::decode(expected).unwrap(), inner);
+    assert_eq!(topics::agent_of_status_topic(&topics::status("edge-1")), Some("edge-1"));
+    assert_eq!(topics::agent_of_status_topic(&topics::batches("edge-1")), None);
+}
+
+#[test]
+fn status_with_bad_id_or_oversize_labels_is_refused() {
+    let ok = status();
+    for bad in [
+        StatusV1 { agent_id: "a/b".into(), ..ok.clone() },
+        StatusV1 { version: "v".repeat(MAX_STATUS_LABEL + 1), ..ok.clone() },
+        StatusV1 {
+            modules: vec![ModuleHealth { name: "m".into(), sha256: String::new(), enabled: true, batches_failed: 0, last_error: String::new() }; MAX_STATUS_MODULES + 1],
+            ..ok.clone()
+        },
+    ] {
+        assert!(matches!(AgentStatus::decode(&AgentStatus::V1(bad).encode()), Err(DecodeError::Invalid { .. })));
+    }
+    assert!(AgentStatus::decode(&AgentStatus::V1(ok).encode()).is_ok());
+}

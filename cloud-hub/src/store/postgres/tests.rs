@@ -38,7 +38,7 @@ impl Fixture for Pg {
         PostgresStore::connect(options(&self.url)).unwrap()
     }
     fn undo_rollups_migration(&self) {
-        self.server.psql("brume", "DROP TABLE rollups; DELETE FROM schema_migrations WHERE version = 3");
+        self.server.psql("brume", "DROP TABLE rollups, presence; DELETE FROM schema_migrations WHERE version >= 3");
     }
 }
 

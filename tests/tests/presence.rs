@@ -1,0 +1,63 @@
+//! Agent presence at the hub: retained status messages, heartbeats and the MQTT last will.
+
+use std::path::Path;
+use std::time::Duration;
+
+use brume_e2e::{Agent, Hub, Mosquitto, wait_until};
+use serde_json::Value;
+
+const AGENT: &str = env!("CARGO_BIN_EXE_e2e-edge-agent");
+const HUB: &str = env!("CARGO_BIN_EXE_e2e-cloud-hub");
+
+async fn presence(hub: &Hub) -> Vec<Value> {
+    match reqwest::get(format!("{}/api/v1/presence", hub.url)).await {
+        Ok(r) => r.json::<Vec<Value>>().await.unwrap_or_default(),
+        Err(_) => Vec::new(),
+    }
+}
+
+async fn wait_online(hub: &Hub, online: bool, what: &str) -> Value {
+    let done = wait_until(what, Duration::from_secs(30), || async {
+        presence(hub).await.first().is_some_and(|p| p["online"] == online)
+    })
+    .await;
+    let list = presence(hub).await;
+    if let Err(e) = done {
+        panic!("{e}: {list:?}");
+    }
+    list[0].clone()
+}
+
+/// The hub shows an agent online with its version, backlog and modules as soon as it
+/// connects; offline within moments of a SIGKILL (the broker publishes its last will);
+/// online again after a restart; offline after a clean stop.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn presence_follows_the_agent_through_kill_9_and_restart() {
+    let broker = Mosquitto::start().await.unwrap();
+    let hub = Hub::start(Path::new(HUB), broker.port).await.unwrap();
+    let mut agent = Agent::start(Path::new(AGENT), "edge-p", broker.port, &[("forward", "heartbeat = \"1s\"")]).await.unwrap();
+
+    let p = wait_online(&hub, true, "the agent online").await;
+    assert_eq!(p["agent_id"], "edge-p");
+    assert_eq!(p["version"], env!("CARGO_PKG_VERSION"));
+    assert_eq!(p["heartbeat_s"], 1);
+    assert_eq!(p["outbox_batches"], 0);
+    assert_eq!(p["modules"], serde_json::json!([]));
+    let first_seen = p["last_seen_ms"].as_i64().unwrap();
+    // Heartbeats move last-seen forward.
+    wait_until("a heartbeat", Duration::from_secs(10), || async {
+        presence(&hub).await.first().is_some_and(|p| p["last_seen_ms"].as_i64() > Some(first_seen))
+    })
+    .await
+    .unwrap();
+
+    agent.proc.kill9();
+    let p = wait_online(&hub, false, "the last will").await;
+    assert_eq!(p["agent_id"], "edge-p");
+
+    agent.restart().await.unwrap();
+    wait_online(&hub, true, "the agent online after restart").await;
+
+    agent.proc.terminate();
+    wait_online(&hub, false, "the agent offline after a clean stop").await;
+}
