@@ -32,6 +32,9 @@ pub struct AppState {
     pub store: Arc<dyn HubStore>,
     /// Metrics served at `/metrics`.
     pub metrics: Arc<Metrics>,
+    /// Cancelled when the hub stops: ends long-lived responses (live tails), so the
+    /// server's graceful shutdown does not wait for dashboards to disconnect.
+    pub shutdown: tokio_util::sync::CancellationToken,
 }
 
 /// Builds the router.
@@ -46,6 +49,7 @@ pub fn app(state: AppState) -> Router {
         .route("/api/v1/modules", get(modules))
         .route("/api/v1/aggregate", get(aggregate))
         .route("/api/v1/presence", get(presence))
+        .route("/api/v1/tail", get(tail))
         .with_state(state)
 }
 
@@ -196,13 +200,7 @@ async fn aggregate(
         Err(AggregateError::Invalid(m)) => return Err(ApiError::bad_request(m)),
         Err(AggregateError::Store(e)) => return Err(e.into()),
     };
-    let buckets: Vec<serde_json::Value> = out
-        .buckets
-        .iter()
-        .map(|(start, a)| {
-            json!({ "start_ns": start, "count": a.count, "min": a.min, "max": a.max, "mean": a.mean(), "last": a.last })
-        })
-        .collect();
+    let buckets: Vec<serde_json::Value> = out.buckets.iter().map(|(start, a)| bucket_json(*start, a)).collect();
     Ok(axum::Json(json!({
         "stream": q.stream,
         "field": q.field,
@@ -331,6 +329,73 @@ fn agent_json(a: &AgentSummary) -> serde_json::Value {
 
 fn module_json(m: &brume_protocol::ModuleRef) -> serde_json::Value {
     json!({ "name": m.name, "version": m.version, "sha256": m.sha256_hex() })
+}
+
+fn bucket_json(start: i64, a: &aggregate::Agg) -> serde_json::Value {
+    json!({ "start_ns": start, "count": a.count, "min": a.min, "max": a.max, "mean": a.mean(), "last": a.last })
+}
+
+/// How often a live tail looks for new data.
+const TAIL_POLL: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Live tail for dashboards, as Server-Sent Events: `GET /api/v1/tail?stream=s&field=value&step=1m`
+/// sends the current and previous bucket at once, then an event (`bucket`, the JSON of
+/// one `/api/v1/aggregate` bucket) whenever a bucket of the last two steps changes. It
+/// polls the store every second, so it sees what any hub instance ingested.
+async fn tail(
+    State(s): State<AppState>,
+    params: Result<Query<Vec<(String, String)>>, QueryRejection>,
+) -> Result<Response, ApiError> {
+    let Query(mut params) = params.map_err(|e| ApiError::bad_request(format!("invalid query string: {e}")))?;
+    if let Some(k) = params.iter().map(|(k, _)| k.as_str()).find(|k| !["stream", "field", "step"].contains(k)) {
+        return Err(ApiError::bad_request(format!("unknown parameter `{k}`")));
+    }
+    if !params.iter().any(|(k, _)| k == "step") {
+        params.push(("step".into(), "1m".into()));
+    }
+    // `from` and `to` are set per poll; placeholders make the shared parser check the rest.
+    params.extend([("from".to_string(), "0".to_string()), ("to".to_string(), "1".to_string())]);
+    let q = parse_aggregate_query(&params).map_err(ApiError::bad_request)?;
+    let (tx, rx) = tokio::sync::mpsc::channel::<axum::response::sse::Event>(16);
+    let store = Arc::clone(&s.store);
+    let shutdown = s.shutdown.clone();
+    tokio::spawn(async move {
+        let mut sent: std::collections::BTreeMap<i64, aggregate::Agg> = Default::default();
+        loop {
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos() as i64)
+                .unwrap_or(0);
+            let from = (now - q.step) - (now - q.step).rem_euclid(q.step);
+            let mut poll = q.clone();
+            (poll.from, poll.to) = (from, now.saturating_add(q.step));
+            let st = Arc::clone(&store);
+            let result = tokio::task::spawn_blocking(move || aggregate::aggregate(&*st, &poll)).await;
+            match result {
+                Ok(Ok(out)) => {
+                    for (start, a) in out.buckets {
+                        if sent.get(&start) != Some(&a) {
+                            let ev = axum::response::sse::Event::default().event("bucket").data(bucket_json(start, &a).to_string());
+                            if tx.send(ev).await.is_err() {
+                                return; // the client went away
+                            }
+                            sent.insert(start, a);
+                        }
+                    }
+                    sent.retain(|&start, _| start >= from);
+                }
+                Ok(Err(e)) => tracing::warn!(stream = %q.stream, error = %e, "live tail query failed; retrying"),
+                Err(e) => tracing::warn!(error = %e, "live tail task failed; retrying"),
+            }
+            tokio::select! {
+                _ = tx.closed() => return,
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(TAIL_POLL) => {}
+            }
+        }
+    });
+    let events = tokio_stream::StreamExt::map(tokio_stream::wrappers::ReceiverStream::new(rx), Ok::<_, std::convert::Infallible>);
+    Ok(axum::response::sse::Sse::new(events).keep_alive(axum::response::sse::KeepAlive::default()).into_response())
 }
 
 /// Every agent's presence: online or not, last seen, version, uptime, backlog, modules.

@@ -145,6 +145,7 @@ pub async fn run_with_store(
     let app = http::app(http::AppState {
         store,
         metrics: metrics.clone(),
+        shutdown: shutdown.clone(),
     });
     let http_shutdown = shutdown.clone();
     let http_task = tracker.spawn(async move {

@@ -470,3 +470,43 @@ async fn aggregate_api_buckets_a_stream() {
         assert!(body.contains(want), "{query}: {body}");
     }
 }
+
+/// `/api/v1/tail`: Server-Sent Events with the current bucket, then the bucket again each
+/// time new readings change it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tail_streams_buckets_as_readings_arrive() {
+    let broker = Mosquitto::start();
+    let hub = Hub::start(broker.port).await;
+    let mut agent = Agent::connect(broker.port, "tail-1").await;
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as i64;
+    agent.send_until_acked(&batch("tail-1", 1, 1, &[("live", now, 1.0)])).await;
+
+    let mut resp = reqwest::get(format!("{}/api/v1/tail?stream=live&step=1h", hub.url)).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.headers()["content-type"], "text/event-stream");
+    let mut text = String::new();
+    let mut next_event = async || -> serde_json::Value {
+        loop {
+            if let Some(end) = text.find("\n\n") {
+                let event: String = text.drain(..end + 2).collect();
+                if let Some(data) = event.lines().find_map(|l| l.strip_prefix("data: ")) {
+                    assert!(event.contains("event: bucket"), "{event}");
+                    return serde_json::from_str(data).unwrap();
+                }
+                continue; // a keep-alive comment
+            }
+            let chunk = tokio::time::timeout(util::DEADLINE, resp.chunk()).await.expect("an event in time").unwrap().unwrap();
+            text.push_str(std::str::from_utf8(&chunk).unwrap());
+        }
+    };
+    let first = next_event().await;
+    assert_eq!((first["count"].as_u64(), first["last"].as_f64()), (Some(1), Some(1.0)), "{first}");
+    agent.send_until_acked(&batch("tail-1", 1, 2, &[("live", now + 1, 5.0)])).await;
+    let second = next_event().await;
+    assert_eq!(second["start_ns"], first["start_ns"]);
+    assert_eq!((second["count"].as_u64(), second["max"].as_f64(), second["last"].as_f64()), (Some(2), Some(5.0), Some(5.0)), "{second}");
+
+    let (status, body) = hub.get("/api/v1/tail?stream=live&from=1").await;
+    assert_eq!((status, body.contains("unknown parameter `from`")), (400, true), "{body}");
+    hub.stop().await;
+}
