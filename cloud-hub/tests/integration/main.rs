@@ -9,7 +9,7 @@ mod util;
 
 use std::time::Duration;
 
-use brume_protocol::{AckV1, HubMessage, LossReason, LossReport, topics};
+use brume_protocol::{AckV1, AgentMessage, HubMessage, LossReason, LossReport, topics};
 use serde_json::json;
 use test_server::TestPostgres;
 use util::{Agent, Hub, Mosquitto, batch};
@@ -195,6 +195,12 @@ async fn bad_batches_are_counted_and_do_not_stop_ingest() {
         .publish(&batch("someone-else", 1, 2, &[("s", T0 + 1, 2.0)]))
         .await;
     agent.publish(&batch("a1", 1, 3, &[("s", 5, 3.0)])).await; // 1970: bad timestamp
+    // Far future (as late as i64 nanoseconds go, year 2262).
+    agent.publish(&batch("a1", 1, 4, &[("s", i64::MAX, 3.0)])).await;
+    // An envelope version this hub does not know.
+    let mut future = AgentMessage::BatchV1(batch("a1", 1, 5, &[("s", T0, 1.0)])).encode();
+    future[0] = 9;
+    agent.publish_raw(topics::batches("a1"), future).await;
     agent
         .publish(&batch("a1", 1, 2, &[("s", T0 + 2, 4.0)]))
         .await;
@@ -214,7 +220,7 @@ async fn bad_batches_are_counted_and_do_not_stop_ingest() {
     assert_eq!(
         hub.metric(r#"brume_hub_batches_total{result="rejected_malformed"}"#)
             .await,
-        1.0
+        2.0
     );
     assert_eq!(
         hub.metric(r#"brume_hub_batches_total{result="rejected_agent_mismatch"}"#)
@@ -224,7 +230,7 @@ async fn bad_batches_are_counted_and_do_not_stop_ingest() {
     assert_eq!(
         hub.metric(r#"brume_hub_batches_total{result="rejected_bad_timestamp"}"#)
             .await,
-        1.0
+        2.0
     );
     let ts: Vec<i64> = hub.get_json("/api/v1/readings?stream=s").await["readings"]
         .as_array()
@@ -508,5 +514,36 @@ async fn tail_streams_buckets_as_readings_arrive() {
 
     let (status, body) = hub.get("/api/v1/tail?stream=live&from=1").await;
     assert_eq!((status, body.contains("unknown parameter `from`")), (400, true), "{body}");
+    hub.stop().await;
+}
+
+/// A publish larger than the protocol allows on a batch topic (a hostile or broken
+/// client): the hub drops the connection it arrived on, reconnects, and goes on acking
+/// other agents' batches. (Configure the broker's own message size limit to stop such
+/// publishes before they reach any hub: see cloud-hub/POSTGRES.md.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversize_publish_does_not_stop_the_hub() {
+    let broker = Mosquitto::start();
+    let hub = Hub::start(broker.port).await;
+    let mut good = Agent::connect(broker.port, "good").await;
+    good.send_until_acked(&batch("good", 1, 1, &[("g", T0, 1.0)])).await;
+
+    let mut opts = rumqttc::MqttOptions::new("hostile", "127.0.0.1", broker.port);
+    opts.set_max_packet_size(16 << 20, 16 << 20);
+    let (client, mut el) = rumqttc::AsyncClient::new(opts, 10);
+    let huge = vec![0u8; brume_protocol::limits::MAX_MESSAGE_BYTES + 4096];
+    client.publish(topics::batches("hostile"), rumqttc::QoS::AtLeastOnce, false, huge).await.unwrap();
+    let sent = tokio::time::timeout(util::DEADLINE, async {
+        loop {
+            if let Ok(rumqttc::Event::Incoming(rumqttc::Packet::PubAck(_))) = el.poll().await {
+                return;
+            }
+        }
+    })
+    .await;
+    assert!(sent.is_ok(), "the broker took the oversize publish");
+
+    good.send_until_acked(&batch("good", 1, 2, &[("g", T0 + 1, 2.0)])).await;
+    assert_eq!(hub.get_json("/api/v1/agents").await[0]["watermark"], json!(2));
     hub.stop().await;
 }
