@@ -26,18 +26,27 @@ const T0: i64 = 1_704_067_200 * S;
 
 /// `days` of one reading per second on one stream, as batches of one agent.
 pub fn batches(days: i64) -> Vec<Batch> {
-    let n = days * 86_400;
+    make("bench-agent", "plant/line1/temp", days * 86_400)
+}
+
+/// `n` full batches of agent `agent`, on the stream `plant/<agent>/temp`.
+pub fn batches_for(agent: &str, n: u64) -> Vec<Batch> {
+    make(agent, &format!("plant/{agent}/temp"), n as i64 * BATCH as i64)
+}
+
+/// `n` readings one second apart from T0 on `stream`, as batches of `agent`.
+fn make(agent: &str, stream: &str, n: i64) -> Vec<Batch> {
     (0..n)
         .collect::<Vec<i64>>()
         .chunks(BATCH)
         .enumerate()
         .map(|(i, secs)| Batch {
-            agent_id: "bench-agent".into(),
+            agent_id: agent.into(),
             epoch: 1,
             seq: i as u64 + 1,
             created_ms: 0,
             streams: vec![StreamChunk {
-                stream: "plant/line1/temp".into(),
+                stream: stream.into(),
                 points: secs
                     .iter()
                     .map(|&s| Point {

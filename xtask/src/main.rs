@@ -1,6 +1,6 @@
 //! Brume developer tasks.
 //!
-//! `cargo xtask bench [--quick] [--write] [--only mqtt,store,rss,wasm,hub]` runs the benchmarks and
+//! `cargo xtask bench [--quick] [--write] [--only mqtt,store,rss,wasm,hub,hubscale]` runs the benchmarks and
 //! prints a Markdown table; `--write` also rewrites `BENCHMARKS.md` at the repository root.
 //! Benchmarks print; nothing here asserts a timing.
 //!
@@ -9,6 +9,7 @@
 //! `target/modules/` (see `modules.rs`).
 
 mod hub;
+mod hubscale;
 mod modules;
 mod mqtt;
 mod rss;
@@ -42,7 +43,7 @@ enum Cmd {
         /// Smaller N and a 10 s RSS run: a smoke check, not a measurement.
         #[arg(long)]
         quick: bool,
-        /// Run only these groups (mqtt, store, rss, wasm, hub); cannot be combined with --write.
+        /// Run only these groups (mqtt, store, rss, wasm, hub, hubscale); cannot be combined with --write.
         #[arg(long, value_delimiter = ',')]
         only: Vec<String>,
         /// Samples per short benchmark (median [min..max] is reported).
@@ -76,8 +77,8 @@ fn main() -> Result<()> {
 
 fn bench(root: &Path, write: bool, quick: bool, only: Vec<String>, samples: usize) -> Result<()> {
     for o in &only {
-        if !["mqtt", "store", "rss", "wasm", "hub"].contains(&o.as_str()) {
-            bail!("--only takes mqtt, store, rss, wasm, hub; got {o:?}");
+        if !["mqtt", "store", "rss", "wasm", "hub", "hubscale"].contains(&o.as_str()) {
+            bail!("--only takes mqtt, store, rss, wasm, hub, hubscale; got {o:?}");
         }
     }
     if write && !only.is_empty() {
@@ -95,6 +96,7 @@ fn bench(root: &Path, write: bool, quick: bool, only: Vec<String>, samples: usiz
     if runs("wasm") || runs("rss") {
         modules::build(root)?;
     }
+    let hub_exe = if runs("hubscale") { Some(hubscale::build_hub(root)?) } else { None };
     let exe = if runs("rss") {
         Some(rss::build_agent(root)?)
     } else {
@@ -116,6 +118,9 @@ fn bench(root: &Path, write: bool, quick: bool, only: Vec<String>, samples: usiz
     }
     if runs("hub") {
         rows.extend(bench_hub(&p)?);
+    }
+    if let Some(hub_exe) = hub_exe {
+        rows.extend(bench_hubscale(&p, &hub_exe)?);
     }
     let total = started.elapsed().as_secs_f64();
 
@@ -159,6 +164,7 @@ struct Params {
     wasm_batches: usize,
     pipeline_n: usize,
     hub_days: i64,
+    scale_batches: u64,
 }
 
 impl Params {
@@ -173,6 +179,7 @@ impl Params {
             wasm_batches: if quick { 200 } else { 2000 },
             pipeline_n: if quick { 100_000 } else { 1_000_000 },
             hub_days: if quick { 3 } else { 30 },
+            scale_batches: if quick { 10 } else { 100 },
         }
     }
 }
@@ -706,6 +713,52 @@ fn bench_hub(p: &Params) -> Result<Vec<Row>> {
         },
         query_row("5e", "SQLite", &qs),
         query_row("5f", "PostgreSQL", &qp),
+    ])
+}
+
+fn bench_hubscale(p: &Params, exe: &Path) -> Result<Vec<Row>> {
+    eprintln!(
+        "6. hub processes end to end: {} agents × {} batches of {} readings over mosquitto, {} in flight each, {} samples",
+        hubscale::AGENTS,
+        p.scale_batches,
+        hub::BATCH,
+        hubscale::WINDOW,
+        p.samples
+    );
+    let pg = hub::Pg::start();
+    let (mut one, mut two) = (Samples::default(), Samples::default());
+    let (mut cpu1, mut cpu2) = (Vec::new(), Vec::new());
+    for i in 0..p.samples {
+        for (hubs, s, cpu) in [(1, &mut one, &mut cpu1), (2, &mut two, &mut cpu2)] {
+            let r = hubscale::run(exe, &pg, &format!("scale{hubs}_{i}"), hubs, p.scale_batches)?;
+            let v = r.readings as f64 / r.secs;
+            progress(&format!("{hubs} hub process(es)"), v);
+            s.push(v);
+            *cpu = r.cpu.iter().map(|(n, c)| format!("{n} {:.0} %", 100.0 * c / r.secs)).collect::<Vec<_>>();
+        }
+    }
+    let note = |cpu: &[String]| format!("CPU of each process over the run, in % of one core (last sample): {}.", cpu.join(", "));
+    Ok(vec![
+        Row {
+            id: "6a",
+            name: format!("end to end through 1 hub process: {} agents → mosquitto → hub → PostgreSQL → ack", hubscale::AGENTS),
+            result: one.fmt_rate(),
+            limit: "hub ingest alone (5b)".into(),
+            ratio: "–".into(),
+            target: "–".into(),
+            verdict: "–".into(),
+            note: note(&cpu1),
+        },
+        Row {
+            id: "6b",
+            name: "same, 2 hub processes on one shared subscription and one database".into(),
+            result: two.fmt_rate(),
+            limit: format!("1 hub (6a): {}", one.fmt_rate()),
+            ratio: pct(two.median(), one.median()),
+            target: "report".into(),
+            verdict: "–".into(),
+            note: note(&cpu2),
+        },
     ])
 }
 
