@@ -240,12 +240,17 @@ pub struct IngestConfig {
     /// Group commit: at most this many batches that are already waiting are stored in
     /// one transaction (one fsync). 1 disables grouping.
     pub max_batches_per_tx: usize,
+    /// How often the per-agent gauges (`brume_hub_agent_missing_batches`,
+    /// `brume_hub_agents_online`) are recomputed; each refresh reads every agent.
+    #[serde(with = "humantime_serde")]
+    pub fleet_metrics_interval: std::time::Duration,
 }
 
 impl Default for IngestConfig {
     fn default() -> Self {
         IngestConfig {
             max_batches_per_tx: 64,
+            fleet_metrics_interval: std::time::Duration::from_secs(30),
         }
     }
 }
@@ -337,6 +342,9 @@ impl Config {
                 "ingest.max_batches_per_tx",
                 format!("{n} is out of range 1 to {MAX_BATCHES_PER_TX_LIMIT}"),
             ));
+        }
+        if self.ingest.fleet_metrics_interval < std::time::Duration::from_millis(100) {
+            return Err(invalid("ingest.fleet_metrics_interval", "must be at least 100ms"));
         }
         Ok(())
     }

@@ -136,9 +136,61 @@ fn stream_json(s: &StreamSummary) -> serde_json::Value {
     json!({ "stream": s.stream, "readings": s.readings, "first_ts_ns": s.first_ts_ns, "last_ts_ns": s.last_ts_ns })
 }
 
-async fn streams(State(s): State<AppState>) -> Result<axum::Json<serde_json::Value>, ApiError> {
+/// Filters of the listing endpoints, each accepted where it makes sense.
+#[derive(Debug, Default)]
+struct ListFilter {
+    /// Streams: an MQTT-style pattern (`plant/+/temp`, `plant/#`).
+    pattern: Option<String>,
+    /// Agents and presence: agent ids starting with this.
+    prefix: Option<String>,
+    /// Presence: only online (true) or offline (false) agents.
+    online: Option<bool>,
+}
+
+impl ListFilter {
+    /// Parses `params`, accepting only the names in `allowed`.
+    fn parse(params: Result<Query<Vec<(String, String)>>, QueryRejection>, allowed: &[&str]) -> Result<ListFilter, ApiError> {
+        let Query(params) = params.map_err(|e| ApiError::bad_request(format!("invalid query string: {e}")))?;
+        let mut f = ListFilter::default();
+        for (k, v) in params {
+            match k.as_str() {
+                k if !allowed.contains(&k) => {
+                    return Err(ApiError::bad_request(format!("unknown parameter `{k}` (accepted: {})", allowed.join(", "))));
+                }
+                "match" => {
+                    brume_protocol::topics::validate_pattern(&v)
+                        .map_err(|why| ApiError::bad_request(format!("parameter `match`: {why}")))?;
+                    f.pattern = Some(v);
+                }
+                "prefix" => f.prefix = Some(v),
+                "online" => {
+                    f.online = Some(v.parse().map_err(|_| {
+                        ApiError::bad_request(format!("parameter `online`: {v:?} is not true or false"))
+                    })?)
+                }
+                _ => unreachable!("allowed names are handled above"),
+            }
+        }
+        Ok(f)
+    }
+
+    fn stream(&self, name: &str) -> bool {
+        self.pattern.as_deref().is_none_or(|p| brume_protocol::topics::pattern_matches(p, name))
+    }
+
+    fn agent(&self, id: &str) -> bool {
+        self.prefix.as_deref().is_none_or(|p| id.starts_with(p))
+    }
+}
+
+/// All streams, or those matching `match=<pattern>`.
+async fn streams(
+    State(s): State<AppState>,
+    params: Result<Query<Vec<(String, String)>>, QueryRejection>,
+) -> Result<axum::Json<serde_json::Value>, ApiError> {
+    let f = ListFilter::parse(params, &["match"])?;
     let list = query(&s.store, |st| st.streams()).await?;
-    Ok(axum::Json(list.iter().map(stream_json).collect()))
+    Ok(axum::Json(list.iter().filter(|x| f.stream(&x.stream)).map(stream_json).collect()))
 }
 
 /// Parses `/api/v1/aggregate` parameters: `stream`, `field` (default `value`), `from` and
@@ -399,7 +451,11 @@ async fn tail(
 }
 
 /// Every agent's presence: online or not, last seen, version, uptime, backlog, modules.
-async fn presence(State(s): State<AppState>) -> Result<axum::Json<serde_json::Value>, ApiError> {
+async fn presence(
+    State(s): State<AppState>,
+    params: Result<Query<Vec<(String, String)>>, QueryRejection>,
+) -> Result<axum::Json<serde_json::Value>, ApiError> {
+    let f = ListFilter::parse(params, &["prefix", "online"])?;
     let list = query(&s.store, |st| st.presence()).await?;
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -407,6 +463,7 @@ async fn presence(State(s): State<AppState>) -> Result<axum::Json<serde_json::Va
         .unwrap_or(0);
     Ok(axum::Json(
         list.iter()
+            .filter(|p| f.agent(&p.status.agent_id) && f.online.is_none_or(|o| o == p.online_at(now)))
             .map(|p| {
                 let st = &p.status;
                 json!({
@@ -446,9 +503,14 @@ async fn modules(State(s): State<AppState>) -> Result<axum::Json<serde_json::Val
     ))
 }
 
-async fn agents(State(s): State<AppState>) -> Result<axum::Json<serde_json::Value>, ApiError> {
+/// Completeness per agent, all or those whose id starts with `prefix`.
+async fn agents(
+    State(s): State<AppState>,
+    params: Result<Query<Vec<(String, String)>>, QueryRejection>,
+) -> Result<axum::Json<serde_json::Value>, ApiError> {
+    let f = ListFilter::parse(params, &["prefix"])?;
     let list = query(&s.store, |st| st.agents()).await?;
-    Ok(axum::Json(list.iter().map(agent_json).collect()))
+    Ok(axum::Json(list.iter().filter(|a| f.agent(&a.agent_id)).map(agent_json).collect()))
 }
 
 #[cfg(test)]

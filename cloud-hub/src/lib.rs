@@ -110,6 +110,44 @@ pub async fn run(
     run_with_store(cfg, store, http_listener, shutdown).await
 }
 
+/// Keeps `agent_missing_batches` and `agents_online` current: one `agents()` and one
+/// `presence()` query per `every` (`ingest.fleet_metrics_interval`), never per scrape
+/// (they read every agent).
+async fn refresh_fleet_metrics(
+    store: Arc<dyn HubStore>,
+    metrics: Arc<metrics::Metrics>,
+    every: Duration,
+    shutdown: CancellationToken,
+) {
+    loop {
+        let st = store.clone();
+        let fleet = tokio::task::spawn_blocking(move || Ok::<_, store::StoreError>((st.agents()?, st.presence()?))).await;
+        match fleet {
+            Ok(Ok((agents, presence))) => {
+                let mut missing: std::collections::BTreeMap<String, i64> = Default::default();
+                for a in &agents {
+                    let n: u64 = a.missing.iter().map(|&(lo, hi)| hi - lo + 1).sum();
+                    *missing.entry(a.agent_id.clone()).or_default() += n as i64;
+                }
+                for (agent, n) in missing {
+                    metrics.agent_missing_batches.get_or_create(&vec![("agent_id".to_owned(), agent)]).set(n);
+                }
+                let now = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_millis() as i64)
+                    .unwrap_or(0);
+                metrics.agents_online.set(presence.iter().filter(|p| p.online_at(now)).count() as i64);
+            }
+            Ok(Err(e)) => tracing::warn!(error = %e, "cannot refresh the per-agent metrics; retrying"),
+            Err(e) => tracing::warn!(error = %e, "per-agent metrics task failed; retrying"),
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(every) => {}
+        }
+    }
+}
+
 /// Like [`run`], with a store chosen by the caller.
 ///
 /// Shutdown order: stop taking new batches and let the ingest task commit and ack the
@@ -140,6 +178,7 @@ pub async fn run_with_store(
         max_batches_per_tx: cfg.ingest.max_batches_per_tx,
     };
     let ingest_task = tracker.spawn(ingest.run(shutdown.clone()));
+    tracker.spawn(refresh_fleet_metrics(store.clone(), metrics.clone(), cfg.ingest.fleet_metrics_interval, shutdown.clone()));
 
     let addr = http_listener.local_addr().map_err(HubError::Http)?;
     let app = http::app(http::AppState {

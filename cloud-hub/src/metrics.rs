@@ -44,6 +44,11 @@ pub struct Metrics {
     pub batch_latency_seconds: Histogram,
     /// Agents' presence messages, by `result="stored|rejected|failed"`.
     pub presence_messages: Family<ResultLabel, Counter>,
+    /// Batches missing below each agent's highest stored sequence number (gaps), per
+    /// `agent_id`, refreshed every `ingest.fleet_metrics_interval`.
+    pub agent_missing_batches: Family<Vec<(String, String)>, Gauge<i64, AtomicI64>>,
+    /// Agents online (by their presence messages), refreshed with the above.
+    pub agents_online: Gauge<i64, AtomicI64>,
 }
 
 impl Metrics {
@@ -102,8 +107,18 @@ impl Metrics {
             "Agents' presence messages, by result",
             presence_messages.clone(),
         );
+        let agent_missing_batches = Family::<Vec<(String, String)>, Gauge<i64, AtomicI64>>::default();
+        registry.register(
+            "agent_missing_batches",
+            "Batches missing below the agent's highest stored sequence number, per agent (store epoch)",
+            agent_missing_batches.clone(),
+        );
+        let agents_online = Gauge::<i64, AtomicI64>::default();
+        registry.register("agents_online", "Agents whose presence says online", agents_online.clone());
         Arc::new(Metrics {
             registry,
+            agent_missing_batches,
+            agents_online,
             presence_messages,
             batch_latency_seconds,
             batches,

@@ -4,6 +4,8 @@
 //! `edge-agent/config.example.toml` documents every key; a unit test loads it so it
 //! cannot drift from this file.
 
+pub use brume_protocol::topics::pattern_matches;
+use brume_protocol::topics::validate_pattern;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -589,36 +591,7 @@ impl Config {
     }
 }
 
-fn validate_pattern(p: &str) -> Result<(), String> {
-    if p.is_empty() {
-        return Err("pattern is empty".into());
-    }
-    let levels: Vec<&str> = p.split('/').collect();
-    for (i, l) in levels.iter().enumerate() {
-        if l.contains('#') && (*l != "#" || i + 1 != levels.len()) {
-            return Err(format!("{p:?}: '#' must be a whole level and the last one"));
-        }
-        if l.contains('+') && *l != "+" {
-            return Err(format!("{p:?}: '+' must be a whole level"));
-        }
-    }
-    Ok(())
-}
 
-/// MQTT topic-filter matching: `+` matches one level, a final `#` any number (including zero).
-pub fn pattern_matches(pattern: &str, name: &str) -> bool {
-    let mut p = pattern.split('/');
-    let mut n = name.split('/');
-    loop {
-        match (p.next(), n.next()) {
-            (Some("#"), _) => return true,
-            (Some("+"), Some(_)) => {}
-            (Some(a), Some(b)) if a == b => {}
-            (None, None) => return true,
-            _ => return false,
-        }
-    }
-}
 
 #[cfg(test)]
 mod tests {

@@ -101,6 +101,23 @@ async fn batch_is_acked_and_served_over_http() {
             {"stream": "temp", "readings": 2, "first_ts_ns": T0, "last_ts_ns": T0 + 2},
         ])
     );
+    // Listing filters.
+    let names = |v: serde_json::Value, key: &str| -> Vec<String> {
+        v.as_array().unwrap().iter().map(|x| x[key].as_str().unwrap().to_owned()).collect()
+    };
+    assert_eq!(names(hub.get_json("/api/v1/streams?match=temp").await, "stream"), ["temp"]);
+    assert_eq!(names(hub.get_json("/api/v1/streams?match=%23").await, "stream"), ["hum", "temp"]);
+    assert_eq!(names(hub.get_json("/api/v1/agents?prefix=agent-").await, "agent_id"), ["agent-1"]);
+    assert_eq!(hub.get_json("/api/v1/agents?prefix=other").await, json!([]));
+    for (path, want) in [
+        ("/api/v1/streams?match=te%2Bmp", "te+mp\\\": '+' must be a whole level"),
+        ("/api/v1/agents?match=x", "unknown parameter `match` (accepted: prefix)"),
+        ("/api/v1/presence?online=maybe", "maybe\\\" is not true or false"),
+    ] {
+        let (status, body) = hub.get(path).await;
+        assert_eq!(status, 400, "{path}: {body}");
+        assert!(body.contains(want), "{path}: {body}");
+    }
     let agents = hub.get_json("/api/v1/agents").await;
     let a = &agents[0];
     assert_eq!(agents.as_array().unwrap().len(), 1);
@@ -545,5 +562,29 @@ async fn oversize_publish_does_not_stop_the_hub() {
 
     good.send_until_acked(&batch("good", 1, 2, &[("g", T0 + 1, 2.0)])).await;
     assert_eq!(hub.get_json("/api/v1/agents").await[0]["watermark"], json!(2));
+    hub.stop().await;
+}
+
+/// The per-agent gap gauge: batches 1 and 3 stored, 2 missing, shows one missing batch
+/// for that agent after the next refresh; filling the gap brings it back to 0.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn missing_batches_gauge_per_agent() {
+    let broker = Mosquitto::start();
+    let hub = Hub::start_with(broker.port, |cfg| cfg.ingest.fleet_metrics_interval = Duration::from_millis(100)).await;
+    let mut agent = Agent::connect(broker.port, "gap-1").await;
+    agent.send_until_acked(&batch("gap-1", 1, 1, &[("g", T0, 1.0)])).await;
+    agent.send_until_acked(&batch("gap-1", 1, 3, &[("g", T0 + 2, 3.0)])).await;
+    let gauge = r#"brume_hub_agent_missing_batches{agent_id="gap-1"}"#;
+    let start = std::time::Instant::now();
+    while hub.metric(gauge).await != 1.0 {
+        assert!(start.elapsed() < util::DEADLINE, "gauge never showed the gap");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    agent.send_until_acked(&batch("gap-1", 1, 2, &[("g", T0 + 1, 2.0)])).await;
+    while hub.metric(gauge).await != 0.0 {
+        assert!(start.elapsed() < util::DEADLINE, "gauge never cleared");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(hub.metric("brume_hub_agents_online").await, 0.0, "no presence messages in this test");
     hub.stop().await;
 }

@@ -593,6 +593,40 @@ pub mod topics {
     /// The filter a hub subscribes to for all agents' presence.
     pub const ALL_STATUS: &str = "brume/v1/agents/+/status";
 
+    /// Checks an MQTT-style pattern over stream names: `+` is one whole level, `#` a
+    /// whole last level matching any number of levels (including none).
+    pub fn validate_pattern(p: &str) -> Result<(), String> {
+        if p.is_empty() {
+            return Err("pattern is empty".into());
+        }
+        let levels: Vec<&str> = p.split('/').collect();
+        for (i, l) in levels.iter().enumerate() {
+            if l.contains('#') && (*l != "#" || i + 1 != levels.len()) {
+                return Err(format!("{p:?}: '#' must be a whole level and the last one"));
+            }
+            if l.contains('+') && *l != "+" {
+                return Err(format!("{p:?}: '+' must be a whole level"));
+            }
+        }
+        Ok(())
+    }
+
+    /// MQTT topic-filter matching: `+` matches one level, a final `#` any number
+    /// (including zero).
+    pub fn pattern_matches(pattern: &str, name: &str) -> bool {
+        let mut p = pattern.split('/');
+        let mut n = name.split('/');
+        loop {
+            match (p.next(), n.next()) {
+                (Some("#"), _) => return true,
+                (Some("+"), Some(_)) => {}
+                (Some(a), Some(b)) if a == b => {}
+                (None, None) => return true,
+                _ => return false,
+            }
+        }
+    }
+
     /// Extracts the agent id from a status topic.
     pub fn agent_of_status_topic(topic: &str) -> Option<&str> {
         let rest = topic.strip_prefix(ROOT)?.strip_prefix('/')?;
