@@ -59,6 +59,8 @@ pub struct Config {
     pub http: HttpConfig,
     /// Batch ingestion.
     pub ingest: IngestConfig,
+    /// How long raw readings are kept.
+    pub retention: RetentionConfig,
 }
 
 impl Default for Config {
@@ -69,8 +71,21 @@ impl Default for Config {
             mqtt: MqttConfig::default(),
             http: HttpConfig::default(),
             ingest: IngestConfig::default(),
+            retention: RetentionConfig::default(),
         }
     }
+}
+
+/// Retention of raw readings, in whole UTC days. One-minute rollups (aggregation), the
+/// batch ledger and presence are kept.
+#[derive(Debug, Clone, PartialEq, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RetentionConfig {
+    /// Keep raw readings this long (at least one day), e.g. `"90d"`; unset keeps them
+    /// forever. Days entirely older than now minus this are deleted (PostgreSQL: their
+    /// partitions dropped) by a check every hour and at start.
+    #[serde(with = "humantime_serde")]
+    pub keep: Option<std::time::Duration>,
 }
 
 /// Storage backend selection and settings.
@@ -343,6 +358,9 @@ impl Config {
                 format!("{n} is out of range 1 to {MAX_BATCHES_PER_TX_LIMIT}"),
             ));
         }
+        if self.retention.keep.is_some_and(|k| k < std::time::Duration::from_secs(86_400)) {
+            return Err(invalid("retention.keep", "must be at least 1 day (retention drops whole days)"));
+        }
         if self.ingest.fleet_metrics_interval < std::time::Duration::from_millis(100) {
             return Err(invalid("ingest.fleet_metrics_interval", "must be at least 100ms"));
         }
@@ -436,6 +454,8 @@ mod tests {
             "ingest.max_batches_per_tx",
         );
         check("data_dir = \"\"", "data_dir");
+        check("[retention]\nkeep = \"12h\"", "retention.keep");
+        check("[ingest]\nfleet_metrics_interval = \"1ms\"", "ingest.fleet_metrics_interval");
         let pg = "[storage]\nbackend = \"postgres\"\n[storage.postgres]\n";
         check(&format!("{pg}url = \"\""), "storage.postgres.url");
         check(&format!("{pg}url = \"http://x\""), "storage.postgres.url");

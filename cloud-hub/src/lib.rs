@@ -110,6 +110,32 @@ pub async fn run(
     run_with_store(cfg, store, http_listener, shutdown).await
 }
 
+/// How often retention looks for whole days to delete.
+const RETENTION_CHECK: Duration = Duration::from_secs(3600);
+
+/// Deletes raw readings older than `keep` (whole days), at start and every hour. With
+/// several hubs each does it; the deletes are idempotent.
+async fn retention(store: Arc<dyn HubStore>, keep: Duration, shutdown: CancellationToken) {
+    loop {
+        let now_ns = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as i64)
+            .unwrap_or(0);
+        let cutoff = now_ns.saturating_sub(i64::try_from(keep.as_nanos()).unwrap_or(i64::MAX));
+        let st = store.clone();
+        match tokio::task::spawn_blocking(move || st.drop_days_before(cutoff)).await {
+            Ok(Ok(0)) => {}
+            Ok(Ok(n)) => tracing::info!(readings = n, cutoff_ns = cutoff, "retention deleted old readings"),
+            Ok(Err(e)) => tracing::error!(error = %e, "retention failed; will retry in an hour"),
+            Err(e) => tracing::error!(error = %e, "retention task failed; will retry in an hour"),
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(RETENTION_CHECK) => {}
+        }
+    }
+}
+
 /// Keeps `agent_missing_batches` and `agents_online` current: one `agents()` and one
 /// `presence()` query per `every` (`ingest.fleet_metrics_interval`), never per scrape
 /// (they read every agent).
@@ -178,6 +204,9 @@ pub async fn run_with_store(
         max_batches_per_tx: cfg.ingest.max_batches_per_tx,
     };
     let ingest_task = tracker.spawn(ingest.run(shutdown.clone()));
+    if let Some(keep) = cfg.retention.keep {
+        tracker.spawn(retention(store.clone(), keep, shutdown.clone()));
+    }
     tracker.spawn(refresh_fleet_metrics(store.clone(), metrics.clone(), cfg.ingest.fleet_metrics_interval, shutdown.clone()));
 
     let addr = http_listener.local_addr().map_err(HubError::Http)?;

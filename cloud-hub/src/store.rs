@@ -417,6 +417,13 @@ pub trait HubStore: Send + Sync + 'static {
     /// Checks the database answers a trivial query: for readiness probes.
     fn ping(&self) -> Result<(), StoreError>;
 
+    /// Retention: deletes the readings of every whole UTC day before the day of `ts_ns`
+    /// (PostgreSQL drops those days' partitions). Stream statistics follow; batch ledger,
+    /// watermarks, lineage and one-minute rollups are kept, so a re-sent old batch stays
+    /// a duplicate and dashboards keep the aggregated history. Returns the readings
+    /// deleted.
+    fn drop_days_before(&self, ts_ns: i64) -> Result<u64, StoreError>;
+
     /// Records an agent's latest presence message (the last one received wins).
     fn record_presence(&self, status: &StatusV1, received_ms: i64) -> Result<(), StoreError>;
 

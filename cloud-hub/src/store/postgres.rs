@@ -1338,6 +1338,23 @@ impl HubStore for PostgresStore {
         })
     }
 
+    fn drop_days_before(&self, ts_ns: i64) -> Result<u64, StoreError> {
+        let first_kept = day_of(ts_ns);
+        let readings: i64 = self.call("counting readings to drop", async {
+            let mut conn = self.checkout().await?;
+            let n = conn
+                .client()
+                .query_one("SELECT coalesce(sum(readings), 0)::int8 FROM stream_days WHERE day < $1", &[&first_kept])
+                .await
+                .map_err(pg("counting readings to drop"))?
+                .get(0);
+            conn.release();
+            Ok(n)
+        })?;
+        self.drop_partitions_before(ts_ns)?;
+        Ok(readings.max(0) as u64)
+    }
+
     fn ping(&self) -> Result<(), StoreError> {
         self.call("ping", async {
             let mut conn = self.checkout().await?;

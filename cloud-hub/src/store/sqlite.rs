@@ -699,6 +699,44 @@ impl HubStore for SqliteStore {
         })
     }
 
+    fn drop_days_before(&self, ts_ns: i64) -> Result<u64, StoreError> {
+        const DAY_NS: i64 = 86_400 * 1_000_000_000;
+        let cutoff = ts_ns.saturating_sub(ts_ns.rem_euclid(DAY_NS));
+        let mut guard = lock(&self.writer);
+        let tx = guard
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(sql("starting retention"))?;
+        let mut total = 0u64;
+        {
+            let ids: Vec<i64> = tx
+                .prepare("SELECT id FROM streams")
+                .and_then(|mut s| s.query_map([], |r| r.get(0))?.collect::<Result<_, _>>())
+                .map_err(sql("listing streams"))?;
+            // Per stream, so each delete is a range of the (stream_id, ts_ns) index.
+            let mut delete = tx
+                .prepare("DELETE FROM readings WHERE stream_id = ?1 AND ts_ns < ?2")
+                .map_err(sql("preparing retention delete"))?;
+            let mut update = tx
+                .prepare(
+                    "UPDATE streams SET readings = readings - ?2,
+                        first_ts_ns = (SELECT min(ts_ns) FROM readings WHERE stream_id = ?1),
+                        last_ts_ns = CASE WHEN readings - ?2 > 0 THEN last_ts_ns END
+                     WHERE id = ?1",
+                )
+                .map_err(sql("preparing stream statistics update"))?;
+            for id in ids {
+                let n = delete.execute(params![id, cutoff]).map_err(sql("deleting old readings"))?;
+                if n > 0 {
+                    update.execute(params![id, n as i64]).map_err(sql("updating stream statistics"))?;
+                    total += n as u64;
+                }
+            }
+        }
+        tx.commit().map_err(sql("committing retention"))?;
+        Ok(total)
+    }
+
     fn ping(&self) -> Result<(), StoreError> {
         self.with_reader(|conn| conn.query_row("SELECT count(*) FROM streams", [], |_| Ok(())).map_err(sql("ping")))
     }

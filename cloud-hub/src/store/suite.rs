@@ -43,6 +43,7 @@ macro_rules! store_suite {
             aggregation_matches_brute_force,
             migration_to_v3_rolls_up_existing_readings,
             presence_keeps_the_latest_message_per_agent,
+            retention_drops_whole_days_and_keeps_rollups,
         );
     };
     (@tests $fixture:ty; $($name:ident),* $(,)?) => {
@@ -670,4 +671,30 @@ pub(crate) fn presence_keeps_the_latest_message_per_agent(f: &impl Fixture) {
     assert!(list[0].online_at(1_000 + 30_000));
     assert!(!list[0].online_at(1_000 + 30_001), "three heartbeats missed");
     assert!(!list[1].online_at(2_000));
+}
+
+/// Retention deletes the readings of whole days before the cutoff's day, in both
+/// backends alike; stream statistics follow, rollups and the batch ledger stay.
+pub(crate) fn retention_drops_whole_days_and_keeps_rollups(f: &impl Fixture) {
+    use crate::aggregate::{AggregateQuery, aggregate};
+    const DAY: i64 = 86_400 * 1_000_000_000;
+    let d0 = 19_723 * DAY; // 2024-01-01
+    let store = f.open();
+    store.ingest(&[batch("a", 1, 1, &[("s", &[d0 + 1, d0 + 2]), ("t", &[d0 + 2 * DAY])])], 1).unwrap();
+    store.ingest(&[batch("a", 1, 2, &[("s", &[d0 + DAY + 5])])], 1).unwrap();
+    // A cutoff inside day 1: day 0 goes, day 1 stays.
+    assert_eq!(store.drop_days_before(d0 + DAY + 10).unwrap(), 2);
+    assert_eq!(all(&store, "s", 10).0.iter().map(|r| r.0).collect::<Vec<_>>(), [d0 + DAY + 5]);
+    let streams: Vec<(String, u64, Option<i64>)> =
+        store.streams().unwrap().into_iter().map(|s| (s.stream, s.readings, s.first_ts_ns)).collect();
+    assert_eq!(streams, [("s".into(), 1, Some(d0 + DAY + 5)), ("t".into(), 1, Some(d0 + 2 * DAY))]);
+    // The aggregated history of the dropped day is still there.
+    let q = AggregateQuery { stream: "s".into(), field: "value".into(), from: d0, to: d0 + DAY, step: DAY };
+    assert_eq!(aggregate(&store, &q).unwrap().buckets.iter().map(|(_, a)| a.count).collect::<Vec<_>>(), [2]);
+    // The ledger remembers the batch: re-sent, it is a duplicate and brings nothing back.
+    assert_eq!(
+        store.ingest(&[batch("a", 1, 1, &[("s", &[d0 + 1, d0 + 2]), ("t", &[d0 + 2 * DAY])])], 1).unwrap(),
+        [BatchOutcome::Duplicate]
+    );
+    assert_eq!(store.drop_days_before(d0 + DAY + 10).unwrap(), 0, "idempotent");
 }
