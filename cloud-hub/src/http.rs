@@ -145,6 +145,8 @@ struct ListFilter {
     prefix: Option<String>,
     /// Presence: only online (true) or offline (false) agents.
     online: Option<bool>,
+    /// Agents and presence: `key:value` labels the agent must all carry.
+    labels: Vec<(String, String)>,
 }
 
 impl ListFilter {
@@ -163,6 +165,12 @@ impl ListFilter {
                     f.pattern = Some(v);
                 }
                 "prefix" => f.prefix = Some(v),
+                "label" => {
+                    let (k, val) = v.split_once(':').ok_or_else(|| {
+                        ApiError::bad_request(format!("parameter `label`: {v:?} is not key:value"))
+                    })?;
+                    f.labels.push((k.to_owned(), val.to_owned()));
+                }
                 "online" => {
                     f.online = Some(v.parse().map_err(|_| {
                         ApiError::bad_request(format!("parameter `online`: {v:?} is not true or false"))
@@ -180,6 +188,11 @@ impl ListFilter {
 
     fn agent(&self, id: &str) -> bool {
         self.prefix.as_deref().is_none_or(|p| id.starts_with(p))
+    }
+
+    /// Whether an agent with these labels passes the `label` filters.
+    fn labelled(&self, labels: &[(String, String)]) -> bool {
+        self.labels.iter().all(|want| labels.contains(want))
     }
 }
 
@@ -455,7 +468,7 @@ async fn presence(
     State(s): State<AppState>,
     params: Result<Query<Vec<(String, String)>>, QueryRejection>,
 ) -> Result<axum::Json<serde_json::Value>, ApiError> {
-    let f = ListFilter::parse(params, &["prefix", "online"])?;
+    let f = ListFilter::parse(params, &["prefix", "online", "label"])?;
     let list = query(&s.store, |st| st.presence()).await?;
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -463,7 +476,9 @@ async fn presence(
         .unwrap_or(0);
     Ok(axum::Json(
         list.iter()
-            .filter(|p| f.agent(&p.status.agent_id) && f.online.is_none_or(|o| o == p.online_at(now)))
+            .filter(|p| {
+                f.agent(&p.status.agent_id) && f.labelled(&p.status.labels) && f.online.is_none_or(|o| o == p.online_at(now))
+            })
             .map(|p| {
                 let st = &p.status;
                 json!({
@@ -477,6 +492,7 @@ async fn presence(
                     "store_readings": st.store_readings,
                     "outbox_batches": st.outbox_batches,
                     "outbox_readings": st.outbox_readings,
+                    "labels": st.labels.iter().map(|(k, v)| (k.clone(), json!(v))).collect::<serde_json::Map<_, _>>(),
                     "modules": st.modules.iter().map(|m| json!({
                         "name": m.name, "sha256": m.sha256, "enabled": m.enabled,
                         "batches_failed": m.batches_failed,
@@ -508,9 +524,14 @@ async fn agents(
     State(s): State<AppState>,
     params: Result<Query<Vec<(String, String)>>, QueryRejection>,
 ) -> Result<axum::Json<serde_json::Value>, ApiError> {
-    let f = ListFilter::parse(params, &["prefix"])?;
-    let list = query(&s.store, |st| st.agents()).await?;
-    Ok(axum::Json(list.iter().filter(|a| f.agent(&a.agent_id)).map(agent_json).collect()))
+    let f = ListFilter::parse(params, &["prefix", "label"])?;
+    let labelled = !f.labels.is_empty();
+    let (list, presence) = query(&s.store, move |st| Ok((st.agents()?, if labelled { st.presence()? } else { Vec::new() }))).await?;
+    // Labels come with presence: an agent never heard from has none.
+    let labels_of = |id: &str| presence.iter().find(|p| p.status.agent_id == id).map(|p| p.status.labels.as_slice()).unwrap_or(&[]);
+    Ok(axum::Json(
+        list.iter().filter(|a| f.agent(&a.agent_id) && f.labelled(labels_of(&a.agent_id))).map(agent_json).collect(),
+    ))
 }
 
 #[cfg(test)]

@@ -50,6 +50,9 @@ pub struct Config {
     /// This agent's id: its identity at the hub and its MQTT topic level.
     /// Letters, digits, `_`, `.` and `-`.
     pub agent_id: String,
+    /// Labels sent to the hub with the agent's presence (`site = "plant-a"`), to filter
+    /// the fleet there (`/api/v1/presence?label=site:plant-a`).
+    pub labels: std::collections::BTreeMap<String, String>,
     /// Directory holding the SQLite store (`agent.db`). Created if missing.
     pub data_dir: PathBuf,
     /// The local store: durability, retention, limits.
@@ -76,6 +79,7 @@ impl Default for Config {
     fn default() -> Self {
         Config {
             agent_id: "edge-01".into(),
+            labels: Default::default(),
             data_dir: PathBuf::from("./agent-data"),
             store: StoreConfig::default(),
             forward: ForwardConfig::default(),
@@ -492,6 +496,17 @@ impl Config {
     /// Checks values serde cannot, naming the key.
     pub fn validate(&self) -> Result<(), ConfigError> {
         brume_protocol::validate_agent_id(&self.agent_id).map_err(|e| invalid("agent_id", e.to_string()))?;
+        if self.labels.len() > brume_protocol::MAX_STATUS_MODULES {
+            return Err(invalid("labels", format!("at most {} labels", brume_protocol::MAX_STATUS_MODULES)));
+        }
+        for (k, v) in &self.labels {
+            if k.is_empty() || k.contains(':') || k.len() > 64 || v.len() > 128 || (k.clone() + v).chars().any(char::is_control) {
+                return Err(invalid(
+                    format!("labels.{k}"),
+                    "keys are 1 to 64 bytes without ':', values at most 128 bytes, no control characters",
+                ));
+            }
+        }
         if self.store.max_streams == 0 {
             return Err(invalid("store.max_streams", "must be at least 1"));
         }
@@ -626,6 +641,7 @@ mod tests {
         assert!(err("[store.default_rule]\nwhen_full = \"panic\"").contains("when_full"));
         assert!(err("[[modules]]\npath = \"m.wasm\"\ninputs = [\"a/#/b\"]").contains("`modules[0].inputs[0]`"));
         assert!(err("[[modules]]\npath = \"m.wasm\"\ninputs = []").contains("`modules[0].inputs`"));
+        assert!(err("[labels]\n\"a:b\" = \"x\"").contains("`labels.a:b`"));
     }
 
     #[test]

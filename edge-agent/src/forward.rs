@@ -78,7 +78,13 @@ pub async fn run(
     if f.mode == ForwardMode::Off {
         return;
     }
-    let presence = Presence { agent_id: cfg.agent_id.clone(), started_ms: now_ms(), heartbeat: f.heartbeat, modules };
+    let presence = Presence {
+        agent_id: cfg.agent_id.clone(),
+        labels: cfg.labels.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+        started_ms: now_ms(),
+        heartbeat: f.heartbeat,
+        modules,
+    };
     let client_id = if f.client_id.is_empty() { format!("brume-agent-{}", cfg.agent_id) } else { f.client_id.clone() };
     let mut opts = MqttOptions::new(client_id, f.host.clone(), f.port);
     opts.set_keep_alive(f.keep_alive);
@@ -178,6 +184,7 @@ async fn event_loop_task(
 /// What the agent says about itself on its status topic.
 struct Presence {
     agent_id: String,
+    labels: Vec<(String, String)>,
     started_ms: i64,
     heartbeat: Duration,
     modules: SharedModuleStatus,
@@ -217,6 +224,7 @@ impl Presence {
             outbox_batches: snap.outbox_batches,
             outbox_readings: snap.outbox_readings,
             modules,
+            labels: self.labels.clone(),
         })
         .encode()
     }

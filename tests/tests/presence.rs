@@ -35,7 +35,14 @@ async fn wait_online(hub: &Hub, online: bool, what: &str) -> Value {
 async fn presence_follows_the_agent_through_kill_9_and_restart() {
     let broker = Mosquitto::start().await.unwrap();
     let hub = Hub::start(Path::new(HUB), broker.port).await.unwrap();
-    let mut agent = Agent::start(Path::new(AGENT), "edge-p", broker.port, &[("forward", "heartbeat = \"1s\"")]).await.unwrap();
+    let mut agent = Agent::start(
+        Path::new(AGENT),
+        "edge-p",
+        broker.port,
+        &[("forward", "heartbeat = \"1s\""), ("labels", "site = \"plant-a\"\nline = \"3\"")],
+    )
+    .await
+    .unwrap();
 
     let p = wait_online(&hub, true, "the agent online").await;
     assert_eq!(p["agent_id"], "edge-p");
@@ -43,6 +50,15 @@ async fn presence_follows_the_agent_through_kill_9_and_restart() {
     assert_eq!(p["heartbeat_s"], 1);
     assert_eq!(p["outbox_batches"], 0);
     assert_eq!(p["modules"], serde_json::json!([]));
+    assert_eq!(p["labels"], serde_json::json!({"line": "3", "site": "plant-a"}));
+    // Fleet filters by label, on presence and on the completeness listing.
+    let get = |path: &str| {
+        let url = format!("{}{path}", hub.url);
+        async move { reqwest::get(url).await.unwrap().json::<Vec<Value>>().await.unwrap().len() }
+    };
+    assert_eq!(get("/api/v1/presence?label=site:plant-a&label=line:3").await, 1);
+    assert_eq!(get("/api/v1/presence?label=site:plant-b").await, 0);
+    assert_eq!(get("/api/v1/presence?online=true&prefix=edge-").await, 1);
     let first_seen = p["last_seen_ms"].as_i64().unwrap();
     // Heartbeats move last-seen forward.
     wait_until("a heartbeat", Duration::from_secs(10), || async {

@@ -657,6 +657,7 @@ pub(crate) fn presence_keeps_the_latest_message_per_agent(f: &impl Fixture) {
         outbox_batches: 1,
         outbox_readings: 2,
         modules: vec![ModuleHealth { name: "m".into(), sha256: "ab".into(), enabled: true, batches_failed: 0, last_error: String::new() }],
+        labels: vec![("site".into(), "plant-a".into())],
     };
     let store = f.open();
     assert_eq!(store.presence().unwrap(), vec![]);

@@ -111,7 +111,7 @@ async fn batch_is_acked_and_served_over_http() {
     assert_eq!(hub.get_json("/api/v1/agents?prefix=other").await, json!([]));
     for (path, want) in [
         ("/api/v1/streams?match=te%2Bmp", "te+mp\\\": '+' must be a whole level"),
-        ("/api/v1/agents?match=x", "unknown parameter `match` (accepted: prefix)"),
+        ("/api/v1/agents?match=x", "unknown parameter `match` (accepted: prefix, label)"),
         ("/api/v1/presence?online=maybe", "maybe\\\" is not true or false"),
     ] {
         let (status, body) = hub.get(path).await;

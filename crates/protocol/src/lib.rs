@@ -349,6 +349,8 @@ pub struct StatusV1 {
     pub outbox_readings: u64,
     /// The agent's modules.
     pub modules: Vec<ModuleHealth>,
+    /// Operator-defined labels (`site = "plant-a"`), for filtering fleets at the hub.
+    pub labels: Vec<(String, String)>,
 }
 
 /// One module in a presence message.
@@ -379,8 +381,12 @@ impl AgentStatus {
         if s.modules.len() > MAX_STATUS_MODULES {
             return Err(invalid("status modules", format!("{} listed, at most {MAX_STATUS_MODULES}", s.modules.len())));
         }
+        if s.labels.len() > MAX_STATUS_MODULES {
+            return Err(invalid("status labels", format!("{} given, at most {MAX_STATUS_MODULES}", s.labels.len())));
+        }
         let labels = std::iter::once(&s.version)
-            .chain(s.modules.iter().flat_map(|m| [&m.name, &m.sha256, &m.last_error]));
+            .chain(s.modules.iter().flat_map(|m| [&m.name, &m.sha256, &m.last_error]))
+            .chain(s.labels.iter().flat_map(|(k, v)| [k, v]));
         for l in labels {
             if l.len() > MAX_STATUS_LABEL {
                 return Err(invalid("status label", format!("{} bytes, at most {MAX_STATUS_LABEL}", l.len())));

@@ -207,6 +207,7 @@ fn status() -> StatusV1 {
         outbox_batches: 4,
         outbox_readings: 5,
         modules: vec![],
+        labels: vec![],
     }
 }
 
@@ -214,9 +215,10 @@ fn status() -> StatusV1 {
 fn golden_bytes_status_v1() {
     let st = AgentStatus::V1(StatusV1 {
         modules: vec![ModuleHealth { name: "m".into(), sha256: String::new(), enabled: false, batches_failed: 6, last_error: "x".into() }],
+        labels: vec![("k".into(), "v".into())],
         ..status()
     });
-    let expected: &[u8] = &[0, 1, b'a', 1, 1, b'1', 2, 4, 10, 3, 4, 5, 1, 1, b'm', 0, 0, 6, 1, b'x'];
+    let expected: &[u8] = &[0, 1, b'a', 1, 1, b'1', 2, 4, 10, 3, 4, 5, 1, 1, b'm', 0, 0, 6, 1, b'x', 1, 1, b'k', 1, b'v'];
     assert_eq!(st.encode(), expected);
     let AgentStatus::V1(inner) = st;
     assert_eq!(AgentStatus::decode(expected).unwrap(), inner);
