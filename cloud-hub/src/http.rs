@@ -385,6 +385,7 @@ fn agent_json(a: &AgentSummary) -> serde_json::Value {
         "watermark": a.watermark,
         "max_seq": a.max_seq,
         "missing": a.missing.iter().map(|&(lo, hi)| json!([lo, hi])).collect::<Vec<_>>(),
+        "missing_since_ms": a.missing_since_ms,
         "losses": a.losses.iter().map(|l| json!({
             "stream": l.stream, "reason": l.reason.as_str(), "total": l.total,
         })).collect::<Vec<_>>(),

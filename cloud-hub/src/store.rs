@@ -280,6 +280,9 @@ pub struct AgentSummary {
     /// Inclusive ranges of sequence numbers below `max_seq` that are not stored,
     /// ascending. Capped at [`MAX_MISSING_RANGES`] ranges.
     pub missing: Vec<(u64, u64)>,
+    /// For each range of `missing`, since when it is known to be missing: when the hub
+    /// stored the batch right after it, ms since the Unix epoch.
+    pub missing_since_ms: Vec<i64>,
     /// Losses the agent reported in this epoch.
     pub losses: Vec<LossSummary>,
     /// When the hub last stored a batch of this epoch, ms since the Unix epoch.
@@ -292,11 +295,18 @@ pub const MAX_MISSING_RANGES: usize = 10_000;
 
 /// Records a missing range for the agent at `pos[key]`, up to [`MAX_MISSING_RANGES`].
 /// Shared by the backends, which differ only in how they find the gaps.
-pub(crate) fn add_gap(out: &mut [AgentSummary], pos: &std::collections::HashMap<(String, u64), usize>, key: &(String, u64), lo: i64, hi: i64) {
+pub(crate) fn add_gap(
+    out: &mut [AgentSummary],
+    pos: &std::collections::HashMap<(String, u64), usize>,
+    key: &(String, u64),
+    (lo, hi): (i64, i64),
+    since_ms: i64,
+) {
     if let Some(&i) = pos.get(key)
         && out[i].missing.len() < MAX_MISSING_RANGES
     {
         out[i].missing.push((lo as u64, hi as u64));
+        out[i].missing_since_ms.push(since_ms);
     }
 }
 

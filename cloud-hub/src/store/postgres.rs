@@ -1417,6 +1417,7 @@ async fn agents_in_snapshot(tx: &Transaction<'_>) -> Result<Vec<AgentSummary>, S
             watermark: 0,
             max_seq: r.get::<_, i64>(4) as u64,
             missing: Vec::new(),
+            missing_since_ms: Vec::new(),
             losses: Vec::new(),
             last_seen_ms: r.get(5),
         })
@@ -1433,8 +1434,8 @@ async fn agents_in_snapshot(tx: &Transaction<'_>) -> Result<Vec<AgentSummary>, S
     // a gap too. Same query as SQLite.
     let gaps = tx
         .query(
-            "SELECT agent_id, epoch, prev + 1, seq - 1 FROM (
-                 SELECT agent_id, epoch, seq,
+            "SELECT agent_id, epoch, prev + 1, seq - 1, received_ms FROM (
+                 SELECT agent_id, epoch, seq, received_ms,
                         lag(seq, 1, 0::int8) OVER (PARTITION BY agent_id, epoch ORDER BY seq) AS prev
                  FROM batches) g
              WHERE seq > prev + 1 ORDER BY agent_id, epoch, seq",
@@ -1445,7 +1446,7 @@ async fn agents_in_snapshot(tx: &Transaction<'_>) -> Result<Vec<AgentSummary>, S
     for r in gaps {
         let key = (r.get::<_, String>(0), epoch_from_sql(r.get(1)));
         let (lo, hi): (i64, i64) = (r.get(2), r.get(3));
-        super::add_gap(&mut out, &pos, &key, lo, hi);
+        super::add_gap(&mut out, &pos, &key, (lo, hi), r.get(4));
     }
     super::set_watermarks(&mut out);
 

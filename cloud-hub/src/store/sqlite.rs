@@ -786,6 +786,7 @@ fn agents_in_snapshot(conn: &Connection) -> Result<Vec<AgentSummary>, StoreError
                     watermark: 0,
                     max_seq: r.get::<_, i64>(4)? as u64,
                     missing: Vec::new(),
+                    missing_since_ms: Vec::new(),
                     losses: Vec::new(),
                     last_seen_ms: r.get(5)?,
                 })
@@ -805,8 +806,8 @@ fn agents_in_snapshot(conn: &Connection) -> Result<Vec<AgentSummary>, StoreError
     // shipping every seq to Rust. LAG's default 0 makes a missing seq 1 a gap too.
     let mut stmt = conn
         .prepare_cached(
-            "SELECT agent_id, epoch, prev + 1, seq - 1 FROM (
-                 SELECT agent_id, epoch, seq,
+            "SELECT agent_id, epoch, prev + 1, seq - 1, received_ms FROM (
+                 SELECT agent_id, epoch, seq, received_ms,
                         lag(seq, 1, 0) OVER (PARTITION BY agent_id, epoch ORDER BY seq) AS prev
                  FROM batches)
              WHERE seq > prev + 1 ORDER BY agent_id, epoch, seq",
@@ -820,7 +821,8 @@ fn agents_in_snapshot(conn: &Connection) -> Result<Vec<AgentSummary>, StoreError
         );
         let lo: i64 = r.get(2).map_err(sql("computing gaps"))?;
         let hi: i64 = r.get(3).map_err(sql("computing gaps"))?;
-        super::add_gap(&mut out, &pos, &key, lo, hi);
+        let since: i64 = r.get(4).map_err(sql("computing gaps"))?;
+        super::add_gap(&mut out, &pos, &key, (lo, hi), since);
     }
     super::set_watermarks(&mut out);
 

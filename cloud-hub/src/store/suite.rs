@@ -330,6 +330,9 @@ pub(crate) fn watermark_and_gaps(f: &impl Fixture) {
     );
     assert_eq!(agents[0].last_seen_ms, 50);
     assert_eq!(agents[2].last_seen_ms, 70);
+    // Each gap is known since the batch after it was stored.
+    assert_eq!(agents[2].missing_since_ms, vec![70]);
+    assert_eq!(agents[0].missing_since_ms, vec![50, 50, 50]);
     // Filling seq 1 moves the watermark to 3.
     store.ingest(&[batch("a", 1, 1, &[])], 80).unwrap();
     let a = &store.agents().unwrap()[0];
