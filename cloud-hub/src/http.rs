@@ -50,6 +50,10 @@ pub fn app(state: AppState) -> Router {
         .route("/api/v1/aggregate", get(aggregate))
         .route("/api/v1/presence", get(presence))
         .route("/api/v1/tail", get(tail))
+        .route(
+            "/api/v1/openapi.json",
+            get(|| async { ([(header::CONTENT_TYPE, "application/json")], OPENAPI) }),
+        )
         .with_state(state)
 }
 
@@ -400,6 +404,10 @@ fn module_json(m: &brume_protocol::ModuleRef) -> serde_json::Value {
 fn bucket_json(start: i64, a: &aggregate::Agg) -> serde_json::Value {
     json!({ "start_ns": start, "count": a.count, "min": a.min, "max": a.max, "mean": a.mean(), "last": a.last })
 }
+
+/// The API described in OpenAPI 3 (`cloud-hub/openapi.json`), served at
+/// `/api/v1/openapi.json`. A test checks it lists exactly the routes this router serves.
+pub const OPENAPI: &str = include_str!("../openapi.json");
 
 /// How often a live tail looks for new data.
 const TAIL_POLL: std::time::Duration = std::time::Duration::from_secs(1);
