@@ -44,6 +44,9 @@ Brume demo running (logs in $DATA/*.log). Simulated sensors sim/0..sim/3 publish
   Hub streams:        curl -s http://$HUB_HTTP/api/v1/streams
   Hub readings:       curl -s 'http://$HUB_HTTP/api/v1/readings?stream=sim/0&limit=5'
   Hub agents & gaps:  curl -s http://$HUB_HTTP/api/v1/agents
+  Agents online:      curl -s http://$HUB_HTTP/api/v1/presence
+  Last hour, 60 pts:  curl -s "http://$HUB_HTTP/api/v1/aggregate?stream=sim/0&from=\$(( (\$(date +%s) - 3600) * 1000000000 ))&to=\$(date +%s)000000000&buckets=60"
+  Live (SSE):         curl -sN 'http://$HUB_HTTP/api/v1/tail?stream=sim/0&step=10s'
   Agent status:       curl -s http://$AGENT_HTTP/api/v1/status
   Agent metrics:      curl -s http://$AGENT_HTTP/metrics
   Publish a reading:  mosquitto_pub -h ${AGENT_MQTT%:*} -p ${AGENT_MQTT#*:} -q 1 -t line1/temp -m '{"celsius": 21.5}'
