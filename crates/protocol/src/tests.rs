@@ -190,7 +190,37 @@ proptest! {
     #[test]
     fn decoder_never_panics(bytes in prop::collection::vec(any::<u8>(), 0..256)) {
         let _ = AgentMessage::decode(&bytes);
+        let _ = AgentMessage::decode_batch(&bytes);
         let _ = HubMessage::decode(&bytes);
+        let _ = AgentStatus::decode(&bytes);
+    }
+
+    /// Valid messages with a few bytes overwritten, truncated or extended: closer to what
+    /// a buggy or hostile peer sends than random bytes, so it reaches the validation
+    /// after the envelope. Decoding refuses or accepts; it never panics.
+    #[test]
+    fn mutated_messages_never_panic(
+        edits in prop::collection::vec((any::<usize>(), any::<u8>()), 1..4),
+        cut in any::<usize>(),
+        extra in prop::collection::vec(any::<u8>(), 0..8),
+    ) {
+        let status = AgentStatus::V1(StatusV1 {
+            modules: vec![ModuleHealth { name: "m".into(), sha256: "ab".into(), enabled: true, batches_failed: 1, last_error: "e".into() }],
+            labels: vec![("site".into(), "a".into())],
+            ..status()
+        });
+        for valid in [batch().encode(), batch_v2().encode(), status.encode()] {
+            let mut bytes = valid.clone();
+            for &(at, b) in &edits {
+                let i = at % bytes.len();
+                bytes[i] = b;
+            }
+            bytes.truncate(cut % (bytes.len() + 1));
+            bytes.extend_from_slice(&extra);
+            let _ = AgentMessage::decode(&bytes);
+            let _ = AgentMessage::decode_batch(&bytes);
+            let _ = AgentStatus::decode(&bytes);
+        }
     }
 }
 
