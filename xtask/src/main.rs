@@ -743,7 +743,7 @@ fn bench_hubscale(p: &Params, exe: &Path) -> Result<Vec<Row>> {
             id: "6a",
             name: format!("end to end through 1 hub process: {} agents → mosquitto → hub → PostgreSQL → ack", hubscale::AGENTS),
             result: one.fmt_rate(),
-            limit: "hub ingest alone (5b)".into(),
+            limit: "–".into(),
             ratio: "–".into(),
             target: "–".into(),
             verdict: "–".into(),
