@@ -873,7 +873,13 @@ fn render_doc(
          temporary directory, default settings, one hub connection). 5c inserts the same rows into a plain table in the \
          same server. 5d re-ingests every batch into the PostgreSQL store afterwards. 5e/5f: \
          `cloud_hub::aggregate::aggregate` over the whole range with `step_for(from, to, 500)`, 20 runs each on the \
-         last sample's stores; each run checks that the buckets count every reading.\n\n\
+         last sample's stores; each run checks that the buckets count every reading.\n\
+         6. **Hub processes end to end.** `cargo build --release -p cloud-hub`; a private mosquitto and a private \
+         PostgreSQL (one fresh database per sample); 1 or 2 `cloud-hub` processes on the same shared subscription \
+         and database; {scale_agents} simulated agents in the benchmark process (one rumqttc client each) publish \
+         {scale_batches} pre-encoded 1,000-reading batches each, keeping {scale_window} in flight and advancing on the \
+         hubs' acknowledgements; timed from the first publish to the last acknowledgement. CPU per process from \
+         `/proc/<pid>/stat` (PostgreSQL: the postmaster and its backends) over the same interval.\n\n\
          {KEEP_MARKER}\n\n{kept}",
         date = m.date,
         nproc = m.nproc,
@@ -895,5 +901,8 @@ fn render_doc(
         wasm_batches = group(p.wasm_batches as f64),
         pipeline_n = group(p.pipeline_n as f64),
         hub_days = p.hub_days,
+        scale_agents = hubscale::AGENTS,
+        scale_batches = p.scale_batches,
+        scale_window = hubscale::WINDOW,
     )
 }
