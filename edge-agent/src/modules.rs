@@ -175,20 +175,16 @@ impl Runner {
     }
 
     fn run(self) {
+        // One read connection per module, for its input and its history queries: they
+        // never overlap (history is queried during the call, input read between calls).
         let reader = match StoreReader::open(&self.data_dir, &self.agent_id) {
-            Ok(r) => r,
-            Err(e) => {
-                tracing::error!(module = %self.name, error = %e, "module cannot read the store; not running");
-                return;
-            }
-        };
-        let history: Arc<dyn HistoryProvider> = match StoreReader::open(&self.data_dir, &self.agent_id) {
             Ok(r) => Arc::new(StoreHistory { reader: Mutex::new(r) }),
             Err(e) => {
                 tracing::error!(module = %self.name, error = %e, "module cannot read the store; not running");
                 return;
             }
         };
+        let history: Arc<dyn HistoryProvider> = reader.clone();
         let mut mtime: Option<SystemTime> = None;
         let mut live: Option<Live> = None;
         while !self.stop.load(Ordering::SeqCst) {
@@ -211,7 +207,7 @@ impl Runner {
     }
 
     /// Loads the file, restores progress, instantiates. `None` (logged) if it cannot.
-    fn load(&self, reader: &StoreReader, history: &Arc<dyn HistoryProvider>, previous: Option<Live>) -> Option<Live> {
+    fn load(&self, reader: &StoreHistory, history: &Arc<dyn HistoryProvider>, previous: Option<Live>) -> Option<Live> {
         let fail = |what: String| {
             tracing::error!(module = %self.name, path = %self.cfg.path.display(), error = %what, "module not loaded");
             self.metrics.module_event(&self.name, "load_error");
@@ -260,7 +256,7 @@ impl Runner {
             Some(t) => serde_json::to_string(t).unwrap_or_else(|_| "{}".into()),
             None => "{}".into(),
         };
-        let saved = match reader.module_progress(&self.name) {
+        let saved = match reader.lock().module_progress(&self.name) {
             Ok(p) => p,
             Err(e) => return fail(format!("cannot read saved progress: {e}")),
         };
@@ -301,12 +297,14 @@ impl Runner {
     }
 
     /// Processes one batch if there is input. Returns whether it did any work.
-    fn step(&self, l: &mut Live, reader: &StoreReader, history: &Arc<dyn HistoryProvider>) -> bool {
+    fn step(&self, l: &mut Live, reader: &StoreHistory, history: &Arc<dyn HistoryProvider>) -> bool {
         let manifest = l.module.manifest();
         let inputs = self.cfg.inputs.clone().unwrap_or_else(|| manifest.inputs.clone());
         let outputs = manifest.outputs.clone();
         let mut wanted = |s: &str| inputs.iter().any(|p| pattern_matches(p, s)) && !outputs.iter().any(|o| o == s);
-        let (rows, scanned_to) = match reader.readings_after(l.cursor, self.batch_max, &mut wanted) {
+        // The guard is a temporary: released before the module runs and queries history.
+        let read = reader.lock().readings_after(l.cursor, self.batch_max, &mut wanted);
+        let (rows, scanned_to) = match read {
             Ok(x) => x,
             Err(e) => {
                 tracing::warn!(module = %self.name, error = %e, "cannot read module input; will retry");
@@ -455,12 +453,18 @@ struct StoreHistory {
     reader: Mutex<StoreReader>,
 }
 
+impl StoreHistory {
+    fn lock(&self) -> std::sync::MutexGuard<'_, StoreReader> {
+        self.reader.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
 /// Most readings an aggregate query scans.
 const MAX_AGGREGATE_SCAN: usize = 200_000;
 
 impl HistoryProvider for StoreHistory {
     fn query(&self, q: &HistoryQuery) -> HistoryResult {
-        let reader = self.reader.lock().unwrap_or_else(|e| e.into_inner());
+        let reader = self.lock();
         let decode = |rows: Vec<(i64, FieldsBlob)>| -> Vec<ModuleReading> {
             rows.into_iter()
                 .filter_map(|(ts, f)| Some(ModuleReading { stream: q.stream.clone(), ts_ns: ts, fields: f.decode().ok()? }))
