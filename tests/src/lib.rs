@@ -299,6 +299,19 @@ impl Agent {
         Ok(reqwest::get(format!("{}/api/v1/status", self.url)).await?.error_for_status()?.json().await?)
     }
 
+    /// Whether everything the agent stored has been acknowledged by the hub: no batch in
+    /// the outbox and no reading waiting to be batched.
+    pub async fn drained(&self) -> bool {
+        self.status().await.is_ok_and(|s| s["outbox"]["batches"] == 0 && s["store"]["unbatched_readings"] == 0)
+    }
+
+    /// Waits until [`Agent::drained`], panicking with the agent's log after `timeout`.
+    pub async fn wait_drained(&self, timeout: Duration) {
+        wait_until("the agent's outbox to drain", timeout, || self.drained())
+            .await
+            .unwrap_or_else(|e| panic!("{e}\nagent log:\n{}", self.log()));
+    }
+
     /// The agent's log so far (for failure messages).
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("log")).unwrap_or_default()

@@ -152,9 +152,6 @@ async fn hub_state(hub: &Hub) -> (usize, usize) {
     (d, hub.readings("sensors/d").await.map(|r| r.len()).unwrap_or(0))
 }
 
-async fn outbox_empty(agent: &Agent) -> bool {
-    agent.status().await.map(|s| s["outbox"]["batches"] == 0 && s["store"]["unbatched_readings"] == 0).unwrap_or(false)
-}
 
 /// Readings in over MQTT, through the threshold and downsample examples in the agent:
 /// the hub stores exactly the expected alerts and windows, each with the lineage of the
@@ -246,7 +243,7 @@ async fn downsample_outputs_survive_kill_9() {
     let done = wait_until("every window and reading at the hub", Duration::from_secs(60), || async {
         let d = hub.readings("downsampled").await.map(|r| r.len()).unwrap_or(0);
         let raw = hub.readings("sensors/d").await.map(|r| r.len()).unwrap_or(0);
-        d >= 20 && raw >= N as usize && outbox_empty(&agent).await
+        d >= 20 && raw >= N as usize && agent.drained().await
     })
     .await;
     if let Err(e) = done {

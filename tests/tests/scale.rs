@@ -68,11 +68,7 @@ async fn two_hubs_one_killed_twenty_agents_lose_and_duplicate_nothing() {
     }
     // Drained: every agent's outbox empty.
     for agent in &agents {
-        wait_until("the agent's outbox to drain", Duration::from_secs(90), || async {
-            agent.status().await.is_ok_and(|s| s["outbox"]["batches"] == 0 && s["store"]["unbatched_readings"] == 0)
-        })
-        .await
-        .unwrap_or_else(|e| panic!("{e}\nagent log:\n{}", agent.log()));
+        agent.wait_drained(Duration::from_secs(90)).await;
     }
     let mut total_acked = 0;
     for (i, (acked, sent)) in results.iter().enumerate() {
@@ -168,11 +164,7 @@ async fn postgres_and_broker_restarts_during_ingest_lose_nothing() {
         results.push(s.stop().await);
     }
     for agent in &agents {
-        wait_until("the agent's outbox to drain", Duration::from_secs(90), || async {
-            agent.status().await.is_ok_and(|s| s["outbox"]["batches"] == 0 && s["store"]["unbatched_readings"] == 0)
-        })
-        .await
-        .unwrap_or_else(|e| panic!("{e}\nagent log:\n{}", agent.log()));
+        agent.wait_drained(Duration::from_secs(90)).await;
     }
     for (i, (acked, sent)) in results.iter().enumerate() {
         let stored = check_exactly_once_named(&hub, &format!("r{i}"), acked, *sent, STREAMS).await.unwrap();

@@ -34,7 +34,11 @@ fn module(path: PathBuf, config: &str) -> ModuleConfig {
 }
 
 async fn post(agent: &Agent, stream: &str, values: &[f64]) {
-    let body: Vec<Value> = values.iter().map(|v| serde_json::json!({ "value": v })).collect();
+    post_json(agent, stream, values.iter().map(|v| serde_json::json!({ "value": v })).collect()).await;
+}
+
+/// Writes JSON readings to `stream` over the agent's HTTP ingest; expects 204.
+async fn post_json(agent: &Agent, stream: &str, body: Vec<Value>) {
     let r = agent
         .http_client()
         .post(agent.url(&format!("/api/v1/write?stream={stream}")))
@@ -116,15 +120,7 @@ async fn deadband_unit_convert_and_zscore_in_the_agent() {
         .enumerate()
         .map(|(i, v)| serde_json::json!({ "value": v, "ts": 1_700_000_000_000i64 + 100 * i as i64 }))
         .collect();
-    let r = agent
-        .http_client()
-        .post(agent.url("/api/v1/write?stream=sensors/line"))
-        .header("content-type", "application/json")
-        .body(serde_json::to_vec(&body).unwrap())
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status().as_u16(), 204);
+    post_json(&agent, "sensors/line", body).await;
     eventually("every module past the input", || async {
         let st = agent.status().await;
         let behind: Vec<&Value> = (0..3).map(|i| &st["modules"][i]).filter(|m| m["cursor"].as_i64() < Some(22)).collect();
@@ -212,19 +208,8 @@ async fn downsample_resumes_with_its_state_after_restart() {
         c.module_runtime.batch_max_readings = 7;
     };
     // Readings with explicit timestamps: 0..30 over 3 one-second windows, sent in two halves.
-    let body = |range: std::ops::Range<i64>| {
-        let rows: Vec<Value> = range
-            .map(|i| serde_json::json!({ "value": i as f64, "ts": 1_700_000_000_000i64 + i * 100 }))
-            .collect();
-        serde_json::to_vec(&rows).unwrap()
-    };
-    let send = |agent: &Agent, b: Vec<u8>| {
-        let req = agent
-            .http_client()
-            .post(agent.url("/api/v1/write?stream=sensors/d"))
-            .header("content-type", "application/json")
-            .body(b);
-        async move { assert_eq!(req.send().await.unwrap().status().as_u16(), 204) }
+    let body = |range: std::ops::Range<i64>| -> Vec<Value> {
+        range.map(|i| serde_json::json!({ "value": i as f64, "ts": 1_700_000_000_000i64 + i * 100 })).collect()
     };
     let outputs = |agent: &Agent| {
         let reader = StoreReader::open(agent.data_dir(), "t").unwrap();
@@ -233,16 +218,16 @@ async fn downsample_resumes_with_its_state_after_restart() {
 
     // Uninterrupted.
     let a = Agent::start_with(cfg).await;
-    send(&a, body(0..15)).await;
-    send(&a, body(15..30)).await;
-    send(&a, body(30..31)).await; // closes the third window
+    post_json(&a, "sensors/d", body(0..15)).await;
+    post_json(&a, "sensors/d", body(15..30)).await;
+    post_json(&a, "sensors/d", body(30..31)).await; // closes the third window
     eventually("three windows", || async { if outputs(&a).len() == 3 { Ok(()) } else { Err(format!("{}", outputs(&a).len())) } }).await;
     let want = outputs(&a);
     a.stop().await;
 
     // Interrupted after the first half.
     let b = Agent::start_with(cfg).await;
-    send(&b, body(0..15)).await;
+    post_json(&b, "sensors/d", body(0..15)).await;
     eventually("first window", || async { if outputs(&b).len() == 1 { Ok(()) } else { Err(format!("{}", outputs(&b).len())) } }).await;
     eventually("all input consumed", || async {
         let st = module_status(&b, 0).await;
@@ -254,8 +239,8 @@ async fn downsample_resumes_with_its_state_after_restart() {
     .await;
     let dir = b.stop().await;
     let b = Agent::start_in(dir, cfg).await;
-    send(&b, body(15..30)).await;
-    send(&b, body(30..31)).await;
+    post_json(&b, "sensors/d", body(15..30)).await;
+    post_json(&b, "sensors/d", body(30..31)).await;
     eventually("three windows after restart", || async { if outputs(&b).len() == 3 { Ok(()) } else { Err(format!("{}", outputs(&b).len())) } }).await;
     let got = outputs(&b);
     assert_eq!(got, want, "same outputs with and without the restart");
