@@ -319,10 +319,16 @@ fn jitter(d: Duration) -> Duration {
     Duration::from_millis(rand::rng().random_range(ms / 2..=ms))
 }
 
-fn now_ms() -> i64 {
+/// Wall-clock time, ms since the Unix epoch (0 if the clock is before 1970).
+pub(crate) fn now_ms() -> i64 {
+    now_ns() / 1_000_000
+}
+
+/// Wall-clock time, ns since the Unix epoch (0 if the clock is before 1970).
+pub(crate) fn now_ns() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
+        .map(|d| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX))
         .unwrap_or(0)
 }
 
