@@ -133,6 +133,14 @@ pub struct PostgresConfig {
     /// an ingest is then retried, which dedup makes safe.
     #[serde(with = "humantime_serde")]
     pub query_timeout: Duration,
+    /// Readings of the last this many days (before today, UTC) get a daily partition;
+    /// older ones go to the `readings_default` partition. Unset: the retention period
+    /// plus one day with `[retention] keep`, else 31 days.
+    pub partition_days_back: Option<u32>,
+    /// Readings up to this many days after today get a daily partition; later ones (a
+    /// clock set wrong) go to `readings_default`. Together with `partition_days_back`
+    /// this bounds the number of tables whatever timestamps agents send.
+    pub partition_days_ahead: u32,
 }
 
 impl Default for PostgresConfig {
@@ -142,6 +150,8 @@ impl Default for PostgresConfig {
             pool_size: 8,
             connect_timeout: Duration::from_secs(5),
             query_timeout: Duration::from_secs(30),
+            partition_days_back: None,
+            partition_days_ahead: 3,
         }
     }
 }
@@ -166,7 +176,12 @@ impl std::fmt::Debug for PostgresConfig {
 impl PostgresConfig {
     /// The store options these settings describe, naming the key at fault if the URL
     /// does not parse. (The parse error is not echoed: it could quote a password.)
-    pub fn store_options(&self) -> Result<crate::store::postgres::PostgresOptions, ConfigError> {
+    ///
+    /// `retention_keep` (`[retention] keep`) sets the default `partition_days_back`.
+    pub fn store_options(
+        &self,
+        retention_keep: Option<Duration>,
+    ) -> Result<crate::store::postgres::PostgresOptions, ConfigError> {
         if self.url.trim().is_empty() {
             return Err(invalid("storage.postgres.url", "must not be empty"));
         }
@@ -186,10 +201,21 @@ impl PostgresConfig {
         if config.get_application_name().is_none() {
             config.application_name("brume-hub");
         }
+        const MAX_WINDOW_DAYS: u32 = 3660;
+        let back = self
+            .partition_days_back
+            .unwrap_or_else(|| retention_keep.map_or(31, |k| (k.as_secs() / 86_400).min(u64::from(MAX_WINDOW_DAYS)) as u32 + 1));
+        if back > MAX_WINDOW_DAYS {
+            return Err(invalid("storage.postgres.partition_days_back", format!("{back} is over {MAX_WINDOW_DAYS}")));
+        }
+        if self.partition_days_ahead > 366 {
+            return Err(invalid("storage.postgres.partition_days_ahead", "must be at most 366"));
+        }
         Ok(crate::store::postgres::PostgresOptions {
             config,
             pool_size: self.pool_size,
             query_timeout: self.query_timeout,
+            partition_window: crate::store::postgres::PartitionWindow { days_back: back, days_ahead: self.partition_days_ahead },
         })
     }
 }
@@ -259,6 +285,10 @@ pub struct IngestConfig {
     /// `brume_hub_agents_online`) are recomputed; each refresh reads every agent.
     #[serde(with = "humantime_serde")]
     pub fleet_metrics_interval: std::time::Duration,
+    /// A batch the database refuses, alone, this many times in a row (while it answers
+    /// pings and stores other batches) is quarantined: its bytes and the error are kept
+    /// for `/api/v1/quarantine`, and it is acknowledged so the agent's outbox moves on.
+    pub quarantine_after: u32,
 }
 
 impl Default for IngestConfig {
@@ -266,6 +296,7 @@ impl Default for IngestConfig {
         IngestConfig {
             max_batches_per_tx: 64,
             fleet_metrics_interval: std::time::Duration::from_secs(30),
+            quarantine_after: 3,
         }
     }
 }
@@ -331,7 +362,7 @@ impl Config {
         }
         let p = &self.storage.postgres;
         if self.storage.backend == Backend::Postgres {
-            p.store_options()?;
+            p.store_options(self.retention.keep)?;
         }
         if p.pool_size == 0 || p.pool_size > MAX_POOL_SIZE {
             return Err(invalid(
@@ -360,6 +391,9 @@ impl Config {
         }
         if self.retention.keep.is_some_and(|k| k < std::time::Duration::from_secs(86_400)) {
             return Err(invalid("retention.keep", "must be at least 1 day (retention drops whole days)"));
+        }
+        if !(1..=100).contains(&self.ingest.quarantine_after) {
+            return Err(invalid("ingest.quarantine_after", format!("{} is out of range 1 to 100", self.ingest.quarantine_after)));
         }
         if self.ingest.fleet_metrics_interval < std::time::Duration::from_millis(100) {
             return Err(invalid("ingest.fleet_metrics_interval", "must be at least 100ms"));
@@ -486,7 +520,7 @@ mod tests {
         .unwrap();
         cfg.validate().unwrap();
         assert_eq!(cfg.storage.backend, Backend::Postgres);
-        let opts = cfg.storage.postgres.store_options().unwrap();
+        let opts = cfg.storage.postgres.store_options(None).unwrap();
         assert_eq!(opts.pool_size, 3);
         assert_eq!(opts.query_timeout, Duration::from_secs(60));
         assert_eq!(opts.config.get_dbname(), Some("telemetry"));

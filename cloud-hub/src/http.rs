@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use axum::Router;
 use axum::extract::rejection::QueryRejection;
-use axum::extract::{Query, State};
+use axum::extract::{Path, Query, State};
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
@@ -18,7 +18,9 @@ use serde_json::json;
 
 use crate::aggregate::{self, AggregateError, AggregateQuery};
 use crate::metrics::Metrics;
-use crate::store::{AgentSummary, Cursor, HubStore, ReadingsQuery, StoreError, StreamSummary};
+use crate::store::{
+    AgentSummary, Cursor, HubStore, MAX_QUARANTINE_PAGE, QuarantinedBatch, ReadingsQuery, StoreError, StreamSummary,
+};
 
 /// Default page size of `GET /api/v1/readings`.
 pub const DEFAULT_LIMIT: usize = 1000;
@@ -50,6 +52,10 @@ pub fn app(state: AppState) -> Router {
         .route("/api/v1/aggregate", get(aggregate))
         .route("/api/v1/presence", get(presence))
         .route("/api/v1/tail", get(tail))
+        .route("/api/v1/quarantine", get(quarantine_list))
+        .route("/api/v1/quarantine/{id}", axum::routing::delete(quarantine_discard))
+        .route("/api/v1/quarantine/{id}/payload", get(quarantine_payload))
+        .route("/api/v1/quarantine/{id}/reingest", axum::routing::post(quarantine_reingest))
         .route(
             "/api/v1/openapi.json",
             get(|| async { ([(header::CONTENT_TYPE, "application/json")], OPENAPI) }),
@@ -70,6 +76,12 @@ impl ApiError {
             status: StatusCode::BAD_REQUEST,
             message: message.into(),
         }
+    }
+}
+
+impl ApiError {
+    fn not_found(message: impl Into<String>) -> ApiError {
+        ApiError { status: StatusCode::NOT_FOUND, message: message.into() }
     }
 }
 
@@ -505,6 +517,108 @@ async fn presence(
             })
             .collect(),
     ))
+}
+
+fn quarantine_json(q: &QuarantinedBatch) -> serde_json::Value {
+    json!({
+        "id": q.id,
+        "agent_id": q.agent_id,
+        "epoch": q.epoch,
+        "seq": q.seq,
+        "topic": q.topic,
+        "reason": q.reason.as_str(),
+        "error": q.error,
+        "bytes": q.bytes,
+        "first_received_ms": q.first_received_ms,
+        "last_received_ms": q.last_received_ms,
+        "deliveries": q.deliveries,
+    })
+}
+
+/// Quarantined batches, oldest first, one page (`after`, `limit`) at a time.
+async fn quarantine_list(
+    State(s): State<AppState>,
+    params: Result<Query<Vec<(String, String)>>, QueryRejection>,
+) -> Result<axum::Json<serde_json::Value>, ApiError> {
+    let Query(params) = params.map_err(|e| ApiError::bad_request(format!("invalid query string: {e}")))?;
+    let (mut after, mut limit) = (0i64, 100usize);
+    for (k, v) in &params {
+        match k.as_str() {
+            "after" => {
+                after = v.parse().map_err(|_| ApiError::bad_request(format!("parameter `after`: {v:?} is not an id")))?
+            }
+            "limit" => {
+                limit = match v.parse::<usize>() {
+                    Ok(n) if (1..=MAX_QUARANTINE_PAGE).contains(&n) => n,
+                    _ => {
+                        return Err(ApiError::bad_request(format!(
+                            "parameter `limit`: {v:?} is not an integer from 1 to {MAX_QUARANTINE_PAGE}"
+                        )));
+                    }
+                }
+            }
+            other => return Err(ApiError::bad_request(format!("unknown parameter `{other}` (accepted: after, limit)"))),
+        }
+    }
+    let page = query(&s.store, move |st| st.quarantined(after, limit)).await?;
+    let next = (page.len() == limit).then(|| page.last().map(|q| q.id)).flatten();
+    Ok(axum::Json(json!({
+        "batches": page.iter().map(quarantine_json).collect::<Vec<_>>(),
+        "next": next,
+    })))
+}
+
+/// The raw payload of a quarantined batch, byte for byte as it arrived.
+async fn quarantine_payload(State(s): State<AppState>, Path(id): Path<i64>) -> Result<Response, ApiError> {
+    match query(&s.store, move |st| st.quarantined_payload(id)).await? {
+        Some((q, payload)) => Ok((
+            [
+                (header::CONTENT_TYPE, "application/octet-stream".to_string()),
+                (
+                    header::CONTENT_DISPOSITION,
+                    format!("attachment; filename=\"{}-{}-{}.batch\"", q.agent_id, q.epoch, q.seq),
+                ),
+            ],
+            payload,
+        )
+            .into_response()),
+        None => Err(ApiError::not_found(format!("no quarantined batch with id {id}"))),
+    }
+}
+
+/// Stores a quarantined batch again (after a fix) and removes it from quarantine.
+async fn quarantine_reingest(
+    State(s): State<AppState>,
+    Path(id): Path<i64>,
+) -> Result<axum::Json<serde_json::Value>, ApiError> {
+    use crate::ingest::ReingestResult;
+    match query(&s.store, move |st| crate::ingest::reingest(st, id)).await? {
+        ReingestResult::NotFound => Err(ApiError::not_found(format!("no quarantined batch with id {id}"))),
+        ReingestResult::Stored(outcome) => {
+            s.metrics.quarantine_released.get_or_create(&[("action", "reingested")]).inc();
+            tracing::info!(quarantine_id = id, ?outcome, "quarantined batch re-ingested");
+            let outcome = match outcome {
+                crate::store::BatchOutcome::Stored => "stored",
+                crate::store::BatchOutcome::Duplicate => "duplicate",
+            };
+            Ok(axum::Json(json!({ "id": id, "outcome": outcome })))
+        }
+        ReingestResult::StillInvalid(why) | ReingestResult::StillRefused(why) => Err(ApiError {
+            status: StatusCode::UNPROCESSABLE_ENTITY,
+            message: format!("quarantined batch {id} is still refused, and stays in quarantine: {why}"),
+        }),
+    }
+}
+
+/// Discards a quarantined batch: an operator's explicit decision, logged and counted.
+async fn quarantine_discard(State(s): State<AppState>, Path(id): Path<i64>) -> Result<StatusCode, ApiError> {
+    if query(&s.store, move |st| st.release_quarantined(id)).await? {
+        s.metrics.quarantine_released.get_or_create(&[("action", "discarded")]).inc();
+        tracing::warn!(quarantine_id = id, "quarantined batch discarded by an API call; its readings are gone");
+        Ok(StatusCode::NO_CONTENT)
+    } else {
+        Err(ApiError::not_found(format!("no quarantined batch with id {id}")))
+    }
 }
 
 /// Module builds whose outputs the hub has stored: lineage at a glance.

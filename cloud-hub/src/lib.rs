@@ -94,7 +94,7 @@ pub async fn run(
             Arc::new(store)
         }
         Backend::Postgres => {
-            let options = cfg.storage.postgres.store_options()?;
+            let options = cfg.storage.postgres.store_options(cfg.retention.keep)?;
             // Connecting blocks on this store's own runtime (see store::postgres), which
             // must not happen on an async worker thread.
             let store = tokio::task::spawn_blocking(move || PostgresStore::connect(options))
@@ -191,10 +191,13 @@ pub async fn run_with_store(
     let mqtt_task = tracker.spawn(event_loop);
 
     let ingest = ingest::Ingest {
-        store: store.clone(),
+        committer: ingest::Committer {
+            store: store.clone(),
+            metrics: metrics.clone(),
+            policy: ingest::QuarantinePolicy { attempts: cfg.ingest.quarantine_after, ..Default::default() },
+        },
         mqtt: mqtt.clone(),
         deliveries,
-        metrics: metrics.clone(),
         max_batches_per_tx: cfg.ingest.max_batches_per_tx,
     };
     let ingest_task = tracker.spawn(ingest.run(shutdown.clone()));

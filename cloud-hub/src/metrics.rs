@@ -12,13 +12,14 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
-/// Label set of `brume_hub_batches_total`: `result="stored|duplicate|rejected_<reason>"`.
+/// Label set of `brume_hub_batches_total`: `result="stored|duplicate|quarantined|rejected_<reason>"`.
 pub type ResultLabel = [(&'static str, &'static str); 1];
 
 /// Every `result` label value of `brume_hub_batches_total`.
-pub const ALL_RESULTS: [&str; 7] = [
+pub const ALL_RESULTS: [&str; 8] = [
     "stored",
     "duplicate",
+    "quarantined",
     "rejected_bad_topic",
     "rejected_malformed",
     "rejected_agent_mismatch",
@@ -49,6 +50,11 @@ pub struct Metrics {
     pub agent_missing_batches: Family<Vec<(String, String)>, Gauge<i64, AtomicI64>>,
     /// Agents online (by their presence messages), refreshed with the above.
     pub agents_online: Gauge<i64, AtomicI64>,
+    /// Batches put in quarantine (or quarantined again on a re-send), by
+    /// `reason="invalid|rejected"`.
+    pub quarantined: Family<[(&'static str, &'static str); 1], Counter>,
+    /// Quarantine entries leaving quarantine, by `action="reingested|discarded"`.
+    pub quarantine_released: Family<[(&'static str, &'static str); 1], Counter>,
 }
 
 impl Metrics {
@@ -115,7 +121,27 @@ impl Metrics {
         );
         let agents_online = Gauge::<i64, AtomicI64>::default();
         registry.register("agents_online", "Agents whose presence says online", agents_online.clone());
+        let quarantined = Family::<ResultLabel, Counter>::default();
+        for reason in ["invalid", "rejected"] {
+            let _ = quarantined.get_or_create(&[("reason", reason)]);
+        }
+        registry.register(
+            "quarantined",
+            "Batches quarantined and acknowledged without being stored, by reason (GET /api/v1/quarantine)",
+            quarantined.clone(),
+        );
+        let quarantine_released = Family::<ResultLabel, Counter>::default();
+        for action in ["reingested", "discarded"] {
+            let _ = quarantine_released.get_or_create(&[("action", action)]);
+        }
+        registry.register(
+            "quarantine_released",
+            "Quarantined batches re-ingested or discarded by an operator",
+            quarantine_released.clone(),
+        );
         Arc::new(Metrics {
+            quarantined,
+            quarantine_released,
             registry,
             agent_missing_batches,
             agents_online,

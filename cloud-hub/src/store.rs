@@ -95,6 +95,56 @@ pub enum StoreError {
     },
 }
 
+impl StoreError {
+    /// Whether the error says the database is unavailable (down, unreachable, out of
+    /// disk, locked, overloaded, in failover), as opposed to refusing what it was given.
+    ///
+    /// The ingest task retries a transient failure as it is, whole, for as long as it
+    /// lasts: nothing is wrong with the batches. Any other failure makes the batches the
+    /// suspects: the group is split, and a batch that fails alone again and again is
+    /// quarantined (see `crate::ingest`). Misjudging a transient error as content costs
+    /// little (the ingest task also pings the store before it blames a batch); misjudging
+    /// content as transient would stall every agent, so only errors known to be about
+    /// availability are listed here.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            StoreError::CreateDir { .. }
+            | StoreError::PostgresConnect { .. }
+            | StoreError::Timeout { .. }
+            | StoreError::Runtime(_) => true,
+            StoreError::Postgres { source, .. } => match source.code() {
+                // No SQLSTATE: the connection broke (IO error, server gone).
+                None => true,
+                // 08 connection exception, 40 transaction rollback (serialization failure,
+                // deadlock), 53 insufficient resources (disk full, out of memory, too many
+                // connections), 57 operator intervention (shutdown, cancel, crash
+                // recovery), 58 system error (IO), 55P03 lock not available.
+                Some(code) => {
+                    let c = code.code();
+                    ["08", "40", "53", "57", "58"].iter().any(|p| c.starts_with(p)) || c == "55P03"
+                }
+            },
+            StoreError::Sqlite { source, .. } => {
+                use rusqlite::ErrorCode as C;
+                matches!(
+                    source.sqlite_error_code(),
+                    Some(
+                        C::DatabaseBusy
+                            | C::DatabaseLocked
+                            | C::DiskFull
+                            | C::SystemIoFailure
+                            | C::CannotOpen
+                            | C::ReadOnly
+                            | C::OutOfMemory
+                            | C::FileLockingProtocolFailed
+                    )
+                )
+            }
+            StoreError::SchemaTooNew { .. } | StoreError::Corrupt(_) | StoreError::TooManyReadings { .. } => false,
+        }
+    }
+}
+
 /// Maps a `u64` epoch to an `i64` with the same ordering (flips the sign bit).
 ///
 /// Both SQL backends store epochs as signed 64-bit integers; flipping the sign bit makes
@@ -439,6 +489,157 @@ pub trait HubStore: Send + Sync + 'static {
 
     /// Every agent's latest presence message, sorted by agent id.
     fn presence(&self) -> Result<Vec<PresenceRecord>, StoreError>;
+
+    /// Puts a batch in quarantine, durably, in its own transaction: its bytes and the
+    /// error are kept until an operator re-ingests or discards it. The same
+    /// `(agent_id, epoch, seq)` arriving again updates the existing entry (error, last
+    /// receipt, delivery count) and keeps the first payload. Returns the entry's id.
+    fn quarantine(&self, q: &NewQuarantine<'_>) -> Result<i64, StoreError>;
+
+    /// The quarantine entry of a batch, if it has one.
+    fn quarantine_id(&self, agent_id: &str, epoch: u64, seq: u64) -> Result<Option<i64>, StoreError>;
+
+    /// Quarantined batches with `id > after`, oldest first, at most `limit`.
+    fn quarantined(&self, after: i64, limit: usize) -> Result<Vec<QuarantinedBatch>, StoreError>;
+
+    /// One quarantined batch with its payload.
+    fn quarantined_payload(&self, id: i64) -> Result<Option<(QuarantinedBatch, Vec<u8>)>, StoreError>;
+
+    /// Removes a quarantine entry (after it was re-ingested, or on an operator's explicit
+    /// discard). Returns whether it existed.
+    fn release_quarantined(&self, id: i64) -> Result<bool, StoreError>;
+}
+
+/// Why a batch was quarantined instead of stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QuarantineReason {
+    /// The batch's envelope names a valid agent and sequence number, but its content
+    /// breaks the protocol's rules (a control character in a name, a timestamp outside
+    /// 2000..2200, a fields blob that does not decode...). Typically sent by an agent
+    /// older than the hub, or a foreign client.
+    Invalid,
+    /// The batch passed validation, but the database refused to store it, alone, several
+    /// times in a row while it stored other batches and answered pings.
+    Rejected,
+}
+
+impl QuarantineReason {
+    /// Stable lower-case name, stored and served by the API.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            QuarantineReason::Invalid => "invalid",
+            QuarantineReason::Rejected => "rejected",
+        }
+    }
+
+    /// Parses [`QuarantineReason::as_str`].
+    pub fn parse(s: &str) -> Result<QuarantineReason, StoreError> {
+        match s {
+            "invalid" => Ok(QuarantineReason::Invalid),
+            "rejected" => Ok(QuarantineReason::Rejected),
+            other => Err(StoreError::Corrupt(format!("unknown quarantine reason {other:?}"))),
+        }
+    }
+}
+
+/// A batch to put in quarantine: its raw bytes, exactly as received, and why.
+#[derive(Debug, Clone)]
+pub struct NewQuarantine<'a> {
+    /// Agent id from the topic (validated, equal to the payload's).
+    pub agent_id: &'a str,
+    /// Epoch from the envelope.
+    pub epoch: u64,
+    /// Sequence number from the envelope (any `u64`: out-of-range ones are a reason).
+    pub seq: u64,
+    /// The MQTT topic it arrived on.
+    pub topic: &'a str,
+    /// Why.
+    pub reason: QuarantineReason,
+    /// The validation or database error, for the operator.
+    pub error: &'a str,
+    /// The publish payload, byte for byte.
+    pub payload: &'a [u8],
+    /// Hub time of receipt, ms since the Unix epoch.
+    pub received_ms: i64,
+}
+
+/// One quarantined batch, as listed by `GET /api/v1/quarantine`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QuarantinedBatch {
+    /// Store-assigned id, ascending in order of first quarantine.
+    pub id: i64,
+    /// Agent id.
+    pub agent_id: String,
+    /// Store epoch.
+    pub epoch: u64,
+    /// Sequence number.
+    pub seq: u64,
+    /// MQTT topic it arrived on.
+    pub topic: String,
+    /// Why.
+    pub reason: QuarantineReason,
+    /// The last error.
+    pub error: String,
+    /// Size of the stored payload.
+    pub bytes: u64,
+    /// First time it was quarantined, ms since the Unix epoch.
+    pub first_received_ms: i64,
+    /// Last time it arrived (agents re-send batches whose ack they missed).
+    pub last_received_ms: i64,
+    /// How many times it arrived and was quarantined.
+    pub deliveries: u64,
+}
+
+/// The columns both backends select for a quarantine entry, in this order.
+pub(crate) const QUARANTINE_COLUMNS: &str =
+    "id, agent_id, epoch, seq, topic, reason, error, length(payload), first_received_ms, last_received_ms, deliveries";
+
+/// A quarantine entry from [`QUARANTINE_COLUMNS`] (epoch and seq stored with
+/// [`epoch_to_sql`], since a quarantined seq may be beyond `i64`).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn quarantine_entry(
+    id: i64,
+    agent_id: String,
+    epoch: i64,
+    seq: i64,
+    topic: String,
+    reason: &str,
+    error: String,
+    bytes: i64,
+    first_received_ms: i64,
+    last_received_ms: i64,
+    deliveries: i64,
+) -> Result<QuarantinedBatch, StoreError> {
+    Ok(QuarantinedBatch {
+        id,
+        agent_id,
+        epoch: epoch_from_sql(epoch),
+        seq: epoch_from_sql(seq),
+        topic,
+        reason: QuarantineReason::parse(reason)?,
+        error,
+        bytes: bytes.max(0) as u64,
+        first_received_ms,
+        last_received_ms,
+        deliveries: deliveries.max(0) as u64,
+    })
+}
+
+/// Largest page of `GET /api/v1/quarantine`.
+pub const MAX_QUARANTINE_PAGE: usize = 1000;
+
+/// Error text as stored: control characters (which PostgreSQL `text` may refuse, U+0000
+/// in particular) escaped, at most 4 KiB.
+pub(crate) fn storable_text(s: &str) -> String {
+    let mut out: String = s.chars().flat_map(|c| if c.is_control() { c.escape_default().collect::<Vec<_>>() } else { vec![c] }).collect();
+    if out.len() > 4096 {
+        let mut end = 4096;
+        while !out.is_char_boundary(end) {
+            end -= 1;
+        }
+        out.truncate(end);
+    }
+    out
 }
 
 /// An agent's latest presence message and when the hub received it.

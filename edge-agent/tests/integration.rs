@@ -78,6 +78,8 @@ async fn mqtt_v5_bad_payloads_get_payload_format_invalid() {
     expect_puback_v5(&mut c, 1, v5::PubAckReason::PayloadFormatInvalid).await;
     c.send_v5(publish_v5("sensors/t", QoS5::AtLeastOnce, 2, r#"{"temp": "#)).await;
     expect_puback_v5(&mut c, 2, v5::PubAckReason::PayloadFormatInvalid).await;
+    c.send_v5(publish_v5("sensors/t", QoS5::AtLeastOnce, 4, r#"{"a\u0000": 1}"#)).await;
+    expect_puback_v5(&mut c, 4, v5::PubAckReason::PayloadFormatInvalid).await;
     c.send_v5(publish_v5("sensors/t", QoS5::AtLeastOnce, 3, r#"{"temp": 20}"#)).await;
     expect_puback_v5(&mut c, 3, v5::PubAckReason::Success).await;
 
@@ -86,6 +88,7 @@ async fn mqtt_v5_bad_payloads_get_payload_format_invalid() {
     agent.wait_readings(1).await;
     assert_eq!(agent.bad_input("not_utf8").await, 1);
     assert_eq!(agent.bad_input("bad_json").await, 1);
+    assert_eq!(agent.bad_input("bad_field").await, 1, "a control character in a field name");
 
     agent.assert_still_works("probe", 2).await;
 }
@@ -266,6 +269,13 @@ async fn http_ingest() {
     let (code, body) = post(&agent, "/api/v1/write", Some("text/plain"), "cpu,host=a usage=0.5\nmem free=12i\n").await;
     assert_eq!((code, body.as_str()), (204, ""));
     agent.wait_readings(5).await;
+
+    // Issue 10: this reading stopped a PostgreSQL hub, and every agent with it.
+    let (code, body) = post(&agent, "/api/v1/write?stream=bad", json, r#"{"a\u0000":1}"#).await;
+    assert_eq!(code, 400, "{body}");
+    let err = error_of(&body);
+    assert!(err.contains("field name") && err.contains("U+0000"), "names the field and the character: {err:?}");
+    assert_eq!(agent.bad_input("bad_field").await, 1);
 
     let (code, body) = post(&agent, "/api/v1/write?stream=x", json, "").await;
     assert_eq!(code, 400, "{body}");

@@ -131,7 +131,7 @@ impl Pg {
         let url = self.server.create_db(db);
         let mut config: tokio_postgres::Config = url.parse()?;
         config.connect_timeout(Duration::from_secs(5));
-        Ok(PostgresStore::connect(PostgresOptions { config, pool_size: 4, query_timeout: Duration::from_secs(120) })?)
+        Ok(PostgresStore::connect(PostgresOptions { config, pool_size: 4, query_timeout: Duration::from_secs(120), partition_window: Default::default() })?)
     }
 
     /// The raw ceiling: the same rows (the hub's reading columns) inserted with

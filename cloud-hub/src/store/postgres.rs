@@ -12,8 +12,10 @@
 //!   duplicate instead of resurrecting dropped data.
 //! * `streams(id, name UNIQUE)`: stream ids.
 //! * `readings(stream_id, ts_ns, agent_id, epoch, seq, idx, fields)`, **partitioned by
-//!   `RANGE (ts_ns)`, one partition per UTC day** (`readings_pYYYYMMDD`), created on demand
-//!   before the rows that need them are inserted. `fields` is the agent's `FieldsBlob`
+//!   `RANGE (ts_ns)`, one partition per UTC day** (`readings_pYYYYMMDD`) for the days of the
+//!   [`PartitionWindow`] around today, created on demand before the rows that need them
+//!   are inserted, and a DEFAULT partition `readings_default` (v6) for every other day, so
+//!   the number of tables is bounded whatever timestamps agents send. `fields` is the agent's `FieldsBlob`
 //!   (`bytea`), byte for byte. The index `(stream_id, ts_ns, agent_id, epoch, seq, idx)`
 //!   exists on every partition and is exactly the API's sort order: a time-range query
 //!   touches only the partitions of its range (pruning) and reads each through an
@@ -25,6 +27,9 @@
 //!   × days rows, never `readings`), and retention deletes a day's rows together with its
 //!   partition, so the listing stays exact after old data is dropped.
 //! * `losses(agent_id, epoch, stream, reason, total)`: the maximum cumulative total seen.
+//! * `lineage`, `rollups`, `presence` (v2–v4) as in SQLite.
+//! * `quarantine(id, agent_id, epoch, seq, topic, reason, error, payload, ...)` (v5):
+//!   batches acknowledged without being stored, with their raw bytes (`crate::ingest`).
 //!
 //! Text columns that the API sorts by use `COLLATE "C"` (byte order), the order SQLite
 //! uses, whatever locale the database was created with. Epochs are stored with the sign
@@ -73,9 +78,10 @@ use tokio_postgres::types::Type;
 use tokio_postgres::{Client, IsolationLevel, NoTls, Transaction};
 
 use super::{
-    AgentSummary, BatchOutcome, HubStore, LineageRange, LossSummary, ModuleSummary, PresenceRecord, ReadingsPage,
-    ReadingsQuery, StoreError, StoredReading, StreamSummary, attach_lineage, decode_presence, module_ref, epoch_from_sql,
-    epoch_to_sql, lineage_ranges, loss_reason_from_str,
+    AgentSummary, BatchOutcome, HubStore, LineageRange, LossSummary, MAX_QUARANTINE_PAGE, ModuleSummary,
+    NewQuarantine, PresenceRecord, QUARANTINE_COLUMNS, QuarantinedBatch, ReadingsPage, ReadingsQuery, StoreError,
+    StoredReading, StreamSummary, attach_lineage, decode_presence, epoch_from_sql, epoch_to_sql, lineage_ranges,
+    loss_reason_from_str, module_ref, quarantine_entry, storable_text,
 };
 
 /// One UTC day in nanoseconds: the partition width.
@@ -88,7 +94,8 @@ const PARTITION_LOCK: i64 = 0x6272_756d_6502;
 
 /// Versioned migrations, applied in order, each in the migration transaction. Never edit
 /// a released entry: add a new one.
-pub const MIGRATIONS: &[(i32, &str)] = &[(1, SCHEMA_V1), (2, SCHEMA_V2), (3, SCHEMA_V3), (4, SCHEMA_V4)];
+pub const MIGRATIONS: &[(i32, &str)] =
+    &[(1, SCHEMA_V1), (2, SCHEMA_V2), (3, SCHEMA_V3), (4, SCHEMA_V4), (5, SCHEMA_V5), (6, SCHEMA_V6)];
 
 /// Newest schema version this build knows.
 pub const SCHEMA_VERSION: i32 = MIGRATIONS[MIGRATIONS.len() - 1].0;
@@ -184,6 +191,33 @@ CREATE TABLE presence (
 );
 "#;
 
+/// Quarantined batches: raw payloads the hub acknowledged without storing (see
+/// `crate::ingest`). Epoch and seq with the sign bit flipped, like `batches.epoch`.
+const SCHEMA_V5: &str = r#"
+CREATE TABLE quarantine (
+    id                int8 GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    agent_id          text COLLATE "C" NOT NULL,
+    epoch             int8 NOT NULL,
+    seq               int8 NOT NULL,
+    topic             text NOT NULL,
+    reason            text NOT NULL,
+    error             text NOT NULL,
+    payload           bytea NOT NULL,
+    first_received_ms int8 NOT NULL,
+    last_received_ms  int8 NOT NULL,
+    deliveries        int8 NOT NULL DEFAULT 1,
+    UNIQUE (agent_id, epoch, seq)
+);
+"#;
+
+/// A DEFAULT partition for readings outside the window of daily partitions (see
+/// [`PartitionWindow`]), with an index on `ts_ns` so that moving a day out of it and
+/// retention touch only that day's rows.
+const SCHEMA_V6: &str = r#"
+CREATE TABLE readings_default PARTITION OF readings DEFAULT;
+CREATE INDEX readings_default_by_time ON readings_default (ts_ns);
+"#;
+
 /// Merges rollup deltas (one row per key per statement) into `rollups`; `SET`
 /// expressions read the old row, so `last` is compared before `last_ts_ns` changes.
 const UPSERT_ROLLUPS: &str = "
@@ -220,6 +254,34 @@ async fn write_rollups(tx: &Transaction<'_>, deltas: RollupDeltas) -> Result<(),
     Ok(())
 }
 
+/// Which days get a daily partition of their own: `days_back` days before today (UTC,
+/// hub clock) through `days_ahead` days after. Readings of other days go to the DEFAULT
+/// partition `readings_default`, so the number of tables is bounded (`days_back +
+/// days_ahead + 1`, plus whatever days retention has not dropped yet) whatever timestamps
+/// agents send: one batch spread over 2000..2200 adds rows, not 73,000 tables.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PartitionWindow {
+    /// Days before today with their own partition.
+    pub days_back: u32,
+    /// Days after today with their own partition.
+    pub days_ahead: u32,
+}
+
+impl Default for PartitionWindow {
+    fn default() -> Self {
+        PartitionWindow { days_back: 31, days_ahead: 3 }
+    }
+}
+
+impl PartitionWindow {
+    /// Whether `day` gets its own partition when today is `today`.
+    pub fn contains(&self, today: i32, day: i32) -> bool {
+        let day = i64::from(day);
+        let today = i64::from(today);
+        (today - i64::from(self.days_back)..=today + i64::from(self.days_ahead)).contains(&day)
+    }
+}
+
 /// How to reach the database and how many connections to use.
 #[derive(Debug, Clone)]
 pub struct PostgresOptions {
@@ -231,6 +293,8 @@ pub struct PostgresOptions {
     /// Bound on one store call, connecting included. On expiry the connection is
     /// dropped, so the server rolls back whatever it had open.
     pub query_timeout: Duration,
+    /// Days with a daily partition; the rest go to the DEFAULT partition.
+    pub partition_window: PartitionWindow,
 }
 
 /// PostgreSQL implementation of [`HubStore`]. See the module docs.
@@ -568,9 +632,22 @@ impl PostgresStore {
         for &day in missing.iter().filter(|d| !existing.contains(d)) {
             let name = partition_name(day);
             let (lo, hi) = partition_bounds(day);
+            // The DEFAULT partition may hold rows of this day (they arrived while it was
+            // outside the window): a partition for the day can only be attached once
+            // they are moved into it. Empty in the usual case, and found through the
+            // default partition's `ts_ns` index either way. Attaching scans the default
+            // partition once to check that nothing of the day is left there.
             // DDL takes no parameters; name and bounds are generated from an integer.
+            let range = format!(
+                "ts_ns >= {} AND ts_ns < {}",
+                i64::from(day).saturating_mul(DAY_NS),
+                (i64::from(day) + 1).saturating_mul(DAY_NS)
+            );
             tx.batch_execute(&format!(
-                "CREATE TABLE {name} PARTITION OF readings FOR VALUES FROM ({lo}) TO ({hi})"
+                "CREATE TABLE {name} (LIKE readings);
+                 WITH moved AS (DELETE FROM readings_default WHERE {range} RETURNING *)
+                     INSERT INTO {name} SELECT * FROM moved;
+                 ALTER TABLE readings ATTACH PARTITION {name} FOR VALUES FROM ({lo}) TO ({hi});"
             ))
             .await
             .map_err(pg("creating partition"))?;
@@ -625,7 +702,12 @@ impl PostgresStore {
                 dropped.push((day, name));
             }
             let days: Vec<i32> = dropped.iter().map(|d| d.0).collect();
-            tx.execute("DELETE FROM stream_days WHERE day = ANY($1)", &[&days])
+            // Days outside the partition window live in the default partition.
+            let cutoff = i64::from(first_kept).saturating_mul(DAY_NS);
+            tx.execute("DELETE FROM readings_default WHERE ts_ns < $1", &[&cutoff])
+                .await
+                .map_err(pg("deleting old readings of the default partition"))?;
+            tx.execute("DELETE FROM stream_days WHERE day < $1", &[&first_kept])
                 .await
                 .map_err(pg("deleting stream statistics"))?;
             tx.execute(
@@ -671,6 +753,8 @@ impl PostgresStore {
         batches: &[Batch],
         keys: &[Key<'_>],
     ) -> Result<BTreeSet<i32>, StoreError> {
+        let today = day_of(crate::ingest::now_ns());
+        let window = self.options.partition_window;
         let per_batch: Vec<BTreeSet<i32>> = batches
             .iter()
             .map(|b| {
@@ -678,6 +762,7 @@ impl PostgresStore {
                     .iter()
                     .flat_map(|c| c.points.iter())
                     .map(|p| day_of(p.ts_ns))
+                    .filter(|&d| window.contains(today, d))
                     .collect()
             })
             .collect();
@@ -1073,8 +1158,10 @@ async fn ingest_tx(
 
 /// True if `e` says a row had no partition to go to ("no partition of relation ...
 /// found for row"): the partition cache was stale, because another hub dropped the
-/// partition after this one cached it. The schema has no CHECK constraints, so this
-/// SQLSTATE means nothing else here (the message itself may be translated).
+/// partition after this one cached it. Since schema v6 the DEFAULT partition takes such
+/// rows, so this is only a guard for a database whose default partition was removed by
+/// hand. The schema has no CHECK constraints of its own; one added by an operator is
+/// retried once here and then treated like any other refusal (see `crate::ingest`).
 fn is_missing_partition(e: &StoreError) -> bool {
     matches!(e, StoreError::Postgres { source, .. }
         if source.code() == Some(&SqlState::CHECK_VIOLATION))
@@ -1338,6 +1425,97 @@ impl HubStore for PostgresStore {
         })
     }
 
+    fn quarantine(&self, q: &NewQuarantine<'_>) -> Result<i64, StoreError> {
+        let error = storable_text(q.error);
+        self.call("quarantining a batch", async {
+            let mut conn = self.checkout().await?;
+            let id = conn
+                .client()
+                .query_one(
+                    "INSERT INTO quarantine (agent_id, epoch, seq, topic, reason, error, payload, first_received_ms, last_received_ms)
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $8)
+                     ON CONFLICT (agent_id, epoch, seq) DO UPDATE SET
+                         error = excluded.error, reason = excluded.reason,
+                         last_received_ms = excluded.last_received_ms, deliveries = quarantine.deliveries + 1
+                     RETURNING id",
+                    &[
+                        &q.agent_id,
+                        &epoch_to_sql(q.epoch),
+                        &epoch_to_sql(q.seq),
+                        &q.topic,
+                        &q.reason.as_str(),
+                        &error,
+                        &q.payload,
+                        &q.received_ms,
+                    ],
+                )
+                .await
+                .map_err(pg("quarantining a batch"))?
+                .get(0);
+            conn.release();
+            Ok(id)
+        })
+    }
+
+    fn quarantine_id(&self, agent_id: &str, epoch: u64, seq: u64) -> Result<Option<i64>, StoreError> {
+        self.call("looking up quarantine", async {
+            let mut conn = self.checkout().await?;
+            let row = conn
+                .client()
+                .query_opt(
+                    "SELECT id FROM quarantine WHERE agent_id = $1 AND epoch = $2 AND seq = $3",
+                    &[&agent_id, &epoch_to_sql(epoch), &epoch_to_sql(seq)],
+                )
+                .await
+                .map_err(pg("looking up quarantine"))?;
+            conn.release();
+            Ok(row.map(|r| r.get(0)))
+        })
+    }
+
+    fn quarantined(&self, after: i64, limit: usize) -> Result<Vec<QuarantinedBatch>, StoreError> {
+        let limit = limit.min(MAX_QUARANTINE_PAGE) as i64;
+        self.call("listing quarantine", async {
+            let mut conn = self.checkout().await?;
+            let rows = conn
+                .client()
+                .query(
+                    &format!("SELECT {QUARANTINE_COLUMNS} FROM quarantine WHERE id > $1 ORDER BY id LIMIT $2"),
+                    &[&after, &limit],
+                )
+                .await
+                .map_err(pg("listing quarantine"))?;
+            conn.release();
+            rows.iter().map(quarantine_row).collect()
+        })
+    }
+
+    fn quarantined_payload(&self, id: i64) -> Result<Option<(QuarantinedBatch, Vec<u8>)>, StoreError> {
+        self.call("reading quarantine", async {
+            let mut conn = self.checkout().await?;
+            let row = conn
+                .client()
+                .query_opt(&format!("SELECT {QUARANTINE_COLUMNS}, payload FROM quarantine WHERE id = $1"), &[&id])
+                .await
+                .map_err(pg("reading quarantine"))?;
+            conn.release();
+            row.map(|r| Ok((quarantine_row(&r)?, r.get(11)))).transpose()
+        })
+    }
+
+    fn release_quarantined(&self, id: i64) -> Result<bool, StoreError> {
+        self.call("releasing quarantine", async {
+            let mut conn = self.checkout().await?;
+            let n = conn
+                .client()
+                .execute("DELETE FROM quarantine WHERE id = $1", &[&id])
+                .await
+                .map_err(pg("releasing quarantine"))?;
+            conn.release();
+            Ok(n == 1)
+        })
+    }
+
     fn drop_days_before(&self, ts_ns: i64) -> Result<u64, StoreError> {
         let first_kept = day_of(ts_ns);
         let readings: i64 = self.call("counting readings to drop", async {
@@ -1397,6 +1575,23 @@ impl HubStore for PostgresStore {
                 .collect())
         })
     }
+}
+
+/// A row of [`QUARANTINE_COLUMNS`].
+fn quarantine_row(r: &tokio_postgres::Row) -> Result<QuarantinedBatch, StoreError> {
+    quarantine_entry(
+        r.get(0),
+        r.get(1),
+        r.get(2),
+        r.get(3),
+        r.get(4),
+        r.get::<_, &str>(5),
+        r.get(6),
+        r.get::<_, i32>(7).into(),
+        r.get(8),
+        r.get(9),
+        r.get(10),
+    )
 }
 
 async fn agents_in_snapshot(tx: &Transaction<'_>) -> Result<Vec<AgentSummary>, StoreError> {

@@ -1,6 +1,6 @@
 //! [`HubStore`] on one SQLite file (`data_dir/hub.db`).
 //!
-//! # Schema (version 3, `PRAGMA user_version`)
+//! # Schema (version 5, `PRAGMA user_version`)
 //!
 //! * `batches(agent_id, epoch, seq, readings, created_ms, received_ms)`, primary key
 //!   `(agent_id, epoch, seq)`: the dedup key. A batch's readings are inserted in the
@@ -20,6 +20,9 @@
 //!   one-minute aggregates of every numeric field, updated from new readings in the
 //!   ingest transaction (see `crate::aggregate`); the v3 migration rolls up the readings
 //!   already stored.
+//! * `presence(agent_id, received_ms, status)` (v4): each agent's latest presence message.
+//! * `quarantine(id, agent_id, epoch, seq, topic, reason, error, payload, ...)` (v5):
+//!   batches acknowledged without being stored, with their raw bytes (`crate::ingest`).
 //!
 //! Epochs are random `u64`s; SQLite integers are `i64`. They are stored with the sign
 //! bit flipped ([`epoch_to_sql`]) so that SQLite's integer order is the `u64` order the
@@ -47,12 +50,13 @@ use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 
 use super::{
     AgentSummary, BatchOutcome, HubStore, LineageRange, LossSummary, ModuleSummary, ReadingsPage,
-    PresenceRecord, ReadingsQuery, StoreError, StoredReading, StreamSummary, attach_lineage, decode_presence,
-    module_ref, lineage_ranges, loss_reason_from_str,
+    NewQuarantine, PresenceRecord, QuarantinedBatch, ReadingsQuery, StoreError, StoredReading, StreamSummary,
+    MAX_QUARANTINE_PAGE, QUARANTINE_COLUMNS, attach_lineage, decode_presence, module_ref, lineage_ranges,
+    loss_reason_from_str, quarantine_entry, storable_text,
 };
 
 /// Schema version this build writes and understands.
-pub const SCHEMA_VERSION: i64 = 4;
+pub const SCHEMA_VERSION: i64 = 5;
 
 /// Idle read connections kept open. More concurrent readers open extra connections
 /// that are closed after use; this only bounds what stays open.
@@ -138,6 +142,25 @@ CREATE TABLE presence (
     received_ms INTEGER NOT NULL,
     status      BLOB    NOT NULL
 ) WITHOUT ROWID;
+";
+
+/// Quarantined batches: raw payloads the hub acknowledged without storing (see
+/// `crate::ingest`). Epoch and seq with the sign bit flipped, like `batches.epoch`.
+const SCHEMA_V5: &str = "
+CREATE TABLE quarantine (
+    id                INTEGER PRIMARY KEY,
+    agent_id          TEXT    NOT NULL,
+    epoch             INTEGER NOT NULL,
+    seq               INTEGER NOT NULL,
+    topic             TEXT    NOT NULL,
+    reason            TEXT    NOT NULL,
+    error             TEXT    NOT NULL,
+    payload           BLOB    NOT NULL,
+    first_received_ms INTEGER NOT NULL,
+    last_received_ms  INTEGER NOT NULL,
+    deliveries        INTEGER NOT NULL DEFAULT 1,
+    UNIQUE (agent_id, epoch, seq)
+);
 ";
 
 /// Merges rollup deltas into `rollups` (see `Agg::merge`: `SET` expressions read the old
@@ -268,6 +291,10 @@ fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
     if version < 4 {
         tx.execute_batch(SCHEMA_V4)
             .map_err(sql("creating schema v4"))?;
+    }
+    if version < 5 {
+        tx.execute_batch(SCHEMA_V5)
+            .map_err(sql("creating schema v5"))?;
     }
     // Later versions add `if version < N { ... }` steps here, in order.
     tx.pragma_update(None, "user_version", SCHEMA_VERSION)
@@ -737,6 +764,77 @@ impl HubStore for SqliteStore {
         Ok(total)
     }
 
+    fn quarantine(&self, q: &NewQuarantine<'_>) -> Result<i64, StoreError> {
+        let guard = lock(&self.writer);
+        guard
+            .conn
+            .prepare_cached(
+                "INSERT INTO quarantine (agent_id, epoch, seq, topic, reason, error, payload, first_received_ms, last_received_ms)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?8)
+                 ON CONFLICT (agent_id, epoch, seq) DO UPDATE SET
+                     error = excluded.error, reason = excluded.reason,
+                     last_received_ms = excluded.last_received_ms, deliveries = deliveries + 1
+                 RETURNING id",
+            )
+            .and_then(|mut st| {
+                st.query_row(
+                    params![
+                        q.agent_id,
+                        epoch_to_sql(q.epoch),
+                        epoch_to_sql(q.seq),
+                        q.topic,
+                        q.reason.as_str(),
+                        storable_text(q.error),
+                        q.payload,
+                        q.received_ms
+                    ],
+                    |r| r.get(0),
+                )
+            })
+            .map_err(sql("quarantining a batch"))
+    }
+
+    fn quarantine_id(&self, agent_id: &str, epoch: u64, seq: u64) -> Result<Option<i64>, StoreError> {
+        self.with_reader(|conn| {
+            conn.prepare_cached("SELECT id FROM quarantine WHERE agent_id = ?1 AND epoch = ?2 AND seq = ?3")
+                .and_then(|mut st| st.query_row(params![agent_id, epoch_to_sql(epoch), epoch_to_sql(seq)], |r| r.get(0)).optional())
+                .map_err(sql("looking up quarantine"))
+        })
+    }
+
+    fn quarantined(&self, after: i64, limit: usize) -> Result<Vec<QuarantinedBatch>, StoreError> {
+        self.with_reader(|conn| {
+            let mut st = conn
+                .prepare_cached(&format!("SELECT {QUARANTINE_COLUMNS} FROM quarantine WHERE id > ?1 ORDER BY id LIMIT ?2"))
+                .map_err(sql("listing quarantine"))?;
+            let rows = st
+                .query_map(params![after, limit.min(MAX_QUARANTINE_PAGE) as i64], quarantine_row)
+                .and_then(|rows| rows.collect::<Result<Vec<_>, _>>())
+                .map_err(sql("listing quarantine"))?;
+            rows.into_iter().collect()
+        })
+    }
+
+    fn quarantined_payload(&self, id: i64) -> Result<Option<(QuarantinedBatch, Vec<u8>)>, StoreError> {
+        self.with_reader(|conn| {
+            let row = conn
+                .prepare_cached(&format!("SELECT {QUARANTINE_COLUMNS}, payload FROM quarantine WHERE id = ?1"))
+                .and_then(|mut st| st.query_row([id], |r| Ok((quarantine_row(r)?, r.get::<_, Vec<u8>>(11)?))).optional())
+                .map_err(sql("reading quarantine"))?;
+            row.map(|(entry, payload)| Ok((entry?, payload))).transpose()
+        })
+    }
+
+    fn release_quarantined(&self, id: i64) -> Result<bool, StoreError> {
+        let guard = lock(&self.writer);
+        let n = guard
+            .conn
+            .prepare_cached("DELETE FROM quarantine WHERE id = ?1")
+            .and_then(|mut st| st.execute([id]))
+            .map_err(sql("releasing quarantine"))?;
+        Ok(n == 1)
+    }
+
     fn ping(&self) -> Result<(), StoreError> {
         self.with_reader(|conn| conn.query_row("SELECT count(*) FROM streams", [], |_| Ok(())).map_err(sql("ping")))
     }
@@ -768,6 +866,23 @@ impl HubStore for SqliteStore {
             .map_err(sql("reading rollups"))
         })
     }
+}
+
+/// A row of [`QUARANTINE_COLUMNS`]; the inner `Result` is a stored value that does not parse.
+fn quarantine_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Result<QuarantinedBatch, StoreError>> {
+    Ok(quarantine_entry(
+        r.get(0)?,
+        r.get(1)?,
+        r.get(2)?,
+        r.get(3)?,
+        r.get(4)?,
+        &r.get::<_, String>(5)?,
+        r.get(6)?,
+        r.get(7)?,
+        r.get(8)?,
+        r.get(9)?,
+        r.get(10)?,
+    ))
 }
 
 fn agents_in_snapshot(conn: &Connection) -> Result<Vec<AgentSummary>, StoreError> {

@@ -44,6 +44,8 @@ macro_rules! store_suite {
             migration_to_v3_rolls_up_existing_readings,
             presence_keeps_the_latest_message_per_agent,
             retention_drops_whole_days_and_keeps_rollups,
+            poison_batches_are_quarantined_and_block_nothing,
+            quarantine_lists_reingests_and_discards,
         );
     };
     (@tests $fixture:ty; $($name:ident),* $(,)?) => {
@@ -701,4 +703,199 @@ pub(crate) fn retention_drops_whole_days_and_keeps_rollups(f: &impl Fixture) {
         [BatchOutcome::Duplicate]
     );
     assert_eq!(store.drop_days_before(d0 + DAY + 10).unwrap(), 0, "idempotent");
+}
+
+/// How a test batch is broken, if it is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Poison {
+    /// A valid batch.
+    None,
+    /// Sequence number beyond `i64`: every store refuses it before any SQL.
+    SeqOutOfRange,
+    /// A fields blob that does not decode: refused while computing rollups.
+    CorruptFields,
+    /// U+0000 in a stream name: PostgreSQL refuses it in SQL (`text` cannot hold it);
+    /// SQLite can store it. Stored or quarantined, it must never hold up the others.
+    NulInStreamName,
+}
+
+/// Random groups of valid and poison batches from several agents, with re-sends of
+/// both, stored through the ingest task's [`Committer`](crate::ingest::Committer): every
+/// valid batch is stored exactly once, every poison one quarantined (once, however often
+/// it arrives), and no group waits for a poison batch. Deterministic seed.
+pub(crate) fn poison_batches_are_quarantined_and_block_nothing(f: &impl Fixture) {
+    use crate::ingest::{Committer, Outcome, QuarantinePolicy};
+    use rand::{Rng, SeedableRng};
+    use std::collections::{BTreeMap, BTreeSet};
+    use std::sync::Arc;
+
+    let store: Arc<dyn HubStore> = Arc::new(f.open());
+    let committer = Committer {
+        store: Arc::clone(&store),
+        metrics: crate::metrics::Metrics::new(),
+        policy: QuarantinePolicy { attempts: 2, retry_delay: std::time::Duration::from_millis(1) },
+    };
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(10);
+    let t0 = 19_723 * 86_400_000_000_000i64; // 2024-01-01
+    // Every batch ever sent, by key, so a re-send is byte for byte the same batch.
+    let mut sent: Vec<(Batch, Poison)> = Vec::new();
+    // Outcome of each key's first arrival: stored, or quarantined with this id.
+    let mut first: BTreeMap<(String, u64, u64), Outcome> = BTreeMap::new();
+    let mut deliveries: BTreeMap<(String, u64, u64), u64> = BTreeMap::new();
+    let mut next_seq: BTreeMap<&str, u64> = BTreeMap::new();
+    let (mut groups_with_poison, mut quarantined_in_mixed_groups) = (0, 0);
+    for _ in 0..25 {
+        let group: Vec<(Batch, Poison)> = (0..rng.random_range(1..10))
+            .map(|_| {
+                if !sent.is_empty() && rng.random_bool(0.2) {
+                    return sent[rng.random_range(0..sent.len())].clone(); // a re-send
+                }
+                let agent = ["a", "b", "c", "d"][rng.random_range(0..4)];
+                let seq = next_seq.entry(agent).or_insert(0);
+                *seq += 1;
+                let ts = t0 + rng.random_range(0..1_000_000_000);
+                let mut b = batch(agent, 7, *seq, &[("s", &[ts]), ("t", &[ts + 1])]);
+                let poison = match rng.random_range(0..10) {
+                    0 => Poison::SeqOutOfRange,
+                    1 => Poison::CorruptFields,
+                    2 => Poison::NulInStreamName,
+                    _ => Poison::None,
+                };
+                match poison {
+                    Poison::None => {}
+                    Poison::SeqOutOfRange => b.seq = u64::MAX - *seq,
+                    Poison::CorruptFields => b.streams[1].points[0].fields = FieldsBlob(vec![0xff, 0xff, 0xff]),
+                    Poison::NulInStreamName => b.streams[1].stream = "bad\u{0}name".into(),
+                }
+                sent.push((b.clone(), poison));
+                (b, poison)
+            })
+            .collect();
+        let batches = Arc::new(group.iter().map(|(b, _)| b.clone()).collect::<Vec<_>>());
+        let payloads: Vec<(String, Vec<u8>)> = batches
+            .iter()
+            .map(|b| (brume_protocol::topics::batches(&b.agent_id), brume_protocol::AgentMessage::BatchV2(b.clone()).encode()))
+            .collect();
+        let raw: Vec<(&str, &[u8])> = payloads.iter().map(|(t, p)| (t.as_str(), p.as_slice())).collect();
+        let outcomes = rt
+            .block_on(async {
+                tokio::time::timeout(std::time::Duration::from_secs(60), committer.store(&batches, &raw, &shutdown)).await
+            })
+            .expect("a group with poison batches must not wait forever")
+            .expect("not shut down");
+        assert_eq!(outcomes.len(), group.len());
+        let poisoned = group.iter().any(|(_, p)| *p != Poison::None);
+        groups_with_poison += usize::from(poisoned);
+        for ((b, poison), outcome) in group.iter().zip(outcomes) {
+            let key = (b.agent_id.clone(), b.epoch, b.seq);
+            *deliveries.entry(key.clone()).or_default() += 1;
+            match (poison, outcome, first.get(&key)) {
+                (Poison::None, Outcome::Store(BatchOutcome::Stored), None) => {}
+                (Poison::None, Outcome::Store(BatchOutcome::Duplicate), Some(_)) => {}
+                (Poison::SeqOutOfRange | Poison::CorruptFields, Outcome::Quarantined(id), prev) => {
+                    assert!(prev.is_none_or(|p| *p == Outcome::Quarantined(id)), "{key:?}: a re-send keeps its entry");
+                    quarantined_in_mixed_groups += usize::from(group.len() > 1);
+                }
+                (Poison::NulInStreamName, Outcome::Quarantined(id), prev) => {
+                    assert!(prev.is_none_or(|p| *p == Outcome::Quarantined(id)), "{key:?}");
+                }
+                (Poison::NulInStreamName, Outcome::Store(o), prev) => {
+                    assert_eq!(o == BatchOutcome::Stored, prev.is_none(), "{key:?}");
+                }
+                (p, o, prev) => panic!("{key:?} ({p:?}): outcome {o:?} after {prev:?}"),
+            }
+            first.entry(key).or_insert(outcome);
+        }
+    }
+    assert!(groups_with_poison >= 5 && quarantined_in_mixed_groups >= 3, "the seed exercises mixed groups");
+
+    // The store agrees: exactly the first-stored batches are there, once, and exactly
+    // the quarantined ones are listed, with how often they arrived.
+    let stored: BTreeSet<&(String, u64, u64)> =
+        first.iter().filter(|(_, o)| matches!(o, Outcome::Store(_))).map(|(k, _)| k).collect();
+    let per_agent = store.agents().unwrap();
+    let listed: BTreeSet<(String, u64, u64)> = per_agent
+        .iter()
+        .flat_map(|a| {
+            let missing = a.missing.clone();
+            (1..=a.max_seq)
+                .filter(move |s| !missing.iter().any(|&(lo, hi)| (lo..=hi).contains(s)))
+                .map(move |s| (a.agent_id.clone(), a.epoch, s))
+        })
+        .collect();
+    assert_eq!(listed.iter().collect::<BTreeSet<_>>(), stored, "every valid batch stored, nothing else");
+    let stored_readings: u64 = per_agent.iter().map(|a| a.readings).sum();
+    assert_eq!(stored_readings, 2 * stored.len() as u64, "each batch's two readings, once");
+    let quarantined = store.quarantined(0, 1000).unwrap();
+    let want: BTreeMap<(String, u64, u64), (i64, u64)> = first
+        .iter()
+        .filter_map(|(k, o)| match o {
+            Outcome::Quarantined(id) => Some((k.clone(), (*id, deliveries[k]))),
+            Outcome::Store(_) => None,
+        })
+        .collect();
+    let got: BTreeMap<(String, u64, u64), (i64, u64)> =
+        quarantined.iter().map(|q| ((q.agent_id.clone(), q.epoch, q.seq), (q.id, q.deliveries))).collect();
+    assert_eq!(got, want);
+    for q in &quarantined {
+        assert_eq!(q.reason, super::QuarantineReason::Rejected);
+        assert!(!q.error.is_empty() && !q.error.contains('\0'), "{q:?}");
+        let (_, payload) = store.quarantined_payload(q.id).unwrap().unwrap();
+        let (b, _) = sent.iter().find(|(b, _)| (b.agent_id.as_str(), b.epoch, b.seq) == (q.agent_id.as_str(), q.epoch, q.seq)).unwrap();
+        assert_eq!(payload, brume_protocol::AgentMessage::BatchV2(b.clone()).encode(), "the bytes as they arrived");
+    }
+}
+
+/// The quarantine API of the store and `ingest::reingest`: entries are listed by id in
+/// pages, a batch that is valid now is re-ingested and leaves quarantine, one that is
+/// still invalid stays, and a discarded one is gone.
+pub(crate) fn quarantine_lists_reingests_and_discards(f: &impl Fixture) {
+    use super::{NewQuarantine, QuarantineReason};
+    use crate::ingest::{ReingestResult, reingest};
+    let store = f.open();
+    let t0 = 19_723 * 86_400_000_000_000i64;
+    let good = brume_protocol::AgentMessage::BatchV2(batch("a", 1, 4, &[("s", &[t0])])).encode();
+    let mut bad_batch = batch("a", 1, 5, &[("s", &[t0])]);
+    bad_batch.streams[0].points[0].fields = FieldsBlob(vec![0xff]);
+    let bad = brume_protocol::AgentMessage::BatchV2(bad_batch).encode();
+    let topic = brume_protocol::topics::batches("a");
+    let q = |seq: u64, payload: &[u8], error: &str| {
+        store
+            .quarantine(&NewQuarantine {
+                agent_id: "a",
+                epoch: 1,
+                seq,
+                topic: &topic,
+                reason: QuarantineReason::Invalid,
+                error,
+                payload,
+                received_ms: 1_000 + seq as i64,
+            })
+            .unwrap()
+    };
+    // `good` stands for a batch an older hub refused and this one accepts.
+    let g = q(4, &good, "refused by an older rule");
+    let b = q(5, &bad, "fields do not decode: \u{0}");
+    assert_eq!(q(5, &bad, "again"), b, "a re-send updates the entry");
+    let list = store.quarantined(0, 10).unwrap();
+    assert_eq!(list.iter().map(|e| (e.id, e.seq, e.deliveries)).collect::<Vec<_>>(), [(g, 4, 1), (b, 5, 2)]);
+    assert_eq!(list[1].error, "again");
+    assert_eq!((list[1].first_received_ms, list[1].last_received_ms), (1_005, 1_005));
+    assert_eq!(list[0].bytes, good.len() as u64);
+    assert_eq!(store.quarantined(g, 10).unwrap().iter().map(|e| e.id).collect::<Vec<_>>(), [b], "paging by id");
+    assert_eq!(store.quarantined(0, 1).unwrap().len(), 1);
+    assert_eq!(store.quarantine_id("a", 1, 5).unwrap(), Some(b));
+    assert_eq!(store.quarantine_id("a", 1, 6).unwrap(), None);
+
+    assert_eq!(reingest(&store, g).unwrap(), ReingestResult::Stored(BatchOutcome::Stored));
+    assert_eq!(store.streams().unwrap()[0].readings, 1);
+    assert!(matches!(reingest(&store, b).unwrap(), ReingestResult::StillInvalid(why) if why.contains("malformed")));
+    assert_eq!(reingest(&store, g).unwrap(), ReingestResult::NotFound, "left quarantine once stored");
+    assert_eq!(store.quarantined(0, 10).unwrap().iter().map(|e| e.id).collect::<Vec<_>>(), [b]);
+    assert!(store.release_quarantined(b).unwrap());
+    assert!(!store.release_quarantined(b).unwrap());
+    assert!(store.quarantined(0, 10).unwrap().is_empty());
+    assert_eq!(store.quarantined_payload(b).unwrap(), None);
 }

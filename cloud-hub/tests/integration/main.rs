@@ -222,17 +222,26 @@ async fn bad_batches_are_counted_and_do_not_stop_ingest() {
         .publish(&batch("a1", 1, 2, &[("s", T0 + 2, 4.0)]))
         .await;
     // One connection delivers in order, so once seq 2 is acked the rejects were handled.
-    let ack = agent
-        .next_ack(util::DEADLINE)
-        .await
-        .expect("ack for the good batch");
-    assert_eq!(
-        ack,
-        HubMessage::AckV1(AckV1 {
-            epoch: 1,
-            seqs: vec![2]
-        })
-    );
+    // Seqs 3 and 4 are a1's own batches with bad timestamps: quarantined and acked (so
+    // a1's outbox moves on); the rest could not be acked to anyone.
+    let mut acked = Vec::new();
+    while !acked.contains(&2) {
+        match agent.next_ack(util::DEADLINE).await.expect("ack for the good batch") {
+            HubMessage::AckV1(AckV1 { epoch: 1, seqs }) => acked.extend(seqs),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert_eq!(acked, [3, 4, 2]);
+    let quarantined = hub.get_json("/api/v1/quarantine").await;
+    let entries: Vec<(u64, &str)> = quarantined["batches"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|q| (q["seq"].as_u64().unwrap(), q["reason"].as_str().unwrap()))
+        .collect();
+    assert_eq!(entries, [(3, "invalid"), (4, "invalid")]);
+    assert!(quarantined["batches"][0]["error"].as_str().unwrap().contains("timestamp"), "{quarantined}");
+    assert_eq!(hub.metric(r#"brume_hub_quarantined_total{reason="invalid"}"#).await, 2.0);
 
     assert_eq!(
         hub.metric(r#"brume_hub_batches_total{result="rejected_malformed"}"#)
@@ -383,11 +392,95 @@ async fn postgres_backend_end_to_end_with_duplicates() {
             .await
             >= 1.0
     );
-    // The rows are in PostgreSQL, in the day's partition.
+    // The rows are in PostgreSQL; 2024 is outside the window of daily partitions
+    // (`storage.postgres.partition_days_back`), so in the default partition.
+    assert_eq!(pg.psql("hub", "SELECT count(*) FROM readings_default"), "3");
+    assert_eq!(pg.psql("hub", "SELECT count(*) FROM reading_partitions"), "0");
+    hub.stop().await;
+}
+
+/// Issue 10: one poison batch stopped every agent. A batch with U+0000 in a field name
+/// (PostgreSQL `text` cannot hold it) made the PostgreSQL hub retry its group forever. Now
+/// it is refused by validation, quarantined and acknowledged; and a batch that passes
+/// validation but that the database refuses (a constraint stands in for any such
+/// refusal) is found by splitting its group and quarantined after a few attempts. Other
+/// agents' batches are stored throughout, and the quarantined ones can be downloaded,
+/// re-ingested once the database accepts them, or discarded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_poison_batches_are_quarantined_and_never_stop_other_agents() {
+    use brume_protocol::{Field, FieldsBlob, Value};
+    use reqwest::Method;
+    let pg = TestPostgres::start();
+    let url = pg.create_db("hub");
+    let broker = Mosquitto::start();
+    let hub = Hub::start_postgres(broker.port, &url).await;
+    let mut bad = Agent::connect(broker.port, "bad-1").await;
+    let mut good = Agent::connect(broker.port, "good-1").await;
+    good.send_until_acked(&batch("good-1", 1, 1, &[("temp", T0, 1.0)])).await;
+
+    // 1. A field name with U+0000, encoded by hand (the protocol crate refuses to).
+    let mut poison = batch("bad-1", 9, 1, &[("temp", T0, 1.0)]);
+    let fields = vec![Field { name: "a\u{0}".into(), value: Value::F64(1.0) }];
+    poison.streams[0].points[0].fields = FieldsBlob(postcard::to_stdvec(&fields).unwrap());
     assert_eq!(
-        pg.psql("hub", "SELECT count(*) FROM readings_p20240101"),
-        "3"
+        bad.send_until_acked(&poison).await,
+        HubMessage::AckV1(AckV1 { epoch: 9, seqs: vec![1] }),
+        "quarantined and acknowledged"
     );
+    good.send_until_acked(&batch("good-1", 1, 2, &[("temp", T0 + 1, 2.0)])).await;
+
+    // 2. Valid, but refused by the database, sent between other batches so that groups
+    //    mix good and poison batches.
+    pg.psql("hub", "ALTER TABLE streams ADD CONSTRAINT no_poison CHECK (name <> 'poison')");
+    for seq in 3..=12 {
+        good.publish(&batch("good-1", 1, seq, &[("temp", T0 + seq as i64, seq as f64)])).await;
+        if seq == 6 {
+            bad.publish(&batch("bad-1", 9, 2, &[("poison", T0, 1.0)])).await;
+        }
+    }
+    let mut acked = Vec::new();
+    while !(3..=12).all(|s| acked.contains(&s)) {
+        match good.next_ack(util::DEADLINE).await.expect("the good agent's batches are all acknowledged") {
+            HubMessage::AckV1(a) => acked.extend(a.seqs),
+        }
+    }
+    assert_eq!(
+        bad.next_ack(util::DEADLINE).await,
+        Some(HubMessage::AckV1(AckV1 { epoch: 9, seqs: vec![2] })),
+        "the refused batch is acknowledged once quarantined"
+    );
+    let readings = hub.get_json("/api/v1/readings?stream=temp").await;
+    assert_eq!(readings["readings"].as_array().unwrap().len(), 12, "{readings}");
+
+    let list = hub.get_json("/api/v1/quarantine").await;
+    let entries = list["batches"].as_array().unwrap();
+    assert_eq!(entries.len(), 2, "{list}");
+    assert_eq!((entries[0]["seq"].as_u64(), entries[0]["reason"].as_str()), (Some(1), Some("invalid")));
+    assert!(entries[0]["error"].as_str().unwrap().contains("control character"), "{list}");
+    assert_eq!((entries[1]["seq"].as_u64(), entries[1]["reason"].as_str()), (Some(2), Some("rejected")));
+    assert!(entries[1]["error"].as_str().unwrap().contains("no_poison"), "{list}");
+    assert_eq!(hub.metric(r#"brume_hub_quarantined_total{reason="rejected"}"#).await, 1.0);
+    assert_eq!(hub.metric(r#"brume_hub_batches_total{result="quarantined"}"#).await, 1.0);
+    let (id1, id2) = (entries[0]["id"].as_i64().unwrap(), entries[1]["id"].as_i64().unwrap());
+
+    // The bytes as they arrived.
+    let (status, _) = hub.get(&format!("/api/v1/quarantine/{id2}/payload")).await;
+    assert_eq!(status, 200);
+    // Still refused: stays. After the fix: stored, and gone from quarantine.
+    let (status, body) = hub.request(Method::POST, &format!("/api/v1/quarantine/{id2}/reingest")).await;
+    assert_eq!(status, 422, "{body}");
+    pg.psql("hub", "ALTER TABLE streams DROP CONSTRAINT no_poison");
+    let (status, body) = hub.request(Method::POST, &format!("/api/v1/quarantine/{id2}/reingest")).await;
+    assert_eq!((status, body.as_str()), (200, format!(r#"{{"id":{id2},"outcome":"stored"}}"#).as_str()));
+    assert_eq!(hub.get_json("/api/v1/readings?stream=poison").await["readings"].as_array().unwrap().len(), 1);
+    // The invalid one cannot be stored; an operator discards it.
+    let (status, _) = hub.request(Method::POST, &format!("/api/v1/quarantine/{id1}/reingest")).await;
+    assert_eq!(status, 422);
+    assert_eq!(hub.request(Method::DELETE, &format!("/api/v1/quarantine/{id1}")).await.0, 204);
+    assert_eq!(hub.request(Method::DELETE, &format!("/api/v1/quarantine/{id1}")).await.0, 404);
+    assert_eq!(hub.get_json("/api/v1/quarantine").await["batches"], json!([]));
+    assert_eq!(hub.metric(r#"brume_hub_quarantine_released_total{action="reingested"}"#).await, 1.0);
+    assert_eq!(hub.metric(r#"brume_hub_quarantine_released_total{action="discarded"}"#).await, 1.0);
     hub.stop().await;
 }
 
@@ -606,6 +699,10 @@ async fn openapi_document_matches_the_routes() {
             "/api/v1/modules",
             "/api/v1/openapi.json",
             "/api/v1/presence",
+            "/api/v1/quarantine",
+            "/api/v1/quarantine/{id}",
+            "/api/v1/quarantine/{id}/payload",
+            "/api/v1/quarantine/{id}/reingest",
             "/api/v1/readings",
             "/api/v1/streams",
             "/api/v1/tail",

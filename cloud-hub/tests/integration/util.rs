@@ -155,6 +155,12 @@ impl Hub {
         (resp.status().as_u16(), resp.text().await.unwrap())
     }
 
+    /// Sends `method path` with no body, returning the status and the body.
+    pub async fn request(&self, method: reqwest::Method, path: &str) -> (u16, String) {
+        let resp = self.http.request(method, format!("{}{path}", self.url)).send().await.unwrap();
+        (resp.status().as_u16(), resp.text().await.unwrap())
+    }
+
     /// GET `path`, expecting 200 and JSON.
     pub async fn get_json(&self, path: &str) -> serde_json::Value {
         let (status, body) = self.get(path).await;

@@ -396,6 +396,17 @@ impl AgentStatus {
     }
 }
 
+/// The identity of a batch: the hub stores each `(agent_id, epoch, seq)` once.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct BatchKey {
+    /// Agent id, as the batch claims it (not validated by [`AgentMessage::peek_key`]).
+    pub agent_id: String,
+    /// The agent's store epoch.
+    pub epoch: u64,
+    /// Sequence number within the epoch.
+    pub seq: u64,
+}
+
 /// Why a message or fields blob was refused.
 #[derive(Debug, thiserror::Error, PartialEq)]
 pub enum DecodeError {
@@ -422,19 +433,52 @@ fn invalid(what: &'static str, why: impl Into<String>) -> DecodeError {
     DecodeError::Invalid { what, why: why.into() }
 }
 
+/// The one rule for names that agents and hubs store as text (stream names, field names):
+/// 1 to `max` bytes of UTF-8 with no control character (U+0000–U+001F, U+007F–U+009F).
+///
+/// Control characters are refused because the stores cannot all hold them (PostgreSQL
+/// `text` refuses U+0000) and because they make names that print the same but differ. A
+/// name that passes here can be stored by every backend, so a batch an agent cuts from
+/// readings it accepted is never refused by a hub for its names.
+fn validate_name(what: &'static str, name: &str, max: usize) -> Result<(), DecodeError> {
+    if name.is_empty() {
+        return Err(invalid(what, "\"\" is empty; a name needs at least one character"));
+    }
+    if name.len() > max {
+        return Err(invalid(what, format!("{:?}…: {} bytes, limit {max}", truncate(name, 32), name.len())));
+    }
+    if let Some(c) = name.chars().find(|c| c.is_control()) {
+        return Err(invalid(
+            what,
+            format!("{name:?} contains the control character U+{:04X}; only printable characters are allowed", c as u32),
+        ));
+    }
+    Ok(())
+}
+
+/// At most `max` bytes of `s`, cut at a character boundary.
+fn truncate(s: &str, max: usize) -> &str {
+    let mut end = s.len().min(max);
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
 /// Checks a stream name: non-empty, at most [`limits::MAX_STREAM_NAME`] bytes, no control
 /// characters and no MQTT wildcards.
 pub fn validate_stream_name(name: &str) -> Result<(), DecodeError> {
-    if name.is_empty() {
-        return Err(invalid("stream name", "is empty"));
-    }
-    if name.len() > limits::MAX_STREAM_NAME {
-        return Err(invalid("stream name", format!("{} bytes, limit {}", name.len(), limits::MAX_STREAM_NAME)));
-    }
-    if name.chars().any(|c| c.is_control() || c == '+' || c == '#') {
-        return Err(invalid("stream name", format!("{name:?} contains a control character or an MQTT wildcard")));
+    validate_name("stream name", name, limits::MAX_STREAM_NAME)?;
+    if name.contains(['+', '#']) {
+        return Err(invalid("stream name", format!("{name:?} contains an MQTT wildcard ('+' or '#')")));
     }
     Ok(())
+}
+
+/// Checks a field name: non-empty, at most [`limits::MAX_FIELD_NAME`] bytes, no control
+/// characters.
+pub fn validate_field_name(name: &str) -> Result<(), DecodeError> {
+    validate_name("field name", name, limits::MAX_FIELD_NAME)
 }
 
 /// Checks a reading timestamp: within [`limits::MIN_TS_NS`]..[`limits::MAX_TS_NS`]
@@ -468,9 +512,7 @@ fn validate_fields(fields: &[Field]) -> Result<(), DecodeError> {
         return Err(invalid("fields", format!("{} fields, limit {}", fields.len(), limits::MAX_FIELDS)));
     }
     for f in fields {
-        if f.name.is_empty() || f.name.len() > limits::MAX_FIELD_NAME {
-            return Err(invalid("field name", format!("{:?}: must be 1 to {} bytes", f.name, limits::MAX_FIELD_NAME)));
-        }
+        validate_field_name(&f.name)?;
         match &f.value {
             Value::Str(s) if s.len() > limits::MAX_STRING_VALUE => {
                 return Err(invalid(
@@ -528,6 +570,19 @@ impl AgentMessage {
             validate_stream_name(&l.stream)?;
         }
         Ok(msg)
+    }
+
+    /// Reads only a batch's identity (agent id, epoch, seq) from its envelope, without
+    /// validating names, fields, limits or lineage: for a hub that must tell the sender
+    /// which batch it refused (and quarantine its bytes) when [`AgentMessage::decode`]
+    /// fails on the content. Fails only if the bytes are not a batch envelope at all.
+    pub fn peek_key(bytes: &[u8]) -> Result<BatchKey, DecodeError> {
+        let msg: AgentMessage = decode_exact(bytes)?;
+        let (agent_id, epoch, seq) = match msg {
+            AgentMessage::BatchV1(b) => (b.agent_id, b.epoch, b.seq),
+            AgentMessage::BatchV2(b) => (b.agent_id, b.epoch, b.seq),
+        };
+        Ok(BatchKey { agent_id, epoch, seq })
     }
 
     /// Decodes a batch of any version as the current [`Batch`].

@@ -133,6 +133,14 @@ fn refuses_bad_names_and_values() {
     check(&[field("", Value::Bool(true))], "field name");
     check(&[field("x", Value::F64(f64::NAN))], "finite");
     check(&[field("x", Value::Str("a".repeat(limits::MAX_STRING_VALUE + 1)))], "limit");
+    // Control characters (PostgreSQL text cannot hold U+0000) in any name, named in the error.
+    for bad in ["a\u{0}", "\u{1f}x", "t\u{7f}", "tab\there", "c1\u{85}"] {
+        check(&[field(bad, Value::Bool(true))], "control character");
+        let err = validate_stream_name(bad).unwrap_err().to_string();
+        assert!(err.contains("stream name") && err.contains("control character"), "{err}");
+    }
+    check(&[field(&"f".repeat(limits::MAX_FIELD_NAME + 1), Value::Bool(true))], "limit 128");
+    assert!(validate_field_name("temp.°C ünï").is_ok());
     assert!(validate_stream_name("a/+/b").is_err());
     assert!(validate_stream_name("").is_err());
     assert!(validate_stream_name("line1/temp").is_ok());

@@ -37,7 +37,8 @@
 //!   only comments and blank lines, is `empty` too.
 //! * At most `max_readings` readings (default 100 000) per payload (`too_many_readings`).
 //! * Every reading obeys the protocol's limits (`brume_protocol::limits`): at least one and
-//!   at most 256 fields, field names of 1 to 128 bytes, strings of at most 16 KiB, finite
+//!   at most 256 fields, field names of 1 to 128 bytes without control characters
+//!   (U+0000–U+001F, U+007F–U+009F), strings of at most 16 KiB, finite
 //!   numbers, and a valid stream name (non-empty, at most 256 bytes, no control characters,
 //!   no MQTT wildcards `+` `#`). Field problems are `bad_field`, stream problems
 //!   `bad_stream`.
@@ -795,6 +796,10 @@ mod tests {
                 (r#"{"a":null,"b":{},"c":[]}"#, err("bad_field", &["no fields"])),
                 (r#"{"ts":1700000000000}"#, err("bad_field", &["no fields"])),
                 (r#"{"":1}"#, err("bad_field", &["field name", r#""""#])),
+                // Issue 10: a U+0000 in a name stopped a PostgreSQL hub. Refused here, named.
+                (r#"{"a\u0000":1}"#, err("bad_field", &["field name", r#""a\0""#, "U+0000"])),
+                (r#"{"ok\u001b[31m":1}"#, err("bad_field", &["field name", "U+001B"])),
+                (r#"{"a":{"b\u007f":1}}"#, err("bad_field", &["field name", "U+007F"])),
                 (&long_string, err("bad_field", &[r#""note""#, "16384"])),
                 (&many_fields, err("bad_field", &["payload", "more than 256 fields"])),
                 (r#"{"a.b":1,"a":{"b":2}}"#, err("bad_field", &[r#""a.b""#, "twice"])),
@@ -1042,6 +1047,7 @@ mod tests {
                 err("bad_stream", &["payload", "must be a string"]),
             ),
             (None, Some("application/json"), r#"{"stream":"a#b","v":1}"#, err("bad_stream", &["a#b"])),
+            (None, Some("application/json"), r#"{"stream":"a\u0000b","v":1}"#, err("bad_stream", &["stream name", "U+0000"])),
             (Some(""), Some("application/json"), r#"{"v":1}"#, err("bad_stream", &["stream name", "empty"])),
             (None, Some("application/json"), r#"{"stream":"a"}"#, err("bad_field", &["no fields"])),
             (Some("s"), Some("application/json"), "42", err("bad_json", &["expected an object or an array"])),

@@ -2,6 +2,7 @@
 //! (partitions, retention, several hubs on one database, server restarts). Each test
 //! starts its own private server ([`TestPostgres`]), so they run in parallel.
 
+use std::collections::BTreeSet;
 use std::time::Duration;
 
 use super::test_server::TestPostgres;
@@ -24,6 +25,8 @@ fn options(url: &str) -> PostgresOptions {
         config,
         pool_size: 4,
         query_timeout: Duration::from_secs(20),
+        // Ten years back: the tests' data is from 2024 and should land in daily partitions.
+        partition_window: PartitionWindow { days_back: 3660, days_ahead: 3 },
     }
 }
 
@@ -38,7 +41,7 @@ impl Fixture for Pg {
         PostgresStore::connect(options(&self.url)).unwrap()
     }
     fn undo_rollups_migration(&self) {
-        self.server.psql("brume", "DROP TABLE rollups, presence; DELETE FROM schema_migrations WHERE version >= 3");
+        self.server.psql("brume", "DROP TABLE rollups, presence, quarantine, readings_default; DELETE FROM schema_migrations WHERE version >= 3");
     }
 }
 
@@ -159,23 +162,52 @@ fn daily_partitions_and_retention_by_dropping_them() {
     assert_eq!(store.agents().unwrap()[0].readings, 5);
 }
 
+/// Issue 10: every day between 2000 and 2200 used to get its own partition, so one batch
+/// with spread-out timestamps created a thousand tables. Only the window around today
+/// gets daily partitions now; the rest goes to the DEFAULT partition, whose rows move
+/// into a day's partition when it is created, and which retention cleans too.
 #[test]
-fn extreme_timestamps_get_open_ended_partitions() {
+fn timestamps_outside_the_window_go_to_the_default_partition() {
     let f = Pg::new();
-    let store = f.open();
-    // The store takes any i64 (ingest validation is what restricts timestamps). As in
-    // SQLite, `to` defaults to i64::MAX exclusive, so that one instant is not queryable.
-    store
-        .ingest(
-            &[batch("a", 1, 1, &[("s", &[i64::MIN, -1, 0, i64::MAX - 1])])],
-            1,
-        )
-        .unwrap();
-    let ts: Vec<i64> = all(&store, "s", 10).0.iter().map(|r| r.0).collect();
-    assert_eq!(ts, vec![i64::MIN, -1, 0, i64::MAX - 1]);
-    assert_eq!(store.partitions().unwrap().len(), 4);
-    store.ensure_partitions(T0, T0 + 2 * DAY_NS).unwrap();
-    assert_eq!(store.partitions().unwrap().len(), 7);
+    let window = PartitionWindow::default();
+    let store = PostgresStore::connect(PostgresOptions { partition_window: window, ..options(&f.url) }).unwrap();
+    let now = crate::ingest::now_ns();
+    let today = day_of(now);
+    let (min, max) = (brume_protocol::limits::MIN_TS_NS, brume_protocol::limits::MAX_TS_NS);
+    // 1,000 readings 73 days apart across 2000..2200, today, tomorrow and the extremes
+    // of i64 (the store takes any timestamp; validation restricts them before).
+    let mut ts: Vec<i64> = (0..1000).map(|i| min + i * ((max - min) / 1000)).collect();
+    ts.extend([now, now + DAY_NS, i64::MIN, -1, 0, i64::MAX - 1]);
+    store.ingest(&[batch("a", 1, 1, &[("s", &ts)])], 1).unwrap();
+    let in_window: BTreeSet<i32> = ts.iter().map(|&t| day_of(t)).filter(|&d| window.contains(today, d)).collect();
+    let expected: Vec<String> = in_window.iter().map(|&d| partition_name(d)).collect();
+    assert!(expected.len() >= 2 && expected.len() <= 35, "{expected:?}");
+    assert_eq!(store.partitions().unwrap(), expected, "daily partitions only inside the window");
+    let in_default = f.server.psql("brume", "SELECT count(*) FROM readings_default");
+    assert_eq!(in_default.parse::<usize>().unwrap(), ts.len() - in_window.len());
+    ts.sort();
+    let read: Vec<i64> = all(&store, "s", 300).0.iter().map(|r| r.0).collect();
+    assert_eq!(read, ts, "every reading is served, in order, wherever it is stored");
+
+    // A day gets its partition later (e.g. it enters the window): its rows move there.
+    let old = ts[500];
+    store.ensure_partitions(old, old).unwrap();
+    assert_eq!(f.server.psql("brume", &format!("SELECT count(*) FROM {}", partition_name(day_of(old)))), "1");
+    store.ensure_partitions(i64::MIN, i64::MIN).unwrap(); // open-ended lower bound
+    assert_eq!(f.server.psql("brume", &format!("SELECT count(*) FROM {}", partition_name(day_of(i64::MIN)))), "1");
+    assert_eq!(
+        f.server.psql("brume", "SELECT count(*) FROM readings_default").parse::<usize>().unwrap(),
+        ts.len() - in_window.len() - 2
+    );
+    assert_eq!(all(&store, "s", 300).0.len(), ts.len());
+
+    // Retention reaches the default partition: everything before 40 days ago goes.
+    let cutoff = now - 40 * DAY_NS;
+    let first_kept = i64::from(day_of(cutoff)) * DAY_NS;
+    let kept: Vec<i64> = ts.iter().copied().filter(|&t| t >= first_kept).collect();
+    assert_eq!(store.drop_days_before(cutoff).unwrap(), (ts.len() - kept.len()) as u64);
+    assert_eq!(all(&store, "s", 300).0.iter().map(|r| r.0).collect::<Vec<_>>(), kept);
+    assert_eq!(store.streams().unwrap()[0].readings, kept.len() as u64);
 }
 
 #[test]

@@ -17,7 +17,7 @@ impl Fixture for Sqlite {
     }
     fn undo_rollups_migration(&self) {
         let conn = Connection::open(self.0.path().join("hub.db")).unwrap();
-        conn.execute_batch("DROP TABLE rollups; DROP TABLE presence; PRAGMA user_version = 2;").unwrap();
+        conn.execute_batch("DROP TABLE rollups; DROP TABLE presence; DROP TABLE quarantine; PRAGMA user_version = 2;").unwrap();
     }
 }
 
