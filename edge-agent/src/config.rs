@@ -396,6 +396,12 @@ pub struct ListenerConfig {
     /// a client asks for none.
     #[serde(with = "humantime_serde")]
     pub default_keep_alive: Duration,
+    /// A persistent session (MQTT 3.1.1 `CleanSession = 0`, MQTT 5 `Clean Start = 0` with a
+    /// session expiry) is kept this long after its client disconnects: the packet
+    /// identifiers of its committed PUBLISHes, so a re-send after a crash is not stored
+    /// twice. MQTT 5 clients asking for less get what they ask.
+    #[serde(with = "humantime_serde")]
+    pub session_expiry: Duration,
 }
 
 impl Default for ListenerConfig {
@@ -408,6 +414,7 @@ impl Default for ListenerConfig {
             max_inflight: 100,
             strip_prefix: String::new(),
             default_keep_alive: Duration::from_secs(300),
+            session_expiry: Duration::from_secs(7 * 86_400),
         }
     }
 }

@@ -75,6 +75,9 @@ pub struct Metrics {
     pub readings_received: Family<SourceLabel, Counter>,
     /// Readings durably committed.
     pub readings_committed: Counter,
+    /// Sensor PUBLISHes of persistent sessions recognised as re-sends of committed ones
+    /// (acknowledged again, nothing stored).
+    pub sensor_resends_deduplicated: Counter,
     /// Readings refused (not acknowledged to their sender) per reason.
     pub readings_refused: Family<ReasonLabel, Counter>,
     /// Payloads or packets rejected as malformed, per reason.
@@ -134,6 +137,7 @@ impl Default for Metrics {
         Metrics {
             readings_received: Family::default(),
             readings_committed: Counter::default(),
+            sensor_resends_deduplicated: Counter::default(),
             readings_refused: Family::default(),
             bad_input: Family::default(),
             readings_dropped: Family::default(),
@@ -226,6 +230,11 @@ impl Metrics {
         let mut r = Registry::with_prefix("brume_agent");
         r.register("readings_received", "Readings received per source", self.readings_received.clone());
         r.register("readings_committed", "Readings durably committed", self.readings_committed.clone());
+        r.register(
+            "sensor_resends_deduplicated",
+            "Sensor re-sends (MQTT DUP) of publishes already committed: acknowledged again, not stored",
+            self.sensor_resends_deduplicated.clone(),
+        );
         r.register("readings_refused", "Readings refused, not acknowledged", self.readings_refused.clone());
         r.register("bad_input", "Malformed packets or payloads rejected", self.bad_input.clone());
         r.register("readings_dropped", "Accepted readings dropped before the hub acknowledged them", self.readings_dropped.clone());

@@ -1,29 +1,48 @@
-//! The built-in MQTT listener sensors publish to (MQTT 3.1.1 and 5, QoS 0 and 1).
+//! The built-in MQTT listener sensors publish to (MQTT 3.1.1 and 5, QoS 0, 1 and 2).
 //!
 //! It is not a broker: it accepts PUBLISH, answers PING, refuses SUBSCRIBE, and turns
 //! each PUBLISH into readings on the stream named by its topic. Packets are decoded and
-//! encoded with rumqttc's maintained codecs (`mqttbytes::v4` and `v5::mqttbytes::v5`).
+//! encoded with rumqttc's maintained codecs (`mqttbytes::v4` and `v5::mqttbytes::v5`);
+//! the rules those codecs do not check are checked here, in [`check_connect_flags`] and
+//! [`check_topic`].
 //!
 //! # The acknowledgement promise
 //!
 //! Each connection has a reader half and a writer half joined by a bounded, ordered
 //! queue. The reader parses a PUBLISH, submits its readings to the store (without waiting
 //! for the commit) and queues the pending verdict; the writer half awaits the verdicts in
-//! order and only then writes the PUBACK. So up to `listener.max_inflight` publishes of a
-//! connection share one group commit, and no PUBACK leaves before its reading is durable.
+//! order and only then writes the PUBACK (QoS 1) or PUBREC (QoS 2). So up to
+//! `listener.max_inflight` publishes of a connection share one group commit, and no
+//! acknowledgement leaves before its reading is durable.
+//!
+//! # Exactly once from the sensor
+//!
+//! For a persistent session (3.1.1 `CleanSession = 0`; 5 `Clean Start = 0` with a session
+//! expiry) the session lives in the store ([`crate::store::sessions`]): whether it is
+//! present survives a restart, and the packet identifier of every committed PUBLISH is
+//! written in the same transaction as its readings. A re-send (`DUP = 1`) of a committed
+//! PUBLISH — the sensor missed the PUBACK because the agent crashed after the commit — is
+//! acknowledged again and stores nothing. QoS 2 goes further: PUBREC after the commit, the
+//! identifier stays taken until PUBREL, whose release is committed before PUBCOMP, so
+//! every duplicate is recognised. A clean session keeps nothing and gets at-least-once.
 //!
 //! # Bad input
 //!
-//! * Malformed packet, oversize packet, QoS 2, or a protocol violation: the connection is
-//!   closed (MQTT 5: after a DISCONNECT with the reason code), counted and logged.
-//! * Unknown protocol version: CONNACK "unacceptable protocol version", then close.
-//! * Bad payload (invalid UTF-8, bad JSON, bad line protocol, bad stream name): counted
-//!   and logged; MQTT 5 gets PUBACK "payload format invalid" (0x99); MQTT 3.1.1 has no
-//!   negative PUBACK, so the publish is acknowledged (re-sending garbage cannot help) and
-//!   nothing is stored.
-//! * The store refuses (stream full, disk full): MQTT 5 gets PUBACK "quota exceeded"
-//!   (0x97) or "implementation specific error" (0x83); MQTT 3.1.1 gets no PUBACK and the
-//!   connection is closed, so the sensor keeps the reading and publishes it again.
+//! * Malformed packet, oversize packet, or a protocol violation (a reserved CONNECT flag,
+//!   a topic name that is empty or holds `+`, `#` or U+0000, a second CONNECT): the
+//!   connection is closed (MQTT 5: after a DISCONNECT with the reason code), counted and
+//!   logged; nothing of it is stored.
+//! * Unknown protocol version: CONNACK "unacceptable protocol version", then close. An
+//!   empty client id with a persistent session: CONNACK "identifier rejected" (5: "client
+//!   identifier not valid"), then close; with a clean session the listener assigns one.
+//! * Bad payload (invalid UTF-8, bad JSON, bad line protocol, bad stream or field name):
+//!   counted and logged; MQTT 5 gets PUBACK/PUBREC "payload format invalid" (0x99); MQTT
+//!   3.1.1 has no negative acknowledgement, so the publish is acknowledged (re-sending
+//!   garbage cannot help) and nothing is stored.
+//! * The store refuses (stream full, disk full): MQTT 5 gets PUBACK/PUBREC "quota
+//!   exceeded" (0x97) or "implementation specific error" (0x83); MQTT 3.1.1 gets no
+//!   acknowledgement and the connection is closed, so the sensor keeps the reading and
+//!   publishes it again.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -42,6 +61,7 @@ use super::payload::{self, PayloadConfig};
 use crate::config::ListenerConfig;
 use crate::metrics::Metrics;
 use crate::store::writer::{AppendError, StoreHandle};
+use crate::store::{PublishId, SessionOp};
 
 /// Shared state of the listener.
 struct Shared {
@@ -53,15 +73,13 @@ struct Shared {
     sessions: Mutex<Sessions>,
 }
 
-/// Client sessions as a publisher sees them.
+/// Open connections by client id. Whether a persistent session exists is the store's
+/// business ([`SessionOp`]), so it survives a restart.
 #[derive(Default)]
 struct Sessions {
     /// Open connection per client id: (connection number, its token). A new connection with
     /// the same id cancels the old one (MQTT session takeover).
-    active: HashMap<String, (u64, CancellationToken)>,
-    /// Client ids that connected with a persistent session (clean_session = false), so a
-    /// reconnect gets `session_present = true` as the publisher expects.
-    persistent: std::collections::HashSet<String>,
+    active: HashMap<Arc<str>, (u64, CancellationToken)>,
     next_conn: u64,
 }
 
@@ -121,7 +139,9 @@ enum Version {
 
 /// A decoded inbound packet, version-independent.
 enum Inbound {
-    Publish { topic: String, qos: u8, pkid: u16, payload: bytes::Bytes },
+    Publish { topic: String, qos: u8, pkid: u16, dup: bool, payload: bytes::Bytes },
+    /// QoS 2, second step: the sensor got our PUBREC.
+    PubRel { pkid: u16 },
     PingReq,
     Disconnect,
     Subscribe { pkid: u16, filters: usize },
@@ -130,14 +150,32 @@ enum Inbound {
     Ignored,
 }
 
+/// The acknowledgement a PUBLISH gets: PUBACK for QoS 1, PUBREC for QoS 2.
+#[derive(Clone, Copy, Debug)]
+enum Ack {
+    PubAck(u16),
+    PubRec(u16),
+}
+
 /// What to write back, in order.
 enum Outbound {
     /// Bytes ready now.
     Now(BytesMut),
-    /// A PUBACK (QoS 1) or nothing (QoS 0) once the store has decided.
-    AfterCommit { pkid: Option<u16>, verdict: oneshot::Receiver<Result<(), AppendError>> },
-    /// PUBACK with a payload error (MQTT 5 gets a reason code; MQTT 3.1.1 a plain PUBACK).
-    BadPayload { pkid: u16 },
+    /// The acknowledgement (none for QoS 0) once the store has decided.
+    AfterCommit { ack: Option<Ack>, verdict: oneshot::Receiver<Result<(), AppendError>> },
+    /// The acknowledgement with a payload error (MQTT 5 gets a reason code; MQTT 3.1.1 a
+    /// plain one).
+    BadPayload { ack: Ack },
+    /// PUBCOMP once the release of a QoS 2 packet identifier is committed.
+    AfterRelease { pkid: u16, verdict: oneshot::Receiver<Result<bool, AppendError>> },
+}
+
+/// What a connection is, once CONNECT is accepted.
+struct Client {
+    /// Client id (assigned by the listener if the sensor sent an empty one).
+    id: Arc<str>,
+    /// The session outlives the connection: packet identifiers are tracked in the store.
+    persistent: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -152,12 +190,22 @@ enum ConnError {
     Refused,
 }
 
+/// A CONNECT as the listener needs it.
+struct ConnectInfo {
+    version: Version,
+    client_id: String,
+    clean: bool,
+    keep_alive: u16,
+    /// MQTT 5 session expiry interval, seconds (0 or absent: the session ends with the connection).
+    session_expiry: Option<u32>,
+}
+
 async fn handle(mut socket: TcpStream, shared: &Shared, shutdown: CancellationToken) -> Result<(), ConnError> {
     let max = shared.cfg.max_packet_bytes.as_u64() as usize;
     let mut buf = BytesMut::with_capacity(4096);
 
     // CONNECT, within a bounded time.
-    let (version, client_id, clean, keep_alive) = tokio::time::timeout(Duration::from_secs(10), async {
+    let connect = tokio::time::timeout(Duration::from_secs(10), async {
         loop {
             if let Some(c) = read_connect(&mut buf, max, &mut socket, shared).await? {
                 return Ok::<_, ConnError>(c);
@@ -169,39 +217,64 @@ async fn handle(mut socket: TcpStream, shared: &Shared, shutdown: CancellationTo
     })
     .await
     .map_err(|_| ConnError::Protocol("no CONNECT within 10 s".into()))??;
+    let ConnectInfo { version, client_id, clean, keep_alive, session_expiry } = connect;
+
+    // MQTT-3.1.3-8: an empty client id only with a clean session (MQTT 5: a session that
+    // could be resumed needs a name too).
+    let persistent = !clean && (version == Version::V4 || session_expiry.unwrap_or(0) > 0);
+    if client_id.is_empty() && !clean {
+        shared.metrics.bad("client_id_rejected");
+        tracing::warn!(?version, "refusing a sensor with an empty client id and a persistent session");
+        refuse_connect(&mut socket, version, v4::ConnectReturnCode::BadClientId, v5::ConnectReturnCode::ClientIdentifierNotValid)
+            .await;
+        return Err(ConnError::Protocol("empty client id with a persistent session".into()));
+    }
 
     // Session takeover: a second connection with the same client id closes the first.
+    // Registered before the session is opened in the store, so the old connection's
+    // close can no longer mark the session disconnected once the new one holds it.
     let conn_token = shutdown.child_token();
-    let (conn_no, session_present) = {
+    let (conn_no, client) = {
         let mut s = shared.sessions.lock().unwrap_or_else(|e| e.into_inner());
         s.next_conn += 1;
         let conn_no = s.next_conn;
-        if let Some((_, old)) = s.active.insert(client_id.clone(), (conn_no, conn_token.clone())) {
+        let id: Arc<str> = if client_id.is_empty() { format!("brume-auto-{conn_no}").into() } else { client_id.as_str().into() };
+        if let Some((_, old)) = s.active.insert(id.clone(), (conn_no, conn_token.clone())) {
             old.cancel();
         }
-        let present = if clean {
-            s.persistent.remove(&client_id);
-            false
-        } else {
-            !s.persistent.insert(client_id.clone())
-        };
-        (conn_no, present)
+        (conn_no, Client { id, persistent })
     };
+    let assigned = client_id.is_empty().then(|| client.id.to_string());
+    // Durable: whether a session was present must survive a restart of the agent, and a
+    // clean session must delete the old one before anything of the new one is stored.
+    let session_present = match shared.store.session(SessionOp::Open { client: client.id.clone(), persistent }).await {
+        Ok(present) => present,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot open the sensor's session; refusing the connection");
+            refuse_connect(&mut socket, version, v4::ConnectReturnCode::ServiceUnavailable, v5::ConnectReturnCode::ServerUnavailable)
+                .await;
+            forget_connection(shared, &client.id, conn_no);
+            return Err(ConnError::Refused);
+        }
+    };
+    let max_expiry = u32::try_from(shared.cfg.session_expiry.as_secs()).unwrap_or(u32::MAX);
     let mut out = BytesMut::new();
     match version {
         Version::V4 => v4::ConnAck::new(v4::ConnectReturnCode::Success, session_present).write(&mut out).map_err(|e| e.to_string()),
         Version::V5 => {
             let props = v5::ConnAckProperties {
                 receive_max: Some(shared.cfg.max_inflight),
-                max_qos: Some(1),
+                // Absent means QoS 2 is supported.
+                max_qos: None,
                 retain_available: Some(0),
                 max_packet_size: Some(max as u32),
                 topic_alias_max: Some(0),
                 wildcard_subscription_available: Some(0),
                 subscription_identifiers_available: Some(0),
                 shared_subscription_available: Some(0),
-                session_expiry_interval: None,
-                assigned_client_identifier: None,
+                // A client asking for more than `listener.session_expiry` gets that much.
+                session_expiry_interval: session_expiry.filter(|&e| persistent && e > max_expiry).map(|_| max_expiry),
+                assigned_client_identifier: assigned,
                 reason_string: None,
                 user_properties: Vec::new(),
                 server_keep_alive: None,
@@ -217,7 +290,7 @@ async fn handle(mut socket: TcpStream, shared: &Shared, shutdown: CancellationTo
     }
     .map_err(ConnError::Protocol)?;
     socket.write_all(&out).await?;
-    tracing::debug!(client_id, ?version, "sensor connected");
+    tracing::debug!(client_id = %client.id, ?version, persistent, session_present, "sensor connected");
 
     let keep_alive =
         if keep_alive == 0 { shared.cfg.default_keep_alive } else { Duration::from_secs(u64::from(keep_alive)) };
@@ -234,29 +307,38 @@ async fn handle(mut socket: TcpStream, shared: &Shared, shutdown: CancellationTo
             let mut out = BytesMut::new();
             match item {
                 Outbound::Now(b) => out = b,
-                Outbound::BadPayload { pkid } => puback(version, pkid, Some(v5::PubAckReason::PayloadFormatInvalid), &mut out),
-                Outbound::AfterCommit { pkid, verdict } => {
+                Outbound::BadPayload { ack } => write_ack(version, ack, Some(Negative::PayloadFormatInvalid), &mut out),
+                Outbound::AfterCommit { ack, verdict } => {
                     let verdict = verdict.await.unwrap_or(Err(AppendError::Closed));
-                    match (verdict, pkid) {
-                        (Ok(()), Some(pkid)) => puback(version, pkid, None, &mut out),
+                    match (verdict, ack) {
+                        (Ok(()), Some(ack)) => write_ack(version, ack, None, &mut out),
                         (Ok(()), None) => {}
-                        (Err(e), pkid) => {
+                        (Err(e), ack) => {
                             tracing::warn!(error = %e, "reading refused by the store");
                             let reason = match e {
-                                AppendError::Refused(_) => v5::PubAckReason::QuotaExceeded,
-                                _ => v5::PubAckReason::ImplementationSpecificError,
+                                AppendError::Refused(_) => Negative::QuotaExceeded,
+                                _ => Negative::ImplementationSpecificError,
                             };
-                            match (version, pkid) {
-                                (Version::V5, Some(pkid)) => puback(version, pkid, Some(reason), &mut out),
+                            match (version, ack) {
+                                (Version::V5, Some(ack)) => write_ack(version, ack, Some(reason), &mut out),
                                 // QoS 0 has no acknowledgement to withhold: it is simply lost,
                                 // as QoS 0 allows. Counted by the store as refused.
                                 (_, None) => {}
-                                // 3.1.1 has no negative PUBACK: never ack, close instead.
+                                // 3.1.1 has no negative acknowledgement: never ack, close instead.
                                 (Version::V4, Some(_)) => return Err(ConnError::Refused),
                             }
                         }
                     }
                 }
+                Outbound::AfterRelease { pkid, verdict } => match verdict.await.unwrap_or(Err(AppendError::Closed)) {
+                    Ok(_) => pubcomp(version, pkid, &mut out),
+                    // Not durably released: no PUBCOMP. The sensor re-sends PUBREL on its
+                    // next connection.
+                    Err(e) => {
+                        tracing::warn!(error = %e, pkid, "cannot release a QoS 2 packet identifier; closing");
+                        return Err(ConnError::Refused);
+                    }
+                },
             }
             if !out.is_empty() {
                 wr.write_all(&out).await?;
@@ -275,17 +357,80 @@ async fn handle(mut socket: TcpStream, shared: &Shared, shutdown: CancellationTo
         res
     };
 
-    let reader = read_loop(rd, buf, version, max, idle_limit, shared, q_tx, reader_stop);
+    let reader = read_loop(rd, buf, version, max, idle_limit, shared, &client, q_tx, reader_stop);
     // The reader ends on DISCONNECT, EOF, error or shutdown; dropping its queue sender lets
     // the writer finish every pending PUBACK first.
     let (r, w) = tokio::join!(reader, writer);
-    {
-        let mut s = shared.sessions.lock().unwrap_or_else(|e| e.into_inner());
-        if s.active.get(&client_id).is_some_and(|(n, _)| *n == conn_no) {
-            s.active.remove(&client_id);
-        }
+    if forget_connection(shared, &client.id, conn_no) && client.persistent {
+        // The session's expiry starts now (unless a newer connection took it over).
+        let _ = shared.store.session(SessionOp::Close { client: client.id.clone() }).await;
     }
     r.and(w)
+}
+
+/// Answers a CONNECT with a refusal (the caller then closes): `code4` or `code5` by version.
+async fn refuse_connect(socket: &mut TcpStream, version: Version, code4: v4::ConnectReturnCode, code5: v5::ConnectReturnCode) {
+    let mut out = BytesMut::new();
+    let _ = match version {
+        Version::V4 => v4::ConnAck::new(code4, false).write(&mut out).map_err(|e| e.to_string()),
+        Version::V5 => v5::ConnAck { session_present: false, code: code5, properties: None }.write(&mut out).map_err(|e| e.to_string()),
+    };
+    let _ = socket.write_all(&out).await;
+}
+
+/// Removes connection `conn_no` of `client` from the active ones, unless a newer
+/// connection took over. Returns whether it was still the active one.
+fn forget_connection(shared: &Shared, client: &Arc<str>, conn_no: u64) -> bool {
+    let mut s = shared.sessions.lock().unwrap_or_else(|e| e.into_inner());
+    if s.active.get(client).is_some_and(|(n, _)| *n == conn_no) {
+        s.active.remove(client);
+        true
+    } else {
+        false
+    }
+}
+
+/// Reads the protocol level of a CONNECT and checks its flags byte, which rumqttc's
+/// decoders do not: the reserved bit must be 0 (MQTT-3.1.2-3). `Ok(None)` if `buf` does
+/// not hold the flags yet; `Ok(Some(level))` if they are fine, `Ok(Some(0))` if `buf` is
+/// not a CONNECT at all (the decoder then says what is wrong).
+pub fn check_connect_flags(buf: &[u8]) -> Result<Option<u8>, String> {
+    if buf.first() != Some(&0x10) {
+        return Ok(Some(0));
+    }
+    // Fixed header: type byte, remaining length (1 to 4 bytes, 7 bits each).
+    let mut i = 1;
+    loop {
+        match buf.get(i) {
+            None => return Ok(None),
+            Some(b) if b & 0x80 != 0 && i < 4 => i += 1,
+            Some(_) => break,
+        }
+    }
+    // Variable header: protocol name (u16 length + bytes), level, flags.
+    let Some(len) = buf.get(i + 1..i + 3) else { return Ok(None) };
+    let level_at = i + 3 + usize::from(u16::from_be_bytes([len[0], len[1]]));
+    match (buf.get(level_at), buf.get(level_at + 1)) {
+        (_, None) => Ok(None),
+        (_, Some(flags)) if flags & 0x01 != 0 => Err("the reserved CONNECT flag is set (MQTT-3.1.2-3)".into()),
+        (Some(&level), Some(_)) => Ok(Some(level)),
+        (None, Some(_)) => unreachable!("the level precedes the flags"),
+    }
+}
+
+/// Checks a PUBLISH topic name: not empty, no wildcard `+` or `#` (MQTT-3.3.2-2), no
+/// U+0000 (MQTT-1.5.3-2). (This listener offers no topic aliases, so an empty name has
+/// nothing to stand for.)
+pub fn check_topic(topic: &str) -> Result<(), String> {
+    if topic.is_empty() {
+        Err("empty topic name".into())
+    } else if topic.contains(['+', '#']) {
+        Err(format!("topic name {topic:?} contains a wildcard"))
+    } else if topic.contains('\0') {
+        Err(format!("topic name {topic:?} contains U+0000"))
+    } else {
+        Ok(())
+    }
 }
 
 /// Tries to read a CONNECT from `buf`. `Ok(None)`: need more bytes.
@@ -294,23 +439,41 @@ async fn read_connect(
     max: usize,
     socket: &mut TcpStream,
     shared: &Shared,
-) -> Result<Option<(Version, String, bool, u16)>, ConnError> {
+) -> Result<Option<ConnectInfo>, ConnError> {
     if buf.is_empty() {
         return Ok(None);
     }
-    // Try 3.1.1 first on a copy. rumqttc's v4 decoder accepts protocol level 5 too (and
-    // misreads the properties), so a 5.0 CONNECT is turned into "invalid protocol level 5",
-    // which sends it to the v5 decoder below.
-    let mut copy = buf.clone();
-    match v4::Packet::read(&mut copy, max).and_then(|p| match p {
-        v4::Packet::Connect(c) if c.protocol == rumqttc::mqttbytes::Protocol::V5 => {
-            Err(rumqttc::mqttbytes::Error::InvalidProtocolLevel(5))
+    let level = match check_connect_flags(buf) {
+        Ok(None) => return Ok(None),
+        Ok(Some(level)) => level,
+        Err(e) => {
+            shared.metrics.bad("protocol_error");
+            return Err(ConnError::Protocol(e));
         }
-        p => Ok(p),
-    }) {
+    };
+    // Level 5 goes to the v5 decoder. Everything else is tried as 3.1.1 on a copy, whose
+    // decoder also accepts level 5 (misreading the properties) and refuses other levels.
+    let mut copy = buf.clone();
+    let v4_read = if level == 5 {
+        Err(rumqttc::mqttbytes::Error::InvalidProtocolLevel(5))
+    } else {
+        v4::Packet::read(&mut copy, max).and_then(|p| match p {
+            v4::Packet::Connect(c) if c.protocol == rumqttc::mqttbytes::Protocol::V5 => {
+                Err(rumqttc::mqttbytes::Error::InvalidProtocolLevel(5))
+            }
+            p => Ok(p),
+        })
+    };
+    match v4_read {
         Ok(v4::Packet::Connect(c)) => {
             *buf = copy;
-            Ok(Some((Version::V4, c.client_id, c.clean_session, c.keep_alive)))
+            Ok(Some(ConnectInfo {
+                version: Version::V4,
+                client_id: c.client_id,
+                clean: c.clean_session,
+                keep_alive: c.keep_alive,
+                session_expiry: None,
+            }))
         }
         Ok(other) => {
             shared.metrics.bad("not_connect");
@@ -322,7 +485,13 @@ async fn read_connect(
             match v5::Packet::read(&mut copy, Some(max as u32)) {
                 Ok(v5::Packet::Connect(c, _, _)) => {
                     *buf = copy;
-                    Ok(Some((Version::V5, c.client_id, c.clean_start, c.keep_alive)))
+                    Ok(Some(ConnectInfo {
+                        version: Version::V5,
+                        session_expiry: c.properties.as_ref().and_then(|p| p.session_expiry_interval),
+                        client_id: c.client_id,
+                        clean: c.clean_start,
+                        keep_alive: c.keep_alive,
+                    }))
                 }
                 Ok(_) => Err(ConnError::Protocol("expected CONNECT".into())),
                 Err(rumqttc::v5::mqttbytes::Error::InsufficientBytes(_)) => Ok(None),
@@ -359,6 +528,7 @@ async fn read_loop(
     max: usize,
     idle_limit: Duration,
     shared: &Shared,
+    client: &Client,
     q: mpsc::Sender<Outbound>,
     token: CancellationToken,
 ) -> Result<(), ConnError> {
@@ -383,10 +553,32 @@ async fn read_loop(
                 }
             };
             match pkt {
-                Inbound::Publish { topic, qos, pkid, payload } => {
-                    let item = publish(shared, &topic, qos, pkid, &payload).await;
+                Inbound::Publish { topic, qos, pkid, dup, payload } => {
+                    let item = publish(shared, client, &topic, qos, pkid, dup, &payload).await;
                     if q.send(item).await.is_err() {
                         return Ok(()); // writer failed; its error is reported
+                    }
+                }
+                Inbound::PubRel { pkid } => {
+                    let item = if client.persistent {
+                        let op = SessionOp::Release { client: client.id.clone(), pkid };
+                        match shared.store.submit_session(op).await {
+                            Ok(verdict) => Outbound::AfterRelease { pkid, verdict },
+                            Err(e) => {
+                                let (tx, rx) = oneshot::channel();
+                                let _ = tx.send(Err(e));
+                                Outbound::AfterRelease { pkid, verdict: rx }
+                            }
+                        }
+                    } else {
+                        // A clean session keeps nothing to release: the PUBREC went out
+                        // after the commit, and the sensor cannot re-send across connections.
+                        let mut out = BytesMut::new();
+                        pubcomp(version, pkid, &mut out);
+                        Outbound::Now(out)
+                    };
+                    if q.send(item).await.is_err() {
+                        return Ok(());
                     }
                 }
                 Inbound::PingReq => {
@@ -467,7 +659,11 @@ fn decode(version: Version, buf: &mut BytesMut, max: usize) -> Result<Option<Inb
     match version {
         Version::V4 => match v4::Packet::read(buf, max) {
             Ok(p) => Ok(Some(match p {
-                v4::Packet::Publish(p) => Inbound::Publish { topic: p.topic, qos: qos_num(p.qos), pkid: p.pkid, payload: p.payload },
+                v4::Packet::Publish(p) => {
+                    check_topic(&p.topic).map_err(|e| ("bad_topic", e, None))?;
+                    Inbound::Publish { topic: p.topic, qos: qos_num(p.qos), pkid: p.pkid, dup: p.dup, payload: p.payload }
+                }
+                v4::Packet::PubRel(r) => Inbound::PubRel { pkid: r.pkid },
                 v4::Packet::PingReq => Inbound::PingReq,
                 v4::Packet::Disconnect => Inbound::Disconnect,
                 v4::Packet::Subscribe(s) => Inbound::Subscribe { pkid: s.pkid, filters: s.filters.len() },
@@ -486,13 +682,15 @@ fn decode(version: Version, buf: &mut BytesMut, max: usize) -> Result<Option<Inb
                         Ok(t) => t,
                         Err(_) => return Err(("malformed_packet", "topic is not UTF-8".into(), Some(v5::DisconnectReasonCode::MalformedPacket))),
                     };
+                    check_topic(&topic).map_err(|e| ("bad_topic", e, Some(v5::DisconnectReasonCode::TopicNameInvalid)))?;
                     let qos = match p.qos {
                         rumqttc::v5::mqttbytes::QoS::AtMostOnce => 0,
                         rumqttc::v5::mqttbytes::QoS::AtLeastOnce => 1,
                         rumqttc::v5::mqttbytes::QoS::ExactlyOnce => 2,
                     };
-                    Inbound::Publish { topic, qos, pkid: p.pkid, payload: p.payload }
+                    Inbound::Publish { topic, qos, pkid: p.pkid, dup: p.dup, payload: p.payload }
                 }
+                v5::Packet::PubRel(r) => Inbound::PubRel { pkid: r.pkid },
                 v5::Packet::PingReq(_) => Inbound::PingReq,
                 v5::Packet::Disconnect(_) => Inbound::Disconnect,
                 v5::Packet::Subscribe(s) => Inbound::Subscribe { pkid: s.pkid, filters: s.filters.len() },
@@ -512,33 +710,91 @@ fn decode(version: Version, buf: &mut BytesMut, max: usize) -> Result<Option<Inb
 }
 
 /// Handles one PUBLISH: parse, submit to the store, return what to write back when.
-async fn publish(shared: &Shared, topic: &str, qos: u8, pkid: u16, payload: &[u8]) -> Outbound {
-    if qos == 2 {
-        // Refused rather than silently downgraded: QoS 2 promises more than we keep.
-        shared.metrics.bad("qos2_unsupported");
-        tracing::warn!(topic, "QoS 2 publish refused; use QoS 0 or 1");
-        return Outbound::BadPayload { pkid };
-    }
+async fn publish(shared: &Shared, client: &Client, topic: &str, qos: u8, pkid: u16, dup: bool, payload: &[u8]) -> Outbound {
     let stream = topic.strip_prefix(shared.cfg.strip_prefix.as_str()).unwrap_or(topic);
-    let pkid = (qos == 1).then_some(pkid);
+    let ack = match qos {
+        0 => None,
+        1 => Some(Ack::PubAck(pkid)),
+        _ => Some(Ack::PubRec(pkid)),
+    };
     let readings = match payload::parse_mqtt(stream, payload, crate::now_ns(), &shared.payload) {
         Ok(r) => r,
         Err(e) => {
             shared.metrics.bad(e.reason());
             tracing::warn!(topic, error = %e, "bad sensor payload; nothing stored");
-            return match pkid {
-                Some(pkid) => Outbound::BadPayload { pkid },
+            return match ack {
+                Some(ack) => Outbound::BadPayload { ack },
                 None => Outbound::Now(BytesMut::new()),
             };
         }
     };
     shared.metrics.received("mqtt", readings.len() as u64);
-    match shared.store.submit(readings).await {
-        Ok(verdict) => Outbound::AfterCommit { pkid, verdict },
+    // Only a persistent session can re-send after a reconnect, so only it is tracked.
+    let id = (client.persistent && qos > 0).then(|| PublishId {
+        client: client.id.clone(),
+        pkid,
+        qos,
+        dup,
+        // QoS 2 identifiers are matched alone (see `store::sessions`).
+        digest: if qos == 1 { crate::store::sessions::digest(topic, payload) } else { 0 },
+    });
+    match shared.store.submit_publish(readings, id).await {
+        Ok(verdict) => Outbound::AfterCommit { ack, verdict },
         Err(e) => {
             let (tx, rx) = oneshot::channel();
             let _ = tx.send(Err(e));
-            Outbound::AfterCommit { pkid, verdict: rx }
+            Outbound::AfterCommit { ack, verdict: rx }
+        }
+    }
+}
+
+/// A negative acknowledgement (MQTT 5 reason codes shared by PUBACK and PUBREC).
+#[derive(Clone, Copy, Debug)]
+enum Negative {
+    PayloadFormatInvalid,
+    QuotaExceeded,
+    ImplementationSpecificError,
+}
+
+/// Writes a PUBACK or PUBREC, with a reason code on MQTT 5 (3.1.1 has none).
+fn write_ack(version: Version, ack: Ack, reason: Option<Negative>, out: &mut BytesMut) {
+    match ack {
+        Ack::PubAck(pkid) => puback(
+            version,
+            pkid,
+            reason.map(|r| match r {
+                Negative::PayloadFormatInvalid => v5::PubAckReason::PayloadFormatInvalid,
+                Negative::QuotaExceeded => v5::PubAckReason::QuotaExceeded,
+                Negative::ImplementationSpecificError => v5::PubAckReason::ImplementationSpecificError,
+            }),
+            out,
+        ),
+        Ack::PubRec(pkid) => match version {
+            Version::V4 => {
+                let _ = v4::PubRec::new(pkid).write(out);
+            }
+            Version::V5 => {
+                let mut rec = v5::PubRec::new(pkid, None);
+                if let Some(r) = reason {
+                    rec.reason = match r {
+                        Negative::PayloadFormatInvalid => v5::PubRecReason::PayloadFormatInvalid,
+                        Negative::QuotaExceeded => v5::PubRecReason::QuotaExceeded,
+                        Negative::ImplementationSpecificError => v5::PubRecReason::ImplementationSpecificError,
+                    };
+                }
+                let _ = rec.write(out);
+            }
+        },
+    }
+}
+
+fn pubcomp(version: Version, pkid: u16, out: &mut BytesMut) {
+    match version {
+        Version::V4 => {
+            let _ = v4::PubComp::new(pkid).write(out);
+        }
+        Version::V5 => {
+            let _ = v5::PubComp::new(pkid, None).write(out);
         }
     }
 }

@@ -17,6 +17,10 @@
 //!   number, the next reading id, and `batched_upto` (every reading id ≤ it belongs to a
 //!   batch).
 //! * `streams(id, name, bytes, count, forward)` (`forward` mirrors the stream's rule) and `losses(stream_id, reason, total)`.
+//! * `mqtt_sessions(client_id, last_seen_ms)` and `mqtt_pkids(client_id, pkid, qos, digest,
+//!   ord)` (v3): persistent MQTT sessions of sensors and the packet identifiers of their
+//!   committed PUBLISHes, written in the same transaction as the readings, so a sensor's
+//!   re-send after a crash is recognised ([`sessions`]).
 //! * `stream_buckets(bucket, stream_id, first_id, last_id, min_ts, max_ts, count)`: the
 //!   per-stream directory. Reading ids are grouped in buckets of [`BUCKET_IDS`]; for every
 //!   bucket and stream with readings in it, one row says where they are and which times
@@ -45,6 +49,7 @@
 //!   rebuilt from the database whenever a transaction fails, so they never describe
 //!   uncommitted state.
 
+pub mod sessions;
 pub mod writer;
 
 use std::collections::{BTreeMap, HashMap};
@@ -55,6 +60,7 @@ use brume_protocol::{Batch, ChunkLineage, FieldsBlob, LossReason, LossReport, Mo
 use rusqlite::{Connection, OptionalExtension, params};
 
 use crate::config::{Config, Durability, StreamRuleBody, WhenFull};
+pub use sessions::{PublishId, SessionOp};
 
 /// Estimated on-disk cost of one reading beyond its fields blob (row header, id, stream
 /// id, timestamp, index entry). Budgets are enforced on `fields.len() + ROW_OVERHEAD`.
@@ -169,6 +175,11 @@ pub struct StoreOptions {
     pub batch_linger: Duration,
     /// Per-stream rules, resolved with [`Config::rule_for`].
     pub rules: Config,
+    /// Packet identifiers remembered per persistent MQTT session (the listener's receive
+    /// maximum: a sensor cannot have more unacknowledged).
+    pub session_pkids: usize,
+    /// Persistent MQTT sessions not connected for this long are deleted.
+    pub session_expiry: Duration,
 }
 
 impl StoreOptions {
@@ -182,6 +193,8 @@ impl StoreOptions {
             batch_max_bytes: cfg.forward.batch_max_bytes.as_u64(),
             batch_linger: cfg.forward.batch_linger,
             rules: cfg.clone(),
+            session_pkids: usize::from(cfg.listener.max_inflight),
+            session_expiry: cfg.listener.session_expiry,
         }
     }
 }
@@ -253,11 +266,32 @@ pub struct ModuleProgress {
     pub state: Vec<u8>,
 }
 
+/// Everything one transaction applies ([`Store::commit`]); empty by default.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Write<'a> {
+    /// Groups of readings, each admitted or refused as a whole.
+    pub groups: &'a [&'a [Reading]],
+    /// `(group index, progress)`: a module's progress, committed only with its group.
+    pub progress: &'a [(usize, ModuleProgress)],
+    /// `(group index, publish)`: the MQTT PUBLISH of a persistent session a group came
+    /// from. A re-send of a committed one is skipped (see [`sessions`]); otherwise its
+    /// identifier is recorded with the group.
+    pub publishes: &'a [(usize, PublishId)],
+    /// Session changes (connect, disconnect, QoS 2 release), applied before the groups.
+    pub sessions: &'a [SessionOp],
+    /// Hub-acknowledged batch sequence numbers.
+    pub acks: &'a [u64],
+}
+
 /// Result of one [`Store::apply`] call.
 #[derive(Debug, Default)]
 pub struct ApplyOutcome {
-    /// One entry per input group: `Ok` if committed, or why it was refused.
+    /// One entry per input group: `Ok` if committed (or a duplicate), or why it was refused.
     pub results: Vec<Result<(), Refusal>>,
+    /// Indices of groups skipped as re-sends of a PUBLISH already committed.
+    pub duplicates: Vec<usize>,
+    /// One entry per session change: see [`sessions::Sessions::apply`].
+    pub sessions: Vec<bool>,
     /// Readings dropped in this transaction, per (stream, reason).
     pub dropped: Vec<(String, LossReason, u64)>,
     /// Batches cut in this transaction.
@@ -288,9 +322,11 @@ struct State {
     unbatched_bytes: u64,
     /// When the oldest not-yet-batched reading was committed.
     oldest_unbatched_at: Option<Instant>,
+    /// MQTT sessions of sensors: committed packet identifiers.
+    sessions: sessions::Sessions,
 }
 
-const SCHEMA_VERSION: i64 = 2;
+const SCHEMA_VERSION: i64 = 3;
 
 fn now_ms() -> i64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
@@ -328,6 +364,7 @@ impl Store {
             outbox: BTreeMap::new(),
             unbatched_bytes: 0,
             oldest_unbatched_at: None,
+            sessions: Default::default(),
             },
         };
         store.reload()?;
@@ -405,6 +442,7 @@ impl Store {
             self.conn.query_row("SELECT COUNT(*) FROM readings WHERE id > ?1", [self.st.batched_upto], |r| r.get(0))?;
         self.st.unbatched_bytes = 0;
         self.st.oldest_unbatched_at = (unbatched > 0).then(Instant::now);
+        self.st.sessions = sessions::Sessions::load(&self.conn, self.st.opts.session_pkids, now_ms())?;
         Ok(())
     }
 
@@ -435,7 +473,13 @@ impl Store {
         acks: &[u64],
         now: Instant,
     ) -> Result<ApplyOutcome, StoreError> {
-        let res = self.apply_inner(groups, progress, acks, now);
+        self.commit(&Write { groups, progress, acks, ..Write::default() }, now)
+    }
+
+    /// Applies one transaction with everything [`Write`] can hold: reading groups, module
+    /// progress, MQTT session state and hub acknowledgements. The single write path.
+    pub fn commit(&mut self, w: &Write<'_>, now: Instant) -> Result<ApplyOutcome, StoreError> {
+        let res = self.apply_inner(w, now);
         if res.is_err() {
             // The transaction rolled back (dropped uncommitted). Whatever we changed in
             // memory described it, so start again from what is on disk.
@@ -446,15 +490,13 @@ impl Store {
         res
     }
 
-    fn apply_inner(
-        &mut self,
-        groups: &[&[Reading]],
-        progress: &[(usize, ModuleProgress)],
-        acks: &[u64],
-        now: Instant,
-    ) -> Result<ApplyOutcome, StoreError> {
+    fn apply_inner(&mut self, w: &Write<'_>, now: Instant) -> Result<ApplyOutcome, StoreError> {
+        let Write { groups, progress, publishes, sessions, acks } = *w;
         let mut out = ApplyOutcome::default();
         let tx = self.conn.transaction()?;
+        for op in sessions {
+            out.sessions.push(self.st.sessions.apply(&tx, op, now_ms())?);
+        }
         let mut lost: HashMap<(i64, LossReason), u64> = HashMap::new();
         let mut added: HashMap<(i64, i64), BucketDelta> = HashMap::new();
         {
@@ -462,6 +504,14 @@ impl Store {
                 tx.prepare_cached("INSERT INTO readings(id, stream_id, ts_ns, fields, producer) VALUES (?1, ?2, ?3, ?4, ?5)")?;
             let mut new_stream = tx.prepare_cached("INSERT INTO streams(name, bytes, count, forward) VALUES (?1, 0, 0, ?2)")?;
             for (gi, group) in groups.iter().enumerate() {
+                let publish = publishes.iter().find(|(i, _)| *i == gi).map(|(_, p)| p);
+                if publish.is_some_and(|p| self.st.sessions.is_duplicate(p)) {
+                    // A sensor's re-send of a PUBLISH committed before: acknowledge it
+                    // again, store nothing.
+                    out.results.push(Ok(()));
+                    out.duplicates.push(gi);
+                    continue;
+                }
                 // Admission, all in memory, before touching the database, so a refused
                 // group leaves no trace.
                 match admit(&self.st.streams, self.st.total_bytes, &self.st.opts, group) {
@@ -501,6 +551,9 @@ impl Store {
                 }
                 if !group.is_empty() && self.st.oldest_unbatched_at.is_none() {
                     self.st.oldest_unbatched_at = Some(now);
+                }
+                if let Some(p) = publish {
+                    self.st.sessions.record(&tx, p, self.st.next_id)?;
                 }
             }
         }
@@ -580,13 +633,17 @@ impl Store {
                     self.st.delete_rows(&tx, sid, &rows, LossReason::Retention, &mut lost)?;
                 }
             }
+            let expired = self.st.sessions.expire(&tx, now_ms(), self.st.opts.session_expiry)?;
+            if expired > 0 {
+                tracing::info!(sessions = expired, "expired MQTT sessions of sensors not seen for listener.session_expiry");
+            }
             self.st.write_back(&tx, &lost)?;
             tx.commit()?;
             let dropped = lost
                 .into_iter()
                 .filter_map(|((sid, reason), n)| Some((self.st.stream_names.get(&sid)?.clone(), reason, n)))
                 .collect();
-            Ok(ApplyOutcome { results: vec![], dropped, batches_cut: 0 })
+            Ok(ApplyOutcome { dropped, ..ApplyOutcome::default() })
         })();
         if res.is_err() {
             let _ = self.reload();
@@ -914,7 +971,11 @@ fn migrate(conn: &Connection) -> Result<(), StoreError> {
              COMMIT;",
         )?;
     }
-    debug_assert_eq!(SCHEMA_VERSION, 2);
+    if version < 3 {
+        // MQTT sessions of sensors (exactly once from the sensor).
+        conn.execute_batch(&format!("BEGIN; {} PRAGMA user_version = 3; COMMIT;", sessions::SCHEMA_V3))?;
+    }
+    debug_assert_eq!(SCHEMA_VERSION, 3);
     Ok(())
 }
 

@@ -387,3 +387,65 @@ fn module_outputs_carry_lineage_in_their_own_chunks() {
     let bytes = brume_protocol::AgentMessage::BatchV2(b.clone()).encode();
     assert_eq!(brume_protocol::AgentMessage::decode_batch(&bytes).unwrap(), b);
 }
+
+/// MQTT session state in the store: a committed PUBLISH's identifier survives reopening
+/// and makes its DUP re-send a duplicate; only the newest `session_pkids` identifiers
+/// per client are kept; a clean session forgets; QoS 2 identifiers stay taken until
+/// released; sessions expire `session_expiry` after their client disconnected.
+#[test]
+fn mqtt_sessions_dedup_bound_release_and_expire() {
+    use std::sync::Arc;
+    let dir = tempfile::tempdir().unwrap();
+    let mut o = opts("");
+    o.session_pkids = 3;
+    o.session_expiry = Duration::from_millis(1);
+    let client: Arc<str> = "s1".into();
+    let id = |pkid: u16, qos: u8, dup: bool, d: i64| PublishId { client: client.clone(), pkid, qos, dup, digest: d };
+    let now = Instant::now;
+    let mut store = Store::open(dir.path(), o.clone()).unwrap();
+    let (open_p, open_c) = ([SessionOp::Open { client: "s1".into(), persistent: true }], [SessionOp::Open { client: "s1".into(), persistent: false }]);
+    let open = |persistent: bool| Write { sessions: if persistent { &open_p[..] } else { &open_c[..] }, ..Write::default() };
+    assert_eq!(store.commit(&open(true), now()).unwrap().sessions, [false]);
+    let r = [reading("a", 1)];
+    let groups: Vec<&[Reading]> = vec![&r; 5];
+    let pubs: Vec<(usize, PublishId)> = (0..5).map(|i| (i, id(i as u16 + 1, 1, false, 10 + i as i64))).collect();
+    let out = store.commit(&Write { groups: &groups, publishes: &pubs, ..Write::default() }, now()).unwrap();
+    assert!(out.duplicates.is_empty());
+    drop(store);
+
+    let mut store = Store::open(dir.path(), o.clone()).unwrap();
+    assert_eq!(store.commit(&open(true), now()).unwrap().sessions, [true], "present after reopening");
+    // Re-sends: pkids 1 and 2 were evicted (bound 3); 3..=5 are remembered; a DUP with
+    // other content, or without DUP, is new.
+    let resend: Vec<(usize, PublishId)> = vec![
+        (0, id(3, 1, true, 12)),
+        (1, id(5, 1, true, 14)),
+        (2, id(1, 1, true, 10)),
+        (3, id(4, 1, true, 99)),
+        (4, id(4, 1, false, 13)),
+    ];
+    let out = store.commit(&Write { groups: &groups, publishes: &resend, ..Write::default() }, now()).unwrap();
+    assert_eq!(out.duplicates, [0, 1]);
+    // QoS 2: taken until released, whatever the DUP flag.
+    let q2 = [(0, id(9, 2, false, 0))];
+    assert!(store.commit(&Write { groups: &groups[..1], publishes: &q2, ..Write::default() }, now()).unwrap().duplicates.is_empty());
+    assert_eq!(store.commit(&Write { groups: &groups[..1], publishes: &q2, ..Write::default() }, now()).unwrap().duplicates, [0]);
+    let release = [SessionOp::Release { client: client.clone(), pkid: 9 }];
+    assert_eq!(store.commit(&Write { sessions: &release, ..Write::default() }, now()).unwrap().sessions, [true]);
+    assert_eq!(store.commit(&Write { sessions: &release, ..Write::default() }, now()).unwrap().sessions, [false]);
+    assert!(store.commit(&Write { groups: &groups[..1], publishes: &q2, ..Write::default() }, now()).unwrap().duplicates.is_empty());
+    // A clean session forgets everything.
+    assert_eq!(store.commit(&open(false), now()).unwrap().sessions, [false]);
+    let again = [(0, id(5, 1, true, 14))];
+    assert!(store.commit(&Write { groups: &groups[..1], publishes: &again, ..Write::default() }, now()).unwrap().duplicates.is_empty());
+    // Expiry counts from the disconnect, never while connected.
+    assert_eq!(store.commit(&open(true), now()).unwrap().sessions, [false]);
+    std::thread::sleep(Duration::from_millis(5));
+    store.expire(crate::now_ns()).unwrap();
+    assert_eq!(store.commit(&open(true), now()).unwrap().sessions, [true], "connected sessions do not expire");
+    let close = [SessionOp::Close { client: client.clone() }];
+    store.commit(&Write { sessions: &close, ..Write::default() }, now()).unwrap();
+    std::thread::sleep(Duration::from_millis(5));
+    store.expire(crate::now_ns()).unwrap();
+    assert_eq!(store.commit(&open(true), now()).unwrap().sessions, [false], "expired after the disconnect");
+}

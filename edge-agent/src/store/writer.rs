@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use brume_protocol::Reading;
 use tokio::sync::{oneshot, watch};
 
-use super::{ModuleProgress, Refusal, Store, StoreError, StoreOptions, StoreReader, StoreSnapshot};
+use super::{ModuleProgress, PublishId, Refusal, SessionOp, Store, StoreError, StoreOptions, StoreReader, StoreSnapshot, Write};
 use crate::metrics::Metrics;
 
 /// Why an append was not committed.
@@ -45,7 +45,10 @@ impl AppendError {
 }
 
 enum Cmd {
-    Append { readings: Vec<Reading>, reply: oneshot::Sender<Result<(), AppendError>> },
+    /// Readings, and the sensor PUBLISH they came from when its session is persistent.
+    Append { readings: Vec<Reading>, publish: Option<PublishId>, reply: oneshot::Sender<Result<(), AppendError>> },
+    /// An MQTT session change; the reply carries [`super::sessions::Sessions::apply`]'s answer.
+    Session { op: SessionOp, reply: oneshot::Sender<Result<bool, AppendError>> },
     /// A module's outputs and progress, committed together.
     Module { readings: Vec<Reading>, progress: ModuleProgress, reply: oneshot::Sender<Result<(), AppendError>> },
     Ack(Vec<u64>),
@@ -91,15 +94,39 @@ impl StoreHandle {
     /// Appends readings atomically; resolves once they are durably committed.
     pub async fn append(&self, readings: Vec<Reading>) -> Result<(), AppendError> {
         let (reply, rx) = oneshot::channel();
-        self.tx.send_async(Cmd::Append { readings, reply }).await.map_err(|_| AppendError::Closed)?;
+        self.tx.send_async(Cmd::Append { readings, publish: None, reply }).await.map_err(|_| AppendError::Closed)?;
         rx.await.map_err(|_| AppendError::Closed)?
     }
 
     /// Queues readings for the next commit and returns the receiver of the verdict, so a
     /// caller can pipeline several appends and await them in order.
     pub async fn submit(&self, readings: Vec<Reading>) -> Result<oneshot::Receiver<Result<(), AppendError>>, AppendError> {
+        self.submit_publish(readings, None).await
+    }
+
+    /// Like [`submit`](Self::submit), for the readings of one MQTT PUBLISH of a persistent
+    /// session: the store records its packet identifier in the same transaction, and a
+    /// re-send of a committed one is answered `Ok` without storing anything.
+    pub async fn submit_publish(
+        &self,
+        readings: Vec<Reading>,
+        publish: Option<PublishId>,
+    ) -> Result<oneshot::Receiver<Result<(), AppendError>>, AppendError> {
         let (reply, rx) = oneshot::channel();
-        self.tx.send_async(Cmd::Append { readings, reply }).await.map_err(|_| AppendError::Closed)?;
+        self.tx.send_async(Cmd::Append { readings, publish, reply }).await.map_err(|_| AppendError::Closed)?;
+        Ok(rx)
+    }
+
+    /// Commits an MQTT session change (see [`SessionOp`]); resolves once durable.
+    pub async fn session(&self, op: SessionOp) -> Result<bool, AppendError> {
+        self.submit_session(op).await?.await.map_err(|_| AppendError::Closed)?
+    }
+
+    /// Queues an MQTT session change for the next commit and returns the receiver of its
+    /// answer, so a connection can keep reading while it commits.
+    pub async fn submit_session(&self, op: SessionOp) -> Result<oneshot::Receiver<Result<bool, AppendError>>, AppendError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx.send_async(Cmd::Session { op, reply }).await.map_err(|_| AppendError::Closed)?;
         Ok(rx)
     }
 
@@ -114,7 +141,7 @@ impl StoreHandle {
     /// Blocking variant of [`append`](Self::append) for non-async threads.
     pub fn append_blocking(&self, readings: Vec<Reading>) -> Result<(), AppendError> {
         let (reply, rx) = oneshot::channel();
-        self.tx.send(Cmd::Append { readings, reply }).map_err(|_| AppendError::Closed)?;
+        self.tx.send(Cmd::Append { readings, publish: None, reply }).map_err(|_| AppendError::Closed)?;
         rx.blocking_recv().map_err(|_| AppendError::Closed)?
     }
 
@@ -159,11 +186,20 @@ fn writer_loop(
         let deadline = store.linger_deadline().map_or(next_expire, |d| d.min(next_expire));
         let mut appends: Vec<(Vec<Reading>, oneshot::Sender<Result<(), AppendError>>)> = Vec::new();
         let mut progress: Vec<(usize, ModuleProgress)> = Vec::new();
+        let mut publishes: Vec<(usize, PublishId)> = Vec::new();
+        let mut sessions: Vec<(SessionOp, oneshot::Sender<Result<bool, AppendError>>)> = Vec::new();
         let mut n = 0usize;
         let mut take = |cmd: Cmd, n: &mut usize, acks: &mut Vec<u64>| match cmd {
-            Cmd::Append { readings, reply } => {
-                *n += readings.len();
+            Cmd::Append { readings, publish, reply } => {
+                *n += readings.len().max(1);
+                if let Some(p) = publish {
+                    publishes.push((appends.len(), p));
+                }
                 appends.push((readings, reply));
+            }
+            Cmd::Session { op, reply } => {
+                *n += 1;
+                sessions.push((op, reply));
             }
             Cmd::Module { readings, progress: p, reply } => {
                 *n += readings.len();
@@ -193,13 +229,15 @@ fn writer_loop(
                 Err(e) => tracing::warn!(error = %e, "retention run failed; will retry"),
             }
         }
-        if appends.is_empty() && acks.is_empty() && store.linger_deadline().is_none_or(|d| now < d) {
+        if appends.is_empty() && sessions.is_empty() && acks.is_empty() && store.linger_deadline().is_none_or(|d| now < d) {
             continue;
         }
 
         let groups: Vec<&[Reading]> = appends.iter().map(|(r, _)| r.as_slice()).collect();
+        let ops: Vec<SessionOp> = sessions.iter().map(|(op, _)| op.clone()).collect();
         let started = Instant::now();
-        match store.apply_with_progress(&groups, &progress, &acks, now) {
+        let write = Write { groups: &groups, progress: &progress, publishes: &publishes, sessions: &ops, acks: &acks };
+        match store.commit(&write, now) {
             Ok(out) => {
                 metrics.commit_seconds.observe(started.elapsed().as_secs_f64());
                 acks.clear();
@@ -212,8 +250,15 @@ fn writer_loop(
                 metrics.batches_cut.inc_by(out.batches_cut);
                 // Publish the new state before replying, so whoever was acknowledged sees it.
                 let _ = snap_tx.send(store.snapshot());
-                for ((readings, reply), result) in appends.into_iter().zip(out.results) {
+                for ((op, reply), answer) in sessions.into_iter().zip(out.sessions) {
+                    tracing::debug!(?op, answer, "MQTT session change committed");
+                    let _ = reply.send(Ok(answer));
+                }
+                for (i, ((readings, reply), result)) in appends.into_iter().zip(out.results).enumerate() {
                     match &result {
+                        Ok(()) if out.duplicates.contains(&i) => {
+                            metrics.sensor_resends_deduplicated.inc();
+                        }
                         Ok(()) => {
                             metrics.readings_committed.inc_by(readings.len() as u64);
                         }
@@ -234,6 +279,9 @@ fn writer_loop(
                 let _ = status_tx.send(Some(kind));
                 for (readings, reply) in appends {
                     metrics.refused(kind, readings.len() as u64);
+                    let _ = reply.send(Err(AppendError::Unavailable(kind)));
+                }
+                for (_, reply) in sessions {
                     let _ = reply.send(Err(AppendError::Unavailable(kind)));
                 }
                 // Keep `acks` for the next attempt. Back off so a full disk is not hammered.

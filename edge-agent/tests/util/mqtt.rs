@@ -192,6 +192,24 @@ pub async fn connect_v5(addr: SocketAddr, client_id: &str) -> (RawConn, v5::Conn
     }
 }
 
+/// Opens a connection and completes an MQTT 5 CONNECT with `clean_start` and a session
+/// expiry interval (seconds; `None`: the session ends with the connection).
+pub async fn connect_v5_session(
+    addr: SocketAddr,
+    client_id: &str,
+    clean_start: bool,
+    session_expiry: Option<u32>,
+) -> (RawConn, v5::ConnAck) {
+    let mut conn = RawConn::open(addr).await;
+    let properties = session_expiry.map(|e| v5::ConnectProperties { session_expiry_interval: Some(e), ..v5::ConnectProperties::new() });
+    let connect = v5::Connect { keep_alive: 60, client_id: client_id.into(), clean_start, properties };
+    conn.send_v5(v5::Packet::Connect(connect, None, None)).await;
+    match conn.recv_v5().await {
+        v5::Packet::ConnAck(ack) => (conn, ack),
+        other => panic!("expected CONNACK, got {other:?}"),
+    }
+}
+
 /// Opens a connection and completes an MQTT 5 CONNECT that must succeed.
 pub async fn connect_ok_v5(addr: SocketAddr, client_id: &str) -> RawConn {
     let (conn, ack) = connect_v5(addr, client_id).await;
@@ -235,11 +253,16 @@ pub async fn expect_puback_v5(conn: &mut RawConn, pkid: u16, reason: v5::PubAckR
 /// A hand-built CONNECT (3.1.1 layout) with any protocol name and level, for versions
 /// rumqttc cannot encode (`MQIsdp`/3, `MQTT`/6).
 pub fn raw_connect(protocol_name: &str, level: u8, client_id: &str) -> Vec<u8> {
+    raw_connect_flags(protocol_name, level, client_id, 0x02) // clean session
+}
+
+/// [`raw_connect`] with any connect flags byte (e.g. the reserved bit 0 set).
+pub fn raw_connect_flags(protocol_name: &str, level: u8, client_id: &str, flags: u8) -> Vec<u8> {
     let mut var = Vec::new();
     var.extend_from_slice(&(protocol_name.len() as u16).to_be_bytes());
     var.extend_from_slice(protocol_name.as_bytes());
     var.push(level);
-    var.push(0x02); // clean session
+    var.push(flags);
     var.extend_from_slice(&60u16.to_be_bytes()); // keep alive
     var.extend_from_slice(&(client_id.len() as u16).to_be_bytes());
     var.extend_from_slice(client_id.as_bytes());
