@@ -402,6 +402,12 @@ pub struct ListenerConfig {
     /// twice. MQTT 5 clients asking for less get what they ask.
     #[serde(with = "humantime_serde")]
     pub session_expiry: Duration,
+    /// New streams one client id may create at once; beyond it the sensor is refused
+    /// (MQTT 5: PUBACK 0x97; 3.1.1: the connection closes) until its budget refills. Keeps
+    /// one misbehaving sensor from taking every stream of `store.max_streams`.
+    pub new_streams_burst: u32,
+    /// New streams per minute a client's budget regains (0: none).
+    pub new_streams_per_minute: u32,
 }
 
 impl Default for ListenerConfig {
@@ -415,6 +421,8 @@ impl Default for ListenerConfig {
             strip_prefix: String::new(),
             default_keep_alive: Duration::from_secs(300),
             session_expiry: Duration::from_secs(7 * 86_400),
+            new_streams_burst: 1000,
+            new_streams_per_minute: 100,
         }
     }
 }

@@ -28,6 +28,13 @@ pub struct ReasonLabel {
     pub reason: String,
 }
 
+/// Labels: an MQTT client id.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ClientLabel {
+    /// Client id.
+    pub client: String,
+}
+
 /// Labels: an error kind.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct KindLabel {
@@ -80,6 +87,8 @@ pub struct Metrics {
     pub sensor_resends_deduplicated: Counter,
     /// Readings refused (not acknowledged to their sender) per reason.
     pub readings_refused: Family<ReasonLabel, Counter>,
+    /// Publishes refused because their client's budget of new streams was spent, per client.
+    pub stream_quota_refused: Family<ClientLabel, Counter>,
     /// Payloads or packets rejected as malformed, per reason.
     pub bad_input: Family<ReasonLabel, Counter>,
     /// Readings dropped after being accepted, per stream and reason (loss accounting).
@@ -139,6 +148,7 @@ impl Default for Metrics {
             readings_committed: Counter::default(),
             sensor_resends_deduplicated: Counter::default(),
             readings_refused: Family::default(),
+            stream_quota_refused: Family::default(),
             bad_input: Family::default(),
             readings_dropped: Family::default(),
             store_errors: Family::default(),
@@ -236,6 +246,11 @@ impl Metrics {
             self.sensor_resends_deduplicated.clone(),
         );
         r.register("readings_refused", "Readings refused, not acknowledged", self.readings_refused.clone());
+        r.register(
+            "stream_quota_refused",
+            "Publishes refused because the client's quota of new streams was spent, per client id",
+            self.stream_quota_refused.clone(),
+        );
         r.register("bad_input", "Malformed packets or payloads rejected", self.bad_input.clone());
         r.register("readings_dropped", "Accepted readings dropped before the hub acknowledged them", self.readings_dropped.clone());
         r.register("store_errors", "Store commit errors", self.store_errors.clone());

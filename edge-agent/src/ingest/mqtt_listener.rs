@@ -738,7 +738,7 @@ async fn publish(shared: &Shared, client: &Client, topic: &str, qos: u8, pkid: u
         // QoS 2 identifiers are matched alone (see `store::sessions`).
         digest: if qos == 1 { crate::store::sessions::digest(topic, payload) } else { 0 },
     });
-    match shared.store.submit_publish(readings, id).await {
+    match shared.store.submit_publish(readings, Some(client.id.clone()), id).await {
         Ok(verdict) => Outbound::AfterCommit { ack, verdict },
         Err(e) => {
             let (tx, rx) = oneshot::channel();

@@ -5,6 +5,13 @@
 //! after its readings are committed, so the broker keeps (and re-delivers) anything the
 //! agent had not yet stored, across agent crashes and restarts. Commits are awaited in
 //! order, so PUBACKs go out in the order the publishes arrived, as MQTT requires.
+//!
+//! A crash after a commit and before its PUBACK makes the broker re-deliver that PUBLISH
+//! (`DUP = 1`, same packet identifier) on the next connection. Like the listener's
+//! persistent sessions, the agent's own session with the broker is kept in the store
+//! (as client `brume-subscribe:<client id>`, see `crate::store::sessions`): each
+//! PUBLISH's identifier and digest are committed with its readings, and the re-delivery is
+//! acknowledged without being stored again.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -17,6 +24,12 @@ use super::payload::{self, PayloadConfig};
 use crate::config::SubscribeConfig;
 use crate::metrics::Metrics;
 use crate::store::writer::{AppendError, StoreHandle};
+use crate::store::{PublishId, SessionOp};
+
+/// The MQTT client id of the agent's session with the local broker.
+fn opts_client_id(cfg: &SubscribeConfig, agent_id: &str) -> String {
+    if cfg.client_id.is_empty() { format!("brume-ingest-{agent_id}") } else { cfg.client_id.clone() }
+}
 
 /// Runs subscribe mode until `shutdown`.
 pub async fn run(
@@ -27,13 +40,19 @@ pub async fn run(
     metrics: Arc<Metrics>,
     shutdown: CancellationToken,
 ) {
-    let client_id = if cfg.client_id.is_empty() { format!("brume-ingest-{agent_id}") } else { cfg.client_id.clone() };
+    let client_id = opts_client_id(&cfg, &agent_id);
     let mut opts = MqttOptions::new(client_id, cfg.host.clone(), cfg.port);
     opts.set_clean_session(false);
     opts.set_manual_acks(true);
     opts.set_keep_alive(Duration::from_secs(30));
     opts.set_max_packet_size(payload_cfg.max_payload_bytes + 4096, 64 * 1024);
     let (client, mut eventloop) = AsyncClient::new(opts, 256);
+    // Our session with the broker, as the store tracks sensor sessions: persistent, and
+    // "connected" for as long as the agent runs.
+    let session: Arc<str> = format!("brume-subscribe:{}", opts_client_id(&cfg, &agent_id)).into();
+    if let Err(e) = store.session(SessionOp::Open { client: session.clone(), persistent: true }).await {
+        tracing::warn!(error = %e, "cannot record the local broker session; re-deliveries after a crash may be stored twice");
+    }
     // Pending verdicts, in arrival order, with the publish to acknowledge.
     //
     // Unbounded on purpose: the loop below polls the `EventLoop`, and the acker's
@@ -80,7 +99,15 @@ pub async fn run(
                 let verdict = match payload::parse_mqtt(&stream, &p.payload, crate::now_ns(), &payload_cfg) {
                     Ok(readings) => {
                         metrics.received("subscribe", readings.len() as u64);
-                        match store.submit(readings).await {
+                        let id = (p.qos != QoS::AtMostOnce).then(|| PublishId {
+                            client: session.clone(),
+                            pkid: p.pkid,
+                            qos: 1,
+                            dup: p.dup,
+                            digest: crate::store::sessions::digest(&p.topic, &p.payload),
+                        });
+                        // Charged to no client: the local broker carries many sensors.
+                        match store.submit_publish(readings, None, id).await {
                             Ok(rx) => Verdict::Pending(rx),
                             Err(_) => Verdict::Failed,
                         }

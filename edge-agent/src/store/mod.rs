@@ -54,6 +54,7 @@ pub mod writer;
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use brume_protocol::{Batch, ChunkLineage, FieldsBlob, LossReason, LossReport, ModuleRef, Point, Reading, StreamChunk};
@@ -146,6 +147,15 @@ pub enum Refusal {
     /// Creating the stream would exceed `store.max_streams`.
     #[error("too many streams: {0:?} would exceed store.max_streams")]
     TooManyStreams(String),
+    /// The sensor's budget of new streams (`listener.new_streams_burst`, refilled at
+    /// `listener.new_streams_per_minute`) is spent.
+    #[error("client {client:?} may not create stream {stream:?} now: its quota of new streams is spent; retry later")]
+    StreamQuota {
+        /// MQTT client id.
+        client: String,
+        /// The stream it tried to create.
+        stream: String,
+    },
 }
 
 impl Refusal {
@@ -154,6 +164,7 @@ impl Refusal {
         match self {
             Refusal::StreamFull(_) => "stream_full",
             Refusal::TooManyStreams(_) => "too_many_streams",
+            Refusal::StreamQuota { .. } => "stream_quota",
         }
     }
 }
@@ -180,6 +191,10 @@ pub struct StoreOptions {
     pub session_pkids: usize,
     /// Persistent MQTT sessions not connected for this long are deleted.
     pub session_expiry: Duration,
+    /// New streams one MQTT client may create at once (token bucket size).
+    pub new_streams_burst: u32,
+    /// New streams per minute a client's budget regains.
+    pub new_streams_per_minute: u32,
 }
 
 impl StoreOptions {
@@ -195,6 +210,8 @@ impl StoreOptions {
             rules: cfg.clone(),
             session_pkids: usize::from(cfg.listener.max_inflight),
             session_expiry: cfg.listener.session_expiry,
+            new_streams_burst: cfg.listener.new_streams_burst,
+            new_streams_per_minute: cfg.listener.new_streams_per_minute,
         }
     }
 }
@@ -279,6 +296,9 @@ pub struct Write<'a> {
     pub publishes: &'a [(usize, PublishId)],
     /// Session changes (connect, disconnect, QoS 2 release), applied before the groups.
     pub sessions: &'a [SessionOp],
+    /// `(group index, client id)`: the MQTT client a group came from. New streams it
+    /// creates are charged to the client's quota ([`StreamQuota`]).
+    pub origins: &'a [(usize, Arc<str>)],
     /// Hub-acknowledged batch sequence numbers.
     pub acks: &'a [u64],
 }
@@ -324,6 +344,44 @@ struct State {
     oldest_unbatched_at: Option<Instant>,
     /// MQTT sessions of sensors: committed packet identifiers.
     sessions: sessions::Sessions,
+    /// New-stream budgets per MQTT client (in memory: a rate limit, not state to keep).
+    quota: StreamQuota,
+}
+
+/// Per-client token buckets of new streams, so one sensor cannot take every stream of
+/// `store.max_streams` from the others. A bucket holds up to `burst` tokens and regains
+/// `per_minute` per minute; creating a stream costs one.
+#[derive(Debug, Default)]
+struct StreamQuota {
+    burst: f64,
+    per_sec: f64,
+    /// Client id → (tokens, when last refilled). Full buckets are dropped (a client that
+    /// is not there is a client with a full bucket), so the map stays small.
+    buckets: HashMap<Arc<str>, (f64, Instant)>,
+}
+
+impl StreamQuota {
+    fn new(burst: u32, per_minute: u32) -> Self {
+        StreamQuota { burst: f64::from(burst), per_sec: f64::from(per_minute) / 60.0, buckets: HashMap::new() }
+    }
+
+    /// Tokens `client` has at `now`.
+    fn available(&self, client: &Arc<str>, now: Instant) -> f64 {
+        match self.buckets.get(client) {
+            Some(&(tokens, at)) => (tokens + now.saturating_duration_since(at).as_secs_f64() * self.per_sec).min(self.burst),
+            None => self.burst,
+        }
+    }
+
+    /// Spends `n` tokens of `client` (the caller checked [`available`](Self::available)).
+    fn spend(&mut self, client: &Arc<str>, n: usize, now: Instant) {
+        let left = self.available(client, now) - n as f64;
+        self.buckets.insert(client.clone(), (left, now));
+        if self.buckets.len() > 10_000 {
+            let (burst, per_sec) = (self.burst, self.per_sec);
+            self.buckets.retain(|_, (t, at)| *t + now.saturating_duration_since(*at).as_secs_f64() * per_sec < burst);
+        }
+    }
 }
 
 const SCHEMA_VERSION: i64 = 3;
@@ -352,7 +410,6 @@ impl Store {
         let mut store = Store {
             conn,
             st: State {
-            opts,
             epoch: 0,
             next_id: 1,
             next_seq: 1,
@@ -365,6 +422,8 @@ impl Store {
             unbatched_bytes: 0,
             oldest_unbatched_at: None,
             sessions: Default::default(),
+            quota: StreamQuota::new(opts.new_streams_burst, opts.new_streams_per_minute),
+            opts,
             },
         };
         store.reload()?;
@@ -491,7 +550,7 @@ impl Store {
     }
 
     fn apply_inner(&mut self, w: &Write<'_>, now: Instant) -> Result<ApplyOutcome, StoreError> {
-        let Write { groups, progress, publishes, sessions, acks } = *w;
+        let Write { groups, progress, publishes, sessions, origins, acks } = *w;
         let mut out = ApplyOutcome::default();
         let tx = self.conn.transaction()?;
         for op in sessions {
@@ -514,13 +573,24 @@ impl Store {
                 }
                 // Admission, all in memory, before touching the database, so a refused
                 // group leaves no trace.
-                match admit(&self.st.streams, self.st.total_bytes, &self.st.opts, group) {
+                let origin = origins.iter().find(|(i, _)| *i == gi).map(|(_, c)| c);
+                let new_streams = match admit(&self.st.streams, self.st.total_bytes, &self.st.opts, group) {
                     Err(r) => {
                         out.results.push(Err(r));
                         continue;
                     }
-                    Ok(()) => out.results.push(Ok(())),
+                    Ok(new) => new,
+                };
+                if let Some(client) = origin
+                    && !new_streams.is_empty()
+                {
+                    if self.st.quota.available(client, now) < new_streams.len() as f64 {
+                        out.results.push(Err(Refusal::StreamQuota { client: client.to_string(), stream: new_streams[0].clone() }));
+                        continue;
+                    }
+                    self.st.quota.spend(client, new_streams.len(), now);
                 }
+                out.results.push(Ok(()));
                 let producer = match progress.iter().find(|(i, _)| *i == gi) {
                     Some((_, p)) if !group.is_empty() => Some(producer_id(&tx, p)?),
                     _ => None,
@@ -638,6 +708,12 @@ impl Store {
                 tracing::info!(sessions = expired, "expired MQTT sessions of sensors not seen for listener.session_expiry");
             }
             self.st.write_back(&tx, &lost)?;
+            // After write_back: the losses of this run are in the table, so a stream that
+            // just lost readings is kept to report them.
+            let removed = self.st.delete_empty_streams(&tx)?;
+            if removed > 0 {
+                tracing::info!(streams = removed, "deleted streams left empty by retention; their budget is free again");
+            }
             tx.commit()?;
             let dropped = lost
                 .into_iter()
@@ -779,11 +855,14 @@ impl State {
         let mut n_lost = 0;
         let mut freed = 0;
         let mut per_bucket: HashMap<i64, i64> = HashMap::new();
+        // A stream kept as local history only (`forward = false`) never goes to the hub,
+        // so deleting its readings loses nothing the hub was promised.
+        let forwarded = self.stream_names.get(&sid).and_then(|n| self.streams.get(n)).is_none_or(|s| s.rule.forward);
         for &(id, len) in rows {
             del.execute([id])?;
             *per_bucket.entry(bucket_of(id)).or_default() += 1;
             freed += len + ROW_OVERHEAD;
-            if self.is_unacked(id) {
+            if forwarded && self.is_unacked(id) {
                 n_lost += 1;
             }
         }
@@ -806,6 +885,31 @@ impl State {
         self.total_bytes = self.total_bytes.saturating_sub(freed);
         self.total_count = self.total_count.saturating_sub(rows.len() as u64);
         Ok(())
+    }
+
+    /// Deletes streams that hold no readings any more and have no loss to report, so that
+    /// `store.max_streams` counts streams in use: a flood of one-off topics ages out
+    /// instead of exhausting the budget for good. A stream with losses is kept, since its
+    /// name is how every batch reports them to the hub. Returns how many went.
+    fn delete_empty_streams(&mut self, tx: &rusqlite::Transaction) -> Result<usize, StoreError> {
+        let empty: Vec<(i64, String)> =
+            self.streams.iter().filter(|(_, s)| s.count == 0).map(|(n, s)| (s.id, n.clone())).collect();
+        let mut removed = 0;
+        for (id, name) in empty {
+            let has_losses: bool = tx
+                .prepare_cached("SELECT EXISTS(SELECT 1 FROM losses WHERE stream_id = ?1 AND total > 0)")?
+                .query_row([id], |r| r.get(0))?;
+            if has_losses {
+                continue;
+            }
+            tx.prepare_cached("DELETE FROM stream_buckets WHERE stream_id = ?1")?.execute([id])?;
+            tx.prepare_cached("DELETE FROM losses WHERE stream_id = ?1")?.execute([id])?;
+            tx.prepare_cached("DELETE FROM streams WHERE id = ?1")?.execute([id])?;
+            self.streams.remove(&name);
+            self.stream_names.remove(&id);
+            removed += 1;
+        }
+        Ok(removed)
     }
 
     /// Whether a reading id is not yet acknowledged by the hub: not batched yet, or
@@ -879,8 +983,9 @@ impl State {
     }
 }
 
-/// Checks whether a group may be stored, without changing anything.
-fn admit(streams: &HashMap<String, StreamState>, total_bytes: u64, opts: &StoreOptions, group: &[Reading]) -> Result<(), Refusal> {
+/// Whether a group may be stored: stream count and byte budgets. Returns the names of
+/// the streams it would create.
+fn admit(streams: &HashMap<String, StreamState>, total_bytes: u64, opts: &StoreOptions, group: &[Reading]) -> Result<Vec<String>, Refusal> {
     let mut new_streams: Vec<&str> = Vec::new();
     let mut incoming: HashMap<&str, u64> = HashMap::new();
     for r in group {
@@ -904,7 +1009,7 @@ fn admit(streams: &HashMap<String, StreamState>, total_bytes: u64, opts: &StoreO
             return Err(Refusal::StreamFull(name.to_string()));
         }
     }
-    Ok(())
+    Ok(new_streams.into_iter().map(str::to_owned).collect())
 }
 
 fn reason_code(r: LossReason) -> i64 {

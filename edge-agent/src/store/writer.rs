@@ -46,7 +46,13 @@ impl AppendError {
 
 enum Cmd {
     /// Readings, and the sensor PUBLISH they came from when its session is persistent.
-    Append { readings: Vec<Reading>, publish: Option<PublishId>, reply: oneshot::Sender<Result<(), AppendError>> },
+    Append {
+        readings: Vec<Reading>,
+        /// The MQTT client the readings came from, charged for the streams they create.
+        origin: Option<Arc<str>>,
+        publish: Option<PublishId>,
+        reply: oneshot::Sender<Result<(), AppendError>>,
+    },
     /// An MQTT session change; the reply carries [`super::sessions::Sessions::apply`]'s answer.
     Session { op: SessionOp, reply: oneshot::Sender<Result<bool, AppendError>> },
     /// A module's outputs and progress, committed together.
@@ -94,26 +100,28 @@ impl StoreHandle {
     /// Appends readings atomically; resolves once they are durably committed.
     pub async fn append(&self, readings: Vec<Reading>) -> Result<(), AppendError> {
         let (reply, rx) = oneshot::channel();
-        self.tx.send_async(Cmd::Append { readings, publish: None, reply }).await.map_err(|_| AppendError::Closed)?;
+        self.tx.send_async(Cmd::Append { readings, origin: None, publish: None, reply }).await.map_err(|_| AppendError::Closed)?;
         rx.await.map_err(|_| AppendError::Closed)?
     }
 
     /// Queues readings for the next commit and returns the receiver of the verdict, so a
     /// caller can pipeline several appends and await them in order.
     pub async fn submit(&self, readings: Vec<Reading>) -> Result<oneshot::Receiver<Result<(), AppendError>>, AppendError> {
-        self.submit_publish(readings, None).await
+        self.submit_publish(readings, None, None).await
     }
 
-    /// Like [`submit`](Self::submit), for the readings of one MQTT PUBLISH of a persistent
-    /// session: the store records its packet identifier in the same transaction, and a
+    /// Like [`submit`](Self::submit), for the readings of one MQTT PUBLISH: the streams
+    /// they create are charged to `origin`'s quota, and for a persistent session
+    /// (`publish`) the store records the packet identifier in the same transaction, so a
     /// re-send of a committed one is answered `Ok` without storing anything.
     pub async fn submit_publish(
         &self,
         readings: Vec<Reading>,
+        origin: Option<Arc<str>>,
         publish: Option<PublishId>,
     ) -> Result<oneshot::Receiver<Result<(), AppendError>>, AppendError> {
         let (reply, rx) = oneshot::channel();
-        self.tx.send_async(Cmd::Append { readings, publish, reply }).await.map_err(|_| AppendError::Closed)?;
+        self.tx.send_async(Cmd::Append { readings, origin, publish, reply }).await.map_err(|_| AppendError::Closed)?;
         Ok(rx)
     }
 
@@ -141,7 +149,7 @@ impl StoreHandle {
     /// Blocking variant of [`append`](Self::append) for non-async threads.
     pub fn append_blocking(&self, readings: Vec<Reading>) -> Result<(), AppendError> {
         let (reply, rx) = oneshot::channel();
-        self.tx.send(Cmd::Append { readings, publish: None, reply }).map_err(|_| AppendError::Closed)?;
+        self.tx.send(Cmd::Append { readings, origin: None, publish: None, reply }).map_err(|_| AppendError::Closed)?;
         rx.blocking_recv().map_err(|_| AppendError::Closed)?
     }
 
@@ -187,13 +195,17 @@ fn writer_loop(
         let mut appends: Vec<(Vec<Reading>, oneshot::Sender<Result<(), AppendError>>)> = Vec::new();
         let mut progress: Vec<(usize, ModuleProgress)> = Vec::new();
         let mut publishes: Vec<(usize, PublishId)> = Vec::new();
+        let mut origins: Vec<(usize, Arc<str>)> = Vec::new();
         let mut sessions: Vec<(SessionOp, oneshot::Sender<Result<bool, AppendError>>)> = Vec::new();
         let mut n = 0usize;
         let mut take = |cmd: Cmd, n: &mut usize, acks: &mut Vec<u64>| match cmd {
-            Cmd::Append { readings, publish, reply } => {
+            Cmd::Append { readings, origin, publish, reply } => {
                 *n += readings.len().max(1);
                 if let Some(p) = publish {
                     publishes.push((appends.len(), p));
+                }
+                if let Some(o) = origin {
+                    origins.push((appends.len(), o));
                 }
                 appends.push((readings, reply));
             }
@@ -236,7 +248,8 @@ fn writer_loop(
         let groups: Vec<&[Reading]> = appends.iter().map(|(r, _)| r.as_slice()).collect();
         let ops: Vec<SessionOp> = sessions.iter().map(|(op, _)| op.clone()).collect();
         let started = Instant::now();
-        let write = Write { groups: &groups, progress: &progress, publishes: &publishes, sessions: &ops, acks: &acks };
+        let write =
+            Write { groups: &groups, progress: &progress, publishes: &publishes, sessions: &ops, origins: &origins, acks: &acks };
         match store.commit(&write, now) {
             Ok(out) => {
                 metrics.commit_seconds.observe(started.elapsed().as_secs_f64());
@@ -264,6 +277,10 @@ fn writer_loop(
                         }
                         Err(refusal) => {
                             metrics.refused(refusal.reason(), readings.len() as u64);
+                            if let Refusal::StreamQuota { client, .. } = refusal {
+                                let label = crate::metrics::ClientLabel { client: client.clone() };
+                                metrics.stream_quota_refused.get_or_create(&label).inc();
+                            }
                         }
                     }
                     let _ = reply.send(result.map_err(AppendError::from));

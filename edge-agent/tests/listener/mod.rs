@@ -266,3 +266,82 @@ async fn expect_v4(c: &mut RawConn, what: &str, ok: impl Fn(&v4::Packet) -> bool
     let p = c.recv_v4().await;
     assert!(ok(&p), "expected {what}, got {p:?}");
 }
+
+/// Issue 10: 10,000 publishes to distinct topics from one client filled
+/// `store.max_streams`, and from then on every client's first reading on a new stream was
+/// refused, forever. Now each client id has a budget of new streams
+/// (`listener.new_streams_burst`, refilled per minute), refusals are counted per client,
+/// and a well-behaved sensor still gets its new stream.
+#[tokio::test]
+async fn one_flooding_client_cannot_take_every_stream() {
+    let agent = Agent::start_with(|cfg| {
+        cfg.store.max_streams = 12;
+        cfg.listener.new_streams_burst = 5;
+        cfg.listener.new_streams_per_minute = 0;
+    })
+    .await;
+    let (mut flood, _) = connect_v5_session(agent.mqtt, "flooder", true, None).await;
+    let mut burst = bytes::BytesMut::new();
+    for i in 0..20u16 {
+        publish_v5(&format!("flood/{i}"), QoS5::AtLeastOnce, i + 1, r#"{"v": 1}"#).write(&mut burst, None).unwrap();
+    }
+    flood.send(&burst).await;
+    for i in 0..20u16 {
+        let reason = if i < 5 { v5::PubAckReason::Success } else { v5::PubAckReason::QuotaExceeded };
+        crate::util::mqtt::expect_puback_v5(&mut flood, i + 1, reason).await;
+    }
+    assert_eq!(agent.metric(r#"brume_agent_stream_quota_refused_total{client="flooder"}"#).await, 15);
+    assert_eq!(agent.refused("stream_quota").await, 15);
+
+    // Another sensor creates its stream; the flooder keeps using the streams it has.
+    let (mut good, _) = connect_v4(agent.mqtt, "well-behaved", true).await;
+    good.send_v4(publish_v4("good/t", QoS4::AtLeastOnce, 1, r#"{"v": 2}"#)).await;
+    expect_puback_v4(&mut good, 1).await;
+    flood.send_v5(publish_v5("flood/0", QoS5::AtLeastOnce, 21, r#"{"v": 3}"#)).await;
+    crate::util::mqtt::expect_puback_v5(&mut flood, 21, v5::PubAckReason::Success).await;
+    agent.wait_readings(7).await;
+}
+
+/// Streams whose readings retention removed (and that have no loss to report) are
+/// deleted, so `store.max_streams` counts streams in use and the budget recovers.
+#[tokio::test]
+async fn streams_emptied_by_retention_free_their_place() {
+    use edge_agent::config::{StreamRule, StreamRuleBody};
+    let rules = |cfg: &mut edge_agent::config::Config| {
+        cfg.store.max_streams = 3;
+        cfg.store.streams.push(StreamRule {
+            pattern: "old/#".into(),
+            rule: StreamRuleBody { max_age: std::time::Duration::from_secs(3600), forward: false, ..StreamRuleBody::default() },
+        });
+    };
+    let agent = Agent::start_with(rules).await;
+    let (mut c, _) = connect_v4(agent.mqtt, "backfill", true).await;
+    // Two hours old: past the rule's max_age, deleted by the next retention run (the
+    // default interval, 60 s, does not come during this part).
+    let old_ms = edge_agent::now_ns() / 1_000_000 - 2 * 3600 * 1000;
+    for i in 1..=3u16 {
+        c.send_v4(publish_v4(&format!("old/{i}"), QoS4::AtLeastOnce, i, format!(r#"{{"v": 1, "ts": {old_ms}}}"#))).await;
+        expect_puback_v4(&mut c, i).await;
+    }
+    c.send_v4(publish_v4("new/t", QoS4::AtLeastOnce, 4, r#"{"v": 1}"#)).await;
+    c.assert_closed_silently().await; // 3.1.1: refused (too many streams) means no PUBACK
+    assert_eq!(agent.refused("too_many_streams").await, 1);
+    let dir = agent.stop().await;
+
+    // Retention runs every 100 ms now: the three streams empty out and go.
+    let agent = Agent::start_in(dir, |cfg| {
+        rules(cfg);
+        cfg.store.retention_interval = std::time::Duration::from_millis(100);
+    })
+    .await;
+    crate::util::eventually("the emptied streams are deleted", || async {
+        let n = agent.status().await["store"]["streams"].clone();
+        if n == 0 { Ok(()) } else { Err(format!("{n} streams")) }
+    })
+    .await;
+    let (mut c, _) = connect_v4(agent.mqtt, "fresh", true).await;
+    c.send_v4(publish_v4("new/t", QoS4::AtLeastOnce, 1, r#"{"v": 1}"#)).await;
+    expect_puback_v4(&mut c, 1).await;
+    let text = agent.metrics_text().await;
+    assert!(!text.contains(r#"readings_dropped_total{stream="old/"#), "local history is not a loss: {text}");
+}
