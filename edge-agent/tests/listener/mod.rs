@@ -62,6 +62,8 @@ async fn protocol_violations_are_refused_and_store_nothing() {
         ("'+' in topic (5)", Send::V5Publish("a/+"), Expect::Disconnect(v5::DisconnectReasonCode::TopicNameInvalid), "bad_topic"),
         ("'#' in topic (5)", Send::V5Publish("#"), Expect::Disconnect(v5::DisconnectReasonCode::TopicNameInvalid), "bad_topic"),
         ("U+0000 in topic (5)", Send::V5Publish("x\0"), Expect::Disconnect(v5::DisconnectReasonCode::TopicNameInvalid), "bad_topic"),
+        // No topic aliases are offered (topic_alias_max 0), so an empty name stands for nothing.
+        ("empty topic (5)", Send::V5Publish(""), Expect::Disconnect(v5::DisconnectReasonCode::TopicNameInvalid), "bad_topic"),
     ];
     for (name, send, expect, reason) in cases {
         let before = agent.bad_input(reason).await;
