@@ -346,6 +346,9 @@ struct State {
     sessions: sessions::Sessions,
     /// New-stream budgets per MQTT client (in memory: a rate limit, not state to keep).
     quota: StreamQuota,
+    /// `(next_seq, batched_upto, next_id)` as last written to `meta`; `None` after a
+    /// reload, so the next transaction writes them.
+    meta_written: Option<(u64, i64, i64)>,
 }
 
 /// Per-client token buckets of new streams, so one sensor cannot take every stream of
@@ -423,6 +426,7 @@ impl Store {
             oldest_unbatched_at: None,
             sessions: Default::default(),
             quota: StreamQuota::new(opts.new_streams_burst, opts.new_streams_per_minute),
+            meta_written: None,
             opts,
             },
         };
@@ -502,6 +506,7 @@ impl Store {
         self.st.unbatched_bytes = 0;
         self.st.oldest_unbatched_at = (unbatched > 0).then(Instant::now);
         self.st.sessions = sessions::Sessions::load(&self.conn, self.st.opts.session_pkids, now_ms())?;
+        self.st.meta_written = None;
         Ok(())
     }
 
@@ -975,10 +980,17 @@ impl State {
         for (&(sid, reason), &n) in lost {
             loss.execute(params![sid, reason_code(reason), n as i64])?;
         }
-        let mut meta = tx.prepare_cached("INSERT OR REPLACE INTO meta(key, value) VALUES (?1, ?2)")?;
-        meta.execute(params!["next_seq", self.next_seq as i64])?;
-        meta.execute(params!["batched_upto", self.batched_upto])?;
-        meta.execute(params!["next_id", self.next_id])?;
+        // Only what changed: a transaction that rewrites nothing writes nothing to the
+        // WAL, so an idle agent's periodic retention run costs no flash.
+        let now = (self.next_seq, self.batched_upto, self.next_id);
+        if self.meta_written != Some(now) {
+            let mut meta = tx.prepare_cached("INSERT OR REPLACE INTO meta(key, value) VALUES (?1, ?2)")?;
+            meta.execute(params!["next_seq", self.next_seq as i64])?;
+            meta.execute(params!["batched_upto", self.batched_upto])?;
+            meta.execute(params!["next_id", self.next_id])?;
+            // Set before the commit: if it fails, `reload` resets it.
+            self.meta_written = Some(now);
+        }
         Ok(())
     }
 }

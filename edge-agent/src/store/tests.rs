@@ -449,3 +449,21 @@ fn mqtt_sessions_dedup_bound_release_and_expire() {
     store.expire(crate::now_ns()).unwrap();
     assert_eq!(store.commit(&open(true), now()).unwrap().sessions, [false], "expired after the disconnect");
 }
+
+/// Issue 16 ("nothing written when nothing happens"): the periodic retention run of an
+/// idle store modifies no row, so its transaction writes nothing to the WAL.
+#[test]
+fn idle_retention_run_writes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut store = Store::open(dir.path(), opts("")).unwrap();
+    store.apply(&[&[reading("a", 1), reading("b", 2)]], &[], Instant::now()).unwrap();
+    store.expire(crate::now_ns()).unwrap();
+    let before = store.conn.total_changes();
+    for _ in 0..3 {
+        store.expire(crate::now_ns()).unwrap();
+    }
+    assert_eq!(store.conn.total_changes(), before, "an idle retention run changed rows");
+    // Real work still writes its counters.
+    store.apply(&[&[reading("a", 3)]], &[], Instant::now()).unwrap();
+    assert!(store.conn.total_changes() > before);
+}
