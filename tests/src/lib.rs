@@ -18,6 +18,24 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 
+/// A test that cannot run here says so instead of passing silently: with
+/// `BRUME_REQUIRE_ALL=1` (set by `.ci/run`) it fails; otherwise it appends a line to the
+/// file named by `BRUME_SKIP_LOG` (set by `scripts/test.sh`, which counts the lines as
+/// skipped in its closing line) and to stderr. Call it, then return.
+pub fn skip(test: &str, why: &str) {
+    if std::env::var("BRUME_REQUIRE_ALL").is_ok_and(|v| v == "1") {
+        panic!("{test} cannot run: {why}; BRUME_REQUIRE_ALL=1 requires every test to run");
+    }
+    let line = format!("SKIPPED {test}: {why}\n");
+    eprint!("{line}");
+    if let Some(log) = std::env::var_os("BRUME_SKIP_LOG") {
+        use std::io::Write;
+        if let Ok(mut f) = std::fs::OpenOptions::new().create(true).append(true).open(log) {
+            let _ = f.write_all(line.as_bytes());
+        }
+    }
+}
+
 /// A free TCP port on 127.0.0.1 (bound then released).
 pub fn free_port() -> u16 {
     StdListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()

@@ -17,7 +17,11 @@ async fn presence(hub: &Hub) -> Vec<Value> {
 }
 
 async fn wait_online(hub: &Hub, online: bool, what: &str) -> Value {
-    let done = wait_until(what, Duration::from_secs(30), || async {
+    wait_online_within(hub, online, what, Duration::from_secs(30)).await
+}
+
+async fn wait_online_within(hub: &Hub, online: bool, what: &str, within: Duration) -> Value {
+    let done = wait_until(what, within, || async {
         presence(hub).await.first().is_some_and(|p| p["online"] == online)
     })
     .await;
@@ -29,8 +33,9 @@ async fn wait_online(hub: &Hub, online: bool, what: &str) -> Value {
 }
 
 /// The hub shows an agent online with its version, backlog and modules as soon as it
-/// connects; offline within moments of a SIGKILL (the broker publishes its last will);
-/// online again after a restart; offline after a clean stop.
+/// connects; heartbeats move its last-seen time; offline within seconds of a SIGKILL (the
+/// broker publishes its last will) while its heartbeat is a minute long, so only the
+/// last will can explain it; online again after a restart; offline after a clean stop.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn presence_follows_the_agent_through_kill_9_and_restart() {
     let broker = Mosquitto::start().await.unwrap();
@@ -67,8 +72,19 @@ async fn presence_follows_the_agent_through_kill_9_and_restart() {
     .await
     .unwrap();
 
+    // A heartbeat of a minute: three missed ones (what marks an agent offline without a
+    // last will) take three minutes, far beyond the deadline below.
+    let cfg = agent.dir.path().join("agent.toml");
+    let text = std::fs::read_to_string(&cfg).unwrap().replace("heartbeat = \"1s\"", "heartbeat = \"60s\"");
+    std::fs::write(&cfg, text).unwrap();
+    agent.proc.terminate();
+    wait_online(&hub, false, "the agent offline after a clean stop").await;
+    agent.restart().await.unwrap();
+    let p = wait_online(&hub, true, "the agent online with a one-minute heartbeat").await;
+    assert_eq!(p["heartbeat_s"], 60);
+
     agent.proc.kill9();
-    let p = wait_online(&hub, false, "the last will").await;
+    let p = wait_online_within(&hub, false, "the last will, within seconds of kill -9", Duration::from_secs(5)).await;
     assert_eq!(p["agent_id"], "edge-p");
 
     agent.restart().await.unwrap();
