@@ -28,6 +28,10 @@ pub struct TestPostgres {
     /// Run server commands as the `postgres` user (the tests run as root).
     as_postgres: bool,
     running: bool,
+    /// PostgreSQL's default durability (fsync, synced initdb). Off for tests, whose data
+    /// need not survive a power cut and which start many servers; on for benchmarks,
+    /// whose figures must be what a real deployment gets.
+    durable: bool,
 }
 
 /// Picks a free port by binding port 0 and releasing it.
@@ -87,8 +91,20 @@ fn id_of(flag: &str) -> u32 {
 }
 
 impl TestPostgres {
-    /// Creates a cluster (superuser `postgres`, trust authentication) and starts it.
+    /// Creates a cluster (superuser `postgres`, trust authentication) and starts it, with
+    /// `fsync = off`: for tests.
     pub fn start() -> TestPostgres {
+        TestPostgres::start_with(false)
+    }
+
+    /// Like [`TestPostgres::start`], with PostgreSQL's default durability (fsync on,
+    /// synchronous commit): for benchmarks.
+    #[allow(dead_code)] // each crate that includes this file uses one of the two
+    pub fn start_durable() -> TestPostgres {
+        TestPostgres::start_with(true)
+    }
+
+    fn start_with(durable: bool) -> TestPostgres {
         let bindir = find_bindir();
         let dir = tempfile::Builder::new()
             .prefix("brume-pg-")
@@ -105,21 +121,16 @@ impl TestPostgres {
             dir,
             as_postgres,
             running: false,
+            durable,
         };
         let data = pg.data_dir();
-        pg.run(
-            "initdb",
-            &[
-                "-D".as_ref(),
-                data.as_os_str(),
-                "-A".as_ref(),
-                "trust".as_ref(),
-                "-U".as_ref(),
-                "postgres".as_ref(),
-                // Test data does not need to survive a power cut.
-                "--no-sync".as_ref(),
-            ],
-        );
+        let mut args: Vec<&std::ffi::OsStr> =
+            vec!["-D".as_ref(), data.as_os_str(), "-A".as_ref(), "trust".as_ref(), "-U".as_ref(), "postgres".as_ref()];
+        if !durable {
+            // Test data does not need to survive a power cut.
+            args.push("--no-sync".as_ref());
+        }
+        pg.run("initdb", &args);
         pg.restart();
         pg
     }
@@ -162,9 +173,10 @@ impl TestPostgres {
         let data = self.data_dir();
         let log = self.dir.path().join("log");
         let opts = format!(
-            "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=50",
+            "-p {} -k {} -c listen_addresses=127.0.0.1 -c max_connections=50{}",
             self.port,
-            self.dir.path().display()
+            self.dir.path().display(),
+            if self.durable { "" } else { " -c fsync=off" }
         );
         self.run(
             "pg_ctl",
