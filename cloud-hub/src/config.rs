@@ -259,12 +259,17 @@ pub struct HttpConfig {
     /// Address the HTTP API listens on. Used by the binary, which binds the listener and
     /// hands it to [`crate::run`].
     pub listen: SocketAddr,
+    /// Expensive queries (raw readings, aggregation, quarantine downloads) served at
+    /// once; more get 503 with `Retry-After`. Bounds the hub's memory and the database
+    /// load that dashboards can cause.
+    pub max_concurrent_queries: usize,
 }
 
 impl Default for HttpConfig {
     fn default() -> Self {
         HttpConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            max_concurrent_queries: 8,
         }
     }
 }
@@ -380,6 +385,12 @@ impl Config {
             return Err(invalid(
                 "storage.postgres.query_timeout",
                 "must be at least 1s",
+            ));
+        }
+        if !(1..=1024).contains(&self.http.max_concurrent_queries) {
+            return Err(invalid(
+                "http.max_concurrent_queries",
+                format!("{} is out of range 1 to 1024", self.http.max_concurrent_queries),
             ));
         }
         let n = self.ingest.max_batches_per_tx;

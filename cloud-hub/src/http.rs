@@ -24,8 +24,10 @@ use crate::store::{
 
 /// Default page size of `GET /api/v1/readings`.
 pub const DEFAULT_LIMIT: usize = 1000;
-/// Largest page size of `GET /api/v1/readings`.
-pub const MAX_LIMIT: usize = 100_000;
+/// Largest page size of `GET /api/v1/readings`. A page is read from the store whole and
+/// written out as it is encoded, so this bounds a request's memory (about 1.5 MB of JSON
+/// plus the rows); larger reads page with `next`.
+pub const MAX_LIMIT: usize = 10_000;
 
 /// Shared state of the handlers.
 #[derive(Clone)]
@@ -37,6 +39,23 @@ pub struct AppState {
     /// Cancelled when the hub stops: ends long-lived responses (live tails), so the
     /// server's graceful shutdown does not wait for dashboards to disconnect.
     pub shutdown: tokio_util::sync::CancellationToken,
+    /// One permit per expensive query running (`http.max_concurrent_queries`): a query
+    /// that finds none is refused with 503 and `Retry-After` instead of queueing, so
+    /// neither memory nor the database's load grow with the number of dashboards.
+    pub queries: Arc<tokio::sync::Semaphore>,
+}
+
+impl AppState {
+    /// A permit for an expensive query, or the 503 that says to come back.
+    fn query_permit(&self) -> Result<tokio::sync::OwnedSemaphorePermit, ApiError> {
+        Arc::clone(&self.queries).try_acquire_owned().map_err(|_| {
+            self.metrics.queries_refused.inc();
+            ApiError {
+                status: StatusCode::SERVICE_UNAVAILABLE,
+                message: "too many expensive queries are running (http.max_concurrent_queries); retry in a second".into(),
+            }
+        })
+    }
 }
 
 /// Builds the router.
@@ -97,7 +116,11 @@ impl From<StoreError> for ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        (self.status, axum::Json(json!({ "error": self.message }))).into_response()
+        let mut resp = (self.status, axum::Json(json!({ "error": self.message }))).into_response();
+        if self.status == StatusCode::SERVICE_UNAVAILABLE {
+            resp.headers_mut().insert(header::RETRY_AFTER, axum::http::HeaderValue::from_static("1"));
+        }
+        resp
     }
 }
 
@@ -271,6 +294,7 @@ async fn aggregate(
 ) -> Result<axum::Json<serde_json::Value>, ApiError> {
     let Query(params) = params.map_err(|e| ApiError::bad_request(format!("invalid query string: {e}")))?;
     let q = parse_aggregate_query(&params).map_err(ApiError::bad_request)?;
+    let _permit = s.query_permit()?;
     let q2 = q.clone();
     let store = Arc::clone(&s.store);
     let result = tokio::task::spawn_blocking(move || aggregate::aggregate(&*store, &q2))
@@ -365,14 +389,21 @@ pub fn fields_json(fields: &[brume_protocol::Field]) -> serde_json::Value {
 async fn readings(
     State(s): State<AppState>,
     params: Result<Query<Vec<(String, String)>>, QueryRejection>,
-) -> Result<axum::Json<serde_json::Value>, ApiError> {
+) -> Result<Response, ApiError> {
     let Query(params) =
         params.map_err(|e| ApiError::bad_request(format!("invalid query string: {e}")))?;
     let q = parse_readings_query(&params).map_err(ApiError::bad_request)?;
+    let _permit = s.query_permit()?;
     let stream = q.stream.clone();
     let page = query(&s.store, move |st| st.readings(&q)).await?;
-    let mut out = Vec::with_capacity(page.readings.len());
-    for r in &page.readings {
+    // Encoded one reading at a time straight into the body: the only whole-page copies
+    // are the rows and the bytes, never a tree of JSON values (which took ~3 KB per
+    // reading and drove the hub past 1 GB under a dashboard).
+    let mut body = Vec::with_capacity(64 + page.readings.len() * 160);
+    body.extend_from_slice(b"{\"stream\":");
+    serde_json::to_writer(&mut body, &stream).expect("writing to a Vec");
+    body.extend_from_slice(b",\"readings\":[");
+    for (i, r) in page.readings.iter().enumerate() {
         let fields = r.fields.decode().map_err(|e| {
             ApiError::from(StoreError::Corrupt(format!(
                 "fields of agent {} seq {} reading {}: {e}",
@@ -383,13 +414,16 @@ async fn readings(
         if let Some(m) = &r.module {
             o["module"] = module_json(m);
         }
-        out.push(o);
+        if i > 0 {
+            body.push(b',');
+        }
+        serde_json::to_writer(&mut body, &o).expect("writing to a Vec");
     }
-    Ok(axum::Json(json!({
-        "stream": stream,
-        "readings": out,
-        "next": page.next.map(|c| c.to_token()),
-    })))
+    body.extend_from_slice(b"],\"next\":");
+    serde_json::to_writer(&mut body, &page.next.as_ref().map(|c| c.to_token())).expect("writing to a Vec");
+    body.push(b'}');
+    drop(page);
+    Ok(([(header::CONTENT_TYPE, "application/json")], body).into_response())
 }
 
 fn agent_json(a: &AgentSummary) -> serde_json::Value {
@@ -570,6 +604,7 @@ async fn quarantine_list(
 
 /// The raw payload of a quarantined batch, byte for byte as it arrived.
 async fn quarantine_payload(State(s): State<AppState>, Path(id): Path<i64>) -> Result<Response, ApiError> {
+    let _permit = s.query_permit()?;
     match query(&s.store, move |st| st.quarantined_payload(id)).await? {
         Some((q, payload)) => Ok((
             [
@@ -672,9 +707,47 @@ mod tests {
         check(&[("stream", "s"), ("from", "x")], "from");
         check(&[("stream", "s"), ("to", "1.5")], "to");
         check(&[("stream", "s"), ("limit", "0")], "limit");
-        check(&[("stream", "s"), ("limit", "100001")], "limit");
+        check(&[("stream", "s"), ("limit", "10001")], "limit");
         check(&[("stream", "s"), ("after", "nope")], "after");
         check(&[("stream", "s"), ("bogus", "1")], "bogus");
+    }
+
+    /// Issue 10: one `limit=100000` request took the hub from 12 MB to 349 MB, and each
+    /// dashboard added to it. Expensive queries now take a permit; without one they get
+    /// 503 with `Retry-After` at once, counted, instead of piling up. (The page size bound
+    /// is checked above.)
+    #[tokio::test]
+    async fn expensive_queries_beyond_the_limit_get_503_with_retry_after() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn HubStore> = Arc::new(crate::store::sqlite::SqliteStore::open(dir.path()).unwrap());
+        let queries = Arc::new(tokio::sync::Semaphore::new(1));
+        let metrics = Metrics::new();
+        let state = AppState {
+            store,
+            metrics: metrics.clone(),
+            shutdown: tokio_util::sync::CancellationToken::new(),
+            queries: queries.clone(),
+        };
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        tokio::spawn(async move { axum::serve(listener, app(state)).await });
+        let get = |path: &str| reqwest::get(format!("{url}{path}"));
+
+        // The only permit is taken, as by a query in progress.
+        let held = queries.clone().try_acquire_owned().unwrap();
+        for path in ["/api/v1/readings?stream=s", "/api/v1/aggregate?stream=s&from=0&to=10", "/api/v1/quarantine/1/payload"] {
+            let resp = get(path).await.unwrap();
+            assert_eq!(resp.status(), 503, "{path}");
+            assert_eq!(resp.headers()["retry-after"], "1", "{path}");
+            assert!(resp.text().await.unwrap().contains("max_concurrent_queries"));
+        }
+        assert_eq!(metrics.queries_refused.get(), 3);
+        // Cheap listings are not limited.
+        assert_eq!(get("/api/v1/streams").await.unwrap().status(), 200);
+        drop(held);
+        let resp = get("/api/v1/readings?stream=s").await.unwrap();
+        assert_eq!(resp.status(), 200);
+        assert_eq!(resp.json::<serde_json::Value>().await.unwrap(), json!({"stream": "s", "readings": [], "next": null}));
     }
 
     #[test]

@@ -211,6 +211,7 @@ pub async fn run_with_store(
         store,
         metrics: metrics.clone(),
         shutdown: shutdown.clone(),
+        queries: Arc::new(tokio::sync::Semaphore::new(cfg.http.max_concurrent_queries)),
     });
     let http_shutdown = shutdown.clone();
     let http_task = tracker.spawn(async move {

@@ -55,6 +55,8 @@ pub struct Metrics {
     pub quarantined: Family<[(&'static str, &'static str); 1], Counter>,
     /// Quarantine entries leaving quarantine, by `action="reingested|discarded"`.
     pub quarantine_released: Family<[(&'static str, &'static str); 1], Counter>,
+    /// Expensive queries refused with 503 because `http.max_concurrent_queries` were running.
+    pub queries_refused: Counter,
 }
 
 impl Metrics {
@@ -139,7 +141,14 @@ impl Metrics {
             "Quarantined batches re-ingested or discarded by an operator",
             quarantine_released.clone(),
         );
+        let queries_refused = Counter::default();
+        registry.register(
+            "http_queries_refused",
+            "Expensive API queries refused with 503 because http.max_concurrent_queries were running",
+            queries_refused.clone(),
+        );
         Arc::new(Metrics {
+            queries_refused,
             quarantined,
             quarantine_released,
             registry,

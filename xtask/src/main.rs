@@ -9,6 +9,7 @@
 //! `target/modules/` (see `modules.rs`).
 
 mod hub;
+mod hubquery;
 mod hubscale;
 mod modules;
 mod mqtt;
@@ -165,6 +166,8 @@ struct Params {
     pipeline_n: usize,
     hub_days: i64,
     scale_batches: u64,
+    /// Batches of 1,000 readings preloaded for the query benchmark (6c).
+    query_batches: u64,
 }
 
 impl Params {
@@ -180,6 +183,7 @@ impl Params {
             pipeline_n: if quick { 100_000 } else { 1_000_000 },
             hub_days: if quick { 3 } else { 30 },
             scale_batches: if quick { 10 } else { 100 },
+            query_batches: if quick { 100 } else { 1000 },
         }
     }
 }
@@ -738,6 +742,50 @@ fn bench_hubscale(p: &Params, exe: &Path) -> Result<Vec<Row>> {
         }
     }
     let note = |cpu: &[String]| format!("CPU of each process over the run, in % of one core (last sample): {}.", cpu.join(", "));
+    const CLIENTS: usize = 16;
+    eprintln!(
+        "6c. hub memory under queries: {CLIENTS} clients page through {} readings each, {} per page",
+        group((p.query_batches * hub::BATCH as u64) as f64),
+        group(cloud_hub::http::MAX_LIMIT as f64)
+    );
+    let (mut rss, mut rate) = (Samples::default(), Samples::default());
+    let mut last = None;
+    for _ in 0..p.samples {
+        let r = hubquery::run(exe, p.query_batches, CLIENTS)?;
+        progress("readings served", r.readings as f64 / r.secs);
+        rss.push(r.hwm as f64);
+        rate.push(r.readings as f64 / r.secs);
+        last = Some(r);
+    }
+    let last = last.context("no sample")?;
+    let mb = |b: f64| format!("{:.1} MB", b / 1e6);
+    let query_row = Row {
+        id: "6c",
+        name: format!(
+            "hub memory while {CLIENTS} clients each page through {} readings of one stream (GET /api/v1/readings, {} per page)",
+            group((p.query_batches * hub::BATCH as u64) as f64),
+            group(cloud_hub::http::MAX_LIMIT as f64)
+        ),
+        result: format!("VmHWM {} [{}..{}]", mb(rss.median()), mb(rss.min()), mb(rss.max())),
+        limit: "–".into(),
+        ratio: "–".into(),
+        target: "< 100 MB".into(),
+        verdict: if rss.median() < 100e6 { "meets".into() } else { format!("**misses** ({})", mb(rss.median())) },
+        note: format!(
+            "Release hub on its SQLite store, preloaded; {CLIENTS} reqwest clients at once, each following `next` to the end \
+             (http.max_concurrent_queries = {CLIENTS}, so none is refused). Served {} readings/s [{}..{}], {}/s of JSON \
+             (last sample: {} in {:.1} s); RSS {} idle, {} at most (50 ms samples). Before pages were encoded \
+             reading by reading and capped at 10,000, one request of 100,000 took the hub from 12 to 349 MB.",
+            group(rate.median()),
+            group(rate.min()),
+            group(rate.max()),
+            fmt_bytes(last.bytes as f64 / last.secs),
+            fmt_bytes(last.bytes as f64),
+            last.secs,
+            mb(last.idle_rss as f64),
+            mb(last.peak_rss as f64),
+        ),
+    };
     Ok(vec![
         Row {
             id: "6a",
@@ -759,6 +807,7 @@ fn bench_hubscale(p: &Params, exe: &Path) -> Result<Vec<Row>> {
             verdict: "–".into(),
             note: note(&cpu2),
         },
+        query_row,
     ])
 }
 
@@ -881,7 +930,10 @@ fn render_doc(
          and database; {scale_agents} simulated agents in the benchmark process (one rumqttc client each) publish \
          {scale_batches} pre-encoded 1,000-reading batches each, keeping {scale_window} in flight and advancing on the \
          hubs' acknowledgements; timed from the first publish to the last acknowledgement. CPU per process from \
-         `/proc/<pid>/stat` (PostgreSQL: the postmaster and its backends) over the same interval.\n\n\
+         `/proc/<pid>/stat` (PostgreSQL: the postmaster and its backends) over the same interval. 6c: one release \
+         `cloud-hub` on a SQLite store preloaded (before the process starts) with 1,000,000 readings of one stream; 16 \
+         reqwest clients at once page through all of it with the largest page, following `next`; VmRSS sampled every \
+         50 ms, VmHWM read at the end; each client checks it received every reading.\n\n\
          {KEEP_MARKER}\n\n{kept}",
         date = m.date,
         nproc = m.nproc,
