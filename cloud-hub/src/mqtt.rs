@@ -23,6 +23,13 @@
 //! therefore tagged with a connection generation, and [`MqttHandle::ack_broker`] drops
 //! acks for an older generation. Such publishes are not lost: the hub ack was sent
 //! (or the batch is re-sent by the agent, which retries until it gets a hub ack).
+//!
+//! While the hub is away, the broker drops the batches agents publish (nobody is
+//! subscribed). So once both subscriptions are confirmed after a (re)connect, the hub
+//! publishes a retained `HubAnnouncement::OnlineV1` on `brume/v1/hub/online`: agents
+//! re-send their batches in flight at once instead of after `forward.ack_timeout`.
+//! Reconnects back off from 100 ms to at most 2 s with full jitter: a returning broker
+//! is found within about 2 s, and a fleet of hubs does not reconnect in the same instant.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -55,8 +62,8 @@ const MAX_OUTGOING_PACKET: usize = 64 * 1024;
 
 /// First reconnect delay; doubled after every failure up to [`BACKOFF_MAX`].
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
-/// Longest reconnect delay.
-const BACKOFF_MAX: Duration = Duration::from_secs(10);
+/// Longest reconnect delay: a returning broker is found within about this long.
+const BACKOFF_MAX: Duration = Duration::from_secs(2);
 
 /// A publish received from the broker, tagged with the connection it arrived on.
 #[derive(Debug)]
@@ -156,6 +163,7 @@ pub fn start(
         metrics,
         filter: cfg.batch_filter(),
         status_filter: cfg.status_filter(),
+        awaiting_subacks: 0,
     };
     (handle, rx, driver.run(stop))
 }
@@ -171,6 +179,8 @@ struct EventLoopDriver {
     filter: String,
     /// Agents' presence messages.
     status_filter: String,
+    /// SUBACKs still expected on the current connection; at 0 the hub announces itself.
+    awaiting_subacks: usize,
 }
 
 impl EventLoopDriver {
@@ -199,6 +209,7 @@ impl EventLoopDriver {
                             .pending
                             .push_front(Request::Subscribe(Subscribe::new(f.clone(), QoS::AtLeastOnce)));
                     }
+                    self.awaiting_subacks = 2;
                 }
                 Ok(Event::Incoming(Packet::SubAck(ack))) => {
                     if ack
@@ -209,6 +220,17 @@ impl EventLoopDriver {
                         tracing::error!(filter = %self.filter, "broker refused the batch subscription");
                     } else {
                         tracing::info!(filter = %self.filter, "subscribed to agent batches");
+                    }
+                    self.awaiting_subacks = self.awaiting_subacks.saturating_sub(1);
+                    if self.awaiting_subacks == 0 {
+                        // Subscribed: tell agents to re-send what the broker dropped while
+                        // no hub was listening. Queued like the subscriptions (see above).
+                        let msg = brume_protocol::HubAnnouncement::OnlineV1(brume_protocol::HubOnlineV1 {
+                            subscribed_ms: crate::ingest::now_ms(),
+                        });
+                        let mut p = Publish::new(brume_protocol::topics::HUB_ONLINE, QoS::AtLeastOnce, msg.encode());
+                        p.retain = true;
+                        self.eventloop.pending.push_back(Request::Publish(p));
                     }
                 }
                 Ok(Event::Incoming(Packet::Publish(publish))) => self.deliver(publish),
@@ -259,11 +281,11 @@ impl EventLoopDriver {
     }
 }
 
-/// A random delay in `[d/2, d]`, so hubs that lost the broker together do not reconnect
-/// in lockstep.
+/// A random delay in `[0, d]` (full jitter), so hubs that lost the broker together do
+/// not reconnect in lockstep.
 fn jitter(d: Duration) -> Duration {
     let ms = d.as_millis() as u64;
-    Duration::from_millis(rand::rng().random_range(ms / 2..=ms))
+    Duration::from_millis(rand::rng().random_range(0..=ms))
 }
 
 #[cfg(test)]
@@ -271,14 +293,11 @@ mod tests {
     use super::*;
 
     #[test]
-    fn jitter_stays_within_half_to_full() {
-        for _ in 0..100 {
-            let j = jitter(Duration::from_millis(400));
-            assert!(
-                j >= Duration::from_millis(200) && j <= Duration::from_millis(400),
-                "{j:?}"
-            );
-        }
+    fn jitter_is_full_and_capped() {
+        let js: Vec<Duration> = (0..200).map(|_| jitter(Duration::from_millis(400))).collect();
+        assert!(js.iter().all(|j| *j <= Duration::from_millis(400)), "{js:?}");
+        assert!(js.iter().any(|j| *j < Duration::from_millis(200)), "spread over the whole range: {js:?}");
+        assert_eq!(BACKOFF_MAX, Duration::from_secs(2), "a returning broker is found within ~2 s");
     }
 
     #[test]

@@ -365,7 +365,7 @@ impl Default for ForwardConfig {
             window: 16,
             ack_timeout: Duration::from_secs(10),
             reconnect_min: Duration::from_millis(100),
-            reconnect_max: Duration::from_secs(30),
+            reconnect_max: Duration::from_secs(2),
             heartbeat: Duration::from_secs(10),
             json_topic: "brume/json/{agent}".into(),
             json_granularity: JsonGranularity::Reading,

@@ -5,9 +5,10 @@
 //! * the **event-loop task** polls rumqttc's `EventLoop` nonstop (nothing is sent, acked
 //!   or reconnected otherwise), reconnects with capped, jittered exponential backoff, and
 //!   turns the events that matter into [`LinkEvent`]s;
-//! * the **forwarder** keeps a window of batches in flight, loads each from the store when
-//!   it is sent (a batch is a range of reading ids, see [`crate::store`]), and reacts to
-//!   acknowledgements, reconnects and timeouts.
+//! * the **forwarder** keeps a window of batches in flight ([`window::Window`]), loads
+//!   each from the store when it is sent (a batch is a range of reading ids, see
+//!   [`crate::store`]), sends it through the mode's [`Sink`], and reacts to
+//!   acknowledgements, reconnects, hub announcements and timeouts.
 //!
 //! In `hub` mode a batch is acknowledged by the hub's [`HubMessage::AckV1`], published
 //! after the hub committed it; the broker's PUBACK means nothing here. In `json` mode the
@@ -18,9 +19,13 @@
 //! every (re)connect the forwarder starts again from the oldest unacknowledged batch. The
 //! hub deduplicates on (agent, epoch, seq), so re-sends are harmless.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+mod window;
+
+use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use brume_protocol::{AgentMessage, Batch, HubMessage, Value, topics};
 use rand::Rng;
@@ -43,6 +48,9 @@ enum LinkEvent {
     Disconnected,
     /// Hub mode: the hub committed these batches.
     HubAck { epoch: u64, seqs: Vec<u64> },
+    /// Hub mode: a hub (re)subscribed at this time (its clock); what the broker received
+    /// before may have been dropped.
+    HubOnline(i64),
     /// JSON mode: rumqttc assigned this packet id to the next outgoing publish.
     Published(u16),
     /// JSON mode: the broker acknowledged this packet id.
@@ -141,6 +149,15 @@ async fn event_loop_task(
                 status.lock().unwrap_or_else(|e| e.into_inner()).last_error = None;
                 Some(LinkEvent::Connected)
             }
+            Ok(Event::Incoming(Packet::Publish(p))) if p.topic == topics::HUB_ONLINE => {
+                match brume_protocol::HubAnnouncement::decode(&p.payload) {
+                    Ok(brume_protocol::HubAnnouncement::OnlineV1(o)) => Some(LinkEvent::HubOnline(o.subscribed_ms)),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "ignoring undecodable hub announcement");
+                        None
+                    }
+                }
+            }
             Ok(Event::Incoming(Packet::Publish(p))) if p.topic == ack_topic => match HubMessage::decode(&p.payload) {
                 Ok(HubMessage::AckV1(a)) => Some(LinkEvent::HubAck { epoch: a.epoch, seqs: a.seqs }),
                 Err(e) => {
@@ -162,8 +179,10 @@ async fn event_loop_task(
                 }
                 status.lock().unwrap_or_else(|e| e.into_inner()).last_error = Some(e.to_string());
                 metrics.reconnects.inc();
-                // Capped exponential backoff with full jitter in [backoff/2, backoff].
-                let jittered = backoff.mul_f64(rand::rng().random_range(0.5..=1.0));
+                // Capped exponential backoff with full jitter in [0, backoff]: with the
+                // default cap (2 s) a returning broker is found within about 2 s, and a
+                // fleet that lost it together comes back spread over that time.
+                let jittered = backoff.mul_f64(rand::rng().random_range(0.0..=1.0));
                 backoff = (backoff * 2).min(cfg.forward.reconnect_max);
                 tokio::select! {
                     _ = shutdown.cancelled() => break,
@@ -234,6 +253,57 @@ fn now_ms() -> i64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
 }
 
+/// How batches leave and how they come back acknowledged: one per forwarding mode.
+enum Sink {
+    /// Hub mode: one postcard `BatchV2` per batch; acknowledged by the hub's `AckV1`.
+    Hub,
+    /// JSON mode: plain JSON messages; acknowledged by the broker's PUBACKs of all of them.
+    Json(JsonSink),
+}
+
+/// JSON mode's bookkeeping: which broker packet ids belong to which batch. rumqttc
+/// assigns packet ids in publish order and reports each (`Outgoing::Publish`), so the
+/// batches of publishes not yet given an id wait in a queue.
+#[derive(Default)]
+struct JsonSink {
+    /// Sequence numbers of publishes not yet given a packet id, in order.
+    unassigned: VecDeque<u64>,
+    /// Packet id → batch.
+    pkids: HashMap<u16, u64>,
+    /// Messages of a batch still awaiting PUBACK.
+    remaining: HashMap<u64, usize>,
+}
+
+impl JsonSink {
+    /// rumqttc gave the next publish this packet id.
+    fn assigned(&mut self, pkid: u16) {
+        if let Some(seq) = self.unassigned.pop_front() {
+            self.pkids.insert(pkid, seq);
+        }
+    }
+
+    /// The broker acknowledged `pkid`; returns the batch if that was its last message.
+    fn puback(&mut self, pkid: u16) -> Option<u64> {
+        let seq = self.pkids.remove(&pkid)?;
+        let n = self.remaining.get_mut(&seq)?;
+        *n -= 1;
+        (*n == 0).then(|| {
+            self.remaining.remove(&seq);
+            seq
+        })
+    }
+
+    /// Batches from `first` on are sent again: late PUBACKs of the abandoned publishes
+    /// must not count for the new ones.
+    fn forget_from(&mut self, first: u64) {
+        self.pkids.retain(|_, s| *s < first);
+        self.remaining.retain(|s, _| *s < first);
+        self.unassigned.retain(|s| *s < first);
+    }
+}
+
+/// Sends outbox batches through a [`Sink`] within a [`window::Window`], and turns link
+/// events into acknowledgements, rewinds and re-sends.
 struct Forwarder {
     presence: Presence,
     cfg: Config,
@@ -243,20 +313,14 @@ struct Forwarder {
     status: SharedForwardStatus,
     epoch: u64,
     connected: bool,
-    /// Batches published in this session and not yet acknowledged, with the send time.
-    in_flight: BTreeMap<u64, Instant>,
-    /// Highest sequence number published in this session.
-    cursor: u64,
-    /// Readings per in-flight batch, for the acked-readings counter.
-    batch_readings: HashMap<u64, u64>,
-    /// JSON mode: sequence numbers of publishes not yet given a packet id, in order.
-    json_unassigned: VecDeque<u64>,
-    /// JSON mode: packet id → batch.
-    json_pkids: HashMap<u16, u64>,
-    /// JSON mode: messages of a batch still awaiting PUBACK.
-    json_remaining: HashMap<u64, usize>,
+    /// Batches in flight in this session.
+    window: window::Window,
+    sink: Sink,
     /// Recent (time, readings acknowledged), for the drain rate.
     recent_acks: VecDeque<(Instant, u64)>,
+    /// The last hub announcement seen (`HubOnlineV1::subscribed_ms`): a different one means
+    /// a hub subscribed again, and batches in flight may have been dropped meanwhile.
+    hub_online: Option<i64>,
 }
 
 impl Forwarder {
@@ -269,8 +333,15 @@ impl Forwarder {
         presence: Presence,
     ) -> Self {
         let epoch = store.snapshot().borrow().epoch;
+        let sink = match cfg.forward.mode {
+            ForwardMode::Json => Sink::Json(JsonSink::default()),
+            // `run` returns before building a forwarder when forwarding is off.
+            ForwardMode::Hub | ForwardMode::Off => Sink::Hub,
+        };
         Forwarder {
             presence,
+            window: window::Window::new(cfg.forward.window, cfg.forward.ack_timeout),
+            sink,
             cfg,
             store,
             client,
@@ -278,13 +349,8 @@ impl Forwarder {
             status,
             epoch,
             connected: false,
-            in_flight: BTreeMap::new(),
-            cursor: 0,
-            batch_readings: HashMap::new(),
-            json_unassigned: VecDeque::new(),
-            json_pkids: HashMap::new(),
-            json_remaining: HashMap::new(),
             recent_acks: VecDeque::new(),
+            hub_online: None,
         }
     }
 
@@ -317,7 +383,7 @@ impl Forwarder {
 
     /// Hub mode, while connected: publishes the agent's presence, retained.
     async fn publish_presence(&self, online: bool) {
-        if self.cfg.forward.mode != ForwardMode::Hub || !self.connected {
+        if !matches!(self.sink, Sink::Hub) || !self.connected {
             return;
         }
         let msg = self.presence.message(online, &self.store.snapshot().borrow());
@@ -328,12 +394,13 @@ impl Forwarder {
         match ev {
             LinkEvent::Connected => {
                 self.connected = true;
-                self.reset_session();
-                if self.cfg.forward.mode == ForwardMode::Hub {
+                self.restart();
+                if matches!(self.sink, Sink::Hub) {
                     // Clean session: subscribe again on every connect. The request is queued
                     // before any publish, so the broker has the subscription before the hub
                     // can answer.
                     let _ = self.client.subscribe(topics::acks(&self.cfg.agent_id), QoS::AtLeastOnce).await;
+                    let _ = self.client.subscribe(topics::HUB_ONLINE, QoS::AtLeastOnce).await;
                 }
                 // Replaces the last will the broker may have published while we were away.
                 self.publish_presence(true).await;
@@ -341,7 +408,20 @@ impl Forwarder {
             }
             LinkEvent::Disconnected => {
                 self.connected = false;
-                self.reset_session();
+                self.restart();
+            }
+            LinkEvent::HubOnline(at) => {
+                // The first one seen is a baseline (usually the retained message, delivered
+                // on subscribe). A new one means a hub subscribed again: batches the broker
+                // received while no hub listened were dropped, so everything in flight goes
+                // again now rather than after `ack_timeout`. Duplicates are harmless.
+                let before = self.hub_online.replace(at);
+                if before.is_some_and(|b| b != at) && self.window.len() > 0 {
+                    tracing::info!(batches = self.window.len(), "a hub subscribed again; re-sending batches in flight");
+                    self.metrics.batches_resent.inc_by(self.window.len() as u64);
+                    self.restart();
+                    self.fill().await;
+                }
             }
             LinkEvent::HubAck { epoch, seqs } => {
                 if epoch != self.epoch {
@@ -352,21 +432,16 @@ impl Forwarder {
                 self.fill().await;
             }
             LinkEvent::Published(pkid) => {
-                if let Some(seq) = self.json_unassigned.pop_front() {
-                    self.json_pkids.insert(pkid, seq);
+                if let Sink::Json(j) = &mut self.sink {
+                    j.assigned(pkid);
                 }
             }
             LinkEvent::PubAck(pkid) => {
-                let Some(seq) = self.json_pkids.remove(&pkid) else { return };
-                let done = match self.json_remaining.get_mut(&seq) {
-                    Some(n) => {
-                        *n -= 1;
-                        *n == 0
-                    }
-                    None => false,
+                let done = match &mut self.sink {
+                    Sink::Json(j) => j.puback(pkid),
+                    Sink::Hub => None,
                 };
-                if done {
-                    self.json_remaining.remove(&seq);
+                if let Some(seq) = done {
                     self.acked(vec![seq]).await;
                     self.fill().await;
                 }
@@ -374,57 +449,37 @@ impl Forwarder {
         }
     }
 
-    /// Forgets everything about the current session: after a reconnect every
-    /// unacknowledged batch is sent again, oldest first.
-    fn reset_session(&mut self) {
-        self.in_flight.clear();
-        self.batch_readings.clear();
-        self.cursor = 0;
-        self.json_unassigned.clear();
-        self.json_pkids.clear();
-        self.json_remaining.clear();
+    /// Forgets the session: every unacknowledged batch is sent again, oldest first.
+    fn restart(&mut self) {
+        self.window.restart();
+        if let Sink::Json(j) = &mut self.sink {
+            *j = JsonSink::default();
+        }
     }
 
     async fn acked(&mut self, seqs: Vec<u64>) {
-        let now = Instant::now();
-        let mut readings = 0;
-        let mut fresh = Vec::with_capacity(seqs.len());
-        for seq in seqs {
-            if self.in_flight.remove(&seq).is_some() {
-                readings += self.batch_readings.remove(&seq).unwrap_or(0);
-            }
-            fresh.push(seq);
-        }
-        self.metrics.batches_acked.inc_by(fresh.len() as u64);
+        let readings: u64 = seqs.iter().filter_map(|&s| self.window.acked(s)).sum();
+        self.metrics.batches_acked.inc_by(seqs.len() as u64);
         self.metrics.readings_acked.inc_by(readings);
-        self.recent_acks.push_back((now, readings));
-        self.store.ack(fresh).await;
+        self.recent_acks.push_back((Instant::now(), readings));
+        self.store.ack(seqs).await;
     }
 
     fn resend_timed_out(&mut self) {
-        let timeout = self.cfg.forward.ack_timeout;
-        let now = Instant::now();
-        let expired: Vec<u64> = self.in_flight.iter().filter(|(_, t)| now.duration_since(**t) >= timeout).map(|(s, _)| *s).collect();
-        if let Some(&first) = expired.first() {
-            // Rewind: the oldest expired batch and everything after it go again, in order.
-            tracing::debug!(first, count = expired.len(), "acknowledgement timed out; re-sending");
-            self.metrics.batches_resent.inc_by(expired.len() as u64);
-            self.in_flight.retain(|s, _| *s < first);
-            self.cursor = first - 1;
-            if self.cfg.forward.mode == ForwardMode::Json {
-                // Late PUBACKs of the abandoned publishes must not count for the re-sent ones.
-                self.json_pkids.retain(|_, s| *s < first);
-                self.json_remaining.retain(|s, _| *s < first);
-                self.json_unassigned.retain(|s| *s < first);
+        if let Some((first, count)) = self.window.rewind_expired(Instant::now()) {
+            tracing::debug!(first, count, "acknowledgement timed out; re-sending");
+            self.metrics.batches_resent.inc_by(count as u64);
+            if let Sink::Json(j) = &mut self.sink {
+                j.forget_from(first);
             }
         }
     }
 
     /// Sends batches until the window is full or the outbox has nothing more.
     async fn fill(&mut self) {
-        while self.connected && self.in_flight.len() < self.cfg.forward.window {
-            let room = self.cfg.forward.window - self.in_flight.len();
-            let after = self.cursor;
+        while self.connected && self.window.room() > 0 {
+            let room = self.window.room();
+            let after = self.window.cursor();
             let epoch = self.epoch;
             let batches = match self
                 .store
@@ -450,7 +505,6 @@ impl Forwarder {
                 return;
             }
             for b in batches {
-                self.cursor = b.seq;
                 if !self.send(b).await {
                     return;
                 }
@@ -458,59 +512,42 @@ impl Forwarder {
         }
     }
 
-    /// Publishes one batch. Returns false if the client is gone.
+    /// Publishes one batch through the sink. Returns false if the client is gone.
     async fn send(&mut self, b: Batch) -> bool {
-        let seq = b.seq;
-        let n = b.reading_count() as u64;
-        let ok = match self.cfg.forward.mode {
-            ForwardMode::Hub => {
+        let (seq, n) = (b.seq, b.reading_count() as u64);
+        let sent = match &mut self.sink {
+            Sink::Hub => {
                 let payload = AgentMessage::BatchV2(b).encode();
                 self.client.publish(topics::batches(&self.cfg.agent_id), QoS::AtLeastOnce, false, payload).await.is_ok()
             }
-            ForwardMode::Json => self.send_json(b).await,
-            ForwardMode::Off => true,
+            Sink::Json(j) => {
+                let messages = json_messages(&self.cfg, &b);
+                if !messages.is_empty() {
+                    j.remaining.insert(seq, messages.len());
+                }
+                let mut ok = true;
+                for (topic, payload) in &messages {
+                    j.unassigned.push_back(seq);
+                    if self.client.publish(topic.clone(), QoS::AtLeastOnce, false, payload.clone()).await.is_err() {
+                        ok = false;
+                        break;
+                    }
+                }
+                if ok && messages.is_empty() {
+                    // Everything in it was dropped by retention: nothing to publish, done.
+                    self.window.sent(seq, n, Instant::now());
+                    self.metrics.batches_sent.inc();
+                    self.acked(vec![seq]).await;
+                    return true;
+                }
+                ok
+            }
         };
-        if ok {
-            self.in_flight.insert(seq, Instant::now());
-            self.batch_readings.insert(seq, n);
+        if sent {
+            self.window.sent(seq, n, Instant::now());
             self.metrics.batches_sent.inc();
         }
-        ok
-    }
-
-    async fn send_json(&mut self, b: Batch) -> bool {
-        let topic_base = self.cfg.forward.json_topic.replace("{agent}", &self.cfg.agent_id);
-        let mut messages: Vec<(String, Vec<u8>)> = Vec::new();
-        let mut all = Vec::new();
-        for chunk in &b.streams {
-            for p in &chunk.points {
-                let obj = json_reading(&self.cfg.agent_id, &chunk.stream, p.ts_ns, &p.fields);
-                match self.cfg.forward.json_granularity {
-                    JsonGranularity::Reading => {
-                        let topic = topic_base.replace("{stream}", &chunk.stream);
-                        messages.push((topic, serde_json::to_vec(&obj).expect("JSON encoding")));
-                    }
-                    JsonGranularity::Batch => all.push(obj),
-                }
-            }
-        }
-        if self.cfg.forward.json_granularity == JsonGranularity::Batch {
-            let body = serde_json::json!({ "agent_id": self.cfg.agent_id, "seq": b.seq, "readings": all });
-            messages.push((topic_base, serde_json::to_vec(&body).expect("JSON encoding")));
-        }
-        if messages.is_empty() {
-            // Everything in it was dropped by retention: nothing to publish, done.
-            self.acked(vec![b.seq]).await;
-            return true;
-        }
-        self.json_remaining.insert(b.seq, messages.len());
-        for (topic, payload) in messages {
-            self.json_unassigned.push_back(b.seq);
-            if self.client.publish(topic, QoS::AtLeastOnce, false, payload).await.is_err() {
-                return false;
-            }
-        }
-        true
+        sent
     }
 
     fn update_status(&mut self) {
@@ -521,9 +558,34 @@ impl Forwarder {
         let total: u64 = self.recent_acks.iter().map(|(_, n)| n).sum();
         let mut s = self.status.lock().unwrap_or_else(|e| e.into_inner());
         s.connected = self.connected;
-        s.in_flight = self.in_flight.len();
+        s.in_flight = self.window.len();
         s.acked_readings_per_s = total as f64 / 10.0;
     }
+}
+
+/// JSON mode: the messages of one batch, `(topic, payload)`: one per reading or one per
+/// batch (`forward.json_granularity`).
+fn json_messages(cfg: &Config, b: &Batch) -> Vec<(String, Vec<u8>)> {
+    let topic_base = cfg.forward.json_topic.replace("{agent}", &cfg.agent_id);
+    let mut messages = Vec::new();
+    let mut all = Vec::new();
+    for chunk in &b.streams {
+        for p in &chunk.points {
+            let obj = json_reading(&cfg.agent_id, &chunk.stream, p.ts_ns, &p.fields);
+            match cfg.forward.json_granularity {
+                JsonGranularity::Reading => {
+                    let topic = topic_base.replace("{stream}", &chunk.stream);
+                    messages.push((topic, serde_json::to_vec(&obj).expect("JSON encoding")));
+                }
+                JsonGranularity::Batch => all.push(obj),
+            }
+        }
+    }
+    if cfg.forward.json_granularity == JsonGranularity::Batch && !all.is_empty() {
+        let body = serde_json::json!({ "agent_id": cfg.agent_id, "seq": b.seq, "readings": all });
+        messages.push((topic_base, serde_json::to_vec(&body).expect("JSON encoding")));
+    }
+    messages
 }
 
 /// A reading as JSON: `{"agent_id","stream","ts_ns","fields":{...}}`.

@@ -226,7 +226,7 @@ impl Hub {
         let mut out = Vec::new();
         let mut after: Option<String> = None;
         loop {
-            let mut req = client.get(format!("{}/api/v1/readings", self.url)).query(&[("stream", stream), ("limit", "100000")]);
+            let mut req = client.get(format!("{}/api/v1/readings", self.url)).query(&[("stream", stream), ("limit", &cloud_hub::http::MAX_LIMIT.to_string())]);
             if let Some(a) = &after {
                 req = req.query(&[("after", a)]);
             }
@@ -277,7 +277,9 @@ impl Agent {
         let http = free_port();
         let mut sections: Vec<(String, String)> = vec![
             (String::new(), format!("agent_id = {agent_id:?}\ndata_dir = {:?}\n", dir.path().join("data").display().to_string())),
-            ("forward".into(), format!("port = {broker_port}\nack_timeout = \"3s\"\nreconnect_max = \"1s\"\n")),
+            // Forwarding timeouts and backoff are the agent's defaults: the tests hold them
+            // to what users get.
+            ("forward".into(), format!("port = {broker_port}\n")),
             ("listener".into(), format!("listen = \"127.0.0.1:{mqtt}\"\n")),
             ("http".into(), format!("listen = \"127.0.0.1:{http}\"\n")),
         ];

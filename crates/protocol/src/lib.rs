@@ -312,6 +312,36 @@ pub enum HubMessage {
     AckV1(AckV1),
 }
 
+/// What hubs announce to every agent on [`topics::HUB_ONLINE`] (retained). The variant
+/// index is the wire version.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum HubAnnouncement {
+    /// Version 1: a hub has (re)subscribed to batches.
+    OnlineV1(HubOnlineV1),
+}
+
+/// A hub is subscribed again after (re)connecting to the broker. Batches published while
+/// no hub was subscribed were dropped by the broker, so an agent re-sends its batches in
+/// flight at once instead of waiting for `ack_timeout`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HubOnlineV1 {
+    /// When the hub's subscription was confirmed, ms since the Unix epoch (hub clock):
+    /// tells one announcement from the next.
+    pub subscribed_ms: i64,
+}
+
+impl HubAnnouncement {
+    /// Encodes the message.
+    pub fn encode(&self) -> Vec<u8> {
+        postcard::to_stdvec(self).expect("encoding to a Vec cannot fail")
+    }
+
+    /// Decodes a message.
+    pub fn decode(bytes: &[u8]) -> Result<Self, DecodeError> {
+        decode_exact(bytes)
+    }
+}
+
 /// Longest free-text label in a presence message (version, module name, error), bytes.
 pub const MAX_STATUS_LABEL: usize = 256;
 /// Most modules one presence message lists.
@@ -653,6 +683,10 @@ pub mod topics {
 
     /// The filter a hub subscribes to for all agents' presence.
     pub const ALL_STATUS: &str = "brume/v1/agents/+/status";
+
+    /// Where hubs announce (retained) that they are subscribed after a (re)connect
+    /// (`HubAnnouncement`); every agent subscribes.
+    pub const HUB_ONLINE: &str = "brume/v1/hub/online";
 
     /// Checks an MQTT-style pattern over stream names: `+` is one whole level, `#` a
     /// whole last level matching any number of levels (including none).

@@ -279,3 +279,12 @@ fn status_with_bad_id_or_oversize_labels_is_refused() {
     }
     assert!(AgentStatus::decode(&AgentStatus::V1(ok).encode()).is_ok());
 }
+
+#[test]
+fn hub_announcement_golden_bytes() {
+    let m = HubAnnouncement::OnlineV1(HubOnlineV1 { subscribed_ms: 1 });
+    // Variant 0, then the zigzag varint of 1.
+    assert_eq!(m.encode(), [0x00, 0x02]);
+    assert_eq!(HubAnnouncement::decode(&m.encode()), Ok(m));
+    assert!(HubAnnouncement::decode(&[0x01, 0x02]).is_err(), "unknown version");
+}
