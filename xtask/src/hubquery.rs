@@ -57,14 +57,14 @@ pub fn run(exe: &Path, batches: u64, clients: usize) -> Result<QueryResult> {
     ])?;
     wait_port("the hub's HTTP API", http, Duration::from_secs(30))?;
     let pid = hub.pid();
-    let idle_rss = proc_status_bytes(pid, "VmRSS:").unwrap_or(0);
+    let idle_rss = proc_status_bytes(pid, "VmRSS").unwrap_or(0);
     let peak = Arc::new(AtomicU64::new(idle_rss));
     let done = Arc::new(AtomicBool::new(false));
     let sampler = {
         let (peak, done) = (peak.clone(), done.clone());
         std::thread::spawn(move || {
             while !done.load(Ordering::Relaxed) {
-                if let Some(v) = proc_status_bytes(pid, "VmRSS:") {
+                if let Some(v) = proc_status_bytes(pid, "VmRSS") {
                     peak.fetch_max(v, Ordering::Relaxed);
                 }
                 std::thread::sleep(Duration::from_millis(50));
@@ -110,7 +110,7 @@ pub fn run(exe: &Path, batches: u64, clients: usize) -> Result<QueryResult> {
     let secs = start.elapsed().as_secs_f64();
     done.store(true, Ordering::Relaxed);
     let _ = sampler.join();
-    let hwm = proc_status_bytes(pid, "VmHWM:").unwrap_or(0);
+    let hwm = proc_status_bytes(pid, "VmHWM").unwrap_or(0);
     hub.check_alive().context("the hub died under the queries")?;
     hub.terminate()?;
     for &(r, _) in &per_client {
