@@ -24,9 +24,8 @@ use crate::store::{
 
 /// Default page size of `GET /api/v1/readings`.
 pub const DEFAULT_LIMIT: usize = 1000;
-/// Largest page size of `GET /api/v1/readings`. A page is read from the store whole and
-/// written out as it is encoded, so this bounds a request's memory (about 1.5 MB of JSON
-/// plus the rows); larger reads page with `next`.
+/// Largest page size of `GET /api/v1/readings`. Pages are streamed (see `readings`), so
+/// this does not bound memory; it bounds how long one request holds a query permit.
 pub const MAX_LIMIT: usize = 10_000;
 
 /// Shared state of the handlers.
@@ -386,6 +385,14 @@ pub fn fields_json(fields: &[brume_protocol::Field]) -> serde_json::Value {
     serde_json::Value::Object(map)
 }
 
+/// Readings read from the store per query while a page is streamed: the most rows a
+/// request holds in memory at once, whatever its `limit`.
+pub const SUB_PAGE: usize = 1000;
+/// Encoded JSON sent to the client in pieces of about this size.
+const CHUNK: usize = 64 * 1024;
+/// How long a streamed page waits for a client that stops reading before dropping it.
+const CLIENT_STALL: std::time::Duration = std::time::Duration::from_secs(30);
+
 async fn readings(
     State(s): State<AppState>,
     params: Result<Query<Vec<(String, String)>>, QueryRejection>,
@@ -393,37 +400,101 @@ async fn readings(
     let Query(params) =
         params.map_err(|e| ApiError::bad_request(format!("invalid query string: {e}")))?;
     let q = parse_readings_query(&params).map_err(ApiError::bad_request)?;
-    let _permit = s.query_permit()?;
-    let stream = q.stream.clone();
-    let page = query(&s.store, move |st| st.readings(&q)).await?;
-    // Encoded one reading at a time straight into the body: the only whole-page copies
-    // are the rows and the bytes, never a tree of JSON values (which took ~3 KB per
-    // reading and drove the hub past 1 GB under a dashboard).
-    let mut body = Vec::with_capacity(64 + page.readings.len() * 160);
-    body.extend_from_slice(b"{\"stream\":");
-    serde_json::to_writer(&mut body, &stream).expect("writing to a Vec");
-    body.extend_from_slice(b",\"readings\":[");
-    for (i, r) in page.readings.iter().enumerate() {
-        let fields = r.fields.decode().map_err(|e| {
-            ApiError::from(StoreError::Corrupt(format!(
-                "fields of agent {} seq {} reading {}: {e}",
-                r.agent_id, r.seq, r.idx
-            )))
-        })?;
-        let mut o = json!({ "ts_ns": r.ts_ns, "agent_id": r.agent_id, "seq": r.seq, "idx": r.idx, "fields": fields_json(&fields) });
-        if let Some(m) = &r.module {
-            o["module"] = module_json(m);
-        }
-        if i > 0 {
-            body.push(b',');
-        }
-        serde_json::to_writer(&mut body, &o).expect("writing to a Vec");
-    }
-    body.extend_from_slice(b"],\"next\":");
-    serde_json::to_writer(&mut body, &page.next.as_ref().map(|c| c.to_token())).expect("writing to a Vec");
-    body.push(b'}');
-    drop(page);
+    let permit = s.query_permit()?;
+    // A page is streamed: read from the store SUB_PAGE rows at a time (keyset paging
+    // inside the page, each a short read of its own), encoded reading by reading and sent
+    // in CHUNK-sized pieces as the client takes them. A request holds at most one
+    // sub-page of rows and a few chunks, so memory does not grow with `limit` or with the
+    // speed of the client. The first sub-page is read before answering, so a failing
+    // store still gets a proper error status; a later failure aborts the response (the
+    // client sees a truncated body, never a well-formed short page) and is logged.
+    let mut sub = ReadingsQuery { limit: q.limit.min(SUB_PAGE), ..q.clone() };
+    let first = query(&s.store, {
+        let sub = sub.clone();
+        move |st| st.readings(&sub)
+    })
+    .await?;
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<bytes::Bytes, std::io::Error>>(2);
+    let store = Arc::clone(&s.store);
+    let shutdown = s.shutdown.clone();
+    tokio::spawn(async move {
+        // Declared in this order so the permit is released before the sender is dropped,
+        // which is what ends the body: a client that has read a page may start the next.
+        let tx = tx;
+        let _permit = permit;
+        let send = |chunk: Vec<u8>| {
+            let tx = tx.clone();
+            async move {
+                match tokio::time::timeout(CLIENT_STALL, tx.send(Ok(chunk.into()))).await {
+                    Ok(Ok(())) => true,
+                    Ok(Err(_)) => false, // the client went away
+                    Err(_) => {
+                        tracing::warn!(stalled_s = CLIENT_STALL.as_secs(), "readings client stopped reading; response dropped");
+                        false
+                    }
+                }
+            }
+        };
+        let mut buf = Vec::with_capacity(CHUNK + 4096);
+        buf.extend_from_slice(b"{\"stream\":");
+        serde_json::to_writer(&mut buf, &q.stream).expect("writing to a Vec");
+        buf.extend_from_slice(b",\"readings\":[");
+        let (mut page, mut left, mut first_reading) = (first, q.limit, true);
+        let next = loop {
+            for r in &page.readings {
+                if let Err(e) = encode_reading(&mut buf, r, first_reading) {
+                    tracing::error!(error = %e, stream = %q.stream, "stored readings cannot be decoded; response aborted");
+                    let _ = tx.send(Err(std::io::Error::other(e.to_string()))).await;
+                    return;
+                }
+                first_reading = false;
+                if buf.len() >= CHUNK && !send(std::mem::replace(&mut buf, Vec::with_capacity(CHUNK + 4096))).await {
+                    return;
+                }
+            }
+            left -= page.readings.len();
+            match page.next.take() {
+                Some(c) if left > 0 => sub = ReadingsQuery { limit: left.min(SUB_PAGE), after: Some(c), ..sub },
+                // Either the stream has no more readings (None) or this page is full.
+                next => break next,
+            }
+            if shutdown.is_cancelled() {
+                let _ = tx.send(Err(std::io::Error::other("the hub is stopping"))).await;
+                return;
+            }
+            let q2 = sub.clone();
+            page = match query(&store, move |st| st.readings(&q2)).await {
+                Ok(p) => p,
+                Err(e) => {
+                    let _ = tx.send(Err(std::io::Error::other(e.message))).await;
+                    return;
+                }
+            };
+        };
+        buf.extend_from_slice(b"],\"next\":");
+        serde_json::to_writer(&mut buf, &next.as_ref().map(|c| c.to_token())).expect("writing to a Vec");
+        buf.push(b'}');
+        send(buf).await;
+    });
+    let body = axum::body::Body::from_stream(tokio_stream::wrappers::ReceiverStream::new(rx));
     Ok(([(header::CONTENT_TYPE, "application/json")], body).into_response())
+}
+
+/// Appends one reading of a `/api/v1/readings` page to `buf`, preceded by a comma unless
+/// it is the first.
+fn encode_reading(buf: &mut Vec<u8>, r: &crate::store::StoredReading, first: bool) -> Result<(), StoreError> {
+    let fields = r.fields.decode().map_err(|e| {
+        StoreError::Corrupt(format!("fields of agent {} seq {} reading {}: {e}", r.agent_id, r.seq, r.idx))
+    })?;
+    let mut o = json!({ "ts_ns": r.ts_ns, "agent_id": r.agent_id, "seq": r.seq, "idx": r.idx, "fields": fields_json(&fields) });
+    if let Some(m) = &r.module {
+        o["module"] = module_json(m);
+    }
+    if !first {
+        buf.push(b',');
+    }
+    serde_json::to_writer(&mut *buf, &o).expect("writing to a Vec");
+    Ok(())
 }
 
 fn agent_json(a: &AgentSummary) -> serde_json::Value {
@@ -748,6 +819,54 @@ mod tests {
         let resp = get("/api/v1/readings?stream=s").await.unwrap();
         assert_eq!(resp.status(), 200);
         assert_eq!(resp.json::<serde_json::Value>().await.unwrap(), json!({"stream": "s", "readings": [], "next": null}));
+    }
+
+    /// Pages are streamed from the store SUB_PAGE readings at a time: a page larger
+    /// than that comes out whole, in order, with the right `next`, from a cursor that
+    /// may fall anywhere, including on equal timestamps; the query permit is held until
+    /// the body is sent and released after.
+    #[tokio::test]
+    async fn pages_larger_than_a_sub_page_stream_whole_and_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let sqlite = crate::store::sqlite::SqliteStore::open(dir.path()).unwrap();
+        // 2,600 readings: 13 batches of 200, timestamps in pairs so cursors land on ties.
+        let ts: Vec<i64> = (0..2600).map(|i| 1_000 + i / 2).collect();
+        for (seq, chunk) in ts.chunks(200).enumerate() {
+            sqlite.ingest(&[crate::store::suite::batch("a", 1, seq as u64 + 1, &[("s", chunk)])], 1).unwrap();
+        }
+        let store: Arc<dyn HubStore> = Arc::new(sqlite);
+        let queries = Arc::new(tokio::sync::Semaphore::new(1));
+        let state = AppState {
+            store,
+            metrics: Metrics::new(),
+            shutdown: tokio_util::sync::CancellationToken::new(),
+            queries: queries.clone(),
+        };
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        tokio::spawn(async move { axum::serve(listener, app(state)).await });
+
+        let (mut seen, mut next, mut pages) = (Vec::new(), None::<String>, 0);
+        loop {
+            let after = next.as_ref().map(|c| format!("&after={c}")).unwrap_or_default();
+            let resp = reqwest::get(format!("{url}/api/v1/readings?stream=s&limit=1100{after}")).await.unwrap();
+            assert_eq!(resp.status(), 200);
+            let page: serde_json::Value = resp.json().await.unwrap();
+            pages += 1;
+            for r in page["readings"].as_array().unwrap() {
+                seen.push((r["ts_ns"].as_i64().unwrap(), r["seq"].as_u64().unwrap(), r["idx"].as_u64().unwrap()));
+            }
+            // The body is complete once read, so the permit is free again.
+            let _permit = queries.clone().try_acquire_owned().expect("permit released after the body");
+            match page["next"].as_str() {
+                Some(c) => next = Some(c.to_owned()),
+                None => break,
+            }
+        }
+        assert_eq!(pages, 3, "1100 + 1100 + 400");
+        assert_eq!(seen.len(), 2600, "every reading once");
+        assert!(seen.windows(2).all(|w| w[0] < w[1]), "in (ts, seq, idx) order, no repeats");
+        assert_eq!(seen.iter().map(|r| r.0).collect::<Vec<_>>(), ts);
     }
 
     #[test]

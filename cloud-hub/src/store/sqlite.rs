@@ -58,6 +58,14 @@ use super::{
 /// Schema version this build writes and understands.
 pub const SCHEMA_VERSION: i64 = 5;
 
+/// One page of a stream's readings after a cursor: `?1` stream id, `?2` exclusive upper
+/// bound on `ts_ns`, `?3` row limit, `?4..?8` the cursor. No lower bound on `ts_ns`: the
+/// cursor is one, and with a second one SQLite seeks to that instead of to the cursor
+/// (a test checks the plan).
+const READINGS_AFTER_CURSOR: &str = "SELECT ts_ns, agent_id, epoch, seq, idx, fields FROM readings
+    WHERE stream_id = ?1 AND (ts_ns, agent_id, epoch, seq, idx) > (?4, ?5, ?6, ?7, ?8) AND ts_ns < ?2
+    ORDER BY ts_ns, agent_id, epoch, seq, idx LIMIT ?3";
+
 /// Idle read connections kept open. More concurrent readers open extra connections
 /// that are closed after use; this only bounds what stays open.
 const MAX_IDLE_READERS: usize = 4;
@@ -587,9 +595,13 @@ impl HubStore for SqliteStore {
                     module: None,
                 })
             };
-            // A row-value comparison on the index's own column order lets SQLite seek
-            // straight to the cursor position instead of skipping rows (keyset paging).
-            let mut rows: Vec<StoredReading> = match &q.after {
+            // A cursor before `from` is no cursor at all. A cursor at or after `from`
+            // implies `ts_ns >= from`, and that bound is left out of the cursor query on
+            // purpose: with it, SQLite's planner seeks to `from` and filters the row value
+            // (every page scanning all rows before it: quadratic paging); without it, it
+            // seeks straight to the cursor on the index (keyset paging).
+            let after = q.after.as_ref().filter(|c| c.ts_ns >= from);
+            let mut rows: Vec<StoredReading> = match after {
                 None => conn
                     .prepare_cached(
                         "SELECT ts_ns, agent_id, epoch, seq, idx, fields FROM readings
@@ -601,18 +613,12 @@ impl HubStore for SqliteStore {
                             .collect::<Result<Vec<_>, _>>()
                     }),
                 Some(c) => conn
-                    .prepare_cached(
-                        "SELECT ts_ns, agent_id, epoch, seq, idx, fields FROM readings
-                         WHERE stream_id = ?1 AND ts_ns >= ?2 AND ts_ns < ?3
-                           AND (ts_ns, agent_id, epoch, seq, idx) > (?5, ?6, ?7, ?8, ?9)
-                         ORDER BY ts_ns, agent_id, epoch, seq, idx LIMIT ?4",
-                    )
+                    .prepare_cached(READINGS_AFTER_CURSOR)
                     .and_then(|mut s| {
                         let seq = i64::try_from(c.seq).unwrap_or(i64::MAX);
                         s.query_map(
                             params![
                                 stream_id,
-                                from,
                                 to,
                                 fetch,
                                 c.ts_ns,
