@@ -79,8 +79,7 @@ pub async fn run(cfg: Config, listeners: Listeners, shutdown: CancellationToken)
         cfg.data_dir.clone(),
         &cfg.agent_id,
         StoreOptions::from_config(&cfg),
-        cfg.store.max_readings_per_commit,
-        cfg.store.retention_interval,
+        crate::store::writer::WriterOptions::from_config(&cfg.store),
         metrics.clone(),
     )
     .with_context(|| format!("cannot open the store in {} (data_dir)", cfg.data_dir.display()))?;

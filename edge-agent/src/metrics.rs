@@ -97,6 +97,8 @@ pub struct Metrics {
     pub store_errors: Family<KindLabel, Counter>,
     /// Commit latency.
     pub commit_seconds: Histogram,
+    /// Store transactions committed: each writes a few pages of flash whatever it holds.
+    pub commits: Counter,
     /// Batches cut.
     pub batches_cut: Counter,
     /// Batches published to the broker (including re-sends).
@@ -153,6 +155,7 @@ impl Default for Metrics {
             readings_dropped: Family::default(),
             store_errors: Family::default(),
             commit_seconds: Histogram::new(exponential_buckets(0.0001, 2.0, 16)),
+            commits: Counter::default(),
             batches_cut: Counter::default(),
             batches_sent: Counter::default(),
             batches_resent: Counter::default(),
@@ -255,6 +258,7 @@ impl Metrics {
         r.register("readings_dropped", "Accepted readings dropped before the hub acknowledged them", self.readings_dropped.clone());
         r.register("store_errors", "Store commit errors", self.store_errors.clone());
         r.register("commit_seconds", "Store commit latency", self.commit_seconds.clone());
+        r.register("commits", "Store transactions committed (each writes a few pages of flash)", self.commits.clone());
         r.register("batches_cut", "Batches cut into the outbox", self.batches_cut.clone());
         r.register("batches_sent", "Batches published, including re-sends", self.batches_sent.clone());
         r.register("batches_resent", "Batches re-sent after timeout or reconnect", self.batches_resent.clone());

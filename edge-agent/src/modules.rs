@@ -343,7 +343,10 @@ impl Runner {
                     name: self.name.clone(),
                     version: l.module.manifest().version.clone(),
                     hash: l.hash.clone(), cursor: last_id, state: state.clone() };
-                match self.rt.block_on(self.store.commit_module(readings, progress)) {
+                // Behind on its input (a full batch read): commit at once; keeping up: ride
+                // the commit window with the readings it processed.
+                let behind = rows.len() >= self.batch_max;
+                match self.rt.block_on(self.store.commit_module(readings, progress, behind)) {
                     Ok(()) => {
                         l.cursor = last_id;
                         l.state = state;
@@ -407,7 +410,7 @@ impl Runner {
                     name: self.name.clone(),
                     version: l.module.manifest().version.clone(),
                     hash: l.hash.clone(), cursor: last_id, state: l.state.clone() };
-            if self.rt.block_on(self.store.commit_module(Vec::new(), progress)).is_ok() {
+            if self.rt.block_on(self.store.commit_module(Vec::new(), progress, false)).is_ok() {
                 l.cursor = last_id;
             }
         }

@@ -375,7 +375,7 @@ fn bench_store(p: &Params) -> Result<Vec<Row>> {
         ),
         store_row(
             "2c",
-            "StoreHandle::append from 4 tasks, 1,000 readings each, durability = full",
+            "StoreHandle::append from 4 tasks, 1,000 readings each, durability = full, commit_window = 0",
             2,
             format!(
                 "The writer thread merges the queued appends (≤ 4 groups here) into one commit; {} of 2a.",
@@ -384,7 +384,7 @@ fn bench_store(p: &Params) -> Result<Vec<Row>> {
         ),
         store_row(
             "2d",
-            "StoreHandle::append from 4 tasks, 1,000 readings each, durability = fast",
+            "StoreHandle::append from 4 tasks, 1,000 readings each, durability = fast, commit_window = 0",
             3,
             format!("{} of 2b: channel, oneshot and task hand-offs on top of Store::apply.", pct(s[3].median(), s[1].median())),
         ),

@@ -50,6 +50,10 @@ fn options(durability: Durability) -> (Config, StoreOptions) {
         ..Default::default()
     };
     cfg.store.durability = durability;
+    // Tasks that each await every commit are closed-loop writers, which the commit window
+    // (by design) gives one commit per window unless they come over MQTT; these rows
+    // measure the writer's ceiling, so they commit at once.
+    cfg.store.commit_window = std::time::Duration::ZERO;
     let opts = StoreOptions::from_config(&cfg);
     (cfg, opts)
 }
@@ -87,8 +91,7 @@ pub fn handle_rate(input: &Input, durability: Durability, tasks: usize) -> Resul
         dir.path().to_path_buf(),
         &cfg.agent_id,
         opts,
-        cfg.store.max_readings_per_commit,
-        cfg.store.retention_interval,
+        edge_agent::store::writer::WriterOptions::from_config(&cfg.store),
         Arc::new(edge_agent::metrics::Metrics::default()),
     )?;
     let secs = rt.block_on(async {

@@ -220,8 +220,7 @@ pub fn pipeline(root: &Path, n: usize) -> Result<PipelineResult> {
         dir.path().to_path_buf(),
         &cfg.agent_id,
         StoreOptions::from_config(&cfg),
-        cfg.store.max_readings_per_commit,
-        cfg.store.retention_interval,
+        edge_agent::store::writer::WriterOptions::from_config(&cfg.store),
         metrics.clone(),
     )?;
     let status = Arc::new(Mutex::new(Vec::new()));

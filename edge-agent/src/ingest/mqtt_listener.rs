@@ -46,7 +46,7 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
 use rumqttc::mqttbytes::v4;
@@ -60,6 +60,7 @@ use tokio_util::task::TaskTracker;
 use super::payload::{self, PayloadConfig};
 use crate::config::ListenerConfig;
 use crate::metrics::Metrics;
+use crate::store::window::Publisher;
 use crate::store::writer::{AppendError, StoreHandle};
 use crate::store::{PublishId, SessionOp};
 
@@ -297,6 +298,9 @@ async fn handle(mut socket: TcpStream, shared: &Shared, shutdown: CancellationTo
     let idle_limit = keep_alive.mul_f64(1.5);
     let (rd, mut wr) = socket.into_split();
     let (q_tx, mut q_rx) = mpsc::channel::<Outbound>(usize::from(shared.cfg.max_inflight));
+    // This connection as the store's commit window sees it (see `store::window`).
+    let load = Arc::new(shared.store.publisher());
+    let writer_load = load.clone();
 
     // Stops the reader: on shutdown or takeover (parent token), or when the writer fails.
     let reader_stop = conn_token.child_token();
@@ -310,6 +314,7 @@ async fn handle(mut socket: TcpStream, shared: &Shared, shutdown: CancellationTo
                 Outbound::BadPayload { ack } => write_ack(version, ack, Some(Negative::PayloadFormatInvalid), &mut out),
                 Outbound::AfterCommit { ack, verdict } => {
                     let verdict = verdict.await.unwrap_or(Err(AppendError::Closed));
+                    writer_load.answered();
                     match (verdict, ack) {
                         (Ok(()), Some(ack)) => write_ack(version, ack, None, &mut out),
                         (Ok(()), None) => {}
@@ -357,7 +362,7 @@ async fn handle(mut socket: TcpStream, shared: &Shared, shutdown: CancellationTo
         res
     };
 
-    let reader = read_loop(rd, buf, version, max, idle_limit, shared, &client, q_tx, reader_stop);
+    let reader = read_loop(rd, buf, version, max, idle_limit, shared, &client, q_tx, &load, reader_stop);
     // The reader ends on DISCONNECT, EOF, error or shutdown; dropping its queue sender lets
     // the writer finish every pending PUBACK first.
     let (r, w) = tokio::join!(reader, writer);
@@ -530,6 +535,7 @@ async fn read_loop(
     shared: &Shared,
     client: &Client,
     q: mpsc::Sender<Outbound>,
+    load: &Publisher,
     token: CancellationToken,
 ) -> Result<(), ConnError> {
     loop {
@@ -555,8 +561,20 @@ async fn read_loop(
             match pkt {
                 Inbound::Publish { topic, qos, pkid, dup, payload } => {
                     let item = publish(shared, client, &topic, qos, pkid, dup, &payload).await;
+                    if matches!(item, Outbound::AfterCommit { .. }) {
+                        load.submitted(Instant::now());
+                    }
+                    // A full queue of pending acknowledgements: nothing more can be read
+                    // from this connection until a commit, so it counts as waiting.
+                    let full = q.capacity() == 0;
+                    if full {
+                        load.quiet();
+                    }
                     if q.send(item).await.is_err() {
                         return Ok(()); // writer failed; its error is reported
+                    }
+                    if full {
+                        load.active();
                     }
                 }
                 Inbound::PubRel { pkid } => {
@@ -627,9 +645,33 @@ async fn read_loop(
                 Inbound::Ignored => {}
             }
         }
+        let read = async {
+            // With readings awaiting their commit, a silence longer than this connection's
+            // usual gap means the sensor waits for its acknowledgements: say so, so the
+            // commit window does not hold them back (see `store::window`).
+            let Some(quiet_after) = load.quiet_after() else {
+                return rd.read_buf(&mut buf).await;
+            };
+            if quiet_after.is_zero() {
+                // At its in-flight limit with nothing more buffered: waiting, certainly.
+                load.quiet();
+                let r = rd.read_buf(&mut buf).await;
+                load.active();
+                return r;
+            }
+            let read = rd.read_buf(&mut buf);
+            tokio::pin!(read);
+            tokio::select! {
+                r = &mut read => return r,
+                _ = tokio::time::sleep(quiet_after) => load.quiet(),
+            }
+            let r = read.await;
+            load.active();
+            r
+        };
         let n = tokio::select! {
             _ = token.cancelled() => return Ok(()),
-            r = tokio::time::timeout(idle_limit, rd.read_buf(&mut buf)) => match r {
+            r = tokio::time::timeout(idle_limit, read) => match r {
                 Ok(r) => r?,
                 Err(_) => return Err(ConnError::KeepAlive),
             },

@@ -50,6 +50,7 @@
 //!   uncommitted state.
 
 pub mod sessions;
+pub mod window;
 pub mod writer;
 
 use std::collections::{BTreeMap, HashMap};

@@ -467,3 +467,69 @@ fn idle_retention_run_writes_nothing() {
     store.apply(&[&[reading("a", 3)]], &[], Instant::now()).unwrap();
     assert!(store.conn.total_changes() > before);
 }
+
+/// The commit window (`store.commit_window`): appends inside one window share one commit;
+/// no append is answered before its commit (a new connection sees the readings when the
+/// answer arrives); an MQTT connection that goes quiet with readings pending, or a module
+/// that is behind, closes the window at once. The window here is an hour, so any early
+/// close that did not happen would hang the test (bounded by its timeouts).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_commit_window_groups_commits_and_never_answers_before_them() {
+    use crate::metrics::Metrics;
+    use writer::{StoreHandle, WriterOptions};
+    let dir = tempfile::tempdir().unwrap();
+    let metrics = Arc::new(Metrics::default());
+    let wopts = |window| WriterOptions { max_per_commit: 20_000, retention_interval: Duration::from_secs(3600), commit_window: window };
+    let stored = |dir: &Path| StoreReader::open(dir, "a").unwrap().last_id().unwrap();
+    let limit = Duration::from_secs(30);
+
+    // A short window: ten appends submitted at once share one commit, and when each is
+    // answered, its readings are already in the database.
+    let (h, thread) = StoreHandle::start(dir.path().into(), "a", opts(""), wopts(Duration::from_secs(1)), metrics.clone()).unwrap();
+    let mut verdicts = Vec::new();
+    for i in 0..10 {
+        verdicts.push(h.submit(vec![reading("s", i)]).await.unwrap());
+    }
+    for (i, v) in verdicts.into_iter().enumerate() {
+        v.await.unwrap().unwrap();
+        assert!(stored(dir.path()) > i as i64, "answered before its reading was committed");
+    }
+    assert_eq!(metrics.commits.get(), 1, "ten appends inside one window, one commit");
+    drop(h);
+    thread.join();
+
+    // An hour-long window: only an early close can commit.
+    let (h, thread) = StoreHandle::start(dir.path().into(), "a", opts(""), wopts(Duration::from_secs(3600)), metrics.clone()).unwrap();
+    let before = stored(dir.path());
+    // Two connections with readings pending: the window stays open while one still sends.
+    let (a, b) = (h.publisher(), h.publisher());
+    let va = h.submit(vec![reading("s", 100)]).await.unwrap();
+    a.submitted(Instant::now());
+    let vb = h.submit(vec![reading("s", 101)]).await.unwrap();
+    b.submitted(Instant::now());
+    a.quiet();
+    tokio::task::yield_now().await;
+    assert_eq!(stored(dir.path()), before, "b may still send: nothing committed yet");
+    b.quiet();
+    tokio::time::timeout(limit, va).await.expect("the window did not close when every connection went quiet").unwrap().unwrap();
+    tokio::time::timeout(limit, vb).await.unwrap().unwrap().unwrap();
+    a.answered();
+    b.answered();
+    assert_eq!(stored(dir.path()), before + 2);
+    // A module that is behind commits at once; the append queued before it rides along.
+    let v = h.submit(vec![reading("s", 102)]).await.unwrap();
+    let progress = ModuleProgress { name: "m".into(), version: "1".into(), hash: "h".into(), cursor: 0, state: Vec::new() };
+    tokio::time::timeout(limit, h.commit_module(vec![reading("out", 103)], progress, true))
+        .await
+        .expect("the window did not close for a module that is behind")
+        .unwrap();
+    v.await.unwrap().unwrap();
+    assert_eq!(stored(dir.path()), before + 4);
+    // Shutting down commits what the window holds.
+    let v = h.submit(vec![reading("s", 104)]).await.unwrap();
+    drop((a, b));
+    drop(h);
+    thread.join();
+    v.await.unwrap().unwrap();
+    assert_eq!(stored(dir.path()), before + 5);
+}

@@ -2,9 +2,11 @@
 //!
 //! Every write to the store goes through [`StoreHandle`], which sends a command over a
 //! bounded channel to one OS thread that owns the [`Store`]. The thread takes the first
-//! command, then everything else already queued (up to `store.max_readings_per_commit`
-//! readings), and commits it all in one transaction: while one commit is being fsynced,
-//! the next group builds up. The delay this adds is bounded by one commit.
+//! command, then gathers what arrives for up to `store.commit_window` (up to
+//! `store.max_readings_per_commit` readings), and commits it all in one transaction: while
+//! one commit is being fsynced, the next group builds up. The window closes early when
+//! waiting cannot add anything (see [`super::window`]), so it bounds the delay it adds
+//! without throttling publishers that wait for their acknowledgements.
 //!
 //! Replies are sent only after the commit returned, which is what makes an
 //! acknowledgement (PUBACK, HTTP 2xx) a promise.
@@ -16,6 +18,7 @@ use std::time::{Duration, Instant};
 use brume_protocol::Reading;
 use tokio::sync::{oneshot, watch};
 
+use super::window::{Gate, Publisher};
 use super::{ModuleProgress, PublishId, Refusal, SessionOp, Store, StoreError, StoreOptions, StoreReader, StoreSnapshot, Write};
 use crate::metrics::Metrics;
 
@@ -55,9 +58,35 @@ enum Cmd {
     },
     /// An MQTT session change; the reply carries [`super::sessions::Sessions::apply`]'s answer.
     Session { op: SessionOp, reply: oneshot::Sender<Result<bool, AppendError>> },
-    /// A module's outputs and progress, committed together.
-    Module { readings: Vec<Reading>, progress: ModuleProgress, reply: oneshot::Sender<Result<(), AppendError>> },
+    /// A module's outputs and progress, committed together; `urgent` (the module is
+    /// behind on its input) commits without waiting for the window.
+    Module { readings: Vec<Reading>, progress: ModuleProgress, urgent: bool, reply: oneshot::Sender<Result<(), AppendError>> },
     Ack(Vec<u64>),
+    /// Every MQTT connection with readings pending has gone quiet: commit now if that is
+    /// still so.
+    Flush,
+}
+
+/// How the writer thread groups commits (from `[store]`).
+#[derive(Debug, Clone)]
+pub struct WriterOptions {
+    /// `store.max_readings_per_commit`.
+    pub max_per_commit: usize,
+    /// `store.retention_interval`.
+    pub retention_interval: Duration,
+    /// `store.commit_window`: 0 commits whatever is queued at once.
+    pub commit_window: Duration,
+}
+
+impl WriterOptions {
+    /// The writer options of a `[store]` section.
+    pub fn from_config(c: &crate::config::StoreConfig) -> WriterOptions {
+        WriterOptions {
+            max_per_commit: c.max_readings_per_commit,
+            retention_interval: c.retention_interval,
+            commit_window: c.commit_window,
+        }
+    }
 }
 
 /// Cloneable async handle to the store.
@@ -69,6 +98,8 @@ pub struct StoreHandle {
     /// Read-only connection, used on blocking threads; the mutex serialises its users.
     reader: Arc<Mutex<StoreReader>>,
     status: watch::Receiver<Option<&'static str>>,
+    gate: Arc<Gate>,
+    commit_window: Duration,
 }
 
 /// Join handle of the writer thread; [`WriterThread::join`] waits for its last commit.
@@ -84,17 +115,39 @@ impl WriterThread {
 
 impl StoreHandle {
     /// Opens the store and starts the writer thread.
-    pub fn start(dir: PathBuf, agent_id: &str, opts: StoreOptions, max_per_commit: usize, retention_interval: Duration, metrics: Arc<Metrics>) -> Result<(StoreHandle, WriterThread), StoreError> {
+    pub fn start(dir: PathBuf, agent_id: &str, opts: StoreOptions, wopts: WriterOptions, metrics: Arc<Metrics>) -> Result<(StoreHandle, WriterThread), StoreError> {
         let store = Store::open(&dir, opts)?;
         let reader = StoreReader::open(&dir, agent_id)?;
         let (tx, rx) = flume::bounded(1024);
         let (snap_tx, snap_rx) = watch::channel(store.snapshot());
         let (status_tx, status_rx) = watch::channel(None);
+        let gate = Arc::new(Gate::default());
+        let commit_window = wopts.commit_window;
+        let writer_gate = gate.clone();
         let thread = std::thread::Builder::new()
             .name("store-writer".into())
-            .spawn(move || writer_loop(store, rx, snap_tx, status_tx, max_per_commit, retention_interval, metrics))
+            .spawn(move || writer_loop(store, rx, snap_tx, status_tx, wopts, writer_gate, metrics))
             .expect("spawning the writer thread");
-        Ok((StoreHandle { tx, snapshot: snap_rx, reader: Arc::new(Mutex::new(reader)), status: status_rx }, WriterThread(thread)))
+        let handle = StoreHandle { tx, snapshot: snap_rx, reader: Arc::new(Mutex::new(reader)), status: status_rx, gate, commit_window };
+        Ok((handle, WriterThread(thread)))
+    }
+
+    /// The commit window's view of one MQTT connection (see [`super::window`]): the
+    /// listener reports its PUBLISHes, verdicts and silences, and the writer commits early
+    /// when every connection with readings pending waits for them.
+    pub fn publisher(&self) -> Publisher {
+        // A weak sender: a connection must not keep the writer alive after shutdown.
+        let tx = self.tx.downgrade();
+        Publisher::new(
+            self.gate.clone(),
+            self.commit_window,
+            Box::new(move || {
+                if let Some(tx) = tx.upgrade() {
+                    // A full queue means the writer has plenty to commit already.
+                    let _ = tx.try_send(Cmd::Flush);
+                }
+            }),
+        )
     }
 
     /// Appends readings atomically; resolves once they are durably committed.
@@ -140,9 +193,11 @@ impl StoreHandle {
 
     /// Commits a module's output readings together with its progress (input cursor and
     /// state): both or neither. Resolves once durable.
-    pub async fn commit_module(&self, readings: Vec<Reading>, progress: ModuleProgress) -> Result<(), AppendError> {
+    /// `urgent` (the module is behind on its input) commits without waiting for the
+    /// commit window.
+    pub async fn commit_module(&self, readings: Vec<Reading>, progress: ModuleProgress, urgent: bool) -> Result<(), AppendError> {
         let (reply, rx) = oneshot::channel();
-        self.tx.send_async(Cmd::Module { readings, progress, reply }).await.map_err(|_| AppendError::Closed)?;
+        self.tx.send_async(Cmd::Module { readings, progress, urgent, reply }).await.map_err(|_| AppendError::Closed)?;
         rx.await.map_err(|_| AppendError::Closed)?
     }
 
@@ -182,10 +237,11 @@ fn writer_loop(
     rx: flume::Receiver<Cmd>,
     snap_tx: watch::Sender<StoreSnapshot>,
     status_tx: watch::Sender<Option<&'static str>>,
-    max_per_commit: usize,
-    retention_interval: Duration,
+    wopts: WriterOptions,
+    gate: Arc<Gate>,
     metrics: Arc<Metrics>,
 ) {
+    let WriterOptions { max_per_commit, retention_interval, commit_window } = wopts;
     let mut next_expire = Instant::now() + retention_interval;
     let mut acks: Vec<u64> = Vec::new();
     let mut failures = 0u32;
@@ -198,7 +254,10 @@ fn writer_loop(
         let mut origins: Vec<(usize, Arc<str>)> = Vec::new();
         let mut sessions: Vec<(SessionOp, oneshot::Sender<Result<bool, AppendError>>)> = Vec::new();
         let mut n = 0usize;
-        let mut take = |cmd: Cmd, n: &mut usize, acks: &mut Vec<u64>| match cmd {
+        // Set by a command that must not wait for the window (an urgent module commit) or
+        // by a Flush (checked against the gate: connections may have resumed since).
+        let (mut urgent, mut flush) = (false, false);
+        let mut take = |cmd: Cmd, n: &mut usize, acks: &mut Vec<u64>, urgent: &mut bool, flush: &mut bool| match cmd {
             Cmd::Append { readings, origin, publish, reply } => {
                 *n += readings.len().max(1);
                 if let Some(p) = publish {
@@ -213,23 +272,52 @@ fn writer_loop(
                 *n += 1;
                 sessions.push((op, reply));
             }
-            Cmd::Module { readings, progress: p, reply } => {
+            Cmd::Module { readings, progress: p, urgent: u, reply } => {
                 *n += readings.len();
+                *urgent |= u;
                 progress.push((appends.len(), p));
                 appends.push((readings, reply));
             }
             Cmd::Ack(s) => acks.extend(s),
+            Cmd::Flush => *flush = true,
         };
+        let mut window_end = None;
         match rx.recv_deadline(deadline) {
-            Ok(cmd) => take(cmd, &mut n, &mut acks),
+            Ok(Cmd::Flush) => {}
+            Ok(cmd) => {
+                window_end = Some(Instant::now() + commit_window);
+                take(cmd, &mut n, &mut acks, &mut urgent, &mut flush);
+            }
             Err(flume::RecvTimeoutError::Timeout) => {}
             Err(flume::RecvTimeoutError::Disconnected) => closed = true,
         }
-        // Group commit: take everything already queued, up to the per-commit bound.
-        while n < max_per_commit {
-            match rx.try_recv() {
-                Ok(cmd) => take(cmd, &mut n, &mut acks),
-                Err(_) => break,
+        // Group commit: take everything already queued, then what arrives within the
+        // window, up to the per-commit bound.
+        if let Some(end) = window_end {
+            while n < max_per_commit {
+                match rx.try_recv() {
+                    Ok(cmd) => {
+                        take(cmd, &mut n, &mut acks, &mut urgent, &mut flush);
+                        continue;
+                    }
+                    Err(flume::TryRecvError::Disconnected) => {
+                        closed = true;
+                        break;
+                    }
+                    Err(flume::TryRecvError::Empty) => {}
+                }
+                if urgent || (flush && gate.all_quiet()) {
+                    break;
+                }
+                flush = false;
+                match rx.recv_deadline(end) {
+                    Ok(cmd) => take(cmd, &mut n, &mut acks, &mut urgent, &mut flush),
+                    Err(flume::RecvTimeoutError::Timeout) => break,
+                    Err(flume::RecvTimeoutError::Disconnected) => {
+                        closed = true;
+                        break;
+                    }
+                }
             }
         }
 
@@ -253,6 +341,7 @@ fn writer_loop(
         match store.commit(&write, now) {
             Ok(out) => {
                 metrics.commit_seconds.observe(started.elapsed().as_secs_f64());
+                metrics.commits.inc();
                 acks.clear();
                 if failures > 0 {
                     tracing::info!("store writable again");
