@@ -223,13 +223,11 @@ pub struct StoreConfig {
     /// Most readings committed in one transaction (group commit bound).
     pub max_readings_per_commit: usize,
     /// How long the writer gathers readings after the first before committing them (0,
-    /// the default: commit whatever is queued at once). Each commit writes a few pages of
-    /// flash whatever it holds, so a longer window means less wear and a later
-    /// acknowledgement (PUBACK, HTTP 204) by up to this much. The window closes early when
-    /// every MQTT connection with readings pending has gone quiet waiting for its
-    /// acknowledgements (silent for twice its usual gap, at least 1 ms), and for modules
-    /// that are behind; a closed-loop publisher still pays that detection on every round
-    /// trip (measured: 100 in flight, 50 ms window: 21 k readings/s against 105 k/s at 0).
+    /// the default: commit whatever is queued at once). Each commit writes a few pages of flash
+    /// whatever it holds, so a longer window means less wear and acknowledgements (PUBACK,
+    /// HTTP 204) later by up to this much. The window closes early for MQTT sensors seen
+    /// waiting for their acknowledgements (in-flight limit reached) and for modules that
+    /// are behind, so those are not capped at one window's worth (see `store::window`).
     #[serde(with = "humantime_serde")]
     pub commit_window: Duration,
     /// How often age-based retention runs.

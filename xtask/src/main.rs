@@ -1,6 +1,6 @@
 //! Brume developer tasks.
 //!
-//! `cargo xtask bench [--quick] [--write] [--only mqtt,store,rss,wasm,hub,hubscale,hubquery]` runs the benchmarks and
+//! `cargo xtask bench [--quick] [--write] [--only mqtt,store,rss,wasm,hub,hubscale,hubquery,edgecost]` runs the benchmarks and
 //! prints a Markdown table; `--write` also rewrites `BENCHMARKS.md` at the repository root.
 //! Benchmarks print; nothing here asserts a timing.
 //!
@@ -8,6 +8,7 @@
 //! wasm32-unknown-unknown, checks them against the module ABI and copies them to
 //! `target/modules/` (see `modules.rs`).
 
+mod edgecost;
 mod hub;
 mod hubquery;
 mod hubscale;
@@ -19,7 +20,7 @@ mod util;
 mod wasm;
 
 use std::path::{Path, PathBuf};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
@@ -44,7 +45,7 @@ enum Cmd {
         /// Smaller N and a 10 s RSS run: a smoke check, not a measurement.
         #[arg(long)]
         quick: bool,
-        /// Run only these groups (mqtt, store, rss, wasm, hub, hubscale, hubquery); cannot be combined with --write.
+        /// Run only these groups (mqtt, store, rss, wasm, hub, hubscale, hubquery, edgecost); cannot be combined with --write.
         #[arg(long, value_delimiter = ',')]
         only: Vec<String>,
         /// Samples per short benchmark (median [min..max] is reported).
@@ -78,8 +79,8 @@ fn main() -> Result<()> {
 
 fn bench(root: &Path, write: bool, quick: bool, only: Vec<String>, samples: usize) -> Result<()> {
     for o in &only {
-        if !["mqtt", "store", "rss", "wasm", "hub", "hubscale", "hubquery"].contains(&o.as_str()) {
-            bail!("--only takes mqtt, store, rss, wasm, hub, hubscale, hubquery; got {o:?}");
+        if !["mqtt", "store", "rss", "wasm", "hub", "hubscale", "hubquery", "edgecost"].contains(&o.as_str()) {
+            bail!("--only takes mqtt, store, rss, wasm, hub, hubscale, hubquery, edgecost; got {o:?}");
         }
     }
     if write && !only.is_empty() {
@@ -97,8 +98,8 @@ fn bench(root: &Path, write: bool, quick: bool, only: Vec<String>, samples: usiz
     if runs("wasm") || runs("rss") {
         modules::build(root)?;
     }
-    let hub_exe = if runs("hubscale") || runs("hubquery") { Some(hubscale::build_hub(root)?) } else { None };
-    let exe = if runs("rss") {
+    let hub_exe = if runs("hubscale") || runs("hubquery") || runs("edgecost") { Some(hubscale::build_hub(root)?) } else { None };
+    let exe = if runs("rss") || runs("edgecost") {
         Some(rss::build_agent(root)?)
     } else {
         None
@@ -111,8 +112,10 @@ fn bench(root: &Path, write: bool, quick: bool, only: Vec<String>, samples: usiz
     if runs("store") {
         rows.extend(bench_store(&p)?);
     }
-    if let Some(exe) = exe {
-        rows.extend(bench_rss(&p, root, &exe)?);
+    if let Some(exe) = &exe
+        && runs("rss")
+    {
+        rows.extend(bench_rss(&p, root, exe)?);
     }
     if runs("wasm") {
         rows.extend(bench_wasm(&p, root)?);
@@ -126,6 +129,11 @@ fn bench(root: &Path, write: bool, quick: bool, only: Vec<String>, samples: usiz
         }
         if runs("hubquery") {
             rows.push(bench_hubquery(&p, hub_exe)?);
+        }
+        if let Some(exe) = &exe
+            && runs("edgecost")
+        {
+            rows.extend(bench_edgecost(&p, exe, hub_exe)?);
         }
     }
     let total = started.elapsed().as_secs_f64();
@@ -821,6 +829,62 @@ fn bench_hubquery(p: &Params, exe: &Path) -> Result<Row> {
     })
 }
 
+fn bench_edgecost(p: &Params, agent: &Path, hub: &Path) -> Result<Vec<Row>> {
+    let (warmup, secs) = if p.quick { (Duration::from_secs(3), 10) } else { (Duration::from_secs(5), 30) };
+    eprintln!("7. edge cost at a steady rate: release agent → mosquitto → release hub, {secs} s measured after {warmup:?}");
+    const WINDOW: &str = "50ms";
+    let fmt = |r: &edgecost::CostResult| {
+        let n = r.readings.max(1) as f64;
+        format!(
+            "{:.1} µs CPU, {} B written per reading; PUBACK p50 {:.1} ms, p99 {:.1} ms; {:.1} commits/s",
+            1e6 * r.cpu_secs / n,
+            group(r.write_bytes as f64 / n),
+            1e3 * r.p50,
+            1e3 * r.p99,
+            r.commits as f64 / r.secs
+        )
+    };
+    let mut rows = Vec::new();
+    for (id, rate) in [("7a", 100u32), ("7b", 1000), ("7c", 10_000)] {
+        let base = edgecost::run(agent, hub, rate, warmup, secs, "commit_window = \"0s\"")?;
+        eprintln!("  {rate}/s, commit_window 0s: {}", fmt(&base));
+        let win = edgecost::run(agent, hub, rate, warmup, secs, &format!("commit_window = \"{WINDOW}\""))?;
+        eprintln!("  {rate}/s, commit_window {WINDOW}: {}", fmt(&win));
+        rows.push(Row {
+            id,
+            name: format!("agent cost per reading at a steady {} readings/s (QoS 1, 10 topics, 1 connection), commit_window = {WINDOW}", group(f64::from(rate))),
+            result: fmt(&win),
+            limit: format!("commit_window = 0s: {}", fmt(&base)),
+            ratio: format!("{} of the bytes", pct(win.write_bytes as f64, base.write_bytes as f64)),
+            target: "issue 16".into(),
+            verdict: "–".into(),
+            note: format!(
+                "{} readings acknowledged in {:.0} s; write_bytes and utime+stime of the agent process over that interval. \
+                 No mosquitto-bridge comparison yet.",
+                group(win.readings as f64),
+                win.secs
+            ),
+        });
+    }
+    let idle = edgecost::run(agent, hub, 0, warmup, secs, &format!("commit_window = \"{WINDOW}\""))?;
+    eprintln!("  idle: {:.2} % CPU, {} B written per minute", 100.0 * idle.cpu_secs / idle.secs, group(idle.write_bytes as f64 * 60.0 / idle.secs));
+    rows.push(Row {
+        id: "7d",
+        name: "idle agent (no input, hub connected)".into(),
+        result: format!(
+            "{:.2} % of a core, {} B written per minute",
+            100.0 * idle.cpu_secs / idle.secs,
+            group(idle.write_bytes as f64 * 60.0 / idle.secs)
+        ),
+        limit: "–".into(),
+        ratio: "–".into(),
+        target: "0 B/min, < 0.5 % CPU".into(),
+        verdict: if idle.write_bytes == 0 && idle.cpu_secs / idle.secs < 0.005 { "meets".into() } else { "**misses**".into() },
+        note: format!("Over {:.0} s after the warm-up; {} commits.", idle.secs, idle.commits),
+    });
+    Ok(rows)
+}
+
 fn hub_step_minutes(days: i64) -> i64 {
     let s = cloud_hub::aggregate::step_for(0, days * 86_400 * 1_000_000_000, 500);
     s / cloud_hub::aggregate::ROLLUP_NS
@@ -943,7 +1007,13 @@ fn render_doc(
          `/proc/<pid>/stat` (PostgreSQL: the postmaster and its backends) over the same interval. 6c: one release \
          `cloud-hub` on a SQLite store preloaded (before the process starts) with 1,000,000 readings of one stream; 16 \
          reqwest clients at once page through all of it with the largest page, following `next`; VmRSS sampled every \
-         50 ms, VmHWM read at the end; each client checks it received every reading.\n\n\
+         50 ms, VmHWM read at the end; each client checks it received every reading.\n\
+         7. **Edge cost at a steady rate.** The release `edge-agent` as a process with its defaults except \
+         `store.commit_window` (0 s, then 50 ms), forwarding in hub mode over a private mosquitto to a release \
+         `cloud-hub` on SQLite (batches acknowledged, as in production); one rumqttc publisher (10 topics, QoS 1, \
+         100 in flight, JSON `{{\"value\":n}}`) at a fixed rate in 10 ms ticks; after a warm-up (5 s), the agent's \
+         utime+stime (`/proc/<pid>/stat`), `write_bytes` (`/proc/<pid>/io`) and `brume_agent_commits_total` are \
+         read at the start and end of 30 s, and every PUBACK latency in between is kept. 7d: no publisher.\n\n\
          {KEEP_MARKER}\n\n{kept}",
         date = m.date,
         nproc = m.nproc,

@@ -306,15 +306,42 @@ async fn handle(mut socket: TcpStream, shared: &Shared, shutdown: CancellationTo
     let reader_stop = conn_token.child_token();
     let stop_reader = reader_stop.clone();
     // Writer half: awaits verdicts in order, writes acknowledgements.
+    // Acknowledgements whose verdicts are already in are written together, in one write:
+    // a group commit answers many PUBLISHes at once, and one syscall per PUBACK would cost
+    // CPU per reading and make the sensor's next burst trickle in.
     let writer = async move {
-        while let Some(item) = q_rx.recv().await {
-            let mut out = BytesMut::new();
+        let mut out = BytesMut::new();
+        loop {
+            let item = match q_rx.try_recv() {
+                Ok(item) => item,
+                Err(mpsc::error::TryRecvError::Empty) => {
+                    if !out.is_empty() {
+                        wr.write_all(&out).await?;
+                        out.clear();
+                    }
+                    match q_rx.recv().await {
+                        Some(item) => item,
+                        None => break,
+                    }
+                }
+                Err(mpsc::error::TryRecvError::Disconnected) => break,
+            };
             match item {
-                Outbound::Now(b) => out = b,
+                Outbound::Now(b) => out.extend_from_slice(&b),
                 Outbound::BadPayload { ack } => write_ack(version, ack, Some(Negative::PayloadFormatInvalid), &mut out),
-                Outbound::AfterCommit { ack, verdict } => {
-                    let verdict = verdict.await.unwrap_or(Err(AppendError::Closed));
-                    writer_load.answered();
+                Outbound::AfterCommit { ack, mut verdict } => {
+                    let verdict = match verdict.try_recv() {
+                        Ok(v) => v,
+                        Err(oneshot::error::TryRecvError::Empty) => {
+                            if !out.is_empty() {
+                                wr.write_all(&out).await?;
+                                out.clear();
+                            }
+                            verdict.await.unwrap_or(Err(AppendError::Closed))
+                        }
+                        Err(oneshot::error::TryRecvError::Closed) => Err(AppendError::Closed),
+                    };
+                    writer_load.answered(Instant::now());
                     match (verdict, ack) {
                         (Ok(()), Some(ack)) => write_ack(version, ack, None, &mut out),
                         (Ok(()), None) => {}
@@ -329,25 +356,35 @@ async fn handle(mut socket: TcpStream, shared: &Shared, shutdown: CancellationTo
                                 // QoS 0 has no acknowledgement to withhold: it is simply lost,
                                 // as QoS 0 allows. Counted by the store as refused.
                                 (_, None) => {}
-                                // 3.1.1 has no negative acknowledgement: never ack, close instead.
-                                (Version::V4, Some(_)) => return Err(ConnError::Refused),
+                                // 3.1.1 has no negative acknowledgement: never ack, close instead
+                                // (after the acknowledgements of what was committed before it).
+                                (Version::V4, Some(_)) => {
+                                    let _ = wr.write_all(&out).await;
+                                    return Err(ConnError::Refused);
+                                }
                             }
                         }
                     }
                 }
-                Outbound::AfterRelease { pkid, verdict } => match verdict.await.unwrap_or(Err(AppendError::Closed)) {
-                    Ok(_) => pubcomp(version, pkid, &mut out),
-                    // Not durably released: no PUBCOMP. The sensor re-sends PUBREL on its
-                    // next connection.
-                    Err(e) => {
-                        tracing::warn!(error = %e, pkid, "cannot release a QoS 2 packet identifier; closing");
-                        return Err(ConnError::Refused);
+                Outbound::AfterRelease { pkid, verdict } => {
+                    if !out.is_empty() {
+                        wr.write_all(&out).await?;
+                        out.clear();
                     }
-                },
+                    match verdict.await.unwrap_or(Err(AppendError::Closed)) {
+                        Ok(_) => pubcomp(version, pkid, &mut out),
+                        // Not durably released: no PUBCOMP. The sensor re-sends PUBREL on its
+                        // next connection.
+                        Err(e) => {
+                            tracing::warn!(error = %e, pkid, "cannot release a QoS 2 packet identifier; closing");
+                            return Err(ConnError::Refused);
+                        }
+                    }
+                }
             }
-            if !out.is_empty() {
-                wr.write_all(&out).await?;
-            }
+        }
+        if !out.is_empty() {
+            wr.write_all(&out).await?;
         }
         let _ = wr.shutdown().await;
         Ok::<(), ConnError>(())
@@ -652,15 +689,20 @@ async fn read_loop(
             let Some(quiet_after) = load.quiet_after() else {
                 return rd.read_buf(&mut buf).await;
             };
+            let read = rd.read_buf(&mut buf);
+            tokio::pin!(read);
             if quiet_after.is_zero() {
-                // At its in-flight limit with nothing more buffered: waiting, certainly.
-                load.quiet();
-                let r = rd.read_buf(&mut buf).await;
+                // Quiet the moment the socket has nothing more (bytes already there are
+                // read first).
+                tokio::select! {
+                    biased;
+                    r = &mut read => return r,
+                    _ = std::future::ready(()) => load.quiet(),
+                }
+                let r = read.await;
                 load.active();
                 return r;
             }
-            let read = rd.read_buf(&mut buf);
-            tokio::pin!(read);
             tokio::select! {
                 r = &mut read => return r,
                 _ = tokio::time::sleep(quiet_after) => load.quiet(),

@@ -513,8 +513,8 @@ async fn the_commit_window_groups_commits_and_never_answers_before_them() {
     b.quiet();
     tokio::time::timeout(limit, va).await.expect("the window did not close when every connection went quiet").unwrap().unwrap();
     tokio::time::timeout(limit, vb).await.unwrap().unwrap().unwrap();
-    a.answered();
-    b.answered();
+    a.answered(Instant::now());
+    b.answered(Instant::now());
     assert_eq!(stored(dir.path()), before + 2);
     // A module that is behind commits at once; the append queued before it rides along.
     let v = h.submit(vec![reading("s", 102)]).await.unwrap();
