@@ -222,8 +222,8 @@ pub struct StoreConfig {
     pub max_streams: usize,
     /// Most readings committed in one transaction (group commit bound).
     pub max_readings_per_commit: usize,
-    /// How long the writer gathers readings after the first before committing them (0,
-    /// the default: commit whatever is queued at once). Each commit writes a few pages of flash
+    /// How long the writer gathers readings after the first before committing them
+    /// (default 50 ms; 0: commit whatever is queued at once). Each commit writes a few pages of flash
     /// whatever it holds, so a longer window means less wear and acknowledgements (PUBACK,
     /// HTTP 204) later by up to this much. The window closes early for MQTT sensors seen
     /// waiting for their acknowledgements (in-flight limit reached) and for modules that
@@ -247,7 +247,7 @@ impl Default for StoreConfig {
             max_bytes: ByteSize::gib(1),
             max_streams: 10_000,
             max_readings_per_commit: 20_000,
-            commit_window: Duration::ZERO,
+            commit_window: Duration::from_millis(50),
             retention_interval: Duration::from_secs(60),
             streams: Vec::new(),
             default_rule: StreamRuleBody::default(),
