@@ -34,11 +34,7 @@ pub struct CostResult {
 }
 
 fn cpu_secs(pid: u32) -> Result<f64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
-    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let t = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).context("parsing /proc/<pid>/stat");
-    Ok((t(11)? + t(12)?) / 100.0) // USER_HZ is 100 on Linux
+    crate::util::cpu_secs(pid).context("reading utime and stime from /proc/<pid>/stat")
 }
 
 fn write_bytes(pid: u32) -> Result<u64> {

@@ -43,14 +43,10 @@ pub fn build_hub(root: &Path) -> Result<PathBuf> {
     Ok(target.join("release").join("cloud-hub"))
 }
 
-/// CPU seconds (user + system) a process has used.
+/// CPU seconds a process has used; 0 for one that is gone (a PostgreSQL backend that
+/// exited between listing and reading).
 fn cpu_secs(pid: u32) -> f64 {
-    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { return 0.0 };
-    // Fields after the command name (which may contain spaces), 1-based: 14 utime, 15 stime.
-    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let ticks: f64 = f.get(11).and_then(|v| v.parse().ok()).unwrap_or(0.0) + f.get(12).and_then(|v| v.parse().ok()).unwrap_or(0.0);
-    ticks / 100.0 // USER_HZ is 100 on Linux
+    crate::util::cpu_secs(pid).unwrap_or(0.0)
 }
 
 /// The postmaster and its current backends.
