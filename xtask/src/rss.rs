@@ -155,7 +155,7 @@ pub fn run(exe: &Path, secs: u64, rate: u32, extra: &str) -> Result<RssResult> {
 
     let conn = rusqlite::Connection::open(edge_agent::store::Store::db_path(&data))?;
     let readings: i64 = conn.query_row("SELECT COUNT(*) FROM readings", [], |r| r.get(0))?;
-    let outbox: i64 = conn.query_row("SELECT COUNT(*) FROM outbox", [], |r| r.get(0))?;
+    let outbox: i64 = conn.query_row("SELECT COUNT(*) FROM outbox WHERE acked = 0", [], |r| r.get(0))?;
     let module_outputs: i64 =
         conn.query_row("SELECT COUNT(*) FROM readings WHERE producer IS NOT NULL", [], |r| r.get(0))?;
     Ok(RssResult {

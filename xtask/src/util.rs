@@ -191,13 +191,19 @@ pub struct Mosquitto {
 
 impl Mosquitto {
     pub fn start() -> Result<Mosquitto> {
+        Mosquitto::start_with(|_| "persistence false\n".into())
+    }
+
+    /// Starts mosquitto with `extra(dir)` appended to its configuration, `dir` being
+    /// its private directory (for `persistence_location`).
+    pub fn start_with(extra: impl FnOnce(&Path) -> String) -> Result<Mosquitto> {
         let exe = which("mosquitto").context("mosquitto not found: `apt-get install mosquitto`")?;
         let dir = tempfile::tempdir()?;
         let port = free_port();
         let conf = dir.path().join("mosquitto.conf");
         std::fs::write(
             &conf,
-            format!("listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n"),
+            format!("listener {port} 127.0.0.1\nallow_anonymous true\n{}", extra(dir.path())),
         )?;
         let proc = Proc::spawn(
             "mosquitto",

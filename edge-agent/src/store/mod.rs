@@ -9,13 +9,15 @@
 //! * `readings(id, stream_id, ts_ns, fields)`: every reading, `id` assigned by the writer
 //!   from a counter that never goes backwards (also after deletes), so ids are a total
 //!   ingest order. `fields` is the protocol's fields blob, stored as it will be sent.
-//! * `outbox(seq, first_id, last_id, ...)`: a batch is a *range of reading ids*, not a
-//!   copy of them. Cutting a batch writes one small row; the batch's bytes are read back
-//!   from `readings` when it is sent. Readings deleted by retention meanwhile are simply
-//!   absent from the (re)sent batch and counted as lost.
-//! * `meta`: the store epoch (random, chosen at creation), the next batch sequence
-//!   number, the next reading id, and `batched_upto` (every reading id ≤ it belongs to a
-//!   batch).
+//! * `outbox(seq, first_id, last_id, ..., acked)`: a batch is a *range of reading ids*,
+//!   not a copy of them. Cutting a batch writes one small row; the batch's bytes are read
+//!   back from `readings` when it is sent. Readings deleted by retention meanwhile are
+//!   simply absent from the (re)sent batch and counted as lost. An acknowledged row is
+//!   deleted, except the newest, which stays marked `acked = 1` until a newer one exists,
+//!   so the outbox alone tells the next sequence number.
+//! * `meta`: the store epoch (random, chosen at creation), and, as of the last flush of
+//!   the derived state, the next batch sequence number, the next reading id,
+//!   `batched_upto` (every reading id ≤ it belongs to a batch) and `derived_upto`.
 //! * `streams(id, name, bytes, count, forward)` (`forward` mirrors the stream's rule) and `losses(stream_id, reason, total)`.
 //! * `mqtt_sessions(client_id, last_seen_ms)` and `mqtt_pkids(client_id, pkid, qos, digest,
 //!   ord)` (v3): persistent MQTT sessions of sensors and the packet identifiers of their
@@ -26,6 +28,19 @@
 //!   bucket and stream with readings in it, one row says where they are and which times
 //!   they cover. Per-stream work (retention, budgets, time-range reads) finds its rows
 //!   through it and then scans that id range of `readings`.
+//!
+//! # Derived state: written every [`DERIVED_FLUSH_READINGS`], replayed on open
+//!
+//! Stream counters, the directory and the counters in `meta` follow from `readings` and
+//! `outbox`. Writing them in every commit cost three extra 4 KiB pages per commit, most of
+//! what an ordinary commit wrote at sensor rates (issue 16). They are kept in memory and
+//! written ("flushed") together with `meta.derived_upto` every [`DERIVED_FLUSH_READINGS`]
+//! readings, in any transaction that deletes readings (replay only adds), and at the start
+//! of a retention run. On open, the readings after `derived_upto` are replayed into them
+//! (at most that many rows), `next_seq`/`batched_upto` are raised to what the outbox
+//! holds and `next_id` past the largest reading id. Readers ([`StoreReader::readings`],
+//! [`StoreReader::last_n`]) scan the directory and then the id range after
+//! `derived_upto`, in one read transaction.
 //!
 //! # Why a bucket directory instead of an index on `(stream_id, ts_ns)`
 //!
@@ -45,9 +60,11 @@
 //!   increasing, disjoint id ranges, so per-stream order equals sequence order.
 //! * A reading deleted before the hub acknowledged it (not yet batched, or inside an
 //!   unacknowledged batch) is counted in `losses` exactly once.
-//! * In-memory mirrors (stream counters, the outbox index, the counters in `meta`) are
-//!   rebuilt from the database whenever a transaction fails, so they never describe
-//!   uncommitted state.
+//! * In-memory mirrors (stream counters, the outbox index, the counters in `meta`, the
+//!   directory rows not yet flushed) are rebuilt from the database whenever a transaction
+//!   fails, so they never describe uncommitted state.
+//! * Every reading id > `meta.derived_upto` is absent from the stored counters and
+//!   directory; every id ≤ it is in them.
 
 pub mod sessions;
 pub mod window;
@@ -76,6 +93,16 @@ pub const BUCKET_IDS: i64 = 16_384;
 #[cfg(test)]
 pub const BUCKET_IDS: i64 = 64;
 
+/// Readings committed between two writes of the derived state (stream counters, the
+/// bucket directory and the counters in `meta`). Between them that state lives in memory
+/// and is rebuilt on open from the readings after `meta.derived_upto`, so an ordinary
+/// commit writes the readings' pages and nothing else.
+#[cfg(not(test))]
+pub const DERIVED_FLUSH_READINGS: i64 = 16_384;
+/// Small in unit tests, so that they cross many flushes.
+#[cfg(test)]
+pub const DERIVED_FLUSH_READINGS: i64 = 100;
+
 fn bucket_of(id: i64) -> i64 {
     id / BUCKET_IDS
 }
@@ -102,6 +129,11 @@ impl BucketDelta {
         self.max_ts = self.max_ts.max(ts);
         self.count += 1;
     }
+}
+
+/// Adds one reading to the per-(bucket, stream) aggregates.
+fn add_to_buckets(buckets: &mut HashMap<(i64, i64), BucketDelta>, id: i64, sid: i64, ts: i64) {
+    buckets.entry((bucket_of(id), sid)).or_insert_with(|| BucketDelta::new(id, ts)).add(id, ts);
 }
 
 /// Errors of the store.
@@ -347,9 +379,17 @@ struct State {
     sessions: sessions::Sessions,
     /// New-stream budgets per MQTT client (in memory: a rate limit, not state to keep).
     quota: StreamQuota,
-    /// `(next_seq, batched_upto, next_id)` as last written to `meta`; `None` after a
-    /// reload, so the next transaction writes them.
-    meta_written: Option<(u64, i64, i64)>,
+    /// Directory rows of readings after `derived_upto`, not yet written.
+    pending_buckets: HashMap<(i64, i64), BucketDelta>,
+    /// Every reading id ≤ it is reflected in the stored stream counters and directory
+    /// (`meta.derived_upto`); those after it are replayed on open.
+    derived_upto: i64,
+    /// Readings were deleted in this transaction: the derived state must be written
+    /// before it commits, since replay only adds.
+    deleted: bool,
+    /// `[next_seq, batched_upto, next_id, derived_upto]` as last written to `meta`;
+    /// `None` after a reload, so the next flush writes them.
+    meta_written: Option<[i64; 4]>,
 }
 
 /// Per-client token buckets of new streams, so one sensor cannot take every stream of
@@ -388,7 +428,7 @@ impl StreamQuota {
     }
 }
 
-const SCHEMA_VERSION: i64 = 3;
+const SCHEMA_VERSION: i64 = 4;
 
 fn now_ms() -> i64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
@@ -427,6 +467,9 @@ impl Store {
             oldest_unbatched_at: None,
             sessions: Default::default(),
             quota: StreamQuota::new(opts.new_streams_burst, opts.new_streams_per_minute),
+            pending_buckets: HashMap::new(),
+            derived_upto: 0,
+            deleted: false,
             meta_written: None,
             opts,
             },
@@ -455,10 +498,28 @@ impl Store {
                 e
             }
         };
-        self.st.next_seq = get("next_seq")?.unwrap_or(1) as u64;
-        self.st.batched_upto = get("batched_upto")?.unwrap_or(0);
+        // `meta` is written only with the derived state; batches cut since are in the
+        // outbox (whose newest row stays, marked acknowledged, until a newer one exists)
+        // and readings committed since are in `readings`.
+        let (max_seq, max_batched): (i64, i64) =
+            self.conn.query_row("SELECT COALESCE(MAX(seq), 0), COALESCE(MAX(last_id), 0) FROM outbox", [], |r| {
+                Ok((r.get(0)?, r.get(1)?))
+            })?;
+        self.st.next_seq = (get("next_seq")?.unwrap_or(1)).max(max_seq + 1) as u64;
+        self.st.batched_upto = get("batched_upto")?.unwrap_or(0).max(max_batched);
         let max_id: i64 = self.conn.query_row("SELECT COALESCE(MAX(id), 0) FROM readings", [], |r| r.get(0))?;
         self.st.next_id = get("next_id")?.unwrap_or(1).max(max_id + 1).max(self.st.batched_upto + 1);
+        self.st.derived_upto = match get("derived_upto")? {
+            Some(v) => v,
+            None => {
+                // Set by the migration; absent only if it was removed by hand. The stored
+                // counters may then be stale: start from nothing and replay every reading.
+                self.conn.execute("UPDATE streams SET bytes = 0, count = 0", [])?;
+                self.conn.execute("DELETE FROM stream_buckets", [])?;
+                self.conn.execute("INSERT INTO meta(key, value) VALUES ('derived_upto', 0)", [])?;
+                0
+            }
+        };
 
         self.st.streams.clear();
         self.st.stream_names.clear();
@@ -484,8 +545,34 @@ impl Store {
         }
         drop(stmt);
 
+        // Replay the readings committed after the derived state was last written.
+        self.st.pending_buckets.clear();
+        self.st.deleted = false;
+        self.st.meta_written = None;
+        let mut stmt = self.conn.prepare("SELECT id, stream_id, ts_ns, length(fields) FROM readings WHERE id > ?1 ORDER BY id")?;
+        let mut rows = stmt.query([self.st.derived_upto])?;
+        while let Some(r) = rows.next()? {
+            let (id, sid, ts, len): (i64, i64, i64, i64) = (r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?);
+            let st = self
+                .st
+                .stream_names
+                .get(&sid)
+                .and_then(|n| self.st.streams.get_mut(n))
+                .ok_or_else(|| StoreError::Corrupt(format!("reading {id} belongs to stream {sid}, which does not exist")))?;
+            let b = len as u64 + ROW_OVERHEAD;
+            st.bytes += b;
+            st.count += 1;
+            st.dirty = true;
+            self.st.total_bytes += b;
+            self.st.total_count += 1;
+            add_to_buckets(&mut self.st.pending_buckets, id, sid, ts);
+        }
+        drop(rows);
+        drop(stmt);
+
         self.st.outbox.clear();
-        let mut stmt = self.conn.prepare("SELECT seq, first_id, last_id, readings, created_ms FROM outbox ORDER BY seq")?;
+        let mut stmt =
+            self.conn.prepare("SELECT seq, first_id, last_id, readings, created_ms FROM outbox WHERE acked = 0 ORDER BY seq")?;
         let rows = stmt.query_map([], |r| {
             Ok(OutboxEntry {
                 seq: r.get::<_, i64>(0)? as u64,
@@ -502,12 +589,10 @@ impl Store {
         drop(stmt);
         // Readings committed before a restart but not yet batched: treat them as just
         // arrived so they are batched after one linger period.
-        let unbatched: i64 =
-            self.conn.query_row("SELECT COUNT(*) FROM readings WHERE id > ?1", [self.st.batched_upto], |r| r.get(0))?;
+        let unbatched = max_id > self.st.batched_upto;
         self.st.unbatched_bytes = 0;
-        self.st.oldest_unbatched_at = (unbatched > 0).then(Instant::now);
+        self.st.oldest_unbatched_at = unbatched.then(Instant::now);
         self.st.sessions = sessions::Sessions::load(&self.conn, self.st.opts.session_pkids, now_ms())?;
-        self.st.meta_written = None;
         Ok(())
     }
 
@@ -563,7 +648,6 @@ impl Store {
             out.sessions.push(self.st.sessions.apply(&tx, op, now_ms())?);
         }
         let mut lost: HashMap<(i64, LossReason), u64> = HashMap::new();
-        let mut added: HashMap<(i64, i64), BucketDelta> = HashMap::new();
         {
             let mut insert =
                 tx.prepare_cached("INSERT INTO readings(id, stream_id, ts_ns, fields, producer) VALUES (?1, ?2, ?3, ?4, ?5)")?;
@@ -612,10 +696,7 @@ impl Store {
                     }
                     let st = self.st.streams.get_mut(&r.stream).expect("inserted above");
                     insert.execute(params![self.st.next_id, st.id, r.ts_ns, r.fields.0, producer])?;
-                    added
-                        .entry((bucket_of(self.st.next_id), st.id))
-                        .or_insert_with(|| BucketDelta::new(self.st.next_id, r.ts_ns))
-                        .add(self.st.next_id, r.ts_ns);
+                    add_to_buckets(&mut self.st.pending_buckets, self.st.next_id, st.id, r.ts_ns);
                     let b = r.fields.0.len() as u64 + ROW_OVERHEAD;
                     st.bytes += b;
                     st.count += 1;
@@ -634,27 +715,20 @@ impl Store {
             }
         }
 
-        if !added.is_empty() {
-            let mut up = tx.prepare_cached(
-                "INSERT INTO stream_buckets(bucket, stream_id, first_id, last_id, min_ts, max_ts, count) \
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7) ON CONFLICT(bucket, stream_id) DO UPDATE SET \
-                 first_id = min(first_id, excluded.first_id), last_id = max(last_id, excluded.last_id), \
-                 min_ts = min(min_ts, excluded.min_ts), max_ts = max(max_ts, excluded.max_ts), \
-                 count = count + excluded.count",
-            )?;
-            for ((bucket, sid), d) in &added {
-                up.execute(params![bucket, sid, d.first_id, d.last_id, d.min_ts, d.max_ts, d.count])?;
-            }
-        }
-
         // Hub acknowledgements: the batch rows go; the readings stay as local history
-        // until retention removes them.
+        // until retention removes them. The newest row stays, marked, so the outbox
+        // alone tells the next sequence number and `meta` need not be written.
         if !acks.is_empty() {
-            let mut del = tx.prepare_cached("DELETE FROM outbox WHERE seq = ?1")?;
+            let mut mark = tx.prepare_cached("UPDATE outbox SET acked = 1 WHERE seq = ?1")?;
+            let mut any = false;
             for &seq in acks {
                 if self.st.outbox.remove(&seq).is_some() {
-                    del.execute([seq as i64])?;
+                    mark.execute([seq as i64])?;
+                    any = true;
                 }
+            }
+            if any {
+                tx.prepare_cached("DELETE FROM outbox WHERE acked = 1 AND seq < (SELECT MAX(seq) FROM outbox)")?.execute([])?;
             }
         }
 
@@ -684,6 +758,8 @@ impl Store {
         let res = (|| {
             let tx = self.conn.transaction()?;
             let mut lost = HashMap::new();
+            // Victims are found through the directory: it must be complete.
+            self.st.flush_derived(&tx)?;
             let victims: Vec<(i64, i64)> = self
                 .st
                 .streams
@@ -772,6 +848,10 @@ impl State {
             // Free 10% below the budget so we do not delete on every commit.
             .map(|s| (s.id, s.bytes - s.rule.max_bytes.as_u64() * 9 / 10))
             .collect();
+        if !over.is_empty() || self.total_bytes > self.opts.max_bytes {
+            // Deletions go through the directory and adjust it: it must be complete.
+            self.flush_derived(tx)?;
+        }
         for (sid, mut to_free) in over {
             // Oldest first by arrival (id), bucket by bucket through the directory.
             let mut after = 0i64;
@@ -883,6 +963,7 @@ impl State {
             dec.execute(params![bucket, sid, n])?;
             gone.execute(params![bucket, sid])?;
         }
+        self.deleted = true;
         if let Some(st) = self.stream_names.get(&sid).and_then(|n| self.streams.get_mut(n)) {
             st.bytes = st.bytes.saturating_sub(freed);
             st.count = st.count.saturating_sub(rows.len() as u64);
@@ -967,13 +1048,9 @@ impl State {
         Ok(cut)
     }
 
-    /// Writes counters and meta back inside the transaction.
+    /// Writes loss counters inside the transaction, and the derived state when it is due:
+    /// after deletions (replay on open only adds) or every [`DERIVED_FLUSH_READINGS`].
     fn write_back(&mut self, tx: &rusqlite::Transaction, lost: &HashMap<(i64, LossReason), u64>) -> Result<(), StoreError> {
-        let mut upd = tx.prepare_cached("UPDATE streams SET bytes = ?2, count = ?3 WHERE id = ?1")?;
-        for st in self.streams.values_mut().filter(|s| s.dirty) {
-            upd.execute(params![st.id, st.bytes as i64, st.count as i64])?;
-            st.dirty = false;
-        }
         let mut loss = tx.prepare_cached(
             "INSERT INTO losses(stream_id, reason, total) VALUES (?1, ?2, ?3) \
              ON CONFLICT(stream_id, reason) DO UPDATE SET total = total + excluded.total",
@@ -981,15 +1058,43 @@ impl State {
         for (&(sid, reason), &n) in lost {
             loss.execute(params![sid, reason_code(reason), n as i64])?;
         }
-        // Only what changed: a transaction that rewrites nothing writes nothing to the
-        // WAL, so an idle agent's periodic retention run costs no flash.
-        let now = (self.next_seq, self.batched_upto, self.next_id);
+        if self.deleted || self.next_id - 1 - self.derived_upto >= DERIVED_FLUSH_READINGS {
+            self.flush_derived(tx)?;
+        }
+        Ok(())
+    }
+
+    /// Writes the derived state (the directory rows and stream counters of readings
+    /// committed since the last flush, and the counters in `meta`) inside the
+    /// transaction. Writes only what changed: a transaction that rewrites nothing writes
+    /// nothing to the WAL, so an idle agent's periodic retention run costs no flash.
+    /// In-memory changes made here are undone by `reload` if the transaction fails.
+    fn flush_derived(&mut self, tx: &rusqlite::Transaction) -> Result<(), StoreError> {
+        if !self.pending_buckets.is_empty() {
+            let mut up = tx.prepare_cached(
+                "INSERT INTO stream_buckets(bucket, stream_id, first_id, last_id, min_ts, max_ts, count) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7) ON CONFLICT(bucket, stream_id) DO UPDATE SET \
+                 first_id = min(first_id, excluded.first_id), last_id = max(last_id, excluded.last_id), \
+                 min_ts = min(min_ts, excluded.min_ts), max_ts = max(max_ts, excluded.max_ts), \
+                 count = count + excluded.count",
+            )?;
+            for ((bucket, sid), d) in self.pending_buckets.drain() {
+                up.execute(params![bucket, sid, d.first_id, d.last_id, d.min_ts, d.max_ts, d.count])?;
+            }
+        }
+        let mut upd = tx.prepare_cached("UPDATE streams SET bytes = ?2, count = ?3 WHERE id = ?1")?;
+        for st in self.streams.values_mut().filter(|s| s.dirty) {
+            upd.execute(params![st.id, st.bytes as i64, st.count as i64])?;
+            st.dirty = false;
+        }
+        self.derived_upto = self.next_id - 1;
+        self.deleted = false;
+        let now = [self.next_seq as i64, self.batched_upto, self.next_id, self.derived_upto];
         if self.meta_written != Some(now) {
             let mut meta = tx.prepare_cached("INSERT OR REPLACE INTO meta(key, value) VALUES (?1, ?2)")?;
-            meta.execute(params!["next_seq", self.next_seq as i64])?;
-            meta.execute(params!["batched_upto", self.batched_upto])?;
-            meta.execute(params!["next_id", self.next_id])?;
-            // Set before the commit: if it fails, `reload` resets it.
+            for (key, value) in ["next_seq", "batched_upto", "next_id", "derived_upto"].into_iter().zip(now) {
+                meta.execute(params![key, value])?;
+            }
             self.meta_written = Some(now);
         }
         Ok(())
@@ -1047,6 +1152,12 @@ fn producer_id(tx: &Connection, p: &ModuleProgress) -> Result<i64, StoreError> {
 
 fn migrate(conn: &Connection) -> Result<(), StoreError> {
     let version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
+    if version > SCHEMA_VERSION {
+        return Err(StoreError::Corrupt(format!(
+            "agent.db has schema version {version}, this agent knows up to {SCHEMA_VERSION}: it was written by a newer \
+             agent; run that version, or move the data directory aside to start empty"
+        )));
+    }
     if version < 1 {
         conn.execute_batch(
             "BEGIN;
@@ -1093,7 +1204,19 @@ fn migrate(conn: &Connection) -> Result<(), StoreError> {
         // MQTT sessions of sensors (exactly once from the sensor).
         conn.execute_batch(&format!("BEGIN; {} PRAGMA user_version = 3; COMMIT;", sessions::SCHEMA_V3))?;
     }
-    debug_assert_eq!(SCHEMA_VERSION, 3);
+    if version < 4 {
+        // The derived state (stream counters, directory, `meta` counters) is written
+        // every DERIVED_FLUSH_READINGS readings instead of every commit; until now it
+        // was always complete. The newest acknowledged batch row stays, marked.
+        conn.execute_batch(
+            "BEGIN;
+             ALTER TABLE outbox ADD COLUMN acked INTEGER NOT NULL DEFAULT 0;
+             INSERT OR REPLACE INTO meta(key, value) SELECT 'derived_upto', COALESCE(MAX(id), 0) FROM readings;
+             PRAGMA user_version = 4;
+             COMMIT;",
+        )?;
+    }
+    debug_assert_eq!(SCHEMA_VERSION, 4);
     Ok(())
 }
 
@@ -1124,7 +1247,7 @@ impl StoreReader {
     pub fn load_batch(&self, epoch: u64, seq: u64) -> Result<Option<Batch>, StoreError> {
         let tx = self.conn.unchecked_transaction()?; // one consistent snapshot
         let Some((first, last, created_ms)) = tx
-            .prepare_cached("SELECT first_id, last_id, created_ms FROM outbox WHERE seq = ?1")?
+            .prepare_cached("SELECT first_id, last_id, created_ms FROM outbox WHERE seq = ?1 AND acked = 0")?
             .query_row([seq as i64], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?, r.get::<_, i64>(2)?)))
             .optional()?
         else {
@@ -1185,13 +1308,16 @@ impl StoreReader {
     /// The last `n` readings of a stream (by arrival) with a timestamp before `before_ns`,
     /// returned oldest first.
     pub fn last_n(&self, stream: &str, before_ns: i64, n: usize) -> Result<Vec<(i64, FieldsBlob)>, StoreError> {
-        let mut dir = self.conn.prepare_cached(
-            "SELECT b.first_id, b.last_id, b.stream_id FROM stream_buckets b JOIN streams s ON s.id = b.stream_id \
-             WHERE s.name = ?1 AND b.min_ts < ?2 ORDER BY b.bucket DESC",
+        let tx = self.conn.unchecked_transaction()?; // the directory and its tail from one snapshot
+        let Some((sid, tail)) = self.tail_range(stream)? else { return Ok(Vec::new()) };
+        let mut dir = tx.prepare_cached(
+            "SELECT first_id, last_id, stream_id FROM stream_buckets WHERE stream_id = ?1 AND min_ts < ?2 ORDER BY bucket DESC",
         )?;
-        let ranges: Vec<(i64, i64, i64)> =
-            dir.query_map(params![stream, before_ns], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?.collect::<Result<_, _>>()?;
-        let mut q = self.conn.prepare_cached(
+        let mut ranges: Vec<(i64, i64, i64)> = vec![(tail.0, tail.1, sid)];
+        for r in dir.query_map(params![sid, before_ns], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))? {
+            ranges.push(r?);
+        }
+        let mut q = tx.prepare_cached(
             "SELECT ts_ns, fields FROM readings WHERE id BETWEEN ?1 AND ?2 AND stream_id = ?3 AND ts_ns < ?4 \
              ORDER BY id DESC LIMIT ?5",
         )?;
@@ -1208,6 +1334,23 @@ impl StoreReader {
         }
         out.reverse();
         Ok(out)
+    }
+
+    /// A stream's id and the id range not yet in the directory (readings committed after
+    /// `meta.derived_upto`, which the writer keeps in memory), or `None` if there is no
+    /// such stream. Call inside a read transaction, with the directory query.
+    fn tail_range(&self, stream: &str) -> Result<Option<(i64, (i64, i64))>, StoreError> {
+        let Some(sid) = self.conn.prepare_cached("SELECT id FROM streams WHERE name = ?1")?.query_row([stream], |r| r.get(0)).optional()?
+        else {
+            return Ok(None);
+        };
+        let upto: i64 = self
+            .conn
+            .prepare_cached("SELECT value FROM meta WHERE key = 'derived_upto'")?
+            .query_row([], |r| r.get(0))
+            .optional()?
+            .unwrap_or(0);
+        Ok(Some((sid, (upto + 1, i64::MAX))))
     }
 
     /// A module's persisted progress, if any.
@@ -1274,20 +1417,23 @@ impl StoreReader {
 
     /// The sequence numbers of unacknowledged batches greater than `after`, oldest first.
     pub fn pending_seqs(&self, after: u64, limit: usize) -> Result<Vec<u64>, StoreError> {
-        let mut q = self.conn.prepare_cached("SELECT seq FROM outbox WHERE seq > ?1 ORDER BY seq LIMIT ?2")?;
+        let mut q = self.conn.prepare_cached("SELECT seq FROM outbox WHERE seq > ?1 AND acked = 0 ORDER BY seq LIMIT ?2")?;
         let rows = q.query_map(params![after as i64, limit as i64], |r| r.get::<_, i64>(0).map(|v| v as u64))?;
         Ok(rows.collect::<Result<_, _>>()?)
     }
 
     /// Readings of a stream in `[from_ns, to_ns)`, oldest first, at most `limit`.
     pub fn readings(&self, stream: &str, from_ns: i64, to_ns: i64, limit: usize) -> Result<Vec<(i64, FieldsBlob)>, StoreError> {
-        let mut dir = self.conn.prepare_cached(
-            "SELECT b.first_id, b.last_id, b.stream_id FROM stream_buckets b JOIN streams s ON s.id = b.stream_id \
-             WHERE s.name = ?1 AND b.max_ts >= ?2 AND b.min_ts < ?3 ORDER BY b.bucket",
+        let tx = self.conn.unchecked_transaction()?; // the directory and its tail from one snapshot
+        let Some((sid, tail)) = self.tail_range(stream)? else { return Ok(Vec::new()) };
+        let mut dir = tx.prepare_cached(
+            "SELECT first_id, last_id, stream_id FROM stream_buckets \
+             WHERE stream_id = ?1 AND max_ts >= ?2 AND min_ts < ?3 ORDER BY bucket",
         )?;
-        let ranges: Vec<(i64, i64, i64)> =
-            dir.query_map(params![stream, from_ns, to_ns], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?.collect::<Result<_, _>>()?;
-        let mut q = self.conn.prepare_cached(
+        let mut ranges: Vec<(i64, i64, i64)> =
+            dir.query_map(params![sid, from_ns, to_ns], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?.collect::<Result<_, _>>()?;
+        ranges.push((tail.0, tail.1, sid));
+        let mut q = tx.prepare_cached(
             "SELECT ts_ns, id, fields FROM readings \
              WHERE id BETWEEN ?1 AND ?2 AND stream_id = ?3 AND ts_ns >= ?4 AND ts_ns < ?5 ORDER BY id",
         )?;
