@@ -211,6 +211,10 @@ pub struct StoreOptions {
     pub max_bytes: u64,
     /// Most streams.
     pub max_streams: usize,
+    /// Whether readings are forwarded at all (`forward.mode` is not `off`). If not, no
+    /// batch is cut (the outbox would grow for ever, in memory too) and a deleted reading
+    /// is not a loss: nothing was promised to a hub.
+    pub forwarding: bool,
     /// Batch bounds.
     pub batch_max_readings: u64,
     /// Batch bound in bytes (approximate).
@@ -237,6 +241,7 @@ impl StoreOptions {
             durability: cfg.store.durability,
             max_bytes: cfg.store.max_bytes.as_u64(),
             max_streams: cfg.store.max_streams,
+            forwarding: cfg.forward.mode != crate::config::ForwardMode::Off,
             batch_max_readings: cfg.forward.batch_max_readings as u64,
             batch_max_bytes: cfg.forward.batch_max_bytes.as_u64(),
             batch_linger: cfg.forward.batch_linger,
@@ -430,6 +435,9 @@ impl StreamQuota {
 
 const SCHEMA_VERSION: i64 = 4;
 
+/// SQLite page size of a new store.
+const PAGE_SIZE: i64 = 1024;
+
 fn now_ms() -> i64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
 }
@@ -437,7 +445,13 @@ fn now_ms() -> i64 {
 /// Opens a connection with the store's pragmas.
 fn open_conn(path: &Path, durability: Durability) -> Result<Connection, StoreError> {
     let conn = Connection::open(path)?;
+    // Set before the file exists (it is fixed afterwards in WAL mode). A commit rewrites
+    // the last, partly filled page of `readings`: at sensor rates that page is most of
+    // what a commit writes, so small pages mean fewer bytes written per reading.
+    conn.pragma_update(None, "page_size", PAGE_SIZE)?;
     conn.pragma_update(None, "journal_mode", "WAL")?;
+    // Checkpoint every 4 MiB of WAL whatever the page size.
+    conn.pragma_update(None, "wal_autocheckpoint", 4 * 1024 * 1024 / PAGE_SIZE)?;
     conn.pragma_update(None, "synchronous", if durability == Durability::Full { "FULL" } else { "NORMAL" })?;
     conn.pragma_update(None, "busy_timeout", 5000)?;
     // Keep the WAL from growing without bound during a long outage with many commits.
@@ -811,7 +825,7 @@ impl Store {
 
     /// When the next batch must be cut because of linger, if any reading is waiting.
     pub fn linger_deadline(&self) -> Option<Instant> {
-        self.st.oldest_unbatched_at.map(|t| t + self.st.opts.batch_linger)
+        self.st.linger_deadline()
     }
 
     /// A snapshot for metrics and the forwarder.
@@ -835,7 +849,7 @@ impl Store {
 
 impl State {
     fn linger_deadline(&self) -> Option<Instant> {
-        self.oldest_unbatched_at.map(|t| t + self.opts.batch_linger)
+        self.oldest_unbatched_at.filter(|_| self.opts.forwarding).map(|t| t + self.opts.batch_linger)
     }
 
     /// Streams over budget lose their oldest readings (policy `drop_oldest`); then, if the
@@ -941,9 +955,10 @@ impl State {
         let mut n_lost = 0;
         let mut freed = 0;
         let mut per_bucket: HashMap<i64, i64> = HashMap::new();
-        // A stream kept as local history only (`forward = false`) never goes to the hub,
-        // so deleting its readings loses nothing the hub was promised.
-        let forwarded = self.stream_names.get(&sid).and_then(|n| self.streams.get(n)).is_none_or(|s| s.rule.forward);
+        // A stream kept as local history only (`forward = false`, or forwarding off) never
+        // goes to the hub, so deleting its readings loses nothing the hub was promised.
+        let forwarded = self.opts.forwarding
+            && self.stream_names.get(&sid).and_then(|n| self.streams.get(n)).is_none_or(|s| s.rule.forward);
         for &(id, len) in rows {
             del.execute([id])?;
             *per_bucket.entry(bucket_of(id)).or_default() += 1;
@@ -1015,6 +1030,9 @@ impl State {
     /// once the oldest waiting reading has lingered long enough.
     fn cut_batches(&mut self, tx: &rusqlite::Transaction, now: Instant) -> Result<u64, StoreError> {
         let mut cut = 0;
+        if !self.opts.forwarding {
+            return Ok(0);
+        }
         let last_id = self.next_id - 1;
         let lingered = self.linger_deadline().is_some_and(|d| now >= d);
         loop {

@@ -519,6 +519,29 @@ fn an_ordinary_commit_writes_only_its_readings() {
     assert_eq!(StoreReader::open(dir.path(), "x").unwrap().readings("a", T0, T0 + 10, 10).unwrap().len(), 3);
 }
 
+/// With `forward.mode = "off"` nothing is batched (the outbox, on disk and in memory,
+/// stays empty however long the agent runs) and readings deleted by retention are not
+/// counted as lost: no hub was promised them.
+#[test]
+fn forwarding_off_cuts_no_batches_and_loses_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let o = opts("[forward]\nmode = \"off\"\nbatch_max_readings = 5\n[store.default_rule]\nmax_age = \"10us\"");
+    let mut store = Store::open(dir.path(), o.clone()).unwrap();
+    let now = Instant::now();
+    let rs: Vec<Reading> = (0..20).map(|i| reading("a", i)).collect();
+    let out = store.apply(&[&rs], &[], now).unwrap();
+    assert_eq!(out.batches_cut, 0);
+    assert_eq!(store.linger_deadline(), None, "nothing waits to be batched");
+    store.apply(&[], &[], now + Duration::from_secs(3600)).unwrap();
+    assert_eq!(store.snapshot().outbox_batches, 0);
+    let out = store.expire(T0 + 1_000_000).unwrap();
+    assert!(out.dropped.is_empty(), "deleted as local history, not lost: {:?}", out.dropped);
+    assert_eq!(store.snapshot().readings, 0, "retention still runs");
+    let reader = StoreReader::open(dir.path(), "a").unwrap();
+    assert!(reader.losses().unwrap().is_empty());
+    assert!(reader.pending_seqs(0, 100).unwrap().is_empty());
+}
+
 #[test]
 fn idle_retention_run_writes_nothing() {
     let dir = tempfile::tempdir().unwrap();
