@@ -215,6 +215,8 @@ pub struct StoreOptions {
     /// batch is cut (the outbox would grow for ever, in memory too) and a deleted reading
     /// is not a loss: nothing was promised to a hub.
     pub forwarding: bool,
+    /// SQLite page size if the store is new (`store.page_size`).
+    pub page_size: i64,
     /// Batch bounds.
     pub batch_max_readings: u64,
     /// Batch bound in bytes (approximate).
@@ -242,6 +244,7 @@ impl StoreOptions {
             max_bytes: cfg.store.max_bytes.as_u64(),
             max_streams: cfg.store.max_streams,
             forwarding: cfg.forward.mode != crate::config::ForwardMode::Off,
+            page_size: cfg.store.page_size.as_u64() as i64,
             batch_max_readings: cfg.forward.batch_max_readings as u64,
             batch_max_bytes: cfg.forward.batch_max_bytes.as_u64(),
             batch_linger: cfg.forward.batch_linger,
@@ -435,23 +438,22 @@ impl StreamQuota {
 
 const SCHEMA_VERSION: i64 = 4;
 
-/// SQLite page size of a new store.
-const PAGE_SIZE: i64 = 1024;
-
 fn now_ms() -> i64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
 }
 
 /// Opens a connection with the store's pragmas.
-fn open_conn(path: &Path, durability: Durability) -> Result<Connection, StoreError> {
+fn open_conn(path: &Path, durability: Durability, page_size: i64) -> Result<Connection, StoreError> {
     let conn = Connection::open(path)?;
     // Set before the file exists (it is fixed afterwards in WAL mode). A commit rewrites
     // the last, partly filled page of `readings`: at sensor rates that page is most of
     // what a commit writes, so small pages mean fewer bytes written per reading.
-    conn.pragma_update(None, "page_size", PAGE_SIZE)?;
+    conn.pragma_update(None, "page_size", page_size)?;
     conn.pragma_update(None, "journal_mode", "WAL")?;
-    // Checkpoint every 4 MiB of WAL whatever the page size.
-    conn.pragma_update(None, "wal_autocheckpoint", 4 * 1024 * 1024 / PAGE_SIZE)?;
+    // Checkpoint every 4 MiB of WAL whatever the page size (of this file, which may
+    // predate the setting).
+    let actual: i64 = conn.pragma_query_value(None, "page_size", |r| r.get(0))?;
+    conn.pragma_update(None, "wal_autocheckpoint", 4 * 1024 * 1024 / actual.max(512))?;
     conn.pragma_update(None, "synchronous", if durability == Durability::Full { "FULL" } else { "NORMAL" })?;
     conn.pragma_update(None, "busy_timeout", 5000)?;
     // Keep the WAL from growing without bound during a long outage with many commits.
@@ -463,7 +465,7 @@ impl Store {
     /// Opens (creating if needed) the store at `dir/agent.db`.
     pub fn open(dir: &Path, opts: StoreOptions) -> Result<Store, StoreError> {
         std::fs::create_dir_all(dir).map_err(|source| StoreError::DataDir { path: dir.into(), source })?;
-        let conn = open_conn(&dir.join("agent.db"), opts.durability)?;
+        let conn = open_conn(&dir.join("agent.db"), opts.durability, opts.page_size)?;
         migrate(&conn)?;
         let mut store = Store {
             conn,

@@ -542,6 +542,21 @@ fn forwarding_off_cuts_no_batches_and_loses_nothing() {
     assert!(reader.pending_seqs(0, 100).unwrap().is_empty());
 }
 
+/// `store.page_size` applies to a new store; an existing one keeps its own.
+#[test]
+fn page_size_applies_to_new_stores_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let page = |s: &Store| -> i64 { s.conn.pragma_query_value(None, "page_size", |r| r.get(0)).unwrap() };
+    let store = Store::open(dir.path(), opts("")).unwrap();
+    assert_eq!(page(&store), 1024, "the default");
+    drop(store);
+    let store = Store::open(dir.path(), opts("[store]\npage_size = \"4 KiB\"")).unwrap();
+    assert_eq!(page(&store), 1024, "an existing store keeps its page size");
+    let other = tempfile::tempdir().unwrap();
+    let store = Store::open(other.path(), opts("[store]\npage_size = \"4 KiB\"")).unwrap();
+    assert_eq!(page(&store), 4096);
+}
+
 #[test]
 fn idle_retention_run_writes_nothing() {
     let dir = tempfile::tempdir().unwrap();
