@@ -51,6 +51,10 @@ enum Cmd {
         /// Samples per short benchmark (median [min..max] is reported).
         #[arg(long, default_value_t = 3)]
         samples: usize,
+        /// edgecost: only these steady rates (readings/s; 100, 1000, 10000, and 0 for the
+        /// idle row), e.g. to compare a change quickly; cannot be combined with --write.
+        #[arg(long, value_delimiter = ',')]
+        rates: Vec<u32>,
     },
     /// Build the example WASM modules (release, wasm32-unknown-unknown), check each against
     /// the module ABI, and copy them to target/modules/.
@@ -72,19 +76,23 @@ fn main() -> Result<()> {
             quick,
             only,
             samples,
-        } => bench(&root, write, quick, only, samples),
+            rates,
+        } => bench(&root, write, quick, only, samples, rates),
         Cmd::BuildModules => modules::build(&root),
     }
 }
 
-fn bench(root: &Path, write: bool, quick: bool, only: Vec<String>, samples: usize) -> Result<()> {
+fn bench(root: &Path, write: bool, quick: bool, only: Vec<String>, samples: usize, rates: Vec<u32>) -> Result<()> {
     for o in &only {
         if !["mqtt", "store", "rss", "wasm", "hub", "hubscale", "hubquery", "edgecost"].contains(&o.as_str()) {
             bail!("--only takes mqtt, store, rss, wasm, hub, hubscale, hubquery, edgecost; got {o:?}");
         }
     }
-    if write && !only.is_empty() {
-        bail!("--write needs the full run; drop --only");
+    if write && (!only.is_empty() || !rates.is_empty()) {
+        bail!("--write needs the full run; drop --only and --rates");
+    }
+    if let Some(r) = rates.iter().find(|r| ![0, 100, 1000, 10_000].contains(*r)) {
+        bail!("--rates takes 0, 100, 1000, 10000; got {r}");
     }
     if samples == 0 {
         bail!("--samples must be at least 1");
@@ -133,7 +141,7 @@ fn bench(root: &Path, write: bool, quick: bool, only: Vec<String>, samples: usiz
         if let Some(exe) = &exe
             && runs("edgecost")
         {
-            rows.extend(bench_edgecost(&p, exe, hub_exe)?);
+            rows.extend(bench_edgecost(&p, exe, hub_exe, &rates)?);
         }
     }
     let total = started.elapsed().as_secs_f64();
@@ -829,7 +837,8 @@ fn bench_hubquery(p: &Params, exe: &Path) -> Result<Row> {
     })
 }
 
-fn bench_edgecost(p: &Params, agent: &Path, hub: &Path) -> Result<Vec<Row>> {
+fn bench_edgecost(p: &Params, agent: &Path, hub: &Path, rates: &[u32]) -> Result<Vec<Row>> {
+    let wanted = |r: u32| rates.is_empty() || rates.contains(&r);
     use edgecost::Target;
     let (warmup, secs) = if p.quick { (Duration::from_secs(3), 10) } else { (Duration::from_secs(5), 30) };
     eprintln!(
@@ -848,6 +857,9 @@ fn bench_edgecost(p: &Params, agent: &Path, hub: &Path) -> Result<Vec<Row>> {
     let mut rows = Vec::new();
     // Targets of issue 16: CPU µs, bytes per reading, p99 ms.
     for (id, rate, t_cpu, t_bytes) in [("7a", 100u32, 60.0, 1000.0), ("7b", 1000, 20.0, 200.0), ("7c", 10_000, 10.0, 120.0)] {
+        if !wanted(rate) {
+            continue;
+        }
         let a = edgecost::run(&defaults, rate, warmup, secs)?;
         eprintln!("  {rate}/s, agent: {}; {:.1} commits/s", fmt(&a), a.commits as f64 / a.secs);
         let b = edgecost::run(&Target::Bridge, rate, warmup, secs)?;
@@ -876,6 +888,9 @@ fn bench_edgecost(p: &Params, agent: &Path, hub: &Path) -> Result<Vec<Row>> {
                 group(a.stored_bytes_per_reading),
             ),
         });
+    }
+    if !wanted(0) {
+        return Ok(rows);
     }
     let idle = edgecost::run(&defaults, 0, warmup, secs)?;
     eprintln!("  idle: {:.2} % CPU, {} B written per minute", 100.0 * idle.cpu_secs / idle.secs, group(idle.write_bytes as f64 * 60.0 / idle.secs));
@@ -1019,12 +1034,18 @@ fn render_doc(
          `cloud-hub` on a SQLite store preloaded (before the process starts) with 1,000,000 readings of one stream; 16 \
          reqwest clients at once page through all of it with the largest page, following `next`; VmRSS sampled every \
          50 ms, VmHWM read at the end; each client checks it received every reading.\n\
-         7. **Edge cost at a steady rate.** The release `edge-agent` as a process with its defaults except \
-         `store.commit_window` (0 s, then 50 ms), forwarding in hub mode over a private mosquitto to a release \
-         `cloud-hub` on SQLite (batches acknowledged, as in production); one rumqttc publisher (10 topics, QoS 1, \
-         100 in flight, JSON `{{\"value\":n}}`) at a fixed rate in 10 ms ticks; after a warm-up (5 s), the agent's \
-         utime+stime (`/proc/<pid>/stat`), `write_bytes` (`/proc/<pid>/io`) and `brume_agent_commits_total` are \
-         read at the start and end of 30 s, and every PUBACK latency in between is kept. 7d: no publisher.\n\n\
+         7. **Edge cost at a steady rate.** The release `edge-agent` as a process with its defaults \
+         (`durability = \"full\"`, `commit_window = \"50ms\"`, `page_size = \"1 KiB\"`), forwarding in hub mode over a \
+         private mosquitto to a release `cloud-hub` on SQLite (batches acknowledged, as in production); one rumqttc \
+         publisher (10 topics, QoS 1, 100 in flight, JSON `{{\"value\":n}}`) at a fixed rate in 10 ms ticks; after a \
+         warm-up (5 s), the process's utime+stime (`/proc/<pid>/stat`), `write_bytes` (`/proc/<pid>/io`) and \
+         `brume_agent_commits_total` are read at the start and end of 30 s, and every PUBACK latency in between is \
+         kept. The comparison, in the same run with the same publisher: a mosquitto configured for store-and-forward \
+         (`persistence true`, `autosave_interval 1`, `max_queued_messages 0`, a bridge `topic # out 1`, \
+         `cleansession false`, to a second mosquitto standing for the cloud, where a subscriber checks that ≥ 99 % of \
+         what was published arrived); its figures are the first mosquitto's. The floor beside each row is twice the \
+         bytes of `agent.db` in use per stored reading after the run (each reading written once to the WAL, once at \
+         checkpoint). 7d: no publisher. `--rates 100,1000` runs a subset.\n\n\
          {KEEP_MARKER}\n\n{kept}",
         date = m.date,
         nproc = m.nproc,

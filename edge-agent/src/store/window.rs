@@ -20,7 +20,9 @@
 //!   pending (the most seen pending while it was quiet: half, so a fast sensor is answered
 //!   before it stalls); otherwise after a silence of twice its usual gap.
 //!
-//! The window closes early when every connection with readings pending is quiet.
+//! The window closes early when every connection with readings pending is quiet: the
+//! connection that makes it so calls its `wake` (the writer's alarm, `writer.rs`), since
+//! the writer sleeps through the window without looking at its queue.
 //!
 //! Other sources do not hold the window open: HTTP writes and MQTT session changes ride
 //! the next commit (a closed-loop HTTP client gets one request per window: send many

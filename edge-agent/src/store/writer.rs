@@ -12,6 +12,7 @@
 //! acknowledgement (PUBACK, HTTP 2xx) a promise.
 
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -62,9 +63,38 @@ enum Cmd {
     /// behind on its input) commits without waiting for the window.
     Module { readings: Vec<Reading>, progress: ModuleProgress, urgent: bool, reply: oneshot::Sender<Result<(), AppendError>> },
     Ack(Vec<u64>),
-    /// Every MQTT connection with readings pending has gone quiet: commit now if that is
-    /// still so.
-    Flush,
+}
+
+/// Capacity of the command queue.
+const QUEUE: usize = 1024;
+
+/// Wakes the writer inside a commit window. Inside the window the writer sleeps
+/// (`thread::park_timeout`) instead of waiting on the channel, so commands that only join
+/// the window (appends, acks) cost no wake-up each: at sensor rates those wake-ups were
+/// most of the agent's CPU per reading. What may close the window early wakes it through
+/// this: every connection with readings pending gone quiet, an urgent module, a queue half
+/// full, the last handle dropped.
+struct Alarm {
+    thread: std::thread::Thread,
+    /// Set with each ring; the writer clears it when it looks.
+    rung: Arc<AtomicBool>,
+}
+
+impl Alarm {
+    fn ring(&self) {
+        self.rung.store(true, Ordering::Release);
+        self.thread.unpark();
+    }
+}
+
+/// Rings the alarm when the last [`StoreHandle`] is dropped, so a writer inside a long
+/// window commits and sees the channel closed at once.
+struct LastHandle(Arc<Alarm>);
+
+impl Drop for LastHandle {
+    fn drop(&mut self) {
+        self.0.ring();
+    }
 }
 
 /// How the writer thread groups commits (from `[store]`).
@@ -100,6 +130,9 @@ pub struct StoreHandle {
     status: watch::Receiver<Option<&'static str>>,
     gate: Arc<Gate>,
     commit_window: Duration,
+    alarm: Arc<Alarm>,
+    /// Dropped with the last clone.
+    _last: Arc<LastHandle>,
 }
 
 /// Join handle of the writer thread; [`WriterThread::join`] waits for its last commit.
@@ -118,17 +151,29 @@ impl StoreHandle {
     pub fn start(dir: PathBuf, agent_id: &str, opts: StoreOptions, wopts: WriterOptions, metrics: Arc<Metrics>) -> Result<(StoreHandle, WriterThread), StoreError> {
         let store = Store::open(&dir, opts)?;
         let reader = StoreReader::open(&dir, agent_id)?;
-        let (tx, rx) = flume::bounded(1024);
+        let (tx, rx) = flume::bounded(QUEUE);
         let (snap_tx, snap_rx) = watch::channel(store.snapshot());
         let (status_tx, status_rx) = watch::channel(None);
         let gate = Arc::new(Gate::default());
         let commit_window = wopts.commit_window;
         let writer_gate = gate.clone();
+        let rung = Arc::new(AtomicBool::new(false));
+        let writer_rung = rung.clone();
         let thread = std::thread::Builder::new()
             .name("store-writer".into())
-            .spawn(move || writer_loop(store, rx, snap_tx, status_tx, wopts, writer_gate, metrics))
+            .spawn(move || writer_loop(store, rx, snap_tx, status_tx, wopts, writer_gate, writer_rung, metrics))
             .expect("spawning the writer thread");
-        let handle = StoreHandle { tx, snapshot: snap_rx, reader: Arc::new(Mutex::new(reader)), status: status_rx, gate, commit_window };
+        let alarm = Arc::new(Alarm { thread: thread.thread().clone(), rung });
+        let handle = StoreHandle {
+            tx,
+            snapshot: snap_rx,
+            reader: Arc::new(Mutex::new(reader)),
+            status: status_rx,
+            gate,
+            commit_window,
+            _last: Arc::new(LastHandle(alarm.clone())),
+            alarm,
+        };
         Ok((handle, WriterThread(thread)))
     }
 
@@ -136,24 +181,15 @@ impl StoreHandle {
     /// listener reports its PUBLISHes, verdicts and silences, and the writer commits early
     /// when every connection with readings pending waits for them.
     pub fn publisher(&self) -> Publisher {
-        // A weak sender: a connection must not keep the writer alive after shutdown.
-        let tx = self.tx.downgrade();
-        Publisher::new(
-            self.gate.clone(),
-            self.commit_window,
-            Box::new(move || {
-                if let Some(tx) = tx.upgrade() {
-                    // A full queue means the writer has plenty to commit already.
-                    let _ = tx.try_send(Cmd::Flush);
-                }
-            }),
-        )
+        // Only the alarm: a connection must not keep the writer alive after shutdown.
+        let alarm = self.alarm.clone();
+        Publisher::new(self.gate.clone(), self.commit_window, Box::new(move || alarm.ring()))
     }
 
     /// Appends readings atomically; resolves once they are durably committed.
     pub async fn append(&self, readings: Vec<Reading>) -> Result<(), AppendError> {
         let (reply, rx) = oneshot::channel();
-        self.tx.send_async(Cmd::Append { readings, origin: None, publish: None, reply }).await.map_err(|_| AppendError::Closed)?;
+        self.send(Cmd::Append { readings, origin: None, publish: None, reply }).await?;
         rx.await.map_err(|_| AppendError::Closed)?
     }
 
@@ -174,7 +210,7 @@ impl StoreHandle {
         publish: Option<PublishId>,
     ) -> Result<oneshot::Receiver<Result<(), AppendError>>, AppendError> {
         let (reply, rx) = oneshot::channel();
-        self.tx.send_async(Cmd::Append { readings, origin, publish, reply }).await.map_err(|_| AppendError::Closed)?;
+        self.send(Cmd::Append { readings, origin, publish, reply }).await?;
         Ok(rx)
     }
 
@@ -187,7 +223,7 @@ impl StoreHandle {
     /// answer, so a connection can keep reading while it commits.
     pub async fn submit_session(&self, op: SessionOp) -> Result<oneshot::Receiver<Result<bool, AppendError>>, AppendError> {
         let (reply, rx) = oneshot::channel();
-        self.tx.send_async(Cmd::Session { op, reply }).await.map_err(|_| AppendError::Closed)?;
+        self.send(Cmd::Session { op, reply }).await?;
         Ok(rx)
     }
 
@@ -197,7 +233,10 @@ impl StoreHandle {
     /// commit window.
     pub async fn commit_module(&self, readings: Vec<Reading>, progress: ModuleProgress, urgent: bool) -> Result<(), AppendError> {
         let (reply, rx) = oneshot::channel();
-        self.tx.send_async(Cmd::Module { readings, progress, urgent, reply }).await.map_err(|_| AppendError::Closed)?;
+        self.send(Cmd::Module { readings, progress, urgent, reply }).await?;
+        if urgent {
+            self.alarm.ring();
+        }
         rx.await.map_err(|_| AppendError::Closed)?
     }
 
@@ -205,15 +244,30 @@ impl StoreHandle {
     pub fn append_blocking(&self, readings: Vec<Reading>) -> Result<(), AppendError> {
         let (reply, rx) = oneshot::channel();
         self.tx.send(Cmd::Append { readings, origin: None, publish: None, reply }).map_err(|_| AppendError::Closed)?;
+        self.ring_if_filling();
         rx.blocking_recv().map_err(|_| AppendError::Closed)?
     }
 
     /// Records hub acknowledgements; the batches leave the outbox with the next commit.
     pub async fn ack(&self, seqs: Vec<u64>) {
-        let _ = self.tx.send_async(Cmd::Ack(seqs)).await;
+        let _ = self.send(Cmd::Ack(seqs)).await;
     }
 
     /// Latest snapshot; `changed()` on the receiver wakes when a commit changed it.
+    /// Queues a command. Joining the window wakes nobody, unless the queue is half full.
+    async fn send(&self, cmd: Cmd) -> Result<(), AppendError> {
+        self.tx.send_async(cmd).await.map_err(|_| AppendError::Closed)?;
+        self.ring_if_filling();
+        Ok(())
+    }
+
+    /// A queue half full is worth a commit now: the window would make senders wait.
+    fn ring_if_filling(&self) {
+        if self.tx.len() * 2 >= QUEUE {
+            self.alarm.ring();
+        }
+    }
+
     pub fn snapshot(&self) -> watch::Receiver<StoreSnapshot> {
         self.snapshot.clone()
     }
@@ -239,6 +293,7 @@ fn writer_loop(
     status_tx: watch::Sender<Option<&'static str>>,
     wopts: WriterOptions,
     gate: Arc<Gate>,
+    rung: Arc<AtomicBool>,
     metrics: Arc<Metrics>,
 ) {
     let WriterOptions { max_per_commit, retention_interval, commit_window } = wopts;
@@ -254,10 +309,9 @@ fn writer_loop(
         let mut origins: Vec<(usize, Arc<str>)> = Vec::new();
         let mut sessions: Vec<(SessionOp, oneshot::Sender<Result<bool, AppendError>>)> = Vec::new();
         let mut n = 0usize;
-        // Set by a command that must not wait for the window (an urgent module commit) or
-        // by a Flush (checked against the gate: connections may have resumed since).
-        let (mut urgent, mut flush) = (false, false);
-        let mut take = |cmd: Cmd, n: &mut usize, acks: &mut Vec<u64>, urgent: &mut bool, flush: &mut bool| match cmd {
+        // Set by a command that must not wait for the window (an urgent module commit).
+        let mut urgent = false;
+        let mut take = |cmd: Cmd, n: &mut usize, acks: &mut Vec<u64>, urgent: &mut bool| match cmd {
             Cmd::Append { readings, origin, publish, reply } => {
                 *n += readings.len().max(1);
                 if let Some(p) = publish {
@@ -279,14 +333,12 @@ fn writer_loop(
                 appends.push((readings, reply));
             }
             Cmd::Ack(s) => acks.extend(s),
-            Cmd::Flush => *flush = true,
         };
         let mut window_end = None;
         match rx.recv_deadline(deadline) {
-            Ok(Cmd::Flush) => {}
             Ok(cmd) => {
                 window_end = Some(Instant::now() + commit_window);
-                take(cmd, &mut n, &mut acks, &mut urgent, &mut flush);
+                take(cmd, &mut n, &mut acks, &mut urgent);
             }
             Err(flume::RecvTimeoutError::Timeout) => {}
             Err(flume::RecvTimeoutError::Disconnected) => closed = true,
@@ -297,7 +349,7 @@ fn writer_loop(
             while n < max_per_commit {
                 match rx.try_recv() {
                     Ok(cmd) => {
-                        take(cmd, &mut n, &mut acks, &mut urgent, &mut flush);
+                        take(cmd, &mut n, &mut acks, &mut urgent);
                         continue;
                     }
                     Err(flume::TryRecvError::Disconnected) => {
@@ -306,18 +358,17 @@ fn writer_loop(
                     }
                     Err(flume::TryRecvError::Empty) => {}
                 }
-                if urgent || (flush && gate.all_quiet()) {
+                // Rung by a connection gone quiet (checked against the gate: connections
+                // may have resumed since), a queue filling up (drained above) or the last
+                // handle gone (seen above as Disconnected).
+                if urgent || (rung.swap(false, Ordering::AcqRel) && gate.all_quiet()) {
                     break;
                 }
-                flush = false;
-                match rx.recv_deadline(end) {
-                    Ok(cmd) => take(cmd, &mut n, &mut acks, &mut urgent, &mut flush),
-                    Err(flume::RecvTimeoutError::Timeout) => break,
-                    Err(flume::RecvTimeoutError::Disconnected) => {
-                        closed = true;
-                        break;
-                    }
+                let now = Instant::now();
+                if now >= end {
+                    break;
                 }
+                std::thread::park_timeout(end - now);
             }
         }
 
@@ -325,7 +376,16 @@ fn writer_loop(
         if now >= next_expire {
             next_expire = now + retention_interval;
             match store.expire(crate::now_ns()) {
-                Ok(out) => metrics.record_dropped(&out.dropped),
+                Ok(out) => {
+                    metrics.record_dropped(&out.dropped);
+                    // Counts changed without a commit of readings: publish them too.
+                    snap_tx.send_if_modified(|s| {
+                        let new = store.snapshot();
+                        let changed = *s != new;
+                        *s = new;
+                        changed
+                    });
+                }
                 Err(e) => tracing::warn!(error = %e, "retention run failed; will retry"),
             }
         }
