@@ -66,6 +66,8 @@
 //! * Every reading id > `meta.derived_upto` is absent from the stored counters and
 //!   directory; every id ≤ it is in them.
 
+mod reader;
+mod schema;
 pub mod sessions;
 pub mod window;
 pub mod writer;
@@ -75,10 +77,12 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use brume_protocol::{Batch, ChunkLineage, FieldsBlob, LossReason, LossReport, ModuleRef, Point, Reading, StreamChunk};
+use brume_protocol::{LossReason, Reading};
 use rusqlite::{Connection, OptionalExtension, params};
 
 use crate::config::{Config, Durability, StreamRuleBody, WhenFull};
+pub use reader::StoreReader;
+use schema::{migrate, open_conn};
 pub use sessions::{PublishId, SessionOp};
 
 /// Estimated on-disk cost of one reading beyond its fields blob (row header, id, stream
@@ -436,30 +440,10 @@ impl StreamQuota {
     }
 }
 
-const SCHEMA_VERSION: i64 = 4;
-
 fn now_ms() -> i64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
 }
 
-/// Opens a connection with the store's pragmas.
-fn open_conn(path: &Path, durability: Durability, page_size: i64) -> Result<Connection, StoreError> {
-    let conn = Connection::open(path)?;
-    // Set before the file exists (it is fixed afterwards in WAL mode). A commit rewrites
-    // the last, partly filled page of `readings`: at sensor rates that page is most of
-    // what a commit writes, so small pages mean fewer bytes written per reading.
-    conn.pragma_update(None, "page_size", page_size)?;
-    conn.pragma_update(None, "journal_mode", "WAL")?;
-    // Checkpoint every 4 MiB of WAL whatever the page size (of this file, which may
-    // predate the setting).
-    let actual: i64 = conn.pragma_query_value(None, "page_size", |r| r.get(0))?;
-    conn.pragma_update(None, "wal_autocheckpoint", 4 * 1024 * 1024 / actual.max(512))?;
-    conn.pragma_update(None, "synchronous", if durability == Durability::Full { "FULL" } else { "NORMAL" })?;
-    conn.pragma_update(None, "busy_timeout", 5000)?;
-    // Keep the WAL from growing without bound during a long outage with many commits.
-    conn.pragma_update(None, "journal_size_limit", 64 * 1024 * 1024)?;
-    Ok(conn)
-}
 
 impl Store {
     /// Opens (creating if needed) the store at `dir/agent.db`.
@@ -1168,307 +1152,6 @@ fn producer_id(tx: &Connection, p: &ModuleProgress) -> Result<i64, StoreError> {
     Ok(tx
         .prepare_cached("SELECT id FROM producers WHERE name = ?1 AND version = ?2 AND hash = ?3")?
         .query_row(params![p.name, p.version, p.hash], |r| r.get(0))?)
-}
-
-fn migrate(conn: &Connection) -> Result<(), StoreError> {
-    let version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
-    if version > SCHEMA_VERSION {
-        return Err(StoreError::Corrupt(format!(
-            "agent.db has schema version {version}, this agent knows up to {SCHEMA_VERSION}: it was written by a newer \
-             agent; run that version, or move the data directory aside to start empty"
-        )));
-    }
-    if version < 1 {
-        conn.execute_batch(
-            "BEGIN;
-             CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value INTEGER NOT NULL);
-             CREATE TABLE IF NOT EXISTS streams(
-                 id INTEGER PRIMARY KEY, name TEXT NOT NULL UNIQUE,
-                 bytes INTEGER NOT NULL, count INTEGER NOT NULL, forward INTEGER NOT NULL DEFAULT 1);
-             CREATE TABLE IF NOT EXISTS readings(
-                 id INTEGER PRIMARY KEY, stream_id INTEGER NOT NULL,
-                 ts_ns INTEGER NOT NULL, fields BLOB NOT NULL);
-             CREATE TABLE IF NOT EXISTS stream_buckets(
-                 bucket INTEGER NOT NULL, stream_id INTEGER NOT NULL,
-                 first_id INTEGER NOT NULL, last_id INTEGER NOT NULL,
-                 min_ts INTEGER NOT NULL, max_ts INTEGER NOT NULL, count INTEGER NOT NULL,
-                 PRIMARY KEY(bucket, stream_id)) WITHOUT ROWID;
-             CREATE INDEX IF NOT EXISTS stream_buckets_by_stream ON stream_buckets(stream_id, bucket);
-             CREATE TABLE IF NOT EXISTS outbox(
-                 seq INTEGER PRIMARY KEY, first_id INTEGER NOT NULL, last_id INTEGER NOT NULL,
-                 readings INTEGER NOT NULL, created_ms INTEGER NOT NULL);
-             CREATE TABLE IF NOT EXISTS module_progress(
-                 name TEXT PRIMARY KEY, hash TEXT NOT NULL, cursor INTEGER NOT NULL,
-                 state BLOB NOT NULL, updated_ms INTEGER NOT NULL);
-             CREATE TABLE IF NOT EXISTS losses(
-                 stream_id INTEGER NOT NULL, reason INTEGER NOT NULL, total INTEGER NOT NULL,
-                 PRIMARY KEY(stream_id, reason)) WITHOUT ROWID;
-             PRAGMA user_version = 1;
-             COMMIT;",
-        )?;
-    }
-    if version < 2 {
-        // Lineage: which module build wrote a reading (NULL: ingested).
-        conn.execute_batch(
-            "BEGIN;
-             ALTER TABLE readings ADD COLUMN producer INTEGER;
-             ALTER TABLE module_progress ADD COLUMN version TEXT NOT NULL DEFAULT '';
-             CREATE TABLE IF NOT EXISTS producers(
-                 id INTEGER PRIMARY KEY, name TEXT NOT NULL, version TEXT NOT NULL, hash TEXT NOT NULL,
-                 UNIQUE(name, version, hash));
-             PRAGMA user_version = 2;
-             COMMIT;",
-        )?;
-    }
-    if version < 3 {
-        // MQTT sessions of sensors (exactly once from the sensor).
-        conn.execute_batch(&format!("BEGIN; {} PRAGMA user_version = 3; COMMIT;", sessions::SCHEMA_V3))?;
-    }
-    if version < 4 {
-        // The derived state (stream counters, directory, `meta` counters) is written
-        // every DERIVED_FLUSH_READINGS readings instead of every commit; until now it
-        // was always complete. The newest acknowledged batch row stays, marked.
-        conn.execute_batch(
-            "BEGIN;
-             ALTER TABLE outbox ADD COLUMN acked INTEGER NOT NULL DEFAULT 0;
-             INSERT OR REPLACE INTO meta(key, value) SELECT 'derived_upto', COALESCE(MAX(id), 0) FROM readings;
-             PRAGMA user_version = 4;
-             COMMIT;",
-        )?;
-    }
-    debug_assert_eq!(SCHEMA_VERSION, 4);
-    Ok(())
-}
-
-/// A read-only connection for building batches to send and answering status queries,
-/// so reads never wait behind the writer (WAL readers see the last commit).
-pub struct StoreReader {
-    conn: Connection,
-    agent_id: String,
-}
-
-impl StoreReader {
-    /// Opens a reader on the store in `dir` (which the writer must have created).
-    pub fn open(dir: &Path, agent_id: &str) -> Result<StoreReader, StoreError> {
-        let conn = Connection::open_with_flags(
-            Store::db_path(dir),
-            rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
-        )?;
-        conn.pragma_update(None, "busy_timeout", 5000)?;
-        // Readers scan recent data once (forwarding, module input, history); the OS page
-        // cache holds the file. A small page cache keeps each reader (two per module)
-        // from holding up to SQLite's default 2 MiB.
-        conn.pragma_update(None, "cache_size", -512)?;
-        Ok(StoreReader { conn, agent_id: agent_id.to_string() })
-    }
-
-    /// Builds the batch with sequence number `seq`, or `None` if it was acknowledged (or
-    /// never cut). Readings deleted since the batch was cut are absent.
-    pub fn load_batch(&self, epoch: u64, seq: u64) -> Result<Option<Batch>, StoreError> {
-        let tx = self.conn.unchecked_transaction()?; // one consistent snapshot
-        let Some((first, last, created_ms)) = tx
-            .prepare_cached("SELECT first_id, last_id, created_ms FROM outbox WHERE seq = ?1 AND acked = 0")?
-            .query_row([seq as i64], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?, r.get::<_, i64>(2)?)))
-            .optional()?
-        else {
-            return Ok(None);
-        };
-        let mut streams: Vec<StreamChunk> = Vec::new();
-        // One chunk per (stream, producer): ingested readings and each module build's
-        // outputs travel apart, so the hub knows what computed what.
-        let mut index: HashMap<(i64, Option<i64>), usize> = HashMap::new();
-        let mut producers: Vec<(usize, i64)> = Vec::new();
-        {
-            let mut q = tx.prepare_cached(
-                "SELECT r.stream_id, s.name, r.ts_ns, r.fields, r.producer FROM readings r JOIN streams s ON s.id = r.stream_id \
-                 WHERE r.id BETWEEN ?1 AND ?2 AND s.forward = 1 ORDER BY r.id",
-            )?;
-            let mut rows = q.query(params![first, last])?;
-            while let Some(row) = rows.next()? {
-                let key: (i64, Option<i64>) = (row.get(0)?, row.get(4)?);
-                let i = match index.get(&key) {
-                    Some(&i) => i,
-                    None => {
-                        streams.push(StreamChunk { stream: row.get(1)?, points: Vec::new() });
-                        index.insert(key, streams.len() - 1);
-                        if let Some(pid) = key.1 {
-                            producers.push((streams.len() - 1, pid));
-                        }
-                        streams.len() - 1
-                    }
-                };
-                streams[i].points.push(Point { ts_ns: row.get(2)?, fields: FieldsBlob(row.get(3)?) });
-            }
-        }
-        let mut lineage = Vec::with_capacity(producers.len());
-        {
-            let mut q = tx.prepare_cached("SELECT name, version, hash FROM producers WHERE id = ?1")?;
-            for (chunk, pid) in producers {
-                let (name, version, hash): (String, String, String) =
-                    q.query_row([pid], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
-                let sha256 = ModuleRef::parse_sha256(&hash)
-                    .ok_or_else(|| StoreError::Corrupt(format!("producer {pid} has hash {hash:?}, not 64 hex digits")))?;
-                lineage.push(ChunkLineage { chunk: chunk as u32, module: ModuleRef { name, version, sha256 } });
-            }
-        }
-        let losses = self.losses_in(&tx)?;
-        Ok(Some(Batch { agent_id: self.agent_id.clone(), epoch, seq, created_ms, streams, losses, lineage }))
-    }
-
-    fn losses_in(&self, conn: &Connection) -> Result<Vec<LossReport>, StoreError> {
-        let mut q = conn.prepare_cached(
-            "SELECT s.name, l.reason, l.total FROM losses l JOIN streams s ON s.id = l.stream_id ORDER BY s.name, l.reason",
-        )?;
-        let rows = q.query_map([], |r| {
-            Ok(LossReport { stream: r.get(0)?, reason: reason_from_code(r.get(1)?), total: r.get::<_, i64>(2)? as u64 })
-        })?;
-        Ok(rows.collect::<Result<_, _>>()?)
-    }
-
-    /// The last `n` readings of a stream (by arrival) with a timestamp before `before_ns`,
-    /// returned oldest first.
-    pub fn last_n(&self, stream: &str, before_ns: i64, n: usize) -> Result<Vec<(i64, FieldsBlob)>, StoreError> {
-        let tx = self.conn.unchecked_transaction()?; // the directory and its tail from one snapshot
-        let Some((sid, tail)) = self.tail_range(stream)? else { return Ok(Vec::new()) };
-        let mut dir = tx.prepare_cached(
-            "SELECT first_id, last_id, stream_id FROM stream_buckets WHERE stream_id = ?1 AND min_ts < ?2 ORDER BY bucket DESC",
-        )?;
-        let mut ranges: Vec<(i64, i64, i64)> = vec![(tail.0, tail.1, sid)];
-        for r in dir.query_map(params![sid, before_ns], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))? {
-            ranges.push(r?);
-        }
-        let mut q = tx.prepare_cached(
-            "SELECT ts_ns, fields FROM readings WHERE id BETWEEN ?1 AND ?2 AND stream_id = ?3 AND ts_ns < ?4 \
-             ORDER BY id DESC LIMIT ?5",
-        )?;
-        let mut out: Vec<(i64, FieldsBlob)> = Vec::new();
-        for (first, last, sid) in ranges {
-            if out.len() >= n {
-                break;
-            }
-            let left = (n - out.len()) as i64;
-            let rows = q.query_map(params![first, last, sid, before_ns, left], |r| Ok((r.get(0)?, FieldsBlob(r.get(1)?))))?;
-            for row in rows {
-                out.push(row?);
-            }
-        }
-        out.reverse();
-        Ok(out)
-    }
-
-    /// A stream's id and the id range not yet in the directory (readings committed after
-    /// `meta.derived_upto`, which the writer keeps in memory), or `None` if there is no
-    /// such stream. Call inside a read transaction, with the directory query.
-    fn tail_range(&self, stream: &str) -> Result<Option<(i64, (i64, i64))>, StoreError> {
-        let Some(sid) = self.conn.prepare_cached("SELECT id FROM streams WHERE name = ?1")?.query_row([stream], |r| r.get(0)).optional()?
-        else {
-            return Ok(None);
-        };
-        let upto: i64 = self
-            .conn
-            .prepare_cached("SELECT value FROM meta WHERE key = 'derived_upto'")?
-            .query_row([], |r| r.get(0))
-            .optional()?
-            .unwrap_or(0);
-        Ok(Some((sid, (upto + 1, i64::MAX))))
-    }
-
-    /// A module's persisted progress, if any.
-    pub fn module_progress(&self, name: &str) -> Result<Option<ModuleProgress>, StoreError> {
-        Ok(self
-            .conn
-            .prepare_cached("SELECT name, version, hash, cursor, state FROM module_progress WHERE name = ?1")?
-            .query_row([name], |r| {
-                Ok(ModuleProgress { name: r.get(0)?, version: r.get(1)?, hash: r.get(2)?, cursor: r.get(3)?, state: r.get(4)? })
-            })
-            .optional()?)
-    }
-
-    /// The highest reading id committed so far (0 if none).
-    pub fn last_id(&self) -> Result<i64, StoreError> {
-        Ok(self.conn.query_row("SELECT COALESCE(MAX(id), 0) FROM readings", [], |r| r.get(0))?)
-    }
-
-    /// Readings with id > `after` on streams accepted by `wanted`, oldest first, at most
-    /// `limit`, and the id up to which the store was scanned (the caller's next cursor,
-    /// which moves past readings of other streams even when none matched).
-    pub fn readings_after(
-        &self,
-        after: i64,
-        limit: usize,
-        wanted: &mut dyn FnMut(&str) -> bool,
-    ) -> Result<(Vec<(i64, String, i64, FieldsBlob)>, i64), StoreError> {
-        let mut names: HashMap<i64, Option<String>> = HashMap::new();
-        let mut q = self.conn.prepare_cached(
-            "SELECT r.id, r.stream_id, s.name, r.ts_ns, r.fields FROM readings r JOIN streams s ON s.id = r.stream_id \
-             WHERE r.id > ?1 ORDER BY r.id LIMIT 4096",
-        )?;
-        let mut out = Vec::new();
-        let mut cursor = after;
-        loop {
-            let mut rows = q.query([cursor])?;
-            let mut scanned = 0;
-            while let Some(row) = rows.next()? {
-                scanned += 1;
-                let id: i64 = row.get(0)?;
-                let sid: i64 = row.get(1)?;
-                let name = names.entry(sid).or_insert_with(|| {
-                    let n: String = row.get(2).unwrap_or_default();
-                    wanted(&n).then_some(n)
-                });
-                if let Some(n) = name {
-                    out.push((id, n.clone(), row.get(3)?, FieldsBlob(row.get(4)?)));
-                }
-                cursor = id;
-                if out.len() >= limit {
-                    return Ok((out, cursor));
-                }
-            }
-            if scanned < 4096 {
-                return Ok((out, cursor));
-            }
-        }
-    }
-
-    /// Cumulative loss counters.
-    pub fn losses(&self) -> Result<Vec<LossReport>, StoreError> {
-        self.losses_in(&self.conn)
-    }
-
-    /// The sequence numbers of unacknowledged batches greater than `after`, oldest first.
-    pub fn pending_seqs(&self, after: u64, limit: usize) -> Result<Vec<u64>, StoreError> {
-        let mut q = self.conn.prepare_cached("SELECT seq FROM outbox WHERE seq > ?1 AND acked = 0 ORDER BY seq LIMIT ?2")?;
-        let rows = q.query_map(params![after as i64, limit as i64], |r| r.get::<_, i64>(0).map(|v| v as u64))?;
-        Ok(rows.collect::<Result<_, _>>()?)
-    }
-
-    /// Readings of a stream in `[from_ns, to_ns)`, oldest first, at most `limit`.
-    pub fn readings(&self, stream: &str, from_ns: i64, to_ns: i64, limit: usize) -> Result<Vec<(i64, FieldsBlob)>, StoreError> {
-        let tx = self.conn.unchecked_transaction()?; // the directory and its tail from one snapshot
-        let Some((sid, tail)) = self.tail_range(stream)? else { return Ok(Vec::new()) };
-        let mut dir = tx.prepare_cached(
-            "SELECT first_id, last_id, stream_id FROM stream_buckets \
-             WHERE stream_id = ?1 AND max_ts >= ?2 AND min_ts < ?3 ORDER BY bucket",
-        )?;
-        let mut ranges: Vec<(i64, i64, i64)> =
-            dir.query_map(params![sid, from_ns, to_ns], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?.collect::<Result<_, _>>()?;
-        ranges.push((tail.0, tail.1, sid));
-        let mut q = tx.prepare_cached(
-            "SELECT ts_ns, id, fields FROM readings \
-             WHERE id BETWEEN ?1 AND ?2 AND stream_id = ?3 AND ts_ns >= ?4 AND ts_ns < ?5 ORDER BY id",
-        )?;
-        let mut out: Vec<(i64, i64, FieldsBlob)> = Vec::new();
-        for (first, last, sid) in ranges {
-            let rows = q.query_map(params![first, last, sid, from_ns, to_ns], |r| Ok((r.get(0)?, r.get(1)?, FieldsBlob(r.get(2)?))))?;
-            for row in rows {
-                out.push(row?);
-            }
-        }
-        // Readings may carry their own timestamps, so arrival order is not time order.
-        out.sort_by_key(|(ts, id, _)| (*ts, *id));
-        out.truncate(limit);
-        Ok(out.into_iter().map(|(ts, _, f)| (ts, f)).collect())
-    }
 }
 
 #[cfg(test)]

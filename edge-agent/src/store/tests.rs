@@ -1,5 +1,5 @@
 use super::*;
-use brume_protocol::{Field, Value};
+use brume_protocol::{Field, LossReport, Value};
 use proptest::prelude::*;
 
 fn opts(cfg_toml: &str) -> StoreOptions {
