@@ -638,3 +638,91 @@ async fn the_commit_window_groups_commits_and_never_answers_before_them() {
     v.await.unwrap().unwrap();
     assert_eq!(stored(dir.path()), before + 5);
 }
+
+/// What is on disk when a verdict arrives: a copy of `agent.db` and its WAL taken at that
+/// moment, opened as a crash would leave them (the wal-index is rebuilt from the WAL).
+fn crash_copy_holds(dir: &Path, ts: i64) -> bool {
+    let copy = tempfile::tempdir().unwrap();
+    std::fs::copy(dir.join("agent.db"), copy.path().join("agent.db")).unwrap();
+    let wal = dir.join("agent.db-wal");
+    if wal.exists() {
+        std::fs::copy(&wal, copy.path().join("agent.db-wal")).unwrap();
+    }
+    let conn = Connection::open(copy.path().join("agent.db")).unwrap();
+    conn.query_row("SELECT COUNT(*) FROM readings WHERE ts_ns = ?1", [T0 + ts], |r| r.get::<_, i64>(0)).unwrap() == 1
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 12, ..ProptestConfig::default() })]
+
+    /// The commit window never answers before the commit: whatever the window, the
+    /// connections and when they go quiet, or a module that is behind, at the moment an
+    /// append is answered a copy of the files (a crash at that point) holds its reading.
+    #[test]
+    fn the_commit_window_never_answers_before_the_commit(
+        ops in prop::collection::vec((0usize..3, any::<bool>(), 0u8..10), 1..30),
+        window_ms in 0u64..30,
+    ) {
+        use crate::metrics::Metrics;
+        use writer::{StoreHandle, WriterOptions};
+        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().to_path_buf();
+        let bad: Vec<i64> = rt.block_on(async move {
+            let wopts = WriterOptions {
+                max_per_commit: 20_000,
+                retention_interval: Duration::from_secs(3600),
+                commit_window: Duration::from_millis(window_ms),
+            };
+            let (h, thread) = StoreHandle::start(path.clone(), "a", opts(""), wopts, Arc::new(Metrics::default())).unwrap();
+            let pubs: Vec<Arc<window::Publisher>> = (0..3).map(|_| Arc::new(h.publisher())).collect();
+            let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+            for (i, (conn, quiet, kind)) in ops.into_iter().enumerate() {
+                let ts = i as i64;
+                let verdict = if kind == 0 {
+                    // A module behind on its input: commits at once, with what is queued.
+                    let h = h.clone();
+                    let progress = ModuleProgress { name: "m".into(), version: "1".into(), hash: "h".into(), cursor: ts, state: Vec::new() };
+                    let (vtx, vrx) = tokio::sync::oneshot::channel();
+                    tokio::spawn(async move { let _ = vtx.send(h.commit_module(vec![reading("out", ts)], progress, true).await); });
+                    vrx
+                } else {
+                    let v = h.submit(vec![reading("s", ts)]).await.unwrap();
+                    pubs[conn].submitted(Instant::now());
+                    if quiet {
+                        pubs[conn].quiet();
+                    }
+                    let (vtx, vrx) = tokio::sync::oneshot::channel();
+                    let p = pubs[conn].clone();
+                    tokio::spawn(async move {
+                        let r = v.await.unwrap();
+                        p.answered(Instant::now());
+                        let _ = vtx.send(r);
+                    });
+                    vrx
+                };
+                let (tx, path) = (tx.clone(), path.clone());
+                tokio::spawn(async move {
+                    verdict.await.unwrap().unwrap();
+                    let _ = tx.send((ts, crash_copy_holds(&path, ts)));
+                });
+                if kind == 1 {
+                    tokio::task::yield_now().await;
+                }
+            }
+            drop(tx);
+            let mut bad = Vec::new();
+            // Every verdict arrives: a window closes by its time limit if nothing else.
+            while let Some((ts, held)) = rx.recv().await {
+                if !held {
+                    bad.push(ts);
+                }
+            }
+            drop(pubs);
+            drop(h);
+            tokio::task::spawn_blocking(move || thread.join()).await.unwrap();
+            bad
+        });
+        prop_assert!(bad.is_empty(), "answered before a crash copy held them: {:?}", bad);
+    }
+}
