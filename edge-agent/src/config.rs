@@ -100,8 +100,8 @@ impl Default for Config {
 pub struct ModuleRuntimeConfig {
     /// Most input readings handed to a module in one call.
     pub batch_max_readings: usize,
-    /// How often a module's file is checked for changes (hot reload) and an idle module
-    /// looks for new input.
+    /// How often a module's file is checked for changes (hot reload). New input needs no
+    /// polling: modules are woken by the store's commits.
     #[serde(with = "humantime_serde")]
     pub poll_interval: Duration,
 }

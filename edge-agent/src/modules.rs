@@ -18,6 +18,13 @@
 //!    the batch as configured, backs off, and after `max_consecutive_failures` disables the
 //!    module until its file changes. Input readings are never deleted by a failure.
 //!
+//! A runner with nothing to do sleeps until the store commits (the writer's snapshot
+//! watch changes on every commit), so an idle agent runs no module code and a busy one
+//! hands new readings to its modules as soon as they are durable. While the writer
+//! commits one batch's outputs, the runner reads and processes the next; it has the
+//! verdict of a commit before it queues the next one, so a refused commit is retried from
+//! the last committed state and nothing after it lands first.
+//!
 //! The file is checked for changes every `module_runtime.poll_interval` and reloaded
 //! (hot reload). A new version (different hash) keeps the cursor and starts with fresh
 //! state, since the old state's format may not be the new version's.
@@ -26,7 +33,6 @@ mod compile;
 
 pub use compile::{compile_in_child_processes, compile_module_command};
 
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -35,11 +41,13 @@ use brume_protocol::{FieldsBlob, Reading};
 use brume_wasm_host::{HistoryProvider, LimitOverrides, Limits, LoadedModule, ModuleError, ModuleInstance, WasmEngine};
 use serde::Serialize;
 use sha2::{Digest, Sha256};
+use tokio::sync::{oneshot, watch};
+use tokio_util::sync::CancellationToken;
 
 use crate::config::{Config, ModuleConfig, OnFailure, StartAt, pattern_matches};
 use crate::metrics::Metrics;
-use crate::store::writer::StoreHandle;
-use crate::store::{ModuleProgress, StoreError, StoreReader};
+use crate::store::writer::{AppendError, StoreHandle};
+use crate::store::{ModuleProgress, StoreError, StoreReader, StoreSnapshot};
 
 /// What the agent's status shows about one module.
 #[derive(Debug, Clone, Default, Serialize)]
@@ -71,14 +79,16 @@ pub type SharedModuleStatus = Arc<Mutex<Vec<ModuleStatus>>>;
 
 /// Handle to the running module threads.
 pub struct ModuleRunners {
-    stop: Arc<AtomicBool>,
+    /// Cancelled by [`stop`](Self::stop); runners check it between batches and while
+    /// they wait.
+    stop: CancellationToken,
     threads: Vec<std::thread::JoinHandle<()>>,
 }
 
 impl ModuleRunners {
     /// Starts one thread per configured module. Nothing to start → no engine is built.
     pub fn start(cfg: &Config, store: StoreHandle, metrics: Arc<Metrics>, status: SharedModuleStatus) -> anyhow::Result<ModuleRunners> {
-        let stop = Arc::new(AtomicBool::new(false));
+        let stop = CancellationToken::new();
         let mut threads = Vec::new();
         if cfg.modules.is_empty() {
             return Ok(ModuleRunners { stop, threads });
@@ -127,7 +137,7 @@ impl ModuleRunners {
 
     /// Stops every module after its current batch and waits for the threads.
     pub fn stop(self) {
-        self.stop.store(true, Ordering::SeqCst);
+        self.stop.cancel();
         for t in self.threads {
             let _ = t.join();
         }
@@ -146,7 +156,7 @@ struct Runner {
     store: StoreHandle,
     metrics: Arc<Metrics>,
     status: SharedModuleStatus,
-    stop: Arc<AtomicBool>,
+    stop: CancellationToken,
     rt: tokio::runtime::Handle,
     /// Where `start_at = "latest"` puts a module without saved progress: the store's last
     /// reading id when the agent started.
@@ -162,9 +172,35 @@ struct Live {
     hash: String,
     /// Last committed state (restored into a fresh instance after a poisoning failure).
     state: Vec<u8>,
+    /// Every reading up to here is consumed and committed with `state` (or, past that,
+    /// scanned and not for this module, which needs no commit).
     cursor: i64,
+    /// Where the next read starts: past the batch whose commit is in flight, if any.
+    read_from: i64,
+    /// The commit the writer has not answered yet (at most one).
+    in_flight: Option<InFlight>,
     failures: u32,
     disabled: bool,
+}
+
+/// A batch's outputs and progress queued at the writer, with what to record once it is
+/// durable.
+struct InFlight {
+    reply: oneshot::Receiver<Result<(), AppendError>>,
+    cursor: i64,
+    state: Vec<u8>,
+    n_in: u64,
+    n_out: u64,
+    fuel: u64,
+    metrics: Vec<(String, f64)>,
+}
+
+/// What waking up found.
+enum Wake {
+    /// The store committed something (or it is time for a file check).
+    Go,
+    /// The runners are stopping.
+    Stop,
 }
 
 impl Runner {
@@ -185,23 +221,131 @@ impl Runner {
             }
         };
         let history: Arc<dyn HistoryProvider> = reader.clone();
+        // Changes on every commit. Marked seen *before* each read, so a commit that lands
+        // after the read wakes the runner again.
+        let mut commits = self.store.snapshot();
         let mut mtime: Option<SystemTime> = None;
         let mut live: Option<Live> = None;
-        while !self.stop.load(Ordering::SeqCst) {
-            // Hot reload: (re)load when the file appears or changes.
-            let now_mtime = std::fs::metadata(&self.cfg.path).and_then(|m| m.modified()).ok();
-            if now_mtime != mtime {
-                mtime = now_mtime;
-                if now_mtime.is_some() {
-                    live = self.load(&reader, &history, live.take());
+        let mut next_file_check = Instant::now();
+        while !self.stop.is_cancelled() {
+            if Instant::now() >= next_file_check {
+                next_file_check = Instant::now() + self.poll;
+                // Hot reload: (re)load when the file appears or changes.
+                let now_mtime = std::fs::metadata(&self.cfg.path).and_then(|m| m.modified()).ok();
+                if now_mtime != mtime {
+                    mtime = now_mtime;
+                    if now_mtime.is_some() {
+                        if let Some(l) = live.as_mut() {
+                            self.settle(l, &history);
+                        }
+                        live = self.load(&reader, &history, live.take());
+                    }
                 }
             }
+            commits.borrow_and_update();
             let worked = match live.as_mut() {
                 Some(l) if !l.disabled => self.step(l, &reader, &history),
                 _ => false,
             };
             if !worked {
-                std::thread::sleep(self.poll.min(Duration::from_millis(100)).max(Duration::from_millis(10)));
+                if let Some(l) = live.as_mut() {
+                    self.settle(l, &history);
+                }
+                if let Wake::Stop = self.wait(&mut commits, next_file_check) {
+                    break;
+                }
+            }
+        }
+        // The last batch's outputs and progress were queued: see them committed (or
+        // refused) before reporting the module stopped.
+        if let Some(l) = live.as_mut() {
+            self.settle(l, &history);
+        }
+    }
+
+    /// Sleeps until the store commits, `until`, or stop.
+    fn wait(&self, commits: &mut watch::Receiver<StoreSnapshot>, until: Instant) -> Wake {
+        self.rt.block_on(async {
+            tokio::select! {
+                _ = self.stop.cancelled() => Wake::Stop,
+                r = commits.changed() => match r {
+                    Ok(()) => Wake::Go,
+                    // The writer is gone (shutdown): nothing more will commit.
+                    Err(_) => { self.stop.cancelled().await; Wake::Stop }
+                },
+                _ = tokio::time::sleep_until(until.into()) => Wake::Go,
+            }
+        })
+    }
+
+    /// Sleeps for `d` unless the runners stop first.
+    fn pause(&self, d: Duration) {
+        self.rt.block_on(async {
+            let _ = tokio::time::timeout(d, self.stop.cancelled()).await;
+        });
+    }
+
+    /// A fresh instance of the module with `state` restored (init runs again).
+    fn instantiate(&self, module: &LoadedModule, limits: &Limits, config_json: &str, state: &[u8], history: &Arc<dyn HistoryProvider>) -> Result<ModuleInstance, String> {
+        let mut i = module.instantiate(&self.engine, limits.clone(), history.clone(), config_json).map_err(|e| format!("init failed: {e}"))?;
+        if !state.is_empty() {
+            i.load_state(state).map_err(|e| format!("restoring saved state failed: {e}"))?;
+        }
+        Ok(i)
+    }
+
+    /// Replaces a possibly poisoned instance with one at the last committed state and
+    /// rewinds the input to the last committed cursor. Disables the module if even that
+    /// fails.
+    fn reinstantiate(&self, l: &mut Live, history: &Arc<dyn HistoryProvider>) {
+        l.read_from = l.cursor;
+        match self.instantiate(&l.module, &l.limits, &l.config_json, &l.state, history) {
+            Ok(i) => l.instance = i,
+            Err(err) => {
+                tracing::error!(module = %self.name, error = %err, "module cannot be re-instantiated; disabling it");
+                self.metrics.module_event(&self.name, "disabled");
+                l.disabled = true;
+                self.set_status(|s| {
+                    s.enabled = false;
+                    s.last_error = Some(err);
+                });
+            }
+        }
+    }
+
+    /// Waits for the commit in flight, if any, and records its verdict. `false` if the
+    /// store refused it: the instance is back at the last committed state and the input
+    /// rewound, so the batch is processed again.
+    fn settle(&self, l: &mut Live, history: &Arc<dyn HistoryProvider>) -> bool {
+        let Some(f) = l.in_flight.take() else { return true };
+        match self.rt.block_on(f.reply).unwrap_or(Err(AppendError::Closed)) {
+            Ok(()) => {
+                l.cursor = f.cursor;
+                l.state = f.state;
+                l.failures = 0;
+                self.metrics.module_batch(&self.name, "ok", f.n_in, f.n_out, f.fuel);
+                for (k, v) in &f.metrics {
+                    self.metrics.module_metric(&self.name, k, *v);
+                }
+                let cursor = l.cursor;
+                self.set_status(|s| {
+                    s.cursor = cursor;
+                    s.batches_ok += 1;
+                    s.consecutive_failures = 0;
+                });
+                true
+            }
+            Err(e) => {
+                // Not a module failure: the store refused the outputs (full, disk, shut
+                // down). Back to the last committed cursor and state; the same input is
+                // processed again later.
+                tracing::warn!(module = %self.name, error = %e, "module outputs not committed; will retry the batch");
+                self.metrics.module_batch(&self.name, "store_refused", 0, 0, 0);
+                self.reinstantiate(l, history);
+                if !matches!(e, AppendError::Closed) {
+                    self.pause(Duration::from_millis(200));
+                }
+                false
             }
         }
     }
@@ -270,15 +414,10 @@ impl Runner {
                 StartAt::Latest => (self.latest_at_start, Vec::new()),
             },
         };
-        let mut instance = match module.instantiate(&self.engine, limits.clone(), history.clone(), &config_json) {
+        let instance = match self.instantiate(&module, &limits, &config_json, &state, history) {
             Ok(i) => i,
-            Err(e) => return fail(format!("init failed: {e}")),
+            Err(e) => return fail(e),
         };
-        if !state.is_empty()
-            && let Err(e) = instance.load_state(&state)
-        {
-            return fail(format!("restoring saved state failed: {e}"));
-        }
         let m = module.manifest().clone();
         tracing::info!(module = %self.name, version = %m.version, hash = %hash, cursor, inputs = ?self.cfg.inputs.as_ref().unwrap_or(&m.inputs), outputs = ?m.outputs, "module loaded");
         self.metrics.module_event(&self.name, "loaded");
@@ -293,17 +432,40 @@ impl Runner {
         if let Some(old) = replaced {
             compile::forget(&self.data_dir, &old);
         }
-        Some(Live { module, instance, limits, config_json, hash, state, cursor, failures: 0, disabled: false })
+        Some(Live {
+            module,
+            instance,
+            limits,
+            config_json,
+            hash,
+            state,
+            cursor,
+            read_from: cursor,
+            in_flight: None,
+            failures: 0,
+            disabled: false,
+        })
     }
 
-    /// Processes one batch if there is input. Returns whether it did any work.
+    fn progress(&self, l: &Live, cursor: i64, state: Vec<u8>) -> ModuleProgress {
+        ModuleProgress {
+            name: self.name.clone(),
+            version: l.module.manifest().version.clone(),
+            hash: l.hash.clone(),
+            cursor,
+            state,
+        }
+    }
+
+    /// Processes one batch if there is input, while the previous batch's commit is in
+    /// flight, and queues its commit. Returns whether it did any work.
     fn step(&self, l: &mut Live, reader: &StoreHistory, history: &Arc<dyn HistoryProvider>) -> bool {
         let manifest = l.module.manifest();
-        let inputs = self.cfg.inputs.clone().unwrap_or_else(|| manifest.inputs.clone());
-        let outputs = manifest.outputs.clone();
+        let inputs = self.cfg.inputs.as_ref().unwrap_or(&manifest.inputs);
+        let outputs = &manifest.outputs;
         let mut wanted = |s: &str| inputs.iter().any(|p| pattern_matches(p, s)) && !outputs.iter().any(|o| o == s);
         // The guard is a temporary: released before the module runs and queries history.
-        let read = reader.lock().readings_after(l.cursor, self.batch_max, &mut wanted);
+        let read = reader.lock().readings_after(l.read_from, self.batch_max, &mut wanted);
         let (rows, scanned_to) = match read {
             Ok(x) => x,
             Err(e) => {
@@ -314,14 +476,16 @@ impl Runner {
         if rows.is_empty() {
             // Nothing for us: move past other streams' readings in memory only. Losing this
             // on a crash costs a re-scan, never a result.
-            if scanned_to > l.cursor {
-                l.cursor = scanned_to;
-                let cursor = l.cursor;
-                self.set_status(|s| s.cursor = cursor);
+            if scanned_to > l.read_from {
+                l.read_from = scanned_to;
+                if l.in_flight.is_none() {
+                    l.cursor = scanned_to;
+                    self.set_status(|s| s.cursor = scanned_to);
+                }
             }
             return false;
         }
-        let last_id = rows.last().map(|r| r.0).unwrap_or(l.cursor);
+        let last_id = rows.last().map(|r| r.0).unwrap_or(l.read_from);
         let input = Input {
             readings: rows
                 .iter()
@@ -336,45 +500,36 @@ impl Runner {
             let state = l.instance.save_state()?;
             Ok((outcome, readings, state))
         });
+        // This batch was processed on top of the previous one's state: only if that
+        // committed may this one be queued (or its failure be judged).
+        if !self.settle(l, history) {
+            // Refused: go again from the last committed cursor.
+            return true;
+        }
         match result {
             Ok((outcome, readings, state)) => {
                 let n_out = readings.len() as u64;
-                let progress = ModuleProgress {
-                    name: self.name.clone(),
-                    version: l.module.manifest().version.clone(),
-                    hash: l.hash.clone(), cursor: last_id, state: state.clone() };
+                let progress = self.progress(l, last_id, state.clone());
                 // Behind on its input (a full batch read): commit at once; keeping up: ride
                 // the commit window with the readings it processed.
                 let behind = rows.len() >= self.batch_max;
-                match self.rt.block_on(self.store.commit_module(readings, progress, behind)) {
-                    Ok(()) => {
-                        l.cursor = last_id;
-                        l.state = state;
-                        l.failures = 0;
-                        self.metrics.module_batch(&self.name, "ok", n_in, n_out, outcome.fuel_used);
-                        for (k, v) in &outcome.output.metrics {
-                            self.metrics.module_metric(&self.name, k, *v);
-                        }
-                        self.set_status(|s| {
-                            s.cursor = last_id;
-                            s.batches_ok += 1;
-                            s.consecutive_failures = 0;
+                match self.rt.block_on(self.store.submit_module(readings, progress, behind)) {
+                    Ok(reply) => {
+                        l.read_from = last_id;
+                        l.in_flight = Some(InFlight {
+                            reply,
+                            cursor: last_id,
+                            state,
+                            n_in,
+                            n_out,
+                            fuel: outcome.fuel_used,
+                            metrics: outcome.output.metrics,
                         });
                         true
                     }
-                    Err(e) => {
-                        // Not a module failure: the store refused the outputs (full, disk).
-                        // Keep cursor and state; the same batch is processed again later.
-                        tracing::warn!(module = %self.name, error = %e, "module outputs not committed; will retry the batch");
-                        self.metrics.module_batch(&self.name, "store_refused", 0, 0, 0);
-                        l.instance = match l.module.instantiate(&self.engine, l.limits.clone(), history.clone(), &l.config_json) {
-                            Ok(mut i) => {
-                                let _ = i.load_state(&l.state);
-                                i
-                            }
-                            Err(_) => return false,
-                        };
-                        std::thread::sleep(Duration::from_millis(200));
+                    Err(_) => {
+                        // The writer is gone: the agent is stopping.
+                        self.reinstantiate(l, history);
                         false
                     }
                 }
@@ -392,29 +547,16 @@ impl Runner {
         tracing::warn!(module = %self.name, kind = e.kind(), error = %e, consecutive = l.failures, "module failed on a batch");
         // Whatever happened, the instance may hold half-updated state: start from the last
         // committed state again.
-        match l.module.instantiate(&self.engine, l.limits.clone(), history.clone(), &l.config_json) {
-            Ok(mut i) => {
-                if !l.state.is_empty() {
-                    let _ = i.load_state(&l.state);
-                }
-                l.instance = i;
-            }
-            Err(err) => {
-                tracing::error!(module = %self.name, error = %err, "module cannot be re-instantiated; disabling it");
-                l.disabled = true;
-            }
-        }
-        if self.cfg.on_failure == OnFailure::Skip {
+        self.reinstantiate(l, history);
+        if self.cfg.on_failure == OnFailure::Skip && !l.disabled {
             // Skipping is a decision that must survive a restart: persist the cursor.
-            let progress = ModuleProgress {
-                    name: self.name.clone(),
-                    version: l.module.manifest().version.clone(),
-                    hash: l.hash.clone(), cursor: last_id, state: l.state.clone() };
+            let progress = self.progress(l, last_id, l.state.clone());
             if self.rt.block_on(self.store.commit_module(Vec::new(), progress, false)).is_ok() {
                 l.cursor = last_id;
+                l.read_from = last_id;
             }
         }
-        if l.failures >= self.cfg.max_consecutive_failures {
+        if l.failures >= self.cfg.max_consecutive_failures && !l.disabled {
             // ERROR: an operator must look at the module (or ship a fixed version).
             tracing::error!(module = %self.name, failures = l.failures, "module disabled after repeated failures; replace the file to re-enable it");
             l.disabled = true;
@@ -431,11 +573,7 @@ impl Runner {
         });
         if !l.disabled {
             // Back off: 100 ms, 200 ms, ... up to 10 s.
-            let backoff = Duration::from_millis(100u64.saturating_mul(1 << l.failures.min(7))).min(Duration::from_secs(10));
-            let until = Instant::now() + backoff;
-            while Instant::now() < until && !self.stop.load(Ordering::SeqCst) {
-                std::thread::sleep(Duration::from_millis(20));
-            }
+            self.pause(Duration::from_millis(100u64.saturating_mul(1 << l.failures.min(7))).min(Duration::from_secs(10)));
         }
     }
 }

@@ -232,12 +232,25 @@ impl StoreHandle {
     /// `urgent` (the module is behind on its input) commits without waiting for the
     /// commit window.
     pub async fn commit_module(&self, readings: Vec<Reading>, progress: ModuleProgress, urgent: bool) -> Result<(), AppendError> {
+        self.submit_module(readings, progress, urgent).await?.await.map_err(|_| AppendError::Closed)?
+    }
+
+    /// Like [`commit_module`](Self::commit_module), returning the receiver of the verdict
+    /// once the commit is queued, so a module can process its next batch while this one
+    /// commits. A failed commit does not stop a later one from landing, so a module must
+    /// have its verdict before it queues its next commit (the runner keeps one in flight).
+    pub async fn submit_module(
+        &self,
+        readings: Vec<Reading>,
+        progress: ModuleProgress,
+        urgent: bool,
+    ) -> Result<oneshot::Receiver<Result<(), AppendError>>, AppendError> {
         let (reply, rx) = oneshot::channel();
         self.send(Cmd::Module { readings, progress, urgent, reply }).await?;
         if urgent {
             self.alarm.ring();
         }
-        rx.await.map_err(|_| AppendError::Closed)?
+        Ok(rx)
     }
 
     /// Blocking variant of [`append`](Self::append) for non-async threads.

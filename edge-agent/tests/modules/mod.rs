@@ -269,3 +269,58 @@ const LOOPING_WAT: &str = r#"
     (i64.const 0))
 )
 "#;
+
+/// When the store refuses a module's outputs (here: creating its output stream would pass
+/// `store.max_streams`), the module is not blamed: it stays enabled, its progress does not
+/// move, and it retries from its last committed state, taking in what arrived meanwhile.
+/// Once the store has room (retention deletes an expired stream), every output appears
+/// exactly once.
+#[tokio::test]
+async fn refused_outputs_are_retried_from_the_last_commit() {
+    let path = built_module("threshold");
+    let a = Agent::start_with(|c: &mut Config| {
+        c.store.max_streams = 2;
+        c.store.retention_interval = std::time::Duration::from_millis(100);
+        c.store.streams = vec![toml::from_str("match = \"old/#\"\nmax_age = \"1h\"").expect("stream rule")];
+        c.modules = vec![module(path, "limit = 30.0")];
+    })
+    .await;
+    // A stream that takes the second slot and expires 5 s from now.
+    let now_ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as i64;
+    post_json(&a, "old/x", vec![serde_json::json!({ "value": 1.0, "ts": now_ms - 3_600_000 + 5_000 })]).await;
+    post(&a, "sensors/t", &[10.0, 40.0, 25.0, 50.0]).await;
+    let refused = "brume_agent_module_batches_total{module=\"threshold\",result=\"store_refused\"}";
+    let refusals = |at_least: u64| {
+        let a = &a;
+        async move {
+            eventually("refusals", || async {
+                let n = a.metric(refused).await;
+                if n >= at_least { Ok(n) } else { Err(format!("{n} refusals; {}", module_status(a, 0).await)) }
+            })
+            .await
+        }
+    };
+    let n = refusals(2).await;
+    post(&a, "sensors/t", &[60.0]).await;
+    refusals(n + 2).await;
+    let st = module_status(&a, 0).await;
+    assert_eq!(st["enabled"], true, "a refusal is not the module's failure: {st}");
+    assert_eq!(st["batches_ok"], 0, "{st}");
+    assert_eq!(st["batches_failed"], 0, "{st}");
+    assert_eq!(st["cursor"], 0, "nothing consumed while every commit is refused: {st}");
+    assert!(values(&a, "alerts/threshold").is_empty());
+
+    eventually("the alerts once old/x has expired", || async {
+        let v = values(&a, "alerts/threshold");
+        if v == [40.0, 50.0, 60.0] { Ok(()) } else { Err(format!("{v:?} {}", module_status(&a, 0).await)) }
+    })
+    .await;
+    post(&a, "sensors/t", &[70.0]).await;
+    eventually("and the next", || async {
+        let v = values(&a, "alerts/threshold");
+        if v == [40.0, 50.0, 60.0, 70.0] { Ok(()) } else { Err(format!("{v:?}")) }
+    })
+    .await;
+    assert_eq!(values(&a, "sensors/t"), [10.0, 40.0, 25.0, 50.0, 60.0, 70.0], "input untouched");
+    a.stop().await;
+}
