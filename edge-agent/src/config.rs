@@ -104,11 +104,16 @@ pub struct ModuleRuntimeConfig {
     /// polling: modules are woken by the store's commits.
     #[serde(with = "humantime_serde")]
     pub poll_interval: Duration,
+    /// Threads that run the modules, which are spread over them in config order (module
+    /// `i` on thread `i % threads`). One thread runs its modules in turn, a batch each;
+    /// every thread has its own read connection, heap arena and stack, so each one costs
+    /// memory. Raise it when modules together need more than one core.
+    pub threads: usize,
 }
 
 impl Default for ModuleRuntimeConfig {
     fn default() -> Self {
-        ModuleRuntimeConfig { batch_max_readings: 1000, poll_interval: Duration::from_millis(500) }
+        ModuleRuntimeConfig { batch_max_readings: 1000, poll_interval: Duration::from_millis(500), threads: 1 }
     }
 }
 
@@ -596,6 +601,9 @@ impl Config {
         }
         if self.module_runtime.batch_max_readings == 0 {
             return Err(invalid("module_runtime.batch_max_readings", "must be at least 1"));
+        }
+        if self.module_runtime.threads == 0 {
+            return Err(invalid("module_runtime.threads", "must be at least 1"));
         }
         if self.module_runtime.poll_interval.is_zero() {
             return Err(invalid("module_runtime.poll_interval", "must be positive"));

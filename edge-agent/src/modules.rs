@@ -1,7 +1,10 @@
 //! Runs WASM processing modules against the local streams.
 //!
-//! Each configured module runs on its own OS thread (module calls are synchronous and
-//! CPU-bound; a slow module must not hold up ingest or other modules). The thread:
+//! Modules run on `module_runtime.threads` OS threads (one by default), never on the async
+//! runtime: module calls are synchronous and CPU-bound and must not hold up ingest. A
+//! thread runs its modules in turn, one batch each, so a busy module shares its thread
+//! fairly and a module in backoff does not hold up the others; each call is bounded by the
+//! module's time budget. Modules on one thread share its read connection. For each module:
 //!
 //! 1. loads the `.wasm` file through the process's one [`WasmEngine`] and restores the
 //!    module's progress (input cursor and state) from the store;
@@ -86,7 +89,8 @@ pub struct ModuleRunners {
 }
 
 impl ModuleRunners {
-    /// Starts one thread per configured module. Nothing to start → no engine is built.
+    /// Starts the module threads (`module_runtime.threads`, at most one per module).
+    /// Nothing to start → no engine is built.
     pub fn start(cfg: &Config, store: StoreHandle, metrics: Arc<Metrics>, status: SharedModuleStatus) -> anyhow::Result<ModuleRunners> {
         let stop = CancellationToken::new();
         let mut threads = Vec::new();
@@ -100,6 +104,8 @@ impl ModuleRunners {
             .and_then(|r| r.last_id())
             .map_err(|e| anyhow::anyhow!("cannot read the store to position new modules: {e}"))?;
         let rt = tokio::runtime::Handle::current();
+        let n_threads = cfg.module_runtime.threads.clamp(1, cfg.modules.len());
+        let mut groups: Vec<Vec<Runner>> = (0..n_threads).map(|_| Vec::new()).collect();
         for (i, m) in cfg.modules.iter().enumerate() {
             let name = m.name.clone().unwrap_or_else(|| {
                 m.path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| format!("module{i}"))
@@ -109,26 +115,36 @@ impl ModuleRunners {
                 path: m.path.display().to_string(),
                 ..Default::default()
             });
-            let runner = Runner {
+            groups[i % n_threads].push(Runner {
                 index: i,
                 name,
                 cfg: m.clone(),
                 data_dir: cfg.data_dir.clone(),
-                agent_id: cfg.agent_id.clone(),
                 batch_max: cfg.module_runtime.batch_max_readings,
-                poll: cfg.module_runtime.poll_interval,
                 engine: engine.clone(),
                 store: store.clone(),
                 metrics: metrics.clone(),
                 status: status.clone(),
-                stop: stop.clone(),
                 rt: rt.clone(),
                 latest_at_start,
+                live: None,
+                mtime: None,
+            });
+        }
+        for (t, runners) in groups.into_iter().enumerate() {
+            let worker = Worker {
+                runners,
+                data_dir: cfg.data_dir.clone(),
+                agent_id: cfg.agent_id.clone(),
+                poll: cfg.module_runtime.poll_interval,
+                store: store.clone(),
+                stop: stop.clone(),
+                rt: rt.clone(),
             };
             threads.push(
                 std::thread::Builder::new()
-                    .name(format!("module-{i}"))
-                    .spawn(move || runner.run())
+                    .name(format!("modules-{t}"))
+                    .spawn(move || worker.run())
                     .map_err(|e| anyhow::anyhow!("cannot start a module thread: {e}"))?,
             );
         }
@@ -144,23 +160,38 @@ impl ModuleRunners {
     }
 }
 
+/// One thread's share of the modules.
+struct Worker {
+    runners: Vec<Runner>,
+    data_dir: std::path::PathBuf,
+    agent_id: String,
+    /// How often module files are checked for changes.
+    poll: Duration,
+    store: StoreHandle,
+    /// Cancelled when the modules stop; checked between batches and while waiting.
+    stop: CancellationToken,
+    rt: tokio::runtime::Handle,
+}
+
+/// One configured module and, once loaded, its live instance.
 struct Runner {
     index: usize,
     name: String,
     cfg: ModuleConfig,
     data_dir: std::path::PathBuf,
-    agent_id: String,
     batch_max: usize,
-    poll: Duration,
     engine: Arc<WasmEngine>,
     store: StoreHandle,
     metrics: Arc<Metrics>,
     status: SharedModuleStatus,
-    stop: CancellationToken,
     rt: tokio::runtime::Handle,
     /// Where `start_at = "latest"` puts a module without saved progress: the store's last
     /// reading id when the agent started.
     latest_at_start: i64,
+    /// The loaded module, if its file could be loaded.
+    live: Option<Live>,
+    /// The file's modification time when it was last looked at.
+    mtime: Option<SystemTime>,
 }
 
 /// A loaded module with a live instance.
@@ -181,6 +212,8 @@ struct Live {
     in_flight: Option<InFlight>,
     failures: u32,
     disabled: bool,
+    /// Backing off (after a failure or a refused commit) until then.
+    resume_at: Option<Instant>,
 }
 
 /// A batch's outputs and progress queued at the writer, with what to record once it is
@@ -203,63 +236,58 @@ enum Wake {
     Stop,
 }
 
-impl Runner {
-    fn set_status(&self, f: impl FnOnce(&mut ModuleStatus)) {
-        if let Some(s) = self.status.lock().unwrap_or_else(|e| e.into_inner()).get_mut(self.index) {
-            f(s);
-        }
-    }
-
-    fn run(self) {
-        // One read connection per module, for its input and its history queries: they
-        // never overlap (history is queried during the call, input read between calls).
+impl Worker {
+    fn run(mut self) {
+        // One read connection for this thread's modules, for their input and their
+        // history queries: they never overlap (history is queried during a call, input
+        // read between calls, and the thread makes one call at a time).
         let reader = match StoreReader::open(&self.data_dir, &self.agent_id) {
             Ok(r) => Arc::new(StoreHistory { reader: Mutex::new(r) }),
             Err(e) => {
-                tracing::error!(module = %self.name, error = %e, "module cannot read the store; not running");
+                let names: Vec<&str> = self.runners.iter().map(|r| r.name.as_str()).collect();
+                tracing::error!(modules = ?names, error = %e, "modules cannot read the store; not running");
                 return;
             }
         };
         let history: Arc<dyn HistoryProvider> = reader.clone();
-        // Changes on every commit. Marked seen *before* each read, so a commit that lands
-        // after the read wakes the runner again.
+        // Changes on every commit. Marked seen *before* the modules read, so a commit that
+        // lands after a read wakes the thread again.
         let mut commits = self.store.snapshot();
-        let mut mtime: Option<SystemTime> = None;
-        let mut live: Option<Live> = None;
         let mut next_file_check = Instant::now();
         while !self.stop.is_cancelled() {
-            if Instant::now() >= next_file_check {
-                next_file_check = Instant::now() + self.poll;
-                // Hot reload: (re)load when the file appears or changes.
-                let now_mtime = std::fs::metadata(&self.cfg.path).and_then(|m| m.modified()).ok();
-                if now_mtime != mtime {
-                    mtime = now_mtime;
-                    if now_mtime.is_some() {
-                        if let Some(l) = live.as_mut() {
-                            self.settle(l, &history);
-                        }
-                        live = self.load(&reader, &history, live.take());
-                    }
+            let now = Instant::now();
+            if now >= next_file_check {
+                next_file_check = now + self.poll;
+                for r in &mut self.runners {
+                    r.check_file(&reader, &history);
                 }
             }
             commits.borrow_and_update();
-            let worked = match live.as_mut() {
-                Some(l) if !l.disabled => self.step(l, &reader, &history),
-                _ => false,
-            };
+            let mut worked = false;
+            for r in &mut self.runners {
+                worked |= r.step_if_ready(&reader, &history);
+            }
             if !worked {
-                if let Some(l) = live.as_mut() {
-                    self.settle(l, &history);
+                for r in &mut self.runners {
+                    r.settle_live(&history);
                 }
-                if let Wake::Stop = self.wait(&mut commits, next_file_check) {
+                // Wake for a commit, the next file check, or the end of the first backoff.
+                let now = Instant::now();
+                let until = self
+                    .runners
+                    .iter()
+                    .filter_map(|r| r.live.as_ref().and_then(|l| l.resume_at))
+                    .filter(|t| *t > now)
+                    .fold(next_file_check, Instant::min);
+                if let Wake::Stop = self.wait(&mut commits, until) {
                     break;
                 }
             }
         }
-        // The last batch's outputs and progress were queued: see them committed (or
-        // refused) before reporting the module stopped.
-        if let Some(l) = live.as_mut() {
-            self.settle(l, &history);
+        // The last batches' outputs and progress were queued: see them committed (or
+        // refused) before reporting the modules stopped.
+        for r in &mut self.runners {
+            r.settle_live(&history);
         }
     }
 
@@ -277,12 +305,50 @@ impl Runner {
             }
         })
     }
+}
 
-    /// Sleeps for `d` unless the runners stop first.
-    fn pause(&self, d: Duration) {
-        self.rt.block_on(async {
-            let _ = tokio::time::timeout(d, self.stop.cancelled()).await;
-        });
+impl Runner {
+    fn set_status(&self, f: impl FnOnce(&mut ModuleStatus)) {
+        if let Some(s) = self.status.lock().unwrap_or_else(|e| e.into_inner()).get_mut(self.index) {
+            f(s);
+        }
+    }
+
+    /// Hot reload: (re)loads the module when its file appears or changes.
+    fn check_file(&mut self, reader: &StoreHistory, history: &Arc<dyn HistoryProvider>) {
+        let now_mtime = std::fs::metadata(&self.cfg.path).and_then(|m| m.modified()).ok();
+        if now_mtime == self.mtime {
+            return;
+        }
+        self.mtime = now_mtime;
+        if now_mtime.is_some() {
+            let mut previous = self.live.take();
+            if let Some(l) = previous.as_mut() {
+                self.settle(l, history);
+            }
+            self.live = self.load(reader, history, previous);
+        }
+    }
+
+    /// Processes one batch if the module is loaded, enabled, not backing off and has
+    /// input. Returns whether it did any work.
+    fn step_if_ready(&mut self, reader: &StoreHistory, history: &Arc<dyn HistoryProvider>) -> bool {
+        let Some(mut l) = self.live.take() else { return false };
+        let ready = !l.disabled && l.resume_at.is_none_or(|t| Instant::now() >= t);
+        let worked = ready && {
+            l.resume_at = None;
+            self.step(&mut l, reader, history)
+        };
+        self.live = Some(l);
+        worked
+    }
+
+    /// [`settle`](Self::settle) for the loaded module, if any.
+    fn settle_live(&mut self, history: &Arc<dyn HistoryProvider>) {
+        if let Some(mut l) = self.live.take() {
+            self.settle(&mut l, history);
+            self.live = Some(l);
+        }
     }
 
     /// A fresh instance of the module with `state` restored (init runs again).
@@ -343,7 +409,7 @@ impl Runner {
                 self.metrics.module_batch(&self.name, "store_refused", 0, 0, 0);
                 self.reinstantiate(l, history);
                 if !matches!(e, AppendError::Closed) {
-                    self.pause(Duration::from_millis(200));
+                    l.resume_at = Some(Instant::now() + Duration::from_millis(200));
                 }
                 false
             }
@@ -444,6 +510,7 @@ impl Runner {
             in_flight: None,
             failures: 0,
             disabled: false,
+            resume_at: None,
         })
     }
 
@@ -572,8 +639,9 @@ impl Runner {
             s.cursor = cursor;
         });
         if !l.disabled {
-            // Back off: 100 ms, 200 ms, ... up to 10 s.
-            self.pause(Duration::from_millis(100u64.saturating_mul(1 << l.failures.min(7))).min(Duration::from_secs(10)));
+            // Back off: 100 ms, 200 ms, ... up to 10 s; the thread's other modules go on.
+            let backoff = Duration::from_millis(100u64.saturating_mul(1 << l.failures.min(7))).min(Duration::from_secs(10));
+            l.resume_at = Some(Instant::now() + backoff);
         }
     }
 }

@@ -516,8 +516,8 @@ fn modules_rss_row(p: &Params, root: &Path, exe: &Path) -> Result<Row> {
             format!("**misses** ({:.0} % of target)", 100.0 * r.hwm as f64 / target)
         },
         note: format!(
-            "threshold, deadband, downsample, zscore (history query per reading), unit-convert: one engine, one \
-             store and one thread each; {} of the {} stored readings are module outputs. VmRSS {} at the end, {} at \
+            "threshold, deadband, downsample, zscore (history query per reading), unit-convert: one engine, a \
+             store each, all on one thread (module_runtime.threads = 1, the default); {} of the {} stored readings are module outputs. VmRSS {} at the end, {} at \
              most.",
             group(r.module_outputs as f64),
             group(r.readings as f64),

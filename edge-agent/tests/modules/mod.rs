@@ -198,6 +198,36 @@ async fn looping_module_is_contained_and_disabled() {
     agent.stop().await;
 }
 
+/// Modules on one thread share it in turn: a module backing off after failures does not
+/// hold up the others. The looping module backs off 200 ms, 400 ms, 800 ms … after its
+/// failures; the healthy one on the same thread processes its four one-reading batches
+/// within the first of those pauses, not one per failure.
+#[tokio::test]
+async fn a_module_backing_off_does_not_hold_up_its_thread() {
+    let dir = tempfile::tempdir().unwrap();
+    let looping = dir.path().join("looping.wasm");
+    std::fs::write(&looping, wat::parse_str(LOOPING_WAT).unwrap()).unwrap();
+    let agent = Agent::start_with(|c: &mut Config| {
+        let mut bad = module(looping, "");
+        bad.time_per_batch = Some(std::time::Duration::from_millis(50));
+        bad.max_consecutive_failures = 10;
+        c.modules = vec![bad, module(built_module("threshold"), "limit = 0.0")];
+        c.module_runtime.batch_max_readings = 1;
+        c.module_runtime.threads = 1;
+    })
+    .await;
+    post(&agent, "sensors/x", &[1.0, 2.0, 3.0, 4.0]).await;
+    let st = eventually("the healthy module through its input", || async {
+        let st = agent.status().await;
+        if st["modules"][1]["batches_ok"].as_u64() >= Some(4) { Ok(st) } else { Err(st["modules"].to_string()) }
+    })
+    .await;
+    let failed = st["modules"][0]["batches_failed"].as_u64().unwrap();
+    assert!(failed <= 3, "the healthy module waited for the looping one's backoffs ({failed} failures first): {}", st["modules"]);
+    assert_eq!(values(&agent, "alerts/threshold"), [1.0, 2.0, 3.0, 4.0]);
+    agent.stop().await;
+}
+
 /// Modules resume exactly where they stopped: after a restart on the same store, the
 /// downsample example's outputs equal those of an uninterrupted run.
 #[tokio::test]
