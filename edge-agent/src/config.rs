@@ -640,13 +640,34 @@ impl Config {
 
     /// The rule for a stream.
     pub fn rule_for(&self, stream: &str) -> &StreamRuleBody {
-        self.store
-            .streams
-            .iter()
-            .find(|r| pattern_matches(&r.pattern, stream))
-            .map(|r| &r.rule)
-            .unwrap_or(&self.store.default_rule)
+        rule_for(&self.store.streams, &self.store.default_rule, stream)
     }
+}
+
+/// The per-stream retention rules on their own (`store.streams` and
+/// `store.default_rule`), for the store, which needs nothing else of the config.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct StreamRules {
+    /// The rules in config order; the first whose pattern matches applies.
+    pub rules: Vec<StreamRule>,
+    /// The rule of streams no pattern matches.
+    pub default: StreamRuleBody,
+}
+
+impl StreamRules {
+    /// The rules of `cfg`.
+    pub fn from_config(cfg: &Config) -> StreamRules {
+        StreamRules { rules: cfg.store.streams.clone(), default: cfg.store.default_rule.clone() }
+    }
+
+    /// The rule for a stream.
+    pub fn rule_for(&self, stream: &str) -> &StreamRuleBody {
+        rule_for(&self.rules, &self.default, stream)
+    }
+}
+
+fn rule_for<'a>(rules: &'a [StreamRule], default: &'a StreamRuleBody, stream: &str) -> &'a StreamRuleBody {
+    rules.iter().find(|r| pattern_matches(&r.pattern, stream)).map(|r| &r.rule).unwrap_or(default)
 }
 
 

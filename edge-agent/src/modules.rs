@@ -40,7 +40,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use brume_module_abi::{Aggregates, HistoryKind, HistoryQuery, HistoryResult, Input, ModuleReading};
-use brume_protocol::{FieldsBlob, Reading};
+use brume_protocol::Reading;
 use brume_wasm_host::{HistoryProvider, LimitOverrides, Limits, LoadedModule, ModuleError, ModuleInstance, WasmEngine};
 use serde::Serialize;
 use sha2::{Digest, Sha256};
@@ -50,7 +50,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::{Config, ModuleConfig, OnFailure, StartAt, pattern_matches};
 use crate::metrics::Metrics;
 use crate::store::writer::{AppendError, StoreHandle};
-use crate::store::{ModuleProgress, StoreError, StoreReader, StoreSnapshot};
+use crate::store::{ModuleProgress, StoreError, StoreReader, StoreSnapshot, TimedFields};
 
 /// What the agent's status shows about one module.
 #[derive(Debug, Clone, Default, Serialize)]
@@ -552,13 +552,14 @@ impl Runner {
             }
             return false;
         }
-        let last_id = rows.last().map(|r| r.0).unwrap_or(l.read_from);
+        let last_id = rows.last().map(|r| r.id).unwrap_or(l.read_from);
+        // Behind on its input (a full batch read): commit at once; keeping up: ride the
+        // commit window with the readings it processed.
+        let behind = rows.len() >= self.batch_max;
         let input = Input {
             readings: rows
-                .iter()
-                .filter_map(|(_, stream, ts, fields)| {
-                    Some(ModuleReading { stream: stream.clone(), ts_ns: *ts, fields: fields.decode().ok()? })
-                })
+                .into_iter()
+                .filter_map(|r| Some(ModuleReading { stream: r.stream, ts_ns: r.ts_ns, fields: r.fields.decode().ok()? }))
                 .collect(),
         };
         let n_in = input.readings.len() as u64;
@@ -577,9 +578,6 @@ impl Runner {
             Ok((outcome, readings, state)) => {
                 let n_out = readings.len() as u64;
                 let progress = self.progress(l, last_id, state.clone());
-                // Behind on its input (a full batch read): commit at once; keeping up: ride
-                // the commit window with the readings it processed.
-                let behind = rows.len() >= self.batch_max;
                 match self.rt.block_on(self.store.submit_module(readings, progress, behind)) {
                     Ok(reply) => {
                         l.read_from = last_id;
@@ -674,9 +672,9 @@ const MAX_AGGREGATE_SCAN: usize = 200_000;
 impl HistoryProvider for StoreHistory {
     fn query(&self, q: &HistoryQuery) -> HistoryResult {
         let reader = self.lock();
-        let decode = |rows: Vec<(i64, FieldsBlob)>| -> Vec<ModuleReading> {
+        let decode = |rows: Vec<TimedFields>| -> Vec<ModuleReading> {
             rows.into_iter()
-                .filter_map(|(ts, f)| Some(ModuleReading { stream: q.stream.clone(), ts_ns: ts, fields: f.decode().ok()? }))
+                .filter_map(|r| Some(ModuleReading { stream: q.stream.clone(), ts_ns: r.ts_ns, fields: r.fields.decode().ok()? }))
                 .collect()
         };
         let res: Result<HistoryResult, StoreError> = match &q.kind {

@@ -81,8 +81,8 @@ use std::time::{Duration, Instant};
 use brume_protocol::{LossReason, Reading};
 use rusqlite::{Connection, OptionalExtension, params};
 
-use crate::config::{Config, Durability, StreamRuleBody, WhenFull};
-pub use reader::StoreReader;
+use crate::config::{Config, Durability, StreamRuleBody, StreamRules, WhenFull};
+pub use reader::{StoreReader, StoredReading, TimedFields};
 use schema::{migrate, open_conn};
 pub use sessions::{PublishId, SessionOp};
 
@@ -228,8 +228,8 @@ pub struct StoreOptions {
     pub batch_max_bytes: u64,
     /// Batch linger.
     pub batch_linger: Duration,
-    /// Per-stream rules, resolved with [`Config::rule_for`].
-    pub rules: Config,
+    /// Per-stream retention rules.
+    pub rules: StreamRules,
     /// Packet identifiers remembered per persistent MQTT session (the listener's receive
     /// maximum: a sensor cannot have more unacknowledged).
     pub session_pkids: usize,
@@ -253,7 +253,7 @@ impl StoreOptions {
             batch_max_readings: cfg.forward.batch_max_readings as u64,
             batch_max_bytes: cfg.forward.batch_max_bytes.as_u64(),
             batch_linger: cfg.forward.batch_linger,
-            rules: cfg.clone(),
+            rules: StreamRules::from_config(cfg),
             session_pkids: usize::from(cfg.listener.max_inflight),
             session_expiry: cfg.listener.session_expiry,
             new_streams_burst: cfg.listener.new_streams_burst,

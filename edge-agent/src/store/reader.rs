@@ -8,6 +8,28 @@ use rusqlite::{Connection, OptionalExtension, params};
 
 use super::{ModuleProgress, Store, StoreError, reason_from_code};
 
+/// One reading of a stream: when it was taken and its fields.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TimedFields {
+    /// Reading timestamp, ns since the epoch.
+    pub ts_ns: i64,
+    /// The fields, as stored.
+    pub fields: FieldsBlob,
+}
+
+/// A stored reading with its place in the store, as a module reads its input.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StoredReading {
+    /// Row id: the store's arrival order, and a module's cursor.
+    pub id: i64,
+    /// Stream name.
+    pub stream: String,
+    /// Reading timestamp, ns since the epoch.
+    pub ts_ns: i64,
+    /// The fields, as stored.
+    pub fields: FieldsBlob,
+}
+
 /// A read-only connection for building batches to send and answering status queries,
 /// so reads never wait behind the writer (WAL readers see the last commit).
 pub struct StoreReader {
@@ -95,7 +117,7 @@ impl StoreReader {
 
     /// The last `n` readings of a stream (by arrival) with a timestamp before `before_ns`,
     /// returned oldest first.
-    pub fn last_n(&self, stream: &str, before_ns: i64, n: usize) -> Result<Vec<(i64, FieldsBlob)>, StoreError> {
+    pub fn last_n(&self, stream: &str, before_ns: i64, n: usize) -> Result<Vec<TimedFields>, StoreError> {
         let tx = self.conn.unchecked_transaction()?; // the directory and its tail from one snapshot
         let Some((sid, tail)) = self.tail_range(stream)? else { return Ok(Vec::new()) };
         let mut dir = tx.prepare_cached(
@@ -109,13 +131,15 @@ impl StoreReader {
             "SELECT ts_ns, fields FROM readings WHERE id BETWEEN ?1 AND ?2 AND stream_id = ?3 AND ts_ns < ?4 \
              ORDER BY id DESC LIMIT ?5",
         )?;
-        let mut out: Vec<(i64, FieldsBlob)> = Vec::new();
+        let mut out: Vec<TimedFields> = Vec::new();
         for (first, last, sid) in ranges {
             if out.len() >= n {
                 break;
             }
             let left = (n - out.len()) as i64;
-            let rows = q.query_map(params![first, last, sid, before_ns, left], |r| Ok((r.get(0)?, FieldsBlob(r.get(1)?))))?;
+            let rows = q.query_map(params![first, last, sid, before_ns, left], |r| {
+                Ok(TimedFields { ts_ns: r.get(0)?, fields: FieldsBlob(r.get(1)?) })
+            })?;
             for row in rows {
                 out.push(row?);
             }
@@ -165,7 +189,7 @@ impl StoreReader {
         after: i64,
         limit: usize,
         wanted: &mut dyn FnMut(&str) -> bool,
-    ) -> Result<(Vec<(i64, String, i64, FieldsBlob)>, i64), StoreError> {
+    ) -> Result<(Vec<StoredReading>, i64), StoreError> {
         let mut names: HashMap<i64, Option<String>> = HashMap::new();
         let mut q = self.conn.prepare_cached(
             "SELECT r.id, r.stream_id, s.name, r.ts_ns, r.fields FROM readings r JOIN streams s ON s.id = r.stream_id \
@@ -185,7 +209,7 @@ impl StoreReader {
                     wanted(&n).then_some(n)
                 });
                 if let Some(n) = name {
-                    out.push((id, n.clone(), row.get(3)?, FieldsBlob(row.get(4)?)));
+                    out.push(StoredReading { id, stream: n.clone(), ts_ns: row.get(3)?, fields: FieldsBlob(row.get(4)?) });
                 }
                 cursor = id;
                 if out.len() >= limit {
@@ -211,7 +235,7 @@ impl StoreReader {
     }
 
     /// Readings of a stream in `[from_ns, to_ns)`, oldest first, at most `limit`.
-    pub fn readings(&self, stream: &str, from_ns: i64, to_ns: i64, limit: usize) -> Result<Vec<(i64, FieldsBlob)>, StoreError> {
+    pub fn readings(&self, stream: &str, from_ns: i64, to_ns: i64, limit: usize) -> Result<Vec<TimedFields>, StoreError> {
         let tx = self.conn.unchecked_transaction()?; // the directory and its tail from one snapshot
         let Some((sid, tail)) = self.tail_range(stream)? else { return Ok(Vec::new()) };
         let mut dir = tx.prepare_cached(
@@ -235,6 +259,6 @@ impl StoreReader {
         // Readings may carry their own timestamps, so arrival order is not time order.
         out.sort_by_key(|(ts, id, _)| (*ts, *id));
         out.truncate(limit);
-        Ok(out.into_iter().map(|(ts, _, f)| (ts, f)).collect())
+        Ok(out.into_iter().map(|(ts_ns, _, fields)| TimedFields { ts_ns, fields }).collect())
     }
 }

@@ -94,7 +94,7 @@ fn refuse_new_stream_refuses_when_full_and_drop_oldest_counts_losses() {
     // What is left plus what was lost is everything.
     let left = reader.readings("drop/y", i64::MIN, i64::MAX, 1000).unwrap();
     assert_eq!(left.len() as u64 + lost, 20);
-    assert_eq!(left.first().unwrap().0, T0 + lost as i64, "the oldest went first");
+    assert_eq!(left.first().unwrap().ts_ns, T0 + lost as i64, "the oldest went first");
 }
 
 #[test]
@@ -335,7 +335,7 @@ fn check_reads(store: &Store, dir: &Path, from: i64, span: i64) -> Result<(), Te
     let reader = StoreReader::open(dir, "a").unwrap();
     for s in ["s0", "s1", "s2"] {
         let (lo, hi) = (T0 + from, T0 + from + span);
-        let got: Vec<i64> = reader.readings(s, lo, hi, usize::MAX).unwrap().into_iter().map(|r| r.0).collect();
+        let got: Vec<i64> = reader.readings(s, lo, hi, usize::MAX).unwrap().into_iter().map(|r| r.ts_ns).collect();
         let sid: Option<i64> = store.conn.query_row("SELECT id FROM streams WHERE name = ?1", [s], |r| r.get(0)).optional().unwrap();
         let want: Vec<i64> = match sid {
             None => vec![],
@@ -345,7 +345,7 @@ fn check_reads(store: &Store, dir: &Path, from: i64, span: i64) -> Result<(), Te
                 .collect::<Result<_, _>>().unwrap(),
         };
         prop_assert_eq!(got, want);
-        let got: Vec<i64> = reader.last_n(s, hi, 5).unwrap().into_iter().map(|r| r.0).collect();
+        let got: Vec<i64> = reader.last_n(s, hi, 5).unwrap().into_iter().map(|r| r.ts_ns).collect();
         let mut want: Vec<i64> = match sid {
             None => vec![],
             Some(sid) => store.conn
@@ -388,7 +388,7 @@ fn module_progress_commits_with_its_outputs_or_not_at_all() {
     assert_eq!(reader.module_progress("m").unwrap(), Some(p(7)));
     // readings_after skips other streams but moves the cursor past them.
     let (rows, cursor) = reader.readings_after(0, 10, &mut |s| s == "out").unwrap();
-    assert_eq!(rows.iter().map(|r| r.1.as_str()).collect::<Vec<_>>(), vec!["out"]);
+    assert_eq!(rows.iter().map(|r| r.stream.as_str()).collect::<Vec<_>>(), vec!["out"]);
     assert_eq!(cursor, reader.last_id().unwrap());
 }
 

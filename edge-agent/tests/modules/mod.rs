@@ -56,8 +56,9 @@ fn values(agent: &Agent, stream: &str) -> Vec<f64> {
         .readings(stream, i64::MIN, i64::MAX, 100_000)
         .unwrap()
         .into_iter()
-        .map(|(_, f)| {
-            f.decode()
+        .map(|r| {
+            r.fields
+                .decode()
                 .unwrap()
                 .into_iter()
                 .find(|f| f.name == "value")
@@ -243,7 +244,7 @@ async fn downsample_resumes_with_its_state_after_restart() {
     };
     let outputs = |agent: &Agent| {
         let reader = StoreReader::open(agent.data_dir(), "t").unwrap();
-        reader.readings("downsampled", i64::MIN, i64::MAX, 1000).unwrap().into_iter().map(|(ts, f)| (ts, f.0)).collect::<Vec<_>>()
+        reader.readings("downsampled", i64::MIN, i64::MAX, 1000).unwrap().into_iter().map(|r| (r.ts_ns, r.fields.0)).collect::<Vec<_>>()
     };
 
     // Uninterrupted.
@@ -263,7 +264,7 @@ async fn downsample_resumes_with_its_state_after_restart() {
         let st = module_status(&b, 0).await;
         let reader = StoreReader::open(b.data_dir(), "t").unwrap();
         let (inputs, _) = reader.readings_after(0, usize::MAX, &mut |s| s == "sensors/d").unwrap();
-        let last = inputs.last().map(|r| r.0).unwrap();
+        let last = inputs.last().map(|r| r.id).unwrap();
         if st["cursor"].as_i64() >= Some(last) { Ok(()) } else { Err(st.to_string()) }
     })
     .await;
