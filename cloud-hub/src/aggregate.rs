@@ -46,14 +46,7 @@ pub struct Agg {
 impl Agg {
     /// One reading.
     pub fn of(ts_ns: i64, v: f64) -> Agg {
-        Agg {
-            count: 1,
-            sum: v,
-            min: v,
-            max: v,
-            last_ts_ns: ts_ns,
-            last: v,
-        }
+        Agg { count: 1, sum: v, min: v, max: v, last_ts_ns: ts_ns, last: v }
     }
 
     /// Adds `o` into `self`.
@@ -76,9 +69,7 @@ impl Agg {
 
 /// The numeric fields of a reading: floats (finite ones) and integers, by name.
 pub fn numeric_fields(fields: &FieldsBlob) -> Result<Vec<(String, f64)>, StoreError> {
-    let decoded = fields
-        .decode()
-        .map_err(|e| StoreError::Corrupt(format!("stored fields do not decode: {e}")))?;
+    let decoded = fields.decode().map_err(|e| StoreError::Corrupt(format!("stored fields do not decode: {e}")))?;
     Ok(decoded
         .into_iter()
         .filter_map(|f| match f.value {
@@ -109,10 +100,7 @@ impl RollupDeltas {
     pub fn add(&mut self, stream_id: i64, ts_ns: i64, fields: &FieldsBlob) -> Result<(), StoreError> {
         for (name, v) in numeric_fields(fields)? {
             let a = Agg::of(ts_ns, v);
-            self.0
-                .entry((stream_id, name, minute_of(ts_ns)))
-                .and_modify(|x| x.merge(&a))
-                .or_insert(a);
+            self.0.entry((stream_id, name, minute_of(ts_ns))).and_modify(|x| x.merge(&a)).or_insert(a);
         }
         Ok(())
     }
@@ -163,11 +151,7 @@ pub fn step_for(from: i64, to: i64, buckets: i64) -> i64 {
     let span = i128::from(to) - i128::from(from);
     let raw = (span.max(1) + i128::from(buckets) - 1) / i128::from(buckets.max(1));
     let raw = i64::try_from(raw).unwrap_or(i64::MAX).max(1);
-    if raw >= ROLLUP_NS {
-        ((raw - 1) / ROLLUP_NS + 1).saturating_mul(ROLLUP_NS)
-    } else {
-        raw
-    }
+    if raw >= ROLLUP_NS { ((raw - 1) / ROLLUP_NS + 1).saturating_mul(ROLLUP_NS) } else { raw }
 }
 
 /// Answers `q` from `store`.
@@ -196,13 +180,8 @@ pub fn aggregate(store: &dyn HubStore, q: &AggregateQuery) -> Result<Aggregated,
             put(floor_to(minute, q.step), &a);
         }
     } else {
-        let mut query = ReadingsQuery {
-            stream: q.stream.clone(),
-            from: Some(from),
-            to: Some(to),
-            limit: 10_000,
-            after: None,
-        };
+        let mut query =
+            ReadingsQuery { stream: q.stream.clone(), from: Some(from), to: Some(to), limit: 10_000, after: None };
         let mut seen = 0usize;
         loop {
             let page = store.readings(&query)?;
@@ -223,12 +202,7 @@ pub fn aggregate(store: &dyn HubStore, q: &AggregateQuery) -> Result<Aggregated,
             }
         }
     }
-    Ok(Aggregated {
-        from,
-        to,
-        buckets: out.into_iter().collect(),
-        from_rollups,
-    })
+    Ok(Aggregated { from, to, buckets: out.into_iter().collect(), from_rollups })
 }
 
 #[cfg(test)]

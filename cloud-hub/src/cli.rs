@@ -72,19 +72,14 @@ fn load_config(args: Args) -> anyhow::Result<Config> {
 
 fn real_main(args: Args) -> anyhow::Result<()> {
     let cfg = load_config(args)?;
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .context("starting the tokio runtime")?;
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the tokio runtime")?;
     rt.block_on(async {
         let listener = tokio::net::TcpListener::bind(cfg.http.listen)
             .await
             .with_context(|| format!("binding the HTTP API to {}", cfg.http.listen))?;
         let shutdown = CancellationToken::new();
         tokio::spawn(signal_shutdown(shutdown.clone()));
-        crate::run(cfg, listener, shutdown)
-            .await
-            .context("hub failed")
+        crate::run(cfg, listener, shutdown).await.context("hub failed")
     })
 }
 

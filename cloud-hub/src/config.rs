@@ -38,10 +38,7 @@ pub enum ConfigError {
 }
 
 fn invalid(key: &'static str, reason: impl Into<String>) -> ConfigError {
-    ConfigError::Invalid {
-        key,
-        reason: reason.into(),
-    }
+    ConfigError::Invalid { key, reason: reason.into() }
 }
 
 /// The whole hub configuration.
@@ -186,10 +183,7 @@ impl PostgresConfig {
             return Err(invalid("storage.postgres.url", "must not be empty"));
         }
         let mut config: tokio_postgres::Config = self.url.parse().map_err(|_| {
-            invalid(
-                "storage.postgres.url",
-                "is not a postgres:// URL or a key=value connection string",
-            )
+            invalid("storage.postgres.url", "is not a postgres:// URL or a key=value connection string")
         })?;
         if config.get_hosts().is_empty() {
             return Err(invalid("storage.postgres.url", "names no host"));
@@ -202,9 +196,9 @@ impl PostgresConfig {
             config.application_name("brume-hub");
         }
         const MAX_WINDOW_DAYS: u32 = 3660;
-        let back = self
-            .partition_days_back
-            .unwrap_or_else(|| retention_keep.map_or(31, |k| (k.as_secs() / 86_400).min(u64::from(MAX_WINDOW_DAYS)) as u32 + 1));
+        let back = self.partition_days_back.unwrap_or_else(|| {
+            retention_keep.map_or(31, |k| (k.as_secs() / 86_400).min(u64::from(MAX_WINDOW_DAYS)) as u32 + 1)
+        });
         if back > MAX_WINDOW_DAYS {
             return Err(invalid("storage.postgres.partition_days_back", format!("{back} is over {MAX_WINDOW_DAYS}")));
         }
@@ -215,7 +209,10 @@ impl PostgresConfig {
             config,
             pool_size: self.pool_size,
             query_timeout: self.query_timeout,
-            partition_window: crate::store::postgres::PartitionWindow { days_back: back, days_ahead: self.partition_days_ahead },
+            partition_window: crate::store::postgres::PartitionWindow {
+                days_back: back,
+                days_ahead: self.partition_days_ahead,
+            },
         })
     }
 }
@@ -267,10 +264,7 @@ pub struct HttpConfig {
 
 impl Default for HttpConfig {
     fn default() -> Self {
-        HttpConfig {
-            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
-            max_concurrent_queries: 8,
-        }
+        HttpConfig { listen: SocketAddr::from(([127, 0, 0, 1], 8080)), max_concurrent_queries: 8 }
     }
 }
 
@@ -314,10 +308,8 @@ impl Config {
 
     /// Reads and parses a configuration file. Does not validate; call [`Config::validate`].
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.to_owned(),
-            source,
-        })?;
+        let text =
+            std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
         Config::from_toml(&text)
     }
 
@@ -336,34 +328,19 @@ impl Config {
         // MQTT 3.1.1 brokers must accept 23 characters; most accept far more. 256 keeps
         // the id printable in logs and well inside every broker's limit we know of.
         if m.client_id.len() > 256 || m.client_id.chars().any(|c| c.is_control()) {
-            return Err(invalid(
-                "mqtt.client_id",
-                "at most 256 bytes, no control characters",
-            ));
+            return Err(invalid("mqtt.client_id", "at most 256 bytes, no control characters"));
         }
-        if m.share_group
-            .chars()
-            .any(|c| matches!(c, '/' | '+' | '#') || c.is_control())
-        {
+        if m.share_group.chars().any(|c| matches!(c, '/' | '+' | '#') || c.is_control()) {
             return Err(invalid(
                 "mqtt.share_group",
-                format!(
-                    "{:?} must not contain '/', '+', '#' or control characters",
-                    m.share_group
-                ),
+                format!("{:?} must not contain '/', '+', '#' or control characters", m.share_group),
             ));
         }
         if !m.keep_alive.is_zero() && m.keep_alive < Duration::from_secs(1) {
-            return Err(invalid(
-                "mqtt.keep_alive",
-                "must be 0 (disabled) or at least 1s",
-            ));
+            return Err(invalid("mqtt.keep_alive", "must be 0 (disabled) or at least 1s"));
         }
         if m.keep_alive > Duration::from_secs(u16::MAX as u64) {
-            return Err(invalid(
-                "mqtt.keep_alive",
-                "must be at most 65535s (an MQTT limit)",
-            ));
+            return Err(invalid("mqtt.keep_alive", "must be at most 65535s (an MQTT limit)"));
         }
         let p = &self.storage.postgres;
         if self.storage.backend == Backend::Postgres {
@@ -376,16 +353,10 @@ impl Config {
             ));
         }
         if p.connect_timeout.is_zero() {
-            return Err(invalid(
-                "storage.postgres.connect_timeout",
-                "must be positive",
-            ));
+            return Err(invalid("storage.postgres.connect_timeout", "must be positive"));
         }
         if p.query_timeout < Duration::from_secs(1) {
-            return Err(invalid(
-                "storage.postgres.query_timeout",
-                "must be at least 1s",
-            ));
+            return Err(invalid("storage.postgres.query_timeout", "must be at least 1s"));
         }
         if !(1..=1024).contains(&self.http.max_concurrent_queries) {
             return Err(invalid(
@@ -404,7 +375,10 @@ impl Config {
             return Err(invalid("retention.keep", "must be at least 1 day (retention drops whole days)"));
         }
         if !(1..=100).contains(&self.ingest.quarantine_after) {
-            return Err(invalid("ingest.quarantine_after", format!("{} is out of range 1 to 100", self.ingest.quarantine_after)));
+            return Err(invalid(
+                "ingest.quarantine_after",
+                format!("{} is out of range 1 to 100", self.ingest.quarantine_after),
+            ));
         }
         if self.ingest.fleet_metrics_interval < std::time::Duration::from_millis(100) {
             return Err(invalid("ingest.fleet_metrics_interval", "must be at least 100ms"));
@@ -431,11 +405,7 @@ impl Config {
         if self.mqtt.share_group.is_empty() {
             filter.to_owned()
         } else {
-            format!(
-                "$share/{}/{}",
-                self.mqtt.share_group,
-                filter
-            )
+            format!("$share/{}/{}", self.mqtt.share_group, filter)
         }
     }
 }
@@ -460,13 +430,9 @@ mod tests {
 
     #[test]
     fn unknown_key_error_names_the_key() {
-        let err = Config::from_toml("[mqtt]\nhots = \"x\"\n")
-            .unwrap_err()
-            .to_string();
+        let err = Config::from_toml("[mqtt]\nhots = \"x\"\n").unwrap_err().to_string();
         assert!(err.contains("hots"), "{err}");
-        let err = Config::from_toml("datadir = \"x\"\n")
-            .unwrap_err()
-            .to_string();
+        let err = Config::from_toml("datadir = \"x\"\n").unwrap_err().to_string();
         assert!(err.contains("datadir"), "{err}");
     }
 
@@ -474,30 +440,21 @@ mod tests {
     fn durations_are_humantime() {
         let cfg = Config::from_toml("[mqtt]\nkeep_alive = \"1m 5s\"\n").unwrap();
         assert_eq!(cfg.mqtt.keep_alive, Duration::from_secs(65));
-        let err = Config::from_toml("[mqtt]\nkeep_alive = 30\n")
-            .unwrap_err()
-            .to_string();
+        let err = Config::from_toml("[mqtt]\nkeep_alive = 30\n").unwrap_err().to_string();
         assert!(err.contains("keep_alive"), "{err}");
     }
 
     #[test]
     fn validate_names_the_key() {
         let check = |toml: &str, key: &str| {
-            let err = Config::from_toml(toml)
-                .unwrap()
-                .validate()
-                .unwrap_err()
-                .to_string();
+            let err = Config::from_toml(toml).unwrap().validate().unwrap_err().to_string();
             assert!(err.contains(&format!("`{key}`")), "{toml:?}: {err}");
         };
         check("[mqtt]\nport = 0", "mqtt.port");
         check("[mqtt]\nhost = \"\"", "mqtt.host");
         check("[mqtt]\nshare_group = \"a/b\"", "mqtt.share_group");
         check("[mqtt]\nkeep_alive = \"500ms\"", "mqtt.keep_alive");
-        check(
-            "[ingest]\nmax_batches_per_tx = 0",
-            "ingest.max_batches_per_tx",
-        );
+        check("[ingest]\nmax_batches_per_tx = 0", "ingest.max_batches_per_tx");
         check("data_dir = \"\"", "data_dir");
         check("[retention]\nkeep = \"12h\"", "retention.keep");
         check("[ingest]\nfleet_metrics_interval = \"1ms\"", "ingest.fleet_metrics_interval");
@@ -506,18 +463,9 @@ mod tests {
         check(&format!("{pg}url = \"http://x\""), "storage.postgres.url");
         check(&format!("{pg}url = \"port=5\""), "storage.postgres.url");
         check(&format!("{pg}pool_size = 0"), "storage.postgres.pool_size");
-        check(
-            &format!("{pg}pool_size = 1000"),
-            "storage.postgres.pool_size",
-        );
-        check(
-            &format!("{pg}connect_timeout = \"0s\""),
-            "storage.postgres.connect_timeout",
-        );
-        check(
-            &format!("{pg}query_timeout = \"10ms\""),
-            "storage.postgres.query_timeout",
-        );
+        check(&format!("{pg}pool_size = 1000"), "storage.postgres.pool_size");
+        check(&format!("{pg}connect_timeout = \"0s\""), "storage.postgres.connect_timeout");
+        check(&format!("{pg}query_timeout = \"10ms\""), "storage.postgres.query_timeout");
     }
 
     #[test]
@@ -540,9 +488,7 @@ mod tests {
         let shown = format!("{cfg:?}");
         assert!(!shown.contains("s3cret"), "{shown}");
         assert!(shown.contains("db1:5432/telemetry"), "{shown}");
-        let err = Config::from_toml("[storage]\nbackend = \"mysql\"\n")
-            .unwrap_err()
-            .to_string();
+        let err = Config::from_toml("[storage]\nbackend = \"mysql\"\n").unwrap_err().to_string();
         assert!(err.contains("backend"), "{err}");
         // A bad URL with a password: the error names the key, not the password.
         let err = Config::from_toml(
@@ -552,18 +498,13 @@ mod tests {
         .validate()
         .unwrap_err()
         .to_string();
-        assert!(
-            err.contains("`storage.postgres.url`") && !err.contains("s3cret"),
-            "{err}"
-        );
+        assert!(err.contains("`storage.postgres.url`") && !err.contains("s3cret"), "{err}");
     }
 
     #[test]
     fn postgres_doc_sample_config_is_valid() {
         // POSTGRES.md's sample must stay loadable: extract its ```toml block.
-        let doc =
-            std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("POSTGRES.md"))
-                .unwrap();
+        let doc = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("POSTGRES.md")).unwrap();
         let start = doc.find("```toml\n").expect("a ```toml block") + 8;
         let len = doc[start..].find("```").unwrap();
         let cfg = Config::from_toml(&doc[start..start + len]).unwrap();
@@ -575,10 +516,7 @@ mod tests {
     #[test]
     fn batch_filter_shared_or_plain() {
         let mut cfg = Config::default();
-        assert_eq!(
-            cfg.batch_filter(),
-            "$share/brume-hub/brume/v1/agents/+/batches"
-        );
+        assert_eq!(cfg.batch_filter(), "$share/brume-hub/brume/v1/agents/+/batches");
         cfg.mqtt.share_group.clear();
         assert_eq!(cfg.batch_filter(), "brume/v1/agents/+/batches");
     }

@@ -51,7 +51,8 @@ impl AppState {
             self.metrics.queries_refused.inc();
             ApiError {
                 status: StatusCode::SERVICE_UNAVAILABLE,
-                message: "too many expensive queries are running (http.max_concurrent_queries); retry in a second".into(),
+                message: "too many expensive queries are running (http.max_concurrent_queries); retry in a second"
+                    .into(),
             }
         })
     }
@@ -74,10 +75,7 @@ pub fn app(state: AppState) -> Router {
         .route("/api/v1/quarantine/{id}", axum::routing::delete(quarantine_discard))
         .route("/api/v1/quarantine/{id}/payload", get(quarantine_payload))
         .route("/api/v1/quarantine/{id}/reingest", axum::routing::post(quarantine_reingest))
-        .route(
-            "/api/v1/openapi.json",
-            get(|| async { ([(header::CONTENT_TYPE, "application/json")], OPENAPI) }),
-        )
+        .route("/api/v1/openapi.json", get(|| async { ([(header::CONTENT_TYPE, "application/json")], OPENAPI) }))
         .with_state(state)
 }
 
@@ -90,10 +88,7 @@ pub struct ApiError {
 
 impl ApiError {
     fn bad_request(message: impl Into<String>) -> ApiError {
-        ApiError {
-            status: StatusCode::BAD_REQUEST,
-            message: message.into(),
-        }
+        ApiError { status: StatusCode::BAD_REQUEST, message: message.into() }
     }
 }
 
@@ -106,10 +101,7 @@ impl ApiError {
 impl From<StoreError> for ApiError {
     fn from(e: StoreError) -> ApiError {
         tracing::error!(error = %e, "store query failed");
-        ApiError {
-            status: StatusCode::INTERNAL_SERVER_ERROR,
-            message: e.to_string(),
-        }
+        ApiError { status: StatusCode::INTERNAL_SERVER_ERROR, message: e.to_string() }
     }
 }
 
@@ -144,8 +136,11 @@ async fn query<T: Send + 'static>(
 async fn readyz(State(s): State<AppState>) -> Response {
     let mqtt = s.metrics.mqtt_connected.get() == 1;
     let store = Arc::clone(&s.store);
-    let db = match tokio::time::timeout(std::time::Duration::from_secs(5), tokio::task::spawn_blocking(move || store.ping()))
-        .await
+    let db = match tokio::time::timeout(
+        std::time::Duration::from_secs(5),
+        tokio::task::spawn_blocking(move || store.ping()),
+    )
+    .await
     {
         Ok(Ok(Ok(()))) => Ok(()),
         Ok(Ok(Err(e))) => Err(e.to_string()),
@@ -161,13 +156,7 @@ async fn readyz(State(s): State<AppState>) -> Response {
 }
 
 async fn metrics(State(s): State<AppState>) -> impl IntoResponse {
-    (
-        [(
-            header::CONTENT_TYPE,
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-        )],
-        s.metrics.encode(),
-    )
+    ([(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], s.metrics.encode())
 }
 
 fn stream_json(s: &StreamSummary) -> serde_json::Value {
@@ -189,13 +178,19 @@ struct ListFilter {
 
 impl ListFilter {
     /// Parses `params`, accepting only the names in `allowed`.
-    fn parse(params: Result<Query<Vec<(String, String)>>, QueryRejection>, allowed: &[&str]) -> Result<ListFilter, ApiError> {
+    fn parse(
+        params: Result<Query<Vec<(String, String)>>, QueryRejection>,
+        allowed: &[&str],
+    ) -> Result<ListFilter, ApiError> {
         let Query(params) = params.map_err(|e| ApiError::bad_request(format!("invalid query string: {e}")))?;
         let mut f = ListFilter::default();
         for (k, v) in params {
             match k.as_str() {
                 k if !allowed.contains(&k) => {
-                    return Err(ApiError::bad_request(format!("unknown parameter `{k}` (accepted: {})", allowed.join(", "))));
+                    return Err(ApiError::bad_request(format!(
+                        "unknown parameter `{k}` (accepted: {})",
+                        allowed.join(", ")
+                    )));
                 }
                 "match" => {
                     brume_protocol::topics::validate_pattern(&v)
@@ -204,9 +199,9 @@ impl ListFilter {
                 }
                 "prefix" => f.prefix = Some(v),
                 "label" => {
-                    let (k, val) = v.split_once(':').ok_or_else(|| {
-                        ApiError::bad_request(format!("parameter `label`: {v:?} is not key:value"))
-                    })?;
+                    let (k, val) = v
+                        .split_once(':')
+                        .ok_or_else(|| ApiError::bad_request(format!("parameter `label`: {v:?} is not key:value")))?;
                     f.labels.push((k.to_owned(), val.to_owned()));
                 }
                 "online" => {
@@ -249,7 +244,8 @@ async fn streams(
 /// (default 500, at most [`aggregate::MAX_BUCKETS`]).
 pub fn parse_aggregate_query(params: &[(String, String)]) -> Result<AggregateQuery, String> {
     let (mut stream, mut field, mut from, mut to, mut step, mut buckets) = (None, None, None, None, None, None);
-    let int = |name: &str, v: &str| v.parse::<i64>().map_err(|_| format!("parameter `{name}`: {v:?} is not an integer"));
+    let int =
+        |name: &str, v: &str| v.parse::<i64>().map_err(|_| format!("parameter `{name}`: {v:?} is not an integer"));
     for (k, v) in params {
         match k.as_str() {
             "stream" => stream = Some(v.clone()),
@@ -259,14 +255,22 @@ pub fn parse_aggregate_query(params: &[(String, String)]) -> Result<AggregateQue
             "step" => {
                 let d = humantime::parse_duration(v)
                     .map_err(|e| format!("parameter `step`: {v:?} is not a duration like 10s, 5m or 1h: {e}"))?;
-                step = Some(i64::try_from(d.as_nanos()).ok().filter(|&n| n > 0).ok_or_else(|| {
-                    format!("parameter `step`: {v:?} must be positive and under 292 years")
-                })?);
+                step = Some(
+                    i64::try_from(d.as_nanos())
+                        .ok()
+                        .filter(|&n| n > 0)
+                        .ok_or_else(|| format!("parameter `step`: {v:?} must be positive and under 292 years"))?,
+                );
             }
             "buckets" => {
                 buckets = Some(match v.parse::<i64>() {
                     Ok(n) if (1..=aggregate::MAX_BUCKETS).contains(&n) => n,
-                    _ => return Err(format!("parameter `buckets`: {v:?} is not an integer from 1 to {}", aggregate::MAX_BUCKETS)),
+                    _ => {
+                        return Err(format!(
+                            "parameter `buckets`: {v:?} is not an integer from 1 to {}",
+                            aggregate::MAX_BUCKETS
+                        ));
+                    }
                 })
             }
             other => return Err(format!("unknown parameter `{other}`")),
@@ -296,9 +300,9 @@ async fn aggregate(
     let _permit = s.query_permit()?;
     let q2 = q.clone();
     let store = Arc::clone(&s.store);
-    let result = tokio::task::spawn_blocking(move || aggregate::aggregate(&*store, &q2))
-        .await
-        .map_err(|e| ApiError { status: StatusCode::INTERNAL_SERVER_ERROR, message: format!("query task failed: {e}") })?;
+    let result = tokio::task::spawn_blocking(move || aggregate::aggregate(&*store, &q2)).await.map_err(|e| {
+        ApiError { status: StatusCode::INTERNAL_SERVER_ERROR, message: format!("query task failed: {e}") }
+    })?;
     let out = match result {
         Ok(out) => out,
         Err(AggregateError::Invalid(m)) => return Err(ApiError::bad_request(m)),
@@ -323,10 +327,8 @@ pub fn parse_readings_query(params: &[(String, String)]) -> Result<ReadingsQuery
     let mut to = None;
     let mut limit = DEFAULT_LIMIT;
     let mut after = None;
-    let int = |name: &str, v: &str| {
-        v.parse::<i64>()
-            .map_err(|_| format!("parameter `{name}`: {v:?} is not an integer"))
-    };
+    let int =
+        |name: &str, v: &str| v.parse::<i64>().map_err(|_| format!("parameter `{name}`: {v:?} is not an integer"));
     for (k, v) in params {
         match k.as_str() {
             "stream" => stream = Some(v.clone()),
@@ -336,32 +338,20 @@ pub fn parse_readings_query(params: &[(String, String)]) -> Result<ReadingsQuery
                 limit = match v.parse::<usize>() {
                     Ok(n) if (1..=MAX_LIMIT).contains(&n) => n,
                     _ => {
-                        return Err(format!(
-                            "parameter `limit`: {v:?} is not an integer from 1 to {MAX_LIMIT}"
-                        ));
+                        return Err(format!("parameter `limit`: {v:?} is not an integer from 1 to {MAX_LIMIT}"));
                     }
                 }
             }
             "after" => {
                 after = Some(Cursor::from_token(v).ok_or_else(|| {
-                    format!(
-                        "parameter `after`: {v:?} is not a cursor returned as `next` by this API"
-                    )
+                    format!("parameter `after`: {v:?} is not a cursor returned as `next` by this API")
                 })?)
             }
             other => return Err(format!("unknown parameter `{other}`")),
         }
     }
-    let stream = stream
-        .filter(|s| !s.is_empty())
-        .ok_or("missing parameter `stream`")?;
-    Ok(ReadingsQuery {
-        stream,
-        from,
-        to,
-        limit,
-        after,
-    })
+    let stream = stream.filter(|s| !s.is_empty()).ok_or("missing parameter `stream`")?;
+    Ok(ReadingsQuery { stream, from, to, limit, after })
 }
 
 /// Converts a stored fields blob to a JSON object: numbers, booleans and strings.
@@ -372,9 +362,7 @@ pub fn fields_json(fields: &[brume_protocol::Field]) -> serde_json::Value {
             let v = match &f.value {
                 // Stored fields are validated on ingest, so floats are finite; null is
                 // the only JSON answer for a non-finite one anyway.
-                Value::F64(x) => {
-                    serde_json::Number::from_f64(*x).map_or(serde_json::Value::Null, Into::into)
-                }
+                Value::F64(x) => serde_json::Number::from_f64(*x).map_or(serde_json::Value::Null, Into::into),
                 Value::I64(i) => (*i).into(),
                 Value::Bool(b) => (*b).into(),
                 Value::Str(s) => s.clone().into(),
@@ -397,8 +385,7 @@ async fn readings(
     State(s): State<AppState>,
     params: Result<Query<Vec<(String, String)>>, QueryRejection>,
 ) -> Result<Response, ApiError> {
-    let Query(params) =
-        params.map_err(|e| ApiError::bad_request(format!("invalid query string: {e}")))?;
+    let Query(params) = params.map_err(|e| ApiError::bad_request(format!("invalid query string: {e}")))?;
     let q = parse_readings_query(&params).map_err(ApiError::bad_request)?;
     let permit = s.query_permit()?;
     // A page is streamed: read from the store SUB_PAGE rows at a time (keyset paging
@@ -429,7 +416,10 @@ async fn readings(
                     Ok(Ok(())) => true,
                     Ok(Err(_)) => false, // the client went away
                     Err(_) => {
-                        tracing::warn!(stalled_s = CLIENT_STALL.as_secs(), "readings client stopped reading; response dropped");
+                        tracing::warn!(
+                            stalled_s = CLIENT_STALL.as_secs(),
+                            "readings client stopped reading; response dropped"
+                        );
                         false
                     }
                 }
@@ -486,7 +476,8 @@ fn encode_reading(buf: &mut Vec<u8>, r: &crate::store::StoredReading, first: boo
     let fields = r.fields.decode().map_err(|e| {
         StoreError::Corrupt(format!("fields of agent {} seq {} reading {}: {e}", r.agent_id, r.seq, r.idx))
     })?;
-    let mut o = json!({ "ts_ns": r.ts_ns, "agent_id": r.agent_id, "seq": r.seq, "idx": r.idx, "fields": fields_json(&fields) });
+    let mut o =
+        json!({ "ts_ns": r.ts_ns, "agent_id": r.agent_id, "seq": r.seq, "idx": r.idx, "fields": fields_json(&fields) });
     if let Some(m) = &r.module {
         o["module"] = module_json(m);
     }
@@ -563,7 +554,9 @@ async fn tail(
                 Ok(Ok(out)) => {
                     for (start, a) in out.buckets {
                         if sent.get(&start) != Some(&a) {
-                            let ev = axum::response::sse::Event::default().event("bucket").data(bucket_json(start, &a).to_string());
+                            let ev = axum::response::sse::Event::default()
+                                .event("bucket")
+                                .data(bucket_json(start, &a).to_string());
                             if tx.send(ev).await.is_err() {
                                 return; // the client went away
                             }
@@ -582,7 +575,10 @@ async fn tail(
             }
         }
     });
-    let events = tokio_stream::StreamExt::map(tokio_stream::wrappers::ReceiverStream::new(rx), Ok::<_, std::convert::Infallible>);
+    let events = tokio_stream::StreamExt::map(
+        tokio_stream::wrappers::ReceiverStream::new(rx),
+        Ok::<_, std::convert::Infallible>,
+    );
     Ok(axum::response::sse::Sse::new(events).keep_alive(axum::response::sse::KeepAlive::default()).into_response())
 }
 
@@ -597,7 +593,9 @@ async fn presence(
     Ok(axum::Json(
         list.iter()
             .filter(|p| {
-                f.agent(&p.status.agent_id) && f.labelled(&p.status.labels) && f.online.is_none_or(|o| o == p.online_at(now))
+                f.agent(&p.status.agent_id)
+                    && f.labelled(&p.status.labels)
+                    && f.online.is_none_or(|o| o == p.online_at(now))
             })
             .map(|p| {
                 let st = &p.status;
@@ -650,7 +648,8 @@ async fn quarantine_list(
     for (k, v) in &params {
         match k.as_str() {
             "after" => {
-                after = v.parse().map_err(|_| ApiError::bad_request(format!("parameter `after`: {v:?} is not an id")))?
+                after =
+                    v.parse().map_err(|_| ApiError::bad_request(format!("parameter `after`: {v:?} is not an id")))?
             }
             "limit" => {
                 limit = match v.parse::<usize>() {
@@ -662,7 +661,9 @@ async fn quarantine_list(
                     }
                 }
             }
-            other => return Err(ApiError::bad_request(format!("unknown parameter `{other}` (accepted: after, limit)"))),
+            other => {
+                return Err(ApiError::bad_request(format!("unknown parameter `{other}` (accepted: after, limit)")));
+            }
         }
     }
     let page = query(&s.store, move |st| st.quarantined(after, limit)).await?;
@@ -749,9 +750,11 @@ async fn agents(
 ) -> Result<axum::Json<serde_json::Value>, ApiError> {
     let f = ListFilter::parse(params, &["prefix", "label"])?;
     let labelled = !f.labels.is_empty();
-    let (list, presence) = query(&s.store, move |st| Ok((st.agents()?, if labelled { st.presence()? } else { Vec::new() }))).await?;
+    let (list, presence) =
+        query(&s.store, move |st| Ok((st.agents()?, if labelled { st.presence()? } else { Vec::new() }))).await?;
     // Labels come with presence: an agent never heard from has none.
-    let labels_of = |id: &str| presence.iter().find(|p| p.status.agent_id == id).map(|p| p.status.labels.as_slice()).unwrap_or(&[]);
+    let labels_of =
+        |id: &str| presence.iter().find(|p| p.status.agent_id == id).map(|p| p.status.labels.as_slice()).unwrap_or(&[]);
     Ok(axum::Json(
         list.iter().filter(|a| f.agent(&a.agent_id) && f.labelled(labels_of(&a.agent_id))).map(agent_json).collect(),
     ))
@@ -763,9 +766,7 @@ mod tests {
     use brume_protocol::Field;
 
     fn params(q: &[(&str, &str)]) -> Vec<(String, String)> {
-        q.iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect()
+        q.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
     }
 
     #[test]
@@ -806,7 +807,9 @@ mod tests {
 
         // The only permit is taken, as by a query in progress.
         let held = queries.clone().try_acquire_owned().unwrap();
-        for path in ["/api/v1/readings?stream=s", "/api/v1/aggregate?stream=s&from=0&to=10", "/api/v1/quarantine/1/payload"] {
+        for path in
+            ["/api/v1/readings?stream=s", "/api/v1/aggregate?stream=s&from=0&to=10", "/api/v1/quarantine/1/payload"]
+        {
             let resp = get(path).await.unwrap();
             assert_eq!(resp.status(), 503, "{path}");
             assert_eq!(resp.headers()["retry-after"], "1", "{path}");
@@ -818,7 +821,10 @@ mod tests {
         drop(held);
         let resp = get("/api/v1/readings?stream=s").await.unwrap();
         assert_eq!(resp.status(), 200);
-        assert_eq!(resp.json::<serde_json::Value>().await.unwrap(), json!({"stream": "s", "readings": [], "next": null}));
+        assert_eq!(
+            resp.json::<serde_json::Value>().await.unwrap(),
+            json!({"stream": "s", "readings": [], "next": null})
+        );
     }
 
     /// Pages are streamed from the store SUB_PAGE readings at a time: a page larger
@@ -872,24 +878,12 @@ mod tests {
     #[test]
     fn readings_query_defaults() {
         let q = parse_readings_query(&params(&[("stream", "s"), ("from", "5")])).unwrap();
-        assert_eq!(
-            q,
-            ReadingsQuery {
-                stream: "s".into(),
-                from: Some(5),
-                to: None,
-                limit: DEFAULT_LIMIT,
-                after: None
-            }
-        );
+        assert_eq!(q, ReadingsQuery { stream: "s".into(), from: Some(5), to: None, limit: DEFAULT_LIMIT, after: None });
     }
 
     #[test]
     fn fields_to_json() {
-        let f = |name: &str, value| Field {
-            name: name.into(),
-            value,
-        };
+        let f = |name: &str, value| Field { name: name.into(), value };
         let j = fields_json(&[
             f("value", Value::F64(1.5)),
             f("n", Value::I64(-3)),

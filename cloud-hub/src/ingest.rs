@@ -94,37 +94,20 @@ pub fn validate(topic: &str, payload: &[u8]) -> Result<Batch, (Reject, String)> 
     let agent = topics::agent_of_batch_topic(topic)
         .ok_or_else(|| (Reject::BadTopic, format!("{topic:?} is not a batch topic")))?;
     validate_agent_id(agent).map_err(|e| (Reject::BadTopic, e.to_string()))?;
-    let batch =
-        AgentMessage::decode_batch(payload).map_err(|e| (Reject::Malformed, e.to_string()))?;
+    let batch = AgentMessage::decode_batch(payload).map_err(|e| (Reject::Malformed, e.to_string()))?;
     if batch.agent_id != agent {
-        return Err((
-            Reject::AgentMismatch,
-            format!(
-                "payload agent id {:?} differs from the topic's",
-                batch.agent_id
-            ),
-        ));
+        return Err((Reject::AgentMismatch, format!("payload agent id {:?} differs from the topic's", batch.agent_id)));
     }
     // Sequence numbers are stored as signed 64-bit integers (SQLite and PostgreSQL);
     // nothing legitimate gets near.
     if batch.seq > i64::MAX as u64 {
-        return Err((
-            Reject::Malformed,
-            format!("seq {} is out of range", batch.seq),
-        ));
+        return Err((Reject::Malformed, format!("seq {} is out of range", batch.seq)));
     }
     for chunk in &batch.streams {
-        if let Some(p) = chunk
-            .points
-            .iter()
-            .find(|p| !(MIN_TS_NS..MAX_TS_NS).contains(&p.ts_ns))
-        {
+        if let Some(p) = chunk.points.iter().find(|p| !(MIN_TS_NS..MAX_TS_NS).contains(&p.ts_ns)) {
             return Err((
                 Reject::BadTimestamp,
-                format!(
-                    "stream {:?}: timestamp {} ns is outside 2000-01-01..2200-01-01",
-                    chunk.stream, p.ts_ns
-                ),
+                format!("stream {:?}: timestamp {} ns is outside 2000-01-01..2200-01-01", chunk.stream, p.ts_ns),
             ));
         }
     }
@@ -313,16 +296,7 @@ impl Committer {
             let (epoch, seq, reason, received_ms) = (q.epoch, q.seq, q.reason, q.received_ms);
             let result = tokio::task::spawn_blocking(move || {
                 let (agent_id, topic, error, payload) = &owned;
-                store.quarantine(&NewQuarantine {
-                    agent_id,
-                    epoch,
-                    seq,
-                    topic,
-                    reason,
-                    error,
-                    payload,
-                    received_ms,
-                })
+                store.quarantine(&NewQuarantine { agent_id, epoch, seq, topic, reason, error, payload, received_ms })
             })
             .await;
             let err = match result {
@@ -402,16 +376,12 @@ impl Ingest {
             if group.is_empty() {
                 continue;
             }
-            let (batches, deliveries): (Vec<_>, Vec<_>) =
-                group.into_iter().map(|p| (p.batch, p.delivery)).unzip();
+            let (batches, deliveries): (Vec<_>, Vec<_>) = group.into_iter().map(|p| (p.batch, p.delivery)).unzip();
             let batches = Arc::new(batches);
             let raw: Vec<(&str, &[u8])> =
                 deliveries.iter().map(|d| (d.publish.topic.as_str(), &d.publish.payload[..])).collect();
             let Some(outcomes) = self.committer.store(&batches, &raw, &shutdown).await else {
-                tracing::info!(
-                    batches = batches.len(),
-                    "shutting down with an uncommitted group; agents will re-send"
-                );
+                tracing::info!(batches = batches.len(), "shutting down with an uncommitted group; agents will re-send");
                 break;
             };
             if !self.acknowledge(&batches, &deliveries, &outcomes).await {
@@ -545,7 +515,9 @@ pub fn reingest(store: &dyn HubStore, id: i64) -> Result<ReingestResult, StoreEr
     };
     let batch = match validate(&entry.topic, &payload) {
         Ok(b) => b,
-        Err((reason, detail)) => return Ok(ReingestResult::StillInvalid(format!("{}: {detail}", reason.metric_label()))),
+        Err((reason, detail)) => {
+            return Ok(ReingestResult::StillInvalid(format!("{}: {detail}", reason.metric_label())));
+        }
     };
     let outcome = match store.ingest(std::slice::from_ref(&batch), now_ms()) {
         Ok(o) => o[0],
@@ -582,10 +554,7 @@ pub(crate) fn now_ms() -> i64 {
 
 /// Wall-clock time, ns since the Unix epoch (0 if the clock is before 1970).
 pub(crate) fn now_ns() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX))
-        .unwrap_or(0)
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX)).unwrap_or(0)
 }
 
 #[cfg(test)]
@@ -603,11 +572,7 @@ mod tests {
                 stream: "s".into(),
                 points: vec![Point {
                     ts_ns,
-                    fields: FieldsBlob::encode(&[Field {
-                        name: "v".into(),
-                        value: Value::F64(1.0),
-                    }])
-                    .unwrap(),
+                    fields: FieldsBlob::encode(&[Field { name: "v".into(), value: Value::F64(1.0) }]).unwrap(),
                 }],
             }],
             losses: vec![],
@@ -621,23 +586,12 @@ mod tests {
 
     #[test]
     fn every_reject_label_is_preregistered() {
-        for r in [
-            Reject::BadTopic,
-            Reject::Malformed,
-            Reject::AgentMismatch,
-            Reject::BadTimestamp,
-            Reject::Overloaded,
-        ] {
-            assert!(
-                crate::metrics::ALL_RESULTS.contains(&r.metric_label()),
-                "{r:?}"
-            );
+        for r in [Reject::BadTopic, Reject::Malformed, Reject::AgentMismatch, Reject::BadTimestamp, Reject::Overloaded]
+        {
+            assert!(crate::metrics::ALL_RESULTS.contains(&r.metric_label()), "{r:?}");
         }
         let text = crate::metrics::Metrics::new().encode();
-        assert!(
-            text.contains("brume_hub_batches_total{result=\"rejected_malformed\"} 0"),
-            "{text}"
-        );
+        assert!(text.contains("brume_hub_batches_total{result=\"rejected_malformed\"} 0"), "{text}");
     }
 
     #[test]
@@ -645,50 +599,25 @@ mod tests {
         let ok_ts = MIN_TS_NS + 1;
         let good = AgentMessage::BatchV2(batch("a1", ok_ts)).encode();
         assert_eq!(check("brume/v1/agents/a1/batches", &good), Ok(()));
-        assert_eq!(
-            check("brume/v1/agents/a2/batches", &good),
-            Err(Reject::AgentMismatch)
-        );
-        assert_eq!(
-            check("brume/v1/agents/a 1/batches", &good),
-            Err(Reject::BadTopic)
-        );
-        assert_eq!(
-            check("brume/v1/agents/a1/acks", &good),
-            Err(Reject::BadTopic)
-        );
-        assert_eq!(
-            check("brume/v1/agents/a1/batches", b"\xff\xff garbage"),
-            Err(Reject::Malformed)
-        );
+        assert_eq!(check("brume/v1/agents/a2/batches", &good), Err(Reject::AgentMismatch));
+        assert_eq!(check("brume/v1/agents/a 1/batches", &good), Err(Reject::BadTopic));
+        assert_eq!(check("brume/v1/agents/a1/acks", &good), Err(Reject::BadTopic));
+        assert_eq!(check("brume/v1/agents/a1/batches", b"\xff\xff garbage"), Err(Reject::Malformed));
         let mut trailing = good.clone();
         trailing.push(0);
-        assert_eq!(
-            check("brume/v1/agents/a1/batches", &trailing),
-            Err(Reject::Malformed)
-        );
+        assert_eq!(check("brume/v1/agents/a1/batches", &trailing), Err(Reject::Malformed));
         for ts in [MIN_TS_NS - 1, MAX_TS_NS, 0, i64::MIN] {
             let m = AgentMessage::BatchV2(batch("a1", ts)).encode();
-            assert_eq!(
-                check("brume/v1/agents/a1/batches", &m),
-                Err(Reject::BadTimestamp),
-                "{ts}"
-            );
+            assert_eq!(check("brume/v1/agents/a1/batches", &m), Err(Reject::BadTimestamp), "{ts}");
         }
         assert_eq!(
-            check(
-                "brume/v1/agents/a1/batches",
-                &AgentMessage::BatchV2(batch("a1", MAX_TS_NS - 1)).encode()
-            ),
+            check("brume/v1/agents/a1/batches", &AgentMessage::BatchV2(batch("a1", MAX_TS_NS - 1)).encode()),
             Ok(())
         );
         let mut big_seq = batch("a1", ok_ts);
         big_seq.seq = u64::MAX;
         assert_eq!(
-            check(
-                "brume/v1/agents/a1/batches",
-                &AgentMessage::BatchV2(big_seq).encode()
-            ),
+            check("brume/v1/agents/a1/batches", &AgentMessage::BatchV2(big_seq).encode()),
             Err(Reject::Malformed)
         );
     }

@@ -74,11 +74,7 @@ pub enum HubError {
 /// tests can pass a listener on port 0). Validates `cfg` first. An unreachable
 /// PostgreSQL at start is an error (a supervisor restarts the hub); once running, the
 /// hub rides out database outages by retrying, without acknowledging anything.
-pub async fn run(
-    cfg: Config,
-    http_listener: TcpListener,
-    shutdown: CancellationToken,
-) -> Result<(), HubError> {
+pub async fn run(cfg: Config, http_listener: TcpListener, shutdown: CancellationToken) -> Result<(), HubError> {
     cfg.validate()?;
     let store: Arc<dyn HubStore> = match cfg.storage.backend {
         Backend::Sqlite => {
@@ -86,10 +82,7 @@ pub async fn run(
             // Opening runs migrations and may fsync: not on the async runtime.
             let store = tokio::task::spawn_blocking(move || SqliteStore::open(&data_dir))
                 .await
-                .map_err(|source| HubError::Task {
-                    task: "store open",
-                    source,
-                })??;
+                .map_err(|source| HubError::Task { task: "store open", source })??;
             tracing::info!(path = %store.path().display(), "sqlite store opened");
             Arc::new(store)
         }
@@ -99,10 +92,7 @@ pub async fn run(
             // must not happen on an async worker thread.
             let store = tokio::task::spawn_blocking(move || PostgresStore::connect(options))
                 .await
-                .map_err(|source| HubError::Task {
-                    task: "store open",
-                    source,
-                })??;
+                .map_err(|source| HubError::Task { task: "store open", source })??;
             tracing::info!(target = %store.target(), "postgres store opened");
             Arc::new(store)
         }
@@ -144,7 +134,8 @@ async fn refresh_fleet_metrics(
 ) {
     loop {
         let st = store.clone();
-        let fleet = tokio::task::spawn_blocking(move || Ok::<_, store::StoreError>((st.agents()?, st.presence()?))).await;
+        let fleet =
+            tokio::task::spawn_blocking(move || Ok::<_, store::StoreError>((st.agents()?, st.presence()?))).await;
         match fleet {
             Ok(Ok((agents, presence))) => {
                 let mut missing: std::collections::BTreeMap<String, i64> = Default::default();
@@ -204,7 +195,12 @@ pub async fn run_with_store(
     if let Some(keep) = cfg.retention.keep {
         tracker.spawn(retention(store.clone(), keep, shutdown.clone()));
     }
-    tracker.spawn(refresh_fleet_metrics(store.clone(), metrics.clone(), cfg.ingest.fleet_metrics_interval, shutdown.clone()));
+    tracker.spawn(refresh_fleet_metrics(
+        store.clone(),
+        metrics.clone(),
+        cfg.ingest.fleet_metrics_interval,
+        shutdown.clone(),
+    ));
 
     let addr = http_listener.local_addr().map_err(HubError::Http)?;
     let app = http::app(http::AppState {
@@ -215,9 +211,7 @@ pub async fn run_with_store(
     });
     let http_shutdown = shutdown.clone();
     let http_task = tracker.spawn(async move {
-        axum::serve(http_listener, app)
-            .with_graceful_shutdown(http_shutdown.cancelled_owned())
-            .await
+        axum::serve(http_listener, app).with_graceful_shutdown(http_shutdown.cancelled_owned()).await
     });
     tracker.close();
     tracing::info!(%addr, "HTTP API listening");
@@ -227,15 +221,8 @@ pub async fn run_with_store(
     let mut result = Ok(());
     match tokio::time::timeout(INGEST_DRAIN_TIMEOUT, ingest_task).await {
         Ok(Ok(())) => {}
-        Ok(Err(source)) => {
-            result = Err(HubError::Task {
-                task: "ingest",
-                source,
-            })
-        }
-        Err(_) => tracing::warn!(
-            "ingest did not finish in {INGEST_DRAIN_TIMEOUT:?}; its batches stay unacknowledged"
-        ),
+        Ok(Err(source)) => result = Err(HubError::Task { task: "ingest", source }),
+        Err(_) => tracing::warn!("ingest did not finish in {INGEST_DRAIN_TIMEOUT:?}; its batches stay unacknowledged"),
     }
     // Not connected: nothing queued can be delivered, and the event loop may be asleep
     // in its reconnect backoff. Stop it instead of waiting out the timeout.
@@ -247,30 +234,19 @@ pub async fn run_with_store(
         let _ = mqtt.disconnect().await;
         mqtt_task.await
     };
-    if tokio::time::timeout(MQTT_DISCONNECT_TIMEOUT, disconnected)
-        .await
-        .is_err()
-    {
+    if tokio::time::timeout(MQTT_DISCONNECT_TIMEOUT, disconnected).await.is_err() {
         tracing::warn!("MQTT disconnect did not complete in {MQTT_DISCONNECT_TIMEOUT:?}");
     }
     mqtt_stop.cancel();
     match tokio::time::timeout(HTTP_DRAIN_TIMEOUT, http_task).await {
         Ok(Ok(Ok(()))) => {}
         Ok(Ok(Err(e))) => result = result.and(Err(HubError::Http(e))),
-        Ok(Err(source)) => {
-            result = result.and(Err(HubError::Task {
-                task: "http",
-                source,
-            }))
-        }
+        Ok(Err(source)) => result = result.and(Err(HubError::Task { task: "http", source })),
         Err(_) => tracing::warn!("HTTP requests did not finish in {HTTP_DRAIN_TIMEOUT:?}"),
     }
     // Every task has ended or been abandoned after its timeout; this returns at once
     // unless something is stuck, which the bounded wait turns into a warning.
-    if tokio::time::timeout(Duration::from_secs(1), tracker.wait())
-        .await
-        .is_err()
-    {
+    if tokio::time::timeout(Duration::from_secs(1), tracker.wait()).await.is_err() {
         tracing::warn!("some tasks did not stop");
     }
     tracing::info!("hub stopped");

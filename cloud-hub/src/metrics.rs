@@ -71,32 +71,15 @@ impl Metrics {
         }
         registry.register("batches", "Batches received, by result", batches.clone());
         let readings_stored = Counter::default();
-        registry.register(
-            "readings_stored",
-            "Readings stored (duplicates excluded)",
-            readings_stored.clone(),
-        );
+        registry.register("readings_stored", "Readings stored (duplicates excluded)", readings_stored.clone());
         let db_errors = Counter::default();
-        registry.register(
-            "db_errors",
-            "Ingest transactions that failed and were not acknowledged",
-            db_errors.clone(),
-        );
+        registry.register("db_errors", "Ingest transactions that failed and were not acknowledged", db_errors.clone());
         let mqtt_connected = Gauge::<i64, AtomicI64>::default();
-        registry.register(
-            "mqtt_connected",
-            "1 while connected to the MQTT broker",
-            mqtt_connected.clone(),
-        );
+        registry.register("mqtt_connected", "1 while connected to the MQTT broker", mqtt_connected.clone());
         // 100 µs .. ~3.3 s: a durable SQLite commit is ~0.1-0.3 ms, a large group a few ms.
-        let ingest_tx_seconds = Histogram::new(
-            prometheus_client::metrics::histogram::exponential_buckets(1e-4, 2.0, 16),
-        );
-        registry.register(
-            "ingest_tx_seconds",
-            "Duration of one ingest transaction",
-            ingest_tx_seconds.clone(),
-        );
+        let ingest_tx_seconds =
+            Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(1e-4, 2.0, 16));
+        registry.register("ingest_tx_seconds", "Duration of one ingest transaction", ingest_tx_seconds.clone());
         // 10 ms .. ~3 days: live batches take milliseconds, a backlog after an outage
         // arrives hours or days late.
         let batch_latency_seconds =
@@ -110,11 +93,7 @@ impl Metrics {
         for result in ["stored", "rejected", "failed"] {
             let _ = presence_messages.get_or_create(&[("result", result)]);
         }
-        registry.register(
-            "presence_messages",
-            "Agents' presence messages, by result",
-            presence_messages.clone(),
-        );
+        registry.register("presence_messages", "Agents' presence messages, by result", presence_messages.clone());
         let agent_missing_batches = Family::<Vec<(String, String)>, Gauge<i64, AtomicI64>>::default();
         registry.register(
             "agent_missing_batches",
@@ -172,8 +151,7 @@ impl Metrics {
     /// Encodes every metric in the Prometheus/OpenMetrics text format.
     pub fn encode(&self) -> String {
         let mut out = String::new();
-        prometheus_client::encoding::text::encode(&mut out, &self.registry)
-            .expect("writing to a String cannot fail");
+        prometheus_client::encoding::text::encode(&mut out, &self.registry).expect("writing to a String cannot fail");
         out
     }
 }

@@ -36,9 +36,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use rand::Rng;
-use rumqttc::{
-    AsyncClient, Event, EventLoop, MqttOptions, Outgoing, Packet, Publish, QoS, Request, Subscribe,
-};
+use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Outgoing, Packet, Publish, QoS, Request, Subscribe};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
@@ -88,24 +86,15 @@ impl MqttHandle {
     /// connection (see the module docs). Fails only when the event loop is gone.
     pub async fn ack_broker(&self, d: &Delivery) -> Result<(), rumqttc::ClientError> {
         if d.generation != self.generation.load(Ordering::Acquire) {
-            tracing::debug!(
-                pkid = d.publish.pkid,
-                "not acking a publish from an earlier connection"
-            );
+            tracing::debug!(pkid = d.publish.pkid, "not acking a publish from an earlier connection");
             return Ok(());
         }
         self.client.ack(&d.publish).await
     }
 
     /// Publishes `payload` QoS 1 on `topic`. Fails only when the event loop is gone.
-    pub async fn publish(
-        &self,
-        topic: String,
-        payload: Vec<u8>,
-    ) -> Result<(), rumqttc::ClientError> {
-        self.client
-            .publish(topic, QoS::AtLeastOnce, false, payload)
-            .await
+    pub async fn publish(&self, topic: String, payload: Vec<u8>) -> Result<(), rumqttc::ClientError> {
+        self.client.publish(topic, QoS::AtLeastOnce, false, payload).await
     }
 
     /// Queues a DISCONNECT; the event loop task ends once it has been sent.
@@ -127,10 +116,7 @@ pub fn options(cfg: &Config) -> MqttOptions {
         // Acks go to the broker only after the batch is committed (or rejected), so a
         // crash before commit makes the broker's copy the one that survives.
         .set_manual_acks(true)
-        .set_max_packet_size(
-            brume_protocol::limits::MAX_MESSAGE_BYTES + PACKET_OVERHEAD,
-            MAX_OUTGOING_PACKET,
-        )
+        .set_max_packet_size(brume_protocol::limits::MAX_MESSAGE_BYTES + PACKET_OVERHEAD, MAX_OUTGOING_PACKET)
         .set_request_channel_capacity(REQUEST_CHANNEL);
     opts
 }
@@ -143,18 +129,11 @@ pub fn start(
     cfg: &Config,
     metrics: Arc<Metrics>,
     stop: CancellationToken,
-) -> (
-    MqttHandle,
-    mpsc::Receiver<Delivery>,
-    impl Future<Output = ()> + Send + 'static,
-) {
+) -> (MqttHandle, mpsc::Receiver<Delivery>, impl Future<Output = ()> + Send + 'static) {
     let (client, eventloop) = AsyncClient::new(options(cfg), REQUEST_CHANNEL);
     let (tx, rx) = mpsc::channel(DELIVERY_QUEUE);
     let generation = Arc::new(AtomicU64::new(0));
-    let handle = MqttHandle {
-        client: client.clone(),
-        generation: generation.clone(),
-    };
+    let handle = MqttHandle { client: client.clone(), generation: generation.clone() };
     let driver = EventLoopDriver {
         eventloop,
         client,
@@ -212,11 +191,7 @@ impl EventLoopDriver {
                     self.awaiting_subacks = 2;
                 }
                 Ok(Event::Incoming(Packet::SubAck(ack))) => {
-                    if ack
-                        .return_codes
-                        .iter()
-                        .any(|c| matches!(c, rumqttc::SubscribeReasonCode::Failure))
-                    {
+                    if ack.return_codes.iter().any(|c| matches!(c, rumqttc::SubscribeReasonCode::Failure)) {
                         tracing::error!(filter = %self.filter, "broker refused the batch subscription");
                     } else {
                         tracing::info!(filter = %self.filter, "subscribed to agent batches");
@@ -259,17 +234,13 @@ impl EventLoopDriver {
 
     fn deliver(&self, publish: Publish) {
         let generation = self.generation.load(Ordering::Acquire);
-        match self.tx.try_send(Delivery {
-            publish,
-            generation,
-        }) {
+        match self.tx.try_send(Delivery { publish, generation }) {
             Ok(()) => {}
             Err(mpsc::error::TrySendError::Full(d)) => {
                 // Only reachable with QoS 0 floods or a broker ignoring its in-flight
                 // window. Drop the batch but ack it so the broker's window stays open;
                 // the agent re-sends because it gets no hub ack.
-                self.metrics
-                    .count_batch(crate::ingest::Reject::Overloaded.metric_label());
+                self.metrics.count_batch(crate::ingest::Reject::Overloaded.metric_label());
                 tracing::warn!(topic = %d.publish.topic, "ingest queue full, dropping batch");
                 if let Err(e) = self.client.try_ack(&d.publish) {
                     tracing::warn!(error = %e, "cannot ack dropped batch");

@@ -163,9 +163,7 @@ fn loss_reason_from_str(s: &str) -> Result<LossReason, StoreError> {
     match s {
         "retention" => Ok(LossReason::Retention),
         "store_full" => Ok(LossReason::StoreFull),
-        other => Err(StoreError::Corrupt(format!(
-            "unknown loss reason {other:?}"
-        ))),
+        other => Err(StoreError::Corrupt(format!("unknown loss reason {other:?}"))),
     }
 }
 
@@ -214,10 +212,7 @@ impl Cursor {
     pub fn to_token(&self) -> String {
         // Agent ids never contain ':' (protocol::validate_agent_id), and it is the last
         // part anyway, so the split in `from_token` is unambiguous.
-        let plain = format!(
-            "{}:{}:{}:{}:{}",
-            self.ts_ns, self.epoch, self.seq, self.idx, self.agent_id
-        );
+        let plain = format!("{}:{}:{}:{}:{}", self.ts_ns, self.epoch, self.seq, self.idx, self.agent_id);
         plain.bytes().map(|b| format!("{b:02x}")).collect()
     }
 
@@ -282,13 +277,7 @@ pub struct StoredReading {
 impl StoredReading {
     /// This reading's position, for pagination.
     pub fn cursor(&self) -> Cursor {
-        Cursor {
-            ts_ns: self.ts_ns,
-            agent_id: self.agent_id.clone(),
-            epoch: self.epoch,
-            seq: self.seq,
-            idx: self.idx,
-        }
+        Cursor { ts_ns: self.ts_ns, agent_id: self.agent_id.clone(), epoch: self.epoch, seq: self.seq, idx: self.idx }
     }
 }
 
@@ -433,10 +422,7 @@ pub(crate) fn attach_lineage(
             let ranges = lookup(&r.agent_id, r.epoch, r.seq)?;
             cache.insert(key.clone(), ranges);
         }
-        r.module = cache[&key]
-            .iter()
-            .find(|l| (l.first_idx..=l.last_idx).contains(&r.idx))
-            .map(|l| l.module.clone());
+        r.module = cache[&key].iter().find(|l| (l.first_idx..=l.last_idx).contains(&r.idx)).map(|l| l.module.clone());
     }
     Ok(())
 }
@@ -452,11 +438,7 @@ pub trait HubStore: Send + Sync + 'static {
     ///
     /// Returns one outcome per input batch, in order, only after the transaction is
     /// durably committed. On `Err` nothing was stored.
-    fn ingest(
-        &self,
-        batches: &[Batch],
-        received_ms: i64,
-    ) -> Result<Vec<BatchOutcome>, StoreError>;
+    fn ingest(&self, batches: &[Batch], received_ms: i64) -> Result<Vec<BatchOutcome>, StoreError>;
 
     /// All streams, sorted by name.
     fn streams(&self) -> Result<Vec<StreamSummary>, StoreError>;
@@ -472,7 +454,13 @@ pub trait HubStore: Send + Sync + 'static {
 
     /// One-minute rollups of `field` on `stream` for minutes in `[from, to)`, oldest
     /// first (see [`crate::aggregate`]). An unknown stream or field yields none.
-    fn rollups(&self, stream: &str, field: &str, from: i64, to: i64) -> Result<Vec<(i64, crate::aggregate::Agg)>, StoreError>;
+    fn rollups(
+        &self,
+        stream: &str,
+        field: &str,
+        from: i64,
+        to: i64,
+    ) -> Result<Vec<(i64, crate::aggregate::Agg)>, StoreError>;
 
     /// Checks the database answers a trivial query: for readiness probes.
     fn ping(&self) -> Result<(), StoreError>;
@@ -631,7 +619,8 @@ pub const MAX_QUARANTINE_PAGE: usize = 1000;
 /// Error text as stored: control characters (which PostgreSQL `text` may refuse, U+0000
 /// in particular) escaped, at most 4 KiB.
 pub(crate) fn storable_text(s: &str) -> String {
-    let mut out: String = s.chars().flat_map(|c| if c.is_control() { c.escape_default().collect::<Vec<_>>() } else { vec![c] }).collect();
+    let mut out: String =
+        s.chars().flat_map(|c| if c.is_control() { c.escape_default().collect::<Vec<_>>() } else { vec![c] }).collect();
     if out.len() > 4096 {
         let mut end = 4096;
         while !out.is_char_boundary(end) {
@@ -671,28 +660,15 @@ mod tests {
 
     #[test]
     fn cursor_token_round_trips() {
-        let c = Cursor {
-            ts_ns: -5,
-            agent_id: "a.b-c_d".into(),
-            epoch: u64::MAX,
-            seq: 7,
-            idx: 3,
-        };
+        let c = Cursor { ts_ns: -5, agent_id: "a.b-c_d".into(), epoch: u64::MAX, seq: 7, idx: 3 };
         assert_eq!(Cursor::from_token(&c.to_token()), Some(c));
     }
 
     #[test]
     fn bad_cursor_tokens_are_refused() {
-        for t in [
-            "",
-            "zz",
-            "abc",
-            "3a3a3a3a",
-            &"1:2:3:4:bad agent"
-                .bytes()
-                .map(|b| format!("{b:02x}"))
-                .collect::<String>(),
-        ] {
+        for t in
+            ["", "zz", "abc", "3a3a3a3a", &"1:2:3:4:bad agent".bytes().map(|b| format!("{b:02x}")).collect::<String>()]
+        {
             assert_eq!(Cursor::from_token(t), None, "{t}");
         }
     }

@@ -536,7 +536,12 @@ impl Config {
             return Err(invalid("labels", format!("at most {} labels", brume_protocol::MAX_STATUS_MODULES)));
         }
         for (k, v) in &self.labels {
-            if k.is_empty() || k.contains(':') || k.len() > 64 || v.len() > 128 || (k.clone() + v).chars().any(char::is_control) {
+            if k.is_empty()
+                || k.contains(':')
+                || k.len() > 64
+                || v.len() > 128
+                || (k.clone() + v).chars().any(char::is_control)
+            {
                 return Err(invalid(
                     format!("labels.{k}"),
                     "keys are 1 to 64 bytes without ':', values at most 128 bytes, no control characters",
@@ -554,7 +559,10 @@ impl Config {
         }
         let ps = self.store.page_size.as_u64();
         if !(512..=65_536).contains(&ps) || !ps.is_power_of_two() {
-            return Err(invalid("store.page_size", "must be a power of two from 512 B to 64 KiB, e.g. \"1 KiB\" or \"4 KiB\""));
+            return Err(invalid(
+                "store.page_size",
+                "must be a power of two from 512 B to 64 KiB, e.g. \"1 KiB\" or \"4 KiB\"",
+            ));
         }
         for (i, s) in self.store.streams.iter().enumerate() {
             validate_pattern(&s.pattern).map_err(|why| invalid(format!("store.streams[{i}].match"), why))?;
@@ -631,7 +639,8 @@ impl Config {
                 return Err(invalid(format!("modules[{i}]"), "time_per_batch and fuel_per_batch must be positive"));
             }
         }
-        if self.simulator.enabled && (self.simulator.streams == 0 || !(self.simulator.rate > 0.0) || self.simulator.batch == 0)
+        if self.simulator.enabled
+            && (self.simulator.streams == 0 || !(self.simulator.rate > 0.0) || self.simulator.batch == 0)
         {
             return Err(invalid("simulator", "streams, rate and batch must be positive when enabled"));
         }
@@ -669,8 +678,6 @@ impl StreamRules {
 fn rule_for<'a>(rules: &'a [StreamRule], default: &'a StreamRuleBody, stream: &str) -> &'a StreamRuleBody {
     rules.iter().find(|r| pattern_matches(&r.pattern, stream)).map(|r| &r.rule).unwrap_or(default)
 }
-
-
 
 #[cfg(test)]
 mod tests {

@@ -28,8 +28,8 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use brume_protocol::{AgentMessage, Batch, HubMessage, Value, topics};
-use rand::Rng;
 use brume_protocol::{AgentStatus, ModuleHealth, StatusV1};
+use rand::Rng;
 use rumqttc::{AsyncClient, Event, EventLoop, LastWill, MqttOptions, Outgoing, Packet, QoS};
 
 use crate::modules::SharedModuleStatus;
@@ -47,7 +47,10 @@ enum LinkEvent {
     Connected,
     Disconnected,
     /// Hub mode: the hub committed these batches.
-    HubAck { epoch: u64, seqs: Vec<u64> },
+    HubAck {
+        epoch: u64,
+        seqs: Vec<u64>,
+    },
     /// Hub mode: a hub (re)subscribed at this time (its clock); what the broker received
     /// before may have been dropped.
     HubOnline(i64),
@@ -108,14 +111,8 @@ pub async fn run(
     }
     let (client, eventloop) = AsyncClient::new(opts, inflight + 16);
     let (ev_tx, ev_rx) = mpsc::channel(1024);
-    let link = tokio::spawn(event_loop_task(
-        eventloop,
-        ev_tx,
-        cfg.clone(),
-        metrics.clone(),
-        status.clone(),
-        shutdown.clone(),
-    ));
+    let link =
+        tokio::spawn(event_loop_task(eventloop, ev_tx, cfg.clone(), metrics.clone(), status.clone(), shutdown.clone()));
     let mut fwd = Forwarder::new(cfg, store, client.clone(), metrics, status, presence);
     fwd.run(ev_rx, shutdown).await;
     fwd.publish_presence(false).await;

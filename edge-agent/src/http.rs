@@ -74,7 +74,12 @@ fn error(code: StatusCode, msg: impl std::fmt::Display) -> Response {
     (code, axum::Json(serde_json::json!({ "error": msg.to_string() }))).into_response()
 }
 
-async fn write(State(st): State<AppState>, params: Result<Query<WriteParams>, axum::extract::rejection::QueryRejection>, headers: HeaderMap, body: Bytes) -> Response {
+async fn write(
+    State(st): State<AppState>,
+    params: Result<Query<WriteParams>, axum::extract::rejection::QueryRejection>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
     let Query(params) = match params {
         Ok(p) => p,
         Err(e) => return error(StatusCode::BAD_REQUEST, format!("bad query string: {e}")),

@@ -50,9 +50,11 @@ impl Listeners {
     /// Binds the addresses in the config.
     pub async fn bind(cfg: &Config) -> anyhow::Result<Listeners> {
         let mqtt = if cfg.listener.enabled {
-            Some(TcpListener::bind(cfg.listener.listen).await.with_context(|| {
-                format!("cannot listen for MQTT on {} (listener.listen)", cfg.listener.listen)
-            })?)
+            Some(
+                TcpListener::bind(cfg.listener.listen)
+                    .await
+                    .with_context(|| format!("cannot listen for MQTT on {} (listener.listen)", cfg.listener.listen))?,
+            )
         } else {
             None
         };
@@ -143,11 +145,22 @@ pub async fn run(cfg: Config, listeners: Listeners, shutdown: CancellationToken)
         ));
     }
     if cfg.simulator.enabled {
-        ingest.spawn(ingest::simulator::run(cfg.simulator.clone(), store.clone(), metrics.clone(), ingest_stop.clone()));
+        ingest.spawn(ingest::simulator::run(
+            cfg.simulator.clone(),
+            store.clone(),
+            metrics.clone(),
+            ingest_stop.clone(),
+        ));
     }
     ingest.close();
-    let forwarder =
-        tokio::spawn(forward::run(cfg.clone(), store.clone(), metrics.clone(), forward_status, module_status.clone(), forward_stop.clone()));
+    let forwarder = tokio::spawn(forward::run(
+        cfg.clone(),
+        store.clone(),
+        metrics.clone(),
+        forward_status,
+        module_status.clone(),
+        forward_stop.clone(),
+    ));
 
     shutdown.cancelled().await;
     tracing::info!("shutting down: stopping ingest");

@@ -219,7 +219,12 @@ impl Metrics {
     /// Counts dropped readings.
     pub fn record_dropped(&self, dropped: &[(String, LossReason, u64)]) {
         for (stream, reason, n) in dropped {
-            tracing::warn!(stream, reason = reason.as_str(), count = n, "readings dropped before the hub acknowledged them");
+            tracing::warn!(
+                stream,
+                reason = reason.as_str(),
+                count = n,
+                "readings dropped before the hub acknowledged them"
+            );
             self.readings_dropped
                 .get_or_create(&StreamReasonLabel { stream: stream.clone(), reason: reason.as_str().into() })
                 .inc_by(*n);
@@ -255,7 +260,11 @@ impl Metrics {
             self.stream_quota_refused.clone(),
         );
         r.register("bad_input", "Malformed packets or payloads rejected", self.bad_input.clone());
-        r.register("readings_dropped", "Accepted readings dropped before the hub acknowledged them", self.readings_dropped.clone());
+        r.register(
+            "readings_dropped",
+            "Accepted readings dropped before the hub acknowledged them",
+            self.readings_dropped.clone(),
+        );
         r.register("store_errors", "Store commit errors", self.store_errors.clone());
         r.register("commit_seconds", "Store commit latency", self.commit_seconds.clone());
         r.register("commits", "Store transactions committed (each writes a few pages of flash)", self.commits.clone());
@@ -272,8 +281,16 @@ impl Metrics {
         r.register("outbox_batches", "Batches awaiting the hub's acknowledgement", self.outbox_batches.clone());
         r.register("outbox_readings", "Readings awaiting the hub's acknowledgement", self.outbox_readings.clone());
         r.register("unbatched_readings", "Readings not yet cut into a batch", self.unbatched_readings.clone());
-        r.register("outbox_oldest_age_seconds", "Age of the oldest unacknowledged batch", self.outbox_oldest_age_seconds.clone());
-        r.register("store_unavailable", "1 while the store cannot commit (disk full, read-only)", self.store_unavailable.clone());
+        r.register(
+            "outbox_oldest_age_seconds",
+            "Age of the oldest unacknowledged batch",
+            self.outbox_oldest_age_seconds.clone(),
+        );
+        r.register(
+            "store_unavailable",
+            "1 while the store cannot commit (disk full, read-only)",
+            self.store_unavailable.clone(),
+        );
         r.register("module_batches", "Module batches by result", self.module_batches.clone());
         r.register("module_events", "Module lifecycle events", self.module_events.clone());
         r.register("module_readings_in", "Readings handed to modules", self.module_readings_in.clone());

@@ -91,13 +91,20 @@ pub struct ModuleRunners {
 impl ModuleRunners {
     /// Starts the module threads (`module_runtime.threads`, at most one per module).
     /// Nothing to start → no engine is built.
-    pub fn start(cfg: &Config, store: StoreHandle, metrics: Arc<Metrics>, status: SharedModuleStatus) -> anyhow::Result<ModuleRunners> {
+    pub fn start(
+        cfg: &Config,
+        store: StoreHandle,
+        metrics: Arc<Metrics>,
+        status: SharedModuleStatus,
+    ) -> anyhow::Result<ModuleRunners> {
         let stop = CancellationToken::new();
         let mut threads = Vec::new();
         if cfg.modules.is_empty() {
             return Ok(ModuleRunners { stop, threads });
         }
-        let engine = Arc::new(WasmEngine::new(Default::default()).map_err(|e| anyhow::anyhow!("cannot start the WASM engine: {e}"))?);
+        let engine = Arc::new(
+            WasmEngine::new(Default::default()).map_err(|e| anyhow::anyhow!("cannot start the WASM engine: {e}"))?,
+        );
         // "From now on" means from agent start, not from whenever compilation finishes:
         // readings accepted while modules load must still reach them.
         let latest_at_start = StoreReader::open(&cfg.data_dir, &cfg.agent_id)
@@ -352,8 +359,17 @@ impl Runner {
     }
 
     /// A fresh instance of the module with `state` restored (init runs again).
-    fn instantiate(&self, module: &LoadedModule, limits: &Limits, config_json: &str, state: &[u8], history: &Arc<dyn HistoryProvider>) -> Result<ModuleInstance, String> {
-        let mut i = module.instantiate(&self.engine, limits.clone(), history.clone(), config_json).map_err(|e| format!("init failed: {e}"))?;
+    fn instantiate(
+        &self,
+        module: &LoadedModule,
+        limits: &Limits,
+        config_json: &str,
+        state: &[u8],
+        history: &Arc<dyn HistoryProvider>,
+    ) -> Result<ModuleInstance, String> {
+        let mut i = module
+            .instantiate(&self.engine, limits.clone(), history.clone(), config_json)
+            .map_err(|e| format!("init failed: {e}"))?;
         if !state.is_empty() {
             i.load_state(state).map_err(|e| format!("restoring saved state failed: {e}"))?;
         }
@@ -559,7 +575,9 @@ impl Runner {
         let input = Input {
             readings: rows
                 .into_iter()
-                .filter_map(|r| Some(ModuleReading { stream: r.stream, ts_ns: r.ts_ns, fields: r.fields.decode().ok()? }))
+                .filter_map(|r| {
+                    Some(ModuleReading { stream: r.stream, ts_ns: r.ts_ns, fields: r.fields.decode().ok()? })
+                })
                 .collect(),
         };
         let n_in = input.readings.len() as u64;
@@ -638,7 +656,8 @@ impl Runner {
         });
         if !l.disabled {
             // Back off: 100 ms, 200 ms, ... up to 10 s; the thread's other modules go on.
-            let backoff = Duration::from_millis(100u64.saturating_mul(1 << l.failures.min(7))).min(Duration::from_secs(10));
+            let backoff =
+                Duration::from_millis(100u64.saturating_mul(1 << l.failures.min(7))).min(Duration::from_secs(10));
             l.resume_at = Some(Instant::now() + backoff);
         }
     }
@@ -674,16 +693,18 @@ impl HistoryProvider for StoreHistory {
         let reader = self.lock();
         let decode = |rows: Vec<TimedFields>| -> Vec<ModuleReading> {
             rows.into_iter()
-                .filter_map(|r| Some(ModuleReading { stream: q.stream.clone(), ts_ns: r.ts_ns, fields: r.fields.decode().ok()? }))
+                .filter_map(|r| {
+                    Some(ModuleReading { stream: q.stream.clone(), ts_ns: r.ts_ns, fields: r.fields.decode().ok()? })
+                })
                 .collect()
         };
         let res: Result<HistoryResult, StoreError> = match &q.kind {
             HistoryKind::LastN { n, before_ns } => {
                 reader.last_n(&q.stream, *before_ns, *n as usize).map(|r| HistoryResult::Readings(decode(r)))
             }
-            HistoryKind::Range { from_ns, to_ns, limit } => {
-                reader.readings(&q.stream, *from_ns, *to_ns, *limit as usize).map(|r| HistoryResult::Readings(decode(r)))
-            }
+            HistoryKind::Range { from_ns, to_ns, limit } => reader
+                .readings(&q.stream, *from_ns, *to_ns, *limit as usize)
+                .map(|r| HistoryResult::Readings(decode(r))),
             HistoryKind::Aggregate { from_ns, to_ns, field } => {
                 reader.readings(&q.stream, *from_ns, *to_ns, MAX_AGGREGATE_SCAN).map(|rows| {
                     let mut a = Aggregates { count: 0, min: None, max: None, mean: None };

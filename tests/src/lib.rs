@@ -207,7 +207,8 @@ impl Hub {
                 data = dir.path().join("data").display().to_string()
             ),
         )?;
-        let proc = Proc::spawn("cloud-hub", exe, &["--config".into(), cfg.display().to_string()], &dir.path().join("log"))?;
+        let proc =
+            Proc::spawn("cloud-hub", exe, &["--config".into(), cfg.display().to_string()], &dir.path().join("log"))?;
         let hub = Hub { url: format!("http://127.0.0.1:{http}"), proc, dir };
         wait_until("the hub's HTTP API", Duration::from_secs(20), || port_open(http)).await?;
         Ok(hub)
@@ -226,7 +227,9 @@ impl Hub {
         let mut out = Vec::new();
         let mut after: Option<String> = None;
         loop {
-            let mut req = client.get(format!("{}/api/v1/readings", self.url)).query(&[("stream", stream), ("limit", &cloud_hub::http::MAX_LIMIT.to_string())]);
+            let mut req = client
+                .get(format!("{}/api/v1/readings", self.url))
+                .query(&[("stream", stream), ("limit", &cloud_hub::http::MAX_LIMIT.to_string())]);
             if let Some(a) = &after {
                 req = req.query(&[("after", a)]);
             }
@@ -241,7 +244,8 @@ impl Hub {
 
     /// Reading counts per stream.
     pub async fn counts(&self) -> Result<Vec<(String, u64)>> {
-        let v: serde_json::Value = reqwest::get(format!("{}/api/v1/streams", self.url)).await?.error_for_status()?.json().await?;
+        let v: serde_json::Value =
+            reqwest::get(format!("{}/api/v1/streams", self.url)).await?.error_for_status()?.json().await?;
         Ok(v.as_array()
             .context("streams array")?
             .iter()
@@ -276,7 +280,10 @@ impl Agent {
         let mqtt = free_port();
         let http = free_port();
         let mut sections: Vec<(String, String)> = vec![
-            (String::new(), format!("agent_id = {agent_id:?}\ndata_dir = {:?}\n", dir.path().join("data").display().to_string())),
+            (
+                String::new(),
+                format!("agent_id = {agent_id:?}\ndata_dir = {:?}\n", dir.path().join("data").display().to_string()),
+            ),
             // Forwarding timeouts and backoff are the agent's defaults: the tests hold them
             // to what users get.
             ("forward".into(), format!("port = {broker_port}\n")),
@@ -301,7 +308,8 @@ impl Agent {
         }
         let cfg = dir.path().join("agent.toml");
         std::fs::write(&cfg, text)?;
-        let proc = Proc::spawn("edge-agent", exe, &["--config".into(), cfg.display().to_string()], &dir.path().join("log"))?;
+        let proc =
+            Proc::spawn("edge-agent", exe, &["--config".into(), cfg.display().to_string()], &dir.path().join("log"))?;
         let a = Agent { mqtt_port: mqtt, url: format!("http://127.0.0.1:{http}"), proc, dir };
         wait_until("the agent's HTTP server", Duration::from_secs(20), || port_open(http)).await?;
         Ok(a)
@@ -471,7 +479,13 @@ pub async fn check_exactly_once(hub: &Hub, acked: &HashSet<u64>, sent: u64, stre
 }
 
 /// [`check_exactly_once`] for a sensor started with [`Sensor::start_named`].
-pub async fn check_exactly_once_named(hub: &Hub, prefix: &str, acked: &HashSet<u64>, sent: u64, streams: u64) -> Result<u64> {
+pub async fn check_exactly_once_named(
+    hub: &Hub,
+    prefix: &str,
+    acked: &HashSet<u64>,
+    sent: u64,
+    streams: u64,
+) -> Result<u64> {
     let mut total = 0;
     for s in 0..streams {
         let stream = format!("{prefix}/{s}");
@@ -491,7 +505,10 @@ pub async fn check_exactly_once_named(hub: &Hub, prefix: &str, acked: &HashSet<u
         }
         for &n in acked.iter().filter(|n| *n % streams == s) {
             if !seen.contains(&n) {
-                bail!("reading {n} was PUBACKed by the agent but never reached the hub ({} stored on {stream})", ns.len());
+                bail!(
+                    "reading {n} was PUBACKed by the agent but never reached the hub ({} stored on {stream})",
+                    ns.len()
+                );
             }
         }
         total += ns.len() as u64;

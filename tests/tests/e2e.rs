@@ -42,10 +42,7 @@ async fn broker_outage_loses_nothing_and_duplicates_nothing() {
     broker.stop();
     tokio::time::sleep(Duration::from_secs(40)).await; // the outage itself is the test's subject
     let during = agent.status().await.unwrap();
-    assert!(
-        during["outbox"]["batches"].as_u64().unwrap() > 0,
-        "the agent buffers while the broker is down: {during}"
-    );
+    assert!(during["outbox"]["batches"].as_u64().unwrap() > 0, "the agent buffers while the broker is down: {during}");
     broker.restart().await.unwrap();
     tokio::time::sleep(Duration::from_secs(5)).await; // keep publishing while the backlog drains
     let (acked, sent) = sensor.stop().await;
@@ -80,7 +77,9 @@ async fn agent_and_hub_kill_9_lose_nothing_acknowledged() {
     tokio::time::sleep(Duration::from_secs(25)).await;
     broker.restart().await.unwrap();
     // Kill the hub while the backlog drains, then bring it back.
-    wait_until("the backlog to start draining", Duration::from_secs(30), || async { hub.total().await > 5_000 }).await.unwrap();
+    wait_until("the backlog to start draining", Duration::from_secs(30), || async { hub.total().await > 5_000 })
+        .await
+        .unwrap();
     hub.proc.kill9();
     tokio::time::sleep(Duration::from_secs(2)).await;
     hub.restart().await.unwrap();
@@ -90,5 +89,9 @@ async fn agent_and_hub_kill_9_lose_nothing_acknowledged() {
     let stored = check_exactly_once(&hub, &acked, sent, STREAMS).await.unwrap();
     assert!(stored >= acked.len() as u64);
     // Readings committed but whose PUBACK was lost to the kill may also arrive; nothing else.
-    assert!(stored - acked.len() as u64 <= 200, "at most the in-flight window beyond the acked set: {stored} vs {}", acked.len());
+    assert!(
+        stored - acked.len() as u64 <= 200,
+        "at most the in-flight window beyond the acked set: {stored} vs {}",
+        acked.len()
+    );
 }

@@ -43,11 +43,15 @@ async fn subscribe_mode_survives_kill_9() {
     let hub = Hub::start(Path::new(HUB), cloud.port).await.unwrap();
     let sub = format!("enabled = true\nport = {}\ntopics = [\"sensors/#\"]\nstrip_prefix = \"sensors/\"", local.port);
     let mut agent =
-        Agent::start(Path::new(AGENT), "edge-sub", cloud.port, &[("subscribe", &sub), ("listener", "enabled = false")]).await.unwrap();
+        Agent::start(Path::new(AGENT), "edge-sub", cloud.port, &[("subscribe", &sub), ("listener", "enabled = false")])
+            .await
+            .unwrap();
     // The persistent session must exist before publishing, or the broker has no one to queue for.
-    wait_until("the agent's subscription", Duration::from_secs(20), || async { hub.total().await > 0 || agent.log().contains("subscribed to local broker") })
-        .await
-        .unwrap();
+    wait_until("the agent's subscription", Duration::from_secs(20), || async {
+        hub.total().await > 0 || agent.log().contains("subscribed to local broker")
+    })
+    .await
+    .unwrap();
     publish_all(local.port, "sensors/press", 0..5_000).await;
     agent.proc.kill9();
     publish_all(local.port, "sensors/press", 5_000..8_000).await; // queued by the broker for the session
@@ -117,7 +121,11 @@ async fn json_mode_publishes_one_object_per_reading() {
     assert_eq!(got[0]["fields"]["ok"], true);
     assert_eq!(got[0]["fields"]["site"], "a");
     wait_until("the outbox to empty on PUBACK", Duration::from_secs(20), || async {
-        agent.status().await.map(|s| s["outbox"]["batches"] == 0 && s["store"]["unbatched_readings"] == 0).unwrap_or(false)
+        agent
+            .status()
+            .await
+            .map(|s| s["outbox"]["batches"] == 0 && s["store"]["unbatched_readings"] == 0)
+            .unwrap_or(false)
     })
     .await
     .unwrap();
@@ -133,7 +141,10 @@ async fn dropped_readings_are_counted_and_reported_to_the_hub() {
         Path::new(AGENT),
         "edge-loss",
         cloud.port,
-        &[("store.default_rule", "max_bytes = \"20 KiB\"\nwhen_full = \"drop_oldest\""), ("forward", "batch_max_readings = 50")],
+        &[
+            ("store.default_rule", "max_bytes = \"20 KiB\"\nwhen_full = \"drop_oldest\""),
+            ("forward", "batch_max_readings = 50"),
+        ],
     )
     .await
     .unwrap();
@@ -155,7 +166,9 @@ async fn dropped_readings_are_counted_and_reported_to_the_hub() {
 
     // Now a hub comes up: it receives what is left and the loss report.
     let hub = Hub::start(Path::new(HUB), cloud.port).await.unwrap();
-    wait_until("the survivors at the hub", Duration::from_secs(60), || async { hub.total().await == 2_000 - lost }).await.unwrap();
+    wait_until("the survivors at the hub", Duration::from_secs(60), || async { hub.total().await == 2_000 - lost })
+        .await
+        .unwrap();
     let agents: serde_json::Value =
         reqwest::get(format!("{}/api/v1/agents", hub.url)).await.unwrap().json().await.unwrap();
     let a = agents.as_array().unwrap().iter().find(|a| a["agent_id"] == "edge-loss").expect("agent listed");

@@ -127,7 +127,13 @@ fn model_downsample(input: &[(i64, f64)], window_ns: i64) -> Vec<Window> {
 fn windows(rows: &[Value]) -> Vec<Window> {
     rows.iter()
         .map(|r| {
-            (r["ts_ns"].as_i64().unwrap(), num(r, "min"), num(r, "mean"), num(r, "max"), r["fields"]["count"].as_i64().unwrap())
+            (
+                r["ts_ns"].as_i64().unwrap(),
+                num(r, "min"),
+                num(r, "mean"),
+                num(r, "max"),
+                r["fields"]["count"].as_i64().unwrap(),
+            )
         })
         .collect()
 }
@@ -141,8 +147,10 @@ fn arrival_order(rows: &[Value]) -> Vec<(i64, f64)> {
 }
 
 fn modules_config(mods: &[(&Path, &str)]) -> String {
-    let items: Vec<String> =
-        mods.iter().map(|(p, cfg)| format!("{{ path = {:?}, config = {{ {cfg} }} }}", p.display().to_string())).collect();
+    let items: Vec<String> = mods
+        .iter()
+        .map(|(p, cfg)| format!("{{ path = {:?}, config = {{ {cfg} }} }}", p.display().to_string()))
+        .collect();
     format!("modules = [{}]", items.join(", "))
 }
 
@@ -151,7 +159,6 @@ async fn hub_state(hub: &Hub) -> (usize, usize) {
     let d = hub.readings("downsampled").await.map(|r| r.len()).unwrap_or(0);
     (d, hub.readings("sensors/d").await.map(|r| r.len()).unwrap_or(0))
 }
-
 
 /// Readings in over MQTT, through the threshold and downsample examples in the agent:
 /// the hub stores exactly the expected alerts and windows, each with the lineage of the
@@ -201,7 +208,9 @@ async fn example_modules_results_reach_the_hub_with_lineage() {
         .as_array()
         .unwrap()
         .iter()
-        .map(|m| (m["name"].as_str().unwrap().to_owned(), m["agents"].as_u64().unwrap(), m["readings"].as_u64().unwrap()))
+        .map(|m| {
+            (m["name"].as_str().unwrap().to_owned(), m["agents"].as_u64().unwrap(), m["readings"].as_u64().unwrap())
+        })
         .collect();
     assert_eq!(
         listed,
@@ -222,10 +231,14 @@ async fn downsample_outputs_survive_kill_9() {
     let downsample = built_module("downsample");
     let mods = modules_config(&[(&downsample, "window_s = 1")]);
     // Small module batches, so a kill lands between many module commits.
-    let mut agent =
-        Agent::start(Path::new(AGENT), "edge-ds", broker.port, &[("", &mods), ("module_runtime", "batch_max_readings = 7")])
-            .await
-            .unwrap();
+    let mut agent = Agent::start(
+        Path::new(AGENT),
+        "edge-ds",
+        broker.port,
+        &[("", &mods), ("module_runtime", "batch_max_readings = 7")],
+    )
+    .await
+    .unwrap();
 
     const N: i64 = 2_001; // 20 windows, and one reading that closes the last
     let port = agent.mqtt_port;
@@ -248,7 +261,11 @@ async fn downsample_outputs_survive_kill_9() {
     .await;
     if let Err(e) = done {
         let status = agent.status().await.ok();
-        panic!("{e}\nhub (downsampled, raw): {:?}\nagent status: {status:?}\nagent log:\n{}", hub_state(&hub).await, agent.log());
+        panic!(
+            "{e}\nhub (downsampled, raw): {:?}\nagent status: {status:?}\nagent log:\n{}",
+            hub_state(&hub).await,
+            agent.log()
+        );
     }
 
     let input = arrival_order(&hub.readings("sensors/d").await.unwrap());
@@ -311,9 +328,11 @@ async fn modules_compile_in_a_child_process_into_a_checked_cache() {
     agent.proc.terminate();
     std::fs::write(&cached, &damaged).unwrap();
     agent.restart().await.unwrap();
-    wait_until("threshold loaded again", Duration::from_secs(60), || async { modules(&agent).await.is_some_and(|m| loaded(&m)) })
-        .await
-        .unwrap_or_else(|e| panic!("{e}\nagent log:\n{}", agent.log()));
+    wait_until("threshold loaded again", Duration::from_secs(60), || async {
+        modules(&agent).await.is_some_and(|m| loaded(&m))
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}\nagent log:\n{}", agent.log()));
     assert!(agent.log().contains("damaged compiled module in the cache"), "{}", agent.log());
     assert_eq!(std::fs::read(&cached).unwrap(), bytes, "recompiled to the same code");
     publish_reliably(agent.mqtt_port, "sensors/x", 0..1).await;

@@ -21,10 +21,8 @@ async fn wait_online(hub: &Hub, online: bool, what: &str) -> Value {
 }
 
 async fn wait_online_within(hub: &Hub, online: bool, what: &str, within: Duration) -> Value {
-    let done = wait_until(what, within, || async {
-        presence(hub).await.first().is_some_and(|p| p["online"] == online)
-    })
-    .await;
+    let done =
+        wait_until(what, within, || async { presence(hub).await.first().is_some_and(|p| p["online"] == online) }).await;
     let list = presence(hub).await;
     if let Err(e) = done {
         panic!("{e}: {list:?}");

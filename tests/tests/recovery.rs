@@ -33,7 +33,9 @@ async fn first_batch_stored_within_3_s_of_the_broker_returning() {
         let before = hub.total().await;
         broker.restart().await.unwrap(); // returns once the port accepts connections
         let back = Instant::now();
-        wait_until("readings stored again", Duration::from_secs(30), || async { hub.total().await > before }).await.unwrap();
+        wait_until("readings stored again", Duration::from_secs(30), || async { hub.total().await > before })
+            .await
+            .unwrap();
         resumed.push(back.elapsed());
     }
     let (acked, sent) = sensor.stop().await;

@@ -53,14 +53,16 @@ async fn two_hubs_one_killed_twenty_agents_lose_and_duplicate_nothing() {
     hub_a.proc.kill9();
     // Hub B alone carries on, including the batches hub A took and never acknowledged
     // (the agents re-send them after their ack timeout).
-    wait_until("ingest to go on without hub A", Duration::from_secs(60), || async { hub_b.total().await > before + 2_000 })
-        .await
-        .unwrap();
+    wait_until("ingest to go on without hub A", Duration::from_secs(60), || async {
+        hub_b.total().await > before + 2_000
+    })
+    .await
+    .unwrap();
     // Hub A rejoins the group and takes its share again (its counters restarted at 0).
     hub_a.restart().await.unwrap();
     wait_until("hub A ingesting again", Duration::from_secs(60), || has_stored(&hub_a))
         .await
-    .unwrap_or_else(|e| panic!("{e}\nhub A:\n{}", log(&hub_a)));
+        .unwrap_or_else(|e| panic!("{e}\nhub A:\n{}", log(&hub_a)));
 
     let mut results = Vec::new();
     for s in sensors {
@@ -155,9 +157,11 @@ async fn postgres_and_broker_restarts_during_ingest_lose_nothing() {
     broker.stop();
     tokio::time::sleep(Duration::from_secs(2)).await;
     broker.restart().await.unwrap();
-    wait_until("ingest after the broker restart", Duration::from_secs(60), || async { hub.total().await > before + 500 })
-        .await
-        .unwrap();
+    wait_until("ingest after the broker restart", Duration::from_secs(60), || async {
+        hub.total().await > before + 500
+    })
+    .await
+    .unwrap();
 
     let mut results = Vec::new();
     for s in sensors {

@@ -70,7 +70,11 @@ async fn connect(port: u16) -> (TcpStream, bool) {
 }
 
 /// Reads PUBACKs into `state` until the connection ends or `stop` is set.
-async fn read_acks(mut rd: tokio::net::tcp::OwnedReadHalf, state: Arc<Mutex<SensorState>>, stop: Arc<tokio::sync::Notify>) {
+async fn read_acks(
+    mut rd: tokio::net::tcp::OwnedReadHalf,
+    state: Arc<Mutex<SensorState>>,
+    stop: Arc<tokio::sync::Notify>,
+) {
     let mut buf = BytesMut::new();
     loop {
         loop {

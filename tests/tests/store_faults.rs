@@ -60,10 +60,15 @@ async fn disk_full_refuses_then_recovers() {
     let http = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", http.local_addr().unwrap());
     let stop = CancellationToken::new();
-    let agent = tokio::spawn(edge_agent::run(cfg.clone(), edge_agent::Listeners { mqtt: None, http: Some(http) }, stop.clone()));
+    let agent = tokio::spawn(edge_agent::run(
+        cfg.clone(),
+        edge_agent::Listeners { mqtt: None, http: Some(http) },
+        stop.clone(),
+    ));
 
     let body = |k: usize| {
-        let rows: Vec<String> = (0..500).map(|i| format!("{{\"k\":{k},\"i\":{i},\"pad\":\"{}\"}}", "x".repeat(100))).collect();
+        let rows: Vec<String> =
+            (0..500).map(|i| format!("{{\"k\":{k},\"i\":{i},\"pad\":\"{}\"}}", "x".repeat(100))).collect();
         format!("[{}]", rows.join(","))
     };
     let mut accepted = 0usize;
@@ -87,9 +92,11 @@ async fn disk_full_refuses_then_recovers() {
 
     // Space returns: the next write succeeds without restarting anything.
     std::fs::remove_file(&filler).unwrap();
-    wait_until("the agent to accept writes again", Duration::from_secs(10), || async { post(&url, body(999)).await == 204 })
-        .await
-        .unwrap();
+    wait_until("the agent to accept writes again", Duration::from_secs(10), || async {
+        post(&url, body(999)).await == 204
+    })
+    .await
+    .unwrap();
     assert_eq!(reqwest::get(format!("{url}/healthz")).await.unwrap().status().as_u16(), 200);
 
     // Everything acknowledged is there, after a clean restart too.

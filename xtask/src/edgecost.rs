@@ -41,7 +41,8 @@ fn cpu_secs(pid: u32) -> Result<f64> {
 }
 
 fn write_bytes(pid: u32) -> Result<u64> {
-    let io = std::fs::read_to_string(format!("/proc/{pid}/io")).context("reading /proc/<pid>/io (needs the same user or root)")?;
+    let io = std::fs::read_to_string(format!("/proc/{pid}/io"))
+        .context("reading /proc/<pid>/io (needs the same user or root)")?;
     io.lines()
         .find_map(|l| l.strip_prefix("write_bytes: "))
         .and_then(|v| v.trim().parse().ok())
@@ -119,9 +120,13 @@ fn setup(target: &Target<'_>) -> Result<Setup> {
                     mosq.port
                 ),
             )?;
-            let hub = Proc::spawn("cloud-hub", hub, &["--config".into(), hub_cfg.display().to_string()], &dir.path().join("hub.log"), &[
-                ("RUST_LOG", "warn"),
-            ])?;
+            let hub = Proc::spawn(
+                "cloud-hub",
+                hub,
+                &["--config".into(), hub_cfg.display().to_string()],
+                &dir.path().join("hub.log"),
+                &[("RUST_LOG", "warn")],
+            )?;
             wait_port("the hub's HTTP API", hub_http, Duration::from_secs(30))?;
             let (mqtt, http) = (free_port(), free_port());
             let cfg = dir.path().join("agent.toml");
@@ -135,9 +140,13 @@ fn setup(target: &Target<'_>) -> Result<Setup> {
                     port = mosq.port
                 ),
             )?;
-            let agent = Proc::spawn("edge-agent", agent, &["--config".into(), cfg.display().to_string()], &dir.path().join("agent.log"), &[
-                ("RUST_LOG", "warn"),
-            ])?;
+            let agent = Proc::spawn(
+                "edge-agent",
+                agent,
+                &["--config".into(), cfg.display().to_string()],
+                &dir.path().join("agent.log"),
+                &[("RUST_LOG", "warn")],
+            )?;
             wait_port("the agent's MQTT listener", mqtt, Duration::from_secs(20))?;
             wait_port("the agent's HTTP API", http, Duration::from_secs(20))?;
             Ok(Setup {

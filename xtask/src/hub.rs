@@ -136,7 +136,12 @@ impl Pg {
         // The data is from 2024: a window reaching that far back puts it in daily
         // partitions, as live data is.
         let partition_window = cloud_hub::store::postgres::PartitionWindow { days_back: 3660, days_ahead: 3 };
-        Ok(PostgresStore::connect(PostgresOptions { config, pool_size: 4, query_timeout: Duration::from_secs(120), partition_window })?)
+        Ok(PostgresStore::connect(PostgresOptions {
+            config,
+            pool_size: 4,
+            query_timeout: Duration::from_secs(120),
+            partition_window,
+        })?)
     }
 
     /// The raw ceiling, by the hub's own method: the same rows streamed with COPY BINARY
@@ -163,7 +168,11 @@ impl Pg {
                 .flat_map(|b| b.streams.iter().flat_map(|c| c.points.iter().map(|p| p.ts_ns)))
                 .fold((i64::MAX, i64::MIN), |(lo, hi), t| (lo.min(t), hi.max(t)));
             for d in first.div_euclid(day)..=last.div_euclid(day) {
-                ddl.push_str(&format!("CREATE TABLE raw_{d} PARTITION OF raw FOR VALUES FROM ({}) TO ({});", d * day, (d + 1) * day));
+                ddl.push_str(&format!(
+                    "CREATE TABLE raw_{d} PARTITION OF raw FOR VALUES FROM ({}) TO ({});",
+                    d * day,
+                    (d + 1) * day
+                ));
             }
             client.batch_execute(&ddl).await?;
             let n: usize = batches.iter().map(Batch::reading_count).sum();

@@ -52,9 +52,13 @@ pub fn run(exe: &Path, batches: u64, clients: usize) -> Result<QueryResult> {
             free_port()
         ),
     )?;
-    let mut hub = Proc::spawn("cloud-hub", exe, &["--config".into(), cfg.display().to_string()], &dir.path().join("hub.log"), &[
-        ("RUST_LOG", "warn"),
-    ])?;
+    let mut hub = Proc::spawn(
+        "cloud-hub",
+        exe,
+        &["--config".into(), cfg.display().to_string()],
+        &dir.path().join("hub.log"),
+        &[("RUST_LOG", "warn")],
+    )?;
     wait_port("the hub's HTTP API", http, Duration::from_secs(30))?;
     let pid = hub.pid();
     let idle_rss = proc_status_bytes(pid, "VmRSS").unwrap_or(0);
@@ -72,7 +76,10 @@ pub fn run(exe: &Path, batches: u64, clients: usize) -> Result<QueryResult> {
         })
     };
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
-    let base = format!("http://127.0.0.1:{http}/api/v1/readings?stream=plant/query-agent/temp&limit={}", cloud_hub::http::MAX_LIMIT);
+    let base = format!(
+        "http://127.0.0.1:{http}/api/v1/readings?stream=plant/query-agent/temp&limit={}",
+        cloud_hub::http::MAX_LIMIT
+    );
     let start = Instant::now();
     let per_client: Vec<(u64, u64)> = rt.block_on(async {
         let http = reqwest::Client::new();

@@ -132,8 +132,12 @@ pub fn run(exe: &Path, pg: &Pg, db: &str, hubs: usize, batches_per_agent: u64) -
         anyhow::Ok(start.elapsed().as_secs_f64())
     })?;
     let pg_cpu = postgres_pids(pg).iter().map(|&p| cpu_secs(p)).sum::<f64>() - pg_before;
-    let mut cpu: Vec<(String, f64)> =
-        procs.iter().zip(&cpu_before).enumerate().map(|(i, (p, b))| (format!("hub {}", i + 1), cpu_secs(p.pid()) - b)).collect();
+    let mut cpu: Vec<(String, f64)> = procs
+        .iter()
+        .zip(&cpu_before)
+        .enumerate()
+        .map(|(i, (p, b))| (format!("hub {}", i + 1), cpu_secs(p.pid()) - b))
+        .collect();
     cpu.push(("PostgreSQL".into(), pg_cpu.max(0.0)));
     cpu.push(("mosquitto".into(), cpu_secs(mosq.proc.pid()) - mosq_before));
     cpu.push(("load generator".into(), self_cpu_secs() - self_before));
@@ -165,9 +169,7 @@ async fn agent(port: u16, id: String, batches: Vec<Vec<u8>>) -> Result<()> {
     let deadline = Instant::now() + Duration::from_secs(600);
     while acked < total {
         while next <= total && (pending.len() as u64) < WINDOW {
-            client
-                .publish(topics::batches(&id), QoS::AtLeastOnce, false, batches[(next - 1) as usize].clone())
-                .await?;
+            client.publish(topics::batches(&id), QoS::AtLeastOnce, false, batches[(next - 1) as usize].clone()).await?;
             pending.insert(next);
             next += 1;
         }

@@ -66,18 +66,9 @@ const KEEP_MARKER: &str =
     "<!-- Everything below this line is hand-written and kept by `cargo xtask bench --write`. -->";
 
 fn main() -> Result<()> {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("xtask lives in the workspace")
-        .to_path_buf();
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask lives in the workspace").to_path_buf();
     match Cli::parse().cmd {
-        Cmd::Bench {
-            write,
-            quick,
-            only,
-            samples,
-            rates,
-        } => bench(&root, write, quick, only, samples, rates),
+        Cmd::Bench { write, quick, only, samples, rates } => bench(&root, write, quick, only, samples, rates),
         Cmd::BuildModules => modules::build(&root),
     }
 }
@@ -106,12 +97,9 @@ fn bench(root: &Path, write: bool, quick: bool, only: Vec<String>, samples: usiz
     if runs("wasm") || runs("rss") {
         modules::build(root)?;
     }
-    let hub_exe = if runs("hubscale") || runs("hubquery") || runs("edgecost") { Some(hubscale::build_hub(root)?) } else { None };
-    let exe = if runs("rss") || runs("edgecost") {
-        Some(rss::build_agent(root)?)
-    } else {
-        None
-    };
+    let hub_exe =
+        if runs("hubscale") || runs("hubquery") || runs("edgecost") { Some(hubscale::build_hub(root)?) } else { None };
+    let exe = if runs("rss") || runs("edgecost") { Some(rss::build_agent(root)?) } else { None };
 
     let mut rows = Vec::new();
     if runs("mqtt") {
@@ -163,10 +151,7 @@ fn bench(root: &Path, write: bool, quick: bool, only: Vec<String>, samples: usiz
         let path = root.join("BENCHMARKS.md");
         let kept = std::fs::read_to_string(&path)
             .ok()
-            .and_then(|old| {
-                old.split_once(KEEP_MARKER)
-                    .map(|(_, rest)| rest.trim_start_matches('\n').to_string())
-            })
+            .and_then(|old| old.split_once(KEEP_MARKER).map(|(_, rest)| rest.trim_start_matches('\n').to_string()))
             .unwrap_or_default();
         let doc = render_doc(&machine, &command, &p, &table, &rows, total, &kept);
         std::fs::write(&path, doc)?;
@@ -222,19 +207,11 @@ struct Row {
 }
 
 fn pct(a: f64, b: f64) -> String {
-    if b > 0.0 && a.is_finite() {
-        format!("{:.0} %", 100.0 * a / b)
-    } else {
-        "–".into()
-    }
+    if b > 0.0 && a.is_finite() { format!("{:.0} %", 100.0 * a / b) } else { "–".into() }
 }
 
 fn at_least(v: f64, target: f64) -> String {
-    if v >= target {
-        "meets".into()
-    } else {
-        format!("**misses** ({:.0} % of target)", 100.0 * v / target)
-    }
+    if v >= target { "meets".into() } else { format!("**misses** ({:.0} % of target)", 100.0 * v / target) }
 }
 
 fn progress(what: &str, v: f64) {
@@ -242,14 +219,9 @@ fn progress(what: &str, v: f64) {
 }
 
 fn bench_mqtt(p: &Params) -> Result<Vec<Row>> {
-    eprintln!(
-        "1. MQTT ingest, N = {} per sample, {} samples",
-        group(p.mqtt_n as f64),
-        p.samples
-    );
+    eprintln!("1. MQTT ingest, N = {} per sample, {} samples", group(p.mqtt_n as f64), p.samples);
     let mosq = util::Mosquitto::start()?;
-    let (mut full, mut fast, mut broker) =
-        (Samples::default(), Samples::default(), Samples::default());
+    let (mut full, mut fast, mut broker) = (Samples::default(), Samples::default(), Samples::default());
     // Interleaved, so drift (thermal, page cache, noisy neighbours) hits every variant alike.
     for i in 0..p.samples {
         let v = mqtt::agent_rate(p.mqtt_n, Durability::Full)?;
@@ -296,11 +268,7 @@ fn bench_mqtt(p: &Params) -> Result<Vec<Row>> {
 }
 
 fn bench_store(p: &Params) -> Result<Vec<Row>> {
-    eprintln!(
-        "2. batched ingest → store → outbox, N = {} per sample, {} samples",
-        group(p.store_n as f64),
-        p.samples
-    );
+    eprintln!("2. batched ingest → store → outbox, N = {} per sample, {} samples", group(p.store_n as f64), p.samples);
     let t = Instant::now();
     let input = store::Input::generate(p.store_n);
     eprintln!(
@@ -354,11 +322,7 @@ fn bench_store(p: &Params) -> Result<Vec<Row>> {
         name: name.into(),
         result: s[k].fmt_rate(),
         limit: if k == 4 { "–".into() } else { limit.clone() },
-        ratio: if k == 4 {
-            "–".into()
-        } else {
-            pct(s[k].median(), ceiling.median())
-        },
+        ratio: if k == 4 { "–".into() } else { pct(s[k].median(), ceiling.median()) },
         target: "reference".into(),
         verdict: "–".into(),
         note,
@@ -427,10 +391,7 @@ fn bench_store(p: &Params) -> Result<Vec<Row>> {
 }
 
 fn bench_rss(p: &Params, root: &Path, exe: &Path) -> Result<Vec<Row>> {
-    eprintln!(
-        "3. agent RSS at {} readings/s for {} s",
-        p.rss_rate, p.rss_secs
-    );
+    eprintln!("3. agent RSS at {} readings/s for {} s", p.rss_rate, p.rss_secs);
     let size = std::fs::metadata(exe)?.len();
     let r = rss::run(exe, p.rss_secs, p.rss_rate, "")?;
     eprintln!(
@@ -456,10 +417,7 @@ fn bench_rss(p: &Params, root: &Path, exe: &Path) -> Result<Vec<Row>> {
             verdict: if (r.hwm as f64) <= target {
                 "meets".into()
             } else {
-                format!(
-                    "**misses** ({:.0} % of target)",
-                    100.0 * r.hwm as f64 / target
-                )
+                format!("**misses** ({:.0} % of target)", 100.0 * r.hwm as f64 / target)
             },
             note: format!(
                 "Worst case for memory: nothing is ever acknowledged, so the outbox only grows ({} batches, {} readings \
@@ -762,11 +720,16 @@ fn bench_hubscale(p: &Params, exe: &Path) -> Result<Vec<Row>> {
             *cpu = r.cpu.iter().map(|(n, c)| format!("{n} {:.0} %", 100.0 * c / r.secs)).collect::<Vec<_>>();
         }
     }
-    let note = |cpu: &[String]| format!("CPU of each process over the run, in % of one core (last sample): {}.", cpu.join(", "));
+    let note = |cpu: &[String]| {
+        format!("CPU of each process over the run, in % of one core (last sample): {}.", cpu.join(", "))
+    };
     Ok(vec![
         Row {
             id: "6a",
-            name: format!("end to end through 1 hub process: {} agents → mosquitto → hub → PostgreSQL → ack", hubscale::AGENTS),
+            name: format!(
+                "end to end through 1 hub process: {} agents → mosquitto → hub → PostgreSQL → ack",
+                hubscale::AGENTS
+            ),
             result: one.fmt_rate(),
             limit: "–".into(),
             ratio: "–".into(),
@@ -851,12 +814,19 @@ fn bench_edgecost(p: &Params, agent: &Path, hub: &Path, rates: &[u32]) -> Result
     };
     let fmt = |r: &edgecost::CostResult| {
         let (cpu, bytes) = per(r);
-        format!("{cpu:.1} µs CPU, {} B written per reading; PUBACK p50 {:.1} ms, p99 {:.1} ms", group(bytes), 1e3 * r.p50, 1e3 * r.p99)
+        format!(
+            "{cpu:.1} µs CPU, {} B written per reading; PUBACK p50 {:.1} ms, p99 {:.1} ms",
+            group(bytes),
+            1e3 * r.p50,
+            1e3 * r.p99
+        )
     };
     let defaults = Target::Agent { agent, hub, store_extra: "" };
     let mut rows = Vec::new();
     // Targets of issue 16: CPU µs, bytes per reading, p99 ms.
-    for (id, rate, t_cpu, t_bytes) in [("7a", 100u32, 60.0, 1000.0), ("7b", 1000, 20.0, 200.0), ("7c", 10_000, 10.0, 120.0)] {
+    for (id, rate, t_cpu, t_bytes) in
+        [("7a", 100u32, 60.0, 1000.0), ("7b", 1000, 20.0, 200.0), ("7c", 10_000, 10.0, 120.0)]
+    {
         if !wanted(rate) {
             continue;
         }
@@ -893,7 +863,11 @@ fn bench_edgecost(p: &Params, agent: &Path, hub: &Path, rates: &[u32]) -> Result
         return Ok(rows);
     }
     let idle = edgecost::run(&defaults, 0, warmup, secs)?;
-    eprintln!("  idle: {:.2} % CPU, {} B written per minute", 100.0 * idle.cpu_secs / idle.secs, group(idle.write_bytes as f64 * 60.0 / idle.secs));
+    eprintln!(
+        "  idle: {:.2} % CPU, {} B written per minute",
+        100.0 * idle.cpu_secs / idle.secs,
+        group(idle.write_bytes as f64 * 60.0 / idle.secs)
+    );
     rows.push(Row {
         id: "7d",
         name: "idle agent (no input, hub connected)".into(),
@@ -905,7 +879,11 @@ fn bench_edgecost(p: &Params, agent: &Path, hub: &Path, rates: &[u32]) -> Result
         limit: "–".into(),
         ratio: "–".into(),
         target: "0 B/min, < 0.5 % CPU".into(),
-        verdict: if idle.write_bytes == 0 && idle.cpu_secs / idle.secs < 0.005 { "meets".into() } else { "**misses**".into() },
+        verdict: if idle.write_bytes == 0 && idle.cpu_secs / idle.secs < 0.005 {
+            "meets".into()
+        } else {
+            "**misses**".into()
+        },
         note: format!("Over {:.0} s after the warm-up; {} commits.", idle.secs, idle.commits),
     });
     Ok(rows)
@@ -917,10 +895,7 @@ fn hub_step_minutes(days: i64) -> i64 {
 }
 
 fn rel(p: &Path) -> String {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .map(PathBuf::from)
-        .unwrap_or_default();
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().map(PathBuf::from).unwrap_or_default();
     p.strip_prefix(&root).unwrap_or(p).display().to_string()
 }
 
@@ -949,15 +924,7 @@ fn render_table(rows: &[Row]) -> String {
     t
 }
 
-fn render_doc(
-    m: &Machine,
-    command: &str,
-    p: &Params,
-    table: &str,
-    rows: &[Row],
-    total: f64,
-    kept: &str,
-) -> String {
+fn render_doc(m: &Machine, command: &str, p: &Params, table: &str, rows: &[Row], total: f64, kept: &str) -> String {
     let _ = rows;
     let quick = if p.quick {
         "\n**This was a `--quick` smoke run (small N): the figures are not measurements.**\n"

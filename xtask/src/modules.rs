@@ -71,7 +71,8 @@ pub fn build(root: &Path) -> Result<()> {
 /// rustup is there, otherwise fails saying what to install.
 fn ensure_target() -> Result<()> {
     let rustc = std::env::var_os("RUSTC").unwrap_or_else(|| "rustc".into());
-    let sysroot = Command::new(&rustc).args(["--print", "sysroot"]).output().context("running rustc --print sysroot")?;
+    let sysroot =
+        Command::new(&rustc).args(["--print", "sysroot"]).output().context("running rustc --print sysroot")?;
     let sysroot = PathBuf::from(String::from_utf8_lossy(&sysroot.stdout).trim());
     if sysroot.join("lib/rustlib").join(TARGET).exists() {
         return Ok(());
@@ -156,7 +157,10 @@ pub fn check(wasm: &[u8], package: &str) -> Result<Manifest> {
                             import.module == imports::MODULE
                                 && allowed.iter().any(|(n, p, r)| {
                                     *n == import.name
-                                        && types.get(t as usize).and_then(Option::as_ref).is_some_and(|f| sig_is(f, p, r))
+                                        && types
+                                            .get(t as usize)
+                                            .and_then(Option::as_ref)
+                                            .is_some_and(|f| sig_is(f, p, r))
                                 })
                         }
                         _ => false,
@@ -195,7 +199,8 @@ pub fn check(wasm: &[u8], package: &str) -> Result<Manifest> {
                     .and_then(|t| types.get(*t as usize))
                     .and_then(Option::as_ref);
                 if !ty.is_some_and(|f| sig_is(f, params, results)) {
-                    problems.push(format!("exports {name} as {kind:?} {ty:?}, want a function {params:?} -> {results:?}"));
+                    problems
+                        .push(format!("exports {name} as {kind:?} {ty:?}, want a function {params:?} -> {results:?}"));
                 }
             }
         }
@@ -208,7 +213,8 @@ pub fn check(wasm: &[u8], package: &str) -> Result<Manifest> {
         [one] => match Manifest::from_json(one) {
             Ok(m) => {
                 if m.abi_version != ABI_VERSION {
-                    problems.push(format!("manifest abi_version is {}, the ABI is version {ABI_VERSION}", m.abi_version));
+                    problems
+                        .push(format!("manifest abi_version is {}, the ABI is version {ABI_VERSION}", m.abi_version));
                 }
                 if m.name != package {
                     problems.push(format!("manifest name is {:?}, the package is {package:?}", m.name));
@@ -221,7 +227,8 @@ pub fn check(wasm: &[u8], package: &str) -> Result<Manifest> {
             }
         },
         [] => {
-            problems.push(format!("has no {MANIFEST_SECTION} custom section (export it with brume_module_sdk::export!)"));
+            problems
+                .push(format!("has no {MANIFEST_SECTION} custom section (export it with brume_module_sdk::export!)"));
             None
         }
         many => {
@@ -248,7 +255,13 @@ mod tests {
             m.push(body.len() as u8);
             m.extend(body);
         };
-        section(&mut m, 1, vec![5, 0x60, 0, 1, 0x7f, 0x60, 1, 0x7f, 1, 0x7f, 0x60, 2, 0x7f, 0x7f, 1, 0x7e, 0x60, 0, 1, 0x7e, 0x60, 0, 0]);
+        section(
+            &mut m,
+            1,
+            vec![
+                5, 0x60, 0, 1, 0x7f, 0x60, 1, 0x7f, 1, 0x7f, 0x60, 2, 0x7f, 0x7f, 1, 0x7e, 0x60, 0, 1, 0x7e, 0x60, 0, 0,
+            ],
+        );
         let mut nimports = 0;
         if let Some((module, name)) = extra_import {
             let mut b = vec![1, module.len() as u8];
@@ -262,7 +275,8 @@ mod tests {
         section(&mut m, 3, vec![6, 0, 1, 2, 2, 3, 2]);
         section(&mut m, 5, vec![1, 0, 1]);
         let mut ex = vec![7];
-        let names = ["brume_abi_version", "brume_alloc", "brume_init", "brume_process", "brume_save_state", "brume_load_state"];
+        let names =
+            ["brume_abi_version", "brume_alloc", "brume_init", "brume_process", "brume_save_state", "brume_load_state"];
         for (i, n) in names.iter().enumerate() {
             ex.push(n.len() as u8);
             ex.extend(n.as_bytes());
@@ -299,7 +313,10 @@ mod tests {
     #[test]
     fn names_each_problem() {
         let err = |wasm: Vec<u8>, pkg| format!("{:#}", check(&wasm, pkg).unwrap_err());
-        assert_eq!(err(module(None, None), "t"), "has no brume-manifest custom section (export it with brume_module_sdk::export!)");
+        assert_eq!(
+            err(module(None, None), "t"),
+            "has no brume-manifest custom section (export it with brume_module_sdk::export!)"
+        );
         assert_eq!(err(module(Some(MANIFEST), None), "other"), "manifest name is \"t\", the package is \"other\"");
         assert_eq!(
             err(module(Some(MANIFEST), Some(("wasi_snapshot_preview1", "fd_write"))), "t"),

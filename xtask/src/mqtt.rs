@@ -22,9 +22,7 @@ pub const PAYLOAD: &[u8] = br#"{"v":1.5}"#;
 /// Publishes `n` readings to 127.0.0.1:`port` and returns readings/s from the first
 /// publish to the last PUBACK.
 pub fn publish_rate(port: u16, n: usize, client_id: &str) -> Result<f64> {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     let id = client_id.to_string();
     rt.block_on(async move {
         let mut opts = MqttOptions::new(id, "127.0.0.1", port);
@@ -46,9 +44,7 @@ pub fn publish_rate(port: u16, n: usize, client_id: &str) -> Result<f64> {
             let client = client.clone();
             tokio::spawn(async move {
                 for i in 0..n {
-                    client
-                        .publish(topics[i % TOPICS].clone(), QoS::AtLeastOnce, false, PAYLOAD)
-                        .await?;
+                    client.publish(topics[i % TOPICS].clone(), QoS::AtLeastOnce, false, PAYLOAD).await?;
                 }
                 anyhow::Ok(())
             })
@@ -77,11 +73,7 @@ pub fn publish_rate(port: u16, n: usize, client_id: &str) -> Result<f64> {
 /// holds all `n` readings.
 pub fn agent_rate(n: usize, durability: Durability) -> Result<f64> {
     let dir = tempfile::tempdir()?;
-    let mut cfg = Config {
-        agent_id: "bench".into(),
-        data_dir: dir.path().join("data"),
-        ..Default::default()
-    };
+    let mut cfg = Config { agent_id: "bench".into(), data_dir: dir.path().join("data"), ..Default::default() };
     cfg.store.durability = durability;
     cfg.forward.mode = ForwardMode::Off;
     cfg.http.enabled = false;
@@ -93,35 +85,19 @@ pub fn agent_rate(n: usize, durability: Durability) -> Result<f64> {
     let agent = {
         let shutdown = shutdown.clone();
         let cfg = cfg.clone();
-        std::thread::Builder::new()
-            .name("agent".into())
-            .spawn(move || -> Result<()> {
-                let rt = tokio::runtime::Builder::new_multi_thread()
-                    .enable_all()
-                    .build()?;
-                rt.block_on(async move {
-                    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-                    addr_tx.send(l.local_addr()?.port())?;
-                    edge_agent::run(
-                        cfg,
-                        edge_agent::Listeners {
-                            mqtt: Some(l),
-                            http: None,
-                        },
-                        shutdown,
-                    )
-                    .await
-                })
-            })?
+        std::thread::Builder::new().name("agent".into()).spawn(move || -> Result<()> {
+            let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+            rt.block_on(async move {
+                let l = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+                addr_tx.send(l.local_addr()?.port())?;
+                edge_agent::run(cfg, edge_agent::Listeners { mqtt: Some(l), http: None }, shutdown).await
+            })
+        })?
     };
-    let port = addr_rx
-        .recv_timeout(Duration::from_secs(10))
-        .context("the agent did not start")?;
+    let port = addr_rx.recv_timeout(Duration::from_secs(10)).context("the agent did not start")?;
     let rate = publish_rate(port, n, "bench-agent");
     shutdown.cancel();
-    agent
-        .join()
-        .map_err(|_| anyhow::anyhow!("agent thread panicked"))??;
+    agent.join().map_err(|_| anyhow::anyhow!("agent thread panicked"))??;
     let rate = rate?;
     let stored = count_readings(&cfg.data_dir)?;
     if stored != n as u64 {

@@ -43,22 +43,13 @@ pub fn build_agent(root: &Path) -> Result<PathBuf> {
     eprintln!("building the release edge-agent binary…");
     let st = std::process::Command::new(cargo)
         .current_dir(root)
-        .args([
-            "build",
-            "--release",
-            "-p",
-            "edge-agent",
-            "--bin",
-            "edge-agent",
-        ])
+        .args(["build", "--release", "-p", "edge-agent", "--bin", "edge-agent"])
         .status()
         .context("running cargo build")?;
     if !st.success() {
         bail!("cargo build --release -p edge-agent failed");
     }
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| root.join("target"));
+    let target = std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| root.join("target"));
     let exe = target.join("release").join("edge-agent");
     if !exe.is_file() {
         bail!("{} not found after the build", exe.display());
@@ -91,22 +82,16 @@ pub fn run(exe: &Path, secs: u64, rate: u32, extra: &str) -> Result<RssResult> {
     let sub = {
         let (stop, msgs, bytes, port) = (stop.clone(), msgs.clone(), bytes.clone(), mosq.port);
         std::thread::spawn(move || -> Result<()> {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()?;
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
             rt.block_on(async move {
                 let mut opts = MqttOptions::new("bench-rss-counter", "127.0.0.1", port);
                 opts.set_max_packet_size(16 << 20, 16 << 20);
                 let (client, mut el) = AsyncClient::new(opts, 10);
                 client.subscribe("#", QoS::AtMostOnce).await?;
                 while !stop.load(Ordering::Relaxed) {
-                    if let Ok(ev) =
-                        tokio::time::timeout(Duration::from_millis(200), el.poll()).await
-                    {
+                    if let Ok(ev) = tokio::time::timeout(Duration::from_millis(200), el.poll()).await {
                         match ev {
-                            Ok(Event::Incoming(Packet::Publish(p)))
-                                if p.topic.contains("bench-rss") =>
-                            {
+                            Ok(Event::Incoming(Packet::Publish(p))) if p.topic.contains("bench-rss") => {
                                 msgs.fetch_add(1, Ordering::Relaxed);
                                 bytes.fetch_add(p.payload.len() as u64, Ordering::Relaxed);
                             }
@@ -123,12 +108,7 @@ pub fn run(exe: &Path, secs: u64, rate: u32, extra: &str) -> Result<RssResult> {
     let mut agent = Proc::spawn(
         "edge-agent",
         exe,
-        &[
-            "--config".into(),
-            cfg.display().to_string(),
-            "--simulate".into(),
-            rate.to_string(),
-        ],
+        &["--config".into(), cfg.display().to_string(), "--simulate".into(), rate.to_string()],
         &dir.path().join("agent.log"),
         &[("RUST_LOG", "warn")],
     )?;
@@ -137,12 +117,8 @@ pub fn run(exe: &Path, secs: u64, rate: u32, extra: &str) -> Result<RssResult> {
     let start = Instant::now();
     let mut rss_max = 0;
     while start.elapsed() < Duration::from_secs(secs) {
-        std::thread::sleep(
-            Duration::from_secs(1).min(Duration::from_secs(secs).saturating_sub(start.elapsed())),
-        );
-        agent
-            .check_alive()
-            .with_context(|| log_tail(&dir.path().join("agent.log")))?;
+        std::thread::sleep(Duration::from_secs(1).min(Duration::from_secs(secs).saturating_sub(start.elapsed())));
+        agent.check_alive().with_context(|| log_tail(&dir.path().join("agent.log")))?;
         rss_max = rss_max.max(proc_status_bytes(pid, "VmRSS").unwrap_or(0));
     }
     let hwm = proc_status_bytes(pid, "VmHWM").context("reading VmHWM")?;
@@ -175,10 +151,7 @@ pub fn run(exe: &Path, secs: u64, rate: u32, extra: &str) -> Result<RssResult> {
 fn log_tail(p: &Path) -> String {
     let s = std::fs::read_to_string(p).unwrap_or_default();
     let lines: Vec<&str> = s.lines().collect();
-    format!(
-        "agent log:\n{}",
-        lines[lines.len().saturating_sub(20)..].join("\n")
-    )
+    format!("agent log:\n{}", lines[lines.len().saturating_sub(20)..].join("\n"))
 }
 
 /// `[[modules]]` tables for the five example modules (built in `target/modules/`), each

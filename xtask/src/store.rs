@@ -45,10 +45,7 @@ impl Input {
 }
 
 fn options(durability: Durability) -> (Config, StoreOptions) {
-    let mut cfg = Config {
-        agent_id: "bench".into(),
-        ..Default::default()
-    };
+    let mut cfg = Config { agent_id: "bench".into(), ..Default::default() };
     cfg.store.durability = durability;
     // Tasks that each await every commit are closed-loop writers, which the commit window
     // (by design) gives one commit per window unless they come over MQTT; these rows
@@ -84,9 +81,7 @@ pub fn handle_rate(input: &Input, durability: Durability, tasks: usize) -> Resul
     for (i, g) in input.readings.chunks(GROUP).enumerate() {
         shares[i % tasks].push(g.to_vec());
     }
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     let (handle, writer) = StoreHandle::start(
         dir.path().to_path_buf(),
         &cfg.agent_id,
@@ -123,8 +118,7 @@ fn check(snap: &edge_agent::store::StoreSnapshot, n: usize) -> Result<()> {
         bail!("store holds {} readings, expected {n}", snap.readings);
     }
     // Every full batch must have been cut into the outbox.
-    if snap.outbox_readings + snap.unbatched != n as u64 || snap.outbox_batches < (n / GROUP) as u64
-    {
+    if snap.outbox_readings + snap.unbatched != n as u64 || snap.outbox_batches < (n / GROUP) as u64 {
         bail!(
             "outbox holds {} batches / {} readings (+{} unbatched) for {n} readings",
             snap.outbox_batches,
@@ -144,9 +138,7 @@ pub fn raw_rate(input: &Input, per_tx: usize, synchronous: &str, indexed: bool) 
     let mut conn = rusqlite::Connection::open(dir.path().join("raw.db"))?;
     conn.pragma_update(None, "journal_mode", "WAL")?;
     conn.pragma_update(None, "synchronous", synchronous)?;
-    conn.execute_batch(
-        "CREATE TABLE t(id INTEGER PRIMARY KEY, stream INTEGER, ts INTEGER, fields BLOB)",
-    )?;
+    conn.execute_batch("CREATE TABLE t(id INTEGER PRIMARY KEY, stream INTEGER, ts INTEGER, fields BLOB)")?;
     if indexed {
         conn.execute_batch("CREATE INDEX t_by_stream_ts ON t(stream, ts)")?;
     }
@@ -154,8 +146,7 @@ pub fn raw_rate(input: &Input, per_tx: usize, synchronous: &str, indexed: bool) 
     for chunk in input.raw.chunks(per_tx) {
         let tx = conn.transaction()?;
         {
-            let mut ins =
-                tx.prepare_cached("INSERT INTO t(stream, ts, fields) VALUES (?1, ?2, ?3)")?;
+            let mut ins = tx.prepare_cached("INSERT INTO t(stream, ts, fields) VALUES (?1, ?2, ?3)")?;
             for (s, ts, blob) in chunk {
                 ins.execute(rusqlite::params![s, ts, blob])?;
             }

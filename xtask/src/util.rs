@@ -46,12 +46,7 @@ impl Samples {
         if self.0.len() <= 1 {
             format!("{}/s", group(self.median()))
         } else {
-            format!(
-                "{}/s [{}..{}]",
-                group(self.median()),
-                group(self.min()),
-                group(self.max())
-            )
+            format!("{}/s [{}..{}]", group(self.median()), group(self.min()), group(self.max()))
         }
     }
 }
@@ -80,10 +75,7 @@ pub fn fmt_bytes(b: f64) -> String {
 
 /// A free TCP port on 127.0.0.1 (bound, then released for the child to take).
 pub fn free_port() -> u16 {
-    StdListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("binding 127.0.0.1:0")
+    StdListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("binding 127.0.0.1:0")
 }
 
 /// Waits until something accepts TCP connections on 127.0.0.1:`port`.
@@ -106,32 +98,15 @@ pub struct Proc {
 
 impl Proc {
     /// Spawns `exe args` with stdout and stderr appended to `log`.
-    pub fn spawn(
-        name: &str,
-        exe: &Path,
-        args: &[String],
-        log: &Path,
-        env: &[(&str, &str)],
-    ) -> Result<Proc> {
-        let out = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(log)?;
+    pub fn spawn(name: &str, exe: &Path, args: &[String], log: &Path, env: &[(&str, &str)]) -> Result<Proc> {
+        let out = std::fs::OpenOptions::new().create(true).append(true).open(log)?;
         let mut cmd = Command::new(exe);
-        cmd.args(args)
-            .stdin(Stdio::null())
-            .stdout(out.try_clone()?)
-            .stderr(out);
+        cmd.args(args).stdin(Stdio::null()).stdout(out.try_clone()?).stderr(out);
         for (k, v) in env {
             cmd.env(k, v);
         }
-        let child = cmd
-            .spawn()
-            .with_context(|| format!("spawning {}", exe.display()))?;
-        Ok(Proc {
-            child: Some(child),
-            name: name.into(),
-        })
+        let child = cmd.spawn().with_context(|| format!("spawning {}", exe.display()))?;
+        Ok(Proc { child: Some(child), name: name.into() })
     }
 
     pub fn pid(&self) -> u32 {
@@ -154,9 +129,7 @@ impl Proc {
         let Some(mut c) = self.child.take() else {
             return Ok(());
         };
-        let _ = Command::new("kill")
-            .args(["-TERM", &c.id().to_string()])
-            .status();
+        let _ = Command::new("kill").args(["-TERM", &c.id().to_string()]).status();
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
             if c.try_wait()?.is_some() {
@@ -201,22 +174,10 @@ impl Mosquitto {
         let dir = tempfile::tempdir()?;
         let port = free_port();
         let conf = dir.path().join("mosquitto.conf");
-        std::fs::write(
-            &conf,
-            format!("listener {port} 127.0.0.1\nallow_anonymous true\n{}", extra(dir.path())),
-        )?;
-        let proc = Proc::spawn(
-            "mosquitto",
-            &exe,
-            &["-c".into(), conf.display().to_string()],
-            &dir.path().join("log"),
-            &[],
-        )?;
-        let m = Mosquitto {
-            port,
-            proc,
-            _dir: dir,
-        };
+        std::fs::write(&conf, format!("listener {port} 127.0.0.1\nallow_anonymous true\n{}", extra(dir.path())))?;
+        let proc =
+            Proc::spawn("mosquitto", &exe, &["-c".into(), conf.display().to_string()], &dir.path().join("log"), &[])?;
+        let m = Mosquitto { port, proc, _dir: dir };
         wait_port("mosquitto", port, Duration::from_secs(10))?;
         Ok(m)
     }
@@ -226,13 +187,7 @@ impl Mosquitto {
 pub fn which(name: &str) -> Option<PathBuf> {
     let path = std::env::var("PATH").unwrap_or_default();
     path.split(':')
-        .chain([
-            "/usr/sbin",
-            "/usr/bin",
-            "/usr/local/sbin",
-            "/usr/local/bin",
-            "/sbin",
-        ])
+        .chain(["/usr/sbin", "/usr/bin", "/usr/local/sbin", "/usr/local/bin", "/sbin"])
         .map(|d| Path::new(d).join(name))
         .find(|p| p.is_file())
 }
@@ -257,14 +212,8 @@ pub fn cmd_line(prog: &str, args: &[&str]) -> String {
 /// `key: value` from /proc/<pid>/status, in bytes (the file gives kB = KiB).
 pub fn proc_status_bytes(pid: u32, key: &str) -> Option<u64> {
     let text = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let line = text
-        .lines()
-        .find(|l| l.starts_with(key) && l[key.len()..].starts_with(':'))?;
-    let kb: u64 = line[key.len() + 1..]
-        .split_whitespace()
-        .next()?
-        .parse()
-        .ok()?;
+    let line = text.lines().find(|l| l.starts_with(key) && l[key.len()..].starts_with(':'))?;
+    let kb: u64 = line[key.len() + 1..].split_whitespace().next()?.parse().ok()?;
     Some(kb * 1024)
 }
 
@@ -277,8 +226,7 @@ pub fn fs_type(path: &Path) -> String {
         .filter_map(|l| {
             let mut f = l.split_whitespace();
             let (_dev, mnt, ty) = (f.next()?, f.next()?, f.next()?);
-            path.starts_with(mnt)
-                .then(|| (mnt.len(), format!("{ty} ({mnt})")))
+            path.starts_with(mnt).then(|| (mnt.len(), format!("{ty} ({mnt})")))
         })
         .max_by_key(|(n, _)| *n)
         .map(|(_, s)| s)
@@ -306,9 +254,7 @@ impl Machine {
             .map(|(_, v)| v.trim().to_string())
             .unwrap_or_else(|| "unknown".into());
         Machine {
-            nproc: std::thread::available_parallelism()
-                .map(|n| n.get())
-                .unwrap_or(0),
+            nproc: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
             cpu,
             kernel: std::fs::read_to_string("/proc/sys/kernel/osrelease")
                 .map(|s| s.trim().to_string())

@@ -18,10 +18,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use brume_module_abi::{CallResult, InitRequest, Input, ModuleReading, Output, decode, encode};
+use brume_module_sdk::FilterModule;
 use brume_module_sdk::prelude::*;
 use brume_module_sdk::rt::Runtime;
 use brume_module_sdk::testing::MockHistory;
-use brume_module_sdk::FilterModule;
 use brume_wasm_host::{LimitOverrides, Limits, LoadedModule, ModuleInstance, NoHistory, WasmEngine};
 use edge_agent::config::{Config, ModuleConfig, OnFailure, StartAt};
 use edge_agent::store::writer::StoreHandle;
@@ -36,7 +36,8 @@ pub const BATCH: usize = 1000;
 const LIMIT: f64 = 24.0;
 
 /// The example's manifest, as embedded in `threshold.wasm`.
-const MANIFEST: &str = r#"{"name":"threshold","version":"0.1.0","abi_version":1,"inputs":["sensors/#"],"outputs":["alerts/threshold"]}"#;
+const MANIFEST: &str =
+    r#"{"name":"threshold","version":"0.1.0","abi_version":1,"inputs":["sensors/#"],"outputs":["alerts/threshold"]}"#;
 
 /// The threshold example's filter (modules/examples/threshold), compiled natively.
 #[derive(Debug)]

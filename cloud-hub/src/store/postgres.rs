@@ -78,10 +78,10 @@ use tokio_postgres::types::Type;
 use tokio_postgres::{Client, IsolationLevel, NoTls, Transaction};
 
 use super::{
-    AgentSummary, BatchOutcome, HubStore, LineageRange, LossSummary, MAX_QUARANTINE_PAGE, ModuleSummary,
-    NewQuarantine, PresenceRecord, QUARANTINE_COLUMNS, QuarantinedBatch, ReadingsPage, ReadingsQuery, StoreError,
-    StoredReading, StreamSummary, attach_lineage, decode_presence, epoch_from_sql, epoch_to_sql, lineage_ranges,
-    loss_reason_from_str, module_ref, quarantine_entry, storable_text,
+    AgentSummary, BatchOutcome, HubStore, LineageRange, LossSummary, MAX_QUARANTINE_PAGE, ModuleSummary, NewQuarantine,
+    PresenceRecord, QUARANTINE_COLUMNS, QuarantinedBatch, ReadingsPage, ReadingsQuery, StoreError, StoredReading,
+    StreamSummary, attach_lineage, decode_presence, epoch_from_sql, epoch_to_sql, lineage_ranges, loss_reason_from_str,
+    module_ref, quarantine_entry, storable_text,
 };
 
 /// One UTC day in nanoseconds: the partition width.
@@ -319,9 +319,7 @@ pub struct PostgresStore {
 
 impl std::fmt::Debug for PostgresStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("PostgresStore")
-            .field("target", &self.target)
-            .finish_non_exhaustive()
+        f.debug_struct("PostgresStore").field("target", &self.target).finish_non_exhaustive()
     }
 }
 
@@ -329,10 +327,7 @@ impl Drop for PostgresStore {
     fn drop(&mut self) {
         // Close connections first, then stop the runtime without waiting for it: the
         // last `Arc<dyn HubStore>` may well be dropped on an async worker thread.
-        self.idle
-            .get_mut()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clear();
+        self.idle.get_mut().unwrap_or_else(PoisonError::into_inner).clear();
         if let Some(rt) = self.runtime.take() {
             rt.shutdown_background();
         }
@@ -378,10 +373,7 @@ pub fn describe_target(config: &tokio_postgres::Config) -> String {
         None => "localhost".to_owned(),
     };
     let port = config.get_ports().first().copied().unwrap_or(5432);
-    let db = config
-        .get_dbname()
-        .or(config.get_user())
-        .unwrap_or("postgres");
+    let db = config.get_dbname().or(config.get_user()).unwrap_or("postgres");
     format!("{host}:{port}/{db}")
 }
 
@@ -440,12 +432,8 @@ pub fn partition_name(day: i32) -> String {
 /// days are open-ended, since their exact bounds overflow `int8`.
 fn partition_bounds(day: i32) -> (String, String) {
     let day = i64::from(day);
-    let lo = day
-        .checked_mul(DAY_NS)
-        .map_or("MINVALUE".to_owned(), |v| v.to_string());
-    let hi = (day + 1)
-        .checked_mul(DAY_NS)
-        .map_or("MAXVALUE".to_owned(), |v| v.to_string());
+    let lo = day.checked_mul(DAY_NS).map_or("MINVALUE".to_owned(), |v| v.to_string());
+    let hi = (day + 1).checked_mul(DAY_NS).map_or("MAXVALUE".to_owned(), |v| v.to_string());
     (lo, hi)
 }
 
@@ -505,26 +493,17 @@ impl PostgresStore {
     /// Runs `fut` on this store's runtime, blocking the calling thread, bounded by
     /// `query_timeout`. A timed-out future is dropped, and with it any connection it had
     /// checked out (see [`Pooled`]).
-    fn call<T>(
-        &self,
-        op: &'static str,
-        fut: impl Future<Output = Result<T, StoreError>>,
-    ) -> Result<T, StoreError> {
+    fn call<T>(&self, op: &'static str, fut: impl Future<Output = Result<T, StoreError>>) -> Result<T, StoreError> {
         let rt = self.runtime.as_ref().expect("runtime present until drop");
         let limit = self.options.query_timeout;
         rt.block_on(async move {
-            tokio::time::timeout(limit, fut)
-                .await
-                .unwrap_or(Err(StoreError::Timeout { op, after: limit }))
+            tokio::time::timeout(limit, fut).await.unwrap_or(Err(StoreError::Timeout { op, after: limit }))
         })
     }
 
     /// Takes an idle connection, or opens one if the pool is not full, or waits.
     async fn checkout(&self) -> Result<Pooled<'_>, StoreError> {
-        let permit = Arc::clone(&self.permits)
-            .acquire_owned()
-            .await
-            .expect("the semaphore is never closed");
+        let permit = Arc::clone(&self.permits).acquire_owned().await.expect("the semaphore is never closed");
         // A connection whose server went away (restart, failover) is closed by its
         // connection task; skip those and open a fresh one instead.
         let idle = {
@@ -536,24 +515,12 @@ impl PostgresStore {
             Some(c) => c,
             None => self.open_client().await?,
         };
-        Ok(Pooled {
-            client: Some(client),
-            store: self,
-            _permit: permit,
-        })
+        Ok(Pooled { client: Some(client), store: self, _permit: permit })
     }
 
     async fn open_client(&self) -> Result<Client, StoreError> {
-        let connect_err = |source| StoreError::PostgresConnect {
-            target: self.target.clone(),
-            source,
-        };
-        let (client, connection) = self
-            .options
-            .config
-            .connect(NoTls)
-            .await
-            .map_err(connect_err)?;
+        let connect_err = |source| StoreError::PostgresConnect { target: self.target.clone(), source };
+        let (client, connection) = self.options.config.connect(NoTls).await.map_err(connect_err)?;
         let target = self.target.clone();
         // The connection task owns the socket; it ends when the client is dropped or
         // the server goes away, after which `Client::is_closed` is true.
@@ -565,16 +532,10 @@ impl PostgresStore {
         // Acknowledging means "durably committed". A role or database configured with
         // synchronous_commit=off would break that silently, so this session turns it
         // back on; stronger settings (remote_write, remote_apply) are left alone.
-        let sync: String = client
-            .query_one("SHOW synchronous_commit", &[])
-            .await
-            .map_err(pg("reading synchronous_commit"))?
-            .get(0);
+        let sync: String =
+            client.query_one("SHOW synchronous_commit", &[]).await.map_err(pg("reading synchronous_commit"))?.get(0);
         if sync == "off" {
-            client
-                .batch_execute("SET synchronous_commit = on")
-                .await
-                .map_err(pg("setting synchronous_commit"))?;
+            client.batch_execute("SET synchronous_commit = on").await.map_err(pg("setting synchronous_commit"))?;
         }
         Ok(client)
     }
@@ -595,35 +556,20 @@ impl PostgresStore {
     /// Creates the partitions of `days` that are not known to exist. Runs in its own
     /// short transaction before the ingest transaction: partition DDL locks the parent
     /// table, and holding that lock for the whole ingest would block every reader.
-    async fn create_partitions(
-        &self,
-        client: &mut Client,
-        days: &BTreeSet<i32>,
-    ) -> Result<(), StoreError> {
+    async fn create_partitions(&self, client: &mut Client, days: &BTreeSet<i32>) -> Result<(), StoreError> {
         let missing: Vec<i32> = {
             let known = lock(&self.partitions);
-            days.iter()
-                .copied()
-                .filter(|d| !known.contains(d))
-                .collect()
+            days.iter().copied().filter(|d| !known.contains(d)).collect()
         };
         if missing.is_empty() {
             return Ok(());
         }
-        let tx = client
-            .transaction()
-            .await
-            .map_err(pg("starting partition transaction"))?;
+        let tx = client.transaction().await.map_err(pg("starting partition transaction"))?;
         // Another hub may be creating the same day right now; the lock makes the check
         // below and the CREATE atomic with respect to it.
-        tx.execute("SELECT pg_advisory_xact_lock($1)", &[&PARTITION_LOCK])
-            .await
-            .map_err(pg("locking partitions"))?;
+        tx.execute("SELECT pg_advisory_xact_lock($1)", &[&PARTITION_LOCK]).await.map_err(pg("locking partitions"))?;
         let existing: HashSet<i32> = tx
-            .query(
-                "SELECT day FROM reading_partitions WHERE day = ANY($1)",
-                &[&missing],
-            )
+            .query("SELECT day FROM reading_partitions WHERE day = ANY($1)", &[&missing])
             .await
             .map_err(pg("listing partitions"))?
             .iter()
@@ -651,12 +597,9 @@ impl PostgresStore {
             ))
             .await
             .map_err(pg("creating partition"))?;
-            tx.execute(
-                "INSERT INTO reading_partitions (day, name) VALUES ($1, $2)",
-                &[&day, &name],
-            )
-            .await
-            .map_err(pg("recording partition"))?;
+            tx.execute("INSERT INTO reading_partitions (day, name) VALUES ($1, $2)", &[&day, &name])
+                .await
+                .map_err(pg("recording partition"))?;
             tracing::info!(partition = %name, "created readings partition");
         }
         tx.commit().await.map_err(pg("committing partitions"))?;
@@ -677,28 +620,19 @@ impl PostgresStore {
         let first_kept = day_of(ts_ns);
         let dropped = self.call("dropping partitions", async {
             let mut conn = self.checkout().await?;
-            let tx = conn
-                .client()
-                .transaction()
-                .await
-                .map_err(pg("starting retention transaction"))?;
+            let tx = conn.client().transaction().await.map_err(pg("starting retention transaction"))?;
             tx.execute("SELECT pg_advisory_xact_lock($1)", &[&PARTITION_LOCK])
                 .await
                 .map_err(pg("locking partitions"))?;
             let rows = tx
-                .query(
-                    "SELECT day, name FROM reading_partitions WHERE day < $1 ORDER BY day",
-                    &[&first_kept],
-                )
+                .query("SELECT day, name FROM reading_partitions WHERE day < $1 ORDER BY day", &[&first_kept])
                 .await
                 .map_err(pg("listing partitions"))?;
             let mut dropped: Vec<(i32, String)> = Vec::new();
             for r in rows {
                 let (day, name): (i32, String) = (r.get(0), r.get(1));
                 // Names come from our own table and were generated by partition_name.
-                tx.batch_execute(&format!("DROP TABLE IF EXISTS {name}"))
-                    .await
-                    .map_err(pg("dropping partition"))?;
+                tx.batch_execute(&format!("DROP TABLE IF EXISTS {name}")).await.map_err(pg("dropping partition"))?;
                 dropped.push((day, name));
             }
             let days: Vec<i32> = dropped.iter().map(|d| d.0).collect();
@@ -710,12 +644,9 @@ impl PostgresStore {
             tx.execute("DELETE FROM stream_days WHERE day < $1", &[&first_kept])
                 .await
                 .map_err(pg("deleting stream statistics"))?;
-            tx.execute(
-                "DELETE FROM reading_partitions WHERE day = ANY($1)",
-                &[&days],
-            )
-            .await
-            .map_err(pg("forgetting partitions"))?;
+            tx.execute("DELETE FROM reading_partitions WHERE day = ANY($1)", &[&days])
+                .await
+                .map_err(pg("forgetting partitions"))?;
             tx.commit().await.map_err(pg("committing retention"))?;
             conn.release();
             Ok(dropped)
@@ -768,9 +699,7 @@ impl PostgresStore {
             .collect();
         let missing: Vec<usize> = {
             let known = lock(&self.partitions);
-            (0..batches.len())
-                .filter(|&i| per_batch[i].iter().any(|d| !known.contains(d)))
-                .collect()
+            (0..batches.len()).filter(|&i| per_batch[i].iter().any(|d| !known.contains(d))).collect()
         };
         if missing.is_empty() {
             return Ok(BTreeSet::new());
@@ -822,11 +751,7 @@ impl PostgresStore {
                 .collect()
         };
         let mut created = HashMap::new();
-        let tx = conn
-            .client()
-            .transaction()
-            .await
-            .map_err(pg("starting transaction"))?;
+        let tx = conn.client().transaction().await.map_err(pg("starting transaction"))?;
         // On error `tx` is dropped, which rolls it back, and `created` goes with it.
         let outcomes = ingest_tx(&tx, &known, &mut created, batches, keys, received_ms).await?;
         // Once COMMIT returns, the group is durable (synchronous_commit is at least on).
@@ -843,13 +768,8 @@ impl PostgresStore {
 /// hubs starting at once apply each migration exactly once: the second waits for the
 /// first to commit, then finds nothing left to do.
 async fn migrate(client: &mut Client) -> Result<(), StoreError> {
-    let tx = client
-        .transaction()
-        .await
-        .map_err(pg("starting migration"))?;
-    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])
-        .await
-        .map_err(pg("locking migrations"))?;
+    let tx = client.transaction().await.map_err(pg("starting migration"))?;
+    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK]).await.map_err(pg("locking migrations"))?;
     tx.batch_execute(
         "CREATE TABLE IF NOT EXISTS schema_migrations (
              version    int4 PRIMARY KEY,
@@ -859,23 +779,15 @@ async fn migrate(client: &mut Client) -> Result<(), StoreError> {
     .await
     .map_err(pg("creating schema_migrations"))?;
     let current: i32 = tx
-        .query_one(
-            "SELECT coalesce(max(version), 0) FROM schema_migrations",
-            &[],
-        )
+        .query_one("SELECT coalesce(max(version), 0) FROM schema_migrations", &[])
         .await
         .map_err(pg("reading schema version"))?
         .get(0);
     if current > SCHEMA_VERSION {
-        return Err(StoreError::SchemaTooNew {
-            found: current.into(),
-            supported: SCHEMA_VERSION.into(),
-        });
+        return Err(StoreError::SchemaTooNew { found: current.into(), supported: SCHEMA_VERSION.into() });
     }
     for &(version, sql) in MIGRATIONS.iter().filter(|(v, _)| *v > current) {
-        tx.batch_execute(sql)
-            .await
-            .map_err(pg("applying a migration"))?;
+        tx.batch_execute(sql).await.map_err(pg("applying a migration"))?;
         if version == 3 {
             // Readings stored before rollups existed, rolled up once.
             let mut deltas = RollupDeltas::default();
@@ -888,12 +800,9 @@ async fn migrate(client: &mut Client) -> Result<(), StoreError> {
             }
             write_rollups(&tx, deltas).await?;
         }
-        tx.execute(
-            "INSERT INTO schema_migrations (version) VALUES ($1)",
-            &[&version],
-        )
-        .await
-        .map_err(pg("recording a migration"))?;
+        tx.execute("INSERT INTO schema_migrations (version) VALUES ($1)", &[&version])
+            .await
+            .map_err(pg("recording a migration"))?;
         tracing::info!(version, "applied postgres schema migration");
     }
     tx.commit().await.map_err(pg("committing migration"))
@@ -936,14 +845,7 @@ async fn ingest_tx(
                   AS u(a, e, s, r, c)
              ON CONFLICT DO NOTHING
              RETURNING agent_id, epoch, seq",
-            &[
-                &agent_ids,
-                &epochs,
-                &seqs,
-                &counts,
-                &created_ms,
-                &received_ms,
-            ],
+            &[&agent_ids, &epochs, &seqs, &counts, &created_ms, &received_ms],
         )
         .await
         .map_err(pg("inserting batches"))?
@@ -966,11 +868,8 @@ async fn ingest_tx(
     // 2. Stream ids for the new batches' non-empty chunks. Unknown names are inserted in
     //    name order; a concurrent hub inserting the same name makes this wait for its
     //    commit, after which the SELECT (a new snapshot in READ COMMITTED) sees its id.
-    let new_batches: Vec<(usize, &Batch)> = batches
-        .iter()
-        .enumerate()
-        .filter(|(i, _)| outcomes[*i] == BatchOutcome::Stored)
-        .collect();
+    let new_batches: Vec<(usize, &Batch)> =
+        batches.iter().enumerate().filter(|(i, _)| outcomes[*i] == BatchOutcome::Stored).collect();
     let unknown: BTreeSet<&str> = new_batches
         .iter()
         .flat_map(|(_, b)| b.streams.iter())
@@ -979,17 +878,11 @@ async fn ingest_tx(
         .collect();
     if !unknown.is_empty() {
         let names: Vec<&str> = unknown.into_iter().collect();
-        tx.execute(
-            "INSERT INTO streams (name) SELECT unnest($1::text[]) ON CONFLICT (name) DO NOTHING",
-            &[&names],
-        )
-        .await
-        .map_err(pg("creating streams"))?;
+        tx.execute("INSERT INTO streams (name) SELECT unnest($1::text[]) ON CONFLICT (name) DO NOTHING", &[&names])
+            .await
+            .map_err(pg("creating streams"))?;
         for r in tx
-            .query(
-                "SELECT name, id FROM streams WHERE name = ANY($1)",
-                &[&names],
-            )
+            .query("SELECT name, id FROM streams WHERE name = ANY($1)", &[&names])
             .await
             .map_err(pg("looking up streams"))?
         {
@@ -1020,15 +913,7 @@ async fn ingest_tx(
             .map_err(pg("starting readings copy"))?;
         let writer = BinaryCopyInWriter::new(
             sink,
-            &[
-                Type::INT8,
-                Type::INT8,
-                Type::TEXT,
-                Type::INT8,
-                Type::INT8,
-                Type::INT4,
-                Type::BYTEA,
-            ],
+            &[Type::INT8, Type::INT8, Type::TEXT, Type::INT8, Type::INT8, Type::INT4, Type::BYTEA],
         );
         let mut writer = std::pin::pin!(writer);
         for &(i, b) in &new_batches {
@@ -1043,14 +928,12 @@ async fn ingest_tx(
                         .write(&[&sid, &p.ts_ns, &k.agent_id, &k.epoch, &k.seq, &idx, &fields])
                         .await
                         .map_err(pg("copying readings"))?;
-                    idx = idx
-                        .checked_add(1)
-                        .ok_or_else(|| StoreError::TooManyReadings {
-                            agent_id: b.agent_id.clone(),
-                            epoch: b.epoch,
-                            seq: b.seq,
-                            max: i32::MAX.into(),
-                        })?;
+                    idx = idx.checked_add(1).ok_or_else(|| StoreError::TooManyReadings {
+                        agent_id: b.agent_id.clone(),
+                        epoch: b.epoch,
+                        seq: b.seq,
+                        max: i32::MAX.into(),
+                    })?;
                     let d = days.entry((sid, day_of(p.ts_ns))).or_insert(DayDelta {
                         readings: 0,
                         first_ts_ns: i64::MAX,
@@ -1063,11 +946,7 @@ async fn ingest_tx(
                 }
             }
         }
-        writer
-            .as_mut()
-            .finish()
-            .await
-            .map_err(pg("finishing readings copy"))?;
+        writer.as_mut().finish().await.map_err(pg("finishing readings copy"))?;
     }
 
     // 4. Per-stream, per-day statistics, one row per key (aggregated above, because an
@@ -1130,9 +1009,7 @@ async fn ingest_tx(
     for (b, k) in batches.iter().zip(keys) {
         for l in &b.losses {
             let total = i64::try_from(l.total).unwrap_or(i64::MAX);
-            let e = losses
-                .entry((k.agent_id, k.epoch, l.stream.as_str(), l.reason.as_str()))
-                .or_insert(total);
+            let e = losses.entry((k.agent_id, k.epoch, l.stream.as_str(), l.reason.as_str())).or_insert(total);
             *e = (*e).max(total);
         }
     }
@@ -1168,19 +1045,14 @@ fn is_missing_partition(e: &StoreError) -> bool {
 }
 
 impl HubStore for PostgresStore {
-    fn ingest(
-        &self,
-        batches: &[Batch],
-        received_ms: i64,
-    ) -> Result<Vec<BatchOutcome>, StoreError> {
+    fn ingest(&self, batches: &[Batch], received_ms: i64) -> Result<Vec<BatchOutcome>, StoreError> {
         let keys = batches
             .iter()
             .map(|b| {
                 Ok(Key {
                     agent_id: &b.agent_id,
                     epoch: epoch_to_sql(b.epoch),
-                    seq: i64::try_from(b.seq)
-                        .map_err(|_| StoreError::Corrupt(format!("seq {} exceeds i64", b.seq)))?,
+                    seq: i64::try_from(b.seq).map_err(|_| StoreError::Corrupt(format!("seq {} exceeds i64", b.seq)))?,
                 })
             })
             .collect::<Result<Vec<_>, StoreError>>()?;
@@ -1242,19 +1114,13 @@ impl HubStore for PostgresStore {
                 .map_err(pg("looking up stream"))?
             else {
                 conn.release();
-                return Ok(ReadingsPage {
-                    readings: Vec::new(),
-                    next: None,
-                });
+                return Ok(ReadingsPage { readings: Vec::new(), next: None });
             };
             let stream_id: i64 = row.get(0);
             // A cursor implies ts_ns >= its timestamp. Stating it as a plain bound lets
             // the planner prune partitions before the cursor, which it cannot derive
             // from the row comparison.
-            let from = q
-                .from
-                .unwrap_or(i64::MIN)
-                .max(q.after.as_ref().map_or(i64::MIN, |c| c.ts_ns));
+            let from = q.from.unwrap_or(i64::MIN).max(q.after.as_ref().map_or(i64::MIN, |c| c.ts_ns));
             let to = q.to.unwrap_or(i64::MAX);
             // One row more than asked tells whether another page exists without a COUNT.
             let fetch = q.limit.saturating_add(1) as i64;
@@ -1281,17 +1147,7 @@ impl HubStore for PostgresStore {
                              WHERE stream_id = $1 AND ts_ns >= $2 AND ts_ns < $3
                                AND (ts_ns, agent_id, epoch, seq, idx) > ($5, $6, $7, $8, $9)
                              ORDER BY ts_ns, agent_id, epoch, seq, idx LIMIT $4",
-                            &[
-                                &stream_id,
-                                &from,
-                                &to,
-                                &fetch,
-                                &c.ts_ns,
-                                &c.agent_id,
-                                &epoch,
-                                &seq,
-                                &idx,
-                            ],
+                            &[&stream_id, &from, &to, &fetch, &c.ts_ns, &c.agent_id, &epoch, &seq, &idx],
                         )
                         .await
                 }
@@ -1316,10 +1172,8 @@ impl HubStore for PostgresStore {
                 None
             };
             // The page's lineage in one query for all its batches.
-            let keys: BTreeSet<(&str, i64, i64)> = readings
-                .iter()
-                .map(|r| (r.agent_id.as_str(), epoch_to_sql(r.epoch), r.seq as i64))
-                .collect();
+            let keys: BTreeSet<(&str, i64, i64)> =
+                readings.iter().map(|r| (r.agent_id.as_str(), epoch_to_sql(r.epoch), r.seq as i64)).collect();
             let mut ranges: HashMap<(String, u64, u64), Vec<LineageRange>> = HashMap::new();
             if !keys.is_empty() {
                 let agents: Vec<&str> = keys.iter().map(|k| k.0).collect();
@@ -1618,11 +1472,8 @@ async fn agents_in_snapshot(tx: &Transaction<'_>) -> Result<Vec<AgentSummary>, S
         })
         .collect();
     out.sort_by(|a, b| (&a.agent_id, a.epoch).cmp(&(&b.agent_id, b.epoch)));
-    let pos: HashMap<(String, u64), usize> = out
-        .iter()
-        .enumerate()
-        .map(|(i, a)| ((a.agent_id.clone(), a.epoch), i))
-        .collect();
+    let pos: HashMap<(String, u64), usize> =
+        out.iter().enumerate().map(|(i, a)| ((a.agent_id.clone(), a.epoch), i)).collect();
 
     // Gaps: each stored seq whose predecessor (in seq order) is not seq-1 ends a gap.
     // One pass over the primary key in the server; LAG's default 0 makes a missing seq 1

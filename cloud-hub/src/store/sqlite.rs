@@ -49,10 +49,10 @@ use crate::aggregate::{Agg, RollupDeltas};
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 
 use super::{
-    AgentSummary, BatchOutcome, HubStore, LineageRange, LossSummary, ModuleSummary, ReadingsPage,
-    NewQuarantine, PresenceRecord, QuarantinedBatch, ReadingsQuery, StoreError, StoredReading, StreamSummary,
-    MAX_QUARANTINE_PAGE, QUARANTINE_COLUMNS, attach_lineage, decode_presence, module_ref, lineage_ranges,
-    loss_reason_from_str, quarantine_entry, storable_text,
+    AgentSummary, BatchOutcome, HubStore, LineageRange, LossSummary, MAX_QUARANTINE_PAGE, ModuleSummary, NewQuarantine,
+    PresenceRecord, QUARANTINE_COLUMNS, QuarantinedBatch, ReadingsPage, ReadingsQuery, StoreError, StoredReading,
+    StreamSummary, attach_lineage, decode_presence, lineage_ranges, loss_reason_from_str, module_ref, quarantine_entry,
+    storable_text,
 };
 
 /// Schema version this build writes and understands.
@@ -229,55 +229,37 @@ pub struct SqliteStore {
 
 impl std::fmt::Debug for SqliteStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("SqliteStore")
-            .field("path", &self.path)
-            .finish_non_exhaustive()
+        f.debug_struct("SqliteStore").field("path", &self.path).finish_non_exhaustive()
     }
 }
 
 fn open_conn(path: &Path) -> Result<Connection, StoreError> {
     let conn = Connection::open(path).map_err(sql("opening the database"))?;
-    conn.busy_timeout(BUSY_TIMEOUT)
-        .map_err(sql("setting busy_timeout"))?;
+    conn.busy_timeout(BUSY_TIMEOUT).map_err(sql("setting busy_timeout"))?;
     // journal_mode is persistent in the file, synchronous is per connection: both are
     // set on every connection so no code path runs with weaker durability.
-    let mode: String = conn
-        .query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))
-        .map_err(sql("enabling WAL"))?;
+    let mode: String = conn.query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0)).map_err(sql("enabling WAL"))?;
     if !mode.eq_ignore_ascii_case("wal") {
-        return Err(StoreError::Corrupt(format!(
-            "cannot enable WAL journal mode (got {mode})"
-        )));
+        return Err(StoreError::Corrupt(format!("cannot enable WAL journal mode (got {mode})")));
     }
-    conn.pragma_update(None, "synchronous", "FULL")
-        .map_err(sql("setting synchronous=FULL"))?;
+    conn.pragma_update(None, "synchronous", "FULL").map_err(sql("setting synchronous=FULL"))?;
     Ok(conn)
 }
 
 fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
-    let tx = conn
-        .transaction_with_behavior(TransactionBehavior::Immediate)
-        .map_err(sql("starting migration"))?;
-    let version: i64 = tx
-        .query_row("PRAGMA user_version", [], |r| r.get(0))
-        .map_err(sql("reading user_version"))?;
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(sql("starting migration"))?;
+    let version: i64 = tx.query_row("PRAGMA user_version", [], |r| r.get(0)).map_err(sql("reading user_version"))?;
     if version > SCHEMA_VERSION {
-        return Err(StoreError::SchemaTooNew {
-            found: version,
-            supported: SCHEMA_VERSION,
-        });
+        return Err(StoreError::SchemaTooNew { found: version, supported: SCHEMA_VERSION });
     }
     if version < 1 {
-        tx.execute_batch(SCHEMA_V1)
-            .map_err(sql("creating schema v1"))?;
+        tx.execute_batch(SCHEMA_V1).map_err(sql("creating schema v1"))?;
     }
     if version < 2 {
-        tx.execute_batch(SCHEMA_V2)
-            .map_err(sql("creating schema v2"))?;
+        tx.execute_batch(SCHEMA_V2).map_err(sql("creating schema v2"))?;
     }
     if version < 3 {
-        tx.execute_batch(SCHEMA_V3)
-            .map_err(sql("creating schema v3"))?;
+        tx.execute_batch(SCHEMA_V3).map_err(sql("creating schema v3"))?;
         // Readings stored before rollups existed, rolled up once.
         let mut deltas = RollupDeltas::default();
         {
@@ -297,42 +279,31 @@ fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
         write_rollups(&tx, deltas)?;
     }
     if version < 4 {
-        tx.execute_batch(SCHEMA_V4)
-            .map_err(sql("creating schema v4"))?;
+        tx.execute_batch(SCHEMA_V4).map_err(sql("creating schema v4"))?;
     }
     if version < 5 {
-        tx.execute_batch(SCHEMA_V5)
-            .map_err(sql("creating schema v5"))?;
+        tx.execute_batch(SCHEMA_V5).map_err(sql("creating schema v5"))?;
     }
     // Later versions add `if version < N { ... }` steps here, in order.
-    tx.pragma_update(None, "user_version", SCHEMA_VERSION)
-        .map_err(sql("writing user_version"))?;
+    tx.pragma_update(None, "user_version", SCHEMA_VERSION).map_err(sql("writing user_version"))?;
     tx.commit().map_err(sql("committing migration"))
 }
 
 impl SqliteStore {
     /// Opens (creating if needed) `data_dir/hub.db` and applies migrations.
     pub fn open(data_dir: &Path) -> Result<SqliteStore, StoreError> {
-        std::fs::create_dir_all(data_dir).map_err(|source| StoreError::CreateDir {
-            path: data_dir.to_owned(),
-            source,
-        })?;
+        std::fs::create_dir_all(data_dir)
+            .map_err(|source| StoreError::CreateDir { path: data_dir.to_owned(), source })?;
         let path = data_dir.join("hub.db");
         let mut conn = open_conn(&path)?;
         migrate(&mut conn)?;
         let stream_ids = {
-            let mut stmt = conn
-                .prepare("SELECT name, id FROM streams")
-                .map_err(sql("loading streams"))?;
+            let mut stmt = conn.prepare("SELECT name, id FROM streams").map_err(sql("loading streams"))?;
             stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
                 .and_then(|rows| rows.collect::<Result<HashMap<String, i64>, _>>())
                 .map_err(sql("loading streams"))?
         };
-        Ok(SqliteStore {
-            path,
-            writer: Mutex::new(Writer { conn, stream_ids }),
-            readers: Mutex::new(Vec::new()),
-        })
+        Ok(SqliteStore { path, writer: Mutex::new(Writer { conn, stream_ids }), readers: Mutex::new(Vec::new()) })
     }
 
     /// Path of the database file.
@@ -341,10 +312,7 @@ impl SqliteStore {
     }
 
     /// Runs `f` on a pooled read connection.
-    fn with_reader<T>(
-        &self,
-        f: impl FnOnce(&Connection) -> Result<T, StoreError>,
-    ) -> Result<T, StoreError> {
+    fn with_reader<T>(&self, f: impl FnOnce(&Connection) -> Result<T, StoreError>) -> Result<T, StoreError> {
         let conn = lock(&self.readers).pop();
         let conn = match conn {
             Some(c) => c,
@@ -405,19 +373,11 @@ fn ingest_tx(
     let mut outcomes = Vec::with_capacity(batches.len());
     for b in batches {
         let epoch = epoch_to_sql(b.epoch);
-        let seq = i64::try_from(b.seq)
-            .map_err(|_| StoreError::Corrupt(format!("seq {} exceeds i64", b.seq)))?;
+        let seq = i64::try_from(b.seq).map_err(|_| StoreError::Corrupt(format!("seq {} exceeds i64", b.seq)))?;
         // ON CONFLICT DO NOTHING: zero changed rows means this (agent, epoch, seq) is
         // already committed, by an earlier transaction or earlier in this one.
         let inserted = insert_batch
-            .execute(params![
-                b.agent_id,
-                epoch,
-                seq,
-                b.reading_count() as i64,
-                b.created_ms,
-                received_ms
-            ])
+            .execute(params![b.agent_id, epoch, seq, b.reading_count() as i64, b.created_ms, received_ms])
             .map_err(sql("inserting batch"))?;
         if inserted == 1 {
             let mut idx: i64 = 0;
@@ -433,9 +393,7 @@ fn ingest_tx(
                 });
                 for p in &chunk.points {
                     insert_reading
-                        .execute(params![
-                            stream_id, p.ts_ns, b.agent_id, epoch, seq, idx, p.fields.0
-                        ])
+                        .execute(params![stream_id, p.ts_ns, b.agent_id, epoch, seq, idx, p.fields.0])
                         .map_err(sql("inserting reading"))?;
                     idx += 1;
                     rollups.add(stream_id, p.ts_ns, &p.fields)?;
@@ -467,13 +425,7 @@ fn ingest_tx(
         for l in &b.losses {
             let total = i64::try_from(l.total).unwrap_or(i64::MAX);
             upsert_loss
-                .execute(params![
-                    b.agent_id,
-                    epoch,
-                    l.stream,
-                    l.reason.as_str(),
-                    total
-                ])
+                .execute(params![b.agent_id, epoch, l.stream, l.reason.as_str(), total])
                 .map_err(sql("upserting loss report"))?;
         }
     }
@@ -525,18 +477,12 @@ fn stream_id(
 }
 
 impl HubStore for SqliteStore {
-    fn ingest(
-        &self,
-        batches: &[Batch],
-        received_ms: i64,
-    ) -> Result<Vec<BatchOutcome>, StoreError> {
+    fn ingest(&self, batches: &[Batch], received_ms: i64) -> Result<Vec<BatchOutcome>, StoreError> {
         let mut guard = lock(&self.writer);
         let Writer { conn, stream_ids } = &mut *guard;
         // IMMEDIATE takes the write lock up front, so the transaction cannot fail
         // half-way with SQLITE_BUSY when upgrading from a read lock.
-        let tx = conn
-            .transaction_with_behavior(TransactionBehavior::Immediate)
-            .map_err(sql("starting transaction"))?;
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(sql("starting transaction"))?;
         let mut created = HashMap::new();
         // On error the transaction is dropped, which rolls it back, and `created` (ids
         // that no longer exist) is discarded with it.
@@ -549,9 +495,7 @@ impl HubStore for SqliteStore {
     fn streams(&self) -> Result<Vec<StreamSummary>, StoreError> {
         self.with_reader(|conn| {
             let mut stmt = conn
-                .prepare_cached(
-                    "SELECT name, readings, first_ts_ns, last_ts_ns FROM streams ORDER BY name",
-                )
+                .prepare_cached("SELECT name, readings, first_ts_ns, last_ts_ns FROM streams ORDER BY name")
                 .map_err(sql("listing streams"))?;
             let rows = stmt
                 .query_map([], |r| {
@@ -575,10 +519,7 @@ impl HubStore for SqliteStore {
                 .and_then(|mut s| s.query_row([&q.stream], |r| r.get(0)).optional())
                 .map_err(sql("looking up stream"))?;
             let Some(stream_id) = stream_id else {
-                return Ok(ReadingsPage {
-                    readings: Vec::new(),
-                    next: None,
-                });
+                return Ok(ReadingsPage { readings: Vec::new(), next: None });
             };
             let from = q.from.unwrap_or(i64::MIN);
             let to = q.to.unwrap_or(i64::MAX);
@@ -609,28 +550,16 @@ impl HubStore for SqliteStore {
                          ORDER BY ts_ns, agent_id, epoch, seq, idx LIMIT ?4",
                     )
                     .and_then(|mut s| {
-                        s.query_map(params![stream_id, from, to, fetch], map_row)?
-                            .collect::<Result<Vec<_>, _>>()
+                        s.query_map(params![stream_id, from, to, fetch], map_row)?.collect::<Result<Vec<_>, _>>()
                     }),
-                Some(c) => conn
-                    .prepare_cached(READINGS_AFTER_CURSOR)
-                    .and_then(|mut s| {
-                        let seq = i64::try_from(c.seq).unwrap_or(i64::MAX);
-                        s.query_map(
-                            params![
-                                stream_id,
-                                to,
-                                fetch,
-                                c.ts_ns,
-                                c.agent_id,
-                                epoch_to_sql(c.epoch),
-                                seq,
-                                c.idx
-                            ],
-                            map_row,
-                        )?
-                        .collect::<Result<Vec<_>, _>>()
-                    }),
+                Some(c) => conn.prepare_cached(READINGS_AFTER_CURSOR).and_then(|mut s| {
+                    let seq = i64::try_from(c.seq).unwrap_or(i64::MAX);
+                    s.query_map(
+                        params![stream_id, to, fetch, c.ts_ns, c.agent_id, epoch_to_sql(c.epoch), seq, c.idx],
+                        map_row,
+                    )?
+                    .collect::<Result<Vec<_>, _>>()
+                }),
             }
             .map_err(sql("querying readings"))?;
             let next = if rows.len() > q.limit {
@@ -658,10 +587,7 @@ impl HubStore for SqliteStore {
                     })
                     .collect()
             })?;
-            Ok(ReadingsPage {
-                readings: rows,
-                next,
-            })
+            Ok(ReadingsPage { readings: rows, next })
         })
     }
 
@@ -669,8 +595,7 @@ impl HubStore for SqliteStore {
         self.with_reader(|conn| {
             // One consistent snapshot for the three queries below: WAL readers see the
             // state as of the start of the read transaction.
-            conn.execute_batch("BEGIN")
-                .map_err(sql("starting read transaction"))?;
+            conn.execute_batch("BEGIN").map_err(sql("starting read transaction"))?;
             let result = agents_in_snapshot(conn);
             // Ending a read-only transaction cannot lose data; ignore a failure here so
             // it does not hide the query's own error.
@@ -736,10 +661,8 @@ impl HubStore for SqliteStore {
         const DAY_NS: i64 = 86_400 * 1_000_000_000;
         let cutoff = ts_ns.saturating_sub(ts_ns.rem_euclid(DAY_NS));
         let mut guard = lock(&self.writer);
-        let tx = guard
-            .conn
-            .transaction_with_behavior(TransactionBehavior::Immediate)
-            .map_err(sql("starting retention"))?;
+        let tx =
+            guard.conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(sql("starting retention"))?;
         let mut total = 0u64;
         {
             let ids: Vec<i64> = tx
@@ -803,7 +726,9 @@ impl HubStore for SqliteStore {
     fn quarantine_id(&self, agent_id: &str, epoch: u64, seq: u64) -> Result<Option<i64>, StoreError> {
         self.with_reader(|conn| {
             conn.prepare_cached("SELECT id FROM quarantine WHERE agent_id = ?1 AND epoch = ?2 AND seq = ?3")
-                .and_then(|mut st| st.query_row(params![agent_id, epoch_to_sql(epoch), epoch_to_sql(seq)], |r| r.get(0)).optional())
+                .and_then(|mut st| {
+                    st.query_row(params![agent_id, epoch_to_sql(epoch), epoch_to_sql(seq)], |r| r.get(0)).optional()
+                })
                 .map_err(sql("looking up quarantine"))
         })
     }
@@ -811,7 +736,9 @@ impl HubStore for SqliteStore {
     fn quarantined(&self, after: i64, limit: usize) -> Result<Vec<QuarantinedBatch>, StoreError> {
         self.with_reader(|conn| {
             let mut st = conn
-                .prepare_cached(&format!("SELECT {QUARANTINE_COLUMNS} FROM quarantine WHERE id > ?1 ORDER BY id LIMIT ?2"))
+                .prepare_cached(&format!(
+                    "SELECT {QUARANTINE_COLUMNS} FROM quarantine WHERE id > ?1 ORDER BY id LIMIT ?2"
+                ))
                 .map_err(sql("listing quarantine"))?;
             let rows = st
                 .query_map(params![after, limit.min(MAX_QUARANTINE_PAGE) as i64], quarantine_row)
@@ -825,7 +752,9 @@ impl HubStore for SqliteStore {
         self.with_reader(|conn| {
             let row = conn
                 .prepare_cached(&format!("SELECT {QUARANTINE_COLUMNS}, payload FROM quarantine WHERE id = ?1"))
-                .and_then(|mut st| st.query_row([id], |r| Ok((quarantine_row(r)?, r.get::<_, Vec<u8>>(11)?))).optional())
+                .and_then(|mut st| {
+                    st.query_row([id], |r| Ok((quarantine_row(r)?, r.get::<_, Vec<u8>>(11)?))).optional()
+                })
                 .map_err(sql("reading quarantine"))?;
             row.map(|(entry, payload)| Ok((entry?, payload))).transpose()
         })
@@ -916,11 +845,8 @@ fn agents_in_snapshot(conn: &Connection) -> Result<Vec<AgentSummary>, StoreError
         })
         .map_err(sql("summarising batches"))?;
     out.sort_by(|a, b| (&a.agent_id, a.epoch).cmp(&(&b.agent_id, b.epoch)));
-    let pos: HashMap<(String, u64), usize> = out
-        .iter()
-        .enumerate()
-        .map(|(i, a)| ((a.agent_id.clone(), a.epoch), i))
-        .collect();
+    let pos: HashMap<(String, u64), usize> =
+        out.iter().enumerate().map(|(i, a)| ((a.agent_id.clone(), a.epoch), i)).collect();
 
     // Gaps: each stored seq whose predecessor (in seq order) is not seq-1 ends a gap.
     // The window function does this in one pass over the primary key, without
@@ -936,10 +862,8 @@ fn agents_in_snapshot(conn: &Connection) -> Result<Vec<AgentSummary>, StoreError
         .map_err(sql("computing gaps"))?;
     let mut rows = stmt.query([]).map_err(sql("computing gaps"))?;
     while let Some(r) = rows.next().map_err(sql("computing gaps"))? {
-        let key: (String, u64) = (
-            r.get(0).map_err(sql("computing gaps"))?,
-            epoch_from_sql(r.get(1).map_err(sql("computing gaps"))?),
-        );
+        let key: (String, u64) =
+            (r.get(0).map_err(sql("computing gaps"))?, epoch_from_sql(r.get(1).map_err(sql("computing gaps"))?));
         let lo: i64 = r.get(2).map_err(sql("computing gaps"))?;
         let hi: i64 = r.get(3).map_err(sql("computing gaps"))?;
         let since: i64 = r.get(4).map_err(sql("computing gaps"))?;
@@ -948,7 +872,9 @@ fn agents_in_snapshot(conn: &Connection) -> Result<Vec<AgentSummary>, StoreError
     super::set_watermarks(&mut out);
 
     let mut stmt = conn
-        .prepare_cached("SELECT agent_id, epoch, stream, reason, total FROM losses ORDER BY agent_id, epoch, stream, reason")
+        .prepare_cached(
+            "SELECT agent_id, epoch, stream, reason, total FROM losses ORDER BY agent_id, epoch, stream, reason",
+        )
         .map_err(sql("listing losses"))?;
     let mut rows = stmt.query([]).map_err(sql("listing losses"))?;
     while let Some(r) = rows.next().map_err(sql("listing losses"))? {

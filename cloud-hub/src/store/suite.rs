@@ -6,8 +6,7 @@
 //! markers, partitions) live next to each backend.
 
 use brume_protocol::{
-    Batch, ChunkLineage, Field, FieldsBlob, LossReason, LossReport, ModuleRef, Point, StreamChunk,
-    Value,
+    Batch, ChunkLineage, Field, FieldsBlob, LossReason, LossReport, ModuleRef, Point, StreamChunk, Value,
 };
 
 use super::{BatchOutcome, HubStore, LossSummary, ReadingsPage, ReadingsQuery, StreamSummary};
@@ -60,11 +59,7 @@ macro_rules! store_suite {
 }
 
 pub(crate) fn fields(v: f64) -> FieldsBlob {
-    FieldsBlob::encode(&[Field {
-        name: "value".into(),
-        value: Value::F64(v),
-    }])
-    .unwrap()
+    FieldsBlob::encode(&[Field { name: "value".into(), value: Value::F64(v) }]).unwrap()
 }
 
 /// A batch with one chunk per `(stream, timestamps)` entry.
@@ -78,13 +73,7 @@ pub(crate) fn batch(agent: &str, epoch: u64, seq: u64, chunks: &[(&str, &[i64])]
             .iter()
             .map(|(s, ts)| StreamChunk {
                 stream: (*s).into(),
-                points: ts
-                    .iter()
-                    .map(|&t| Point {
-                        ts_ns: t,
-                        fields: fields(t as f64),
-                    })
-                    .collect(),
+                points: ts.iter().map(|&t| Point { ts_ns: t, fields: fields(t as f64) }).collect(),
             })
             .collect(),
         losses: vec![],
@@ -94,31 +83,17 @@ pub(crate) fn batch(agent: &str, epoch: u64, seq: u64, chunks: &[(&str, &[i64])]
 
 /// Every reading of `stream`, following cursors with pages of `limit`; also returns the
 /// number of pages.
-pub(crate) fn all(
-    store: &dyn HubStore,
-    stream: &str,
-    limit: usize,
-) -> (Vec<(i64, String, u64, u32)>, usize) {
+pub(crate) fn all(store: &dyn HubStore, stream: &str, limit: usize) -> (Vec<(i64, String, u64, u32)>, usize) {
     let mut out = Vec::new();
     let mut after = None;
     let mut pages = 0;
     loop {
         let page = store
-            .readings(&ReadingsQuery {
-                stream: stream.into(),
-                from: None,
-                to: None,
-                limit,
-                after: after.take(),
-            })
+            .readings(&ReadingsQuery { stream: stream.into(), from: None, to: None, limit, after: after.take() })
             .unwrap();
         pages += 1;
         assert!(page.readings.len() <= limit);
-        out.extend(
-            page.readings
-                .iter()
-                .map(|r| (r.ts_ns, r.agent_id.clone(), r.seq, r.idx)),
-        );
+        out.extend(page.readings.iter().map(|r| (r.ts_ns, r.agent_id.clone(), r.seq, r.idx)));
         match page.next {
             Some(c) => after = Some(c),
             None => return (out, pages),
@@ -129,53 +104,24 @@ pub(crate) fn all(
 pub(crate) fn same_batch_twice_is_stored_once_and_both_committed(f: &impl Fixture) {
     let store = f.open();
     let b = batch("a1", 7, 1, &[("s", &[10, 20])]);
-    assert_eq!(
-        store.ingest(std::slice::from_ref(&b), 100).unwrap(),
-        vec![BatchOutcome::Stored]
-    );
-    assert_eq!(
-        store.ingest(std::slice::from_ref(&b), 200).unwrap(),
-        vec![BatchOutcome::Duplicate]
-    );
+    assert_eq!(store.ingest(std::slice::from_ref(&b), 100).unwrap(), vec![BatchOutcome::Stored]);
+    assert_eq!(store.ingest(std::slice::from_ref(&b), 200).unwrap(), vec![BatchOutcome::Duplicate]);
     // Twice in one transaction: the second is a duplicate of the first.
     let c = batch("a1", 7, 2, &[("s", &[30])]);
-    assert_eq!(
-        store.ingest(&[c.clone(), c], 300).unwrap(),
-        vec![BatchOutcome::Stored, BatchOutcome::Duplicate]
-    );
+    assert_eq!(store.ingest(&[c.clone(), c], 300).unwrap(), vec![BatchOutcome::Stored, BatchOutcome::Duplicate]);
     let streams = store.streams().unwrap();
     assert_eq!(
         streams,
-        vec![StreamSummary {
-            stream: "s".into(),
-            readings: 3,
-            first_ts_ns: Some(10),
-            last_ts_ns: Some(30)
-        }]
+        vec![StreamSummary { stream: "s".into(), readings: 3, first_ts_ns: Some(10), last_ts_ns: Some(30) }]
     );
     assert_eq!(all(&store, "s", 100).0.len(), 3);
     // Same seq in another epoch is a different batch.
     let e = batch("a1", 8, 1, &[("s", &[40])]);
     assert_eq!(store.ingest(&[e], 400).unwrap(), vec![BatchOutcome::Stored]);
     // Outcomes follow the input order, whatever order the store inserts in.
-    let out = store
-        .ingest(
-            &[
-                batch("z", 1, 9, &[]),
-                batch("a1", 7, 1, &[("s", &[10])]),
-                batch("b", 1, 1, &[]),
-            ],
-            500,
-        )
-        .unwrap();
-    assert_eq!(
-        out,
-        vec![
-            BatchOutcome::Stored,
-            BatchOutcome::Duplicate,
-            BatchOutcome::Stored
-        ]
-    );
+    let out =
+        store.ingest(&[batch("z", 1, 9, &[]), batch("a1", 7, 1, &[("s", &[10])]), batch("b", 1, 1, &[])], 500).unwrap();
+    assert_eq!(out, vec![BatchOutcome::Stored, BatchOutcome::Duplicate, BatchOutcome::Stored]);
 }
 
 pub(crate) fn readings_are_ordered_and_paginated(f: &impl Fixture) {
@@ -211,48 +157,22 @@ pub(crate) fn readings_are_ordered_and_paginated(f: &impl Fixture) {
     for limit in [1, 2, 3, 6, 7, 100] {
         let (rows, pages) = all(&store, "s", limit);
         assert_eq!(rows, expected, "limit {limit}");
-        assert_eq!(
-            pages,
-            expected.len().div_ceil(limit).max(1),
-            "limit {limit}"
-        );
+        assert_eq!(pages, expected.len().div_ceil(limit).max(1), "limit {limit}");
     }
     // The 6th row is the big epoch.
-    let page = store
-        .readings(&ReadingsQuery {
-            stream: "s".into(),
-            from: None,
-            to: None,
-            limit: 9,
-            after: None,
-        })
-        .unwrap();
+    let page =
+        store.readings(&ReadingsQuery { stream: "s".into(), from: None, to: None, limit: 9, after: None }).unwrap();
     assert_eq!(page.readings[5].epoch, (1 << 63) + 1);
     assert_eq!(page.next, None);
     assert_eq!(page.readings[0].fields, fields(10.0));
 
     // from inclusive, to exclusive.
-    let q = ReadingsQuery {
-        stream: "s".into(),
-        from: Some(20),
-        to: Some(30),
-        limit: 10,
-        after: None,
-    };
+    let q = ReadingsQuery { stream: "s".into(), from: Some(20), to: Some(30), limit: 10, after: None };
     let page = store.readings(&q).unwrap();
-    assert_eq!(
-        page.readings.iter().map(|r| r.ts_ns).collect::<Vec<_>>(),
-        vec![20]
-    );
+    assert_eq!(page.readings.iter().map(|r| r.ts_ns).collect::<Vec<_>>(), vec![20]);
     // A range combined with a cursor: both bounds apply.
     let first = store
-        .readings(&ReadingsQuery {
-            stream: "s".into(),
-            from: Some(20),
-            to: Some(40),
-            limit: 2,
-            after: None,
-        })
+        .readings(&ReadingsQuery { stream: "s".into(), from: Some(20), to: Some(40), limit: 2, after: None })
         .unwrap();
     let rest = store
         .readings(&ReadingsQuery {
@@ -266,61 +186,24 @@ pub(crate) fn readings_are_ordered_and_paginated(f: &impl Fixture) {
     assert_eq!(first.readings.len() + rest.readings.len(), 6);
     assert_eq!(rest.next, None);
 
-    let unknown = ReadingsQuery {
-        stream: "nope".into(),
-        from: None,
-        to: None,
-        limit: 10,
-        after: None,
-    };
-    assert_eq!(
-        store.readings(&unknown).unwrap(),
-        ReadingsPage {
-            readings: vec![],
-            next: None
-        }
-    );
+    let unknown = ReadingsQuery { stream: "nope".into(), from: None, to: None, limit: 10, after: None };
+    assert_eq!(store.readings(&unknown).unwrap(), ReadingsPage { readings: vec![], next: None });
 
-    let names: Vec<String> = store
-        .streams()
-        .unwrap()
-        .into_iter()
-        .map(|s| s.stream)
-        .collect();
+    let names: Vec<String> = store.streams().unwrap().into_iter().map(|s| s.stream).collect();
     assert_eq!(names, vec!["other", "s"]);
 }
 
 pub(crate) fn watermark_and_gaps(f: &impl Fixture) {
     let store = f.open();
     let seqs = [2u64, 3, 5, 9, 10];
-    let batches: Vec<Batch> = seqs
-        .iter()
-        .map(|&s| batch("a", 1, s, &[("s", &[s as i64])]))
-        .collect();
+    let batches: Vec<Batch> = seqs.iter().map(|&s| batch("a", 1, s, &[("s", &[s as i64])])).collect();
     store.ingest(&batches, 50).unwrap();
-    store
-        .ingest(
-            &[batch("a", 2, 1, &[]), batch("a", 2, 2, &[("s", &[1, 2])])],
-            60,
-        )
-        .unwrap();
-    store
-        .ingest(&[batch("b", 1, 1, &[]), batch("b", 1, 3, &[])], 70)
-        .unwrap();
+    store.ingest(&[batch("a", 2, 1, &[]), batch("a", 2, 2, &[("s", &[1, 2])])], 60).unwrap();
+    store.ingest(&[batch("b", 1, 1, &[]), batch("b", 1, 3, &[])], 70).unwrap();
     let agents = store.agents().unwrap();
     let summary: Vec<_> = agents
         .iter()
-        .map(|a| {
-            (
-                a.agent_id.as_str(),
-                a.epoch,
-                a.batches,
-                a.readings,
-                a.watermark,
-                a.max_seq,
-                a.missing.clone(),
-            )
-        })
+        .map(|a| (a.agent_id.as_str(), a.epoch, a.batches, a.readings, a.watermark, a.max_seq, a.missing.clone()))
         .collect();
     assert_eq!(
         summary,
@@ -338,24 +221,14 @@ pub(crate) fn watermark_and_gaps(f: &impl Fixture) {
     // Filling seq 1 moves the watermark to 3.
     store.ingest(&[batch("a", 1, 1, &[])], 80).unwrap();
     let a = &store.agents().unwrap()[0];
-    assert_eq!(
-        (a.watermark, a.missing.clone(), a.last_seen_ms),
-        (3, vec![(4, 4), (6, 8)], 80)
-    );
+    assert_eq!((a.watermark, a.missing.clone(), a.last_seen_ms), (3, vec![(4, 4), (6, 8)], 80));
 }
 
 pub(crate) fn losses_keep_the_maximum(f: &impl Fixture) {
     let store = f.open();
-    let loss = |stream: &str, reason, total| LossReport {
-        stream: stream.into(),
-        reason,
-        total,
-    };
+    let loss = |stream: &str, reason, total| LossReport { stream: stream.into(), reason, total };
     let mut b1 = batch("a", 1, 1, &[]);
-    b1.losses = vec![
-        loss("s", LossReason::StoreFull, 5),
-        loss("s", LossReason::Retention, 1),
-    ];
+    b1.losses = vec![loss("s", LossReason::StoreFull, 5), loss("s", LossReason::Retention, 1)];
     let mut b2 = batch("a", 1, 2, &[]);
     b2.losses = vec![loss("s", LossReason::StoreFull, 3)];
     // A duplicate carrying a newer total still updates the counter.
@@ -367,21 +240,9 @@ pub(crate) fn losses_keep_the_maximum(f: &impl Fixture) {
     assert_eq!(
         a.losses,
         vec![
-            LossSummary {
-                stream: "s".into(),
-                reason: LossReason::Retention,
-                total: 1
-            },
-            LossSummary {
-                stream: "s".into(),
-                reason: LossReason::StoreFull,
-                total: 5
-            },
-            LossSummary {
-                stream: "t".into(),
-                reason: LossReason::StoreFull,
-                total: 2
-            },
+            LossSummary { stream: "s".into(), reason: LossReason::Retention, total: 1 },
+            LossSummary { stream: "s".into(), reason: LossReason::StoreFull, total: 5 },
+            LossSummary { stream: "t".into(), reason: LossReason::StoreFull, total: 2 },
         ]
     );
     // Loss-only streams do not appear as streams.
@@ -391,22 +252,13 @@ pub(crate) fn losses_keep_the_maximum(f: &impl Fixture) {
 pub(crate) fn reopen_keeps_data(f: &impl Fixture) {
     {
         let store = f.open();
-        store
-            .ingest(&[batch("a", 1, 1, &[("s", &[5])])], 1)
-            .unwrap();
+        store.ingest(&[batch("a", 1, 1, &[("s", &[5])])], 1).unwrap();
     }
     let store = f.open();
     // Stream ids are found again: new readings land on the existing stream.
-    store
-        .ingest(&[batch("a", 1, 2, &[("s", &[6])])], 2)
-        .unwrap();
+    store.ingest(&[batch("a", 1, 2, &[("s", &[6])])], 2).unwrap();
     assert_eq!(store.streams().unwrap()[0].readings, 2);
-    assert_eq!(
-        store
-            .ingest(&[batch("a", 1, 1, &[("s", &[5])])], 3)
-            .unwrap(),
-        vec![BatchOutcome::Duplicate]
-    );
+    assert_eq!(store.ingest(&[batch("a", 1, 1, &[("s", &[5])])], 3).unwrap(), vec![BatchOutcome::Duplicate]);
 }
 
 pub(crate) fn failed_transaction_stores_nothing(f: &impl Fixture) {
@@ -414,17 +266,11 @@ pub(crate) fn failed_transaction_stores_nothing(f: &impl Fixture) {
     // A seq beyond i64 fails the call after the first batch was prepared or written.
     let mut bad = batch("a", 1, 2, &[("new", &[1])]);
     bad.seq = u64::MAX;
-    assert!(
-        store
-            .ingest(&[batch("a", 1, 1, &[("new", &[1])]), bad], 1)
-            .is_err()
-    );
+    assert!(store.ingest(&[batch("a", 1, 1, &[("new", &[1])]), bad], 1).is_err());
     assert!(store.streams().unwrap().is_empty());
     assert!(store.agents().unwrap().is_empty());
     // The stream id created by the rolled-back transaction is not cached.
-    store
-        .ingest(&[batch("a", 1, 1, &[("new", &[1])])], 2)
-        .unwrap();
+    store.ingest(&[batch("a", 1, 1, &[("new", &[1])])], 2).unwrap();
     assert_eq!(store.streams().unwrap()[0].readings, 1);
 }
 
@@ -458,10 +304,7 @@ pub(crate) fn random_ingest_matches_a_model(f: &impl Fixture) {
                         (format!("s{i}"), ts)
                     })
                     .collect();
-                let refs: Vec<(&str, &[i64])> = chunks
-                    .iter()
-                    .map(|(s, t)| (s.as_str(), t.as_slice()))
-                    .collect();
+                let refs: Vec<(&str, &[i64])> = chunks.iter().map(|(s, t)| (s.as_str(), t.as_slice())).collect();
                 batch(agent, epoch, seq, &refs)
             })
             .collect();
@@ -475,13 +318,7 @@ pub(crate) fn random_ingest_matches_a_model(f: &impl Fixture) {
             let mut idx = 0;
             for c in &b.streams {
                 for p in &c.points {
-                    model.entry(c.stream.clone()).or_default().push((
-                        p.ts_ns,
-                        b.agent_id.clone(),
-                        b.epoch,
-                        b.seq,
-                        idx,
-                    ));
+                    model.entry(c.stream.clone()).or_default().push((p.ts_ns, b.agent_id.clone(), b.epoch, b.seq, idx));
                     idx += 1;
                 }
             }
@@ -489,10 +326,7 @@ pub(crate) fn random_ingest_matches_a_model(f: &impl Fixture) {
     }
     model.retain(|_, v| !v.is_empty());
     let summaries = store.streams().unwrap();
-    assert_eq!(
-        summaries.iter().map(|s| &s.stream).collect::<Vec<_>>(),
-        model.keys().collect::<Vec<_>>()
-    );
+    assert_eq!(summaries.iter().map(|s| &s.stream).collect::<Vec<_>>(), model.keys().collect::<Vec<_>>());
     for s in &summaries {
         let rows = model.get_mut(&s.stream).unwrap();
         rows.sort();
@@ -520,9 +354,8 @@ pub(crate) fn lineage_is_stored_per_reading_and_listed(f: &impl Fixture) {
     store.ingest(&[b.clone(), other], 1).unwrap();
     // A re-send must not duplicate lineage rows (or fail on them).
     assert_eq!(store.ingest(&[b], 2).unwrap(), vec![BatchOutcome::Duplicate]);
-    let page = store
-        .readings(&ReadingsQuery { stream: "s".into(), from: None, to: None, limit: 100, after: None })
-        .unwrap();
+    let page =
+        store.readings(&ReadingsQuery { stream: "s".into(), from: None, to: None, limit: 100, after: None }).unwrap();
     let got: Vec<(i64, Option<String>)> =
         page.readings.iter().map(|r| (r.ts_ns, r.module.as_ref().map(|m| m.version.clone()))).collect();
     let v = |s: &str| Some(s.to_owned());
@@ -575,7 +408,15 @@ pub(crate) fn aggregation_matches_brute_force(f: &impl Fixture) {
                         .collect(),
                 })
                 .collect();
-            let b = Batch { agent_id: agent.into(), epoch: 1, seq, created_ms: 1, streams, losses: vec![], lineage: vec![] };
+            let b = Batch {
+                agent_id: agent.into(),
+                epoch: 1,
+                seq,
+                created_ms: 1,
+                streams,
+                losses: vec![],
+                lineage: vec![],
+            };
             sent.push(b.clone());
             group.push(b);
         }
@@ -604,7 +445,8 @@ pub(crate) fn aggregation_matches_brute_force(f: &impl Fixture) {
         let step = [60 * S, 300 * S, 3600 * S, 7 * S, 90 * S][rng.random_range(0..5)];
         let (a, b) = (rng.random_range(-3600..7 * 3600) * S, rng.random_range(-3600..7 * 3600) * S);
         let (from, to) = (T0 + a.min(b), T0 + a.max(b) + 1);
-        let got = aggregate(&store, &AggregateQuery { stream: stream.into(), field: field.into(), from, to, step }).unwrap();
+        let got =
+            aggregate(&store, &AggregateQuery { stream: stream.into(), field: field.into(), from, to, step }).unwrap();
         let (lo, hi) = (floor(from, step), floor(to - 1, step) + step);
         assert_eq!((got.from, got.to), (lo, hi));
         assert_eq!(got.from_rollups, step % (60 * S) == 0);
@@ -622,7 +464,11 @@ pub(crate) fn aggregation_matches_brute_force(f: &impl Fixture) {
         assert_eq!(got.buckets.len(), want.len(), "{stream} {field} step {step} [{from}, {to})");
         for ((gs, g), (ws, w)) in got.buckets.iter().zip(&want) {
             assert_eq!(gs, ws);
-            assert_eq!((g.count, g.min, g.max, g.last_ts_ns, g.last), (w.count, w.min, w.max, w.last_ts_ns, w.last), "bucket {gs}");
+            assert_eq!(
+                (g.count, g.min, g.max, g.last_ts_ns, g.last),
+                (w.count, w.min, w.max, w.last_ts_ns, w.last),
+                "bucket {gs}"
+            );
             assert!((g.sum - w.sum).abs() <= 1e-9 * w.sum.abs().max(1.0), "bucket {gs}: sum {} vs {}", g.sum, w.sum);
         }
         checked += want.len();
@@ -640,7 +486,8 @@ pub(crate) fn migration_to_v3_rolls_up_existing_readings(f: &impl Fixture) {
     drop(store);
     f.undo_rollups_migration();
     let store = f.open();
-    let q = AggregateQuery { stream: "s".into(), field: "value".into(), from: m, to: m + 2 * ROLLUP_NS, step: ROLLUP_NS };
+    let q =
+        AggregateQuery { stream: "s".into(), field: "value".into(), from: m, to: m + 2 * ROLLUP_NS, step: ROLLUP_NS };
     let got = aggregate(&store, &q).unwrap();
     let summary: Vec<(i64, u64, f64)> = got.buckets.iter().map(|(t, a)| (*t, a.count, a.last)).collect();
     // `batch` sets each reading's value to its timestamp.
@@ -661,7 +508,13 @@ pub(crate) fn presence_keeps_the_latest_message_per_agent(f: &impl Fixture) {
         store_readings: 5,
         outbox_batches: 1,
         outbox_readings: 2,
-        modules: vec![ModuleHealth { name: "m".into(), sha256: "ab".into(), enabled: true, batches_failed: 0, last_error: String::new() }],
+        modules: vec![ModuleHealth {
+            name: "m".into(),
+            sha256: "ab".into(),
+            enabled: true,
+            batches_failed: 0,
+            last_error: String::new(),
+        }],
         labels: vec![("site".into(), "plant-a".into())],
     };
     let store = f.open();
@@ -671,7 +524,8 @@ pub(crate) fn presence_keeps_the_latest_message_per_agent(f: &impl Fixture) {
     store.record_presence(&st("b", false, 50), 2_000).unwrap(); // a last will, made at connect time
     drop(store);
     let list = f.open().presence().unwrap();
-    let got: Vec<(&str, bool, i64)> = list.iter().map(|p| (p.status.agent_id.as_str(), p.status.online, p.received_ms)).collect();
+    let got: Vec<(&str, bool, i64)> =
+        list.iter().map(|p| (p.status.agent_id.as_str(), p.status.online, p.received_ms)).collect();
     assert_eq!(got, [("a", true, 1_000), ("b", false, 2_000)]);
     assert_eq!(list[0].status, st("a", true, 100));
     assert!(list[0].online_at(1_000 + 30_000));
@@ -776,12 +630,18 @@ pub(crate) fn poison_batches_are_quarantined_and_block_nothing(f: &impl Fixture)
         let batches = Arc::new(group.iter().map(|(b, _)| b.clone()).collect::<Vec<_>>());
         let payloads: Vec<(String, Vec<u8>)> = batches
             .iter()
-            .map(|b| (brume_protocol::topics::batches(&b.agent_id), brume_protocol::AgentMessage::BatchV2(b.clone()).encode()))
+            .map(|b| {
+                (
+                    brume_protocol::topics::batches(&b.agent_id),
+                    brume_protocol::AgentMessage::BatchV2(b.clone()).encode(),
+                )
+            })
             .collect();
         let raw: Vec<(&str, &[u8])> = payloads.iter().map(|(t, p)| (t.as_str(), p.as_slice())).collect();
         let outcomes = rt
             .block_on(async {
-                tokio::time::timeout(std::time::Duration::from_secs(60), committer.store(&batches, &raw, &shutdown)).await
+                tokio::time::timeout(std::time::Duration::from_secs(60), committer.store(&batches, &raw, &shutdown))
+                    .await
             })
             .expect("a group with poison batches must not wait forever")
             .expect("not shut down");
@@ -843,7 +703,10 @@ pub(crate) fn poison_batches_are_quarantined_and_block_nothing(f: &impl Fixture)
         assert_eq!(q.reason, super::QuarantineReason::Rejected);
         assert!(!q.error.is_empty() && !q.error.contains('\0'), "{q:?}");
         let (_, payload) = store.quarantined_payload(q.id).unwrap().unwrap();
-        let (b, _) = sent.iter().find(|(b, _)| (b.agent_id.as_str(), b.epoch, b.seq) == (q.agent_id.as_str(), q.epoch, q.seq)).unwrap();
+        let (b, _) = sent
+            .iter()
+            .find(|(b, _)| (b.agent_id.as_str(), b.epoch, b.seq) == (q.agent_id.as_str(), q.epoch, q.seq))
+            .unwrap();
         assert_eq!(payload, brume_protocol::AgentMessage::BatchV2(b.clone()).encode(), "the bytes as they arrived");
     }
 }

@@ -23,29 +23,10 @@ async fn batch_is_acked_and_served_over_http() {
     let hub = Hub::start(broker.port).await;
     let mut agent = Agent::connect(broker.port, "agent-1").await;
 
-    let mut b = batch(
-        "agent-1",
-        7,
-        1,
-        &[
-            ("temp", T0 + 2, 2.5),
-            ("temp", T0, 1.5),
-            ("hum", T0 + 1, 40.0),
-        ],
-    );
-    b.losses = vec![LossReport {
-        stream: "temp".into(),
-        reason: LossReason::StoreFull,
-        total: 2,
-    }];
+    let mut b = batch("agent-1", 7, 1, &[("temp", T0 + 2, 2.5), ("temp", T0, 1.5), ("hum", T0 + 1, 40.0)]);
+    b.losses = vec![LossReport { stream: "temp".into(), reason: LossReason::StoreFull, total: 2 }];
     let ack = agent.send_until_acked(&b).await;
-    assert_eq!(
-        ack,
-        HubMessage::AckV1(AckV1 {
-            epoch: 7,
-            seqs: vec![1]
-        })
-    );
+    assert_eq!(ack, HubMessage::AckV1(AckV1 { epoch: 7, seqs: vec![1] }));
 
     assert_eq!(hub.get("/healthz").await, (200, "ok".to_string()));
     let readings = hub.get_json("/api/v1/readings?stream=temp").await;
@@ -64,35 +45,17 @@ async fn batch_is_acked_and_served_over_http() {
     let page = hub.get_json("/api/v1/readings?stream=temp&limit=1").await;
     assert_eq!(page["readings"][0]["ts_ns"], json!(T0));
     let next = page["next"].as_str().expect("a next cursor");
-    let page = hub
-        .get_json(&format!(
-            "/api/v1/readings?stream=temp&limit=1&after={next}"
-        ))
-        .await;
+    let page = hub.get_json(&format!("/api/v1/readings?stream=temp&limit=1&after={next}")).await;
     assert_eq!(page["readings"][0]["ts_ns"], json!(T0 + 2));
     assert_eq!(page["next"], json!(null));
     // Range: from inclusive, to exclusive.
-    let page = hub
-        .get_json(&format!(
-            "/api/v1/readings?stream=temp&from={}&to={}",
-            T0,
-            T0 + 2
-        ))
-        .await;
+    let page = hub.get_json(&format!("/api/v1/readings?stream=temp&from={}&to={}", T0, T0 + 2)).await;
     assert_eq!(page["readings"].as_array().unwrap().len(), 1);
     // Unknown stream: empty list. Bad parameter: 400 naming it.
-    assert_eq!(
-        hub.get_json("/api/v1/readings?stream=nope").await["readings"],
-        json!([])
-    );
+    assert_eq!(hub.get_json("/api/v1/readings?stream=nope").await["readings"], json!([]));
     let (status, body) = hub.get("/api/v1/readings?stream=temp&limit=abc").await;
     assert_eq!(status, 400);
-    assert!(
-        serde_json::from_str::<serde_json::Value>(&body).unwrap()["error"]
-            .as_str()
-            .unwrap()
-            .contains("limit")
-    );
+    assert!(serde_json::from_str::<serde_json::Value>(&body).unwrap()["error"].as_str().unwrap().contains("limit"));
 
     assert_eq!(
         hub.get_json("/api/v1/streams").await,
@@ -122,36 +85,13 @@ async fn batch_is_acked_and_served_over_http() {
     let a = &agents[0];
     assert_eq!(agents.as_array().unwrap().len(), 1);
     assert_eq!(
-        (
-            &a["agent_id"],
-            &a["epoch"],
-            &a["batches"],
-            &a["readings"],
-            &a["watermark"],
-            &a["max_seq"],
-            &a["missing"]
-        ),
-        (
-            &json!("agent-1"),
-            &json!(7),
-            &json!(1),
-            &json!(3),
-            &json!(1),
-            &json!(1),
-            &json!([])
-        )
+        (&a["agent_id"], &a["epoch"], &a["batches"], &a["readings"], &a["watermark"], &a["max_seq"], &a["missing"]),
+        (&json!("agent-1"), &json!(7), &json!(1), &json!(3), &json!(1), &json!(1), &json!([]))
     );
-    assert_eq!(
-        a["losses"],
-        json!([{"stream": "temp", "reason": "store_full", "total": 2}])
-    );
+    assert_eq!(a["losses"], json!([{"stream": "temp", "reason": "store_full", "total": 2}]));
     assert!(a["last_seen_ms"].as_i64().unwrap() > 0);
 
-    assert_eq!(
-        hub.metric(r#"brume_hub_batches_total{result="stored"}"#)
-            .await,
-        1.0
-    );
+    assert_eq!(hub.metric(r#"brume_hub_batches_total{result="stored"}"#).await, 1.0);
     assert_eq!(hub.metric("brume_hub_readings_stored_total").await, 3.0);
     assert_eq!(hub.metric("brume_hub_mqtt_connected").await, 1.0);
     hub.stop().await;
@@ -169,26 +109,12 @@ async fn duplicate_batch_is_acked_twice_and_stored_once() {
     while agent.next_ack(Duration::from_millis(200)).await.is_some() {}
     agent.publish(&b).await;
     let ack = agent.next_ack(util::DEADLINE).await.expect("second ack");
-    assert_eq!(
-        ack,
-        HubMessage::AckV1(AckV1 {
-            epoch: 42,
-            seqs: vec![1]
-        })
-    );
+    assert_eq!(ack, HubMessage::AckV1(AckV1 { epoch: 42, seqs: vec![1] }));
 
     let readings = hub.get_json("/api/v1/readings?stream=s").await;
     assert_eq!(readings["readings"].as_array().unwrap().len(), 2);
-    assert_eq!(
-        hub.metric(r#"brume_hub_batches_total{result="stored"}"#)
-            .await,
-        1.0
-    );
-    assert!(
-        hub.metric(r#"brume_hub_batches_total{result="duplicate"}"#)
-            .await
-            >= 1.0
-    );
+    assert_eq!(hub.metric(r#"brume_hub_batches_total{result="stored"}"#).await, 1.0);
+    assert!(hub.metric(r#"brume_hub_batches_total{result="duplicate"}"#).await >= 1.0);
     assert_eq!(hub.metric("brume_hub_readings_stored_total").await, 2.0);
     assert_eq!(hub.get_json("/api/v1/agents").await[0]["batches"], json!(1));
     hub.stop().await;
@@ -200,17 +126,11 @@ async fn bad_batches_are_counted_and_do_not_stop_ingest() {
     let hub = Hub::start(broker.port).await;
     let mut agent = Agent::connect(broker.port, "a1").await;
     // Make sure the hub is subscribed before sending what it must reject.
-    agent
-        .send_until_acked(&batch("a1", 1, 1, &[("s", T0, 1.0)]))
-        .await;
+    agent.send_until_acked(&batch("a1", 1, 1, &[("s", T0, 1.0)])).await;
     while agent.next_ack(Duration::from_millis(200)).await.is_some() {}
 
-    agent
-        .publish_raw(topics::batches("a1"), b"not postcard at all".to_vec())
-        .await;
-    agent
-        .publish(&batch("someone-else", 1, 2, &[("s", T0 + 1, 2.0)]))
-        .await;
+    agent.publish_raw(topics::batches("a1"), b"not postcard at all".to_vec()).await;
+    agent.publish(&batch("someone-else", 1, 2, &[("s", T0 + 1, 2.0)])).await;
     agent.publish(&batch("a1", 1, 3, &[("s", 5, 3.0)])).await; // 1970: bad timestamp
     // Far future (as late as i64 nanoseconds go, year 2262).
     agent.publish(&batch("a1", 1, 4, &[("s", i64::MAX, 3.0)])).await;
@@ -218,9 +138,7 @@ async fn bad_batches_are_counted_and_do_not_stop_ingest() {
     let mut future = AgentMessage::BatchV1(batch("a1", 1, 5, &[("s", T0, 1.0)])).encode();
     future[0] = 9;
     agent.publish_raw(topics::batches("a1"), future).await;
-    agent
-        .publish(&batch("a1", 1, 2, &[("s", T0 + 2, 4.0)]))
-        .await;
+    agent.publish(&batch("a1", 1, 2, &[("s", T0 + 2, 4.0)])).await;
     // One connection delivers in order, so once seq 2 is acked the rejects were handled.
     // Seqs 3 and 4 are a1's own batches with bad timestamps: quarantined and acked (so
     // a1's outbox moves on); the rest could not be acked to anyone.
@@ -243,21 +161,9 @@ async fn bad_batches_are_counted_and_do_not_stop_ingest() {
     assert!(quarantined["batches"][0]["error"].as_str().unwrap().contains("timestamp"), "{quarantined}");
     assert_eq!(hub.metric(r#"brume_hub_quarantined_total{reason="invalid"}"#).await, 2.0);
 
-    assert_eq!(
-        hub.metric(r#"brume_hub_batches_total{result="rejected_malformed"}"#)
-            .await,
-        2.0
-    );
-    assert_eq!(
-        hub.metric(r#"brume_hub_batches_total{result="rejected_agent_mismatch"}"#)
-            .await,
-        1.0
-    );
-    assert_eq!(
-        hub.metric(r#"brume_hub_batches_total{result="rejected_bad_timestamp"}"#)
-            .await,
-        2.0
-    );
+    assert_eq!(hub.metric(r#"brume_hub_batches_total{result="rejected_malformed"}"#).await, 2.0);
+    assert_eq!(hub.metric(r#"brume_hub_batches_total{result="rejected_agent_mismatch"}"#).await, 1.0);
+    assert_eq!(hub.metric(r#"brume_hub_batches_total{result="rejected_bad_timestamp"}"#).await, 2.0);
     let ts: Vec<i64> = hub.get_json("/api/v1/readings?stream=s").await["readings"]
         .as_array()
         .unwrap()
@@ -278,32 +184,21 @@ async fn hub_reconnects_after_broker_restart() {
     let port = broker.port;
     let hub = Hub::start(port).await;
     let mut agent = Agent::connect(port, "r1").await;
-    agent
-        .send_until_acked(&batch("r1", 1, 1, &[("s", T0, 1.0)]))
-        .await;
+    agent.send_until_acked(&batch("r1", 1, 1, &[("s", T0, 1.0)])).await;
     drop(agent);
     drop(broker);
     // A new broker on the same port: the hub reconnects (backoff) and re-subscribes.
     let broker = Mosquitto::start_on(port);
     let mut agent = Agent::connect(broker.port, "r1").await;
-    agent
-        .send_until_acked(&batch("r1", 1, 2, &[("s", T0 + 1, 2.0)]))
-        .await;
-    assert_eq!(
-        hub.get_json("/api/v1/agents").await[0]["watermark"],
-        json!(2)
-    );
+    agent.send_until_acked(&batch("r1", 1, 2, &[("s", T0 + 1, 2.0)])).await;
+    assert_eq!(hub.get_json("/api/v1/agents").await[0]["watermark"], json!(2));
     hub.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hub_serves_http_and_stops_promptly_without_a_broker() {
     // A port nothing listens on: the hub keeps retrying MQTT in the background.
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let hub = Hub::start(port).await;
     assert_eq!(hub.get("/healthz").await, (200, "ok".to_string()));
     assert_eq!(hub.get_json("/api/v1/streams").await, json!([]));
@@ -316,11 +211,7 @@ async fn hub_serves_http_and_stops_promptly_without_a_broker() {
     );
     let started = std::time::Instant::now();
     hub.stop().await;
-    assert!(
-        started.elapsed() < Duration::from_secs(3),
-        "shutdown took {:?}",
-        started.elapsed()
-    );
+    assert!(started.elapsed() < Duration::from_secs(3), "shutdown took {:?}", started.elapsed());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -331,19 +222,8 @@ async fn postgres_backend_end_to_end_with_duplicates() {
     let hub = Hub::start_postgres(broker.port, &url).await;
     let mut agent = Agent::connect(broker.port, "pg-1").await;
 
-    let b = batch(
-        "pg-1",
-        3,
-        1,
-        &[("temp", T0 + 1, 2.5), ("temp", T0, 1.5), ("hum", T0, 40.0)],
-    );
-    assert_eq!(
-        agent.send_until_acked(&b).await,
-        HubMessage::AckV1(AckV1 {
-            epoch: 3,
-            seqs: vec![1]
-        })
-    );
+    let b = batch("pg-1", 3, 1, &[("temp", T0 + 1, 2.5), ("temp", T0, 1.5), ("hum", T0, 40.0)]);
+    assert_eq!(agent.send_until_acked(&b).await, HubMessage::AckV1(AckV1 { epoch: 3, seqs: vec![1] }));
     let readings = hub.get_json("/api/v1/readings?stream=temp").await;
     assert_eq!(
         readings,
@@ -359,13 +239,7 @@ async fn postgres_backend_end_to_end_with_duplicates() {
     // The same batch again (its ack was "lost"): acked again, stored once.
     while agent.next_ack(Duration::from_millis(200)).await.is_some() {}
     agent.publish(&b).await;
-    assert_eq!(
-        agent.next_ack(util::DEADLINE).await,
-        Some(HubMessage::AckV1(AckV1 {
-            epoch: 3,
-            seqs: vec![1]
-        }))
-    );
+    assert_eq!(agent.next_ack(util::DEADLINE).await, Some(HubMessage::AckV1(AckV1 { epoch: 3, seqs: vec![1] })));
     assert_eq!(
         hub.get_json("/api/v1/streams").await,
         json!([
@@ -375,23 +249,11 @@ async fn postgres_backend_end_to_end_with_duplicates() {
     );
     let agents = hub.get_json("/api/v1/agents").await;
     assert_eq!(
-        (
-            &agents[0]["batches"],
-            &agents[0]["readings"],
-            &agents[0]["watermark"]
-        ),
+        (&agents[0]["batches"], &agents[0]["readings"], &agents[0]["watermark"]),
         (&json!(1), &json!(3), &json!(1))
     );
-    assert_eq!(
-        hub.metric(r#"brume_hub_batches_total{result="stored"}"#)
-            .await,
-        1.0
-    );
-    assert!(
-        hub.metric(r#"brume_hub_batches_total{result="duplicate"}"#)
-            .await
-            >= 1.0
-    );
+    assert_eq!(hub.metric(r#"brume_hub_batches_total{result="stored"}"#).await, 1.0);
+    assert!(hub.metric(r#"brume_hub_batches_total{result="duplicate"}"#).await >= 1.0);
     // The rows are in PostgreSQL; 2024 is outside the window of daily partitions
     // (`storage.postgres.partition_days_back`), so in the default partition.
     assert_eq!(pg.psql("hub", "SELECT count(*) FROM readings_default"), "3");
@@ -491,17 +353,13 @@ async fn postgres_outage_withholds_acks_until_the_database_is_back() {
     let broker = Mosquitto::start();
     let hub = Hub::start_postgres(broker.port, &url).await;
     let mut agent = Agent::connect(broker.port, "pg-2").await;
-    agent
-        .send_until_acked(&batch("pg-2", 1, 1, &[("s", T0, 1.0)]))
-        .await;
+    agent.send_until_acked(&batch("pg-2", 1, 1, &[("s", T0, 1.0)])).await;
     while agent.next_ack(Duration::from_millis(200)).await.is_some() {}
     assert_eq!(hub.get("/readyz").await, (200, r#"{"mqtt":"connected","store":"ok"}"#.to_string()));
     assert_eq!(hub.metric("brume_hub_batch_latency_seconds_count").await, 1.0, "one stored batch observed");
 
     pg.stop();
-    agent
-        .publish(&batch("pg-2", 1, 2, &[("s", T0 + 1, 2.0)]))
-        .await;
+    agent.publish(&batch("pg-2", 1, 2, &[("s", T0 + 1, 2.0)])).await;
     // Wait until the hub has tried and failed to store it...
     let start = std::time::Instant::now();
     while hub.metric("brume_hub_db_errors_total").await < 2.0 {
@@ -513,21 +371,11 @@ async fn postgres_outage_withholds_acks_until_the_database_is_back() {
     let (status, body) = hub.get("/readyz").await;
     assert_eq!(status, 503, "{body}");
     assert!(body.starts_with(r#"{"mqtt":"connected","store":"#) && !body.contains(r#""store":"ok""#), "{body}");
-    assert_eq!(
-        hub.metric(r#"brume_hub_batches_total{result="stored"}"#)
-            .await,
-        1.0
-    );
+    assert_eq!(hub.metric(r#"brume_hub_batches_total{result="stored"}"#).await, 1.0);
 
     // Same hub, database back: the held batch is stored and acknowledged by the retry.
     pg.restart();
-    assert_eq!(
-        agent.next_ack(util::DEADLINE).await,
-        Some(HubMessage::AckV1(AckV1 {
-            epoch: 1,
-            seqs: vec![2]
-        }))
-    );
+    assert_eq!(agent.next_ack(util::DEADLINE).await, Some(HubMessage::AckV1(AckV1 { epoch: 1, seqs: vec![2] })));
     let ts: Vec<i64> = hub.get_json("/api/v1/readings?stream=s").await["readings"]
         .as_array()
         .unwrap()
@@ -535,10 +383,7 @@ async fn postgres_outage_withholds_acks_until_the_database_is_back() {
         .map(|r| r["ts_ns"].as_i64().unwrap())
         .collect();
     assert_eq!(ts, vec![T0, T0 + 1]);
-    assert_eq!(
-        hub.get_json("/api/v1/agents").await[0]["watermark"],
-        json!(2)
-    );
+    assert_eq!(hub.get_json("/api/v1/agents").await[0]["watermark"], json!(2));
     hub.stop().await;
 }
 
@@ -578,7 +423,10 @@ async fn aggregate_api_buckets_a_stream() {
         ("stream=temp&from=1&to=2&step=1s&buckets=2", "give `step` or `buckets`, not both"),
         ("stream=temp&from=5&to=2", "`from` (5) must be before `to` (2)"),
         ("stream=temp&from=1", "parameters `from` and `to` (ns since the Unix epoch) are required"),
-        ("stream=temp&from=0&to=1000000000000&step=1ns", "1000000000000 buckets requested, at most 10000: use a larger step or fewer buckets"),
+        (
+            "stream=temp&from=0&to=1000000000000&step=1ns",
+            "1000000000000 buckets requested, at most 10000: use a larger step or fewer buckets",
+        ),
         ("from=1&to=2", "missing parameter `stream`"),
     ] {
         let (status, body) = hub.get(&format!("/api/v1/aggregate?{query}")).await;
@@ -611,7 +459,8 @@ async fn tail_streams_buckets_as_readings_arrive() {
                 }
                 continue; // a keep-alive comment
             }
-            let chunk = tokio::time::timeout(util::DEADLINE, resp.chunk()).await.expect("an event in time").unwrap().unwrap();
+            let chunk =
+                tokio::time::timeout(util::DEADLINE, resp.chunk()).await.expect("an event in time").unwrap().unwrap();
             text.push_str(std::str::from_utf8(&chunk).unwrap());
         }
     };
@@ -620,7 +469,11 @@ async fn tail_streams_buckets_as_readings_arrive() {
     agent.send_until_acked(&batch("tail-1", 1, 2, &[("live", now + 1, 5.0)])).await;
     let second = next_event().await;
     assert_eq!(second["start_ns"], first["start_ns"]);
-    assert_eq!((second["count"].as_u64(), second["max"].as_f64(), second["last"].as_f64()), (Some(2), Some(5.0), Some(5.0)), "{second}");
+    assert_eq!(
+        (second["count"].as_u64(), second["max"].as_f64(), second["last"].as_f64()),
+        (Some(2), Some(5.0), Some(5.0)),
+        "{second}"
+    );
 
     let (status, body) = hub.get("/api/v1/tail?stream=live&from=1").await;
     assert_eq!((status, body.contains("unknown parameter `from`")), (400, true), "{body}");

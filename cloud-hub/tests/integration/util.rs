@@ -6,9 +6,7 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use brume_protocol::{
-    AgentMessage, BatchV1, Field, FieldsBlob, HubMessage, Point, StreamChunk, Value, topics,
-};
+use brume_protocol::{AgentMessage, BatchV1, Field, FieldsBlob, HubMessage, Point, StreamChunk, Value, topics};
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -22,11 +20,7 @@ pub const DEADLINE: Duration = Duration::from_secs(30);
 /// Picks a free port by binding port 0 and releasing it. Another process could take it
 /// before mosquitto binds it; on loopback in a test that is rare enough.
 fn free_port() -> u16 {
-    StdListener::bind((Ipv4Addr::LOCALHOST, 0))
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    StdListener::bind((Ipv4Addr::LOCALHOST, 0)).unwrap().local_addr().unwrap().port()
 }
 
 /// A mosquitto process, killed on drop.
@@ -51,11 +45,7 @@ impl Mosquitto {
         );
         let dir = tempfile::tempdir().unwrap();
         let conf: PathBuf = dir.path().join("m.conf");
-        std::fs::write(
-            &conf,
-            format!("listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n"),
-        )
-        .unwrap();
+        std::fs::write(&conf, format!("listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n")).unwrap();
         let child = Command::new(MOSQUITTO)
             .arg("-c")
             .arg(&conf)
@@ -64,21 +54,14 @@ impl Mosquitto {
             .stderr(Stdio::null())
             .spawn()
             .expect("spawning mosquitto");
-        let mut m = Mosquitto {
-            child,
-            port,
-            _dir: dir,
-        };
+        let mut m = Mosquitto { child, port, _dir: dir };
         let start = Instant::now();
         // Poll until the port accepts connections, failing fast if mosquitto died.
         while TcpStream::connect((Ipv4Addr::LOCALHOST, port)).is_err() {
             if let Some(status) = m.child.try_wait().unwrap() {
                 panic!("mosquitto exited with {status} before listening on {port}");
             }
-            assert!(
-                start.elapsed() < DEADLINE,
-                "mosquitto did not listen on {port}"
-            );
+            assert!(start.elapsed() < DEADLINE, "mosquitto did not listen on {port}");
             std::thread::sleep(Duration::from_millis(10));
         }
         m
@@ -123,35 +106,19 @@ impl Hub {
     /// Starts the hub with the default config adjusted by `configure`.
     pub async fn start_with(mqtt_port: u16, configure: impl FnOnce(&mut cloud_hub::Config)) -> Hub {
         let dir = tempfile::tempdir().unwrap();
-        let mut cfg = cloud_hub::Config {
-            data_dir: dir.path().to_owned(),
-            ..Default::default()
-        };
+        let mut cfg = cloud_hub::Config { data_dir: dir.path().to_owned(), ..Default::default() };
         cfg.mqtt.port = mqtt_port;
         configure(&mut cfg);
-        let listener = tokio::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
-            .await
-            .unwrap();
+        let listener = tokio::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).await.unwrap();
         let addr: SocketAddr = listener.local_addr().unwrap();
         let shutdown = CancellationToken::new();
         let task = tokio::spawn(cloud_hub::run(cfg, listener, shutdown.clone()));
-        Hub {
-            url: format!("http://{addr}"),
-            shutdown,
-            task: Some(task),
-            _dir: dir,
-            http: reqwest::Client::new(),
-        }
+        Hub { url: format!("http://{addr}"), shutdown, task: Some(task), _dir: dir, http: reqwest::Client::new() }
     }
 
     /// GET `path`, returning the status and the body.
     pub async fn get(&self, path: &str) -> (u16, String) {
-        let resp = self
-            .http
-            .get(format!("{}{path}", self.url))
-            .send()
-            .await
-            .unwrap();
+        let resp = self.http.get(format!("{}{path}", self.url)).send().await.unwrap();
         (resp.status().as_u16(), resp.text().await.unwrap())
     }
 
@@ -173,10 +140,7 @@ impl Hub {
     pub async fn metric(&self, sample: &str) -> f64 {
         let (_, body) = self.get("/metrics").await;
         body.lines()
-            .find_map(|l| {
-                l.strip_prefix(sample)
-                    .and_then(|rest| rest.strip_prefix(' '))
-            })
+            .find_map(|l| l.strip_prefix(sample).and_then(|rest| rest.strip_prefix(' ')))
             .map_or(0.0, |v| v.trim().parse().unwrap())
     }
 
@@ -184,11 +148,7 @@ impl Hub {
     pub async fn stop(mut self) {
         self.shutdown.cancel();
         let task = self.task.take().unwrap();
-        tokio::time::timeout(DEADLINE, task)
-            .await
-            .expect("hub did not stop")
-            .unwrap()
-            .unwrap();
+        tokio::time::timeout(DEADLINE, task).await.expect("hub did not stop").unwrap().unwrap();
     }
 }
 
@@ -215,10 +175,7 @@ impl Agent {
         let (tx, acks) = mpsc::unbounded_channel();
         let (subscribed_tx, subscribed_rx) = tokio::sync::oneshot::channel();
         let topic = topics::acks(id);
-        client
-            .subscribe(topic.clone(), QoS::AtLeastOnce)
-            .await
-            .unwrap();
+        client.subscribe(topic.clone(), QoS::AtLeastOnce).await.unwrap();
         tokio::spawn(async move {
             let mut subscribed_tx = Some(subscribed_tx);
             loop {
@@ -240,40 +197,23 @@ impl Agent {
                 }
             }
         });
-        tokio::time::timeout(DEADLINE, subscribed_rx)
-            .await
-            .expect("no SUBACK")
-            .unwrap();
-        Agent {
-            id: id.into(),
-            client,
-            acks,
-        }
+        tokio::time::timeout(DEADLINE, subscribed_rx).await.expect("no SUBACK").unwrap();
+        Agent { id: id.into(), client, acks }
     }
 
     /// Publishes raw bytes QoS 1 on `topic`.
     pub async fn publish_raw(&self, topic: String, payload: Vec<u8>) {
-        self.client
-            .publish(topic, QoS::AtLeastOnce, false, payload)
-            .await
-            .unwrap();
+        self.client.publish(topic, QoS::AtLeastOnce, false, payload).await.unwrap();
     }
 
     /// Publishes a batch on this agent's batch topic.
     pub async fn publish(&self, batch: &BatchV1) {
-        self.publish_raw(
-            topics::batches(&self.id),
-            AgentMessage::BatchV1(batch.clone()).encode(),
-        )
-        .await;
+        self.publish_raw(topics::batches(&self.id), AgentMessage::BatchV1(batch.clone()).encode()).await;
     }
 
     /// Waits for the next hub ack.
     pub async fn next_ack(&mut self, within: Duration) -> Option<HubMessage> {
-        tokio::time::timeout(within, self.acks.recv())
-            .await
-            .ok()
-            .flatten()
+        tokio::time::timeout(within, self.acks.recv()).await.ok().flatten()
     }
 
     /// Publishes `batch` until the hub acks it, as an agent would (the hub may not have
@@ -285,20 +225,14 @@ impl Agent {
             let retry_at = Instant::now() + Duration::from_millis(500);
             while let Some(left) = retry_at.checked_duration_since(Instant::now()) {
                 match self.next_ack(left).await {
-                    Some(HubMessage::AckV1(a))
-                        if a.epoch == batch.epoch && a.seqs.contains(&batch.seq) =>
-                    {
+                    Some(HubMessage::AckV1(a)) if a.epoch == batch.epoch && a.seqs.contains(&batch.seq) => {
                         return HubMessage::AckV1(a);
                     }
                     Some(_) => {}
                     None => break,
                 }
             }
-            assert!(
-                start.elapsed() < DEADLINE,
-                "batch {} never acked",
-                batch.seq
-            );
+            assert!(start.elapsed() < DEADLINE, "batch {} never acked", batch.seq);
         }
     }
 }
@@ -309,35 +243,16 @@ pub fn batch(agent: &str, epoch: u64, seq: u64, readings: &[(&str, i64, f64)]) -
     let mut streams: Vec<StreamChunk> = Vec::new();
     for &(stream, ts_ns, v) in readings {
         let fields = FieldsBlob::encode(&[
-            Field {
-                name: "value".into(),
-                value: Value::F64(v),
-            },
-            Field {
-                name: "ok".into(),
-                value: Value::Bool(true),
-            },
-            Field {
-                name: "name".into(),
-                value: Value::Str("x".into()),
-            },
+            Field { name: "value".into(), value: Value::F64(v) },
+            Field { name: "ok".into(), value: Value::Bool(true) },
+            Field { name: "name".into(), value: Value::Str("x".into()) },
         ])
         .unwrap();
         let point = Point { ts_ns, fields };
         match streams.iter_mut().find(|c| c.stream == stream) {
             Some(c) => c.points.push(point),
-            None => streams.push(StreamChunk {
-                stream: stream.into(),
-                points: vec![point],
-            }),
+            None => streams.push(StreamChunk { stream: stream.into(), points: vec![point] }),
         }
     }
-    BatchV1 {
-        agent_id: agent.into(),
-        epoch,
-        seq,
-        created_ms: 1_700_000_000_000,
-        streams,
-        losses: vec![],
-    }
+    BatchV1 { agent_id: agent.into(), epoch, seq, created_ms: 1_700_000_000_000, streams, losses: vec![] }
 }

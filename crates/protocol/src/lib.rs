@@ -263,10 +263,7 @@ impl BatchV2 {
 
     /// The module that computed chunk `i`, if any.
     pub fn module_of(&self, chunk: usize) -> Option<&ModuleRef> {
-        self.lineage
-            .binary_search_by_key(&chunk, |l| l.chunk as usize)
-            .ok()
-            .map(|i| &self.lineage[i].module)
+        self.lineage.binary_search_by_key(&chunk, |l| l.chunk as usize).ok().map(|i| &self.lineage[i].module)
     }
 }
 
@@ -480,7 +477,10 @@ fn validate_name(what: &'static str, name: &str, max: usize) -> Result<(), Decod
     if let Some(c) = name.chars().find(|c| c.is_control()) {
         return Err(invalid(
             what,
-            format!("{name:?} contains the control character U+{:04X}; only printable characters are allowed", c as u32),
+            format!(
+                "{name:?} contains the control character U+{:04X}; only printable characters are allowed",
+                c as u32
+            ),
         ));
     }
     Ok(())
@@ -551,7 +551,10 @@ fn validate_fields(fields: &[Field]) -> Result<(), DecodeError> {
                 ));
             }
             Value::F64(v) if !v.is_finite() => {
-                return Err(invalid("field value", format!("field {:?} is {v}, only finite numbers are allowed", f.name)));
+                return Err(invalid(
+                    "field value",
+                    format!("field {:?} is {v}, only finite numbers are allowed", f.name),
+                ));
             }
             _ => {}
         }

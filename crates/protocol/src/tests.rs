@@ -252,11 +252,18 @@ fn status() -> StatusV1 {
 #[test]
 fn golden_bytes_status_v1() {
     let st = AgentStatus::V1(StatusV1 {
-        modules: vec![ModuleHealth { name: "m".into(), sha256: String::new(), enabled: false, batches_failed: 6, last_error: "x".into() }],
+        modules: vec![ModuleHealth {
+            name: "m".into(),
+            sha256: String::new(),
+            enabled: false,
+            batches_failed: 6,
+            last_error: "x".into(),
+        }],
         labels: vec![("k".into(), "v".into())],
         ..status()
     });
-    let expected: &[u8] = &[0, 1, b'a', 1, 1, b'1', 2, 4, 10, 3, 4, 5, 1, 1, b'm', 0, 0, 6, 1, b'x', 1, 1, b'k', 1, b'v'];
+    let expected: &[u8] =
+        &[0, 1, b'a', 1, 1, b'1', 2, 4, 10, 3, 4, 5, 1, 1, b'm', 0, 0, 6, 1, b'x', 1, 1, b'k', 1, b'v'];
     assert_eq!(st.encode(), expected);
     let AgentStatus::V1(inner) = st;
     assert_eq!(AgentStatus::decode(expected).unwrap(), inner);
@@ -271,7 +278,16 @@ fn status_with_bad_id_or_oversize_labels_is_refused() {
         StatusV1 { agent_id: "a/b".into(), ..ok.clone() },
         StatusV1 { version: "v".repeat(MAX_STATUS_LABEL + 1), ..ok.clone() },
         StatusV1 {
-            modules: vec![ModuleHealth { name: "m".into(), sha256: String::new(), enabled: true, batches_failed: 0, last_error: String::new() }; MAX_STATUS_MODULES + 1],
+            modules: vec![
+                ModuleHealth {
+                    name: "m".into(),
+                    sha256: String::new(),
+                    enabled: true,
+                    batches_failed: 0,
+                    last_error: String::new()
+                };
+                MAX_STATUS_MODULES + 1
+            ],
             ..ok.clone()
         },
     ] {

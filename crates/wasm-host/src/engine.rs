@@ -19,9 +19,7 @@ pub struct EngineConfig {
 
 impl Default for EngineConfig {
     fn default() -> Self {
-        EngineConfig {
-            epoch_tick: Duration::from_millis(10),
-        }
+        EngineConfig { epoch_tick: Duration::from_millis(10) }
     }
 }
 
@@ -46,9 +44,7 @@ pub struct WasmEngine {
 
 impl std::fmt::Debug for WasmEngine {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("WasmEngine")
-            .field("epoch_tick", &self.inner.epoch_tick)
-            .finish_non_exhaustive()
+        f.debug_struct("WasmEngine").field("epoch_tick", &self.inner.epoch_tick).finish_non_exhaustive()
     }
 }
 
@@ -73,11 +69,7 @@ impl WasmEngine {
         let engine = Engine::new(&config).map_err(|e| HostError(format!("{e:#}")))?;
         let mut linker = Linker::new(&engine);
         host::add_to_linker(&mut linker).map_err(|e| HostError(format!("{e:#}")))?;
-        let inner = Arc::new(EngineInner {
-            engine,
-            linker,
-            epoch_tick: cfg.epoch_tick,
-        });
+        let inner = Arc::new(EngineInner { engine, linker, epoch_tick: cfg.epoch_tick });
         spawn_ticker(Arc::downgrade(&inner), cfg.epoch_tick)
             .map_err(|e| HostError(format!("cannot start the epoch ticker thread: {e}")))?;
         Ok(WasmEngine { inner })
@@ -92,21 +84,16 @@ impl WasmEngine {
 /// Starts the thread that advances the engine's epoch every `tick`. It holds only a weak
 /// reference so that it never keeps the engine alive, and exits at the first tick after
 /// the last strong reference is gone.
-pub(crate) fn spawn_ticker(
-    weak: Weak<EngineInner>,
-    tick: Duration,
-) -> std::io::Result<JoinHandle<()>> {
-    std::thread::Builder::new()
-        .name("brume-epoch-ticker".into())
-        .spawn(move || {
-            loop {
-                std::thread::sleep(tick);
-                match weak.upgrade() {
-                    Some(inner) => inner.engine.increment_epoch(),
-                    None => return,
-                }
+pub(crate) fn spawn_ticker(weak: Weak<EngineInner>, tick: Duration) -> std::io::Result<JoinHandle<()>> {
+    std::thread::Builder::new().name("brume-epoch-ticker".into()).spawn(move || {
+        loop {
+            std::thread::sleep(tick);
+            match weak.upgrade() {
+                Some(inner) => inner.engine.increment_epoch(),
+                None => return,
             }
-        })
+        }
+    })
 }
 
 #[cfg(test)]
@@ -116,10 +103,7 @@ mod tests {
     /// The ticker must not outlive the engine: it would leak a thread per engine.
     #[test]
     fn ticker_exits_when_engine_dropped() {
-        let engine = WasmEngine::new(EngineConfig {
-            epoch_tick: Duration::from_millis(1),
-        })
-        .unwrap();
+        let engine = WasmEngine::new(EngineConfig { epoch_tick: Duration::from_millis(1) }).unwrap();
         let handle = spawn_ticker(Arc::downgrade(&engine.inner), Duration::from_millis(1)).unwrap();
         drop(engine);
         handle.join().unwrap();

@@ -12,14 +12,10 @@ use std::time::Duration;
 pub enum LoadError {
     /// The bytes are not a valid WebAssembly module (corrupt file, wrong format, or a
     /// feature the engine does not enable).
-    #[error(
-        "module does not compile: {0}; rebuild it for wasm32-unknown-unknown and check the file is not truncated"
-    )]
+    #[error("module does not compile: {0}; rebuild it for wasm32-unknown-unknown and check the file is not truncated")]
     Compile(String),
     /// The module has no `brume-manifest` custom section.
-    #[error(
-        "module has no `{section}` custom section; build it with the Brume SDK, which embeds the manifest"
-    )]
+    #[error("module has no `{section}` custom section; build it with the Brume SDK, which embeds the manifest")]
     MissingManifest {
         /// The section name looked for.
         section: &'static str,
@@ -38,9 +34,7 @@ pub enum LoadError {
         host: u32,
     },
     /// A required export is missing or has the wrong type.
-    #[error(
-        "module export `{name}` {problem}; it must be `{expected}` (build the module with the Brume SDK)"
-    )]
+    #[error("module export `{name}` {problem}; it must be `{expected}` (build the module with the Brume SDK)")]
     Export {
         /// The export name.
         name: &'static str,
@@ -154,9 +148,7 @@ pub enum ModuleError {
     Guest(String),
     /// The guest broke the calling convention: an undecodable buffer, an out-of-bounds
     /// pointer, a missing `memory` export at run time.
-    #[error(
-        "module broke the ABI: {0}; the instance must be re-instantiated (a bug in the module or its SDK)"
-    )]
+    #[error("module broke the ABI: {0}; the instance must be re-instantiated (a bug in the module or its SDK)")]
     BadMessage(String),
     /// The instance's `brume_abi_version` export does not match this host.
     #[error(

@@ -44,12 +44,9 @@ pub struct NoHistory;
 impl HistoryProvider for NoHistory {
     fn query(&self, query: &HistoryQuery) -> HistoryResult {
         match query.kind {
-            HistoryKind::Aggregate { .. } => HistoryResult::Aggregates(abi::Aggregates {
-                count: 0,
-                min: None,
-                max: None,
-                mean: None,
-            }),
+            HistoryKind::Aggregate { .. } => {
+                HistoryResult::Aggregates(abi::Aggregates { count: 0, min: None, max: None, mean: None })
+            }
             _ => HistoryResult::Readings(Vec::new()),
         }
     }
@@ -96,36 +93,18 @@ pub(crate) struct Limiter {
 }
 
 impl ResourceLimiter for Limiter {
-    fn memory_growing(
-        &mut self,
-        _current: usize,
-        desired: usize,
-        _maximum: Option<usize>,
-    ) -> wasmtime::Result<bool> {
+    fn memory_growing(&mut self, _current: usize, desired: usize, _maximum: Option<usize>) -> wasmtime::Result<bool> {
         if desired as u64 > self.memory_bytes {
             self.hit = Some(CapHit::Memory);
-            return Err(wasmtime::Error::new(CapExceeded {
-                what: "memory",
-                desired,
-                limit: self.memory_bytes,
-            }));
+            return Err(wasmtime::Error::new(CapExceeded { what: "memory", desired, limit: self.memory_bytes }));
         }
         Ok(true)
     }
 
-    fn table_growing(
-        &mut self,
-        _current: usize,
-        desired: usize,
-        _maximum: Option<usize>,
-    ) -> wasmtime::Result<bool> {
+    fn table_growing(&mut self, _current: usize, desired: usize, _maximum: Option<usize>) -> wasmtime::Result<bool> {
         if desired > TABLE_ELEMENTS_CAP {
             self.hit = Some(CapHit::Table);
-            return Err(wasmtime::Error::new(CapExceeded {
-                what: "table",
-                desired,
-                limit: TABLE_ELEMENTS_CAP as u64,
-            }));
+            return Err(wasmtime::Error::new(CapExceeded { what: "table", desired, limit: TABLE_ELEMENTS_CAP as u64 }));
         }
         Ok(true)
     }
@@ -152,11 +131,7 @@ pub(crate) struct LogBucket {
 
 impl LogBucket {
     pub(crate) fn new(rate: u32) -> LogBucket {
-        LogBucket {
-            rate: f64::from(rate),
-            tokens: f64::from(rate),
-            last: Instant::now(),
-        }
+        LogBucket { rate: f64::from(rate), tokens: f64::from(rate), last: Instant::now() }
     }
 
     /// Takes a token if one is available.
@@ -203,20 +178,13 @@ pub(crate) fn guest_slice(data: &[u8], ptr: u32, len: u32) -> Result<&[u8], Stri
     start
         .checked_add(len as usize)
         .and_then(|end| data.get(start..end))
-        .ok_or_else(|| {
-            format!(
-                "buffer {ptr:#x}+{len} is outside the module's memory of {} bytes",
-                data.len()
-            )
-        })
+        .ok_or_else(|| format!("buffer {ptr:#x}+{len} is outside the module's memory of {} bytes", data.len()))
 }
 
 fn guest_memory(caller: &mut Caller<'_, HostState>, func: &str) -> wasmtime::Result<Memory> {
     match caller.get_export(MEMORY_EXPORT) {
         Some(Extern::Memory(m)) => Ok(m),
-        _ => Err(fault(format!(
-            "{func}: the module exports no `{MEMORY_EXPORT}`"
-        ))),
+        _ => Err(fault(format!("{func}: the module exports no `{MEMORY_EXPORT}`"))),
     }
 }
 
@@ -234,8 +202,8 @@ fn history(mut caller: Caller<'_, HostState>, ptr: i32, len: i32) -> wasmtime::R
     const F: &str = "brume.history";
     let memory = guest_memory(&mut caller, F)?;
     let mut query: HistoryQuery = {
-        let bytes = guest_slice(memory.data(&caller), ptr as u32, len as u32)
-            .map_err(|e| fault(format!("{F}: {e}")))?;
+        let bytes =
+            guest_slice(memory.data(&caller), ptr as u32, len as u32).map_err(|e| fault(format!("{F}: {e}")))?;
         abi::decode(bytes).map_err(|e| fault(format!("{F}: undecodable HistoryQuery: {e}")))?
     };
     let cap = caller.data().max_history_readings;
@@ -270,21 +238,14 @@ fn history(mut caller: Caller<'_, HostState>, ptr: i32, len: i32) -> wasmtime::R
     let alloc = match caller.get_export(abi::exports::ALLOC) {
         Some(Extern::Func(f)) => f.typed::<i32, i32>(&caller)?,
         _ => {
-            return Err(fault(format!(
-                "{F}: the module exports no `{}`",
-                abi::exports::ALLOC
-            )));
+            return Err(fault(format!("{F}: the module exports no `{}`", abi::exports::ALLOC)));
         }
     };
     let len = u32::try_from(bytes.len()).map_err(|_| fault(format!("{F}: answer too large")))?;
     let out = alloc.call(&mut caller, len as i32)? as u32;
     memory
         .write(&mut caller, out as usize, &bytes)
-        .map_err(|_| {
-            fault(format!(
-                "{F}: brume_alloc({len}) returned {out:#x}, outside the module's memory"
-            ))
-        })?;
+        .map_err(|_| fault(format!("{F}: brume_alloc({len}) returned {out:#x}, outside the module's memory")))?;
     Ok(abi::pack(out, len) as i64)
 }
 
@@ -298,8 +259,8 @@ fn log(mut caller: Caller<'_, HostState>, level: i32, ptr: i32, len: i32) -> was
     }
     let memory = guest_memory(&mut caller, "brume.log")?;
     let line = {
-        let bytes = guest_slice(memory.data(&caller), ptr as u32, len as u32)
-            .map_err(|e| fault(format!("brume.log: {e}")))?;
+        let bytes =
+            guest_slice(memory.data(&caller), ptr as u32, len as u32).map_err(|e| fault(format!("brume.log: {e}")))?;
         String::from_utf8_lossy(&bytes[..bytes.len().min(MAX_LOG_LINE)]).into_owned()
     };
     let state = caller.data_mut();

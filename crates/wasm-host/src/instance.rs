@@ -3,17 +3,13 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use brume_module_abi::{
-    self as abi, ABI_VERSION, CallResult, InitRequest, Input, Manifest, Output,
-};
+use brume_module_abi::{self as abi, ABI_VERSION, CallResult, InitRequest, Input, Manifest, Output};
 use serde::de::DeserializeOwned;
 use wasmtime::{Memory, Store, Trap, TypedFunc};
 
 use crate::engine::{EngineInner, WasmEngine};
 use crate::error::{ModuleError, OutputCap};
-use crate::host::{
-    self, CallStats, CapHit, HistoryProvider, HostFault, HostState, Limiter, LogBucket,
-};
+use crate::host::{self, CallStats, CapHit, HistoryProvider, HostFault, HostState, Limiter, LogBucket};
 use crate::limits::Limits;
 use crate::module::LoadedModule;
 
@@ -69,16 +65,11 @@ impl std::fmt::Debug for ModuleInstance {
 fn classify(err: wasmtime::Error, state: &HostState, limits: &Limits) -> ModuleError {
     match state.limiter.hit {
         Some(CapHit::Memory) => {
-            return ModuleError::MemoryLimit {
-                limit: limits.memory_bytes,
-            };
+            return ModuleError::MemoryLimit { limit: limits.memory_bytes };
         }
         Some(CapHit::Table) => {
             return ModuleError::Trap {
-                message: format!(
-                    "table growth past the cap of {} elements: {err:#}",
-                    host::TABLE_ELEMENTS_CAP
-                ),
+                message: format!("table growth past the cap of {} elements: {err:#}", host::TABLE_ELEMENTS_CAP),
             };
         }
         None => {}
@@ -87,15 +78,9 @@ fn classify(err: wasmtime::Error, state: &HostState, limits: &Limits) -> ModuleE
         return ModuleError::BadMessage(f.0.clone());
     }
     match err.downcast_ref::<Trap>() {
-        Some(Trap::OutOfFuel) => ModuleError::OutOfFuel {
-            budget: limits.fuel_per_batch,
-        },
-        Some(Trap::Interrupt) => ModuleError::Timeout {
-            budget: limits.time_per_batch,
-        },
-        _ => ModuleError::Trap {
-            message: format!("{err:#}"),
-        },
+        Some(Trap::OutOfFuel) => ModuleError::OutOfFuel { budget: limits.fuel_per_batch },
+        Some(Trap::Interrupt) => ModuleError::Timeout { budget: limits.time_per_batch },
+        _ => ModuleError::Trap { message: format!("{err:#}") },
     }
 }
 
@@ -122,14 +107,10 @@ impl LoadedModule {
         );
         let tick = inner.epoch_tick.as_nanos().max(1);
         // Round up, plus one: the current tick may end right after the call starts.
-        let deadline_ticks = u64::try_from(limits.time_per_batch.as_nanos().div_ceil(tick))
-            .unwrap_or(u64::MAX)
-            .saturating_add(1);
+        let deadline_ticks =
+            u64::try_from(limits.time_per_batch.as_nanos().div_ceil(tick)).unwrap_or(u64::MAX).saturating_add(1);
         let state = HostState {
-            limiter: Limiter {
-                memory_bytes: limits.memory_bytes,
-                hit: None,
-            },
+            limiter: Limiter { memory_bytes: limits.memory_bytes, hit: None },
             module: Arc::from(self.manifest.name.as_str()),
             history,
             max_history_readings: limits.max_history_readings,
@@ -138,9 +119,7 @@ impl LoadedModule {
         };
         let mut store = Store::new(&inner.engine, state);
         store.limiter(|s| &mut s.limiter);
-        store
-            .set_fuel(limits.fuel_per_batch)
-            .expect("fuel is enabled on the engine");
+        store.set_fuel(limits.fuel_per_batch).expect("fuel is enabled on the engine");
         store.set_epoch_deadline(deadline_ticks);
 
         let instance = match inner.linker.instantiate(&mut store, &self.module) {
@@ -149,31 +128,16 @@ impl LoadedModule {
         };
         // `load` checked every export's presence and type, so these cannot fail.
         let func = |store: &mut Store<HostState>, name: &str| {
-            instance
-                .get_func(&mut *store, name)
-                .unwrap_or_else(|| panic!("export {name} checked at load"))
+            instance.get_func(&mut *store, name).unwrap_or_else(|| panic!("export {name} checked at load"))
         };
-        let abi_version = func(&mut store, abi::exports::ABI_VERSION)
-            .typed::<(), i32>(&store)
-            .expect("checked at load");
-        let alloc = func(&mut store, abi::exports::ALLOC)
-            .typed(&store)
-            .expect("checked at load");
-        let init = func(&mut store, abi::exports::INIT)
-            .typed::<(i32, i32), i64>(&store)
-            .expect("checked at load");
-        let process = func(&mut store, abi::exports::PROCESS)
-            .typed(&store)
-            .expect("checked at load");
-        let save_state = func(&mut store, abi::exports::SAVE_STATE)
-            .typed(&store)
-            .expect("checked at load");
-        let load_state = func(&mut store, abi::exports::LOAD_STATE)
-            .typed(&store)
-            .expect("checked at load");
-        let memory = instance
-            .get_memory(&mut store, host::MEMORY_EXPORT)
-            .expect("checked at load");
+        let abi_version =
+            func(&mut store, abi::exports::ABI_VERSION).typed::<(), i32>(&store).expect("checked at load");
+        let alloc = func(&mut store, abi::exports::ALLOC).typed(&store).expect("checked at load");
+        let init = func(&mut store, abi::exports::INIT).typed::<(i32, i32), i64>(&store).expect("checked at load");
+        let process = func(&mut store, abi::exports::PROCESS).typed(&store).expect("checked at load");
+        let save_state = func(&mut store, abi::exports::SAVE_STATE).typed(&store).expect("checked at load");
+        let load_state = func(&mut store, abi::exports::LOAD_STATE).typed(&store).expect("checked at load");
+        let memory = instance.get_memory(&mut store, host::MEMORY_EXPORT).expect("checked at load");
 
         let mut inst = ModuleInstance {
             store,
@@ -190,14 +154,9 @@ impl LoadedModule {
         };
         let version = inst.store_call(|s| abi_version.call(s, ()))? as u32;
         if version != ABI_VERSION {
-            return Err(ModuleError::AbiMismatch {
-                module: version,
-                host: ABI_VERSION,
-            });
+            return Err(ModuleError::AbiMismatch { module: version, host: ABI_VERSION });
         }
-        let req = abi::encode(&InitRequest {
-            config_json: config_json.to_string(),
-        });
+        let req = abi::encode(&InitRequest { config_json: config_json.to_string() });
         let packed = inst.call_with_input(init, &req)?;
         let () = inst.read_result(packed)?;
         Ok(inst)
@@ -221,19 +180,10 @@ impl ModuleInstance {
                 limit: u64::from(self.limits.max_output_readings),
             });
         }
-        if let Some(r) = output
-            .readings
-            .iter()
-            .find(|r| !self.manifest.outputs.contains(&r.stream))
-        {
-            return Err(ModuleError::UndeclaredOutput {
-                stream: r.stream.clone(),
-            });
+        if let Some(r) = output.readings.iter().find(|r| !self.manifest.outputs.contains(&r.stream)) {
+            return Err(ModuleError::UndeclaredOutput { stream: r.stream.clone() });
         }
-        let remaining = self
-            .store
-            .get_fuel()
-            .expect("fuel is enabled on the engine");
+        let remaining = self.store.get_fuel().expect("fuel is enabled on the engine");
         Ok(ProcessOutcome {
             output,
             fuel_used: self.limits.fuel_per_batch.saturating_sub(remaining),
@@ -280,9 +230,7 @@ impl ModuleInstance {
         if self.poisoned {
             return Err(ModuleError::Poisoned);
         }
-        self.store
-            .set_fuel(self.limits.fuel_per_batch)
-            .expect("fuel is enabled on the engine");
+        self.store.set_fuel(self.limits.fuel_per_batch).expect("fuel is enabled on the engine");
         self.store.set_epoch_deadline(self.deadline_ticks);
         let state = self.store.data_mut();
         state.limiter.hit = None;
@@ -311,21 +259,12 @@ impl ModuleInstance {
     }
 
     /// Copies `bytes` into a guest buffer from `brume_alloc`, then calls `f(ptr, len)`.
-    fn call_with_input(
-        &mut self,
-        f: TypedFunc<(i32, i32), i64>,
-        bytes: &[u8],
-    ) -> Result<u64, ModuleError> {
-        let len = u32::try_from(bytes.len()).map_err(|_| {
-            ModuleError::BadMessage(format!("input of {} bytes does not fit a u32", bytes.len()))
-        })?;
+    fn call_with_input(&mut self, f: TypedFunc<(i32, i32), i64>, bytes: &[u8]) -> Result<u64, ModuleError> {
+        let len = u32::try_from(bytes.len())
+            .map_err(|_| ModuleError::BadMessage(format!("input of {} bytes does not fit a u32", bytes.len())))?;
         let alloc = self.alloc.clone();
         let ptr = self.store_call(|s| alloc.call(s, len as i32))? as u32;
-        if self
-            .memory
-            .write(&mut self.store, ptr as usize, bytes)
-            .is_err()
-        {
+        if self.memory.write(&mut self.store, ptr as usize, bytes).is_err() {
             let size = self.memory.data_size(&self.store);
             return Err(self.fail(ModuleError::BadMessage(format!(
                 "brume_alloc({len}) returned {ptr:#x}, outside the module's memory of {size} bytes"

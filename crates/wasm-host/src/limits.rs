@@ -75,23 +75,15 @@ impl Limits {
     pub fn from_manifest(budgets: &Budgets, overrides: &LimitOverrides) -> Limits {
         let d = Limits::default();
         Limits {
-            memory_bytes: overrides
-                .memory_bytes
-                .or(budgets.memory_bytes)
-                .unwrap_or(d.memory_bytes),
-            fuel_per_batch: overrides
-                .fuel_per_batch
-                .or(budgets.fuel_per_batch)
-                .unwrap_or(d.fuel_per_batch),
+            memory_bytes: overrides.memory_bytes.or(budgets.memory_bytes).unwrap_or(d.memory_bytes),
+            fuel_per_batch: overrides.fuel_per_batch.or(budgets.fuel_per_batch).unwrap_or(d.fuel_per_batch),
             time_per_batch: overrides.time_per_batch.unwrap_or(d.time_per_batch),
             max_output_readings: overrides
                 .max_output_readings
                 .or(budgets.max_output_readings)
                 .unwrap_or(d.max_output_readings),
             max_output_bytes: overrides.max_output_bytes.unwrap_or(d.max_output_bytes),
-            max_history_readings: overrides
-                .max_history_readings
-                .unwrap_or(d.max_history_readings),
+            max_history_readings: overrides.max_history_readings.unwrap_or(d.max_history_readings),
             log_lines_per_s: overrides.log_lines_per_s.unwrap_or(d.log_lines_per_s),
         }
     }

@@ -69,8 +69,7 @@ fn render(f: &FuncType) -> String {
 }
 
 fn matches_sig(f: &FuncType, params: &[Ty], results: &[Ty]) -> bool {
-    f.params().map(|v| ty(&v)).eq(params.iter().copied())
-        && f.results().map(|v| ty(&v)).eq(results.iter().copied())
+    f.params().map(|v| ty(&v)).eq(params.iter().copied()) && f.results().map(|v| ty(&v)).eq(results.iter().copied())
 }
 
 /// A required function export: name, params, results, and the WAT text for messages.
@@ -82,12 +81,7 @@ struct Required {
 }
 
 const REQUIRED_EXPORTS: &[Required] = &[
-    Required {
-        name: abi::exports::ABI_VERSION,
-        params: &[],
-        results: &[Ty::I32],
-        wat: "(func (result i32))",
-    },
+    Required { name: abi::exports::ABI_VERSION, params: &[], results: &[Ty::I32], wat: "(func (result i32))" },
     Required {
         name: abi::exports::ALLOC,
         params: &[Ty::I32],
@@ -106,12 +100,7 @@ const REQUIRED_EXPORTS: &[Required] = &[
         results: &[Ty::I64],
         wat: "(func (param i32 i32) (result i64))",
     },
-    Required {
-        name: abi::exports::SAVE_STATE,
-        params: &[],
-        results: &[Ty::I64],
-        wat: "(func (result i64))",
-    },
+    Required { name: abi::exports::SAVE_STATE, params: &[], results: &[Ty::I64], wat: "(func (result i64))" },
     Required {
         name: abi::exports::LOAD_STATE,
         params: &[Ty::I32, Ty::I32],
@@ -145,16 +134,12 @@ fn read_manifest(bytes: &[u8]) -> Result<Manifest, LoadError> {
             && reader.name() == MANIFEST_SECTION
         {
             if found.is_some() {
-                return Err(LoadError::BadManifest(format!(
-                    "more than one `{MANIFEST_SECTION}` section"
-                )));
+                return Err(LoadError::BadManifest(format!("more than one `{MANIFEST_SECTION}` section")));
             }
             found = Some(reader.data());
         }
     }
-    let data = found.ok_or(LoadError::MissingManifest {
-        section: MANIFEST_SECTION,
-    })?;
+    let data = found.ok_or(LoadError::MissingManifest { section: MANIFEST_SECTION })?;
     Manifest::from_json(data).map_err(|e| LoadError::BadManifest(e.to_string()))
 }
 
@@ -166,11 +151,7 @@ fn check_exports(module: &Module) -> Result<(), LoadError> {
             Some(ExternType::Func(f)) => format!("has type `{}`", render(&f)),
             Some(other) => format!("is not a function but {}", extern_kind(&other)),
         };
-        return Err(LoadError::Export {
-            name: req.name,
-            problem,
-            expected: req.wat,
-        });
+        return Err(LoadError::Export { name: req.name, problem, expected: req.wat });
     }
     match module.get_export(MEMORY_EXPORT) {
         Some(ExternType::Memory(m)) if !m.is_64() && !m.is_shared() => Ok(()),
@@ -179,11 +160,7 @@ fn check_exports(module: &Module) -> Result<(), LoadError> {
             problem: "is a 64-bit or shared memory".into(),
             expected: "(memory)",
         }),
-        None => Err(LoadError::Export {
-            name: MEMORY_EXPORT,
-            problem: "is missing".into(),
-            expected: "(memory)",
-        }),
+        None => Err(LoadError::Export { name: MEMORY_EXPORT, problem: "is missing".into(), expected: "(memory)" }),
         Some(other) => Err(LoadError::Export {
             name: MEMORY_EXPORT,
             problem: format!("is not a memory but {}", extern_kind(&other)),
@@ -210,31 +187,18 @@ fn check_imports(module: &Module) -> Result<(), LoadError> {
             problem,
         };
         if import.module() != abi::imports::MODULE {
-            return Err(refuse(format!(
-                "the host provides no module `{}`",
-                import.module()
-            )));
+            return Err(refuse(format!("the host provides no module `{}`", import.module())));
         }
         let Some(req) = ALLOWED_IMPORTS.iter().find(|r| r.name == import.name()) else {
-            return Err(refuse(format!(
-                "the host provides no function `{}`",
-                import.name()
-            )));
+            return Err(refuse(format!("the host provides no function `{}`", import.name())));
         };
         match import.ty() {
             ExternType::Func(f) if matches_sig(&f, req.params, req.results) => {}
             ExternType::Func(f) => {
-                return Err(refuse(format!(
-                    "imported as `{}`, the host provides `{}`",
-                    render(&f),
-                    req.wat
-                )));
+                return Err(refuse(format!("imported as `{}`, the host provides `{}`", render(&f), req.wat)));
             }
             other => {
-                return Err(refuse(format!(
-                    "imported as {}, the host provides a function",
-                    extern_kind(&other)
-                )));
+                return Err(refuse(format!("imported as {}, the host provides a function", extern_kind(&other))));
             }
         }
     }
@@ -251,8 +215,7 @@ impl WasmEngine {
     /// `brume::log`. Compilation is the expensive step (milliseconds to seconds for large
     /// modules); do it once per module file and instantiate the result as often as needed.
     pub fn load(&self, bytes: &[u8]) -> Result<LoadedModule, LoadError> {
-        let module = Module::new(&self.inner.engine, bytes)
-            .map_err(|e| LoadError::Compile(format!("{e:#}")))?;
+        let module = Module::new(&self.inner.engine, bytes).map_err(|e| LoadError::Compile(format!("{e:#}")))?;
         checked(module, bytes)
     }
 
@@ -291,19 +254,12 @@ impl WasmEngine {
 fn checked(module: Module, bytes: &[u8]) -> Result<LoadedModule, LoadError> {
     let manifest = read_manifest(bytes)?;
     if manifest.abi_version != ABI_VERSION {
-        return Err(LoadError::AbiMismatch {
-            module: manifest.abi_version,
-            host: ABI_VERSION,
-        });
+        return Err(LoadError::AbiMismatch { module: manifest.abi_version, host: ABI_VERSION });
     }
     check_exports(&module)?;
     check_imports(&module)?;
     let hash: [u8; 32] = Sha256::digest(bytes).into();
-    Ok(LoadedModule {
-        module,
-        manifest: Arc::new(manifest),
-        hash,
-    })
+    Ok(LoadedModule { module, manifest: Arc::new(manifest), hash })
 }
 
 impl LoadedModule {

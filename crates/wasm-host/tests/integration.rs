@@ -10,13 +10,12 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use brume_module_abi::{
-    self as abi, CallResult, HistoryKind, HistoryQuery, HistoryResult, Input, ModuleReading,
-    Output, pack,
+    self as abi, CallResult, HistoryKind, HistoryQuery, HistoryResult, Input, ModuleReading, Output, pack,
 };
 use brume_protocol::{Field, Value};
 use brume_wasm_host::{
-    EngineConfig, HistoryProvider, LimitOverrides, Limits, LoadError, LoadedModule, ModuleError,
-    ModuleInstance, NoHistory, OutputCap, WasmEngine,
+    EngineConfig, HistoryProvider, LimitOverrides, Limits, LoadError, LoadedModule, ModuleError, ModuleInstance,
+    NoHistory, OutputCap, WasmEngine,
 };
 
 // ---------------------------------------------------------------------------------------
@@ -77,18 +76,12 @@ impl Guest {
 
     /// A guest whose `brume_process` runs `body` (which must leave an i64 on the stack).
     fn running(name: &str, body: &str) -> Guest {
-        Guest {
-            process: body.to_string(),
-            ..Guest::returning(name, Vec::new())
-        }
+        Guest { process: body.to_string(), ..Guest::returning(name, Vec::new()) }
     }
 
     fn wat(&self) -> String {
         let manifest = match &self.manifest {
-            Some(m) => format!(
-                "(@custom \"brume-manifest\" \"{}\")",
-                wat_bytes(m.as_bytes())
-            ),
+            Some(m) => format!("(@custom \"brume-manifest\" \"{}\")", wat_bytes(m.as_bytes())),
             None => String::new(),
         };
         let ok_unit = wat_bytes(&abi::encode(&CallResult::<()>::Ok(())));
@@ -160,27 +153,15 @@ fn engine() -> WasmEngine {
 }
 
 fn reading(stream: &str, ts_ns: i64, v: f64) -> ModuleReading {
-    ModuleReading {
-        stream: stream.into(),
-        ts_ns,
-        fields: vec![Field {
-            name: "v".into(),
-            value: Value::F64(v),
-        }],
-    }
+    ModuleReading { stream: stream.into(), ts_ns, fields: vec![Field { name: "v".into(), value: Value::F64(v) }] }
 }
 
 fn input() -> Input {
-    Input {
-        readings: vec![reading("in/a", 1, 20.0), reading("in/b", 2, 30.0)],
-    }
+    Input { readings: vec![reading("in/a", 1, 20.0), reading("in/b", 2, 30.0)] }
 }
 
 fn healthy_output() -> Output {
-    Output {
-        readings: vec![reading("out", 42, 1.5)],
-        metrics: vec![("m".into(), 2.0)],
-    }
+    Output { readings: vec![reading("out", 42, 1.5)], metrics: vec![("m".into(), 2.0)] }
 }
 
 fn ok_output(out: &Output) -> Vec<u8> {
@@ -192,9 +173,7 @@ fn load(engine: &WasmEngine, guest: &Guest) -> LoadedModule {
 }
 
 fn instantiate(engine: &WasmEngine, guest: &Guest, limits: Limits) -> ModuleInstance {
-    load(engine, guest)
-        .instantiate(engine, limits, Arc::new(NoHistory), "{}")
-        .unwrap()
+    load(engine, guest).instantiate(engine, limits, Arc::new(NoHistory), "{}").unwrap()
 }
 
 /// A second, healthy module on the same engine still processes a batch correctly.
@@ -219,11 +198,7 @@ fn fails_and_poisons(engine: &WasmEngine, inst: &mut ModuleInstance) -> ModuleEr
 fn fails_without_poisoning(engine: &WasmEngine, inst: &mut ModuleInstance) -> ModuleError {
     let err = inst.process(&input()).unwrap_err();
     assert!(!inst.is_poisoned(), "{err} should not poison");
-    assert_eq!(
-        inst.save_state().unwrap(),
-        [1, 2, 3],
-        "instance still usable"
-    );
+    assert_eq!(inst.save_state().unwrap(), [1, 2, 3], "instance still usable");
     assert_others_unaffected(engine);
     err
 }
@@ -241,31 +216,14 @@ fn healthy_module_processes_saves_and_loads_state() {
     assert_eq!(module.manifest().name, "healthy");
     assert_eq!(module.manifest().outputs, ["out"]);
     assert_eq!(module.hash_hex().len(), 64);
-    assert_eq!(
-        module.hash(),
-        load(&engine, &guest).hash(),
-        "hash is of the bytes"
-    );
-    assert_ne!(
-        module.hash(),
-        load(
-            &engine,
-            &Guest::returning("other", ok_output(&healthy_output()))
-        )
-        .hash()
-    );
+    assert_eq!(module.hash(), load(&engine, &guest).hash(), "hash is of the bytes");
+    assert_ne!(module.hash(), load(&engine, &Guest::returning("other", ok_output(&healthy_output()))).hash());
 
-    let mut inst = module
-        .instantiate(&engine, Limits::default(), Arc::new(NoHistory), "{}")
-        .unwrap();
+    let mut inst = module.instantiate(&engine, Limits::default(), Arc::new(NoHistory), "{}").unwrap();
     for _ in 0..3 {
         let outcome = inst.process(&input()).unwrap();
         assert_eq!(outcome.output, healthy_output());
-        assert!(
-            outcome.fuel_used > 0 && outcome.fuel_used < 10_000,
-            "fuel {}",
-            outcome.fuel_used
-        );
+        assert!(outcome.fuel_used > 0 && outcome.fuel_used < 10_000, "fuel {}", outcome.fuel_used);
         assert_eq!(outcome.stats, Default::default());
     }
     assert_eq!(inst.save_state().unwrap(), [1, 2, 3]);
@@ -286,9 +244,7 @@ fn precompiled_module_loads_in_another_engine() {
     let module = other.load_precompiled(&wasm, &compiled).unwrap().unwrap();
     assert_eq!(module.manifest().name, "healthy");
     assert_eq!(module.hash(), load(&other, &guest).hash());
-    let mut inst = module
-        .instantiate(&other, Limits::default(), Arc::new(NoHistory), "{}")
-        .unwrap();
+    let mut inst = module.instantiate(&other, Limits::default(), Arc::new(NoHistory), "{}").unwrap();
     assert_eq!(inst.process(&input()).unwrap().output, healthy_output());
 
     let err = other.load_precompiled(&wasm, b"not a compiled module").unwrap().unwrap_err();
@@ -305,16 +261,8 @@ fn precompiled_module_loads_in_another_engine() {
 
 #[test]
 fn limits_resolve_override_then_manifest_then_default() {
-    let budgets = abi::Budgets {
-        memory_bytes: Some(1 << 20),
-        fuel_per_batch: Some(7),
-        max_output_readings: None,
-    };
-    let overrides = LimitOverrides {
-        fuel_per_batch: Some(9),
-        log_lines_per_s: Some(1),
-        ..Default::default()
-    };
+    let budgets = abi::Budgets { memory_bytes: Some(1 << 20), fuel_per_batch: Some(7), max_output_readings: None };
+    let overrides = LimitOverrides { fuel_per_batch: Some(9), log_lines_per_s: Some(1), ..Default::default() };
     let l = Limits::from_manifest(&budgets, &overrides);
     let d = Limits::default();
     assert_eq!(l.memory_bytes, 1 << 20, "manifest");
@@ -330,87 +278,50 @@ fn limits_resolve_override_then_manifest_then_default() {
 #[test]
 fn infinite_loop_times_out() {
     let engine = engine();
-    let limits = Limits {
-        fuel_per_batch: 1 << 60,
-        time_per_batch: Duration::from_millis(50),
-        ..Limits::default()
-    };
+    let limits = Limits { fuel_per_batch: 1 << 60, time_per_batch: Duration::from_millis(50), ..Limits::default() };
     let mut inst = instantiate(&engine, &Guest::running("loop", INFINITE_LOOP), limits);
     let err = fails_and_poisons(&engine, &mut inst);
-    assert!(
-        matches!(err, ModuleError::Timeout { budget } if budget == Duration::from_millis(50)),
-        "{err:?}"
-    );
+    assert!(matches!(err, ModuleError::Timeout { budget } if budget == Duration::from_millis(50)), "{err:?}");
     assert_eq!(err.kind(), "timeout");
 }
 
 #[test]
 fn infinite_loop_runs_out_of_fuel() {
     let engine = engine();
-    let limits = Limits {
-        fuel_per_batch: 100_000,
-        time_per_batch: Duration::from_secs(60),
-        ..Limits::default()
-    };
+    let limits = Limits { fuel_per_batch: 100_000, time_per_batch: Duration::from_secs(60), ..Limits::default() };
     let mut inst = instantiate(&engine, &Guest::running("loop", INFINITE_LOOP), limits);
     let err = fails_and_poisons(&engine, &mut inst);
-    assert!(
-        matches!(err, ModuleError::OutOfFuel { budget: 100_000 }),
-        "{err:?}"
-    );
+    assert!(matches!(err, ModuleError::OutOfFuel { budget: 100_000 }), "{err:?}");
     assert_eq!(err.kind(), "out_of_fuel");
 }
 
 #[test]
 fn memory_grow_past_cap_is_memory_limit() {
     let engine = engine();
-    let limits = Limits {
-        memory_bytes: 1 << 20,
-        ..Limits::default()
-    };
+    let limits = Limits { memory_bytes: 1 << 20, ..Limits::default() };
     let body = "(drop (memory.grow (i32.const 100))) (i64.const 0)";
     let mut inst = instantiate(&engine, &Guest::running("grow", body), limits);
     let err = fails_and_poisons(&engine, &mut inst);
-    assert!(
-        matches!(err, ModuleError::MemoryLimit { limit } if limit == 1 << 20),
-        "{err:?}"
-    );
+    assert!(matches!(err, ModuleError::MemoryLimit { limit } if limit == 1 << 20), "{err:?}");
     assert_eq!(err.kind(), "memory_limit");
 }
 
 #[test]
 fn initial_memory_past_cap_fails_instantiation() {
     let engine = engine();
-    let guest = Guest {
-        pages: 32,
-        ..Guest::returning("big", ok_output(&healthy_output()))
-    };
-    let limits = Limits {
-        memory_bytes: 1 << 20,
-        ..Limits::default()
-    };
-    let err = load(&engine, &guest)
-        .instantiate(&engine, limits, Arc::new(NoHistory), "{}")
-        .unwrap_err();
-    assert!(
-        matches!(err, ModuleError::MemoryLimit { limit } if limit == 1 << 20),
-        "{err:?}"
-    );
+    let guest = Guest { pages: 32, ..Guest::returning("big", ok_output(&healthy_output())) };
+    let limits = Limits { memory_bytes: 1 << 20, ..Limits::default() };
+    let err = load(&engine, &guest).instantiate(&engine, limits, Arc::new(NoHistory), "{}").unwrap_err();
+    assert!(matches!(err, ModuleError::MemoryLimit { limit } if limit == 1 << 20), "{err:?}");
     assert_others_unaffected(&engine);
 }
 
 #[test]
 fn unreachable_is_trap() {
     let engine = engine();
-    let mut inst = instantiate(
-        &engine,
-        &Guest::running("trap", "(unreachable)"),
-        Limits::default(),
-    );
+    let mut inst = instantiate(&engine, &Guest::running("trap", "(unreachable)"), Limits::default());
     let err = fails_and_poisons(&engine, &mut inst);
-    let ModuleError::Trap { message } = &err else {
-        panic!("{err:?}")
-    };
+    let ModuleError::Trap { message } = &err else { panic!("{err:?}") };
     assert!(message.contains("unreachable"), "{message}");
 }
 
@@ -434,46 +345,20 @@ fn output_buffer_over_cap_is_refused_before_decoding() {
 #[test]
 fn too_many_output_readings() {
     let engine = engine();
-    let out = Output {
-        readings: vec![reading("out", 1, 1.0), reading("out", 2, 2.0)],
-        metrics: vec![],
-    };
-    let limits = Limits {
-        max_output_readings: 1,
-        ..Limits::default()
-    };
+    let out = Output { readings: vec![reading("out", 1, 1.0), reading("out", 2, 2.0)], metrics: vec![] };
+    let limits = Limits { max_output_readings: 1, ..Limits::default() };
     let mut inst = instantiate(&engine, &Guest::returning("many", ok_output(&out)), limits);
     let err = fails_without_poisoning(&engine, &mut inst);
-    assert!(
-        matches!(
-            err,
-            ModuleError::OutputTooLarge {
-                what: OutputCap::Readings,
-                actual: 2,
-                limit: 1
-            }
-        ),
-        "{err:?}"
-    );
+    assert!(matches!(err, ModuleError::OutputTooLarge { what: OutputCap::Readings, actual: 2, limit: 1 }), "{err:?}");
 }
 
 #[test]
 fn output_on_undeclared_stream() {
     let engine = engine();
-    let out = Output {
-        readings: vec![reading("out", 1, 1.0), reading("secret", 2, 2.0)],
-        metrics: vec![],
-    };
-    let mut inst = instantiate(
-        &engine,
-        &Guest::returning("sneaky", ok_output(&out)),
-        Limits::default(),
-    );
+    let out = Output { readings: vec![reading("out", 1, 1.0), reading("secret", 2, 2.0)], metrics: vec![] };
+    let mut inst = instantiate(&engine, &Guest::returning("sneaky", ok_output(&out)), Limits::default());
     let err = fails_without_poisoning(&engine, &mut inst);
-    assert!(
-        matches!(&err, ModuleError::UndeclaredOutput { stream } if stream == "secret"),
-        "{err:?}"
-    );
+    assert!(matches!(&err, ModuleError::UndeclaredOutput { stream } if stream == "secret"), "{err:?}");
     assert!(err.to_string().contains("`secret`"));
 }
 
@@ -483,10 +368,7 @@ fn guest_error_is_reported_and_does_not_poison() {
     let result = abi::encode(&CallResult::<Output>::Err("sensor table missing".into()));
     let mut inst = instantiate(&engine, &Guest::returning("err", result), Limits::default());
     let err = fails_without_poisoning(&engine, &mut inst);
-    assert!(
-        matches!(&err, ModuleError::Guest(m) if m == "sensor table missing"),
-        "{err:?}"
-    );
+    assert!(matches!(&err, ModuleError::Guest(m) if m == "sensor table missing"), "{err:?}");
 }
 
 #[test]
@@ -495,26 +377,16 @@ fn out_of_bounds_result_is_bad_message() {
     let body = format!("(i64.const {})", pack(65_536 - 2, 100));
     let mut inst = instantiate(&engine, &Guest::running("oob", &body), Limits::default());
     let err = fails_and_poisons(&engine, &mut inst);
-    assert!(
-        matches!(&err, ModuleError::BadMessage(m) if m.contains("outside")),
-        "{err:?}"
-    );
+    assert!(matches!(&err, ModuleError::BadMessage(m) if m.contains("outside")), "{err:?}");
 }
 
 #[test]
 fn undecodable_result_is_bad_message() {
     let engine = engine();
     // A CallResult variant index of 7 does not exist.
-    let mut inst = instantiate(
-        &engine,
-        &Guest::returning("garbage", vec![7, 1, 2]),
-        Limits::default(),
-    );
+    let mut inst = instantiate(&engine, &Guest::returning("garbage", vec![7, 1, 2]), Limits::default());
     let err = fails_and_poisons(&engine, &mut inst);
-    assert!(
-        matches!(&err, ModuleError::BadMessage(m) if m.contains("undecodable")),
-        "{err:?}"
-    );
+    assert!(matches!(&err, ModuleError::BadMessage(m) if m.contains("undecodable")), "{err:?}");
 }
 
 // ---------------------------------------------------------------------------------------
@@ -526,46 +398,29 @@ fn manifest_with_other_abi_version_is_refused_at_load() {
     let mut guest = Guest::returning("future", ok_output(&healthy_output()));
     guest.manifest = Some(manifest_json("future", abi::ABI_VERSION + 1, &["out"]));
     let err = engine.load(&guest.bytes()).unwrap_err();
-    assert!(
-        matches!(err, LoadError::AbiMismatch { module: 2, host: 1 }),
-        "{err:?}"
-    );
+    assert!(matches!(err, LoadError::AbiMismatch { module: 2, host: 1 }), "{err:?}");
     assert_others_unaffected(&engine);
 }
 
 #[test]
 fn export_with_other_abi_version_is_refused_at_instantiation() {
     let engine = engine();
-    let guest = Guest {
-        abi_version: abi::ABI_VERSION + 1,
-        ..Guest::returning("liar", ok_output(&healthy_output()))
-    };
-    let err = load(&engine, &guest)
-        .instantiate(&engine, Limits::default(), Arc::new(NoHistory), "{}")
-        .unwrap_err();
-    assert!(
-        matches!(err, ModuleError::AbiMismatch { module: 2, host: 1 }),
-        "{err:?}"
-    );
+    let guest = Guest { abi_version: abi::ABI_VERSION + 1, ..Guest::returning("liar", ok_output(&healthy_output())) };
+    let err = load(&engine, &guest).instantiate(&engine, Limits::default(), Arc::new(NoHistory), "{}").unwrap_err();
+    assert!(matches!(err, ModuleError::AbiMismatch { module: 2, host: 1 }), "{err:?}");
     assert_others_unaffected(&engine);
 }
 
 #[test]
 fn missing_export_is_named() {
     let engine = engine();
-    let guest = Guest {
-        skip: vec![abi::exports::PROCESS],
-        ..Guest::returning("half", vec![])
-    };
+    let guest = Guest { skip: vec![abi::exports::PROCESS], ..Guest::returning("half", vec![]) };
     let err = engine.load(&guest.bytes()).unwrap_err();
     assert!(
         matches!(&err, LoadError::Export { name: "brume_process", problem, .. } if problem == "is missing"),
         "{err:?}"
     );
-    assert!(
-        err.to_string().contains("`brume_process` is missing"),
-        "{err}"
-    );
+    assert!(err.to_string().contains("`brume_process` is missing"), "{err}");
     assert_others_unaffected(&engine);
 }
 
@@ -579,16 +434,7 @@ fn export_with_wrong_signature_is_named() {
     };
     let err = engine.load(&guest.bytes()).unwrap_err();
     let msg = err.to_string();
-    assert!(
-        matches!(
-            err,
-            LoadError::Export {
-                name: "brume_alloc",
-                ..
-            }
-        ),
-        "{err:?}"
-    );
+    assert!(matches!(err, LoadError::Export { name: "brume_alloc", .. }), "{err:?}");
     assert!(msg.contains("(func (param i64) (result i32))"), "{msg}");
 }
 
@@ -604,11 +450,7 @@ fn wasi_import_is_refused_and_named() {
         matches!(&err, LoadError::Import { module, name, .. } if module == "wasi_snapshot_preview1" && name == "fd_write"),
         "{err:?}"
     );
-    assert!(
-        err.to_string()
-            .contains("`wasi_snapshot_preview1::fd_write`"),
-        "{err}"
-    );
+    assert!(err.to_string().contains("`wasi_snapshot_preview1::fd_write`"), "{err}");
     assert_others_unaffected(&engine);
 }
 
@@ -620,19 +462,13 @@ fn unknown_brume_import_and_wrong_import_type_are_refused() {
         ..Guest::returning("clock", ok_output(&healthy_output()))
     };
     let err = engine.load(&clock.bytes()).unwrap_err();
-    assert!(
-        matches!(&err, LoadError::Import { name, .. } if name == "clock"),
-        "{err:?}"
-    );
+    assert!(matches!(&err, LoadError::Import { name, .. } if name == "clock"), "{err:?}");
     let bad_log = Guest {
         imports: r#"(import "brume" "log" (func (param i32 i32)))"#.into(),
         ..Guest::returning("log", ok_output(&healthy_output()))
     };
     let err = engine.load(&bad_log.bytes()).unwrap_err();
-    assert!(
-        matches!(&err, LoadError::Import { name, .. } if name == "log"),
-        "{err:?}"
-    );
+    assert!(matches!(&err, LoadError::Import { name, .. } if name == "log"), "{err:?}");
 }
 
 #[test]
@@ -644,34 +480,17 @@ fn corrupt_bytes_do_not_compile() {
     }
     let mut truncated = Guest::returning("t", ok_output(&healthy_output())).bytes();
     truncated.truncate(truncated.len() / 2);
-    assert!(matches!(
-        engine.load(&truncated),
-        Err(LoadError::Compile(_))
-    ));
+    assert!(matches!(engine.load(&truncated), Err(LoadError::Compile(_))));
     assert_others_unaffected(&engine);
 }
 
 #[test]
 fn missing_or_bad_manifest_is_refused() {
     let engine = engine();
-    let guest = Guest {
-        manifest: None,
-        ..Guest::returning("anon", vec![])
-    };
-    assert!(matches!(
-        engine.load(&guest.bytes()),
-        Err(LoadError::MissingManifest {
-            section: "brume-manifest"
-        })
-    ));
-    let guest = Guest {
-        manifest: Some("{\"name\":".into()),
-        ..Guest::returning("anon", vec![])
-    };
-    assert!(matches!(
-        engine.load(&guest.bytes()),
-        Err(LoadError::BadManifest(_))
-    ));
+    let guest = Guest { manifest: None, ..Guest::returning("anon", vec![]) };
+    assert!(matches!(engine.load(&guest.bytes()), Err(LoadError::MissingManifest { section: "brume-manifest" })));
+    let guest = Guest { manifest: Some("{\"name\":".into()), ..Guest::returning("anon", vec![]) };
+    assert!(matches!(engine.load(&guest.bytes()), Err(LoadError::BadManifest(_))));
 }
 
 // ---------------------------------------------------------------------------------------
@@ -696,13 +515,7 @@ impl HistoryProvider for Recorder {
 #[test]
 fn history_round_trip_is_capped_and_measured() {
     let engine = engine();
-    let query = HistoryQuery {
-        stream: "in/a".into(),
-        kind: HistoryKind::LastN {
-            n: 1_000_000,
-            before_ns: 99,
-        },
-    };
+    let query = HistoryQuery { stream: "in/a".into(), kind: HistoryKind::LastN { n: 1_000_000, before_ns: 99 } };
     let qbytes = abi::encode(&query);
     let body = format!(
         "(local $r i64)
@@ -713,50 +526,25 @@ fn history_round_trip_is_capped_and_measured() {
         len = qbytes.len()
     );
     let guest = Guest {
-        imports: r#"(import "brume" "history" (func $history (param i32 i32) (result i64)))"#
-            .into(),
+        imports: r#"(import "brume" "history" (func $history (param i32 i32) (result i64)))"#.into(),
         data: qbytes,
         ..Guest::running("history", &body)
     };
     let provider = Arc::new(Recorder {
         seen: Mutex::new(Vec::new()),
-        answer: vec![
-            reading("out", 1, 1.0),
-            reading("out", 2, 2.0),
-            reading("out", 3, 3.0),
-        ],
+        answer: vec![reading("out", 1, 1.0), reading("out", 2, 2.0), reading("out", 3, 3.0)],
     });
-    let limits = Limits {
-        max_history_readings: 2,
-        ..Limits::default()
-    };
-    let mut inst = load(&engine, &guest)
-        .instantiate(&engine, limits, provider.clone(), "{}")
-        .unwrap();
+    let limits = Limits { max_history_readings: 2, ..Limits::default() };
+    let mut inst = load(&engine, &guest).instantiate(&engine, limits, provider.clone(), "{}").unwrap();
     let outcome = inst.process(&input()).unwrap();
     assert_eq!(
         *provider.seen.lock().unwrap(),
-        [HistoryQuery {
-            stream: "in/a".into(),
-            kind: HistoryKind::LastN {
-                n: 2,
-                before_ns: 99
-            }
-        }],
+        [HistoryQuery { stream: "in/a".into(), kind: HistoryKind::LastN { n: 2, before_ns: 99 } }],
         "n capped to max_history_readings"
     );
     // The provider over-answered: the host kept the newest two.
-    assert_eq!(
-        outcome.output.readings,
-        [reading("out", 2, 2.0), reading("out", 3, 3.0)]
-    );
-    assert_eq!(
-        (
-            outcome.stats.history_queries,
-            outcome.stats.history_readings
-        ),
-        (1, 2)
-    );
+    assert_eq!(outcome.output.readings, [reading("out", 2, 2.0), reading("out", 3, 3.0)]);
+    assert_eq!((outcome.stats.history_queries, outcome.stats.history_readings), (1, 2));
 }
 
 #[test]
@@ -764,17 +552,13 @@ fn undecodable_history_query_is_bad_message() {
     let engine = engine();
     let body = format!("(call $history (i32.const {DATA}) (i32.const 3))");
     let guest = Guest {
-        imports: r#"(import "brume" "history" (func $history (param i32 i32) (result i64)))"#
-            .into(),
+        imports: r#"(import "brume" "history" (func $history (param i32 i32) (result i64)))"#.into(),
         data: vec![0xff, 0xff, 0xff],
         ..Guest::running("badq", &body)
     };
     let mut inst = instantiate(&engine, &guest, Limits::default());
     let err = fails_and_poisons(&engine, &mut inst);
-    assert!(
-        matches!(&err, ModuleError::BadMessage(m) if m.contains("brume.history")),
-        "{err:?}"
-    );
+    assert!(matches!(&err, ModuleError::BadMessage(m) if m.contains("brume.history")), "{err:?}");
 }
 
 #[test]
@@ -796,28 +580,17 @@ fn log_lines_are_rate_limited() {
         data,
         ..Guest::running("chatty", &body)
     };
-    let limits = Limits {
-        log_lines_per_s: 10,
-        ..Limits::default()
-    };
+    let limits = Limits { log_lines_per_s: 10, ..Limits::default() };
     let mut inst = instantiate(&engine, &guest, limits);
     let logs = LogCapture::default();
-    let subscriber = tracing_subscriber::fmt()
-        .with_ansi(false)
-        .with_writer(logs.clone())
-        .finish();
+    let subscriber = tracing_subscriber::fmt().with_ansi(false).with_writer(logs.clone()).finish();
     let outcome = tracing::subscriber::with_default(subscriber, || inst.process(&input()).unwrap());
     let text = logs.text();
-    let emitted = text
-        .lines()
-        .filter(|l| l.contains("INFO brume_module: hello") && l.ends_with("module=\"chatty\""));
+    let emitted = text.lines().filter(|l| l.contains("INFO brume_module: hello") && l.ends_with("module=\"chatty\""));
     assert_eq!(emitted.count(), 10, "{text}");
     // A burst of one second's worth (10) passes; the loop takes microseconds, so the
     // bucket cannot refill a whole token before it ends.
-    assert_eq!(
-        (outcome.stats.log_lines, outcome.stats.log_dropped),
-        (10, 15)
-    );
+    assert_eq!((outcome.stats.log_lines, outcome.stats.log_dropped), (10, 15));
     assert_eq!(outcome.output, Output::default());
 }
 

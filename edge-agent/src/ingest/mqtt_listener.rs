@@ -140,13 +140,27 @@ enum Version {
 
 /// A decoded inbound packet, version-independent.
 enum Inbound {
-    Publish { topic: String, qos: u8, pkid: u16, dup: bool, payload: bytes::Bytes },
+    Publish {
+        topic: String,
+        qos: u8,
+        pkid: u16,
+        dup: bool,
+        payload: bytes::Bytes,
+    },
     /// QoS 2, second step: the sensor got our PUBREC.
-    PubRel { pkid: u16 },
+    PubRel {
+        pkid: u16,
+    },
     PingReq,
     Disconnect,
-    Subscribe { pkid: u16, filters: usize },
-    Unsubscribe { pkid: u16, filters: usize },
+    Subscribe {
+        pkid: u16,
+        filters: usize,
+    },
+    Unsubscribe {
+        pkid: u16,
+        filters: usize,
+    },
     /// A packet a publisher may send that needs no answer (PUBACK from us? never), ignored.
     Ignored,
 }
@@ -226,8 +240,13 @@ async fn handle(mut socket: TcpStream, shared: &Shared, shutdown: CancellationTo
     if client_id.is_empty() && !clean {
         shared.metrics.bad("client_id_rejected");
         tracing::warn!(?version, "refusing a sensor with an empty client id and a persistent session");
-        refuse_connect(&mut socket, version, v4::ConnectReturnCode::BadClientId, v5::ConnectReturnCode::ClientIdentifierNotValid)
-            .await;
+        refuse_connect(
+            &mut socket,
+            version,
+            v4::ConnectReturnCode::BadClientId,
+            v5::ConnectReturnCode::ClientIdentifierNotValid,
+        )
+        .await;
         return Err(ConnError::Protocol("empty client id with a persistent session".into()));
     }
 
@@ -239,7 +258,8 @@ async fn handle(mut socket: TcpStream, shared: &Shared, shutdown: CancellationTo
         let mut s = shared.sessions.lock().unwrap_or_else(|e| e.into_inner());
         s.next_conn += 1;
         let conn_no = s.next_conn;
-        let id: Arc<str> = if client_id.is_empty() { format!("brume-auto-{conn_no}").into() } else { client_id.as_str().into() };
+        let id: Arc<str> =
+            if client_id.is_empty() { format!("brume-auto-{conn_no}").into() } else { client_id.as_str().into() };
         if let Some((_, old)) = s.active.insert(id.clone(), (conn_no, conn_token.clone())) {
             old.cancel();
         }
@@ -252,8 +272,13 @@ async fn handle(mut socket: TcpStream, shared: &Shared, shutdown: CancellationTo
         Ok(present) => present,
         Err(e) => {
             tracing::warn!(error = %e, "cannot open the sensor's session; refusing the connection");
-            refuse_connect(&mut socket, version, v4::ConnectReturnCode::ServiceUnavailable, v5::ConnectReturnCode::ServerUnavailable)
-                .await;
+            refuse_connect(
+                &mut socket,
+                version,
+                v4::ConnectReturnCode::ServiceUnavailable,
+                v5::ConnectReturnCode::ServerUnavailable,
+            )
+            .await;
             forget_connection(shared, &client.id, conn_no);
             return Err(ConnError::Refused);
         }
@@ -261,7 +286,9 @@ async fn handle(mut socket: TcpStream, shared: &Shared, shutdown: CancellationTo
     let max_expiry = u32::try_from(shared.cfg.session_expiry.as_secs()).unwrap_or(u32::MAX);
     let mut out = BytesMut::new();
     match version {
-        Version::V4 => v4::ConnAck::new(v4::ConnectReturnCode::Success, session_present).write(&mut out).map_err(|e| e.to_string()),
+        Version::V4 => {
+            v4::ConnAck::new(v4::ConnectReturnCode::Success, session_present).write(&mut out).map_err(|e| e.to_string())
+        }
         Version::V5 => {
             let props = v5::ConnAckProperties {
                 receive_max: Some(shared.cfg.max_inflight),
@@ -411,11 +438,18 @@ async fn handle(mut socket: TcpStream, shared: &Shared, shutdown: CancellationTo
 }
 
 /// Answers a CONNECT with a refusal (the caller then closes): `code4` or `code5` by version.
-async fn refuse_connect(socket: &mut TcpStream, version: Version, code4: v4::ConnectReturnCode, code5: v5::ConnectReturnCode) {
+async fn refuse_connect(
+    socket: &mut TcpStream,
+    version: Version,
+    code4: v4::ConnectReturnCode,
+    code5: v5::ConnectReturnCode,
+) {
     let mut out = BytesMut::new();
     let _ = match version {
         Version::V4 => v4::ConnAck::new(code4, false).write(&mut out).map_err(|e| e.to_string()),
-        Version::V5 => v5::ConnAck { session_present: false, code: code5, properties: None }.write(&mut out).map_err(|e| e.to_string()),
+        Version::V5 => v5::ConnAck { session_present: false, code: code5, properties: None }
+            .write(&mut out)
+            .map_err(|e| e.to_string()),
     };
     let _ = socket.write_all(&out).await;
 }
@@ -745,7 +779,13 @@ fn decode(version: Version, buf: &mut BytesMut, max: usize) -> Result<Option<Inb
             Ok(p) => Ok(Some(match p {
                 v4::Packet::Publish(p) => {
                     check_topic(&p.topic).map_err(|e| ("bad_topic", e, None))?;
-                    Inbound::Publish { topic: p.topic, qos: qos_num(p.qos), pkid: p.pkid, dup: p.dup, payload: p.payload }
+                    Inbound::Publish {
+                        topic: p.topic,
+                        qos: qos_num(p.qos),
+                        pkid: p.pkid,
+                        dup: p.dup,
+                        payload: p.payload,
+                    }
                 }
                 v4::Packet::PubRel(r) => Inbound::PubRel { pkid: r.pkid },
                 v4::Packet::PingReq => Inbound::PingReq,
@@ -756,7 +796,9 @@ fn decode(version: Version, buf: &mut BytesMut, max: usize) -> Result<Option<Inb
                 _ => Inbound::Ignored,
             })),
             Err(rumqttc::mqttbytes::Error::InsufficientBytes(_)) => Ok(None),
-            Err(e @ rumqttc::mqttbytes::Error::PayloadSizeLimitExceeded(_)) => Err(("packet_too_large", e.to_string(), None)),
+            Err(e @ rumqttc::mqttbytes::Error::PayloadSizeLimitExceeded(_)) => {
+                Err(("packet_too_large", e.to_string(), None))
+            }
             Err(e) => Err(("malformed_packet", e.to_string(), None)),
         },
         Version::V5 => match v5::Packet::read(buf, Some(max as u32)) {
@@ -764,9 +806,16 @@ fn decode(version: Version, buf: &mut BytesMut, max: usize) -> Result<Option<Inb
                 v5::Packet::Publish(p) => {
                     let topic = match String::from_utf8(p.topic.to_vec()) {
                         Ok(t) => t,
-                        Err(_) => return Err(("malformed_packet", "topic is not UTF-8".into(), Some(v5::DisconnectReasonCode::MalformedPacket))),
+                        Err(_) => {
+                            return Err((
+                                "malformed_packet",
+                                "topic is not UTF-8".into(),
+                                Some(v5::DisconnectReasonCode::MalformedPacket),
+                            ));
+                        }
                     };
-                    check_topic(&topic).map_err(|e| ("bad_topic", e, Some(v5::DisconnectReasonCode::TopicNameInvalid)))?;
+                    check_topic(&topic)
+                        .map_err(|e| ("bad_topic", e, Some(v5::DisconnectReasonCode::TopicNameInvalid)))?;
                     let qos = match p.qos {
                         rumqttc::v5::mqttbytes::QoS::AtMostOnce => 0,
                         rumqttc::v5::mqttbytes::QoS::AtLeastOnce => 1,
@@ -780,7 +829,11 @@ fn decode(version: Version, buf: &mut BytesMut, max: usize) -> Result<Option<Inb
                 v5::Packet::Subscribe(s) => Inbound::Subscribe { pkid: s.pkid, filters: s.filters.len() },
                 v5::Packet::Unsubscribe(u) => Inbound::Unsubscribe { pkid: u.pkid, filters: u.filters.len() },
                 v5::Packet::Connect(..) => {
-                    return Err(("protocol_error", "second CONNECT".into(), Some(v5::DisconnectReasonCode::ProtocolError)));
+                    return Err((
+                        "protocol_error",
+                        "second CONNECT".into(),
+                        Some(v5::DisconnectReasonCode::ProtocolError),
+                    ));
                 }
                 _ => Inbound::Ignored,
             })),
@@ -794,7 +847,15 @@ fn decode(version: Version, buf: &mut BytesMut, max: usize) -> Result<Option<Inb
 }
 
 /// Handles one PUBLISH: parse, submit to the store, return what to write back when.
-async fn publish(shared: &Shared, client: &Client, topic: &str, qos: u8, pkid: u16, dup: bool, payload: &[u8]) -> Outbound {
+async fn publish(
+    shared: &Shared,
+    client: &Client,
+    topic: &str,
+    qos: u8,
+    pkid: u16,
+    dup: bool,
+    payload: &[u8],
+) -> Outbound {
     let stream = topic.strip_prefix(shared.cfg.strip_prefix.as_str()).unwrap_or(topic);
     let ack = match qos {
         0 => None,

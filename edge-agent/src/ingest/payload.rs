@@ -1047,7 +1047,12 @@ mod tests {
                 err("bad_stream", &["payload", "must be a string"]),
             ),
             (None, Some("application/json"), r#"{"stream":"a#b","v":1}"#, err("bad_stream", &["a#b"])),
-            (None, Some("application/json"), r#"{"stream":"a\u0000b","v":1}"#, err("bad_stream", &["stream name", "U+0000"])),
+            (
+                None,
+                Some("application/json"),
+                r#"{"stream":"a\u0000b","v":1}"#,
+                err("bad_stream", &["stream name", "U+0000"]),
+            ),
             (Some(""), Some("application/json"), r#"{"v":1}"#, err("bad_stream", &["stream name", "empty"])),
             (None, Some("application/json"), r#"{"stream":"a"}"#, err("bad_field", &["no fields"])),
             (Some("s"), Some("application/json"), "42", err("bad_json", &["expected an object or an array"])),

@@ -107,7 +107,11 @@ fn compile_here(engine: &WasmEngine, wasm: &[u8], cache: Option<&Path>) -> Resul
     release_freed_memory();
     let module = loaded?;
     if let Some(path) = cache {
-        match module.serialize().map_err(|e| e.to_string()).and_then(|code| write_cache_file(path, &code).map_err(|e| e.to_string())) {
+        match module
+            .serialize()
+            .map_err(|e| e.to_string())
+            .and_then(|code| write_cache_file(path, &code).map_err(|e| e.to_string()))
+        {
             Ok(()) => {}
             Err(e) => tracing::warn!(path = %path.display(), error = %e, "cannot cache the compiled module"),
         }
@@ -143,7 +147,10 @@ fn compile_in_child(exe: &Path, dir: &Path, path: &Path, wasm: &[u8]) -> Result<
                 let _ = child.kill();
                 let _ = child.wait();
                 let _ = std::fs::remove_file(&output);
-                return Err(format!("compiling took more than {} s; the module is too large or hostile", CHILD_TIMEOUT.as_secs()));
+                return Err(format!(
+                    "compiling took more than {} s; the module is too large or hostile",
+                    CHILD_TIMEOUT.as_secs()
+                ));
             }
             Ok(None) => std::thread::sleep(Duration::from_millis(5)),
             Err(e) => return Err(format!("waiting for the compiler process: {e}")),
@@ -158,7 +165,11 @@ fn compile_in_child(exe: &Path, dir: &Path, path: &Path, wasm: &[u8]) -> Result<
         // The child prints `edge-agent: <error>`: the load error, as the in-process path
         // would have returned it.
         let reason = stderr.lines().rev().find_map(|l| l.strip_prefix("edge-agent: ")).unwrap_or(stderr.trim());
-        return Err(if reason.is_empty() { format!("the compiler process failed ({status})") } else { reason.to_string() });
+        return Err(if reason.is_empty() {
+            format!("the compiler process failed ({status})")
+        } else {
+            reason.to_string()
+        });
     }
     std::fs::rename(&output, path).map_err(|e| format!("cannot move the compiled module into the cache: {e}"))
 }

@@ -425,7 +425,9 @@ impl StreamQuota {
     /// Tokens `client` has at `now`.
     fn available(&self, client: &Arc<str>, now: Instant) -> f64 {
         match self.buckets.get(client) {
-            Some(&(tokens, at)) => (tokens + now.saturating_duration_since(at).as_secs_f64() * self.per_sec).min(self.burst),
+            Some(&(tokens, at)) => {
+                (tokens + now.saturating_duration_since(at).as_secs_f64() * self.per_sec).min(self.burst)
+            }
             None => self.burst,
         }
     }
@@ -445,7 +447,6 @@ fn now_ms() -> i64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
 }
 
-
 impl Store {
     /// Opens (creating if needed) the store at `dir/agent.db`.
     pub fn open(dir: &Path, opts: StoreOptions) -> Result<Store, StoreError> {
@@ -455,24 +456,24 @@ impl Store {
         let mut store = Store {
             conn,
             st: State {
-            epoch: 0,
-            next_id: 1,
-            next_seq: 1,
-            batched_upto: 0,
-            streams: HashMap::new(),
-            stream_names: HashMap::new(),
-            total_bytes: 0,
-            total_count: 0,
-            outbox: BTreeMap::new(),
-            unbatched_bytes: 0,
-            oldest_unbatched_at: None,
-            sessions: Default::default(),
-            quota: StreamQuota::new(opts.new_streams_burst, opts.new_streams_per_minute),
-            pending_buckets: HashMap::new(),
-            derived_upto: 0,
-            deleted: false,
-            meta_written: None,
-            opts,
+                epoch: 0,
+                next_id: 1,
+                next_seq: 1,
+                batched_upto: 0,
+                streams: HashMap::new(),
+                stream_names: HashMap::new(),
+                total_bytes: 0,
+                total_count: 0,
+                outbox: BTreeMap::new(),
+                unbatched_bytes: 0,
+                oldest_unbatched_at: None,
+                sessions: Default::default(),
+                quota: StreamQuota::new(opts.new_streams_burst, opts.new_streams_per_minute),
+                pending_buckets: HashMap::new(),
+                derived_upto: 0,
+                deleted: false,
+                meta_written: None,
+                opts,
             },
         };
         store.reload()?;
@@ -528,21 +529,27 @@ impl Store {
         self.st.total_count = 0;
         // The config may have changed since the last run: bring the forward flags in line.
         let mut stmt = self.conn.prepare("SELECT id, name FROM streams")?;
-        let names: Vec<(i64, String)> = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?.collect::<Result<_, _>>()?;
+        let names: Vec<(i64, String)> =
+            stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?.collect::<Result<_, _>>()?;
         drop(stmt);
         for (id, name) in names {
             let forward = self.st.opts.rules.rule_for(&name).forward;
-            self.conn.execute("UPDATE streams SET forward = ?2 WHERE id = ?1 AND forward != ?2", params![id, forward])?;
+            self.conn
+                .execute("UPDATE streams SET forward = ?2 WHERE id = ?1 AND forward != ?2", params![id, forward])?;
         }
         let mut stmt = self.conn.prepare("SELECT id, name, bytes, count FROM streams")?;
-        let rows = stmt.query_map([], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?, r.get::<_, i64>(2)?, r.get::<_, i64>(3)?)))?;
+        let rows = stmt.query_map([], |r| {
+            Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?, r.get::<_, i64>(2)?, r.get::<_, i64>(3)?))
+        })?;
         for row in rows {
             let (id, name, bytes, count) = row?;
             let rule = self.st.opts.rules.rule_for(&name).clone();
             self.st.total_bytes += bytes as u64;
             self.st.total_count += count as u64;
             self.st.stream_names.insert(id, name.clone());
-            self.st.streams.insert(name, StreamState { id, bytes: bytes as u64, count: count as u64, rule, dirty: false });
+            self.st
+                .streams
+                .insert(name, StreamState { id, bytes: bytes as u64, count: count as u64, rule, dirty: false });
         }
         drop(stmt);
 
@@ -550,16 +557,14 @@ impl Store {
         self.st.pending_buckets.clear();
         self.st.deleted = false;
         self.st.meta_written = None;
-        let mut stmt = self.conn.prepare("SELECT id, stream_id, ts_ns, length(fields) FROM readings WHERE id > ?1 ORDER BY id")?;
+        let mut stmt =
+            self.conn.prepare("SELECT id, stream_id, ts_ns, length(fields) FROM readings WHERE id > ?1 ORDER BY id")?;
         let mut rows = stmt.query([self.st.derived_upto])?;
         while let Some(r) = rows.next()? {
             let (id, sid, ts, len): (i64, i64, i64, i64) = (r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?);
-            let st = self
-                .st
-                .stream_names
-                .get(&sid)
-                .and_then(|n| self.st.streams.get_mut(n))
-                .ok_or_else(|| StoreError::Corrupt(format!("reading {id} belongs to stream {sid}, which does not exist")))?;
+            let st = self.st.stream_names.get(&sid).and_then(|n| self.st.streams.get_mut(n)).ok_or_else(|| {
+                StoreError::Corrupt(format!("reading {id} belongs to stream {sid}, which does not exist"))
+            })?;
             let b = len as u64 + ROW_OVERHEAD;
             st.bytes += b;
             st.count += 1;
@@ -572,8 +577,9 @@ impl Store {
         drop(stmt);
 
         self.st.outbox.clear();
-        let mut stmt =
-            self.conn.prepare("SELECT seq, first_id, last_id, readings, created_ms FROM outbox WHERE acked = 0 ORDER BY seq")?;
+        let mut stmt = self
+            .conn
+            .prepare("SELECT seq, first_id, last_id, readings, created_ms FROM outbox WHERE acked = 0 ORDER BY seq")?;
         let rows = stmt.query_map([], |r| {
             Ok(OutboxEntry {
                 seq: r.get::<_, i64>(0)? as u64,
@@ -650,9 +656,11 @@ impl Store {
         }
         let mut lost: HashMap<(i64, LossReason), u64> = HashMap::new();
         {
-            let mut insert =
-                tx.prepare_cached("INSERT INTO readings(id, stream_id, ts_ns, fields, producer) VALUES (?1, ?2, ?3, ?4, ?5)")?;
-            let mut new_stream = tx.prepare_cached("INSERT INTO streams(name, bytes, count, forward) VALUES (?1, 0, 0, ?2)")?;
+            let mut insert = tx.prepare_cached(
+                "INSERT INTO readings(id, stream_id, ts_ns, fields, producer) VALUES (?1, ?2, ?3, ?4, ?5)",
+            )?;
+            let mut new_stream =
+                tx.prepare_cached("INSERT INTO streams(name, bytes, count, forward) VALUES (?1, 0, 0, ?2)")?;
             for (gi, group) in groups.iter().enumerate() {
                 let publish = publishes.iter().find(|(i, _)| *i == gi).map(|(_, p)| p);
                 if publish.is_some_and(|p| self.st.sessions.is_duplicate(p)) {
@@ -676,7 +684,10 @@ impl Store {
                     && !new_streams.is_empty()
                 {
                     if self.st.quota.available(client, now) < new_streams.len() as f64 {
-                        out.results.push(Err(Refusal::StreamQuota { client: client.to_string(), stream: new_streams[0].clone() }));
+                        out.results.push(Err(Refusal::StreamQuota {
+                            client: client.to_string(),
+                            stream: new_streams[0].clone(),
+                        }));
                         continue;
                     }
                     self.st.quota.spend(client, new_streams.len(), now);
@@ -729,7 +740,8 @@ impl Store {
                 }
             }
             if any {
-                tx.prepare_cached("DELETE FROM outbox WHERE acked = 1 AND seq < (SELECT MAX(seq) FROM outbox)")?.execute([])?;
+                tx.prepare_cached("DELETE FROM outbox WHERE acked = 1 AND seq < (SELECT MAX(seq) FROM outbox)")?
+                    .execute([])?;
             }
         }
 
@@ -775,7 +787,6 @@ impl Store {
             unbatched: (self.st.next_id - 1 - self.st.batched_upto).max(0) as u64,
         }
     }
-
 }
 
 impl State {
@@ -807,9 +818,17 @@ impl State {
             let take = pending.min(size);
             let first = self.batched_upto + 1;
             let last = self.batched_upto + take as i64;
-            let entry = OutboxEntry { seq: self.next_seq, first_id: first, last_id: last, readings: take, created_ms: now_ms() };
-            tx.prepare_cached("INSERT INTO outbox(seq, first_id, last_id, readings, created_ms) VALUES (?1, ?2, ?3, ?4, ?5)")?
-                .execute(params![entry.seq as i64, first, last, take as i64, entry.created_ms])?;
+            let entry = OutboxEntry {
+                seq: self.next_seq,
+                first_id: first,
+                last_id: last,
+                readings: take,
+                created_ms: now_ms(),
+            };
+            tx.prepare_cached(
+                "INSERT INTO outbox(seq, first_id, last_id, readings, created_ms) VALUES (?1, ?2, ?3, ?4, ?5)",
+            )?
+            .execute(params![entry.seq as i64, first, last, take as i64, entry.created_ms])?;
             self.outbox.insert(entry.seq, entry);
             self.next_seq += 1;
             self.batched_upto = last;
@@ -825,7 +844,11 @@ impl State {
 
     /// Writes loss counters inside the transaction, and the derived state when it is due:
     /// after deletions (replay on open only adds) or every [`DERIVED_FLUSH_READINGS`].
-    fn write_back(&mut self, tx: &rusqlite::Transaction, lost: &HashMap<(i64, LossReason), u64>) -> Result<(), StoreError> {
+    fn write_back(
+        &mut self,
+        tx: &rusqlite::Transaction,
+        lost: &HashMap<(i64, LossReason), u64>,
+    ) -> Result<(), StoreError> {
         let mut loss = tx.prepare_cached(
             "INSERT INTO losses(stream_id, reason, total) VALUES (?1, ?2, ?3) \
              ON CONFLICT(stream_id, reason) DO UPDATE SET total = total + excluded.total",
@@ -878,7 +901,12 @@ impl State {
 
 /// Whether a group may be stored: stream count and byte budgets. Returns the names of
 /// the streams it would create.
-fn admit(streams: &HashMap<String, StreamState>, total_bytes: u64, opts: &StoreOptions, group: &[Reading]) -> Result<Vec<String>, Refusal> {
+fn admit(
+    streams: &HashMap<String, StreamState>,
+    total_bytes: u64,
+    opts: &StoreOptions,
+    group: &[Reading],
+) -> Result<Vec<String>, Refusal> {
     let mut new_streams: Vec<&str> = Vec::new();
     let mut incoming: HashMap<&str, u64> = HashMap::new();
     for r in group {

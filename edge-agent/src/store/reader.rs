@@ -96,8 +96,9 @@ impl StoreReader {
             for (chunk, pid) in producers {
                 let (name, version, hash): (String, String, String) =
                     q.query_row([pid], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
-                let sha256 = ModuleRef::parse_sha256(&hash)
-                    .ok_or_else(|| StoreError::Corrupt(format!("producer {pid} has hash {hash:?}, not 64 hex digits")))?;
+                let sha256 = ModuleRef::parse_sha256(&hash).ok_or_else(|| {
+                    StoreError::Corrupt(format!("producer {pid} has hash {hash:?}, not 64 hex digits"))
+                })?;
                 lineage.push(ChunkLineage { chunk: chunk as u32, module: ModuleRef { name, version, sha256 } });
             }
         }
@@ -152,7 +153,11 @@ impl StoreReader {
     /// `meta.derived_upto`, which the writer keeps in memory), or `None` if there is no
     /// such stream. Call inside a read transaction, with the directory query.
     fn tail_range(&self, stream: &str) -> Result<Option<(i64, (i64, i64))>, StoreError> {
-        let Some(sid) = self.conn.prepare_cached("SELECT id FROM streams WHERE name = ?1")?.query_row([stream], |r| r.get(0)).optional()?
+        let Some(sid) = self
+            .conn
+            .prepare_cached("SELECT id FROM streams WHERE name = ?1")?
+            .query_row([stream], |r| r.get(0))
+            .optional()?
         else {
             return Ok(None);
         };
@@ -171,7 +176,13 @@ impl StoreReader {
             .conn
             .prepare_cached("SELECT name, version, hash, cursor, state FROM module_progress WHERE name = ?1")?
             .query_row([name], |r| {
-                Ok(ModuleProgress { name: r.get(0)?, version: r.get(1)?, hash: r.get(2)?, cursor: r.get(3)?, state: r.get(4)? })
+                Ok(ModuleProgress {
+                    name: r.get(0)?,
+                    version: r.get(1)?,
+                    hash: r.get(2)?,
+                    cursor: r.get(3)?,
+                    state: r.get(4)?,
+                })
             })
             .optional()?)
     }
@@ -209,7 +220,12 @@ impl StoreReader {
                     wanted(&n).then_some(n)
                 });
                 if let Some(n) = name {
-                    out.push(StoredReading { id, stream: n.clone(), ts_ns: row.get(3)?, fields: FieldsBlob(row.get(4)?) });
+                    out.push(StoredReading {
+                        id,
+                        stream: n.clone(),
+                        ts_ns: row.get(3)?,
+                        fields: FieldsBlob(row.get(4)?),
+                    });
                 }
                 cursor = id;
                 if out.len() >= limit {
@@ -229,21 +245,29 @@ impl StoreReader {
 
     /// The sequence numbers of unacknowledged batches greater than `after`, oldest first.
     pub fn pending_seqs(&self, after: u64, limit: usize) -> Result<Vec<u64>, StoreError> {
-        let mut q = self.conn.prepare_cached("SELECT seq FROM outbox WHERE seq > ?1 AND acked = 0 ORDER BY seq LIMIT ?2")?;
+        let mut q =
+            self.conn.prepare_cached("SELECT seq FROM outbox WHERE seq > ?1 AND acked = 0 ORDER BY seq LIMIT ?2")?;
         let rows = q.query_map(params![after as i64, limit as i64], |r| r.get::<_, i64>(0).map(|v| v as u64))?;
         Ok(rows.collect::<Result<_, _>>()?)
     }
 
     /// Readings of a stream in `[from_ns, to_ns)`, oldest first, at most `limit`.
-    pub fn readings(&self, stream: &str, from_ns: i64, to_ns: i64, limit: usize) -> Result<Vec<TimedFields>, StoreError> {
+    pub fn readings(
+        &self,
+        stream: &str,
+        from_ns: i64,
+        to_ns: i64,
+        limit: usize,
+    ) -> Result<Vec<TimedFields>, StoreError> {
         let tx = self.conn.unchecked_transaction()?; // the directory and its tail from one snapshot
         let Some((sid, tail)) = self.tail_range(stream)? else { return Ok(Vec::new()) };
         let mut dir = tx.prepare_cached(
             "SELECT first_id, last_id, stream_id FROM stream_buckets \
              WHERE stream_id = ?1 AND max_ts >= ?2 AND min_ts < ?3 ORDER BY bucket",
         )?;
-        let mut ranges: Vec<(i64, i64, i64)> =
-            dir.query_map(params![sid, from_ns, to_ns], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?.collect::<Result<_, _>>()?;
+        let mut ranges: Vec<(i64, i64, i64)> = dir
+            .query_map(params![sid, from_ns, to_ns], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
+            .collect::<Result<_, _>>()?;
         ranges.push((tail.0, tail.1, sid));
         let mut q = tx.prepare_cached(
             "SELECT ts_ns, id, fields FROM readings \
@@ -251,7 +275,9 @@ impl StoreReader {
         )?;
         let mut out: Vec<(i64, i64, FieldsBlob)> = Vec::new();
         for (first, last, sid) in ranges {
-            let rows = q.query_map(params![first, last, sid, from_ns, to_ns], |r| Ok((r.get(0)?, r.get(1)?, FieldsBlob(r.get(2)?))))?;
+            let rows = q.query_map(params![first, last, sid, from_ns, to_ns], |r| {
+                Ok((r.get(0)?, r.get(1)?, FieldsBlob(r.get(2)?)))
+            })?;
             for row in rows {
                 out.push(row?);
             }

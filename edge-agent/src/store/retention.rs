@@ -45,14 +45,20 @@ impl Store {
             }
             let expired = self.st.sessions.expire(&tx, now_ms(), self.st.opts.session_expiry)?;
             if expired > 0 {
-                tracing::info!(sessions = expired, "expired MQTT sessions of sensors not seen for listener.session_expiry");
+                tracing::info!(
+                    sessions = expired,
+                    "expired MQTT sessions of sensors not seen for listener.session_expiry"
+                );
             }
             self.st.write_back(&tx, &lost)?;
             // After write_back: the losses of this run are in the table, so a stream that
             // just lost readings is kept to report them.
             let removed = self.st.delete_empty_streams(&tx)?;
             if removed > 0 {
-                tracing::info!(streams = removed, "deleted streams left empty by retention; their budget is free again");
+                tracing::info!(
+                    streams = removed,
+                    "deleted streams left empty by retention; their budget is free again"
+                );
             }
             tx.commit()?;
             let dropped = lost
@@ -71,7 +77,11 @@ impl Store {
 impl State {
     /// Streams over budget lose their oldest readings (policy `drop_oldest`); then, if the
     /// whole store is over budget, the oldest readings of `drop_oldest` streams go.
-    pub(super) fn enforce_budgets(&mut self, tx: &rusqlite::Transaction, lost: &mut HashMap<(i64, LossReason), u64>) -> Result<(), StoreError> {
+    pub(super) fn enforce_budgets(
+        &mut self,
+        tx: &rusqlite::Transaction,
+        lost: &mut HashMap<(i64, LossReason), u64>,
+    ) -> Result<(), StoreError> {
         let over: Vec<(i64, u64)> = self
             .streams
             .values()
@@ -101,7 +111,9 @@ impl State {
                          WHERE id BETWEEN ?1 AND ?2 AND stream_id = ?3 ORDER BY id LIMIT 512",
                     )?;
                     let rows: Vec<(i64, u64)> = q
-                        .query_map(params![first.max(after + 1), last, sid], |r| Ok((r.get(0)?, r.get::<_, i64>(1)? as u64)))?
+                        .query_map(params![first.max(after + 1), last, sid], |r| {
+                            Ok((r.get(0)?, r.get::<_, i64>(1)? as u64))
+                        })?
                         .collect::<Result<_, _>>()?;
                     after = rows.last().map_or(last, |r| r.0);
                     rows
@@ -189,8 +201,10 @@ impl State {
         }
         // The directory keeps counts exact; its id and time bounds stay as (still valid)
         // outer bounds until the bucket is empty for the stream and its row goes.
-        let mut dec = tx.prepare_cached("UPDATE stream_buckets SET count = count - ?3 WHERE bucket = ?1 AND stream_id = ?2")?;
-        let mut gone = tx.prepare_cached("DELETE FROM stream_buckets WHERE bucket = ?1 AND stream_id = ?2 AND count <= 0")?;
+        let mut dec =
+            tx.prepare_cached("UPDATE stream_buckets SET count = count - ?3 WHERE bucket = ?1 AND stream_id = ?2")?;
+        let mut gone =
+            tx.prepare_cached("DELETE FROM stream_buckets WHERE bucket = ?1 AND stream_id = ?2 AND count <= 0")?;
         for (bucket, n) in per_bucket {
             dec.execute(params![bucket, sid, n])?;
             gone.execute(params![bucket, sid])?;

@@ -129,7 +129,11 @@ impl Sessions {
         }
         let mut q = conn.prepare("SELECT client_id, pkid, qos, digest, ord FROM mqtt_pkids")?;
         let rows = q.query_map([], |r| {
-            Ok((r.get::<_, String>(0)?, r.get::<_, u16>(1)?, Entry { qos: r.get(2)?, digest: r.get(3)?, ord: r.get(4)? }))
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, u16>(1)?,
+                Entry { qos: r.get(2)?, digest: r.get(3)?, ord: r.get(4)? },
+            ))
         })?;
         for row in rows {
             let (client, pkid, e) = row?;
@@ -156,8 +160,10 @@ impl Sessions {
             // Not a persistent session (it ended, or was never opened as one): nothing to keep.
             return Ok(());
         };
-        tx.prepare_cached("INSERT OR REPLACE INTO mqtt_pkids(client_id, pkid, qos, digest, ord) VALUES (?1, ?2, ?3, ?4, ?5)")?
-            .execute(params![&*p.client, p.pkid, p.qos, p.digest, ord])?;
+        tx.prepare_cached(
+            "INSERT OR REPLACE INTO mqtt_pkids(client_id, pkid, qos, digest, ord) VALUES (?1, ?2, ?3, ?4, ?5)",
+        )?
+        .execute(params![&*p.client, p.pkid, p.qos, p.digest, ord])?;
         entries.insert(p.pkid, Entry { qos: p.qos, digest: p.digest, ord });
         while entries.len() > self.max_pkids {
             let (&oldest, _) = entries.iter().min_by_key(|(_, e)| e.ord).expect("not empty");

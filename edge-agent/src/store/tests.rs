@@ -245,7 +245,13 @@ fn check_directory(store: &Store) {
         .query_map([], |r| {
             Ok((
                 (r.get(0)?, r.get(1)?),
-                BucketDelta { first_id: r.get(2)?, last_id: r.get(3)?, min_ts: r.get(4)?, max_ts: r.get(5)?, count: r.get(6)? },
+                BucketDelta {
+                    first_id: r.get(2)?,
+                    last_id: r.get(3)?,
+                    min_ts: r.get(4)?,
+                    max_ts: r.get(5)?,
+                    count: r.get(6)?,
+                },
             ))
         })
         .unwrap()
@@ -275,12 +281,20 @@ fn check_directory(store: &Store) {
         e.0 += len as u64 + ROW_OVERHEAD;
         e.1 += 1;
         let d = dir.get(&(bucket_of(id), sid)).expect("a reading outside the directory");
-        assert!(d.first_id <= id && id <= d.last_id && d.min_ts <= ts && ts <= d.max_ts, "directory bounds cover reading {id}");
+        assert!(
+            d.first_id <= id && id <= d.last_id && d.min_ts <= ts && ts <= d.max_ts,
+            "directory bounds cover reading {id}"
+        );
     }
     let dir_counts: BTreeMap<(i64, i64), i64> = dir.iter().map(|(k, d)| (*k, d.count)).collect();
     assert_eq!(dir_counts, counts, "directory counts");
     for st in store.st.streams.values() {
-        assert_eq!(per_stream.get(&st.id).copied().unwrap_or_default(), (st.bytes, st.count), "counters of stream {}", st.id);
+        assert_eq!(
+            per_stream.get(&st.id).copied().unwrap_or_default(),
+            (st.bytes, st.count),
+            "counters of stream {}",
+            st.id
+        );
     }
 }
 
@@ -336,22 +350,33 @@ fn check_reads(store: &Store, dir: &Path, from: i64, span: i64) -> Result<(), Te
     for s in ["s0", "s1", "s2"] {
         let (lo, hi) = (T0 + from, T0 + from + span);
         let got: Vec<i64> = reader.readings(s, lo, hi, usize::MAX).unwrap().into_iter().map(|r| r.ts_ns).collect();
-        let sid: Option<i64> = store.conn.query_row("SELECT id FROM streams WHERE name = ?1", [s], |r| r.get(0)).optional().unwrap();
+        let sid: Option<i64> =
+            store.conn.query_row("SELECT id FROM streams WHERE name = ?1", [s], |r| r.get(0)).optional().unwrap();
         let want: Vec<i64> = match sid {
             None => vec![],
-            Some(sid) => store.conn
-                .prepare("SELECT ts_ns FROM readings WHERE stream_id = ?1 AND ts_ns >= ?2 AND ts_ns < ?3 ORDER BY ts_ns, id").unwrap()
-                .query_map(params![sid, lo, hi], |r| r.get(0)).unwrap()
-                .collect::<Result<_, _>>().unwrap(),
+            Some(sid) => store
+                .conn
+                .prepare(
+                    "SELECT ts_ns FROM readings WHERE stream_id = ?1 AND ts_ns >= ?2 AND ts_ns < ?3 ORDER BY ts_ns, id",
+                )
+                .unwrap()
+                .query_map(params![sid, lo, hi], |r| r.get(0))
+                .unwrap()
+                .collect::<Result<_, _>>()
+                .unwrap(),
         };
         prop_assert_eq!(got, want);
         let got: Vec<i64> = reader.last_n(s, hi, 5).unwrap().into_iter().map(|r| r.ts_ns).collect();
         let mut want: Vec<i64> = match sid {
             None => vec![],
-            Some(sid) => store.conn
-                .prepare("SELECT ts_ns FROM readings WHERE stream_id = ?1 AND ts_ns < ?2 ORDER BY id DESC LIMIT 5").unwrap()
-                .query_map(params![sid, hi], |r| r.get(0)).unwrap()
-                .collect::<Result<_, _>>().unwrap(),
+            Some(sid) => store
+                .conn
+                .prepare("SELECT ts_ns FROM readings WHERE stream_id = ?1 AND ts_ns < ?2 ORDER BY id DESC LIMIT 5")
+                .unwrap()
+                .query_map(params![sid, hi], |r| r.get(0))
+                .unwrap()
+                .collect::<Result<_, _>>()
+                .unwrap(),
         };
         want.reverse();
         prop_assert_eq!(got, want, "last_n of {}", s);
@@ -377,8 +402,16 @@ fn module_progress_commits_with_its_outputs_or_not_at_all() {
     let dir = tempfile::tempdir().unwrap();
     let o = opts("[store]\nmax_streams = 2");
     let mut store = Store::open(dir.path(), o).unwrap();
-    let p = |cursor: i64| ModuleProgress { name: "m".into(), version: "1".into(), hash: "ab".repeat(32), cursor, state: vec![cursor as u8] };
-    let out = store.apply_with_progress(&[&[reading("a", 1)], &[reading("out", 1)]], &[(1, p(7))], &[], Instant::now()).unwrap();
+    let p = |cursor: i64| ModuleProgress {
+        name: "m".into(),
+        version: "1".into(),
+        hash: "ab".repeat(32),
+        cursor,
+        state: vec![cursor as u8],
+    };
+    let out = store
+        .apply_with_progress(&[&[reading("a", 1)], &[reading("out", 1)]], &[(1, p(7))], &[], Instant::now())
+        .unwrap();
     assert_eq!(out.results, vec![Ok(()), Ok(())]);
     let reader = StoreReader::open(dir.path(), "a").unwrap();
     assert_eq!(reader.module_progress("m").unwrap(), Some(p(7)));
@@ -448,8 +481,12 @@ fn mqtt_sessions_dedup_bound_release_and_expire() {
     let id = |pkid: u16, qos: u8, dup: bool, d: i64| PublishId { client: client.clone(), pkid, qos, dup, digest: d };
     let now = Instant::now;
     let mut store = Store::open(dir.path(), o.clone()).unwrap();
-    let (open_p, open_c) = ([SessionOp::Open { client: "s1".into(), persistent: true }], [SessionOp::Open { client: "s1".into(), persistent: false }]);
-    let open = |persistent: bool| Write { sessions: if persistent { &open_p[..] } else { &open_c[..] }, ..Write::default() };
+    let (open_p, open_c) = (
+        [SessionOp::Open { client: "s1".into(), persistent: true }],
+        [SessionOp::Open { client: "s1".into(), persistent: false }],
+    );
+    let open =
+        |persistent: bool| Write { sessions: if persistent { &open_p[..] } else { &open_c[..] }, ..Write::default() };
     assert_eq!(store.commit(&open(true), now()).unwrap().sessions, [false]);
     let r = [reading("a", 1)];
     let groups: Vec<&[Reading]> = vec![&r; 5];
@@ -473,16 +510,37 @@ fn mqtt_sessions_dedup_bound_release_and_expire() {
     assert_eq!(out.duplicates, [0, 1]);
     // QoS 2: taken until released, whatever the DUP flag.
     let q2 = [(0, id(9, 2, false, 0))];
-    assert!(store.commit(&Write { groups: &groups[..1], publishes: &q2, ..Write::default() }, now()).unwrap().duplicates.is_empty());
-    assert_eq!(store.commit(&Write { groups: &groups[..1], publishes: &q2, ..Write::default() }, now()).unwrap().duplicates, [0]);
+    assert!(
+        store
+            .commit(&Write { groups: &groups[..1], publishes: &q2, ..Write::default() }, now())
+            .unwrap()
+            .duplicates
+            .is_empty()
+    );
+    assert_eq!(
+        store.commit(&Write { groups: &groups[..1], publishes: &q2, ..Write::default() }, now()).unwrap().duplicates,
+        [0]
+    );
     let release = [SessionOp::Release { client: client.clone(), pkid: 9 }];
     assert_eq!(store.commit(&Write { sessions: &release, ..Write::default() }, now()).unwrap().sessions, [true]);
     assert_eq!(store.commit(&Write { sessions: &release, ..Write::default() }, now()).unwrap().sessions, [false]);
-    assert!(store.commit(&Write { groups: &groups[..1], publishes: &q2, ..Write::default() }, now()).unwrap().duplicates.is_empty());
+    assert!(
+        store
+            .commit(&Write { groups: &groups[..1], publishes: &q2, ..Write::default() }, now())
+            .unwrap()
+            .duplicates
+            .is_empty()
+    );
     // A clean session forgets everything.
     assert_eq!(store.commit(&open(false), now()).unwrap().sessions, [false]);
     let again = [(0, id(5, 1, true, 14))];
-    assert!(store.commit(&Write { groups: &groups[..1], publishes: &again, ..Write::default() }, now()).unwrap().duplicates.is_empty());
+    assert!(
+        store
+            .commit(&Write { groups: &groups[..1], publishes: &again, ..Write::default() }, now())
+            .unwrap()
+            .duplicates
+            .is_empty()
+    );
     // Expiry counts from the disconnect, never while connected.
     assert_eq!(store.commit(&open(true), now()).unwrap().sessions, [false]);
     std::thread::sleep(Duration::from_millis(5));
@@ -584,13 +642,18 @@ async fn the_commit_window_groups_commits_and_never_answers_before_them() {
     use writer::{StoreHandle, WriterOptions};
     let dir = tempfile::tempdir().unwrap();
     let metrics = Arc::new(Metrics::default());
-    let wopts = |window| WriterOptions { max_per_commit: 20_000, retention_interval: Duration::from_secs(3600), commit_window: window };
+    let wopts = |window| WriterOptions {
+        max_per_commit: 20_000,
+        retention_interval: Duration::from_secs(3600),
+        commit_window: window,
+    };
     let stored = |dir: &Path| StoreReader::open(dir, "a").unwrap().last_id().unwrap();
     let limit = Duration::from_secs(30);
 
     // A short window: ten appends submitted at once share one commit, and when each is
     // answered, its readings are already in the database.
-    let (h, thread) = StoreHandle::start(dir.path().into(), "a", opts(""), wopts(Duration::from_secs(1)), metrics.clone()).unwrap();
+    let (h, thread) =
+        StoreHandle::start(dir.path().into(), "a", opts(""), wopts(Duration::from_secs(1)), metrics.clone()).unwrap();
     let mut verdicts = Vec::new();
     for i in 0..10 {
         verdicts.push(h.submit(vec![reading("s", i)]).await.unwrap());
@@ -604,7 +667,9 @@ async fn the_commit_window_groups_commits_and_never_answers_before_them() {
     thread.join();
 
     // An hour-long window: only an early close can commit.
-    let (h, thread) = StoreHandle::start(dir.path().into(), "a", opts(""), wopts(Duration::from_secs(3600)), metrics.clone()).unwrap();
+    let (h, thread) =
+        StoreHandle::start(dir.path().into(), "a", opts(""), wopts(Duration::from_secs(3600)), metrics.clone())
+            .unwrap();
     let before = stored(dir.path());
     // Two connections with readings pending: the window stays open while one still sends.
     let (a, b) = (h.publisher(), h.publisher());
@@ -616,14 +681,19 @@ async fn the_commit_window_groups_commits_and_never_answers_before_them() {
     tokio::task::yield_now().await;
     assert_eq!(stored(dir.path()), before, "b may still send: nothing committed yet");
     b.quiet();
-    tokio::time::timeout(limit, va).await.expect("the window did not close when every connection went quiet").unwrap().unwrap();
+    tokio::time::timeout(limit, va)
+        .await
+        .expect("the window did not close when every connection went quiet")
+        .unwrap()
+        .unwrap();
     tokio::time::timeout(limit, vb).await.unwrap().unwrap().unwrap();
     a.answered(Instant::now());
     b.answered(Instant::now());
     assert_eq!(stored(dir.path()), before + 2);
     // A module that is behind commits at once; the append queued before it rides along.
     let v = h.submit(vec![reading("s", 102)]).await.unwrap();
-    let progress = ModuleProgress { name: "m".into(), version: "1".into(), hash: "h".into(), cursor: 0, state: Vec::new() };
+    let progress =
+        ModuleProgress { name: "m".into(), version: "1".into(), hash: "h".into(), cursor: 0, state: Vec::new() };
     tokio::time::timeout(limit, h.commit_module(vec![reading("out", 103)], progress, true))
         .await
         .expect("the window did not close for a module that is behind")

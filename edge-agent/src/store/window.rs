@@ -221,9 +221,13 @@ mod tests {
 
     fn publisher(gate: &Arc<Gate>, wakes: &Arc<AtomicU32>) -> Publisher {
         let w = wakes.clone();
-        Publisher::new(gate.clone(), Duration::from_millis(50), Box::new(move || {
-            w.fetch_add(1, Ordering::Relaxed);
-        }))
+        Publisher::new(
+            gate.clone(),
+            Duration::from_millis(50),
+            Box::new(move || {
+                w.fetch_add(1, Ordering::Relaxed);
+            }),
+        )
     }
 
     #[test]
@@ -254,7 +258,15 @@ mod tests {
 
     /// Drives `p` through `rounds` rounds of `burst` PUBLISHes `gap` apart, answered
     /// `commit` after the last, the next round starting `react` after the answers.
-    fn rounds(p: &Publisher, t: &mut Instant, rounds: usize, burst: usize, gap: Duration, commit: Duration, react: Duration) {
+    fn rounds(
+        p: &Publisher,
+        t: &mut Instant,
+        rounds: usize,
+        burst: usize,
+        gap: Duration,
+        commit: Duration,
+        react: Duration,
+    ) {
         for _ in 0..rounds {
             for _ in 0..burst {
                 p.submitted(*t);

@@ -20,7 +20,9 @@ use brume_protocol::Reading;
 use tokio::sync::{oneshot, watch};
 
 use super::window::{Gate, Publisher};
-use super::{ModuleProgress, PublishId, Refusal, SessionOp, Store, StoreError, StoreOptions, StoreReader, StoreSnapshot, Write};
+use super::{
+    ModuleProgress, PublishId, Refusal, SessionOp, Store, StoreError, StoreOptions, StoreReader, StoreSnapshot, Write,
+};
 use crate::metrics::Metrics;
 
 /// Why an append was not committed.
@@ -58,10 +60,18 @@ enum Cmd {
         reply: oneshot::Sender<Result<(), AppendError>>,
     },
     /// An MQTT session change; the reply carries [`super::sessions::Sessions::apply`]'s answer.
-    Session { op: SessionOp, reply: oneshot::Sender<Result<bool, AppendError>> },
+    Session {
+        op: SessionOp,
+        reply: oneshot::Sender<Result<bool, AppendError>>,
+    },
     /// A module's outputs and progress, committed together; `urgent` (the module is
     /// behind on its input) commits without waiting for the window.
-    Module { readings: Vec<Reading>, progress: ModuleProgress, urgent: bool, reply: oneshot::Sender<Result<(), AppendError>> },
+    Module {
+        readings: Vec<Reading>,
+        progress: ModuleProgress,
+        urgent: bool,
+        reply: oneshot::Sender<Result<(), AppendError>>,
+    },
     Ack(Vec<u64>),
 }
 
@@ -148,7 +158,13 @@ impl WriterThread {
 
 impl StoreHandle {
     /// Opens the store and starts the writer thread.
-    pub fn start(dir: PathBuf, agent_id: &str, opts: StoreOptions, wopts: WriterOptions, metrics: Arc<Metrics>) -> Result<(StoreHandle, WriterThread), StoreError> {
+    pub fn start(
+        dir: PathBuf,
+        agent_id: &str,
+        opts: StoreOptions,
+        wopts: WriterOptions,
+        metrics: Arc<Metrics>,
+    ) -> Result<(StoreHandle, WriterThread), StoreError> {
         let store = Store::open(&dir, opts)?;
         let reader = StoreReader::open(&dir, agent_id)?;
         let (tx, rx) = flume::bounded(QUEUE);
@@ -195,7 +211,10 @@ impl StoreHandle {
 
     /// Queues readings for the next commit and returns the receiver of the verdict, so a
     /// caller can pipeline several appends and await them in order.
-    pub async fn submit(&self, readings: Vec<Reading>) -> Result<oneshot::Receiver<Result<(), AppendError>>, AppendError> {
+    pub async fn submit(
+        &self,
+        readings: Vec<Reading>,
+    ) -> Result<oneshot::Receiver<Result<(), AppendError>>, AppendError> {
         self.submit_publish(readings, None, None).await
     }
 
@@ -221,7 +240,10 @@ impl StoreHandle {
 
     /// Queues an MQTT session change for the next commit and returns the receiver of its
     /// answer, so a connection can keep reading while it commits.
-    pub async fn submit_session(&self, op: SessionOp) -> Result<oneshot::Receiver<Result<bool, AppendError>>, AppendError> {
+    pub async fn submit_session(
+        &self,
+        op: SessionOp,
+    ) -> Result<oneshot::Receiver<Result<bool, AppendError>>, AppendError> {
         let (reply, rx) = oneshot::channel();
         self.send(Cmd::Session { op, reply }).await?;
         Ok(rx)
@@ -231,7 +253,12 @@ impl StoreHandle {
     /// state): both or neither. Resolves once durable.
     /// `urgent` (the module is behind on its input) commits without waiting for the
     /// commit window.
-    pub async fn commit_module(&self, readings: Vec<Reading>, progress: ModuleProgress, urgent: bool) -> Result<(), AppendError> {
+    pub async fn commit_module(
+        &self,
+        readings: Vec<Reading>,
+        progress: ModuleProgress,
+        urgent: bool,
+    ) -> Result<(), AppendError> {
         self.submit_module(readings, progress, urgent).await?.await.map_err(|_| AppendError::Closed)?
     }
 
@@ -291,7 +318,10 @@ impl StoreHandle {
     }
 
     /// Runs `f` with the read-only connection on a blocking thread.
-    pub async fn read<T: Send + 'static>(&self, f: impl FnOnce(&StoreReader) -> Result<T, StoreError> + Send + 'static) -> Result<T, StoreError> {
+    pub async fn read<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&StoreReader) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, StoreError> {
         let reader = self.reader.clone();
         tokio::task::spawn_blocking(move || f(&reader.lock().unwrap_or_else(|e| e.into_inner())))
             .await
@@ -402,15 +432,25 @@ fn writer_loop(
                 Err(e) => tracing::warn!(error = %e, "retention run failed; will retry"),
             }
         }
-        if appends.is_empty() && sessions.is_empty() && acks.is_empty() && store.linger_deadline().is_none_or(|d| now < d) {
+        if appends.is_empty()
+            && sessions.is_empty()
+            && acks.is_empty()
+            && store.linger_deadline().is_none_or(|d| now < d)
+        {
             continue;
         }
 
         let groups: Vec<&[Reading]> = appends.iter().map(|(r, _)| r.as_slice()).collect();
         let ops: Vec<SessionOp> = sessions.iter().map(|(op, _)| op.clone()).collect();
         let started = Instant::now();
-        let write =
-            Write { groups: &groups, progress: &progress, publishes: &publishes, sessions: &ops, origins: &origins, acks: &acks };
+        let write = Write {
+            groups: &groups,
+            progress: &progress,
+            publishes: &publishes,
+            sessions: &ops,
+            origins: &origins,
+            acks: &acks,
+        };
         match store.commit(&write, now) {
             Ok(out) => {
                 metrics.commit_seconds.observe(started.elapsed().as_secs_f64());

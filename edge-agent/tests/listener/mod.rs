@@ -59,11 +59,31 @@ async fn protocol_violations_are_refused_and_store_nothing() {
         ("'#' in topic (3.1.1)", Send::V4Publish("a/#"), Expect::Closed, "bad_topic"),
         ("empty topic (3.1.1)", Send::V4Publish(""), Expect::Closed, "bad_topic"),
         ("U+0000 in topic (3.1.1)", Send::V4Publish("a\0b"), Expect::Closed, "bad_topic"),
-        ("'+' in topic (5)", Send::V5Publish("a/+"), Expect::Disconnect(v5::DisconnectReasonCode::TopicNameInvalid), "bad_topic"),
-        ("'#' in topic (5)", Send::V5Publish("#"), Expect::Disconnect(v5::DisconnectReasonCode::TopicNameInvalid), "bad_topic"),
-        ("U+0000 in topic (5)", Send::V5Publish("x\0"), Expect::Disconnect(v5::DisconnectReasonCode::TopicNameInvalid), "bad_topic"),
+        (
+            "'+' in topic (5)",
+            Send::V5Publish("a/+"),
+            Expect::Disconnect(v5::DisconnectReasonCode::TopicNameInvalid),
+            "bad_topic",
+        ),
+        (
+            "'#' in topic (5)",
+            Send::V5Publish("#"),
+            Expect::Disconnect(v5::DisconnectReasonCode::TopicNameInvalid),
+            "bad_topic",
+        ),
+        (
+            "U+0000 in topic (5)",
+            Send::V5Publish("x\0"),
+            Expect::Disconnect(v5::DisconnectReasonCode::TopicNameInvalid),
+            "bad_topic",
+        ),
         // No topic aliases are offered (topic_alias_max 0), so an empty name stands for nothing.
-        ("empty topic (5)", Send::V5Publish(""), Expect::Disconnect(v5::DisconnectReasonCode::TopicNameInvalid), "bad_topic"),
+        (
+            "empty topic (5)",
+            Send::V5Publish(""),
+            Expect::Disconnect(v5::DisconnectReasonCode::TopicNameInvalid),
+            "bad_topic",
+        ),
     ];
     for (name, send, expect, reason) in cases {
         let before = agent.bad_input(reason).await;
@@ -80,15 +100,18 @@ async fn protocol_violations_are_refused_and_store_nothing() {
                 c
             }
             Send::V5Publish(topic) => {
-                let (mut c, ack) = connect_v5_session(agent.mqtt, &format!("case5-{before}-{reason}"), true, None).await;
+                let (mut c, ack) =
+                    connect_v5_session(agent.mqtt, &format!("case5-{before}-{reason}"), true, None).await;
                 assert_eq!(ack.code, v5::ConnectReturnCode::Success, "{name}");
                 c.send_v5(publish_v5(topic, QoS5::AtLeastOnce, 1, r#"{"v": 1}"#)).await;
                 c
             }
             Send::V5Connect { client_id, clean_start, expiry } => {
                 let mut c = RawConn::open(agent.mqtt).await;
-                let properties =
-                    expiry.map(|e| v5::ConnectProperties { session_expiry_interval: Some(e), ..v5::ConnectProperties::new() });
+                let properties = expiry.map(|e| v5::ConnectProperties {
+                    session_expiry_interval: Some(e),
+                    ..v5::ConnectProperties::new()
+                });
                 let connect = v5::Connect { keep_alive: 60, client_id: client_id.into(), clean_start, properties };
                 c.send_v5(v5::Packet::Connect(connect, None, None)).await;
                 c
@@ -163,7 +186,11 @@ async fn qos1_resend_of_a_committed_publish_is_not_stored_twice_after_a_restart(
     let agent = Agent::start_in(dir, |_| {}).await;
     assert_eq!(agent.readings().await, 2);
     let (mut c, ack) = connect_v4(agent.mqtt, "keeper-1", false).await;
-    assert_eq!((ack.code, ack.session_present), (v4::ConnectReturnCode::Success, true), "the session survived the restart");
+    assert_eq!(
+        (ack.code, ack.session_present),
+        (v4::ConnectReturnCode::Success, true),
+        "the session survived the restart"
+    );
     let mut resend = publish_v4("keep/t", QoS4::AtLeastOnce, 7, r#"{"v": 1}"#);
     if let v4::Packet::Publish(p) = &mut resend {
         p.dup = true;
@@ -313,7 +340,11 @@ async fn streams_emptied_by_retention_free_their_place() {
         cfg.store.max_streams = 3;
         cfg.store.streams.push(StreamRule {
             pattern: "old/#".into(),
-            rule: StreamRuleBody { max_age: std::time::Duration::from_secs(3600), forward: false, ..StreamRuleBody::default() },
+            rule: StreamRuleBody {
+                max_age: std::time::Duration::from_secs(3600),
+                forward: false,
+                ..StreamRuleBody::default()
+            },
         });
     };
     let agent = Agent::start_with(rules).await;
@@ -322,7 +353,8 @@ async fn streams_emptied_by_retention_free_their_place() {
     // default interval, 60 s, does not come during this part).
     let old_ms = edge_agent::now_ns() / 1_000_000 - 2 * 3600 * 1000;
     for i in 1..=3u16 {
-        c.send_v4(publish_v4(&format!("old/{i}"), QoS4::AtLeastOnce, i, format!(r#"{{"v": 1, "ts": {old_ms}}}"#))).await;
+        c.send_v4(publish_v4(&format!("old/{i}"), QoS4::AtLeastOnce, i, format!(r#"{{"v": 1, "ts": {old_ms}}}"#)))
+            .await;
         expect_puback_v4(&mut c, i).await;
     }
     c.send_v4(publish_v4("new/t", QoS4::AtLeastOnce, 4, r#"{"v": 1}"#)).await;

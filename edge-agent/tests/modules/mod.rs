@@ -124,7 +124,8 @@ async fn deadband_unit_convert_and_zscore_in_the_agent() {
     post_json(&agent, "sensors/line", body).await;
     eventually("every module past the input", || async {
         let st = agent.status().await;
-        let behind: Vec<&Value> = (0..3).map(|i| &st["modules"][i]).filter(|m| m["cursor"].as_i64() < Some(22)).collect();
+        let behind: Vec<&Value> =
+            (0..3).map(|i| &st["modules"][i]).filter(|m| m["cursor"].as_i64() < Some(22)).collect();
         if behind.is_empty() { Ok(()) } else { Err(format!("{behind:?}")) }
     })
     .await;
@@ -195,7 +196,11 @@ async fn looping_module_is_contained_and_disabled() {
     .await;
     assert_eq!(values(&agent, "sensors/x").len(), 4, "inputs stay in the store");
     let metrics = agent.metrics_text().await;
-    assert!(metrics.contains("brume_agent_module_batches_total{module=\"looping\",result=\"timeout\"}") || metrics.contains("out_of_fuel"), "{metrics}");
+    assert!(
+        metrics.contains("brume_agent_module_batches_total{module=\"looping\",result=\"timeout\"}")
+            || metrics.contains("out_of_fuel"),
+        "{metrics}"
+    );
     agent.stop().await;
 }
 
@@ -224,7 +229,11 @@ async fn a_module_backing_off_does_not_hold_up_its_thread() {
     })
     .await;
     let failed = st["modules"][0]["batches_failed"].as_u64().unwrap();
-    assert!(failed <= 3, "the healthy module waited for the looping one's backoffs ({failed} failures first): {}", st["modules"]);
+    assert!(
+        failed <= 3,
+        "the healthy module waited for the looping one's backoffs ({failed} failures first): {}",
+        st["modules"]
+    );
     assert_eq!(values(&agent, "alerts/threshold"), [1.0, 2.0, 3.0, 4.0]);
     agent.stop().await;
 }
@@ -244,7 +253,12 @@ async fn downsample_resumes_with_its_state_after_restart() {
     };
     let outputs = |agent: &Agent| {
         let reader = StoreReader::open(agent.data_dir(), "t").unwrap();
-        reader.readings("downsampled", i64::MIN, i64::MAX, 1000).unwrap().into_iter().map(|r| (r.ts_ns, r.fields.0)).collect::<Vec<_>>()
+        reader
+            .readings("downsampled", i64::MIN, i64::MAX, 1000)
+            .unwrap()
+            .into_iter()
+            .map(|r| (r.ts_ns, r.fields.0))
+            .collect::<Vec<_>>()
     };
 
     // Uninterrupted.
@@ -252,14 +266,20 @@ async fn downsample_resumes_with_its_state_after_restart() {
     post_json(&a, "sensors/d", body(0..15)).await;
     post_json(&a, "sensors/d", body(15..30)).await;
     post_json(&a, "sensors/d", body(30..31)).await; // closes the third window
-    eventually("three windows", || async { if outputs(&a).len() == 3 { Ok(()) } else { Err(format!("{}", outputs(&a).len())) } }).await;
+    eventually("three windows", || async {
+        if outputs(&a).len() == 3 { Ok(()) } else { Err(format!("{}", outputs(&a).len())) }
+    })
+    .await;
     let want = outputs(&a);
     a.stop().await;
 
     // Interrupted after the first half.
     let b = Agent::start_with(cfg).await;
     post_json(&b, "sensors/d", body(0..15)).await;
-    eventually("first window", || async { if outputs(&b).len() == 1 { Ok(()) } else { Err(format!("{}", outputs(&b).len())) } }).await;
+    eventually("first window", || async {
+        if outputs(&b).len() == 1 { Ok(()) } else { Err(format!("{}", outputs(&b).len())) }
+    })
+    .await;
     eventually("all input consumed", || async {
         let st = module_status(&b, 0).await;
         let reader = StoreReader::open(b.data_dir(), "t").unwrap();
@@ -272,7 +292,10 @@ async fn downsample_resumes_with_its_state_after_restart() {
     let b = Agent::start_in(dir, cfg).await;
     post_json(&b, "sensors/d", body(15..30)).await;
     post_json(&b, "sensors/d", body(30..31)).await;
-    eventually("three windows after restart", || async { if outputs(&b).len() == 3 { Ok(()) } else { Err(format!("{}", outputs(&b).len())) } }).await;
+    eventually("three windows after restart", || async {
+        if outputs(&b).len() == 3 { Ok(()) } else { Err(format!("{}", outputs(&b).len())) }
+    })
+    .await;
     let got = outputs(&b);
     assert_eq!(got, want, "same outputs with and without the restart");
     b.stop().await;

@@ -201,7 +201,8 @@ pub async fn connect_v5_session(
     session_expiry: Option<u32>,
 ) -> (RawConn, v5::ConnAck) {
     let mut conn = RawConn::open(addr).await;
-    let properties = session_expiry.map(|e| v5::ConnectProperties { session_expiry_interval: Some(e), ..v5::ConnectProperties::new() });
+    let properties = session_expiry
+        .map(|e| v5::ConnectProperties { session_expiry_interval: Some(e), ..v5::ConnectProperties::new() });
     let connect = v5::Connect { keep_alive: 60, client_id: client_id.into(), clean_start, properties };
     conn.send_v5(v5::Packet::Connect(connect, None, None)).await;
     match conn.recv_v5().await {

@@ -277,7 +277,10 @@ mod tests {
         )
         .unwrap();
         assert_eq!(m.budgets.memory_bytes, Some(1 << 20));
-        assert!(Manifest::from_json(br#"{"name":"t","version":"1","abi_version":1,"inputs":[],"outputs":[],"x":1}"#).is_err());
+        assert!(
+            Manifest::from_json(br#"{"name":"t","version":"1","abi_version":1,"inputs":[],"outputs":[],"x":1}"#)
+                .is_err()
+        );
     }
 
     /// Golden bytes: the ABI is versioned as a whole; changing a message must bump

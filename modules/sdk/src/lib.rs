@@ -61,15 +61,17 @@ pub mod rt;
 pub mod testing;
 
 pub use adapters::{Filter, FilterModule, Map, MapModule};
-pub use brume_module_abi::{ABI_VERSION, Aggregates, HistoryKind, HistoryQuery, HistoryResult, Manifest, ModuleReading, Output};
+pub use brume_module_abi::{
+    ABI_VERSION, Aggregates, HistoryKind, HistoryQuery, HistoryResult, Manifest, ModuleReading, Output,
+};
 pub use brume_protocol::{Field, Value};
 pub use serde_json;
 
 /// Everything a module usually needs: `use brume_module_sdk::prelude::*;`.
 pub mod prelude {
     pub use crate::field;
-    pub use crate::{Aggregates, Context, Emitter, Field, Level, Module, ModuleReading, Value};
     pub use crate::serde_json;
+    pub use crate::{Aggregates, Context, Emitter, Field, Level, Module, ModuleReading, Value};
     pub use crate::{Filter, Map};
 }
 
@@ -460,7 +462,10 @@ mod tests {
                 "manifest says abi_version 9, this SDK builds ABI version 1",
             ),
             (r#"{"name":"","version":"1","abi_version":1,"inputs":["s"],"outputs":[]}"#, "manifest has an empty name"),
-            (r#"{"name":"t","version":"1","abi_version":1,"inputs":[],"outputs":[]}"#, "manifest declares no input stream patterns"),
+            (
+                r#"{"name":"t","version":"1","abi_version":1,"inputs":[],"outputs":[]}"#,
+                "manifest declares no input stream patterns",
+            ),
             (
                 r#"{"name":"t","version":"1","abi_version":1,"inputs":["s"],"outputs":["a/#"]}"#,
                 "manifest output \"a/#\": ",

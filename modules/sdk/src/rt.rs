@@ -62,9 +62,9 @@ pub fn call_with_input(ptr: i32, len: i32, f: impl FnOnce(&[u8]) -> Vec<u8>) -> 
     BUFFERS.with_borrow_mut(Vec::clear);
     let out = match input {
         Some(buf) => f(&buf),
-        None => encode(&CallResult::<()>::Err(format!(
-            "input buffer ({ptr:#x}, {len}) was not allocated by brume_alloc"
-        ))),
+        None => {
+            encode(&CallResult::<()>::Err(format!("input buffer ({ptr:#x}, {len}) was not allocated by brume_alloc")))
+        }
     };
     reply(out)
 }
@@ -183,7 +183,9 @@ mod host {
             match super::take(ptr as usize, len as usize) {
                 Some(buf) if !buf.is_empty() => decode(&buf)
                     .unwrap_or_else(|e| HistoryResult::Err(format!("cannot decode the host's HistoryResult: {e}"))),
-                _ => HistoryResult::Err(format!("the host answered with a buffer ({ptr:#x}, {len}) not from brume_alloc")),
+                _ => HistoryResult::Err(format!(
+                    "the host answered with a buffer ({ptr:#x}, {len}) not from brume_alloc"
+                )),
             }
         }
 

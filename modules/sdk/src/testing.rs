@@ -91,7 +91,8 @@ impl History for MockHistory {
                 HistoryResult::Readings(w.iter().take((*limit).min(self.cap) as usize).cloned().collect())
             }
             HistoryKind::Aggregate { from_ns, to_ns, field } => {
-                let vals: Vec<f64> = self.window(&q.stream, *from_ns, *to_ns).iter().filter_map(|r| r.number(field)).collect();
+                let vals: Vec<f64> =
+                    self.window(&q.stream, *from_ns, *to_ns).iter().filter_map(|r| r.number(field)).collect();
                 let count = vals.len() as u64;
                 let (min, max, mean) = if vals.is_empty() {
                     (None, None, None)
@@ -203,8 +204,7 @@ mod tests {
     use super::*;
     use crate::{Context, Emitter, Filter, FilterModule, state};
 
-    const MANIFEST: &str =
-        r#"{"name":"t","version":"0.1.0","abi_version":1,"inputs":["s/#"],"outputs":["out"],"budgets":{"max_output_readings":2}}"#;
+    const MANIFEST: &str = r#"{"name":"t","version":"0.1.0","abi_version":1,"inputs":["s/#"],"outputs":["out"],"budgets":{"max_output_readings":2}}"#;
 
     #[test]
     fn mock_history_answers_like_the_host() {
@@ -217,11 +217,17 @@ mod tests {
         };
         let q = |kind| HistoryQuery { stream: "a".into(), kind };
         assert_eq!(vals(h.query(&q(HistoryKind::LastN { n: 2, before_ns: T0 + 4 * SECOND }))), [2.0, 3.0]);
-        assert_eq!(vals(h.query(&q(HistoryKind::Range { from_ns: T0 + SECOND, to_ns: T0 + 4 * SECOND, limit: 2 }))), [1.0, 2.0]);
+        assert_eq!(
+            vals(h.query(&q(HistoryKind::Range { from_ns: T0 + SECOND, to_ns: T0 + 4 * SECOND, limit: 2 }))),
+            [1.0, 2.0]
+        );
         h.cap = 1;
         assert_eq!(vals(h.query(&q(HistoryKind::LastN { n: 3, before_ns: i64::MAX }))), [4.0]);
         let agg = h.query(&q(HistoryKind::Aggregate { from_ns: T0, to_ns: T0 + 4 * SECOND, field: "value".into() }));
-        assert_eq!(agg, HistoryResult::Aggregates(Aggregates { count: 4, min: Some(0.0), max: Some(3.0), mean: Some(1.5) }));
+        assert_eq!(
+            agg,
+            HistoryResult::Aggregates(Aggregates { count: 4, min: Some(0.0), max: Some(3.0), mean: Some(1.5) })
+        );
         let none = h.query(&HistoryQuery {
             stream: "zz".into(),
             kind: HistoryKind::Aggregate { from_ns: 0, to_ns: i64::MAX, field: "value".into() },
@@ -242,11 +248,14 @@ mod tests {
     fn harness_runs_a_filter_and_enforces_the_output_budget() {
         let mut h = Harness::<FilterModule<Positive>>::new(MANIFEST, "").unwrap();
         let out = h.process(&[reading("s/a", T0, 1.0), reading("s/a", T0 + 1, -1.0)]).unwrap();
-        assert_eq!(out.readings, [ModuleReading {
-            stream: "out".into(),
-            ts_ns: T0,
-            fields: vec![field::num("value", 1.0), field::text("source", "s/a")],
-        }]);
+        assert_eq!(
+            out.readings,
+            [ModuleReading {
+                stream: "out".into(),
+                ts_ns: T0,
+                fields: vec![field::num("value", 1.0), field::text("source", "s/a")],
+            }]
+        );
         assert_eq!(out.metrics, [("filter_in".to_string(), 2.0), ("filter_kept".to_string(), 1.0)]);
         let err = h.process(&[reading("s/a", T0 + 2, 1.0), reading("s/a", T0 + 3, 1.0), reading("s/a", T0 + 4, 1.0)]);
         assert_eq!(err.unwrap_err(), "3 output readings, manifest budget max_output_readings = 2");
@@ -288,7 +297,10 @@ mod tests {
         assert_eq!(h.module().n, 2);
         h.process(&[reading("s/a", T0 + 2, 1.0)]).unwrap();
         assert_eq!(h.history.logs.last().unwrap(), &(Level::Info, "n = 3".to_string()));
-        assert_eq!(h.load_state(&[0xff]).unwrap_err(), "cannot decode saved state (1 bytes): Hit the end of buffer, expected more data");
+        assert_eq!(
+            h.load_state(&[0xff]).unwrap_err(),
+            "cannot decode saved state (1 bytes): Hit the end of buffer, expected more data"
+        );
     }
 
     #[test]

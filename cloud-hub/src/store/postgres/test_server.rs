@@ -36,11 +36,7 @@ pub struct TestPostgres {
 
 /// Picks a free port by binding port 0 and releasing it.
 fn free_port() -> u16 {
-    TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).unwrap().local_addr().unwrap().port()
 }
 
 fn find_bindir() -> PathBuf {
@@ -79,14 +75,8 @@ fn find_bindir() -> PathBuf {
 }
 
 fn id_of(flag: &str) -> u32 {
-    let out = Command::new("id")
-        .args([flag, "postgres"])
-        .output()
-        .expect("running `id`");
-    assert!(
-        out.status.success(),
-        "running as root, but there is no `postgres` user to run PostgreSQL as"
-    );
+    let out = Command::new("id").args([flag, "postgres"]).output().expect("running `id`");
+    assert!(out.status.success(), "running as root, but there is no `postgres` user to run PostgreSQL as");
     String::from_utf8_lossy(&out.stdout).trim().parse().unwrap()
 }
 
@@ -106,23 +96,13 @@ impl TestPostgres {
 
     fn start_with(durable: bool) -> TestPostgres {
         let bindir = find_bindir();
-        let dir = tempfile::Builder::new()
-            .prefix("brume-pg-")
-            .tempdir()
-            .unwrap();
+        let dir = tempfile::Builder::new().prefix("brume-pg-").tempdir().unwrap();
         // Files we create are owned by our effective uid: 0 means root.
         let as_postgres = std::fs::metadata(dir.path()).unwrap().uid() == 0;
         if as_postgres {
             std::os::unix::fs::chown(dir.path(), Some(id_of("-u")), Some(id_of("-g"))).unwrap();
         }
-        let mut pg = TestPostgres {
-            port: free_port(),
-            bindir,
-            dir,
-            as_postgres,
-            running: false,
-            durable,
-        };
+        let mut pg = TestPostgres { port: free_port(), bindir, dir, as_postgres, running: false, durable };
         let data = pg.data_dir();
         let mut args: Vec<&std::ffi::OsStr> =
             vec!["-D".as_ref(), data.as_os_str(), "-A".as_ref(), "trust".as_ref(), "-U".as_ref(), "postgres".as_ref()];
@@ -150,11 +130,8 @@ impl TestPostgres {
         } else {
             Command::new(&exe)
         };
-        let out = cmd
-            .args(args)
-            .stdin(Stdio::null())
-            .output()
-            .unwrap_or_else(|e| panic!("running {}: {e}", exe.display()));
+        let out =
+            cmd.args(args).stdin(Stdio::null()).output().unwrap_or_else(|e| panic!("running {}: {e}", exe.display()));
         if !out.status.success() {
             let log = std::fs::read_to_string(self.dir.path().join("log")).unwrap_or_default();
             panic!(
@@ -200,14 +177,7 @@ impl TestPostgres {
         let data = self.data_dir();
         self.run(
             "pg_ctl",
-            &[
-                "-D".as_ref(),
-                data.as_os_str(),
-                "-m".as_ref(),
-                "immediate".as_ref(),
-                "-w".as_ref(),
-                "stop".as_ref(),
-            ],
+            &["-D".as_ref(), data.as_os_str(), "-m".as_ref(), "immediate".as_ref(), "-w".as_ref(), "stop".as_ref()],
         );
         self.running = false;
     }

@@ -53,16 +53,10 @@ fn partition_names_and_bounds() {
     assert_eq!(partition_name(-1), "readings_p19691231");
     assert_eq!(partition_name(day_of(T0)), "readings_p20240101");
     assert_eq!(partition_name(day_of(T0 - 1)), "readings_p20231231");
-    assert_eq!(
-        partition_name(day_of(T0 + 59 * DAY_NS)),
-        "readings_p20240229"
-    );
+    assert_eq!(partition_name(day_of(T0 + 59 * DAY_NS)), "readings_p20240229");
     assert_eq!(partition_name(day_of(i64::MAX)), "readings_p22620411");
     assert_eq!(partition_name(day_of(i64::MIN)), "readings_p16770921");
-    assert_eq!(
-        partition_bounds(day_of(T0)),
-        (T0.to_string(), (T0 + DAY_NS).to_string())
-    );
+    assert_eq!(partition_bounds(day_of(T0)), (T0.to_string(), (T0 + DAY_NS).to_string()));
     assert_eq!(partition_bounds(day_of(i64::MAX)).1, "MAXVALUE");
     assert_eq!(partition_bounds(day_of(i64::MIN)).0, "MINVALUE");
 }
@@ -75,31 +69,15 @@ fn daily_partitions_and_retention_by_dropping_them() {
     store
         .ingest(
             &[
-                batch(
-                    "a",
-                    1,
-                    1,
-                    &[("s", &[T0 + 5, T0 + day + 5]), ("t", &[T0 + 7])],
-                ),
+                batch("a", 1, 1, &[("s", &[T0 + 5, T0 + day + 5]), ("t", &[T0 + 7])]),
                 batch("a", 1, 2, &[("s", &[T0 + 2 * day + 5])]),
             ],
             1,
         )
         .unwrap();
-    assert_eq!(
-        store.partitions().unwrap(),
-        vec![
-            "readings_p20240101",
-            "readings_p20240102",
-            "readings_p20240103"
-        ]
-    );
+    assert_eq!(store.partitions().unwrap(), vec!["readings_p20240101", "readings_p20240102", "readings_p20240103"]);
     // Readings really live in the day partitions, not in the parent.
-    assert_eq!(
-        f.server
-            .psql("brume", "SELECT count(*) FROM readings_p20240102"),
-        "1"
-    );
+    assert_eq!(f.server.psql("brume", "SELECT count(*) FROM readings_p20240102"), "1");
     // A time-range query on literal bounds only scans the partitions of its range.
     let plan = f.server.psql(
         "brume",
@@ -111,51 +89,26 @@ fn daily_partitions_and_retention_by_dropping_them() {
         ),
     );
     assert!(plan.contains("readings_p20240102"), "{plan}");
-    assert!(
-        !plan.contains("readings_p20240101") && !plan.contains("readings_p20240103"),
-        "{plan}"
-    );
+    assert!(!plan.contains("readings_p20240101") && !plan.contains("readings_p20240103"), "{plan}");
 
     // Retention at 2024-01-02T00:00:00.000000005: only 2024-01-01 ended before that.
-    assert_eq!(
-        store.drop_partitions_before(T0 + day + 5).unwrap(),
-        vec!["readings_p20240101"]
-    );
-    assert_eq!(
-        store.drop_partitions_before(T0 + day).unwrap(),
-        Vec::<String>::new()
-    );
+    assert_eq!(store.drop_partitions_before(T0 + day + 5).unwrap(), vec!["readings_p20240101"]);
+    assert_eq!(store.drop_partitions_before(T0 + day).unwrap(), Vec::<String>::new());
     assert_eq!(
         all(&store, "s", 10).0,
-        vec![
-            (T0 + day + 5, "a".to_string(), 1, 1),
-            (T0 + 2 * day + 5, "a".to_string(), 2, 0)
-        ]
+        vec![(T0 + day + 5, "a".to_string(), 1, 1), (T0 + 2 * day + 5, "a".to_string(), 2, 0)]
     );
     // Stream statistics follow: "t" had readings on the dropped day only.
     let streams = store.streams().unwrap();
     assert_eq!(
-        streams
-            .iter()
-            .map(|s| (s.stream.as_str(), s.readings, s.first_ts_ns, s.last_ts_ns))
-            .collect::<Vec<_>>(),
-        vec![
-            ("s", 2, Some(T0 + day + 5), Some(T0 + 2 * day + 5)),
-            ("t", 0, None, None)
-        ]
+        streams.iter().map(|s| (s.stream.as_str(), s.readings, s.first_ts_ns, s.last_ts_ns)).collect::<Vec<_>>(),
+        vec![("s", 2, Some(T0 + day + 5), Some(T0 + 2 * day + 5)), ("t", 0, None, None)]
     );
     // The dedup ledger is kept: a re-sent old batch does not bring its readings back.
-    assert_eq!(
-        store
-            .ingest(&[batch("a", 1, 1, &[("s", &[T0 + 5])])], 2)
-            .unwrap(),
-        vec![BatchOutcome::Duplicate]
-    );
+    assert_eq!(store.ingest(&[batch("a", 1, 1, &[("s", &[T0 + 5])])], 2).unwrap(), vec![BatchOutcome::Duplicate]);
     assert_eq!(store.partitions().unwrap().len(), 2);
     // Late data for a dropped day recreates its partition.
-    store
-        .ingest(&[batch("a", 1, 3, &[("t", &[T0 + 9])])], 3)
-        .unwrap();
+    store.ingest(&[batch("a", 1, 3, &[("t", &[T0 + 9])])], 3).unwrap();
     assert_eq!(store.partitions().unwrap()[0], "readings_p20240101");
     assert_eq!(all(&store, "t", 10).0.len(), 1);
     // Agents still count the dropped readings as stored by those batches.
@@ -217,11 +170,7 @@ fn another_hubs_retention_does_not_break_ingest() {
     a.ingest(&[batch("x", 1, 1, &[("s", &[T0])])], 1).unwrap();
     // `b` drops the partition `a` has cached as existing.
     assert_eq!(b.drop_partitions_before(T0 + DAY_NS).unwrap().len(), 1);
-    assert_eq!(
-        a.ingest(&[batch("x", 1, 2, &[("s", &[T0 + 1])])], 2)
-            .unwrap(),
-        vec![BatchOutcome::Stored]
-    );
+    assert_eq!(a.ingest(&[batch("x", 1, 2, &[("s", &[T0 + 1])])], 2).unwrap(), vec![BatchOutcome::Stored]);
     assert_eq!(all(&b, "s", 10).0.len(), 1);
 }
 
@@ -234,26 +183,15 @@ fn concurrent_hubs_migrate_once_and_store_each_batch_once() {
         handles.into_iter().map(|h| h.join().unwrap()).collect()
     });
     assert_eq!(
-        f.server.psql(
-            "brume",
-            "SELECT string_agg(version::text, ',' ORDER BY version) FROM schema_migrations"
-        ),
-        (1..=SCHEMA_VERSION)
-            .map(|v| v.to_string())
-            .collect::<Vec<_>>()
-            .join(",")
+        f.server.psql("brume", "SELECT string_agg(version::text, ',' ORDER BY version) FROM schema_migrations"),
+        (1..=SCHEMA_VERSION).map(|v| v.to_string()).collect::<Vec<_>>().join(",")
     );
     // Each hub gets every batch (as after redeliveries), in its own order and grouping,
     // on shared streams and days: every batch is stored exactly once overall.
     let batches: Vec<brume_protocol::Batch> = (1..=40)
         .map(|seq| {
             let s = format!("s{}", seq % 3);
-            batch(
-                "a",
-                9,
-                seq,
-                &[(s.as_str(), &[T0 + seq as i64, T0 + DAY_NS])],
-            )
+            batch("a", 9, seq, &[(s.as_str(), &[T0 + seq as i64, T0 + DAY_NS])])
         })
         .collect();
     let stored: usize = std::thread::scope(|s| {
@@ -269,12 +207,7 @@ fn concurrent_hubs_migrate_once_and_store_each_batch_once() {
                 s.spawn(move || {
                     mine.chunks(1 + i * 3)
                         .map(|group| {
-                            store
-                                .ingest(group, 1)
-                                .unwrap()
-                                .iter()
-                                .filter(|o| **o == BatchOutcome::Stored)
-                                .count()
+                            store.ingest(group, 1).unwrap().iter().filter(|o| **o == BatchOutcome::Stored).count()
                         })
                         .sum::<usize>()
                 })
@@ -283,12 +216,7 @@ fn concurrent_hubs_migrate_once_and_store_each_batch_once() {
         handles.into_iter().map(|h| h.join().unwrap()).sum()
     });
     assert_eq!(stored, 40);
-    let total: u64 = stores[0]
-        .streams()
-        .unwrap()
-        .iter()
-        .map(|s| s.readings)
-        .sum();
+    let total: u64 = stores[0].streams().unwrap().iter().map(|s| s.readings).sum();
     assert_eq!(total, 80);
     let a = &stores[3].agents().unwrap()[0];
     assert_eq!((a.batches, a.watermark, a.missing.len()), (40, 40, 0));
@@ -298,62 +226,32 @@ fn concurrent_hubs_migrate_once_and_store_each_batch_once() {
 fn newer_schema_is_refused() {
     let f = Pg::new();
     drop(f.open());
-    f.server.psql(
-        "brume",
-        &format!(
-            "INSERT INTO schema_migrations (version) VALUES ({})",
-            SCHEMA_VERSION + 1
-        ),
-    );
-    assert!(matches!(
-        PostgresStore::connect(options(&f.url)),
-        Err(StoreError::SchemaTooNew { .. })
-    ));
+    f.server.psql("brume", &format!("INSERT INTO schema_migrations (version) VALUES ({})", SCHEMA_VERSION + 1));
+    assert!(matches!(PostgresStore::connect(options(&f.url)), Err(StoreError::SchemaTooNew { .. })));
 }
 
 #[test]
 fn server_restart_fails_calls_then_recovers_without_reopening() {
     let mut f = Pg::new();
     let store = f.open();
-    store
-        .ingest(&[batch("a", 1, 1, &[("s", &[T0])])], 1)
-        .unwrap();
+    store.ingest(&[batch("a", 1, 1, &[("s", &[T0])])], 1).unwrap();
     f.server.stop();
-    let err = store
-        .ingest(&[batch("a", 1, 2, &[("s", &[T0 + 1])])], 2)
-        .unwrap_err();
-    assert!(
-        matches!(
-            err,
-            StoreError::Postgres { .. } | StoreError::PostgresConnect { .. }
-        ),
-        "{err}"
-    );
+    let err = store.ingest(&[batch("a", 1, 2, &[("s", &[T0 + 1])])], 2).unwrap_err();
+    assert!(matches!(err, StoreError::Postgres { .. } | StoreError::PostgresConnect { .. }), "{err}");
     // The message carries the cause, not only "db error".
     assert!(err.to_string().len() > 40, "{err}");
     assert!(store.streams().is_err());
     f.server.restart();
     // Dead pooled connections are discarded and replaced.
-    assert_eq!(
-        store
-            .ingest(&[batch("a", 1, 2, &[("s", &[T0 + 1])])], 3)
-            .unwrap(),
-        vec![BatchOutcome::Stored]
-    );
+    assert_eq!(store.ingest(&[batch("a", 1, 2, &[("s", &[T0 + 1])])], 3).unwrap(), vec![BatchOutcome::Stored]);
     assert_eq!(all(&store, "s", 10).0.len(), 2);
 }
 
 #[test]
 fn unreachable_server_is_a_connect_error_naming_the_target() {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let err = PostgresStore::connect(options(&format!("postgres://u:secret@127.0.0.1:{port}/db")))
-        .unwrap_err()
-        .to_string();
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let err =
+        PostgresStore::connect(options(&format!("postgres://u:secret@127.0.0.1:{port}/db"))).unwrap_err().to_string();
     assert!(err.contains(&format!("127.0.0.1:{port}/db")), "{err}");
     assert!(!err.contains("secret"), "{err}");
 }
-

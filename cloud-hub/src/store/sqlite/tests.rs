@@ -17,7 +17,8 @@ impl Fixture for Sqlite {
     }
     fn undo_rollups_migration(&self) {
         let conn = Connection::open(self.0.path().join("hub.db")).unwrap();
-        conn.execute_batch("DROP TABLE rollups; DROP TABLE presence; DROP TABLE quarantine; PRAGMA user_version = 2;").unwrap();
+        conn.execute_batch("DROP TABLE rollups; DROP TABLE presence; DROP TABLE quarantine; PRAGMA user_version = 2;")
+            .unwrap();
     }
 }
 
@@ -27,22 +28,14 @@ crate::store_suite!(Sqlite);
 fn schema_version_is_recorded_and_a_newer_one_refused() {
     let f = Sqlite::new();
     let store = f.open();
-    store
-        .ingest(&[batch("a", 1, 1, &[("s", &[5])])], 1)
-        .unwrap();
+    store.ingest(&[batch("a", 1, 1, &[("s", &[5])])], 1).unwrap();
     let conn = Connection::open(f.0.path().join("hub.db")).unwrap();
-    let v: i64 = conn
-        .query_row("PRAGMA user_version", [], |r| r.get(0))
-        .unwrap();
+    let v: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0)).unwrap();
     assert_eq!(v, SCHEMA_VERSION);
-    conn.pragma_update(None, "user_version", SCHEMA_VERSION + 1)
-        .unwrap();
+    conn.pragma_update(None, "user_version", SCHEMA_VERSION + 1).unwrap();
     drop(conn);
     drop(store);
-    assert!(matches!(
-        SqliteStore::open(f.0.path()),
-        Err(StoreError::SchemaTooNew { .. })
-    ));
+    assert!(matches!(SqliteStore::open(f.0.path()), Err(StoreError::SchemaTooNew { .. })));
 }
 
 #[test]
@@ -55,7 +48,6 @@ fn epoch_mapping_preserves_order() {
         assert_eq!(epoch_from_sql(epoch_to_sql(e)), e);
     }
 }
-
 
 /// Paging after a cursor must seek to the cursor on the index: with a plain lower bound
 /// on `ts_ns` beside the row value, SQLite seeks to that bound and filters, and reading a

@@ -73,7 +73,11 @@ pub struct Downsample {
 
 impl Default for Downsample {
     fn default() -> Self {
-        Downsample { window_ns: i64::from(default_window_s()) * NS_PER_S, field: default_field(), open: BTreeMap::new() }
+        Downsample {
+            window_ns: i64::from(default_window_s()) * NS_PER_S,
+            field: default_field(),
+            open: BTreeMap::new(),
+        }
     }
 }
 
@@ -84,13 +88,17 @@ fn open_window(window_ns: i64, ts_ns: i64, v: f64) -> Open {
 }
 
 fn close(out: &mut Emitter, stream: &str, w: &Open) {
-    out.emit(out.default_output(), w.start_ns, vec![
-        field::num("min", w.min),
-        field::num("mean", w.sum / w.count as f64),
-        field::num("max", w.max),
-        field::int("count", w.count as i64),
-        field::text("source", stream),
-    ]);
+    out.emit(
+        out.default_output(),
+        w.start_ns,
+        vec![
+            field::num("min", w.min),
+            field::num("mean", w.sum / w.count as f64),
+            field::num("max", w.max),
+            field::int("count", w.count as i64),
+            field::text("source", stream),
+        ],
+    );
 }
 
 impl Module for Downsample {
@@ -240,7 +248,10 @@ mod tests {
     fn config_errors() {
         for (config, want) in [
             (r#"{"window_s": 0}"#, "window_s must be at least 1"),
-            (r#"{"window_s": 1.5}"#, "invalid config {\"window_s\":1.5}: invalid type: floating point `1.5`, expected u32"),
+            (
+                r#"{"window_s": 1.5}"#,
+                "invalid config {\"window_s\":1.5}: invalid type: floating point `1.5`, expected u32",
+            ),
         ] {
             assert_eq!(Harness::<Downsample>::new(MANIFEST, config).err().unwrap(), want);
         }

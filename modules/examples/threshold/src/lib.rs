@@ -77,19 +77,30 @@ mod tests {
     fn forwards_only_readings_above_the_limit() {
         let mut h = harness(r#"{"limit": 10}"#);
         let out = h
-            .process(&[reading("sensors/a", T0, 9.0), reading("sensors/a", T0 + 1, 10.0), reading("sensors/b", T0 + 2, 10.5)])
+            .process(&[
+                reading("sensors/a", T0, 9.0),
+                reading("sensors/a", T0 + 1, 10.0),
+                reading("sensors/b", T0 + 2, 10.5),
+            ])
             .unwrap();
-        assert_eq!(out.readings, [ModuleReading {
-            stream: "alerts/threshold".into(),
-            ts_ns: T0 + 2,
-            fields: vec![field::num("value", 10.5), field::text("source", "sensors/b")],
-        }]);
+        assert_eq!(
+            out.readings,
+            [ModuleReading {
+                stream: "alerts/threshold".into(),
+                ts_ns: T0 + 2,
+                fields: vec![field::num("value", 10.5), field::text("source", "sensors/b")],
+            }]
+        );
     }
 
     #[test]
     fn configurable_field_and_integers() {
         let mut h = harness(r#"{"limit": 100, "field": "rpm"}"#);
-        let r = |ts, v| ModuleReading { stream: "sensors/m".into(), ts_ns: ts, fields: vec![field::int("rpm", v), field::num("value", 1e9)] };
+        let r = |ts, v| ModuleReading {
+            stream: "sensors/m".into(),
+            ts_ns: ts,
+            fields: vec![field::int("rpm", v), field::num("value", 1e9)],
+        };
         let out = h.process(&[r(T0, 100), r(T0 + 1, 101)]).unwrap();
         assert_eq!(out.readings.len(), 1);
         assert_eq!(out.readings[0].ts_ns, T0 + 1);
@@ -99,8 +110,14 @@ mod tests {
     fn config_errors() {
         for (config, want) in [
             ("{}", "invalid config {}: missing field `limit`"),
-            (r#"{"limit": 1, "feild": "x"}"#, "invalid config {\"feild\":\"x\",\"limit\":1}: unknown field `feild`, expected `limit` or `field`"),
-            (r#"{"limit": "high"}"#, "invalid config {\"limit\":\"high\"}: invalid type: string \"high\", expected f64"),
+            (
+                r#"{"limit": 1, "feild": "x"}"#,
+                "invalid config {\"feild\":\"x\",\"limit\":1}: unknown field `feild`, expected `limit` or `field`",
+            ),
+            (
+                r#"{"limit": "high"}"#,
+                "invalid config {\"limit\":\"high\"}: invalid type: string \"high\", expected f64",
+            ),
         ] {
             assert_eq!(Harness::<FilterModule<Threshold>>::new(MANIFEST, config).err().unwrap(), want, "{config}");
         }

@@ -76,7 +76,8 @@ impl Map for UnitConvert {
         if !converted.is_finite() {
             return Ok(None); // overflow: nothing sensible to send
         }
-        let mut fields: Vec<Field> = r.fields.iter().filter(|f| f.name != self.to_field && f.name != "source").cloned().collect();
+        let mut fields: Vec<Field> =
+            r.fields.iter().filter(|f| f.name != self.to_field && f.name != "source").cloned().collect();
         fields.push(field::num(&self.to_field, converted));
         fields.push(field::text("source", &r.stream));
         Ok(Some(fields))
@@ -95,18 +96,25 @@ mod tests {
     fn celsius_to_fahrenheit_keeps_other_fields() {
         let config = r#"{"field": "celsius", "factor": 1.8, "offset": 32, "to_field": "fahrenheit"}"#;
         let mut h = Harness::<MapModule<UnitConvert>>::new(MANIFEST, config).unwrap();
-        let r = ModuleReading { stream: "sensors/t".into(), ts_ns: T0, fields: vec![field::num("celsius", 100.0), field::boolean("ok", true)] };
-        let out = h.process(&[r, reading("sensors/t", T0 + 1, 3.0)]).unwrap();
-        assert_eq!(out.readings, [ModuleReading {
-            stream: "converted".into(),
+        let r = ModuleReading {
+            stream: "sensors/t".into(),
             ts_ns: T0,
-            fields: vec![
-                field::num("celsius", 100.0),
-                field::boolean("ok", true),
-                field::num("fahrenheit", 212.0),
-                field::text("source", "sensors/t"),
-            ],
-        }]);
+            fields: vec![field::num("celsius", 100.0), field::boolean("ok", true)],
+        };
+        let out = h.process(&[r, reading("sensors/t", T0 + 1, 3.0)]).unwrap();
+        assert_eq!(
+            out.readings,
+            [ModuleReading {
+                stream: "converted".into(),
+                ts_ns: T0,
+                fields: vec![
+                    field::num("celsius", 100.0),
+                    field::boolean("ok", true),
+                    field::num("fahrenheit", 212.0),
+                    field::text("source", "sensors/t"),
+                ],
+            }]
+        );
     }
 
     #[test]

@@ -82,7 +82,8 @@ impl Module for ZScore {
             let Some(mean) = agg.mean.filter(|_| agg.count >= u64::from(self.c.min_count)) else { continue };
             let n = agg.count.min(u64::from(self.c.max_points)) as u32;
             let points = ctx.last_n(&r.stream, n, r.ts_ns)?;
-            let xs: Vec<f64> = points.iter().filter(|p| p.ts_ns >= from).filter_map(|p| p.number(&self.c.field)).collect();
+            let xs: Vec<f64> =
+                points.iter().filter(|p| p.ts_ns >= from).filter_map(|p| p.number(&self.c.field)).collect();
             if xs.len() < 2 {
                 continue;
             }
@@ -95,13 +96,17 @@ impl Module for ZScore {
             let z = (v - mean) / stddev;
             if z.abs() > self.c.z {
                 anomalies += 1;
-                out.emit(out.default_output(), r.ts_ns, vec![
-                    field::num("value", v),
-                    field::num("mean", mean),
-                    field::num("stddev", stddev),
-                    field::num("z", z),
-                    field::text("source", &r.stream),
-                ]);
+                out.emit(
+                    out.default_output(),
+                    r.ts_ns,
+                    vec![
+                        field::num("value", v),
+                        field::num("mean", mean),
+                        field::num("stddev", stddev),
+                        field::num("z", z),
+                        field::text("source", &r.stream),
+                    ],
+                );
             }
         }
         out.metric("zscore_judged", f64::from(judged));
@@ -140,7 +145,9 @@ mod tests {
         // The second reading's window [t+1s-60s, t+1s) includes the first of the batch
         // (the batch is in the history before it is processed) but not itself.
         match &h.history.queries[2].kind {
-            HistoryKind::Aggregate { from_ns, to_ns, .. } => assert_eq!((*from_ns, *to_ns), (t - 59 * SECOND, t + SECOND)),
+            HistoryKind::Aggregate { from_ns, to_ns, .. } => {
+                assert_eq!((*from_ns, *to_ns), (t - 59 * SECOND, t + SECOND))
+            }
             k => panic!("{k:?}"),
         }
     }
@@ -150,7 +157,9 @@ mod tests {
         let mut h = Harness::<ZScore>::new(MANIFEST, r#"{"min_count": 10}"#).unwrap();
         h.history.extend(calm("sensors/a", T0, 9));
         h.history.extend((0..20).map(|i| reading("sensors/flat", T0 + i * SECOND, 1.0)));
-        let out = h.process(&[reading("sensors/a", T0 + 9 * SECOND, 100.0), reading("sensors/flat", T0 + 20 * SECOND, 100.0)]).unwrap();
+        let out = h
+            .process(&[reading("sensors/a", T0 + 9 * SECOND, 100.0), reading("sensors/flat", T0 + 20 * SECOND, 100.0)])
+            .unwrap();
         assert!(out.readings.is_empty());
         assert_eq!(out.metrics[0], ("zscore_judged".into(), 1.0));
     }
@@ -170,7 +179,10 @@ mod tests {
         for (config, want) in [
             (r#"{"z": 0}"#, "z must be a finite number > 0, got 0"),
             (r#"{"min_count": 1}"#, "min_count and max_points must be at least 2"),
-            (r#"{"window": 5}"#, "invalid config {\"window\":5}: unknown field `window`, expected one of `z`, `window_s`, `field`, `min_count`, `max_points`"),
+            (
+                r#"{"window": 5}"#,
+                "invalid config {\"window\":5}: unknown field `window`, expected one of `z`, `window_s`, `field`, `min_count`, `max_points`",
+            ),
         ] {
             assert_eq!(Harness::<ZScore>::new(MANIFEST, config).err().unwrap(), want);
         }
