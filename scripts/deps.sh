@@ -24,3 +24,11 @@ if ! rustc --print target-libdir --target wasm32-unknown-unknown 2>/dev/null | x
   echo "installing the Rust target wasm32-unknown-unknown"
   rustup target add wasm32-unknown-unknown
 fi
+# Formatting and lints are checked by scripts/test.sh.
+for c in rustfmt clippy; do
+  if ! cargo "${c/rustfmt/fmt}" --version >/dev/null 2>&1; then
+    command -v rustup >/dev/null 2>&1 || { echo "cargo $c is missing and rustup is not installed" >&2; exit 1; }
+    echo "installing the Rust component $c"
+    rustup component add "$c"
+  fi
+done

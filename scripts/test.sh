@@ -3,10 +3,15 @@
 # end-to-end tests start their own mosquitto, hub and agent processes on free ports), after
 # building the example WASM modules (`cargo xtask build-modules`), whose native unit tests
 # (a separate workspace, modules/examples) run at the end.
-# Installs missing system packages first. Usage: ./scripts/test.sh [extra cargo test args]
+# Checks formatting and clippy lints first (`-D warnings`). Installs missing system
+# packages first. Usage: ./scripts/test.sh [extra cargo test args]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/deps.sh
+# Formatting (rustfmt.toml) and lints first: they fail in seconds, the tests in minutes.
+cargo fmt --all --check
+(cd modules/examples && cargo fmt --all --check)
+cargo clippy --workspace --all-targets --locked -- -D warnings
 cargo build --workspace --all-targets --locked
 log=$(mktemp)
 # Tests that cannot run here (e.g. the disk-full test without root) append a line to this

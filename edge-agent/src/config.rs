@@ -640,7 +640,10 @@ impl Config {
             }
         }
         if self.simulator.enabled
-            && (self.simulator.streams == 0 || !(self.simulator.rate > 0.0) || self.simulator.batch == 0)
+            && (self.simulator.streams == 0
+                || self.simulator.rate.is_nan()
+                || self.simulator.rate <= 0.0
+                || self.simulator.batch == 0)
         {
             return Err(invalid("simulator", "streams, rate and batch must be positive when enabled"));
         }

@@ -99,7 +99,10 @@ impl Proc {
     pub fn terminate(&mut self) -> Option<std::process::ExitStatus> {
         let mut c = self.child.take()?;
         // SAFETY: sending a signal to our own child's pid has no memory-safety impact.
-        unsafe { libc::kill(c.id() as libc::pid_t, libc::SIGTERM) };
+        #[allow(unsafe_code)]
+        unsafe {
+            libc::kill(c.id() as libc::pid_t, libc::SIGTERM)
+        };
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             if let Ok(Some(st)) = c.try_wait() {

@@ -104,7 +104,7 @@ fn model_downsample(input: &[(i64, f64)], window_ns: i64) -> Vec<Window> {
     let mut open: Option<(i64, i64, u64, f64, f64, f64)> = None; // start, end, count, sum, min, max
     for &(ts, v) in input {
         match &mut open {
-            Some((start, _, ..)) if ts < *start => {}
+            Some((start, ..)) if ts < *start => {}
             Some((_, end, count, sum, min, max)) if ts < *end => {
                 *count += 1;
                 *sum += v;

@@ -54,8 +54,7 @@ async fn disk_full_refuses_then_recovers() {
     let filler = mnt.0.join("filler");
     std::fs::write(&filler, vec![0u8; 2_500_000]).unwrap();
 
-    let mut cfg = Config::default();
-    cfg.data_dir = mnt.0.join("data");
+    let mut cfg = Config { data_dir: mnt.0.join("data"), ..Config::default() };
     cfg.forward.mode = ForwardMode::Off;
     let http = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", http.local_addr().unwrap());

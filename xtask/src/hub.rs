@@ -13,7 +13,6 @@ use cloud_hub::store::postgres::{PostgresOptions, PostgresStore};
 use cloud_hub::store::sqlite::SqliteStore;
 
 #[path = "../../cloud-hub/src/store/postgres/test_server.rs"]
-#[allow(dead_code)]
 mod test_server;
 
 /// Readings per batch, as the agent's default `forward.batch_max_readings`.

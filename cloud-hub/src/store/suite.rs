@@ -383,7 +383,8 @@ pub(crate) fn aggregation_matches_brute_force(f: &impl Fixture) {
     let mut sent: Vec<Batch> = Vec::new();
     let mut stored: BTreeSet<(String, u64)> = BTreeSet::new();
     // (stream, ts, numeric fields) of every stored reading.
-    let mut model: Vec<(String, i64, Vec<(String, f64)>)> = Vec::new();
+    type Stored = (String, i64, Vec<(String, f64)>);
+    let mut model: Vec<Stored> = Vec::new();
     for round in 0..15 {
         let mut group: Vec<Batch> = Vec::new();
         for _ in 0..rng.random_range(1..6) {

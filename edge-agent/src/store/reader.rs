@@ -8,6 +8,9 @@ use rusqlite::{Connection, OptionalExtension, params};
 
 use super::{ModuleProgress, Store, StoreError, reason_from_code};
 
+/// An inclusive range of reading ids.
+type IdRange = (i64, i64);
+
 /// One reading of a stream: when it was taken and its fields.
 #[derive(Debug, Clone, PartialEq)]
 pub struct TimedFields {
@@ -152,7 +155,7 @@ impl StoreReader {
     /// A stream's id and the id range not yet in the directory (readings committed after
     /// `meta.derived_upto`, which the writer keeps in memory), or `None` if there is no
     /// such stream. Call inside a read transaction, with the directory query.
-    fn tail_range(&self, stream: &str) -> Result<Option<(i64, (i64, i64))>, StoreError> {
+    fn tail_range(&self, stream: &str) -> Result<Option<(i64, IdRange)>, StoreError> {
         let Some(sid) = self
             .conn
             .prepare_cached("SELECT id FROM streams WHERE name = ?1")?

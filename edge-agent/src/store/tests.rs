@@ -443,7 +443,9 @@ fn module_outputs_carry_lineage_in_their_own_chunks() {
     store.apply(&[], &[], Instant::now() + Duration::from_secs(3600)).unwrap();
     let reader = StoreReader::open(dir.path(), "a").unwrap();
     let b = reader.load_batch(store.epoch(), 1).unwrap().unwrap();
-    let chunks: Vec<(&str, Vec<i64>, Option<(&str, u8)>)> = b
+    // (stream, timestamps, lineage: module version and first hash byte) per chunk.
+    type Chunk<'a> = (&'a str, Vec<i64>, Option<(&'a str, u8)>);
+    let chunks: Vec<Chunk> = b
         .streams
         .iter()
         .enumerate()

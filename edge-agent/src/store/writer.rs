@@ -329,6 +329,10 @@ impl StoreHandle {
     }
 }
 
+/// Where the writer sends a command's verdict.
+type Reply<T> = oneshot::Sender<Result<T, AppendError>>;
+
+#[expect(clippy::too_many_arguments, reason = "the writer thread's whole state, moved in once at spawn")]
 fn writer_loop(
     mut store: Store,
     rx: flume::Receiver<Cmd>,
@@ -346,11 +350,11 @@ fn writer_loop(
     let mut closed = false;
     while !closed {
         let deadline = store.linger_deadline().map_or(next_expire, |d| d.min(next_expire));
-        let mut appends: Vec<(Vec<Reading>, oneshot::Sender<Result<(), AppendError>>)> = Vec::new();
+        let mut appends: Vec<(Vec<Reading>, Reply<()>)> = Vec::new();
         let mut progress: Vec<(usize, ModuleProgress)> = Vec::new();
         let mut publishes: Vec<(usize, PublishId)> = Vec::new();
         let mut origins: Vec<(usize, Arc<str>)> = Vec::new();
-        let mut sessions: Vec<(SessionOp, oneshot::Sender<Result<bool, AppendError>>)> = Vec::new();
+        let mut sessions: Vec<(SessionOp, Reply<bool>)> = Vec::new();
         let mut n = 0usize;
         // Set by a command that must not wait for the window (an urgent module commit).
         let mut urgent = false;
