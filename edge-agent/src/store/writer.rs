@@ -293,7 +293,6 @@ impl StoreHandle {
         let _ = self.send(Cmd::Ack(seqs)).await;
     }
 
-    /// Latest snapshot; `changed()` on the receiver wakes when a commit changed it.
     /// Queues a command. Joining the window wakes nobody, unless the queue is half full.
     async fn send(&self, cmd: Cmd) -> Result<(), AppendError> {
         self.tx.send_async(cmd).await.map_err(|_| AppendError::Closed)?;
@@ -308,6 +307,9 @@ impl StoreHandle {
         }
     }
 
+    /// Latest snapshot. The writer publishes one after every commit (changed or not),
+    /// after a failed commit and after a retention run that changed it, so `changed()` on
+    /// the receiver wakes on each commit: module runners wait on it for new input.
     pub fn snapshot(&self) -> watch::Receiver<StoreSnapshot> {
         self.snapshot.clone()
     }
