@@ -13,98 +13,15 @@
 
 use std::collections::BTreeMap;
 
-use brume_protocol::{FieldsBlob, Value};
-
+use crate::store::rollup::floor_to;
+pub use crate::store::rollup::{Agg, ROLLUP_NS, RollupDeltas, minute_of, numeric_fields};
 use crate::store::{HubStore, ReadingsQuery, StoreError};
-
-/// Width of the stored rollups.
-pub const ROLLUP_NS: i64 = 60 * 1_000_000_000;
 
 /// Most buckets one query may return.
 pub const MAX_BUCKETS: i64 = 10_000;
 
 /// Most raw readings a sub-minute query may read.
 pub const MAX_RAW_READINGS: usize = 2_000_000;
-
-/// Count, sum, min, max and last value of a numeric field over some readings.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct Agg {
-    /// Readings with the field.
-    pub count: u64,
-    /// Sum of the values.
-    pub sum: f64,
-    /// Smallest value.
-    pub min: f64,
-    /// Largest value.
-    pub max: f64,
-    /// Timestamp of `last`.
-    pub last_ts_ns: i64,
-    /// The value at the greatest timestamp (ties: the greatest value).
-    pub last: f64,
-}
-
-impl Agg {
-    /// One reading.
-    pub fn of(ts_ns: i64, v: f64) -> Agg {
-        Agg { count: 1, sum: v, min: v, max: v, last_ts_ns: ts_ns, last: v }
-    }
-
-    /// Adds `o` into `self`.
-    pub fn merge(&mut self, o: &Agg) {
-        self.count += o.count;
-        self.sum += o.sum;
-        self.min = self.min.min(o.min);
-        self.max = self.max.max(o.max);
-        if (o.last_ts_ns, o.last) > (self.last_ts_ns, self.last) {
-            self.last_ts_ns = o.last_ts_ns;
-            self.last = o.last;
-        }
-    }
-
-    /// Mean value.
-    pub fn mean(&self) -> f64 {
-        self.sum / self.count as f64
-    }
-}
-
-/// The numeric fields of a reading: floats (finite ones) and integers, by name.
-pub fn numeric_fields(fields: &FieldsBlob) -> Result<Vec<(String, f64)>, StoreError> {
-    let decoded = fields.decode().map_err(|e| StoreError::Corrupt(format!("stored fields do not decode: {e}")))?;
-    Ok(decoded
-        .into_iter()
-        .filter_map(|f| match f.value {
-            Value::F64(v) if v.is_finite() => Some((f.name, v)),
-            Value::I64(v) => Some((f.name, v as f64)),
-            _ => None,
-        })
-        .collect())
-}
-
-/// Start of the rollup minute of `ts_ns`.
-pub fn minute_of(ts_ns: i64) -> i64 {
-    floor_to(ts_ns, ROLLUP_NS)
-}
-
-fn floor_to(ts: i64, step: i64) -> i64 {
-    ts.saturating_sub(ts.rem_euclid(step))
-}
-
-/// Rollup deltas of the readings of one ingest transaction, by `(stream id, field,
-/// minute)`, in key order (the order the stores write them, so concurrent hubs lock rows
-/// in the same order).
-#[derive(Debug, Default)]
-pub struct RollupDeltas(pub BTreeMap<(i64, String, i64), Agg>);
-
-impl RollupDeltas {
-    /// Adds one stored reading.
-    pub fn add(&mut self, stream_id: i64, ts_ns: i64, fields: &FieldsBlob) -> Result<(), StoreError> {
-        for (name, v) in numeric_fields(fields)? {
-            let a = Agg::of(ts_ns, v);
-            self.0.entry((stream_id, name, minute_of(ts_ns))).and_modify(|x| x.merge(&a)).or_insert(a);
-        }
-        Ok(())
-    }
-}
 
 /// An aggregation query.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -544,7 +544,7 @@ async fn tail(
     tokio::spawn(async move {
         let mut sent: std::collections::BTreeMap<i64, aggregate::Agg> = Default::default();
         loop {
-            let now = crate::ingest::now_ns();
+            let now = crate::clock::now_ns();
             let from = (now - q.step) - (now - q.step).rem_euclid(q.step);
             let mut poll = q.clone();
             (poll.from, poll.to) = (from, now.saturating_add(q.step));
@@ -589,7 +589,7 @@ async fn presence(
 ) -> Result<axum::Json<serde_json::Value>, ApiError> {
     let f = ListFilter::parse(params, &["prefix", "online", "label"])?;
     let list = query(&s.store, |st| st.presence()).await?;
-    let now = crate::ingest::now_ms();
+    let now = crate::clock::now_ms();
     Ok(axum::Json(
         list.iter()
             .filter(|p| {

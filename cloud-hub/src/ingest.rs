@@ -37,13 +37,14 @@
 use std::collections::{BTreeMap, VecDeque};
 use std::ops::Range;
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use brume_protocol::{AckV1, AgentMessage, AgentStatus, Batch, HubMessage, topics, validate_agent_id};
 use rand::Rng;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+use crate::clock::now_ms;
 use crate::metrics::Metrics;
 use crate::mqtt::{Delivery, MqttHandle};
 use crate::store::{BatchOutcome, HubStore, NewQuarantine, QuarantineReason, StoreError};
@@ -545,16 +546,6 @@ pub enum ReingestResult {
 fn jitter(d: Duration) -> Duration {
     let ms = d.as_millis() as u64;
     Duration::from_millis(rand::rng().random_range(ms / 2..=ms))
-}
-
-/// Wall-clock time, ms since the Unix epoch (0 if the clock is before 1970).
-pub(crate) fn now_ms() -> i64 {
-    now_ns() / 1_000_000
-}
-
-/// Wall-clock time, ns since the Unix epoch (0 if the clock is before 1970).
-pub(crate) fn now_ns() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX)).unwrap_or(0)
 }
 
 #[cfg(test)]

@@ -18,6 +18,7 @@
 
 pub mod aggregate;
 pub mod cli;
+mod clock;
 pub mod config;
 pub mod http;
 pub mod ingest;
@@ -107,7 +108,7 @@ const RETENTION_CHECK: Duration = Duration::from_secs(3600);
 /// several hubs each does it; the deletes are idempotent.
 async fn retention(store: Arc<dyn HubStore>, keep: Duration, shutdown: CancellationToken) {
     loop {
-        let now_ns = ingest::now_ns();
+        let now_ns = crate::clock::now_ns();
         let cutoff = now_ns.saturating_sub(i64::try_from(keep.as_nanos()).unwrap_or(i64::MAX));
         let st = store.clone();
         match tokio::task::spawn_blocking(move || st.drop_days_before(cutoff)).await {
@@ -146,7 +147,7 @@ async fn refresh_fleet_metrics(
                 for (agent, n) in missing {
                     metrics.agent_missing_batches.get_or_create(&vec![("agent_id".to_owned(), agent)]).set(n);
                 }
-                let now = ingest::now_ms();
+                let now = crate::clock::now_ms();
                 metrics.agents_online.set(presence.iter().filter(|p| p.online_at(now)).count() as i64);
             }
             Ok(Err(e)) => tracing::warn!(error = %e, "cannot refresh the per-agent metrics; retrying"),

@@ -143,6 +143,12 @@ impl Metrics {
         })
     }
 
+    /// Counts one batch the ingest queue had no room for (`rejected_overloaded`): the
+    /// transport drops it before ingest sees it.
+    pub fn count_overloaded(&self) {
+        self.count_batch("rejected_overloaded");
+    }
+
     /// Counts one batch under `result` (`stored`, `duplicate`, `rejected_<reason>`).
     pub fn count_batch(&self, result: &'static str) {
         self.batches.get_or_create(&[("result", result)]).inc();

@@ -201,7 +201,7 @@ impl EventLoopDriver {
                         // Subscribed: tell agents to re-send what the broker dropped while
                         // no hub was listening. Queued like the subscriptions (see above).
                         let msg = brume_protocol::HubAnnouncement::OnlineV1(brume_protocol::HubOnlineV1 {
-                            subscribed_ms: crate::ingest::now_ms(),
+                            subscribed_ms: crate::clock::now_ms(),
                         });
                         let mut p = Publish::new(brume_protocol::topics::HUB_ONLINE, QoS::AtLeastOnce, msg.encode());
                         p.retain = true;
@@ -240,7 +240,7 @@ impl EventLoopDriver {
                 // Only reachable with QoS 0 floods or a broker ignoring its in-flight
                 // window. Drop the batch but ack it so the broker's window stays open;
                 // the agent re-sends because it gets no hub ack.
-                self.metrics.count_batch(crate::ingest::Reject::Overloaded.metric_label());
+                self.metrics.count_overloaded();
                 tracing::warn!(topic = %d.publish.topic, "ingest queue full, dropping batch");
                 if let Err(e) = self.client.try_ack(&d.publish) {
                     tracing::warn!(error = %e, "cannot ack dropped batch");

@@ -14,6 +14,7 @@
 //!   the scale-out path (time-partitioned readings, retention by dropping partitions).
 
 pub mod postgres;
+pub mod rollup;
 pub mod sqlite;
 #[cfg(test)]
 pub(crate) mod suite;
@@ -454,13 +455,7 @@ pub trait HubStore: Send + Sync + 'static {
 
     /// One-minute rollups of `field` on `stream` for minutes in `[from, to)`, oldest
     /// first (see [`crate::aggregate`]). An unknown stream or field yields none.
-    fn rollups(
-        &self,
-        stream: &str,
-        field: &str,
-        from: i64,
-        to: i64,
-    ) -> Result<Vec<(i64, crate::aggregate::Agg)>, StoreError>;
+    fn rollups(&self, stream: &str, field: &str, from: i64, to: i64) -> Result<Vec<(i64, rollup::Agg)>, StoreError>;
 
     /// Checks the database answers a trivial query: for readiness probes.
     fn ping(&self) -> Result<(), StoreError>;

@@ -68,7 +68,7 @@ use std::time::Duration;
 
 use brume_protocol::{AgentStatus, Batch, FieldsBlob, StatusV1};
 
-use crate::aggregate::{Agg, RollupDeltas};
+use super::rollup::{Agg, RollupDeltas};
 use bytes::Bytes;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_postgres::CopyInSink;
@@ -165,7 +165,7 @@ CREATE TABLE lineage (
 );
 "#;
 
-/// One-minute rollups of numeric fields (see `crate::aggregate`). Kept when retention
+/// One-minute rollups of numeric fields (see `super::rollup`). Kept when retention
 /// drops the raw readings' days: a year of minutes per field is small.
 const SCHEMA_V3: &str = r#"
 CREATE TABLE rollups (
@@ -684,7 +684,7 @@ impl PostgresStore {
         batches: &[Batch],
         keys: &[Key<'_>],
     ) -> Result<BTreeSet<i32>, StoreError> {
-        let today = day_of(crate::ingest::now_ns());
+        let today = day_of(crate::clock::now_ns());
         let window = self.options.partition_window;
         let per_batch: Vec<BTreeSet<i32>> = batches
             .iter()

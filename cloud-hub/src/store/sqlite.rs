@@ -45,7 +45,7 @@ use std::time::Duration;
 
 use brume_protocol::{AgentStatus, Batch, FieldsBlob, StatusV1};
 
-use crate::aggregate::{Agg, RollupDeltas};
+use super::rollup::{Agg, RollupDeltas};
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 
 use super::{

@@ -124,7 +124,7 @@ fn timestamps_outside_the_window_go_to_the_default_partition() {
     let f = Pg::new();
     let window = PartitionWindow::default();
     let store = PostgresStore::connect(PostgresOptions { partition_window: window, ..options(&f.url) }).unwrap();
-    let now = crate::ingest::now_ns();
+    let now = crate::clock::now_ns();
     let today = day_of(now);
     let (min, max) = (brume_protocol::limits::MIN_TS_NS, brume_protocol::limits::MAX_TS_NS);
     // 1,000 readings 73 days apart across 2000..2200, today, tomorrow and the extremes
