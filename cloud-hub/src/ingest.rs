@@ -49,11 +49,6 @@ use crate::metrics::Metrics;
 use crate::mqtt::{Delivery, MqttHandle};
 use crate::store::{BatchOutcome, HubStore, NewQuarantine, QuarantineReason, StoreError};
 
-/// Earliest reading timestamp accepted (shared with agents, which refuse older ones).
-pub const MIN_TS_NS: i64 = brume_protocol::limits::MIN_TS_NS;
-/// First reading timestamp refused (shared with agents).
-pub const MAX_TS_NS: i64 = brume_protocol::limits::MAX_TS_NS;
-
 /// First delay before retrying a failed transaction.
 const RETRY_MIN: Duration = Duration::from_millis(100);
 /// Longest delay between transaction retries.
@@ -104,12 +99,12 @@ pub fn validate(topic: &str, payload: &[u8]) -> Result<Batch, (Reject, String)> 
     if batch.seq > i64::MAX as u64 {
         return Err((Reject::Malformed, format!("seq {} is out of range", batch.seq)));
     }
+    // The protocol's one timestamp rule, checked here rather than at decode so that a
+    // bad timestamp gets its own reason (and its own count) instead of "malformed".
     for chunk in &batch.streams {
-        if let Some(p) = chunk.points.iter().find(|p| !(MIN_TS_NS..MAX_TS_NS).contains(&p.ts_ns)) {
-            return Err((
-                Reject::BadTimestamp,
-                format!("stream {:?}: timestamp {} ns is outside 2000-01-01..2200-01-01", chunk.stream, p.ts_ns),
-            ));
+        for p in &chunk.points {
+            brume_protocol::validate_timestamp(p.ts_ns)
+                .map_err(|e| (Reject::BadTimestamp, format!("stream {:?}: {e}", chunk.stream)))?;
         }
     }
     Ok(batch)
@@ -551,6 +546,7 @@ fn jitter(d: Duration) -> Duration {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use brume_protocol::limits::{MAX_TS_NS, MIN_TS_NS};
     use brume_protocol::{Field, FieldsBlob, Point, StreamChunk, Value};
 
     fn batch(agent: &str, ts_ns: i64) -> Batch {

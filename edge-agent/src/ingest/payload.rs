@@ -348,9 +348,10 @@ fn decode_text(payload: &[u8]) -> Result<&str, PayloadError> {
     Ok(text)
 }
 
-/// Whether a timestamp is one the protocol accepts.
+/// Whether a timestamp is one the protocol accepts (its one rule:
+/// [`brume_protocol::validate_timestamp`]).
 fn in_range(ts_ns: i64) -> bool {
-    (limits::MIN_TS_NS..limits::MAX_TS_NS).contains(&ts_ns)
+    brume_protocol::validate_timestamp(ts_ns).is_ok()
 }
 
 /// Builds a reading, mapping the protocol's validation errors to ours.
