@@ -4,14 +4,16 @@
 //!
 //! Everything listens on 127.0.0.1 and lives in temporary directories removed on drop.
 
-/// A private PostgreSQL server per test (initdb in a temporary directory, free port): the
-/// hub's own test harness, shared rather than copied.
-#[path = "../../cloud-hub/src/store/postgres/test_server.rs"]
-pub mod pg;
+/// A private PostgreSQL server per test (initdb in a temporary directory, free port), from
+/// the shared harness (`brume_test_support`).
+pub mod pg {
+    pub use brume_test_support::TestPostgres;
+}
+
+pub use brume_test_support::free_port;
 
 use std::collections::HashSet;
-use std::net::TcpListener as StdListener;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -34,11 +36,6 @@ pub fn skip(test: &str, why: &str) {
             let _ = f.write_all(line.as_bytes());
         }
     }
-}
-
-/// A free TCP port on 127.0.0.1 (bound then released).
-pub fn free_port() -> u16 {
-    StdListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
 /// Polls `cond` every 50 ms until it holds or `timeout` passes.
@@ -131,55 +128,35 @@ impl Drop for Proc {
     }
 }
 
-/// A private mosquitto broker on a free port.
+/// A private mosquitto broker on a free port (`brume_test_support`), with queue limits
+/// high enough for the tests' bursts.
 pub struct Mosquitto {
     /// Its port.
     pub port: u16,
-    proc: Proc,
-    _dir: tempfile::TempDir,
+    inner: brume_test_support::Mosquitto,
 }
 
 impl Mosquitto {
-    /// Starts mosquitto (must be installed: `apt-get install mosquitto`).
-    pub async fn start() -> Result<Mosquitto> {
-        let dir = tempfile::tempdir()?;
-        let port = free_port();
-        let conf = dir.path().join("mosquitto.conf");
-        std::fs::write(
-            &conf,
-            format!(
-                "listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n\
-                 max_queued_messages 100000\nmax_inflight_messages 1000\nlog_dest stderr\nlog_type error\nlog_type warning\n"
-            ),
-        )?;
-        let exe = which("mosquitto").context("mosquitto not found: run `apt-get install mosquitto`")?;
-        let proc = Proc::spawn("mosquitto", &exe, &["-c".into(), conf.display().to_string()], &dir.path().join("log"))?;
-        let m = Mosquitto { port, proc, _dir: dir };
-        wait_until("mosquitto to listen", Duration::from_secs(10), || port_open(port)).await?;
-        Ok(m)
+    /// Starts mosquitto (must be installed: `apt-get install mosquitto`) and waits until
+    /// it accepts connections.
+    pub fn start() -> Result<Mosquitto> {
+        let inner = brume_test_support::Mosquitto::start_with(|_| {
+            "persistence false\nmax_queued_messages 100000\nmax_inflight_messages 1000\n\
+             log_dest stderr\nlog_type error\nlog_type warning\n"
+                .into()
+        })?;
+        Ok(Mosquitto { port: inner.port, inner })
     }
 
     /// Stops the broker (an outage). Clients see their connections drop.
     pub fn stop(&mut self) {
-        self.proc.kill9();
+        self.inner.stop();
     }
 
-    /// Starts it again on the same port.
-    pub async fn restart(&mut self) -> Result<()> {
-        self.proc.restart()?;
-        let port = self.port;
-        wait_until("mosquitto to listen again", Duration::from_secs(10), || port_open(port)).await
+    /// Starts it again on the same port and waits until it accepts connections.
+    pub fn restart(&mut self) -> Result<()> {
+        Ok(self.inner.restart()?)
     }
-}
-
-fn which(name: &str) -> Option<PathBuf> {
-    for dir in ["/usr/sbin", "/usr/bin", "/usr/local/sbin", "/usr/local/bin", "/sbin"] {
-        let p = Path::new(dir).join(name);
-        if p.exists() {
-            return Some(p);
-        }
-    }
-    None
 }
 
 /// A cloud hub process with its own data directory.

@@ -33,7 +33,7 @@ fn tail(s: &str) -> &str {
 /// every reading reaches the hub's store exactly once, in order per stream.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn broker_outage_loses_nothing_and_duplicates_nothing() {
-    let mut broker = Mosquitto::start().await.unwrap();
+    let mut broker = Mosquitto::start().unwrap();
     let hub = Hub::start(Path::new(HUB), broker.port).await.unwrap();
     let agent = Agent::start(Path::new(AGENT), "edge-outage", broker.port, &[]).await.unwrap();
     let sensor = Sensor::start(agent.mqtt_port, STREAMS, RATE);
@@ -43,7 +43,7 @@ async fn broker_outage_loses_nothing_and_duplicates_nothing() {
     tokio::time::sleep(Duration::from_secs(40)).await; // the outage itself is the test's subject
     let during = agent.status().await.unwrap();
     assert!(during["outbox"]["batches"].as_u64().unwrap() > 0, "the agent buffers while the broker is down: {during}");
-    broker.restart().await.unwrap();
+    broker.restart().unwrap();
     tokio::time::sleep(Duration::from_secs(5)).await; // keep publishing while the backlog drains
     let (acked, sent) = sensor.stop().await;
     assert!(acked.len() as u64 >= RATE * 40, "the agent kept acknowledging during the outage: {}", acked.len());
@@ -64,7 +64,7 @@ async fn broker_outage_loses_nothing_and_duplicates_nothing() {
 /// PUBACKed reaches the hub, once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn agent_and_hub_kill_9_lose_nothing_acknowledged() {
-    let mut broker = Mosquitto::start().await.unwrap();
+    let mut broker = Mosquitto::start().unwrap();
     let mut hub = Hub::start(Path::new(HUB), broker.port).await.unwrap();
     let mut agent = Agent::start(Path::new(AGENT), "edge-kill", broker.port, &[]).await.unwrap();
     let sensor = Sensor::start(agent.mqtt_port, STREAMS, RATE);
@@ -75,7 +75,7 @@ async fn agent_and_hub_kill_9_lose_nothing_acknowledged() {
     agent.proc.kill9();
     agent.restart().await.unwrap();
     tokio::time::sleep(Duration::from_secs(25)).await;
-    broker.restart().await.unwrap();
+    broker.restart().unwrap();
     // Kill the hub while the backlog drains, then bring it back.
     wait_until("the backlog to start draining", Duration::from_secs(30), || async { hub.total().await > 5_000 })
         .await

@@ -38,8 +38,8 @@ async fn publish_all(port: u16, topic: &str, range: std::ops::Range<u64>) {
 /// hub (re-delivery after a crash may repeat a few that were committed but not yet acked).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn subscribe_mode_survives_kill_9() {
-    let local = Mosquitto::start().await.unwrap();
-    let cloud = Mosquitto::start().await.unwrap();
+    let local = Mosquitto::start().unwrap();
+    let cloud = Mosquitto::start().unwrap();
     let hub = Hub::start(Path::new(HUB), cloud.port).await.unwrap();
     let sub = format!("enabled = true\nport = {}\ntopics = [\"sensors/#\"]\nstrip_prefix = \"sensors/\"", local.port);
     let mut agent =
@@ -76,7 +76,7 @@ async fn subscribe_mode_survives_kill_9() {
 /// reading's fields; the broker's PUBACK empties the outbox.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn json_mode_publishes_one_object_per_reading() {
-    let cloud = Mosquitto::start().await.unwrap();
+    let cloud = Mosquitto::start().unwrap();
     let (client, mut el) = AsyncClient::new(MqttOptions::new("consumer", "127.0.0.1", cloud.port), 10);
     client.subscribe("out/edge-json/#", QoS::AtLeastOnce).await.unwrap();
     loop {
@@ -136,7 +136,7 @@ async fn json_mode_publishes_one_object_per_reading() {
 /// stores plus what was reported lost is everything that was written.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dropped_readings_are_counted_and_reported_to_the_hub() {
-    let cloud = Mosquitto::start().await.unwrap();
+    let cloud = Mosquitto::start().unwrap();
     let agent = Agent::start(
         Path::new(AGENT),
         "edge-loss",

@@ -165,7 +165,7 @@ async fn hub_state(hub: &Hub) -> (usize, usize) {
 /// module file that computed it, and lists both module builds.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn example_modules_results_reach_the_hub_with_lineage() {
-    let broker = Mosquitto::start().await.unwrap();
+    let broker = Mosquitto::start().unwrap();
     let hub = Hub::start(Path::new(HUB), broker.port).await.unwrap();
     let (threshold, downsample) = (built_module("threshold"), built_module("downsample"));
     let mods = modules_config(&[(&threshold, "limit = 80.0"), (&downsample, "window_s = 1")]);
@@ -226,7 +226,7 @@ async fn example_modules_results_reach_the_hub_with_lineage() {
 /// committed in one transaction.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn downsample_outputs_survive_kill_9() {
-    let broker = Mosquitto::start().await.unwrap();
+    let broker = Mosquitto::start().unwrap();
     let hub = Hub::start(Path::new(HUB), broker.port).await.unwrap();
     let downsample = built_module("downsample");
     let mods = modules_config(&[(&downsample, "window_s = 1")]);
@@ -285,7 +285,7 @@ async fn downsample_outputs_survive_kill_9() {
 /// and keeps working.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn modules_compile_in_a_child_process_into_a_checked_cache() {
-    let broker = Mosquitto::start().await.unwrap();
+    let broker = Mosquitto::start().unwrap();
     let threshold = built_module("threshold");
     let dir = tempfile::tempdir().unwrap();
     let corrupt = dir.path().join("corrupt.wasm");

@@ -36,7 +36,7 @@ async fn wait_online_within(hub: &Hub, online: bool, what: &str, within: Duratio
 /// last will can explain it; online again after a restart; offline after a clean stop.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn presence_follows_the_agent_through_kill_9_and_restart() {
-    let broker = Mosquitto::start().await.unwrap();
+    let broker = Mosquitto::start().unwrap();
     let hub = Hub::start(Path::new(HUB), broker.port).await.unwrap();
     let mut agent = Agent::start(
         Path::new(AGENT),

@@ -20,7 +20,7 @@ const RATE: u64 = 1000;
 /// 3 s of the broker accepting connections; nothing is lost or stored twice.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn first_batch_stored_within_3_s_of_the_broker_returning() {
-    let mut broker = Mosquitto::start().await.unwrap();
+    let mut broker = Mosquitto::start().unwrap();
     let hub = Hub::start(Path::new(HUB), broker.port).await.unwrap();
     let agent = Agent::start(Path::new(AGENT), "edge-recovery", broker.port, &[]).await.unwrap();
     let sensor = Sensor::start(agent.mqtt_port, STREAMS, RATE);
@@ -31,7 +31,7 @@ async fn first_batch_stored_within_3_s_of_the_broker_returning() {
         broker.stop();
         tokio::time::sleep(Duration::from_secs(outage)).await; // the outage is the subject
         let before = hub.total().await;
-        broker.restart().await.unwrap(); // returns once the port accepts connections
+        broker.restart().unwrap(); // returns once the port accepts connections
         let back = Instant::now();
         wait_until("readings stored again", Duration::from_secs(30), || async { hub.total().await > before })
             .await

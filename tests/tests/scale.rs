@@ -26,7 +26,7 @@ fn postgres_storage(url: &str) -> String {
 async fn two_hubs_one_killed_twenty_agents_lose_and_duplicate_nothing() {
     let pg = TestPostgres::start();
     let storage = postgres_storage(&pg.create_db("brume"));
-    let broker = Mosquitto::start().await.unwrap();
+    let broker = Mosquitto::start().unwrap();
     let mut hub_a = Hub::start_with(Path::new(HUB), broker.port, &storage).await.unwrap();
     let hub_b = Hub::start_with(Path::new(HUB), broker.port, &storage).await.unwrap();
 
@@ -119,7 +119,7 @@ async fn postgres_and_broker_restarts_during_ingest_lose_nothing() {
     const N: usize = 4;
     let mut pg = TestPostgres::start();
     let storage = postgres_storage(&pg.create_db("brume"));
-    let mut broker = Mosquitto::start().await.unwrap();
+    let mut broker = Mosquitto::start().unwrap();
     let hub = Hub::start_with(Path::new(HUB), broker.port, &storage).await.unwrap();
     let mut agents = Vec::new();
     let mut sensors = Vec::new();
@@ -156,7 +156,7 @@ async fn postgres_and_broker_restarts_during_ingest_lose_nothing() {
     let before = hub.total().await;
     broker.stop();
     tokio::time::sleep(Duration::from_secs(2)).await;
-    broker.restart().await.unwrap();
+    broker.restart().unwrap();
     wait_until("ingest after the broker restart", Duration::from_secs(60), || async {
         hub.total().await > before + 500
     })

@@ -119,7 +119,7 @@ async fn deduplicated(agent: &Agent) -> u64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn persistent_session_resends_after_kill_9_are_stored_once() {
-    let broker = Mosquitto::start().await.unwrap();
+    let broker = Mosquitto::start().unwrap();
     let hub = Hub::start(Path::new(HUB), broker.port).await.unwrap();
     let mut agent = Agent::start(Path::new(AGENT), "edge-durable", broker.port, &[]).await.unwrap();
     let state = Arc::new(Mutex::new(SensorState::default()));

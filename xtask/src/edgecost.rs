@@ -98,7 +98,7 @@ fn setup(target: &Target<'_>) -> Result<Setup> {
                 )
             })?;
             Ok(Setup {
-                pid: edge.proc.pid(),
+                pid: edge.pid(),
                 mqtt: edge.port,
                 http: None,
                 cloud: Some(cloud_port),

@@ -12,9 +12,6 @@ use cloud_hub::store::HubStore;
 use cloud_hub::store::postgres::{PostgresOptions, PostgresStore};
 use cloud_hub::store::sqlite::SqliteStore;
 
-#[path = "../../cloud-hub/src/store/postgres/test_server.rs"]
-mod test_server;
-
 /// Readings per batch, as the agent's default `forward.batch_max_readings`.
 pub const BATCH: usize = 1000;
 /// Batches per ingest transaction.
@@ -117,14 +114,14 @@ pub fn sqlite_store() -> Result<(tempfile::TempDir, SqliteStore)> {
 
 /// A private PostgreSQL server (initdb in a temporary directory, free port).
 pub struct Pg {
-    pub server: test_server::TestPostgres,
+    pub server: brume_test_support::TestPostgres,
 }
 
 impl Pg {
     /// Starts the server with PostgreSQL's default durability (fsync on, synchronous
     /// commit), as a deployment runs it: the figures are what an operator gets.
     pub fn start() -> Pg {
-        Pg { server: test_server::TestPostgres::start_durable() }
+        Pg { server: brume_test_support::TestPostgres::start_durable() }
     }
 
     /// A fresh database and a hub store on it.

@@ -117,7 +117,7 @@ pub fn run(exe: &Path, pg: &Pg, db: &str, hubs: usize, batches_per_agent: u64) -
 
     let cpu_before: Vec<f64> = procs.iter().map(|p| cpu_secs(p.pid())).collect();
     let (pg_before, mosq_before, self_before) =
-        (postgres_pids(pg).iter().map(|&p| cpu_secs(p)).sum::<f64>(), cpu_secs(mosq.proc.pid()), self_cpu_secs());
+        (postgres_pids(pg).iter().map(|&p| cpu_secs(p)).sum::<f64>(), cpu_secs(mosq.pid()), self_cpu_secs());
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     let port = mosq.port;
     let secs = rt.block_on(async move {
@@ -139,7 +139,7 @@ pub fn run(exe: &Path, pg: &Pg, db: &str, hubs: usize, batches_per_agent: u64) -
         .map(|(i, (p, b))| (format!("hub {}", i + 1), cpu_secs(p.pid()) - b))
         .collect();
     cpu.push(("PostgreSQL".into(), pg_cpu.max(0.0)));
-    cpu.push(("mosquitto".into(), cpu_secs(mosq.proc.pid()) - mosq_before));
+    cpu.push(("mosquitto".into(), cpu_secs(mosq.pid()) - mosq_before));
     cpu.push(("load generator".into(), self_cpu_secs() - self_before));
     for mut p in procs {
         p.terminate()?;

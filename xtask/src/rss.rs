@@ -123,7 +123,7 @@ pub fn run(exe: &Path, secs: u64, rate: u32, extra: &str) -> Result<RssResult> {
     }
     let hwm = proc_status_bytes(pid, "VmHWM").context("reading VmHWM")?;
     let rss_end = proc_status_bytes(pid, "VmRSS").context("reading VmRSS")?;
-    let mosquitto_hwm = proc_status_bytes(mosq.proc.pid(), "VmHWM").unwrap_or(0);
+    let mosquitto_hwm = proc_status_bytes(mosq.pid(), "VmHWM").unwrap_or(0);
     let elapsed = start.elapsed().as_secs_f64();
     agent.terminate()?;
     stop.store(true, Ordering::Relaxed);

@@ -1,8 +1,7 @@
 //! Helpers shared by the benchmarks: samples and their summary, number formatting, child
 //! processes, a private mosquitto, machine facts.
 
-use std::net::TcpListener as StdListener;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -73,10 +72,7 @@ pub fn fmt_bytes(b: f64) -> String {
     format!("{:.1} MB ({:.1} MiB)", b / 1e6, b / (1024.0 * 1024.0))
 }
 
-/// A free TCP port on 127.0.0.1 (bound, then released for the child to take).
-pub fn free_port() -> u16 {
-    StdListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("binding 127.0.0.1:0")
-}
+pub use brume_test_support::free_port;
 
 /// Waits until something accepts TCP connections on 127.0.0.1:`port`.
 pub fn wait_port(what: &str, port: u16, timeout: Duration) -> Result<()> {
@@ -154,43 +150,9 @@ impl Drop for Proc {
     }
 }
 
-/// A private mosquitto on a free port: temporary config `listener PORT 127.0.0.1`,
-/// `allow_anonymous true`, `persistence false`.
-pub struct Mosquitto {
-    pub port: u16,
-    pub proc: Proc,
-    _dir: tempfile::TempDir,
-}
+pub use brume_test_support::Mosquitto;
 
-impl Mosquitto {
-    pub fn start() -> Result<Mosquitto> {
-        Mosquitto::start_with(|_| "persistence false\n".into())
-    }
-
-    /// Starts mosquitto with `extra(dir)` appended to its configuration, `dir` being
-    /// its private directory (for `persistence_location`).
-    pub fn start_with(extra: impl FnOnce(&Path) -> String) -> Result<Mosquitto> {
-        let exe = which("mosquitto").context("mosquitto not found: `apt-get install mosquitto`")?;
-        let dir = tempfile::tempdir()?;
-        let port = free_port();
-        let conf = dir.path().join("mosquitto.conf");
-        std::fs::write(&conf, format!("listener {port} 127.0.0.1\nallow_anonymous true\n{}", extra(dir.path())))?;
-        let proc =
-            Proc::spawn("mosquitto", &exe, &["-c".into(), conf.display().to_string()], &dir.path().join("log"), &[])?;
-        let m = Mosquitto { port, proc, _dir: dir };
-        wait_port("mosquitto", port, Duration::from_secs(10))?;
-        Ok(m)
-    }
-}
-
-/// Finds an executable in the usual system directories.
-pub fn which(name: &str) -> Option<PathBuf> {
-    let path = std::env::var("PATH").unwrap_or_default();
-    path.split(':')
-        .chain(["/usr/sbin", "/usr/bin", "/usr/local/sbin", "/usr/local/bin", "/sbin"])
-        .map(|d| Path::new(d).join(name))
-        .find(|p| p.is_file())
-}
+pub use brume_test_support::which;
 
 /// Output of a command's first line, or "unknown".
 pub fn cmd_line(prog: &str, args: &[&str]) -> String {

@@ -1518,7 +1518,4 @@ async fn agents_in_snapshot(tx: &Transaction<'_>) -> Result<Vec<AgentSummary>, S
 }
 
 #[cfg(test)]
-pub(crate) mod test_server;
-
-#[cfg(test)]
 mod tests;

@@ -3,15 +3,13 @@
 //! for the `postgres_*` tests (each starts its own private server).
 
 // The store unit tests' private PostgreSQL harness, shared rather than copied.
-#[path = "../../src/store/postgres/test_server.rs"]
-mod test_server;
 mod util;
 
 use std::time::Duration;
 
 use brume_protocol::{AckV1, AgentMessage, HubMessage, LossReason, LossReport, topics};
+use brume_test_support::TestPostgres;
 use serde_json::json;
-use test_server::TestPostgres;
 use util::{Agent, Hub, Mosquitto, batch};
 
 /// 2024-01-01T00:00:00Z in ns: inside the hub's accepted timestamp range.
@@ -19,7 +17,7 @@ const T0: i64 = 1_704_067_200_000_000_000;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn batch_is_acked_and_served_over_http() {
-    let broker = Mosquitto::start();
+    let broker = Mosquitto::start().expect("starting mosquitto");
     let hub = Hub::start(broker.port).await;
     let mut agent = Agent::connect(broker.port, "agent-1").await;
 
@@ -99,7 +97,7 @@ async fn batch_is_acked_and_served_over_http() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn duplicate_batch_is_acked_twice_and_stored_once() {
-    let broker = Mosquitto::start();
+    let broker = Mosquitto::start().expect("starting mosquitto");
     let hub = Hub::start(broker.port).await;
     let mut agent = Agent::connect(broker.port, "dup").await;
 
@@ -122,7 +120,7 @@ async fn duplicate_batch_is_acked_twice_and_stored_once() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_batches_are_counted_and_do_not_stop_ingest() {
-    let broker = Mosquitto::start();
+    let broker = Mosquitto::start().expect("starting mosquitto");
     let hub = Hub::start(broker.port).await;
     let mut agent = Agent::connect(broker.port, "a1").await;
     // Make sure the hub is subscribed before sending what it must reject.
@@ -180,15 +178,16 @@ async fn bad_batches_are_counted_and_do_not_stop_ingest() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hub_reconnects_after_broker_restart() {
-    let broker = Mosquitto::start();
+    let broker = Mosquitto::start().expect("starting mosquitto");
     let port = broker.port;
     let hub = Hub::start(port).await;
     let mut agent = Agent::connect(port, "r1").await;
     agent.send_until_acked(&batch("r1", 1, 1, &[("s", T0, 1.0)])).await;
     drop(agent);
-    drop(broker);
-    // A new broker on the same port: the hub reconnects (backoff) and re-subscribes.
-    let broker = Mosquitto::start_on(port);
+    let mut broker = broker;
+    broker.stop();
+    // The broker back on the same port: the hub reconnects (backoff) and re-subscribes.
+    broker.restart().expect("restarting mosquitto");
     let mut agent = Agent::connect(broker.port, "r1").await;
     agent.send_until_acked(&batch("r1", 1, 2, &[("s", T0 + 1, 2.0)])).await;
     assert_eq!(hub.get_json("/api/v1/agents").await[0]["watermark"], json!(2));
@@ -218,7 +217,7 @@ async fn hub_serves_http_and_stops_promptly_without_a_broker() {
 async fn postgres_backend_end_to_end_with_duplicates() {
     let pg = TestPostgres::start();
     let url = pg.create_db("hub");
-    let broker = Mosquitto::start();
+    let broker = Mosquitto::start().expect("starting mosquitto");
     let hub = Hub::start_postgres(broker.port, &url).await;
     let mut agent = Agent::connect(broker.port, "pg-1").await;
 
@@ -274,7 +273,7 @@ async fn postgres_poison_batches_are_quarantined_and_never_stop_other_agents() {
     use reqwest::Method;
     let pg = TestPostgres::start();
     let url = pg.create_db("hub");
-    let broker = Mosquitto::start();
+    let broker = Mosquitto::start().expect("starting mosquitto");
     let hub = Hub::start_postgres(broker.port, &url).await;
     let mut bad = Agent::connect(broker.port, "bad-1").await;
     let mut good = Agent::connect(broker.port, "good-1").await;
@@ -350,7 +349,7 @@ async fn postgres_poison_batches_are_quarantined_and_never_stop_other_agents() {
 async fn postgres_outage_withholds_acks_until_the_database_is_back() {
     let mut pg = TestPostgres::start();
     let url = pg.create_db("hub");
-    let broker = Mosquitto::start();
+    let broker = Mosquitto::start().expect("starting mosquitto");
     let hub = Hub::start_postgres(broker.port, &url).await;
     let mut agent = Agent::connect(broker.port, "pg-2").await;
     agent.send_until_acked(&batch("pg-2", 1, 1, &[("s", T0, 1.0)])).await;
@@ -391,7 +390,7 @@ async fn postgres_outage_withholds_acks_until_the_database_is_back() {
 /// readings below a minute, and parameter errors that name the parameter.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn aggregate_api_buckets_a_stream() {
-    let broker = Mosquitto::start();
+    let broker = Mosquitto::start().expect("starting mosquitto");
     let hub = Hub::start(broker.port).await;
     let mut agent = Agent::connect(broker.port, "agg-1").await;
     const MIN: i64 = 60_000_000_000;
@@ -439,7 +438,7 @@ async fn aggregate_api_buckets_a_stream() {
 /// time new readings change it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tail_streams_buckets_as_readings_arrive() {
-    let broker = Mosquitto::start();
+    let broker = Mosquitto::start().expect("starting mosquitto");
     let hub = Hub::start(broker.port).await;
     let mut agent = Agent::connect(broker.port, "tail-1").await;
     let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as i64;
@@ -486,7 +485,7 @@ async fn tail_streams_buckets_as_readings_arrive() {
 /// publishes before they reach any hub: see cloud-hub/POSTGRES.md.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn oversize_publish_does_not_stop_the_hub() {
-    let broker = Mosquitto::start();
+    let broker = Mosquitto::start().expect("starting mosquitto");
     let hub = Hub::start(broker.port).await;
     let mut good = Agent::connect(broker.port, "good").await;
     good.send_until_acked(&batch("good", 1, 1, &[("g", T0, 1.0)])).await;
@@ -515,7 +514,7 @@ async fn oversize_publish_does_not_stop_the_hub() {
 /// for that agent after the next refresh; filling the gap brings it back to 0.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn missing_batches_gauge_per_agent() {
-    let broker = Mosquitto::start();
+    let broker = Mosquitto::start().expect("starting mosquitto");
     let hub = Hub::start_with(broker.port, |cfg| cfg.ingest.fleet_metrics_interval = Duration::from_millis(100)).await;
     let mut agent = Agent::connect(broker.port, "gap-1").await;
     agent.send_until_acked(&batch("gap-1", 1, 1, &[("g", T0, 1.0)])).await;
@@ -539,7 +538,7 @@ async fn missing_batches_gauge_per_agent() {
 /// serves: every documented path answers (never 404), and the list matches the router's.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn openapi_document_matches_the_routes() {
-    let broker = Mosquitto::start();
+    let broker = Mosquitto::start().expect("starting mosquitto");
     let hub = Hub::start(broker.port).await;
     let doc = hub.get_json("/api/v1/openapi.json").await;
     let mut paths: Vec<&str> = doc["paths"].as_object().unwrap().keys().map(String::as_str).collect();

@@ -1,9 +1,7 @@
-//! Test harness: a real mosquitto on a free loopback port, the hub running in-process,
-//! and an MQTT client that behaves like an agent.
+//! Test harness: a real mosquitto on a free loopback port (`brume_test_support`), the hub
+//! running in-process, and an MQTT client that behaves like an agent.
 
-use std::net::{Ipv4Addr, SocketAddr, TcpListener as StdListener, TcpStream};
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::net::{Ipv4Addr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use brume_protocol::{AgentMessage, BatchV1, Field, FieldsBlob, HubMessage, Point, StreamChunk, Value, topics};
@@ -11,69 +9,10 @@ use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-/// Where Debian installs the broker.
-const MOSQUITTO: &str = "/usr/sbin/mosquitto";
-
 /// Upper bound for anything a test waits for.
 pub const DEADLINE: Duration = Duration::from_secs(30);
 
-/// Picks a free port by binding port 0 and releasing it. Another process could take it
-/// before mosquitto binds it; on loopback in a test that is rare enough.
-fn free_port() -> u16 {
-    StdListener::bind((Ipv4Addr::LOCALHOST, 0)).unwrap().local_addr().unwrap().port()
-}
-
-/// A mosquitto process, killed on drop.
-pub struct Mosquitto {
-    child: Child,
-    /// Broker port on 127.0.0.1.
-    pub port: u16,
-    _dir: tempfile::TempDir,
-}
-
-impl Mosquitto {
-    /// Starts mosquitto on a free port and waits until it accepts TCP connections.
-    pub fn start() -> Mosquitto {
-        Mosquitto::start_on(free_port())
-    }
-
-    /// Starts mosquitto on `port` and waits until it accepts TCP connections.
-    pub fn start_on(port: u16) -> Mosquitto {
-        assert!(
-            std::path::Path::new(MOSQUITTO).exists(),
-            "{MOSQUITTO} not found: install the `mosquitto` package (apt-get install mosquitto)"
-        );
-        let dir = tempfile::tempdir().unwrap();
-        let conf: PathBuf = dir.path().join("m.conf");
-        std::fs::write(&conf, format!("listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n")).unwrap();
-        let child = Command::new(MOSQUITTO)
-            .arg("-c")
-            .arg(&conf)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("spawning mosquitto");
-        let mut m = Mosquitto { child, port, _dir: dir };
-        let start = Instant::now();
-        // Poll until the port accepts connections, failing fast if mosquitto died.
-        while TcpStream::connect((Ipv4Addr::LOCALHOST, port)).is_err() {
-            if let Some(status) = m.child.try_wait().unwrap() {
-                panic!("mosquitto exited with {status} before listening on {port}");
-            }
-            assert!(start.elapsed() < DEADLINE, "mosquitto did not listen on {port}");
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        m
-    }
-}
-
-impl Drop for Mosquitto {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
+pub use brume_test_support::Mosquitto;
 
 /// The hub running in-process, stopped on drop.
 pub struct Hub {

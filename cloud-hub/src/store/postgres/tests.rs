@@ -5,9 +5,9 @@
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use super::test_server::TestPostgres;
 use super::*;
 use crate::store::suite::{Fixture, all, batch};
+use brume_test_support::TestPostgres;
 
 /// 2024-01-01T00:00:00Z in ns (day 19723).
 const T0: i64 = 1_704_067_200_000_000_000;

@@ -1,9 +1,8 @@
 //! A private PostgreSQL server for tests: `initdb` into a temporary directory, `pg_ctl
 //! start` on a free loopback port, `pg_ctl stop -m immediate` and removal on drop.
 //!
-//! Shared by the store unit tests (`store/postgres/tests.rs`) and the hub integration
-//! tests (`tests/integration/main.rs` includes this file with `#[path]`), so it only
-//! uses std and `tempfile`. Needs the PostgreSQL server binaries: found through
+//! Used by the hub's store tests, its integration tests, the end-to-end tests and the
+//! benchmarks. Needs the PostgreSQL server binaries: found through
 //! `BRUME_PG_BINDIR`, `pg_config --bindir` or `/usr/lib/postgresql/*/bin`
 //! (`apt-get install postgresql`, or `scripts/deps.sh`).
 //!
@@ -11,13 +10,11 @@
 //! runs as the `postgres` system user through `runuser`, with the directory chowned to
 //! it; otherwise the commands run directly.
 
-// Each test binary that includes this file uses a different subset of it.
-#![allow(dead_code)]
-
-use std::net::{Ipv4Addr, TcpListener};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
+
+use crate::free_port;
 
 /// A running (or stopped) private PostgreSQL server, destroyed on drop.
 pub struct TestPostgres {
@@ -32,11 +29,6 @@ pub struct TestPostgres {
     /// need not survive a power cut and which start many servers; on for benchmarks,
     /// whose figures must be what a real deployment gets.
     durable: bool,
-}
-
-/// Picks a free port by binding port 0 and releasing it.
-fn free_port() -> u16 {
-    TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).unwrap().local_addr().unwrap().port()
 }
 
 fn find_bindir() -> PathBuf {
@@ -89,7 +81,6 @@ impl TestPostgres {
 
     /// Like [`TestPostgres::start`], with PostgreSQL's default durability (fsync on,
     /// synchronous commit): for benchmarks.
-    #[allow(dead_code)] // each crate that includes this file uses one of the two
     pub fn start_durable() -> TestPostgres {
         TestPostgres::start_with(true)
     }
@@ -111,8 +102,16 @@ impl TestPostgres {
             args.push("--no-sync".as_ref());
         }
         pg.run("initdb", &args);
-        pg.restart();
-        pg
+        // The port was free when picked; another process may have taken it since. The
+        // server says so in its log: pick another and try again.
+        for _ in 0..5 {
+            match pg.try_restart() {
+                Ok(()) => return pg,
+                Err(log) if log.contains("could not bind") || log.contains("already in use") => pg.port = free_port(),
+                Err(log) => panic!("PostgreSQL did not start:\n{log}"),
+            }
+        }
+        panic!("PostgreSQL found no free port in 5 attempts")
     }
 
     fn data_dir(&self) -> PathBuf {
@@ -122,6 +121,12 @@ impl TestPostgres {
     /// Runs a server binary (as `postgres` when we are root); panics with its output
     /// (and the server log) on failure.
     fn run(&self, bin: &str, args: &[&std::ffi::OsStr]) -> Output {
+        self.try_run(bin, args).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// Runs a server binary (as `postgres` when we are root); on failure, its output and
+    /// the server log.
+    fn try_run(&self, bin: &str, args: &[&std::ffi::OsStr]) -> Result<Output, String> {
         let exe = self.bindir.join(bin);
         let mut cmd = if self.as_postgres {
             let mut c = Command::new("runuser");
@@ -131,22 +136,26 @@ impl TestPostgres {
             Command::new(&exe)
         };
         let out =
-            cmd.args(args).stdin(Stdio::null()).output().unwrap_or_else(|e| panic!("running {}: {e}", exe.display()));
+            cmd.args(args).stdin(Stdio::null()).output().map_err(|e| format!("running {}: {e}", exe.display()))?;
         if !out.status.success() {
             let log = std::fs::read_to_string(self.dir.path().join("log")).unwrap_or_default();
-            panic!(
+            return Err(format!(
                 "{bin} failed ({}):\n{}{}\nserver log:\n{log}",
                 out.status,
                 String::from_utf8_lossy(&out.stdout),
                 String::from_utf8_lossy(&out.stderr)
-            );
+            ));
         }
-        out
+        Ok(out)
     }
 
     /// Starts the server (again) on the same port and data, waiting until it accepts
     /// connections.
     pub fn restart(&mut self) {
+        self.try_restart().unwrap_or_else(|e| panic!("{e}"));
+    }
+
+    fn try_restart(&mut self) -> Result<(), String> {
         let data = self.data_dir();
         let log = self.dir.path().join("log");
         let opts = format!(
@@ -155,7 +164,7 @@ impl TestPostgres {
             self.dir.path().display(),
             if self.durable { "" } else { " -c fsync=off" }
         );
-        self.run(
+        self.try_run(
             "pg_ctl",
             &[
                 "-D".as_ref(),
@@ -167,8 +176,9 @@ impl TestPostgres {
                 "-w".as_ref(),
                 "start".as_ref(),
             ],
-        );
+        )?;
         self.running = true;
+        Ok(())
     }
 
     /// Stops the server at once (no shutdown checkpoint, clients are cut off), as a
@@ -184,22 +194,7 @@ impl TestPostgres {
 
     /// Creates an empty database and returns its connection URL.
     pub fn create_db(&self, name: &str) -> String {
-        let port = self.port.to_string();
-        self.run(
-            "psql",
-            &[
-                "-h".as_ref(),
-                "127.0.0.1".as_ref(),
-                "-p".as_ref(),
-                port.as_ref(),
-                "-U".as_ref(),
-                "postgres".as_ref(),
-                "-v".as_ref(),
-                "ON_ERROR_STOP=1".as_ref(),
-                "-c".as_ref(),
-                format!("CREATE DATABASE \"{name}\"").as_ref(),
-            ],
-        );
+        self.psql("postgres", &format!("CREATE DATABASE \"{name}\""));
         self.url(name)
     }
 
