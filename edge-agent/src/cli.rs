@@ -111,7 +111,7 @@ fn real_main() -> anyhow::Result<()> {
         return Ok(());
     }
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the runtime")?;
-    rt.block_on(async move {
+    let result = rt.block_on(async move {
         let listeners = crate::Listeners::bind(&cfg).await?;
         let shutdown = CancellationToken::new();
         let signal = shutdown.clone();
@@ -120,7 +120,11 @@ fn real_main() -> anyhow::Result<()> {
             signal.cancel();
         });
         crate::run(cfg, listeners, shutdown).await
-    })
+    });
+    // `run` bounds its own waits; a blocking task it gave up on must not hold the exit
+    // (dropping the runtime would wait for it).
+    rt.shutdown_timeout(std::time::Duration::from_secs(1));
+    result
 }
 
 async fn wait_for_signal() {

@@ -302,16 +302,25 @@ impl JsonSink {
 /// Sends outbox batches through a [`Sink`] within a [`window::Window`], and turns link
 /// events into acknowledgements, rewinds and re-sends.
 struct Forwarder {
+    /// What the agent tells the hub about itself (heartbeat, last will).
     presence: Presence,
+    /// The agent's config (`[forward]` mostly).
     cfg: Config,
+    /// Where batches are read from and acks recorded.
     store: StoreHandle,
+    /// rumqttc's request queue; its event loop runs in `event_loop_task`, which owns it.
     client: AsyncClient,
+    /// The agent's metrics.
     metrics: Arc<Metrics>,
+    /// What `/api/v1/status` shows about the link; locked briefly, never across `.await`.
     status: SharedForwardStatus,
+    /// The store's epoch, stamped on every batch.
     epoch: u64,
+    /// Whether the broker connection is up (from the event loop's events).
     connected: bool,
     /// Batches in flight in this session.
     window: window::Window,
+    /// Publishes a batch in the configured mode (hub batches or JSON).
     sink: Sink,
     /// Recent (time, readings acknowledged), for the drain rate.
     recent_acks: VecDeque<(Instant, u64)>,

@@ -169,13 +169,23 @@ pub async fn run(cfg: Config, listeners: Listeners, shutdown: CancellationToken)
         tracing::warn!("ingest did not stop within 10 s; unacknowledged readings stay with their senders");
     }
     tracing::info!("stopping modules after their current batch");
-    let _ = tokio::task::spawn_blocking(move || runners.stop()).await;
+    // A batch is bounded by the module's time budget, but a module still compiling (a
+    // child process, up to 300 s) is not: leave it. Modules resume from their last commit.
+    if tokio::time::timeout(Duration::from_secs(10), tokio::task::spawn_blocking(move || runners.stop())).await.is_err()
+    {
+        tracing::warn!("modules did not stop within 10 s; leaving them (they resume from their last commit)");
+    }
     tracing::info!("stopping forwarding");
     forward_stop.cancel();
     let _ = tokio::time::timeout(Duration::from_secs(5), forwarder).await;
     drop(store);
-    // The writer exits once every handle is gone, after committing what it holds.
-    let _ = tokio::task::spawn_blocking(move || writer.join()).await;
+    // The writer exits once every handle is gone, after committing what it holds. A module
+    // left running above still holds one: then stop waiting. Nothing it holds was
+    // acknowledged, and SQLite recovers its WAL at the next start.
+    if tokio::time::timeout(Duration::from_secs(30), tokio::task::spawn_blocking(move || writer.join())).await.is_err()
+    {
+        tracing::warn!("the store writer did not finish within 30 s; exiting without it");
+    }
     tracing::info!("stopped");
     Ok(())
 }

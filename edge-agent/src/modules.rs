@@ -85,6 +85,7 @@ pub struct ModuleRunners {
     /// Cancelled by [`stop`](Self::stop); runners check it between batches and while
     /// they wait.
     stop: CancellationToken,
+    /// The module threads, joined by [`stop`](Self::stop).
     threads: Vec<std::thread::JoinHandle<()>>,
 }
 
@@ -177,6 +178,8 @@ struct Worker {
     store: StoreHandle,
     /// Cancelled when the modules stop; checked between batches and while waiting.
     stop: CancellationToken,
+    /// The agent's runtime, entered with `block_on` to wait for commits (the thread is
+    /// not a runtime thread).
     rt: tokio::runtime::Handle,
 }
 
@@ -186,11 +189,17 @@ struct Runner {
     name: String,
     cfg: ModuleConfig,
     data_dir: std::path::PathBuf,
+    /// `module_runtime.batch_max_readings`.
     batch_max: usize,
+    /// The process's one engine, shared by every module.
     engine: Arc<WasmEngine>,
+    /// Where outputs and progress are committed.
     store: StoreHandle,
+    /// The agent's metrics.
     metrics: Arc<Metrics>,
+    /// Every module's status; this runner writes entry `index`, locked briefly.
     status: SharedModuleStatus,
+    /// The agent's runtime, for `block_on` (see [`Worker::rt`]).
     rt: tokio::runtime::Handle,
     /// Where `start_at = "latest"` puts a module without saved progress: the store's last
     /// reading id when the agent started.

@@ -66,9 +66,13 @@ use crate::store::{PublishId, SessionOp};
 
 /// Shared state of the listener.
 struct Shared {
+    /// `[listener]`.
     cfg: ListenerConfig,
+    /// `[payload]`: how PUBLISH payloads are parsed.
     payload: PayloadConfig,
+    /// Where readings are committed; every connection queues into the one writer.
     store: StoreHandle,
+    /// The agent's metrics.
     metrics: Arc<Metrics>,
     /// Sessions by client id, for takeover and `session_present`.
     sessions: Mutex<Sessions>,
@@ -81,6 +85,7 @@ struct Sessions {
     /// Open connection per client id: (connection number, its token). A new connection with
     /// the same id cancels the old one (MQTT session takeover).
     active: HashMap<Arc<str>, (u64, CancellationToken)>,
+    /// The next connection's number (tells an old connection from its replacement).
     next_conn: u64,
 }
 

@@ -64,9 +64,15 @@ impl Gate {
 /// writer half [`answered`](Self::answered); `wake` is called when the connection's quiet
 /// leaves no connection sending, so the writer can commit at once.
 pub struct Publisher {
+    /// Shared with the writer thread and every other connection: how many connections
+    /// have readings pending and how many of those are waiting for their verdicts.
     gate: Arc<Gate>,
+    /// The commit window: how long this connection may go without news before it counts
+    /// as quiet.
     window: Duration,
+    /// Rings the writer's alarm.
     wake: Box<dyn Fn() + Send + Sync>,
+    /// This connection's load; locked briefly by its reader and writer halves.
     state: Mutex<Load>,
 }
 

@@ -134,12 +134,20 @@ impl WriterOptions {
 pub struct StoreHandle {
     /// Commands to the writer thread; bounded, so producers wait when it falls behind.
     tx: flume::Sender<Cmd>,
+    /// The writer's last published snapshot (sent after every commit); cloned for each
+    /// caller of [`snapshot`](Self::snapshot).
     snapshot: watch::Receiver<StoreSnapshot>,
     /// Read-only connection, used on blocking threads; the mutex serialises its users.
     reader: Arc<Mutex<StoreReader>>,
+    /// Why the store cannot write right now (`None`: it can); set by the writer thread.
     status: watch::Receiver<Option<&'static str>>,
+    /// The commit window's view of every MQTT connection, shared with the writer thread
+    /// and each connection's [`Publisher`].
     gate: Arc<Gate>,
+    /// `store.commit_window`, handed to each [`Publisher`].
     commit_window: Duration,
+    /// Wakes the writer thread before its window ends (an urgent command, a queue half
+    /// full, the last handle gone).
     alarm: Arc<Alarm>,
     /// Dropped with the last clone.
     _last: Arc<LastHandle>,
