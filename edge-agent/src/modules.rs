@@ -459,7 +459,7 @@ impl Runner {
         let file_hash: String = Sha256::digest(&bytes).iter().map(|b| format!("{b:02x}")).collect();
         let module = match compile::load(&self.engine, &self.data_dir, &bytes, &file_hash) {
             Ok(m) => m,
-            Err(e) => return fail(e),
+            Err(e) => return fail(e.to_string()),
         };
         let hash = module.hash_hex();
         let replaced = previous.as_ref().map(|p| p.hash.clone()).filter(|h| *h != hash);

@@ -21,8 +21,49 @@ use std::process::{Command, Stdio};
 use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-use brume_wasm_host::{LoadedModule, WasmEngine};
+use brume_wasm_host::{LoadError, LoadedModule, WasmEngine};
 use sha2::{Digest, Sha256};
+
+/// Why a module could not be compiled or loaded. Its message is what the operator sees
+/// in the log and in `/api/v1/status` (`last_error`).
+#[derive(Debug, thiserror::Error)]
+pub enum CompileError {
+    /// The module itself was refused (invalid wasm, bad manifest, ABI, exports,
+    /// imports), in this process.
+    #[error(transparent)]
+    Module(#[from] LoadError),
+    /// The module was refused by the compiler process; its reason as it printed it.
+    #[error("{0}")]
+    Refused(String),
+    /// The compiler process could not be started.
+    #[error("cannot start the compiler process {exe}: {source}")]
+    Spawn {
+        /// The agent's executable.
+        exe: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// Waiting for the compiler process failed.
+    #[error("waiting for the compiler process: {0}")]
+    Wait(std::io::Error),
+    /// The compiler process failed without saying why (killed, crashed).
+    #[error("the compiler process failed ({0})")]
+    ChildFailed(std::process::ExitStatus),
+    /// Compiling took longer than [`CHILD_TIMEOUT`].
+    #[error("compiling took more than {} s; the module is too large or hostile", CHILD_TIMEOUT.as_secs())]
+    Timeout,
+    /// The module cache could not be written or read back.
+    #[error("{what}: {source}")]
+    Cache {
+        /// What was being done.
+        what: String,
+        /// Why it failed.
+        source: std::io::Error,
+    },
+    /// The compiled file was gone right after the compiler process wrote it.
+    #[error("the compiled module vanished from the cache")]
+    Vanished,
+}
 
 /// File header: magic, then the sha256 of the rest.
 const MAGIC: &[u8; 8] = b"BRUMECW1";
@@ -56,8 +97,13 @@ pub fn compile_module_command(input: &Path, output: &Path) -> anyhow::Result<()>
 }
 
 /// Loads `wasm` (whose sha256 is `hash_hex`): from the cache, else compiled (in a child
-/// process when configured) and cached. The error is the operator-facing reason.
-pub(crate) fn load(engine: &WasmEngine, data_dir: &Path, wasm: &[u8], hash_hex: &str) -> Result<LoadedModule, String> {
+/// process when configured) and cached.
+pub(crate) fn load(
+    engine: &WasmEngine,
+    data_dir: &Path,
+    wasm: &[u8],
+    hash_hex: &str,
+) -> Result<LoadedModule, CompileError> {
     let dir = data_dir.join("module-cache");
     let path = dir.join(format!("{hash_hex}.cwasm"));
     if let Some(m) = from_cache(engine, &path, wasm)? {
@@ -71,7 +117,7 @@ pub(crate) fn load(engine: &WasmEngine, data_dir: &Path, wasm: &[u8], hash_hex: 
     match COMPILER_EXE.get() {
         Some(exe) => {
             compile_in_child(exe, &dir, &path, wasm)?;
-            from_cache(engine, &path, wasm)?.ok_or_else(|| "the compiled module vanished from the cache".to_string())
+            from_cache(engine, &path, wasm)?.ok_or(CompileError::Vanished)
         }
         None => compile_here(engine, wasm, Some(&path)),
     }
@@ -82,7 +128,7 @@ pub(crate) fn forget(data_dir: &Path, hash_hex: &str) {
     let _ = std::fs::remove_file(data_dir.join("module-cache").join(format!("{hash_hex}.cwasm")));
 }
 
-fn from_cache(engine: &WasmEngine, path: &Path, wasm: &[u8]) -> Result<Option<LoadedModule>, String> {
+fn from_cache(engine: &WasmEngine, path: &Path, wasm: &[u8]) -> Result<Option<LoadedModule>, CompileError> {
     let Ok(file) = std::fs::read(path) else { return Ok(None) };
     let intact = file.len() > HEADER
         && &file[..MAGIC.len()] == MAGIC
@@ -92,7 +138,7 @@ fn from_cache(engine: &WasmEngine, path: &Path, wasm: &[u8]) -> Result<Option<Lo
         let _ = std::fs::remove_file(path);
         return Ok(None);
     }
-    match engine.load_precompiled(wasm, &file[HEADER..]).map_err(|e| e.to_string())? {
+    match engine.load_precompiled(wasm, &file[HEADER..])? {
         Ok(m) => Ok(Some(m)),
         Err(e) => {
             tracing::info!(path = %path.display(), reason = %e, "cached compiled module not usable by this agent; compiling again");
@@ -102,8 +148,8 @@ fn from_cache(engine: &WasmEngine, path: &Path, wasm: &[u8]) -> Result<Option<Lo
     }
 }
 
-fn compile_here(engine: &WasmEngine, wasm: &[u8], cache: Option<&Path>) -> Result<LoadedModule, String> {
-    let loaded = engine.load(wasm).map_err(|e| e.to_string());
+fn compile_here(engine: &WasmEngine, wasm: &[u8], cache: Option<&Path>) -> Result<LoadedModule, CompileError> {
+    let loaded = engine.load(wasm);
     release_freed_memory();
     let module = loaded?;
     if let Some(path) = cache {
@@ -119,7 +165,7 @@ fn compile_here(engine: &WasmEngine, wasm: &[u8], cache: Option<&Path>) -> Resul
     Ok(module)
 }
 
-fn compile_in_child(exe: &Path, dir: &Path, path: &Path, wasm: &[u8]) -> Result<(), String> {
+fn compile_in_child(exe: &Path, dir: &Path, path: &Path, wasm: &[u8]) -> Result<(), CompileError> {
     // The child compiles exactly the bytes that were hashed, not the file at the
     // module's path, which may be replaced at any moment (hot reload).
     let input = tempfile::Builder::new()
@@ -127,7 +173,10 @@ fn compile_in_child(exe: &Path, dir: &Path, path: &Path, wasm: &[u8]) -> Result<
         .suffix(".wasm")
         .tempfile_in(dir)
         .and_then(|mut f| f.write_all(wasm).map(|()| f))
-        .map_err(|e| format!("cannot write the module for the compiler in {}: {e}", dir.display()))?;
+        .map_err(|source| CompileError::Cache {
+            what: format!("cannot write the module for the compiler in {}", dir.display()),
+            source,
+        })?;
     let output = path.with_extension("cwasm.partial");
     let mut child = Command::new(exe)
         .arg("compile-module")
@@ -138,7 +187,7 @@ fn compile_in_child(exe: &Path, dir: &Path, path: &Path, wasm: &[u8]) -> Result<
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
-        .map_err(|e| format!("cannot start the compiler process {}: {e}", exe.display()))?;
+        .map_err(|source| CompileError::Spawn { exe: exe.to_path_buf(), source })?;
     let started = Instant::now();
     let status = loop {
         match child.try_wait() {
@@ -147,13 +196,10 @@ fn compile_in_child(exe: &Path, dir: &Path, path: &Path, wasm: &[u8]) -> Result<
                 let _ = child.kill();
                 let _ = child.wait();
                 let _ = std::fs::remove_file(&output);
-                return Err(format!(
-                    "compiling took more than {} s; the module is too large or hostile",
-                    CHILD_TIMEOUT.as_secs()
-                ));
+                return Err(CompileError::Timeout);
             }
             Ok(None) => std::thread::sleep(Duration::from_millis(5)),
-            Err(e) => return Err(format!("waiting for the compiler process: {e}")),
+            Err(e) => return Err(CompileError::Wait(e)),
         }
     };
     let mut stderr = String::new();
@@ -166,12 +212,13 @@ fn compile_in_child(exe: &Path, dir: &Path, path: &Path, wasm: &[u8]) -> Result<
         // would have returned it.
         let reason = stderr.lines().rev().find_map(|l| l.strip_prefix("edge-agent: ")).unwrap_or(stderr.trim());
         return Err(if reason.is_empty() {
-            format!("the compiler process failed ({status})")
+            CompileError::ChildFailed(status)
         } else {
-            reason.to_string()
+            CompileError::Refused(reason.to_string())
         });
     }
-    std::fs::rename(&output, path).map_err(|e| format!("cannot move the compiled module into the cache: {e}"))
+    std::fs::rename(&output, path)
+        .map_err(|source| CompileError::Cache { what: "cannot move the compiled module into the cache".into(), source })
 }
 
 fn write_cache_file(path: &Path, code: &[u8]) -> std::io::Result<()> {
