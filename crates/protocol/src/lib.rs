@@ -681,6 +681,20 @@ pub mod topics {
         format!("{ROOT}/{agent_id}/status")
     }
 
+    /// Where the hub publishes (retained) the modules one agent should run
+    /// (`DesiredState`).
+    pub fn desired(agent_id: &str) -> String {
+        format!("{ROOT}/{agent_id}/desired")
+    }
+
+    /// Where an agent publishes (retained) what its modules are doing (`AgentReport`).
+    pub fn report(agent_id: &str) -> String {
+        format!("{ROOT}/{agent_id}/report")
+    }
+
+    /// The filter a hub subscribes to for all agents' reports.
+    pub const ALL_REPORTS: &str = "brume/v1/agents/+/report";
+
     /// The filter a hub subscribes to for all agents' batches.
     pub const ALL_BATCHES: &str = "brume/v1/agents/+/batches";
 
@@ -739,6 +753,9 @@ pub mod topics {
         (tail == "batches" && !agent.is_empty()).then_some(agent)
     }
 }
+
+mod fleet;
+pub use fleet::*;
 
 #[cfg(test)]
 mod tests;

@@ -304,3 +304,95 @@ fn hub_announcement_golden_bytes() {
     assert_eq!(HubAnnouncement::decode(&m.encode()), Ok(m));
     assert!(HubAnnouncement::decode(&[0x01, 0x02]).is_err(), "unknown version");
 }
+
+fn desired() -> DesiredState {
+    DesiredState::V1(DesiredV1 {
+        agent_id: "a1".into(),
+        generation: 3,
+        issued_ms: 1_000,
+        modules: vec![DesiredModule {
+            module: ModuleRef { name: "m".into(), version: "2".into(), sha256: [7; 32] },
+            size: 300,
+            signature: "s".into(),
+            config_json: "{}".into(),
+            inputs: Some(vec!["t/#".into()]),
+            deployment: 9,
+            probation: Probation { duration_s: 60, max_failed_batches: 0 },
+        }],
+    })
+}
+
+/// Golden bytes of the control plane: deployed agents decode these; a change is a new
+/// variant, never an edit.
+#[test]
+fn golden_bytes_desired_v1_and_report_v1() {
+    let mut expected: Vec<u8> = vec![
+        0, // DesiredState::V1
+        2, b'a', b'1', // agent_id
+        3,    // generation
+        0xd0, 0x0f, // issued_ms = 1000 (zigzag varint)
+        1,    // one module
+        1, b'm', 1, b'2', // name, version
+    ];
+    expected.extend([7u8; 32]); // sha256
+    #[rustfmt::skip]
+    expected.extend([
+        0xac, 0x02,            // size = 300
+        1, b's',               // signature
+        2, b'{', b'}',         // config_json
+        1, 1, 3, b't', b'/', b'#', // Some(["t/#"])
+        9,                     // deployment
+        60, 0,                 // probation: 60 s, 0 failed batches
+    ]);
+    assert_eq!(desired().encode(), expected);
+    let DesiredState::V1(d) = desired();
+    assert_eq!(DesiredState::decode(&expected).unwrap(), d);
+
+    let report = AgentReport::V1(ReportV1 {
+        agent_id: "a1".into(),
+        sent_ms: 1_000,
+        generation: 3,
+        modules: vec![ModuleReport {
+            name: "m".into(),
+            deployment: 9,
+            wanted: ModuleRef { name: "m".into(), version: "2".into(), sha256: [7; 32] },
+            phase: Phase::RolledBack,
+            running: None,
+            error: "e".into(),
+            batches_ok: 4,
+            batches_failed: 1,
+        }],
+    });
+    let mut expected: Vec<u8> = vec![0, 2, b'a', b'1', 0xd0, 0x0f, 3, 1, 1, b'm', 9, 1, b'm', 1, b'2'];
+    expected.extend([7u8; 32]);
+    expected.extend([5, 0, 1, b'e', 4, 1]); // RolledBack, None, "e", 4, 1
+    assert_eq!(report.encode(), expected);
+    let AgentReport::V1(r) = report;
+    assert_eq!(AgentReport::decode(&expected).unwrap(), r);
+}
+
+#[test]
+fn desired_state_refuses_what_an_agent_must_not_apply() {
+    let check = |f: &dyn Fn(&mut DesiredV1), expect: &str| {
+        let DesiredState::V1(mut d) = desired();
+        f(&mut d);
+        let err = DesiredState::decode(&DesiredState::V1(d).encode()).unwrap_err().to_string();
+        assert!(err.contains(expect), "expected {expect:?} in {err:?}");
+    };
+    check(&|d| d.agent_id = "a/b".into(), "agent id");
+    check(&|d| d.modules[0].module.name = "../etc".into(), "path separator");
+    check(&|d| d.modules[0].module.name = "..".into(), "path separator");
+    check(&|d| d.modules[0].module.version = "1\n".into(), "control character");
+    check(&|d| d.modules.push(d.modules[0].clone()), "ascending");
+    check(&|d| d.modules[0].inputs = Some(vec!["a/#/b".into()]), "module input");
+    check(&|d| d.modules[0].config_json = "x".repeat(MAX_MODULE_CONFIG + 1), "module config");
+    check(&|d| d.modules[0].signature = "x".repeat(MAX_SIGNATURE_TEXT + 1), "signature");
+}
+
+proptest! {
+    #[test]
+    fn control_plane_decoders_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
+        let _ = DesiredState::decode(&bytes);
+        let _ = AgentReport::decode(&bytes);
+    }
+}
