@@ -13,6 +13,7 @@
 //! * [`postgres::PostgresStore`], a PostgreSQL database shared by any number of hubs:
 //!   the scale-out path (time-partitioned readings, retention by dropping partitions).
 
+pub mod fleet;
 pub mod postgres;
 pub mod rollup;
 pub mod sqlite;
@@ -432,7 +433,7 @@ pub(crate) fn attach_lineage(
 ///
 /// Implementations are shared between the ingest task and HTTP handlers
 /// (`Arc<dyn HubStore>`), so they synchronise internally. Every method may block.
-pub trait HubStore: Send + Sync + 'static {
+pub trait HubStore: fleet::FleetStore + Send + Sync + 'static {
     /// Stores a group of validated batches in one transaction, deduplicating on
     /// `(agent_id, epoch, seq)`: readings are inserted only for batches not seen
     /// before, loss counters keep the maximum per `(agent, epoch, stream, reason)`.

@@ -30,6 +30,8 @@
 //! * `lineage`, `rollups`, `presence` (v2–v4) as in SQLite.
 //! * `quarantine(id, agent_id, epoch, seq, topic, reason, error, payload, ...)` (v5):
 //!   batches acknowledged without being stored, with their raw bytes (`crate::ingest`).
+//! * `module_registry`, `deployments`, `deployment_agents`, `desired`, `reports` (v7): the
+//!   control plane, as in SQLite (`postgres/fleet.rs`).
 //!
 //! Text columns that the API sorts by use `COLLATE "C"` (byte order), the order SQLite
 //! uses, whatever locale the database was created with. Epochs are stored with the sign
@@ -68,6 +70,8 @@ use std::time::Duration;
 
 use brume_protocol::{AgentStatus, Batch, FieldsBlob, StatusV1};
 
+mod fleet;
+
 use super::rollup::{Agg, RollupDeltas};
 use bytes::Bytes;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
@@ -94,8 +98,15 @@ const PARTITION_LOCK: i64 = 0x6272_756d_6502;
 
 /// Versioned migrations, applied in order, each in the migration transaction. Never edit
 /// a released entry: add a new one.
-pub const MIGRATIONS: &[(i32, &str)] =
-    &[(1, SCHEMA_V1), (2, SCHEMA_V2), (3, SCHEMA_V3), (4, SCHEMA_V4), (5, SCHEMA_V5), (6, SCHEMA_V6)];
+pub const MIGRATIONS: &[(i32, &str)] = &[
+    (1, SCHEMA_V1),
+    (2, SCHEMA_V2),
+    (3, SCHEMA_V3),
+    (4, SCHEMA_V4),
+    (5, SCHEMA_V5),
+    (6, SCHEMA_V6),
+    (7, fleet::SCHEMA_V7),
+];
 
 /// Newest schema version this build knows.
 pub const SCHEMA_VERSION: i32 = MIGRATIONS[MIGRATIONS.len() - 1].0;

@@ -1,6 +1,6 @@
 //! [`HubStore`] on one SQLite file (`data_dir/hub.db`).
 //!
-//! # Schema (version 5, `PRAGMA user_version`)
+//! # Schema (version 6, `PRAGMA user_version`)
 //!
 //! * `batches(agent_id, epoch, seq, readings, created_ms, received_ms)`, primary key
 //!   `(agent_id, epoch, seq)`: the dedup key. A batch's readings are inserted in the
@@ -23,6 +23,8 @@
 //! * `presence(agent_id, received_ms, status)` (v4): each agent's latest presence message.
 //! * `quarantine(id, agent_id, epoch, seq, topic, reason, error, payload, ...)` (v5):
 //!   batches acknowledged without being stored, with their raw bytes (`crate::ingest`).
+//! * `module_registry`, `deployments`, `deployment_agents`, `desired`, `reports` (v6): the
+//!   control plane (`super::fleet`, implemented in `sqlite/fleet.rs`).
 //!
 //! Epochs are random `u64`s; SQLite integers are `i64`. They are stored with the sign
 //! bit flipped ([`epoch_to_sql`]) so that SQLite's integer order is the `u64` order the
@@ -45,6 +47,8 @@ use std::time::Duration;
 
 use brume_protocol::{AgentStatus, Batch, FieldsBlob, StatusV1};
 
+mod fleet;
+
 use super::rollup::{Agg, RollupDeltas};
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 
@@ -56,7 +60,7 @@ use super::{
 };
 
 /// Schema version this build writes and understands.
-pub const SCHEMA_VERSION: i64 = 5;
+pub const SCHEMA_VERSION: i64 = 6;
 
 /// One page of a stream's readings after a cursor: `?1` stream id, `?2` exclusive upper
 /// bound on `ts_ns`, `?3` row limit, `?4..?8` the cursor. No lower bound on `ts_ns`: the
@@ -283,6 +287,9 @@ fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
     }
     if version < 5 {
         tx.execute_batch(SCHEMA_V5).map_err(sql("creating schema v5"))?;
+    }
+    if version < 6 {
+        tx.execute_batch(fleet::SCHEMA_V6).map_err(sql("creating schema v6"))?;
     }
     // Later versions add `if version < N { ... }` steps here, in order.
     tx.pragma_update(None, "user_version", SCHEMA_VERSION).map_err(sql("writing user_version"))?;

@@ -45,6 +45,10 @@ macro_rules! store_suite {
             retention_drops_whole_days_and_keeps_rollups,
             poison_batches_are_quarantined_and_block_nothing,
             quarantine_lists_reingests_and_discards,
+            registry_is_content_addressed_and_never_overwrites,
+            deployments_update_only_from_the_revision_read,
+            desired_generation_grows_only_on_change_and_survives_reopen,
+            reports_keep_the_newest,
         );
     };
     (@tests $fixture:ty; $($name:ident),* $(,)?) => {
@@ -762,4 +766,136 @@ pub(crate) fn quarantine_lists_reingests_and_discards(f: &impl Fixture) {
     assert!(!store.release_quarantined(b).unwrap());
     assert!(store.quarantined(0, 10).unwrap().is_empty());
     assert_eq!(store.quarantined_payload(b).unwrap(), None);
+}
+
+fn module(name: &str, version: &str, wasm: &[u8]) -> ModuleRef {
+    ModuleRef { name: name.into(), version: version.into(), sha256: brume_signing::module_digest(wasm) }
+}
+
+fn upload<'a>(m: &ModuleRef, wasm: &'a [u8], at: i64) -> super::fleet::ModuleUpload<'a> {
+    super::fleet::ModuleUpload {
+        module: m.clone(),
+        manifest_json: format!("{{\"name\":\"{}\"}}", m.name),
+        key_id: "0011223344556677".into(),
+        signature: "brume-sig-v1:sig".into(),
+        uploaded_ms: at,
+        wasm,
+    }
+}
+
+pub(crate) fn registry_is_content_addressed_and_never_overwrites(f: &impl Fixture) {
+    use super::fleet::{FleetStore, PutModule};
+    let store = f.open();
+    let (v1, v1b, v2) = (b"wasm one".as_slice(), b"other bytes".as_slice(), b"wasm two".as_slice());
+    let m1 = module("thr", "1.0.0", v1);
+    assert_eq!(store.put_module(&upload(&m1, v1, 10)).unwrap(), PutModule::Stored);
+    assert_eq!(store.put_module(&upload(&m1, v1, 11)).unwrap(), PutModule::AlreadyStored, "idempotent");
+    let other = module("thr", "1.0.0", v1b);
+    assert_eq!(store.put_module(&upload(&other, v1b, 12)).unwrap(), PutModule::Conflict { existing: m1.sha256 });
+    let m2 = module("thr", "2.0.0", v2);
+    assert_eq!(store.put_module(&upload(&m2, v2, 13)).unwrap(), PutModule::Stored);
+
+    let list = store.registered_modules().unwrap();
+    assert_eq!(list.iter().map(|m| m.module.clone()).collect::<Vec<_>>(), [m1.clone(), m2.clone()]);
+    assert_eq!((list[0].size, list[0].uploaded_ms, list[0].key_id.as_str()), (v1.len() as u64, 10, "0011223344556677"));
+    assert_eq!(store.registered_module("thr", "2.0.0").unwrap().unwrap().module, m2);
+    assert_eq!(store.registered_module("thr", "3.0.0").unwrap(), None);
+    assert_eq!(store.module_wasm(&m1.sha256).unwrap().as_deref(), Some(v1));
+    assert_eq!(store.module_wasm(&other.sha256).unwrap(), None, "the refused bytes were not kept");
+    drop(store);
+    assert_eq!(f.open().module_wasm(&m2.sha256).unwrap().as_deref(), Some(v2), "durable");
+}
+
+fn spec(module: &str) -> super::fleet::DeploymentSpec {
+    super::fleet::DeploymentSpec {
+        module: module.into(),
+        version: "1.0.0".into(),
+        sha256: "00".repeat(32),
+        config: serde_json::Map::new(),
+        inputs: Some(vec!["t/#".into()]),
+        selector: [("site".to_string(), "a".to_string())].into(),
+        waves: vec![super::fleet::WaveSize::Agents(1), super::fleet::WaveSize::Percent(100.0)],
+        probation_s: 30,
+        max_failed_batches: 0,
+        abort_threshold: 0.5,
+    }
+}
+
+pub(crate) fn deployments_update_only_from_the_revision_read(f: &impl Fixture) {
+    use super::fleet::{DeploymentState, FleetStore};
+    let store = f.open();
+    let d = store.create_deployment(&spec("thr"), 100).unwrap();
+    let e = store.create_deployment(&spec("avg"), 101).unwrap();
+    assert!(e.id > d.id, "ids increase");
+    assert_eq!((d.state, d.wave, d.wave_started_ms, d.created_ms), (DeploymentState::Rolling, 0, 100, 100));
+    assert_eq!(d.spec, spec("thr"), "the spec round-trips");
+
+    let mut next = d.clone();
+    next.wave = 1;
+    next.wave_started_ms = 200;
+    let updated = store.update_deployment(&next, 200).unwrap().expect("revision matched");
+    assert_eq!((updated.wave, updated.updated_ms), (1, 200));
+    assert!(updated.revision > d.revision);
+    // A second hub that read the same revision loses.
+    let mut stale = d.clone();
+    stale.state = DeploymentState::Aborted;
+    assert_eq!(store.update_deployment(&stale, 201).unwrap(), None);
+
+    store.add_deployment_agents(d.id, 0, &["b".into(), "a".into()], 150).unwrap();
+    store.add_deployment_agents(d.id, 1, &["a".into(), "c".into()], 210).unwrap();
+    assert_eq!(
+        store.deployment_agents().unwrap(),
+        [(d.id, "a".to_string(), 0), (d.id, "b".to_string(), 0), (d.id, "c".to_string(), 1)],
+        "an agent stays in the wave it joined first"
+    );
+    drop(store);
+    let store = f.open();
+    assert_eq!(store.deployments().unwrap().iter().map(|x| (x.id, x.wave)).collect::<Vec<_>>(), [(d.id, 1), (e.id, 0)]);
+}
+
+pub(crate) fn desired_generation_grows_only_on_change_and_survives_reopen(f: &impl Fixture) {
+    use super::fleet::FleetStore;
+    let store = f.open();
+    let m = brume_protocol::DesiredModule {
+        module: module("thr", "1.0.0", b"x"),
+        size: 1,
+        signature: "s".into(),
+        config_json: "{}".into(),
+        inputs: None,
+        deployment: 1,
+        probation: brume_protocol::Probation { duration_s: 0, max_failed_batches: 0 },
+    };
+    let first = store.set_desired("a", std::slice::from_ref(&m), 10).unwrap().expect("new");
+    assert_eq!(first.generation, 1);
+    let decoded = brume_protocol::DesiredState::decode(&first.message).unwrap();
+    assert_eq!((decoded.agent_id.as_str(), decoded.generation, decoded.issued_ms), ("a", 1, 10));
+    assert_eq!(store.set_desired("a", std::slice::from_ref(&m), 20).unwrap(), None, "unchanged: same generation");
+    let second = store.set_desired("a", &[], 30).unwrap().expect("changed");
+    assert_eq!(second.generation, 2);
+    assert_eq!(store.set_desired("b", &[], 30).unwrap().unwrap().generation, 1);
+    drop(store);
+    let store = f.open();
+    let all = store.desired_states().unwrap();
+    assert_eq!(all.iter().map(|d| (d.agent_id.as_str(), d.generation)).collect::<Vec<_>>(), [("a", 2), ("b", 1)]);
+    assert_eq!(all[0], second);
+    assert_eq!(store.set_desired("a", &[m], 40).unwrap().unwrap().generation, 3);
+}
+
+pub(crate) fn reports_keep_the_newest(f: &impl Fixture) {
+    use super::fleet::FleetStore;
+    let store = f.open();
+    let report = |generation: u64, sent_ms: i64| brume_protocol::ReportV1 {
+        agent_id: "a".into(),
+        sent_ms,
+        generation,
+        modules: vec![],
+    };
+    store.record_report(&report(2, 50), 1).unwrap();
+    store.record_report(&report(1, 90), 2).unwrap(); // an older generation, sent later: stale
+    store.record_report(&report(2, 40), 3).unwrap(); // same generation, sent earlier: stale
+    let got = store.reports().unwrap();
+    assert_eq!(got.len(), 1);
+    assert_eq!((got[0].report.generation, got[0].report.sent_ms, got[0].received_ms), (2, 50, 1));
+    store.record_report(&report(3, 10), 4).unwrap();
+    assert_eq!(store.reports().unwrap()[0].report.generation, 3);
 }
