@@ -58,6 +58,8 @@ pub struct Config {
     pub ingest: IngestConfig,
     /// How long raw readings are kept.
     pub retention: RetentionConfig,
+    /// Module registry and rollouts.
+    pub fleet: FleetConfig,
 }
 
 impl Default for Config {
@@ -69,6 +71,37 @@ impl Default for Config {
             http: HttpConfig::default(),
             ingest: IngestConfig::default(),
             retention: RetentionConfig::default(),
+            fleet: FleetConfig::default(),
+        }
+    }
+}
+
+/// The module registry and rollouts (`crate::fleet`).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FleetConfig {
+    /// Public keys of the publishers whose modules may be uploaded (`ed25519:<hex>`, as
+    /// printed by `cloud-hub module keygen`). Empty: every upload is refused.
+    pub trusted_keys: Vec<String>,
+    /// Largest module accepted on upload.
+    pub max_module_bytes: bytesize::ByteSize,
+    /// How often rollouts are driven and desired states recomputed (also at once after
+    /// an API change or an agent's report).
+    #[serde(with = "humantime_serde")]
+    pub reconcile_interval: Duration,
+    /// An online agent that reports an older desired-state generation than the stored
+    /// one is sent the stored one again after this long.
+    #[serde(with = "humantime_serde")]
+    pub republish_after: Duration,
+}
+
+impl Default for FleetConfig {
+    fn default() -> Self {
+        FleetConfig {
+            trusted_keys: Vec::new(),
+            max_module_bytes: bytesize::ByteSize::mib(16),
+            reconcile_interval: Duration::from_secs(2),
+            republish_after: Duration::from_secs(30),
         }
     }
 }
@@ -383,6 +416,18 @@ impl Config {
         if self.ingest.fleet_metrics_interval < std::time::Duration::from_millis(100) {
             return Err(invalid("ingest.fleet_metrics_interval", "must be at least 100ms"));
         }
+        let f = &self.fleet;
+        brume_signing::Keyring::parse(&f.trusted_keys).map_err(|e| invalid("fleet.trusted_keys", e.to_string()))?;
+        let max = brume_protocol::limits::MAX_MESSAGE_BYTES as u64;
+        if f.max_module_bytes.as_u64() == 0 || f.max_module_bytes.as_u64() > max {
+            return Err(invalid("fleet.max_module_bytes", format!("must be 1 B to {}", bytesize::ByteSize::b(max))));
+        }
+        if f.reconcile_interval < Duration::from_millis(100) {
+            return Err(invalid("fleet.reconcile_interval", "must be at least 100ms"));
+        }
+        if f.republish_after < f.reconcile_interval {
+            return Err(invalid("fleet.republish_after", "must be at least fleet.reconcile_interval"));
+        }
         Ok(())
     }
 
@@ -399,6 +444,11 @@ impl Config {
     /// The topic filter for agents' presence messages, shared like the batches.
     pub fn status_filter(&self) -> String {
         self.shared(brume_protocol::topics::ALL_STATUS)
+    }
+
+    /// The topic filter for agents' module reports, shared like the batches.
+    pub fn report_filter(&self) -> String {
+        self.shared(brume_protocol::topics::ALL_REPORTS)
     }
 
     fn shared(&self, filter: &str) -> String {

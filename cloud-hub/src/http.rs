@@ -42,11 +42,13 @@ pub struct AppState {
     /// that finds none is refused with 503 and `Retry-After` instead of queueing, so
     /// neither memory nor the database's load grow with the number of dashboards.
     pub queries: Arc<tokio::sync::Semaphore>,
+    /// The control plane: upload checks, and the reconciler's wake-up.
+    pub fleet: Arc<crate::fleet::FleetHandle>,
 }
 
 impl AppState {
     /// A permit for an expensive query, or the 503 that says to come back.
-    fn query_permit(&self) -> Result<tokio::sync::OwnedSemaphorePermit, ApiError> {
+    pub(crate) fn query_permit(&self) -> Result<tokio::sync::OwnedSemaphorePermit, ApiError> {
         Arc::clone(&self.queries).try_acquire_owned().map_err(|_| {
             self.metrics.queries_refused.inc();
             ApiError {
@@ -76,6 +78,7 @@ pub fn app(state: AppState) -> Router {
         .route("/api/v1/quarantine/{id}/payload", get(quarantine_payload))
         .route("/api/v1/quarantine/{id}/reingest", axum::routing::post(quarantine_reingest))
         .route("/api/v1/openapi.json", get(|| async { ([(header::CONTENT_TYPE, "application/json")], OPENAPI) }))
+        .merge(crate::fleet::http::routes(&state))
         .with_state(state)
 }
 
@@ -87,13 +90,18 @@ pub struct ApiError {
 }
 
 impl ApiError {
-    fn bad_request(message: impl Into<String>) -> ApiError {
+    /// An error with this status and message.
+    pub(crate) fn new(status: StatusCode, message: impl Into<String>) -> ApiError {
+        ApiError { status, message: message.into() }
+    }
+
+    pub(crate) fn bad_request(message: impl Into<String>) -> ApiError {
         ApiError { status: StatusCode::BAD_REQUEST, message: message.into() }
     }
 }
 
 impl ApiError {
-    fn not_found(message: impl Into<String>) -> ApiError {
+    pub(crate) fn not_found(message: impl Into<String>) -> ApiError {
         ApiError { status: StatusCode::NOT_FOUND, message: message.into() }
     }
 }
@@ -116,7 +124,7 @@ impl IntoResponse for ApiError {
 }
 
 /// Runs a store query on a blocking thread.
-async fn query<T: Send + 'static>(
+pub(crate) async fn query<T: Send + 'static>(
     store: &Arc<dyn HubStore>,
     f: impl FnOnce(&dyn HubStore) -> Result<T, StoreError> + Send + 'static,
 ) -> Result<T, ApiError> {
@@ -799,6 +807,7 @@ mod tests {
             metrics: metrics.clone(),
             shutdown: tokio_util::sync::CancellationToken::new(),
             queries: queries.clone(),
+            fleet: Arc::new(crate::fleet::FleetHandle::new(&Default::default()).unwrap()),
         };
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
@@ -847,6 +856,7 @@ mod tests {
             metrics: Metrics::new(),
             shutdown: tokio_util::sync::CancellationToken::new(),
             queries: queries.clone(),
+            fleet: Arc::new(crate::fleet::FleetHandle::new(&Default::default()).unwrap()),
         };
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());

@@ -329,6 +329,8 @@ pub struct Ingest {
     pub deliveries: mpsc::Receiver<Delivery>,
     /// Most batches per transaction (group commit limit).
     pub max_batches_per_tx: usize,
+    /// Woken when an agent's module report is stored (it may advance a rollout).
+    pub fleet_poke: Option<Arc<crate::fleet::FleetHandle>>,
 }
 
 /// A valid batch waiting to be stored, with the delivery to ack afterwards.
@@ -393,6 +395,10 @@ impl Ingest {
     async fn accept(&self, d: Delivery, group: &mut Vec<Pending>, shutdown: &CancellationToken) -> bool {
         if let Some(agent) = topics::agent_of_status_topic(&d.publish.topic) {
             self.record_presence(agent, &d.publish.payload).await;
+            return self.mqtt.ack_broker(&d).await.is_ok();
+        }
+        if let Some(agent) = topics::agent_of_report_topic(&d.publish.topic) {
+            self.record_report(agent, &d.publish.payload).await;
             return self.mqtt.ack_broker(&d).await.is_ok();
         }
         let (reason, detail) = match validate(&d.publish.topic, &d.publish.payload) {
@@ -461,6 +467,46 @@ impl Ingest {
             }
         };
         metrics.presence_messages.get_or_create(&[("result", outcome)]).inc();
+    }
+
+    /// Stores an agent's module report and wakes the fleet reconciler, which may advance
+    /// a rollout on it. Best effort like presence: the agent publishes its report retained
+    /// and again on every change, and the broker hands the retained one to a hub that
+    /// subscribes again.
+    async fn record_report(&self, agent: &str, payload: &[u8]) {
+        let metrics = self.metrics();
+        let report = match brume_protocol::AgentReport::decode(payload) {
+            Ok(r) if r.agent_id == agent => r,
+            Ok(r) => {
+                metrics.report_messages.get_or_create(&[("result", "rejected")]).inc();
+                tracing::warn!(agent_id = agent, payload_agent_id = %r.agent_id, "module report for another agent; ignored");
+                return;
+            }
+            Err(e) => {
+                metrics.report_messages.get_or_create(&[("result", "rejected")]).inc();
+                tracing::warn!(agent_id = agent, error = %e, "malformed module report; ignored");
+                return;
+            }
+        };
+        let store = Arc::clone(&self.committer.store);
+        let result = tokio::task::spawn_blocking(move || store.record_report(&report, now_ms())).await;
+        let outcome = match result {
+            Ok(Ok(())) => {
+                if let Some(poke) = &self.fleet_poke {
+                    poke.poke.notify_one();
+                }
+                "stored"
+            }
+            Ok(Err(e)) => {
+                tracing::warn!(agent_id = agent, error = %e, "cannot store a module report");
+                "failed"
+            }
+            Err(e) => {
+                tracing::warn!(agent_id = agent, error = %e, "report task failed");
+                "failed"
+            }
+        };
+        metrics.report_messages.get_or_create(&[("result", outcome)]).inc();
     }
 
     /// Publishes hub acks, then acks the publishes to the broker, and counts outcomes.

@@ -20,6 +20,7 @@ pub mod aggregate;
 pub mod cli;
 mod clock;
 pub mod config;
+pub mod fleet;
 pub mod http;
 pub mod ingest;
 pub mod metrics;
@@ -175,6 +176,10 @@ pub async fn run_with_store(
     cfg.validate()?;
     let metrics = metrics::Metrics::new();
     let tracker = TaskTracker::new();
+    let fleet = Arc::new(
+        fleet::FleetHandle::new(&cfg.fleet)
+            .map_err(|e| ConfigError::Invalid { key: "fleet.trusted_keys", reason: e.to_string() })?,
+    );
 
     // The MQTT task has its own token: it must outlive `shutdown` so that the ingest
     // task's final acks and the DISCONNECT still go out.
@@ -191,11 +196,16 @@ pub async fn run_with_store(
         mqtt: mqtt.clone(),
         deliveries,
         max_batches_per_tx: cfg.ingest.max_batches_per_tx,
+        fleet_poke: Some(fleet.clone()),
     };
     let ingest_task = tracker.spawn(ingest.run(shutdown.clone()));
     if let Some(keep) = cfg.retention.keep {
         tracker.spawn(retention(store.clone(), keep, shutdown.clone()));
     }
+    tracker.spawn(
+        fleet::Reconciler { store: store.clone(), mqtt: mqtt.clone(), handle: fleet.clone(), cfg: cfg.fleet.clone() }
+            .run(shutdown.clone()),
+    );
     tracker.spawn(refresh_fleet_metrics(
         store.clone(),
         metrics.clone(),
@@ -209,6 +219,7 @@ pub async fn run_with_store(
         metrics: metrics.clone(),
         shutdown: shutdown.clone(),
         queries: Arc::new(tokio::sync::Semaphore::new(cfg.http.max_concurrent_queries)),
+        fleet,
     });
     let http_shutdown = shutdown.clone();
     let http_task = tracker.spawn(async move {

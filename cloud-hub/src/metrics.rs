@@ -45,6 +45,8 @@ pub struct Metrics {
     pub batch_latency_seconds: Histogram,
     /// Agents' presence messages, by `result="stored|rejected|failed"`.
     pub presence_messages: Family<ResultLabel, Counter>,
+    /// Agents' module reports, by `result="stored|rejected|failed"`.
+    pub report_messages: Family<ResultLabel, Counter>,
     /// Batches missing below each agent's highest stored sequence number (gaps), per
     /// `agent_id`, refreshed every `ingest.fleet_metrics_interval`.
     pub agent_missing_batches: Family<Vec<(String, String)>, Gauge<i64, AtomicI64>>,
@@ -94,6 +96,11 @@ impl Metrics {
             let _ = presence_messages.get_or_create(&[("result", result)]);
         }
         registry.register("presence_messages", "Agents' presence messages, by result", presence_messages.clone());
+        let report_messages = Family::<ResultLabel, Counter>::default();
+        for result in ["stored", "rejected", "failed"] {
+            let _ = report_messages.get_or_create(&[("result", result)]);
+        }
+        registry.register("report_messages", "Agents' module reports, by result", report_messages.clone());
         let agent_missing_batches = Family::<Vec<(String, String)>, Gauge<i64, AtomicI64>>::default();
         registry.register(
             "agent_missing_batches",
@@ -134,6 +141,7 @@ impl Metrics {
             agent_missing_batches,
             agents_online,
             presence_messages,
+            report_messages,
             batch_latency_seconds,
             batches,
             readings_stored,

@@ -54,9 +54,9 @@ const REQUEST_CHANNEL: usize = 256;
 /// payload the protocol allows ([`brume_protocol::limits::MAX_MESSAGE_BYTES`]).
 const PACKET_OVERHEAD: usize = 1024;
 
-/// Largest outgoing packet: acks list at most `max_batches_per_tx` sequence numbers of
-/// at most 10 bytes each (postcard varints), plus the topic.
-const MAX_OUTGOING_PACKET: usize = 64 * 1024;
+/// Largest outgoing packet: a desired state (up to 64 modules with their configuration)
+/// can be megabytes; acks are small.
+const MAX_OUTGOING_PACKET: usize = brume_protocol::limits::MAX_MESSAGE_BYTES + PACKET_OVERHEAD;
 
 /// First reconnect delay; doubled after every failure up to [`BACKOFF_MAX`].
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
@@ -95,6 +95,12 @@ impl MqttHandle {
     /// Publishes `payload` QoS 1 on `topic`. Fails only when the event loop is gone.
     pub async fn publish(&self, topic: String, payload: Vec<u8>) -> Result<(), rumqttc::ClientError> {
         self.client.publish(topic, QoS::AtLeastOnce, false, payload).await
+    }
+
+    /// Publishes `payload` QoS 1 and retained on `topic` (desired states: the broker hands
+    /// the latest to an agent when it subscribes). Fails only when the event loop is gone.
+    pub async fn publish_retained(&self, topic: String, payload: Vec<u8>) -> Result<(), rumqttc::ClientError> {
+        self.client.publish(topic, QoS::AtLeastOnce, true, payload).await
     }
 
     /// Queues a DISCONNECT; the event loop task ends once it has been sent.
@@ -142,6 +148,7 @@ pub fn start(
         metrics,
         filter: cfg.batch_filter(),
         status_filter: cfg.status_filter(),
+        report_filter: cfg.report_filter(),
         awaiting_subacks: 0,
     };
     (handle, rx, driver.run(stop))
@@ -158,6 +165,8 @@ struct EventLoopDriver {
     filter: String,
     /// Agents' presence messages.
     status_filter: String,
+    /// Agents' module reports.
+    report_filter: String,
     /// SUBACKs still expected on the current connection; at 0 the hub announces itself.
     awaiting_subacks: usize,
 }
@@ -183,12 +192,12 @@ impl EventLoopDriver {
                     // subscribe again on every connect. Pushed straight into the event
                     // loop's pending queue (emptied by poll before it returned ConnAck)
                     // because awaiting the request channel from this task could deadlock.
-                    for f in [&self.status_filter, &self.filter] {
+                    for f in [&self.status_filter, &self.report_filter, &self.filter] {
                         self.eventloop
                             .pending
                             .push_front(Request::Subscribe(Subscribe::new(f.clone(), QoS::AtLeastOnce)));
                     }
-                    self.awaiting_subacks = 2;
+                    self.awaiting_subacks = 3;
                 }
                 Ok(Event::Incoming(Packet::SubAck(ack))) => {
                     if ack.return_codes.iter().any(|c| matches!(c, rumqttc::SubscribeReasonCode::Failure)) {

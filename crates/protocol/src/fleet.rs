@@ -135,7 +135,7 @@ impl DesiredState {
 
 /// Module names and versions go to text columns and file names: the name rule, plus no
 /// path separators in names.
-fn validate_module_ref(m: &ModuleRef) -> Result<(), DecodeError> {
+pub fn validate_module_ref(m: &ModuleRef) -> Result<(), DecodeError> {
     validate_name("module name", &m.name, MAX_MODULE_LABEL)?;
     validate_name("module version", &m.version, MAX_MODULE_LABEL)?;
     if m.name.contains(['/', '\\']) || m.name == "." || m.name == ".." {

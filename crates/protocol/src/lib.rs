@@ -739,6 +739,13 @@ pub mod topics {
         }
     }
 
+    /// Extracts the agent id from a report topic.
+    pub fn agent_of_report_topic(topic: &str) -> Option<&str> {
+        let rest = topic.strip_prefix(ROOT)?.strip_prefix('/')?;
+        let (agent, tail) = rest.split_once('/')?;
+        (tail == "report" && !agent.is_empty()).then_some(agent)
+    }
+
     /// Extracts the agent id from a status topic.
     pub fn agent_of_status_topic(topic: &str) -> Option<&str> {
         let rest = topic.strip_prefix(ROOT)?.strip_prefix('/')?;

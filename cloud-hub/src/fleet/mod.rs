@@ -1,0 +1,221 @@
+//! The control plane: the module registry, deployments and their rollouts, and each
+//! agent's desired state.
+//!
+//! * [`registry`] checks uploads (signature, then the module loads).
+//! * [`plan`] decides, from what the store holds, which modules each agent should run
+//!   and what each rollout does next: pure functions, so every hub decides the same.
+//! * [`http`] is the operator API (`/api/v1/registry/…`, `/api/v1/deployments/…`,
+//!   `/api/v1/fleet/agents`).
+//! * [`Reconciler`] (one task per hub) drives rollouts and keeps desired states current:
+//!   every `fleet.reconcile_interval`, and at once when poked (an API change, an agent's
+//!   report). It writes a desired state to the store only when it changes, which bumps its
+//!   generation in the same transaction, and then publishes it retained on
+//!   `brume/v1/agents/<id>/desired`, so an offline agent gets the latest one when it
+//!   reconnects.
+//!
+//! # Several hubs
+//!
+//! Nothing here is held in memory between passes except caches that only save work: the
+//! desired modules last written per agent (to skip unchanged agents) and when each agent
+//! was last sent its state. Two hubs driving one rollout compare and set the
+//! deployment's revision, so a wave starts once. Two hubs publishing different
+//! generations for one agent in the wrong order could leave an older retained message on
+//! the broker; agents ignore generations they have passed, and an online agent whose
+//! report lags the stored generation is sent the stored message again after
+//! `fleet.republish_after`.
+
+pub mod http;
+pub mod plan;
+pub mod registry;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use brume_protocol::{DesiredModule, topics};
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::FleetConfig;
+use crate::mqtt::MqttHandle;
+use crate::store::fleet::{DeploymentState, StoredDesired};
+use crate::store::{HubStore, StoreError};
+use plan::{Agent, Fleet, Step};
+
+/// What the HTTP API and the ingest task share with the reconciler.
+pub struct FleetHandle {
+    /// Checks uploads.
+    pub registry: registry::Registry,
+    /// Wakes the reconciler for a pass now.
+    pub poke: Notify,
+}
+
+impl FleetHandle {
+    /// From the configuration (validated: the keys parse).
+    pub fn new(cfg: &FleetConfig) -> Result<FleetHandle, brume_signing::SignatureError> {
+        Ok(FleetHandle {
+            registry: registry::Registry::new(
+                brume_signing::Keyring::parse(&cfg.trusted_keys)?,
+                cfg.max_module_bytes.as_u64(),
+            ),
+            poke: Notify::new(),
+        })
+    }
+}
+
+/// Reads everything the decisions need, in one pass.
+pub fn load(store: &dyn HubStore, now_ms: i64) -> Result<Fleet, StoreError> {
+    let mut fleet = Fleet { deployments: store.deployments()?, ..Default::default() };
+    for (d, agent, wave) in store.deployment_agents()? {
+        fleet.members.entry(d).or_default().insert(agent, wave);
+    }
+    fleet.registry = store.registered_modules()?.into_iter().map(|m| (m.module.sha256, m)).collect();
+    for p in store.presence()? {
+        let online = p.online_at(now_ms);
+        let s = p.status;
+        fleet.agents.insert(s.agent_id.clone(), Agent { id: s.agent_id, labels: s.labels, online });
+    }
+    fleet.reports = store.reports()?.into_iter().map(|r| (r.report.agent_id.clone(), r.report)).collect();
+    Ok(fleet)
+}
+
+/// Drives rollouts and publishes desired states (see the module docs).
+pub struct Reconciler {
+    /// Where everything lives.
+    pub store: Arc<dyn HubStore>,
+    /// Publishes desired states.
+    pub mqtt: MqttHandle,
+    /// Poked by the API and by reports.
+    pub handle: Arc<FleetHandle>,
+    /// `[fleet]`.
+    pub cfg: FleetConfig,
+}
+
+/// The reconciler's caches: only save work, never decide anything.
+#[derive(Default)]
+struct Caches {
+    /// The modules last written (or found unchanged) per agent.
+    written: HashMap<String, Vec<DesiredModule>>,
+    /// When this hub last published each agent's desired state.
+    published: HashMap<String, Instant>,
+}
+
+impl Reconciler {
+    /// Runs until `shutdown`.
+    pub async fn run(self, shutdown: CancellationToken) {
+        let caches = Arc::new(std::sync::Mutex::new(Caches::default()));
+        loop {
+            let store = self.store.clone();
+            let c = caches.clone();
+            let republish_after = self.cfg.republish_after;
+            let pass = tokio::task::spawn_blocking(move || {
+                let mut c = c.lock().unwrap_or_else(|e| e.into_inner());
+                pass(&*store, &mut c, republish_after, crate::clock::now_ms())
+            })
+            .await;
+            match pass {
+                Ok(Ok(out)) => {
+                    for sd in out {
+                        if self.mqtt.publish_retained(topics::desired(&sd.agent_id), sd.message).await.is_err() {
+                            return; // the event loop is gone: shutting down
+                        }
+                        tracing::debug!(agent_id = %sd.agent_id, generation = sd.generation, "desired state published");
+                    }
+                }
+                Ok(Err(e)) => tracing::warn!(error = %e, "fleet reconcile pass failed; retrying"),
+                Err(e) => tracing::warn!(error = %e, "fleet reconcile task failed; retrying"),
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = self.handle.poke.notified() => {}
+                _ = tokio::time::sleep(self.cfg.reconcile_interval) => {}
+            }
+        }
+    }
+}
+
+/// One pass: advance rollouts, then write the desired states that changed. Returns the
+/// messages to publish.
+fn pass(
+    store: &dyn HubStore,
+    c: &mut Caches,
+    republish_after: Duration,
+    now_ms: i64,
+) -> Result<Vec<StoredDesired>, StoreError> {
+    let mut fleet = load(store, now_ms)?;
+    for i in 0..fleet.deployments.len() {
+        advance(store, &mut fleet, i, now_ms)?;
+    }
+    let mut out = Vec::new();
+    for agent in fleet.agents.values() {
+        let modules = fleet.desired_for(agent);
+        if c.written.get(&agent.id) == Some(&modules) {
+            continue;
+        }
+        if let Some(sd) = store.set_desired(&agent.id, &modules, now_ms)? {
+            tracing::info!(agent_id = %agent.id, generation = sd.generation, modules = modules.len(), "desired state changed");
+            c.published.insert(agent.id.clone(), Instant::now());
+            out.push(sd);
+        }
+        c.written.insert(agent.id.clone(), modules);
+    }
+    // Online agents that report an older generation than the stored one: send it again
+    // (see the module docs for how that can happen).
+    for sd in store.desired_states()? {
+        let lagging = fleet.agents.get(&sd.agent_id).is_some_and(|a| a.online)
+            && fleet.reports.get(&sd.agent_id).is_none_or(|r| r.generation < sd.generation);
+        let recently = c.published.get(&sd.agent_id).is_some_and(|t| t.elapsed() < republish_after);
+        if lagging && !recently && !out.iter().any(|o| o.agent_id == sd.agent_id) {
+            tracing::info!(agent_id = %sd.agent_id, generation = sd.generation, "agent lags its desired state; publishing it again");
+            c.published.insert(sd.agent_id.clone(), Instant::now());
+            out.push(sd);
+        }
+    }
+    Ok(out)
+}
+
+/// Applies rollout steps to deployment `i` until it has to wait. Another hub updating
+/// the deployment first ends the loop: that hub made the step.
+fn advance(store: &dyn HubStore, fleet: &mut Fleet, i: usize, now_ms: i64) -> Result<(), StoreError> {
+    // Each step either adds agents (then the wave is full) or moves the state on; a
+    // handful per pass is plenty, and the bound keeps a pass short whatever happens.
+    for _ in 0..8 {
+        let d = &fleet.deployments[i];
+        let mut next = d.clone();
+        match fleet.next_step(d, now_ms) {
+            Step::Wait => return Ok(()),
+            Step::AddAgents(agents) => {
+                tracing::info!(deployment = d.id, wave = d.wave, agents = ?agents, "adding agents to the rollout");
+                store.add_deployment_agents(d.id, d.wave, &agents, now_ms)?;
+                let members = fleet.members.entry(d.id).or_default();
+                for a in agents {
+                    members.entry(a).or_insert(d.wave);
+                }
+                continue;
+            }
+            Step::NextWave(w) => {
+                next.wave = w;
+                next.wave_started_ms = now_ms;
+            }
+            Step::Done => next.state = DeploymentState::Done,
+            Step::Abort(reason) => {
+                tracing::warn!(deployment = d.id, module = %d.spec.module, version = %d.spec.version, %reason, "rollout aborted");
+                next.state = DeploymentState::Aborted;
+                next.reason = reason;
+            }
+        }
+        match store.update_deployment(&next, now_ms)? {
+            Some(updated) => {
+                tracing::info!(
+                    deployment = updated.id,
+                    state = updated.state.as_str(),
+                    wave = updated.wave,
+                    "rollout advanced"
+                );
+                fleet.deployments[i] = updated;
+            }
+            None => return Ok(()),
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,367 @@
+//! The control plane's decisions, as pure functions of what the store holds: which
+//! modules each agent should run ([`Fleet::desired_for`]) and what a rollout does next
+//! ([`Fleet::next_step`]). No IO, so every rule is unit tested here, and every hub
+//! instance reading the same store decides the same.
+//!
+//! # Which deployment an agent gets
+//!
+//! For each module name, the newest live deployment (highest id, state `rolling`,
+//! `paused` or `done`) that includes the agent decides the version:
+//!
+//! * a `done` deployment includes every agent its selector matches now, including agents
+//!   that appear later;
+//! * a `rolling` or `paused` one includes the agents its waves added so far (that still
+//!   match the selector);
+//! * an `aborted` or `rolled_back` one includes nobody, so its agents fall back to the
+//!   next older deployment of the module (or stop running it if there is none).
+//!
+//! # How a rollout advances
+//!
+//! Waves are cumulative sizes over the agents the selector matches, in an order fixed
+//! per deployment (online agents first, then by a hash of deployment id and agent id, so
+//! different rollouts start on different agents). A wave is complete when every online
+//! agent in it reports the version `running` (past its probation on the device), at
+//! least one does, and the deployment's probation time has passed since the wave
+//! started; then the next wave starts, or the rollout is done. Offline agents never hold
+//! a wave up: they get the version when they come back. When the agents in the waves so
+//! far that failed or rolled back exceed `abort_threshold` of them, the rollout is
+//! aborted, and later waves never get it.
+
+use std::collections::{BTreeMap, HashMap};
+
+use brume_protocol::{DesiredModule, ModuleRef, Phase, Probation, ReportV1};
+use sha2::{Digest, Sha256};
+
+use crate::store::fleet::{Deployment, DeploymentState, RegisteredModule};
+
+/// An agent as the control plane sees it (from its presence messages).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Agent {
+    /// Its id.
+    pub id: String,
+    /// Its labels.
+    pub labels: Vec<(String, String)>,
+    /// Online now.
+    pub online: bool,
+}
+
+/// Everything decisions are made from, read from the store in one pass.
+#[derive(Debug, Default)]
+pub struct Fleet {
+    /// Every deployment, by id.
+    pub deployments: Vec<Deployment>,
+    /// Deployment id → agent → the wave that added it.
+    pub members: HashMap<u64, HashMap<String, u32>>,
+    /// Registered modules by sha256.
+    pub registry: HashMap<[u8; 32], RegisteredModule>,
+    /// Known agents, by id.
+    pub agents: BTreeMap<String, Agent>,
+    /// Each agent's latest report.
+    pub reports: HashMap<String, ReportV1>,
+}
+
+/// What a rollout should do next.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Step {
+    /// Nothing now.
+    Wait,
+    /// Add these agents to the current wave.
+    AddAgents(Vec<String>),
+    /// Start wave `n`.
+    NextWave(u32),
+    /// Every wave is complete.
+    Done,
+    /// Too many agents failed: abort, with the reason.
+    Abort(String),
+}
+
+impl Fleet {
+    /// The modules an agent should run, by name.
+    pub fn desired_for(&self, agent: &Agent) -> Vec<DesiredModule> {
+        let mut out: BTreeMap<&str, DesiredModule> = BTreeMap::new();
+        for d in self.deployments.iter().rev() {
+            if out.contains_key(d.spec.module.as_str()) || !self.includes(d, agent) {
+                continue;
+            }
+            let Some(m) = ModuleRef::parse_sha256(&d.spec.sha256).and_then(|sha| self.registry.get(&sha)) else {
+                // Deployments are created only for registered modules, which are never
+                // deleted; a missing one means the database was edited by hand.
+                tracing::warn!(deployment = d.id, sha256 = %d.spec.sha256, "deployment of an unregistered module; skipped");
+                continue;
+            };
+            out.insert(
+                &d.spec.module,
+                DesiredModule {
+                    module: m.module.clone(),
+                    size: m.size,
+                    signature: m.signature.clone(),
+                    config_json: serde_json::Value::Object(d.spec.config.clone()).to_string(),
+                    inputs: d.spec.inputs.clone(),
+                    deployment: d.id,
+                    probation: Probation {
+                        duration_s: d.spec.probation_s,
+                        max_failed_batches: d.spec.max_failed_batches,
+                    },
+                },
+            );
+        }
+        out.into_values().collect()
+    }
+
+    /// Does deployment `d` give its version to `agent` (see the module docs)?
+    fn includes(&self, d: &Deployment, agent: &Agent) -> bool {
+        let selected = d.spec.selects(&agent.id, &agent.labels);
+        match d.state {
+            DeploymentState::Done => selected,
+            DeploymentState::Rolling | DeploymentState::Paused => {
+                selected && self.members.get(&d.id).is_some_and(|m| m.contains_key(&agent.id))
+            }
+            DeploymentState::Aborted | DeploymentState::RolledBack => false,
+        }
+    }
+
+    /// How far deployment `d` got on an agent, from its latest report: `Pending` until
+    /// the agent reports on it.
+    pub fn phase(&self, d: u64, agent: &str) -> (Phase, &str) {
+        self.reports
+            .get(agent)
+            .and_then(|r| r.modules.iter().find(|m| m.deployment == d))
+            .map(|m| (m.phase, m.error.as_str()))
+            .unwrap_or((Phase::Pending, ""))
+    }
+
+    /// The agents a deployment's selector matches, in rollout order.
+    pub fn rollout_order(&self, d: &Deployment) -> Vec<&Agent> {
+        let mut v: Vec<(bool, [u8; 32], &Agent)> = self
+            .agents
+            .values()
+            .filter(|a| d.spec.selects(&a.id, &a.labels))
+            .map(|a| {
+                let h: [u8; 32] = Sha256::new().chain_update(d.id.to_be_bytes()).chain_update(&a.id).finalize().into();
+                (!a.online, h, a)
+            })
+            .collect();
+        v.sort_by_key(|x| (x.0, x.1));
+        v.into_iter().map(|(_, _, a)| a).collect()
+    }
+
+    /// What rollout `d` should do next at `now_ms`.
+    pub fn next_step(&self, d: &Deployment, now_ms: i64) -> Step {
+        if d.state != DeploymentState::Rolling {
+            return Step::Wait;
+        }
+        let order = self.rollout_order(d);
+        let empty = HashMap::new();
+        let members = self.members.get(&d.id).unwrap_or(&empty);
+        let last = d.spec.waves.len().saturating_sub(1) as u32;
+        let target = if d.wave >= last {
+            order.len()
+        } else {
+            d.spec.waves.get(d.wave as usize).map_or(order.len(), |w| w.agents_of(order.len()))
+        };
+        let in_waves: Vec<&Agent> = order.iter().copied().filter(|a| members.contains_key(&a.id)).collect();
+        if in_waves.len() < target {
+            let add = order
+                .iter()
+                .filter(|a| !members.contains_key(&a.id))
+                .take(target - in_waves.len())
+                .map(|a| a.id.clone())
+                .collect();
+            return Step::AddAgents(add);
+        }
+        let failed: Vec<(&str, &str)> = in_waves
+            .iter()
+            .filter_map(|a| match self.phase(d.id, &a.id) {
+                (Phase::Failed | Phase::RolledBack, why) => Some((a.id.as_str(), why)),
+                _ => None,
+            })
+            .collect();
+        if !failed.is_empty()
+            && failed.len() as f64 / in_waves.len() as f64 >= d.spec.abort_threshold.max(f64::MIN_POSITIVE)
+        {
+            let (agent, why) = failed[0];
+            return Step::Abort(format!(
+                "{} of {} agents failed or rolled back (abort threshold {}); first: {agent}: {why}",
+                failed.len(),
+                in_waves.len(),
+                d.spec.abort_threshold
+            ));
+        }
+        let running = |a: &Agent| self.phase(d.id, &a.id).0 == Phase::Running;
+        let settled = in_waves.iter().filter(|a| a.online).all(|a| running(a));
+        let probation_over = now_ms >= d.wave_started_ms.saturating_add(i64::from(d.spec.probation_s) * 1000);
+        let wave_complete = settled && probation_over && (in_waves.iter().any(|a| running(a)) || in_waves.is_empty());
+        if !wave_complete {
+            Step::Wait
+        } else if d.wave >= last {
+            Step::Done
+        } else {
+            Step::NextWave(d.wave + 1)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::fleet::{DeploymentSpec, WaveSize};
+    use brume_protocol::ModuleReport;
+
+    fn registered(version: &str) -> RegisteredModule {
+        let sha = brume_signing::module_digest(version.as_bytes());
+        RegisteredModule {
+            module: ModuleRef { name: "thr".into(), version: version.into(), sha256: sha },
+            size: 10,
+            manifest_json: "{}".into(),
+            key_id: "k".into(),
+            signature: format!("sig-{version}"),
+            uploaded_ms: 0,
+        }
+    }
+
+    fn deployment(id: u64, version: &str, state: DeploymentState, waves: &[&str]) -> Deployment {
+        Deployment {
+            id,
+            spec: DeploymentSpec {
+                module: "thr".into(),
+                version: version.into(),
+                sha256: registered(version).module.sha256_hex(),
+                config: serde_json::Map::new(),
+                inputs: None,
+                selector: [("site".to_string(), "a".to_string())].into(),
+                waves: waves.iter().map(|w| w.parse::<WaveSize>().unwrap()).collect(),
+                probation_s: 10,
+                max_failed_batches: 0,
+                abort_threshold: 0.3,
+            },
+            state,
+            wave: 0,
+            wave_started_ms: 0,
+            reason: String::new(),
+            revision: 1,
+            created_ms: 0,
+            updated_ms: 0,
+        }
+    }
+
+    fn fleet(deployments: Vec<Deployment>, agents: &[(&str, &str, bool)]) -> Fleet {
+        Fleet {
+            registry: ["1", "2", "3"].iter().map(|v| (registered(v).module.sha256, registered(v))).collect(),
+            deployments,
+            agents: agents
+                .iter()
+                .map(|(id, site, online)| {
+                    (
+                        id.to_string(),
+                        Agent { id: id.to_string(), labels: vec![("site".into(), site.to_string())], online: *online },
+                    )
+                })
+                .collect(),
+            ..Default::default()
+        }
+    }
+
+    fn report(f: &mut Fleet, agent: &str, deployment: u64, phase: Phase) {
+        f.reports.insert(
+            agent.into(),
+            ReportV1 {
+                agent_id: agent.into(),
+                sent_ms: 0,
+                generation: 1,
+                modules: vec![ModuleReport {
+                    name: "thr".into(),
+                    deployment,
+                    wanted: registered("2").module,
+                    phase,
+                    running: None,
+                    error: if phase == Phase::RolledBack { "trap".into() } else { String::new() },
+                    batches_ok: 0,
+                    batches_failed: 0,
+                }],
+            },
+        );
+    }
+
+    fn versions(f: &Fleet, agent: &str) -> Vec<String> {
+        f.desired_for(&f.agents[agent]).iter().map(|m| m.module.version.clone()).collect()
+    }
+
+    #[test]
+    fn the_newest_deployment_that_includes_an_agent_decides() {
+        let mut f = fleet(
+            vec![
+                deployment(1, "1", DeploymentState::Done, &["100%"]),
+                deployment(2, "2", DeploymentState::Rolling, &["1", "100%"]),
+            ],
+            &[("a1", "a", true), ("a2", "a", true), ("b1", "b", true)],
+        );
+        f.members.insert(2, [("a1".to_string(), 0)].into());
+        assert_eq!(versions(&f, "a1"), ["2"], "in the rolling wave");
+        assert_eq!(versions(&f, "a2"), ["1"], "not yet: keeps the done deployment's version");
+        assert!(versions(&f, "b1").is_empty(), "selector does not match");
+        let d = f.desired_for(&f.agents["a1"]).remove(0);
+        assert_eq!((d.deployment, d.signature.as_str(), d.size, d.probation.duration_s), (2, "sig-2", 10, 10));
+
+        // Aborted: everyone falls back to the older deployment.
+        f.deployments[1].state = DeploymentState::Aborted;
+        assert_eq!(versions(&f, "a1"), ["1"]);
+        // Done: every matching agent, including new ones.
+        f.deployments[1].state = DeploymentState::Done;
+        f.agents
+            .insert("a3".into(), Agent { id: "a3".into(), labels: vec![("site".into(), "a".into())], online: false });
+        assert_eq!(versions(&f, "a3"), ["2"]);
+        f.deployments[1].state = DeploymentState::RolledBack;
+        f.deployments[0].state = DeploymentState::RolledBack;
+        assert!(versions(&f, "a3").is_empty(), "nothing live: the module is removed");
+    }
+
+    #[test]
+    fn waves_add_online_agents_first_and_wait_for_them_to_run() {
+        let mut f = fleet(
+            vec![deployment(7, "2", DeploymentState::Rolling, &["1", "50%", "100%"])],
+            &[("a1", "a", true), ("a2", "a", true), ("a3", "a", false), ("a4", "a", true), ("b", "b", true)],
+        );
+        let d = f.deployments[0].clone();
+        let Step::AddAgents(first) = f.next_step(&d, 0) else { panic!("{:?}", f.next_step(&d, 0)) };
+        assert_eq!(first.len(), 1);
+        assert_ne!(first[0], "a3", "an offline agent is never the canary when an online one can be");
+        f.members.insert(7, [(first[0].clone(), 0)].into());
+        assert_eq!(f.next_step(&d, 0), Step::Wait, "not reported yet");
+        report(&mut f, &first[0], 7, Phase::Canary);
+        assert_eq!(f.next_step(&d, 60_000), Step::Wait, "still on probation on the device");
+        report(&mut f, &first[0], 7, Phase::Running);
+        assert_eq!(f.next_step(&d, 5_000), Step::Wait, "the wave's probation time has not passed");
+        assert_eq!(f.next_step(&d, 10_000), Step::NextWave(1));
+
+        let mut d = d;
+        d.wave = 2;
+        let Step::AddAgents(rest) = f.next_step(&d, 10_000) else { panic!() };
+        assert_eq!(rest.len(), 3, "the last wave takes every matching agent: {rest:?}");
+        let m = f.members.get_mut(&7).unwrap();
+        for a in &rest {
+            m.insert(a.clone(), 2);
+        }
+        for a in rest.iter().filter(|a| *a != "a3") {
+            report(&mut f, a, 7, Phase::Running);
+        }
+        assert_eq!(f.next_step(&d, 10_000), Step::Done, "the offline agent does not hold the rollout up");
+    }
+
+    #[test]
+    fn failures_over_the_threshold_abort() {
+        let mut f = fleet(
+            vec![deployment(3, "3", DeploymentState::Rolling, &["2", "100%"])],
+            &[("a1", "a", true), ("a2", "a", true), ("a3", "a", true), ("a4", "a", true)],
+        );
+        let d = f.deployments[0].clone();
+        let Step::AddAgents(first) = f.next_step(&d, 0) else { panic!() };
+        f.members.insert(3, first.iter().map(|a| (a.clone(), 0)).collect());
+        report(&mut f, &first[0], 3, Phase::Running);
+        report(&mut f, &first[1], 3, Phase::RolledBack);
+        let Step::Abort(why) = f.next_step(&d, 20_000) else { panic!("{:?}", f.next_step(&d, 20_000)) };
+        assert!(why.contains("1 of 2") && why.contains("trap"), "{why}");
+        let mut paused = d.clone();
+        paused.state = DeploymentState::Paused;
+        assert_eq!(f.next_step(&paused, 20_000), Step::Wait, "a paused rollout does nothing");
+    }
+}
