@@ -38,7 +38,12 @@ pub fn main() -> ExitCode {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,rumqttc=warn"));
     // rumqttc logs through `log`; tracing-subscriber's tracing-log bridge picks it up.
-    tracing_subscriber::fmt().with_env_filter(filter).init();
+    // Colour only on a terminal: journald and log files get plain text.
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_writer(std::io::stderr)
+        .init();
     match real_main(Args::parse()) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -418,9 +418,10 @@ impl Config {
         }
         let f = &self.fleet;
         brume_signing::Keyring::parse(&f.trusted_keys).map_err(|e| invalid("fleet.trusted_keys", e.to_string()))?;
-        let max = brume_protocol::limits::MAX_MESSAGE_BYTES as u64;
-        if f.max_module_bytes.as_u64() == 0 || f.max_module_bytes.as_u64() > max {
-            return Err(invalid("fleet.max_module_bytes", format!("must be 1 B to {}", bytesize::ByteSize::b(max))));
+        // Modules travel over HTTP, not MQTT; the cap bounds what one upload or download
+        // holds in memory.
+        if f.max_module_bytes.as_u64() == 0 || f.max_module_bytes > bytesize::ByteSize::mib(256) {
+            return Err(invalid("fleet.max_module_bytes", "must be 1 B to 256 MiB"));
         }
         if f.reconcile_interval < Duration::from_millis(100) {
             return Err(invalid("fleet.reconcile_interval", "must be at least 100ms"));

@@ -146,10 +146,15 @@ fn pass(
     for i in 0..fleet.deployments.len() {
         advance(store, &mut fleet, i, now_ms)?;
     }
+    let stored = store.desired_states()?;
+    let has_state: std::collections::HashSet<&str> = stored.iter().map(|d| d.agent_id.as_str()).collect();
     let mut out = Vec::new();
     for agent in fleet.agents.values() {
         let modules = fleet.desired_for(agent);
-        if c.written.get(&agent.id) == Some(&modules) {
+        // An agent no deployment ever included has nothing to be told: no row, no
+        // retained message (a fleet without deployments publishes nothing).
+        if c.written.get(&agent.id) == Some(&modules) || (modules.is_empty() && !has_state.contains(agent.id.as_str()))
+        {
             continue;
         }
         if let Some(sd) = store.set_desired(&agent.id, &modules, now_ms)? {
@@ -161,7 +166,7 @@ fn pass(
     }
     // Online agents that report an older generation than the stored one: send it again
     // (see the module docs for how that can happen).
-    for sd in store.desired_states()? {
+    for sd in stored {
         let lagging = fleet.agents.get(&sd.agent_id).is_some_and(|a| a.online)
             && fleet.reports.get(&sd.agent_id).is_none_or(|r| r.generation < sd.generation);
         let recently = c.published.get(&sd.agent_id).is_some_and(|t| t.elapsed() < republish_after);

@@ -3,6 +3,7 @@
 //! for the `postgres_*` tests (each starts its own private server).
 
 // The store unit tests' private PostgreSQL harness, shared rather than copied.
+mod fleet;
 mod util;
 
 use std::time::Duration;
@@ -548,6 +549,10 @@ async fn openapi_document_matches_the_routes() {
         [
             "/api/v1/agents",
             "/api/v1/aggregate",
+            "/api/v1/deployments",
+            "/api/v1/deployments/{id}",
+            "/api/v1/deployments/{id}/{action}",
+            "/api/v1/fleet/agents",
             "/api/v1/modules",
             "/api/v1/openapi.json",
             "/api/v1/presence",
@@ -556,6 +561,8 @@ async fn openapi_document_matches_the_routes() {
             "/api/v1/quarantine/{id}/payload",
             "/api/v1/quarantine/{id}/reingest",
             "/api/v1/readings",
+            "/api/v1/registry/modules",
+            "/api/v1/registry/modules/{sha256}",
             "/api/v1/streams",
             "/api/v1/tail",
             "/healthz",

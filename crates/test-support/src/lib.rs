@@ -1,6 +1,7 @@
 //! Dev-only harness shared by every test and benchmark that needs a real server: a
 //! private mosquitto ([`Mosquitto`]) and a private PostgreSQL ([`TestPostgres`]) on
-//! 127.0.0.1, each in its own temporary directory, stopped and removed on drop.
+//! 127.0.0.1, each in its own temporary directory, stopped and removed on drop; and the
+//! example WASM modules as fixtures ([`built_module`], [`with_version`]).
 //!
 //! Neither server can be asked to bind port 0 and report the port it got, so a port is
 //! picked by binding port 0 and releasing it ([`free_port`]); another process may take
@@ -8,6 +9,7 @@
 //! the port is taken (mosquitto exits before listening, PostgreSQL logs "could not
 //! bind"), a new port is picked and the start tried again.
 
+mod modules;
 mod postgres;
 
 use std::net::{Ipv4Addr, TcpListener, TcpStream};
@@ -15,6 +17,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+pub use modules::{built_module, built_module_bytes, with_version};
 pub use postgres::TestPostgres;
 
 /// Why a server could not be started (or restarted): what failed, with its log.
