@@ -219,7 +219,7 @@ impl Presence {
             .modules
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .iter()
+            .values()
             .take(brume_protocol::MAX_STATUS_MODULES)
             .map(|m| ModuleHealth {
                 name: label(&m.name),

@@ -144,7 +144,7 @@ async fn status(State(st): State<AppState>) -> Response {
             "oldest_age_s": oldest_age_s,
         },
         "forward": fwd,
-        "modules": st.modules.lock().unwrap_or_else(|e| e.into_inner()).clone(),
+        "modules": st.modules.lock().unwrap_or_else(|e| e.into_inner()).values().cloned().collect::<Vec<_>>(),
         "losses": losses.iter().map(|l| serde_json::json!({
             "stream": l.stream, "reason": l.reason.as_str(), "total": l.total,
         })).collect::<Vec<_>>(),

@@ -99,10 +99,10 @@ pub async fn run(cfg: Config, listeners: Listeners, shutdown: CancellationToken)
     let forward_stop = CancellationToken::new();
     let ingest = TaskTracker::new();
     let forward_status = Arc::new(Mutex::new(forward::ForwardStatus::default()));
-    let module_status: modules::SharedModuleStatus = Arc::new(Mutex::new(Vec::new()));
+    let module_status: modules::SharedModuleStatus = Arc::new(Mutex::new(Default::default()));
 
     // Modules start before ingest so that `start_at = "latest"` means from agent start.
-    let runners = modules::ModuleRunners::start(&cfg, store.clone(), metrics.clone(), module_status.clone())
+    let runners = modules::ModuleRunners::start(&cfg, store.clone(), metrics.clone(), module_status.clone(), None)
         .context("starting WASM modules")?;
     if let Some(l) = listeners.mqtt {
         tracing::info!(addr = %l.local_addr()?, "MQTT listener for sensors");

@@ -57,6 +57,8 @@ use crate::store::{ModuleProgress, StoreError, StoreReader, StoreSnapshot, Timed
 pub struct ModuleStatus {
     /// Module name.
     pub name: String,
+    /// The deployment that put it here (`None`: the agent's own config).
+    pub deployment: Option<u64>,
     /// The `.wasm` file.
     pub path: String,
     /// Manifest version, once loaded.
@@ -75,10 +77,97 @@ pub struct ModuleStatus {
     pub consecutive_failures: u32,
     /// The last error, if any.
     pub last_error: Option<String>,
+    /// When the running build was loaded, ms since the Unix epoch.
+    pub loaded_ms: Option<i64>,
+    /// A build from a deployment failed its probation (or did not load): why. The fleet
+    /// task reads this and puts the previous build back (see [`crate::fleet`]).
+    pub probation_failed: Option<String>,
 }
 
-/// Shared status of all modules, for `/api/v1/status`.
-pub type SharedModuleStatus = Arc<Mutex<Vec<ModuleStatus>>>;
+/// Shared status of all modules by name, for `/api/v1/status`, presence and the fleet
+/// task. Locked briefly, never across an await.
+pub type SharedModuleStatus = Arc<Mutex<std::collections::BTreeMap<String, ModuleStatus>>>;
+
+/// A module to run: from the agent's config ([`ModuleSpec::from_config`]) or from the
+/// hub's desired state (built by [`crate::fleet`], with [`Managed`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ModuleSpec {
+    /// Name: progress and state are kept under it, and a new build of the same name
+    /// takes over the cursor.
+    pub name: String,
+    /// The `.wasm` file.
+    pub path: std::path::PathBuf,
+    /// Configuration handed to the module's init, as JSON.
+    pub config_json: String,
+    /// Input patterns replacing the manifest's.
+    pub inputs: Option<Vec<String>>,
+    /// Failed batch: skip or retry.
+    pub on_failure: OnFailure,
+    /// Disabled after this many consecutive failures.
+    pub max_consecutive_failures: u32,
+    /// Where a module without saved progress starts.
+    pub start_at: StartAt,
+    /// Budget overrides.
+    pub memory: Option<u64>,
+    /// Fuel per batch override.
+    pub fuel_per_batch: Option<u64>,
+    /// Time per batch override.
+    pub time_per_batch: Option<Duration>,
+    /// Output readings per batch override.
+    pub max_output_readings: Option<u32>,
+    /// Set for modules from a deployment.
+    pub managed: Option<Managed>,
+}
+
+/// What a module from a deployment carries beyond its config.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Managed {
+    /// The build: the file must hash to this, and the signature must be a trusted key's
+    /// signature of it, or the module is not loaded.
+    pub sha256: [u8; 32],
+    /// The publisher's signature.
+    pub signature: brume_signing::Signature,
+    /// The keys pinned in the agent's config (`fleet.trusted_keys`).
+    pub keyring: Arc<brume_signing::Keyring>,
+    /// The deployment.
+    pub deployment: u64,
+    /// Probation: `Some((duration, max_failed_batches))` while the build has not passed
+    /// it on this agent.
+    pub probation: Option<(Duration, u32)>,
+}
+
+impl ModuleSpec {
+    /// The spec of a module from the agent's config (`[[modules]]` entry `i`).
+    pub fn from_config(i: usize, m: &ModuleConfig) -> ModuleSpec {
+        let name = m.name.clone().unwrap_or_else(|| {
+            m.path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| format!("module{i}"))
+        });
+        ModuleSpec {
+            name,
+            path: m.path.clone(),
+            config_json: match &m.config {
+                Some(t) => serde_json::to_string(t).unwrap_or_else(|_| "{}".into()),
+                None => "{}".into(),
+            },
+            inputs: m.inputs.clone(),
+            on_failure: m.on_failure,
+            max_consecutive_failures: m.max_consecutive_failures,
+            start_at: m.start_at,
+            memory: m.memory.map(|b| b.as_u64()),
+            fuel_per_batch: m.fuel_per_batch,
+            time_per_batch: m.time_per_batch,
+            max_output_readings: m.max_output_readings,
+            managed: None,
+        }
+    }
+}
+
+/// Which module thread runs the module `name`: fixed by the name, so a module keeps its
+/// thread when the set of modules changes.
+fn thread_of(name: &str, threads: usize) -> usize {
+    let h = Sha256::digest(name.as_bytes());
+    (u64::from_le_bytes(h[..8].try_into().expect("8 bytes")) % threads.max(1) as u64) as usize
+}
 
 /// Handle to the running module threads.
 pub struct ModuleRunners {
@@ -90,17 +179,23 @@ pub struct ModuleRunners {
 }
 
 impl ModuleRunners {
-    /// Starts the module threads (`module_runtime.threads`, at most one per module).
-    /// Nothing to start → no engine is built.
+    /// Starts the module threads: `module_runtime.threads` of them (at most one per
+    /// configured module when the set is fixed). `managed`, when the agent takes modules
+    /// from deployments, carries the current set of those ([`crate::fleet`]); the threads
+    /// add, replace and remove runners as it changes. Nothing to run and nothing managed:
+    /// no engine, no thread.
     pub fn start(
         cfg: &Config,
         store: StoreHandle,
         metrics: Arc<Metrics>,
         status: SharedModuleStatus,
+        managed: Option<watch::Receiver<Vec<ModuleSpec>>>,
     ) -> anyhow::Result<ModuleRunners> {
         let stop = CancellationToken::new();
         let mut threads = Vec::new();
-        if cfg.modules.is_empty() {
+        let static_specs: Vec<ModuleSpec> =
+            cfg.modules.iter().enumerate().map(|(i, m)| ModuleSpec::from_config(i, m)).collect();
+        if static_specs.is_empty() && managed.is_none() {
             return Ok(ModuleRunners { stop, threads });
         }
         let engine = Arc::new(
@@ -112,36 +207,30 @@ impl ModuleRunners {
             .and_then(|r| r.last_id())
             .map_err(|e| anyhow::anyhow!("cannot read the store to position new modules: {e}"))?;
         let rt = tokio::runtime::Handle::current();
-        let n_threads = cfg.module_runtime.threads.clamp(1, cfg.modules.len());
-        let mut groups: Vec<Vec<Runner>> = (0..n_threads).map(|_| Vec::new()).collect();
-        for (i, m) in cfg.modules.iter().enumerate() {
-            let name = m.name.clone().unwrap_or_else(|| {
-                m.path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| format!("module{i}"))
-            });
-            status.lock().unwrap_or_else(|e| e.into_inner()).push(ModuleStatus {
-                name: name.clone(),
-                path: m.path.display().to_string(),
-                ..Default::default()
-            });
-            groups[i % n_threads].push(Runner {
-                index: i,
-                name,
-                cfg: m.clone(),
-                data_dir: cfg.data_dir.clone(),
-                batch_max: cfg.module_runtime.batch_max_readings,
-                engine: engine.clone(),
-                store: store.clone(),
-                metrics: metrics.clone(),
-                status: status.clone(),
-                rt: rt.clone(),
-                latest_at_start,
-                live: None,
-                mtime: None,
-            });
-        }
-        for (t, runners) in groups.into_iter().enumerate() {
+        let n_threads = match managed {
+            Some(_) => cfg.module_runtime.threads.max(1),
+            None => cfg.module_runtime.threads.clamp(1, static_specs.len()),
+        };
+        let shared = Shared {
+            data_dir: cfg.data_dir.clone(),
+            batch_max: cfg.module_runtime.batch_max_readings,
+            engine,
+            store: store.clone(),
+            metrics,
+            status,
+            rt: rt.clone(),
+            latest_at_start,
+        };
+        for t in 0..n_threads {
+            let mine: Vec<ModuleSpec> =
+                static_specs.iter().filter(|m| thread_of(&m.name, n_threads) == t).cloned().collect();
             let worker = Worker {
-                runners,
+                thread: t,
+                threads: n_threads,
+                static_specs: mine,
+                managed: managed.clone(),
+                shared: shared.clone(),
+                runners: Vec::new(),
                 data_dir: cfg.data_dir.clone(),
                 agent_id: cfg.agent_id.clone(),
                 poll: cfg.module_runtime.poll_interval,
@@ -168,8 +257,38 @@ impl ModuleRunners {
     }
 }
 
+/// What every runner of the process shares.
+#[derive(Clone)]
+struct Shared {
+    data_dir: std::path::PathBuf,
+    /// `module_runtime.batch_max_readings`.
+    batch_max: usize,
+    /// The process's one engine, shared by every module.
+    engine: Arc<WasmEngine>,
+    /// Where outputs and progress are committed.
+    store: StoreHandle,
+    /// The agent's metrics.
+    metrics: Arc<Metrics>,
+    /// Every module's status, by name; a runner writes its own entry, locked briefly.
+    status: SharedModuleStatus,
+    /// The agent's runtime, for `block_on` (see [`Worker::rt`]).
+    rt: tokio::runtime::Handle,
+    /// Where `start_at = "latest"` puts a configured module without saved progress: the
+    /// store's last reading id when the agent started.
+    latest_at_start: i64,
+}
+
 /// One thread's share of the modules.
 struct Worker {
+    /// This thread's index, of `threads`: it runs the modules [`thread_of`] gives it.
+    thread: usize,
+    threads: usize,
+    /// The configured modules this thread runs.
+    static_specs: Vec<ModuleSpec>,
+    /// The modules from deployments (all of them; this thread runs its share), when the
+    /// agent takes them. Watched between batches.
+    managed: Option<watch::Receiver<Vec<ModuleSpec>>>,
+    shared: Shared,
     runners: Vec<Runner>,
     data_dir: std::path::PathBuf,
     agent_id: String,
@@ -183,27 +302,11 @@ struct Worker {
     rt: tokio::runtime::Handle,
 }
 
-/// One configured module and, once loaded, its live instance.
+/// One module and, once loaded, its live instance.
 struct Runner {
-    index: usize,
     name: String,
-    cfg: ModuleConfig,
-    data_dir: std::path::PathBuf,
-    /// `module_runtime.batch_max_readings`.
-    batch_max: usize,
-    /// The process's one engine, shared by every module.
-    engine: Arc<WasmEngine>,
-    /// Where outputs and progress are committed.
-    store: StoreHandle,
-    /// The agent's metrics.
-    metrics: Arc<Metrics>,
-    /// Every module's status; this runner writes entry `index`, locked briefly.
-    status: SharedModuleStatus,
-    /// The agent's runtime, for `block_on` (see [`Worker::rt`]).
-    rt: tokio::runtime::Handle,
-    /// Where `start_at = "latest"` puts a module without saved progress: the store's last
-    /// reading id when the agent started.
-    latest_at_start: i64,
+    spec: ModuleSpec,
+    shared: Shared,
     /// The loaded module, if its file could be loaded.
     live: Option<Live>,
     /// The file's modification time when it was last looked at.
@@ -216,7 +319,12 @@ struct Live {
     instance: ModuleInstance,
     limits: Limits,
     config_json: String,
+    /// The input patterns it was loaded with (a change re-instantiates).
+    inputs: Option<Vec<String>>,
     hash: String,
+    /// A build from a deployment on probation: its failures are counted against the
+    /// deployment's limit.
+    probation: Option<Probation>,
     /// Last committed state (restored into a fresh instance after a poisoning failure).
     state: Vec<u8>,
     /// Every reading up to here is consumed and committed with `state` (or, past that,
@@ -230,6 +338,16 @@ struct Live {
     disabled: bool,
     /// Backing off (after a failure or a refused commit) until then.
     resume_at: Option<Instant>,
+}
+
+/// Probation of a build from a deployment.
+struct Probation {
+    /// Failures count until then.
+    until: Instant,
+    /// Failed batches tolerated.
+    max_failed: u32,
+    /// Failed batches so far.
+    failed: u32,
 }
 
 /// A batch's outputs and progress queued at the writer, with what to record once it is
@@ -270,7 +388,11 @@ impl Worker {
         // lands after a read wakes the thread again.
         let mut commits = self.store.snapshot();
         let mut next_file_check = Instant::now();
+        self.sync_specs(&reader, &history);
         while !self.stop.is_cancelled() {
+            if self.managed.as_ref().is_some_and(|m| m.has_changed().unwrap_or(false)) {
+                self.sync_specs(&reader, &history);
+            }
             let now = Instant::now();
             if now >= next_file_check {
                 next_file_check = now + self.poll;
@@ -307,9 +429,22 @@ impl Worker {
         }
     }
 
-    /// Sleeps until the store commits, `until`, or stop.
+    /// Sleeps until the store commits, the set of modules from deployments changes,
+    /// `until`, or stop.
     fn wait(&self, commits: &mut watch::Receiver<StoreSnapshot>, until: Instant) -> Wake {
+        let mut managed = self.managed.clone();
         self.rt.block_on(async {
+            let managed_changed = async {
+                match managed.as_mut() {
+                    Some(m) => {
+                        if m.changed().await.is_err() {
+                            // The fleet task is gone (shutdown): the set stays as it is.
+                            std::future::pending::<()>().await
+                        }
+                    }
+                    None => std::future::pending::<()>().await,
+                }
+            };
             tokio::select! {
                 _ = self.stop.cancelled() => Wake::Stop,
                 r = commits.changed() => match r {
@@ -317,22 +452,80 @@ impl Worker {
                     // The writer is gone (shutdown): nothing more will commit.
                     Err(_) => { self.stop.cancelled().await; Wake::Stop }
                 },
+                _ = managed_changed => Wake::Go,
                 _ = tokio::time::sleep_until(until.into()) => Wake::Go,
             }
         })
+    }
+
+    /// Makes the runners match the wanted modules: this thread's configured ones plus its
+    /// share of those from deployments. A new module is loaded at once; a changed one
+    /// (another build, config or inputs) is reloaded at once, between batches, after its
+    /// commit in flight, so the new build takes over the cursor the old one committed
+    /// (see [`Runner::load`]); a removed one is stopped after its commit in flight.
+    fn sync_specs(&mut self, reader: &StoreHistory, history: &Arc<dyn HistoryProvider>) {
+        let mut wanted: Vec<ModuleSpec> = self.static_specs.clone();
+        if let Some(m) = self.managed.as_mut() {
+            for spec in m.borrow_and_update().iter() {
+                if thread_of(&spec.name, self.threads) == self.thread && !wanted.iter().any(|w| w.name == spec.name) {
+                    wanted.push(spec.clone());
+                }
+            }
+        }
+        let mut kept = Vec::with_capacity(wanted.len());
+        for mut r in std::mem::take(&mut self.runners) {
+            if wanted.iter().any(|w| w.name == r.name) {
+                kept.push(r);
+                continue;
+            }
+            r.settle_live(history);
+            if let Some(l) = &r.live {
+                compile::forget(&self.shared.data_dir, &l.hash);
+            }
+            tracing::info!(module = %r.name, "module removed");
+            self.shared.metrics.module_event(&r.name, "removed");
+            self.shared.status.lock().unwrap_or_else(|e| e.into_inner()).remove(&r.name);
+        }
+        self.runners = kept;
+        for spec in wanted {
+            match self.runners.iter_mut().find(|r| r.name == spec.name) {
+                Some(r) if r.spec == spec => {}
+                Some(r) => {
+                    tracing::info!(module = %r.name, path = %spec.path.display(), "module changed; reloading");
+                    r.spec = spec;
+                    r.mtime = None;
+                    r.check_file(reader, history);
+                }
+                None => {
+                    self.shared.status.lock().unwrap_or_else(|e| e.into_inner()).insert(
+                        spec.name.clone(),
+                        ModuleStatus {
+                            name: spec.name.clone(),
+                            path: spec.path.display().to_string(),
+                            deployment: spec.managed.as_ref().map(|m| m.deployment),
+                            ..Default::default()
+                        },
+                    );
+                    let mut r =
+                        Runner { name: spec.name.clone(), spec, shared: self.shared.clone(), live: None, mtime: None };
+                    r.check_file(reader, history);
+                    self.runners.push(r);
+                }
+            }
+        }
     }
 }
 
 impl Runner {
     fn set_status(&self, f: impl FnOnce(&mut ModuleStatus)) {
-        if let Some(s) = self.status.lock().unwrap_or_else(|e| e.into_inner()).get_mut(self.index) {
+        if let Some(s) = self.shared.status.lock().unwrap_or_else(|e| e.into_inner()).get_mut(&self.name) {
             f(s);
         }
     }
 
     /// Hot reload: (re)loads the module when its file appears or changes.
     fn check_file(&mut self, reader: &StoreHistory, history: &Arc<dyn HistoryProvider>) {
-        let now_mtime = std::fs::metadata(&self.cfg.path).and_then(|m| m.modified()).ok();
+        let now_mtime = std::fs::metadata(&self.spec.path).and_then(|m| m.modified()).ok();
         if now_mtime == self.mtime {
             return;
         }
@@ -377,7 +570,7 @@ impl Runner {
         history: &Arc<dyn HistoryProvider>,
     ) -> Result<ModuleInstance, String> {
         let mut i = module
-            .instantiate(&self.engine, limits.clone(), history.clone(), config_json)
+            .instantiate(&self.shared.engine, limits.clone(), history.clone(), config_json)
             .map_err(|e| format!("init failed: {e}"))?;
         if !state.is_empty() {
             i.load_state(state).map_err(|e| format!("restoring saved state failed: {e}"))?;
@@ -394,7 +587,7 @@ impl Runner {
             Ok(i) => l.instance = i,
             Err(err) => {
                 tracing::error!(module = %self.name, error = %err, "module cannot be re-instantiated; disabling it");
-                self.metrics.module_event(&self.name, "disabled");
+                self.shared.metrics.module_event(&self.name, "disabled");
                 l.disabled = true;
                 self.set_status(|s| {
                     s.enabled = false;
@@ -409,14 +602,14 @@ impl Runner {
     /// rewound, so the batch is processed again.
     fn settle(&self, l: &mut Live, history: &Arc<dyn HistoryProvider>) -> bool {
         let Some(f) = l.in_flight.take() else { return true };
-        match self.rt.block_on(f.reply).unwrap_or(Err(AppendError::Closed)) {
+        match self.shared.rt.block_on(f.reply).unwrap_or(Err(AppendError::Closed)) {
             Ok(()) => {
                 l.cursor = f.cursor;
                 l.state = f.state;
                 l.failures = 0;
-                self.metrics.module_batch(&self.name, "ok", f.n_in, f.n_out, f.fuel);
+                self.shared.metrics.module_batch(&self.name, "ok", f.n_in, f.n_out, f.fuel);
                 for (k, v) in &f.metrics {
-                    self.metrics.module_metric(&self.name, k, *v);
+                    self.shared.metrics.module_metric(&self.name, k, *v);
                 }
                 let cursor = l.cursor;
                 self.set_status(|s| {
@@ -431,7 +624,7 @@ impl Runner {
                 // down). Back to the last committed cursor and state; the same input is
                 // processed again later.
                 tracing::warn!(module = %self.name, error = %e, "module outputs not committed; will retry the batch");
-                self.metrics.module_batch(&self.name, "store_refused", 0, 0, 0);
+                self.shared.metrics.module_batch(&self.name, "store_refused", 0, 0, 0);
                 self.reinstantiate(l, history);
                 if !matches!(e, AppendError::Closed) {
                     l.resume_at = Some(Instant::now() + Duration::from_millis(200));
@@ -443,21 +636,42 @@ impl Runner {
 
     /// Loads the file, restores progress, instantiates. `None` (logged) if it cannot.
     fn load(&self, reader: &StoreHistory, history: &Arc<dyn HistoryProvider>, previous: Option<Live>) -> Option<Live> {
+        let managed = self.spec.managed.is_some();
         let fail = |what: String| {
-            tracing::error!(module = %self.name, path = %self.cfg.path.display(), error = %what, "module not loaded");
-            self.metrics.module_event(&self.name, "load_error");
+            tracing::error!(module = %self.name, path = %self.spec.path.display(), error = %what, "module not loaded");
+            self.shared.metrics.module_event(&self.name, "load_error");
             self.set_status(|s| {
                 s.enabled = false;
+                // A build from a deployment that does not load here has failed on this
+                // device: the fleet task puts the previous build back.
+                if managed {
+                    s.probation_failed = Some(format!("did not load: {what}"));
+                }
                 s.last_error = Some(what);
             });
             None
         };
-        let bytes = match std::fs::read(&self.cfg.path) {
+        let bytes = match std::fs::read(&self.spec.path) {
             Ok(b) => b,
-            Err(e) => return fail(format!("cannot read {}: {e}", self.cfg.path.display())),
+            Err(e) => return fail(format!("cannot read {}: {e}", self.spec.path.display())),
         };
-        let file_hash: String = Sha256::digest(&bytes).iter().map(|b| format!("{b:02x}")).collect();
-        let module = match compile::load(&self.engine, &self.data_dir, &bytes, &file_hash) {
+        let digest: [u8; 32] = Sha256::digest(&bytes).into();
+        if let Some(m) = &self.spec.managed {
+            // Checked again here, not only after the download: nothing runs that does not
+            // hash to the deployed build and carry a trusted publisher's signature.
+            if digest != m.sha256 {
+                return fail(format!(
+                    "{} does not hash to the deployed build {} (changed on disk?)",
+                    self.spec.path.display(),
+                    brume_signing::to_hex(&m.sha256)
+                ));
+            }
+            if let Err(e) = m.keyring.verify(&digest, &m.signature) {
+                return fail(format!("signature refused: {e}"));
+            }
+        }
+        let file_hash = brume_signing::to_hex(&digest);
+        let module = match compile::load(&self.shared.engine, &self.shared.data_dir, &bytes, &file_hash) {
             Ok(m) => m,
             Err(e) => return fail(e.to_string()),
         };
@@ -465,6 +679,8 @@ impl Runner {
         let replaced = previous.as_ref().map(|p| p.hash.clone()).filter(|h| *h != hash);
         if let Some(mut p) = previous
             && p.hash == hash
+            && p.config_json == self.spec.config_json
+            && p.inputs == self.spec.inputs
         {
             // Touched but unchanged: keep the running instance; a disabled module gets
             // another chance, since touching the file is how an operator asks for one.
@@ -480,17 +696,14 @@ impl Runner {
             return Some(p);
         }
         let overrides = LimitOverrides {
-            memory_bytes: self.cfg.memory.map(|b| b.as_u64()),
-            fuel_per_batch: self.cfg.fuel_per_batch,
-            time_per_batch: self.cfg.time_per_batch,
-            max_output_readings: self.cfg.max_output_readings,
+            memory_bytes: self.spec.memory,
+            fuel_per_batch: self.spec.fuel_per_batch,
+            time_per_batch: self.spec.time_per_batch,
+            max_output_readings: self.spec.max_output_readings,
             ..Default::default()
         };
         let limits = Limits::from_manifest(&module.manifest().budgets, &overrides);
-        let config_json = match &self.cfg.config {
-            Some(t) => serde_json::to_string(t).unwrap_or_else(|_| "{}".into()),
-            None => "{}".into(),
-        };
+        let config_json = self.spec.config_json.clone();
         let saved = match reader.lock().module_progress(&self.name) {
             Ok(p) => p,
             Err(e) => return fail(format!("cannot read saved progress: {e}")),
@@ -500,9 +713,14 @@ impl Runner {
             Some(p) if p.hash == hash => (p.cursor, p.state),
             // New version: keep the position, start with fresh state.
             Some(p) => (p.cursor, Vec::new()),
-            None => match self.cfg.start_at {
+            None => match self.spec.start_at {
                 StartAt::Earliest => (0, Vec::new()),
-                StartAt::Latest => (self.latest_at_start, Vec::new()),
+                // A module from a deployment starts when it arrives, not at agent start.
+                StartAt::Latest if managed => match reader.lock().last_id() {
+                    Ok(id) => (id, Vec::new()),
+                    Err(e) => return fail(format!("cannot read the store position: {e}")),
+                },
+                StartAt::Latest => (self.shared.latest_at_start, Vec::new()),
             },
         };
         let instance = match self.instantiate(&module, &limits, &config_json, &state, history) {
@@ -510,8 +728,9 @@ impl Runner {
             Err(e) => return fail(e),
         };
         let m = module.manifest().clone();
-        tracing::info!(module = %self.name, version = %m.version, hash = %hash, cursor, inputs = ?self.cfg.inputs.as_ref().unwrap_or(&m.inputs), outputs = ?m.outputs, "module loaded");
-        self.metrics.module_event(&self.name, "loaded");
+        tracing::info!(module = %self.name, version = %m.version, hash = %hash, cursor, inputs = ?self.spec.inputs.as_ref().unwrap_or(&m.inputs), outputs = ?m.outputs, "module loaded");
+        self.shared.metrics.module_event(&self.name, "loaded");
+        let deployment = self.spec.managed.as_ref().map(|m| m.deployment);
         self.set_status(|s| {
             s.version = Some(m.version.clone());
             s.hash = Some(hash.clone());
@@ -519,19 +738,29 @@ impl Runner {
             s.cursor = cursor;
             s.consecutive_failures = 0;
             s.last_error = None;
+            s.deployment = deployment;
+            s.loaded_ms = Some(crate::now_ns() / 1_000_000);
+            s.probation_failed = None;
+        });
+        let probation = self.spec.managed.as_ref().and_then(|m| m.probation).map(|(d, max)| Probation {
+            until: Instant::now() + d,
+            max_failed: max,
+            failed: 0,
         });
         if let Some(old) = replaced {
-            compile::forget(&self.data_dir, &old);
+            compile::forget(&self.shared.data_dir, &old);
         }
         Some(Live {
             module,
             instance,
             limits,
             config_json,
+            inputs: self.spec.inputs.clone(),
             hash,
             state,
             cursor,
             read_from: cursor,
+            probation,
             in_flight: None,
             failures: 0,
             disabled: false,
@@ -553,11 +782,11 @@ impl Runner {
     /// flight, and queues its commit. Returns whether it did any work.
     fn step(&self, l: &mut Live, reader: &StoreHistory, history: &Arc<dyn HistoryProvider>) -> bool {
         let manifest = l.module.manifest();
-        let inputs = self.cfg.inputs.as_ref().unwrap_or(&manifest.inputs);
+        let inputs = self.spec.inputs.as_ref().unwrap_or(&manifest.inputs);
         let outputs = &manifest.outputs;
         let mut wanted = |s: &str| inputs.iter().any(|p| pattern_matches(p, s)) && !outputs.iter().any(|o| o == s);
         // The guard is a temporary: released before the module runs and queries history.
-        let read = reader.lock().readings_after(l.read_from, self.batch_max, &mut wanted);
+        let read = reader.lock().readings_after(l.read_from, self.shared.batch_max, &mut wanted);
         let (rows, scanned_to) = match read {
             Ok(x) => x,
             Err(e) => {
@@ -580,7 +809,7 @@ impl Runner {
         let last_id = rows.last().map(|r| r.id).unwrap_or(l.read_from);
         // Behind on its input (a full batch read): commit at once; keeping up: ride the
         // commit window with the readings it processed.
-        let behind = rows.len() >= self.batch_max;
+        let behind = rows.len() >= self.shared.batch_max;
         let input = Input {
             readings: rows
                 .into_iter()
@@ -605,7 +834,7 @@ impl Runner {
             Ok((outcome, readings, state)) => {
                 let n_out = readings.len() as u64;
                 let progress = self.progress(l, last_id, state.clone());
-                match self.rt.block_on(self.store.submit_module(readings, progress, behind)) {
+                match self.shared.rt.block_on(self.shared.store.submit_module(readings, progress, behind)) {
                     Ok(reply) => {
                         l.read_from = last_id;
                         l.in_flight = Some(InFlight {
@@ -635,24 +864,36 @@ impl Runner {
 
     fn failed(&self, l: &mut Live, e: ModuleError, last_id: i64, history: &Arc<dyn HistoryProvider>) {
         l.failures += 1;
-        self.metrics.module_batch(&self.name, e.kind(), 0, 0, 0);
+        self.shared.metrics.module_batch(&self.name, e.kind(), 0, 0, 0);
         tracing::warn!(module = %self.name, kind = e.kind(), error = %e, consecutive = l.failures, "module failed on a batch");
         // Whatever happened, the instance may hold half-updated state: start from the last
         // committed state again.
         self.reinstantiate(l, history);
-        if self.cfg.on_failure == OnFailure::Skip && !l.disabled {
+        if self.spec.on_failure == OnFailure::Skip && !l.disabled {
             // Skipping is a decision that must survive a restart: persist the cursor.
             let progress = self.progress(l, last_id, l.state.clone());
-            if self.rt.block_on(self.store.commit_module(Vec::new(), progress, false)).is_ok() {
+            if self.shared.rt.block_on(self.shared.store.commit_module(Vec::new(), progress, false)).is_ok() {
                 l.cursor = last_id;
                 l.read_from = last_id;
             }
         }
-        if l.failures >= self.cfg.max_consecutive_failures && !l.disabled {
+        if let Some(p) = l.probation.as_mut().filter(|p| Instant::now() < p.until) {
+            p.failed += 1;
+            if p.failed > p.max_failed && !l.disabled {
+                // The build failed its probation: stop it now (its outputs may be wrong)
+                // and let the fleet task put the previous build back.
+                let why = format!("{} failed batches during probation (at most {}): {e}", p.failed, p.max_failed);
+                tracing::error!(module = %self.name, error = %why, "module build failed its probation; rolling back");
+                self.shared.metrics.module_event(&self.name, "probation_failed");
+                l.disabled = true;
+                self.set_status(|s| s.probation_failed = Some(why));
+            }
+        }
+        if l.failures >= self.spec.max_consecutive_failures && !l.disabled {
             // ERROR: an operator must look at the module (or ship a fixed version).
             tracing::error!(module = %self.name, failures = l.failures, "module disabled after repeated failures; replace the file to re-enable it");
             l.disabled = true;
-            self.metrics.module_event(&self.name, "disabled");
+            self.shared.metrics.module_event(&self.name, "disabled");
         }
         let msg = e.to_string();
         let (failures, disabled, cursor) = (l.failures, l.disabled, l.cursor);

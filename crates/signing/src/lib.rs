@@ -274,7 +274,7 @@ impl SecretKey {
 }
 
 /// The public keys trusted to sign modules.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Keyring {
     keys: Vec<PublicKey>,
 }
