@@ -73,6 +73,46 @@ pub struct Config {
     pub module_runtime: ModuleRuntimeConfig,
     /// WASM processing modules (`[[modules]]` entries).
     pub modules: Vec<ModuleConfig>,
+    /// Modules from the hub's deployments.
+    pub fleet: FleetConfig,
+}
+
+/// Taking modules from the hub's deployments (`crate::fleet`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FleetConfig {
+    /// Base URL of a hub's HTTP API, where modules are downloaded from (e.g.
+    /// `http://hub.example:8080`). Empty (the default): the agent runs only the modules
+    /// of its own config. Needs `forward.mode = "hub"`: desired states arrive over the
+    /// forwarding MQTT connection.
+    pub hub_url: String,
+    /// Publishers' public keys (`ed25519:<hex>`) whose signatures this agent accepts.
+    /// A module is verified against these before it is stored and again before it is
+    /// loaded, whatever the hub says.
+    pub trusted_keys: Vec<String>,
+    /// Largest module the agent downloads.
+    pub max_module_bytes: ByteSize,
+    /// Time limit of one download attempt.
+    #[serde(with = "humantime_serde")]
+    pub download_timeout: Duration,
+}
+
+impl Default for FleetConfig {
+    fn default() -> Self {
+        FleetConfig {
+            hub_url: String::new(),
+            trusted_keys: Vec::new(),
+            max_module_bytes: ByteSize::mib(16),
+            download_timeout: Duration::from_secs(300),
+        }
+    }
+}
+
+impl FleetConfig {
+    /// True when the agent takes modules from deployments.
+    pub fn enabled(&self) -> bool {
+        !self.hub_url.is_empty()
+    }
 }
 
 impl Default for Config {
@@ -90,6 +130,7 @@ impl Default for Config {
             payload: PayloadConfig::default(),
             module_runtime: ModuleRuntimeConfig::default(),
             modules: Vec::new(),
+            fleet: FleetConfig::default(),
         }
     }
 }
@@ -598,6 +639,33 @@ impl Config {
         if self.listener.max_inflight == 0 {
             return Err(invalid("listener.max_inflight", "must be at least 1"));
         }
+        let fl = &self.fleet;
+        if fl.enabled() {
+            if !(fl.hub_url.starts_with("http://") || fl.hub_url.starts_with("https://"))
+                || reqwest::Url::parse(&fl.hub_url).is_err()
+            {
+                return Err(invalid("fleet.hub_url", format!("{:?} is not an http:// or https:// URL", fl.hub_url)));
+            }
+            if f.mode != ForwardMode::Hub {
+                return Err(invalid(
+                    "fleet.hub_url",
+                    "needs forward.mode = \"hub\" (desired states come from the hub)",
+                ));
+            }
+            if fl.trusted_keys.is_empty() {
+                return Err(invalid(
+                    "fleet.trusted_keys",
+                    "give at least one publisher key (ed25519:...): modules are verified against them",
+                ));
+            }
+        }
+        brume_signing::Keyring::parse(&fl.trusted_keys).map_err(|e| invalid("fleet.trusted_keys", e.to_string()))?;
+        if fl.max_module_bytes.as_u64() == 0 || fl.max_module_bytes > ByteSize::mib(256) {
+            return Err(invalid("fleet.max_module_bytes", "must be 1 B to 256 MiB"));
+        }
+        if fl.download_timeout < Duration::from_secs(1) {
+            return Err(invalid("fleet.download_timeout", "must be at least 1s"));
+        }
         if self.listener.max_connections == 0 {
             return Err(invalid("listener.max_connections", "must be at least 1"));
         }
@@ -718,6 +786,13 @@ mod tests {
         assert!(err("[labels]\n\"a:b\" = \"x\"").contains("`labels.a:b`"));
         assert!(err("[store]\npage_size = \"1000 B\"").contains("`store.page_size`"));
         assert!(err("[store]\npage_size = \"128 KiB\"").contains("`store.page_size`"));
+        assert!(err("[fleet]\nhub_url = \"hub:8080\"").contains("`fleet.hub_url`"));
+        assert!(err("[fleet]\nhub_url = \"http://hub:8080\"").contains("`fleet.trusted_keys`"));
+        assert!(err("[fleet]\ntrusted_keys = [\"ed25519:00\"]").contains("`fleet.trusted_keys`"));
+        assert!(
+            err("[forward]\nmode = \"json\"\n[fleet]\nhub_url = \"http://h:1\"\ntrusted_keys = [\"x\"]")
+                .contains("`fleet.hub_url`")
+        );
     }
 
     #[test]

@@ -28,13 +28,13 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use brume_protocol::{AgentMessage, Batch, HubMessage, Value, topics};
-use brume_protocol::{AgentStatus, ModuleHealth, StatusV1};
+use brume_protocol::{AgentStatus, DesiredState, DesiredV1, ModuleHealth, StatusV1};
 use rand::Rng;
 use rumqttc::{AsyncClient, Event, EventLoop, LastWill, MqttOptions, Outgoing, Packet, QoS};
 
 use crate::modules::SharedModuleStatus;
 use serde::Serialize;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{Config, ForwardMode, JsonGranularity};
@@ -76,6 +76,17 @@ pub struct ForwardStatus {
 /// Shared, lock-protected forwarding status.
 pub type SharedForwardStatus = Arc<Mutex<ForwardStatus>>;
 
+/// The forwarder's side of the control plane (hub mode with `fleet.hub_url` set): the
+/// forwarding connection also carries the hub's desired states in and the agent's module
+/// reports out (see [`crate::fleet`]).
+pub struct FleetLink {
+    /// Desired states received on `brume/v1/agents/<id>/desired`: replaced only by a
+    /// higher generation, so a stale retained message arriving late changes nothing.
+    pub desired: watch::Sender<Option<DesiredV1>>,
+    /// The latest report, published retained when it changes and after every connect.
+    pub reports: watch::Receiver<Option<Vec<u8>>>,
+}
+
 /// Runs forwarding until `shutdown` is cancelled.
 pub async fn run(
     cfg: Config,
@@ -83,6 +94,7 @@ pub async fn run(
     metrics: Arc<Metrics>,
     status: SharedForwardStatus,
     modules: SharedModuleStatus,
+    fleet: Option<FleetLink>,
     shutdown: CancellationToken,
 ) {
     let f = &cfg.forward;
@@ -100,7 +112,10 @@ pub async fn run(
     let mut opts = MqttOptions::new(client_id, f.host.clone(), f.port);
     opts.set_keep_alive(f.keep_alive);
     opts.set_clean_session(true);
-    opts.set_max_packet_size(64 * 1024, brume_protocol::limits::MAX_MESSAGE_BYTES);
+    // Incoming: acks are small; a desired state (up to 64 modules with their configs)
+    // can be megabytes.
+    let incoming = if fleet.is_some() { brume_protocol::limits::MAX_MESSAGE_BYTES + 1024 } else { 64 * 1024 };
+    opts.set_max_packet_size(incoming, brume_protocol::limits::MAX_MESSAGE_BYTES);
     // Per-reading JSON mode has many messages per batch in flight.
     let inflight = if f.mode == ForwardMode::Json { 1000 } else { f.window.max(1) };
     opts.set_inflight(inflight.min(u16::MAX as usize) as u16);
@@ -111,9 +126,20 @@ pub async fn run(
     }
     let (client, eventloop) = AsyncClient::new(opts, inflight + 16);
     let (ev_tx, ev_rx) = mpsc::channel(1024);
-    let link =
-        tokio::spawn(event_loop_task(eventloop, ev_tx, cfg.clone(), metrics.clone(), status.clone(), shutdown.clone()));
-    let mut fwd = Forwarder::new(cfg, store, client.clone(), metrics, status, presence);
+    let (desired, reports) = match fleet {
+        Some(f) => (Some(f.desired), Some(f.reports)),
+        None => (None, None),
+    };
+    let link = tokio::spawn(event_loop_task(
+        eventloop,
+        ev_tx,
+        cfg.clone(),
+        metrics.clone(),
+        status.clone(),
+        desired,
+        shutdown.clone(),
+    ));
+    let mut fwd = Forwarder::new(cfg, store, client.clone(), metrics, status, presence, reports);
     fwd.run(ev_rx, shutdown).await;
     fwd.publish_presence(false).await;
     let _ = tokio::time::timeout(Duration::from_secs(2), client.disconnect()).await;
@@ -126,9 +152,11 @@ async fn event_loop_task(
     cfg: Config,
     metrics: Arc<Metrics>,
     status: SharedForwardStatus,
+    desired: Option<watch::Sender<Option<DesiredV1>>>,
     shutdown: CancellationToken,
 ) {
     let ack_topic = topics::acks(&cfg.agent_id);
+    let desired_topic = topics::desired(&cfg.agent_id);
     let json = cfg.forward.mode == ForwardMode::Json;
     let mut backoff = cfg.forward.reconnect_min;
     let mut connected = false;
@@ -162,6 +190,12 @@ async fn event_loop_task(
                     None
                 }
             },
+            Ok(Event::Incoming(Packet::Publish(p))) if p.topic == desired_topic => {
+                if let Some(d) = &desired {
+                    take_desired(d, &cfg.agent_id, &p.payload, &metrics);
+                }
+                None
+            }
             Ok(Event::Outgoing(Outgoing::Publish(pkid))) if json => Some(LinkEvent::Published(pkid)),
             Ok(Event::Incoming(Packet::PubAck(a))) if json => Some(LinkEvent::PubAck(a.pkid)),
             Ok(_) => None,
@@ -195,6 +229,31 @@ async fn event_loop_task(
         }
     }
     metrics.connected.set(0);
+}
+
+/// Keeps a desired state if it is for this agent and newer than the one held. Never
+/// blocks: runs in the event loop task.
+fn take_desired(d: &watch::Sender<Option<DesiredV1>>, agent_id: &str, payload: &[u8], metrics: &Metrics) {
+    match DesiredState::decode(payload) {
+        Ok(new) if new.agent_id == agent_id => {
+            let taken = d.send_if_modified(|held| {
+                if held.as_ref().is_some_and(|h| h.generation >= new.generation) {
+                    return false;
+                }
+                *held = Some(new.clone());
+                true
+            });
+            metrics.desired_states.get_or_create(&[("result", if taken { "taken" } else { "stale" })]).inc();
+        }
+        Ok(other) => {
+            metrics.desired_states.get_or_create(&[("result", "rejected")]).inc();
+            tracing::warn!(payload_agent_id = %other.agent_id, "desired state for another agent; ignored");
+        }
+        Err(e) => {
+            metrics.desired_states.get_or_create(&[("result", "rejected")]).inc();
+            tracing::warn!(error = %e, "undecodable desired state; ignored");
+        }
+    }
 }
 
 /// What the agent says about itself on its status topic.
@@ -327,6 +386,8 @@ struct Forwarder {
     /// The last hub announcement seen (`HubOnlineV1::subscribed_ms`): a different one means
     /// a hub subscribed again, and batches in flight may have been dropped meanwhile.
     hub_online: Option<i64>,
+    /// The fleet task's latest module report (hub mode with fleet on).
+    reports: Option<watch::Receiver<Option<Vec<u8>>>>,
 }
 
 impl Forwarder {
@@ -337,6 +398,7 @@ impl Forwarder {
         metrics: Arc<Metrics>,
         status: SharedForwardStatus,
         presence: Presence,
+        reports: Option<watch::Receiver<Option<Vec<u8>>>>,
     ) -> Self {
         let epoch = store.snapshot().borrow().epoch;
         let sink = match cfg.forward.mode {
@@ -357,6 +419,7 @@ impl Forwarder {
             connected: false,
             recent_acks: VecDeque::new(),
             hub_online: None,
+            reports,
         }
     }
 
@@ -366,10 +429,21 @@ impl Forwarder {
         let mut tick = tokio::time::interval(tick_every);
         let mut heartbeat = tokio::time::interval(self.presence.heartbeat);
         heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut reports = self.reports.clone();
         loop {
+            let report_changed = async {
+                let changed = match reports.as_mut() {
+                    Some(r) => r.changed().await.is_ok(),
+                    None => false,
+                };
+                if !changed {
+                    std::future::pending::<()>().await
+                }
+            };
             tokio::select! {
                 _ = shutdown.cancelled() => break,
                 _ = heartbeat.tick() => self.publish_presence(true).await,
+                _ = report_changed => self.publish_report().await,
                 ev = events.recv() => match ev {
                     Some(ev) => self.on_event(ev).await,
                     None => break,
@@ -384,6 +458,18 @@ impl Forwarder {
                     self.update_status();
                 }
             }
+        }
+    }
+
+    /// Publishes the latest module report, retained, while connected (every connect
+    /// publishes it again, so a report made while offline is not lost).
+    async fn publish_report(&self) {
+        let Some(r) = &self.reports else { return };
+        let msg = r.borrow().clone();
+        if let Some(msg) = msg
+            && self.connected
+        {
+            let _ = self.client.publish(topics::report(&self.cfg.agent_id), QoS::AtLeastOnce, true, msg).await;
         }
     }
 
@@ -407,9 +493,13 @@ impl Forwarder {
                     // can answer.
                     let _ = self.client.subscribe(topics::acks(&self.cfg.agent_id), QoS::AtLeastOnce).await;
                     let _ = self.client.subscribe(topics::HUB_ONLINE, QoS::AtLeastOnce).await;
+                    if self.reports.is_some() {
+                        let _ = self.client.subscribe(topics::desired(&self.cfg.agent_id), QoS::AtLeastOnce).await;
+                    }
                 }
                 // Replaces the last will the broker may have published while we were away.
                 self.publish_presence(true).await;
+                self.publish_report().await;
                 self.fill().await;
             }
             LinkEvent::Disconnected => {

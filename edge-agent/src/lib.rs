@@ -10,6 +10,7 @@
 
 pub mod cli;
 pub mod config;
+pub mod fleet;
 pub mod forward;
 pub mod http;
 pub mod ingest;
@@ -72,7 +73,8 @@ impl Listeners {
 }
 
 /// Runs the agent until `shutdown` is cancelled, then shuts down in order:
-/// stop ingest (pending commits finish and are acknowledged) → stop WASM modules after
+/// stop ingest (pending commits finish and are acknowledged) → stop taking deployments →
+/// stop WASM modules after
 /// their current batch (its outputs and progress commit together) → stop forwarding and
 /// disconnect → the store writer commits what it has and exits.
 pub async fn run(cfg: Config, listeners: Listeners, shutdown: CancellationToken) -> anyhow::Result<()> {
@@ -101,9 +103,20 @@ pub async fn run(cfg: Config, listeners: Listeners, shutdown: CancellationToken)
     let forward_status = Arc::new(Mutex::new(forward::ForwardStatus::default()));
     let module_status: modules::SharedModuleStatus = Arc::new(Mutex::new(Default::default()));
 
+    // Modules from deployments: the fleet state decides which builds the runners start
+    // with (exactly those decided before the last stop).
+    let fleet_stop = CancellationToken::new();
+    let (fleet, fleet_link, managed) = if cfg.fleet.enabled() {
+        let (fleet, links) = fleet::Fleet::open(&cfg, module_status.clone()).context("opening the fleet state")?;
+        let link = forward::FleetLink { desired: links.desired.clone(), reports: links.reports };
+        (Some((fleet, links.desired.subscribe())), Some(link), Some(links.specs))
+    } else {
+        (None, None, None)
+    };
     // Modules start before ingest so that `start_at = "latest"` means from agent start.
-    let runners = modules::ModuleRunners::start(&cfg, store.clone(), metrics.clone(), module_status.clone(), None)
+    let runners = modules::ModuleRunners::start(&cfg, store.clone(), metrics.clone(), module_status.clone(), managed)
         .context("starting WASM modules")?;
+    let fleet_task = fleet.map(|(fleet, desired)| tokio::spawn(fleet.run(desired, fleet_stop.clone())));
     if let Some(l) = listeners.mqtt {
         tracing::info!(addr = %l.local_addr()?, "MQTT listener for sensors");
         ingest.spawn(ingest::mqtt_listener::serve(
@@ -159,6 +172,7 @@ pub async fn run(cfg: Config, listeners: Listeners, shutdown: CancellationToken)
         metrics.clone(),
         forward_status,
         module_status.clone(),
+        fleet_link,
         forward_stop.clone(),
     ));
 
@@ -167,6 +181,14 @@ pub async fn run(cfg: Config, listeners: Listeners, shutdown: CancellationToken)
     ingest_stop.cancel();
     if tokio::time::timeout(Duration::from_secs(10), ingest.wait()).await.is_err() {
         tracing::warn!("ingest did not stop within 10 s; unacknowledged readings stay with their senders");
+    }
+    if let Some(mut task) = fleet_task {
+        // Between steps it stops at once; a download in progress is dropped (the part
+        // file is resumed at the next start).
+        fleet_stop.cancel();
+        if tokio::time::timeout(Duration::from_secs(2), &mut task).await.is_err() {
+            task.abort();
+        }
     }
     tracing::info!("stopping modules after their current batch");
     // A batch is bounded by the module's time budget, but a module still compiling (a

@@ -113,6 +113,9 @@ pub struct Metrics {
     pub connected: Gauge,
     /// Reconnect attempts to the cloud broker.
     pub reconnects: Counter,
+    /// Desired states received from the hub, by `result="taken|stale|rejected"` (stale:
+    /// not newer than the one held, e.g. a replayed or late retained message).
+    pub desired_states: Family<[(&'static str, &'static str); 1], Counter>,
     /// Open sensor connections on the built-in listener.
     pub listener_connections: Gauge,
     /// Store bytes (budget accounting), set at scrape time.
@@ -163,6 +166,7 @@ impl Default for Metrics {
             readings_acked: Counter::default(),
             connected: Gauge::default(),
             reconnects: Counter::default(),
+            desired_states: Family::default(),
             listener_connections: Gauge::default(),
             store_bytes: Gauge::default(),
             store_readings: Gauge::default(),
@@ -275,6 +279,11 @@ impl Metrics {
         r.register("readings_acked", "Readings acknowledged by the hub", self.readings_acked.clone());
         r.register("connected", "1 while connected to the cloud broker", self.connected.clone());
         r.register("reconnects", "Reconnect attempts to the cloud broker", self.reconnects.clone());
+        r.register(
+            "desired_states",
+            "Desired states received from the hub, by result (taken, stale, rejected)",
+            self.desired_states.clone(),
+        );
         r.register("listener_connections", "Open sensor connections", self.listener_connections.clone());
         r.register("store_bytes", "Bytes of stored readings", self.store_bytes.clone());
         r.register("store_readings", "Readings in the store", self.store_readings.clone());

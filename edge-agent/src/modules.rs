@@ -79,9 +79,18 @@ pub struct ModuleStatus {
     pub last_error: Option<String>,
     /// When the running build was loaded, ms since the Unix epoch.
     pub loaded_ms: Option<i64>,
-    /// A build from a deployment failed its probation (or did not load): why. The fleet
-    /// task reads this and puts the previous build back (see [`crate::fleet`]).
-    pub probation_failed: Option<String>,
+    /// A build from a deployment failed its probation (or did not load). The fleet task
+    /// reads this and puts the previous build back (see [`crate::fleet`]).
+    pub probation_failed: Option<ProbationFailure>,
+}
+
+/// Which build failed its probation, and why.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ProbationFailure {
+    /// Hex sha256 of the build.
+    pub sha256: String,
+    /// Why.
+    pub reason: String,
 }
 
 /// Shared status of all modules by name, for `/api/v1/status`, presence and the fleet
@@ -636,7 +645,7 @@ impl Runner {
 
     /// Loads the file, restores progress, instantiates. `None` (logged) if it cannot.
     fn load(&self, reader: &StoreHistory, history: &Arc<dyn HistoryProvider>, previous: Option<Live>) -> Option<Live> {
-        let managed = self.spec.managed.is_some();
+        let managed = self.spec.managed.as_ref().map(|m| brume_signing::to_hex(&m.sha256));
         let fail = |what: String| {
             tracing::error!(module = %self.name, path = %self.spec.path.display(), error = %what, "module not loaded");
             self.shared.metrics.module_event(&self.name, "load_error");
@@ -644,8 +653,9 @@ impl Runner {
                 s.enabled = false;
                 // A build from a deployment that does not load here has failed on this
                 // device: the fleet task puts the previous build back.
-                if managed {
-                    s.probation_failed = Some(format!("did not load: {what}"));
+                if let Some(sha256) = &managed {
+                    s.probation_failed =
+                        Some(ProbationFailure { sha256: sha256.clone(), reason: format!("did not load: {what}") });
                 }
                 s.last_error = Some(what);
             });
@@ -716,7 +726,7 @@ impl Runner {
             None => match self.spec.start_at {
                 StartAt::Earliest => (0, Vec::new()),
                 // A module from a deployment starts when it arrives, not at agent start.
-                StartAt::Latest if managed => match reader.lock().last_id() {
+                StartAt::Latest if managed.is_some() => match reader.lock().last_id() {
                     Ok(id) => (id, Vec::new()),
                     Err(e) => return fail(format!("cannot read the store position: {e}")),
                 },
@@ -886,7 +896,8 @@ impl Runner {
                 tracing::error!(module = %self.name, error = %why, "module build failed its probation; rolling back");
                 self.shared.metrics.module_event(&self.name, "probation_failed");
                 l.disabled = true;
-                self.set_status(|s| s.probation_failed = Some(why));
+                let sha256 = l.hash.clone();
+                self.set_status(|s| s.probation_failed = Some(ProbationFailure { sha256, reason: why }));
             }
         }
         if l.failures >= self.spec.max_consecutive_failures && !l.disabled {

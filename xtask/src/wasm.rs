@@ -224,13 +224,13 @@ pub fn pipeline(root: &Path, n: usize) -> Result<PipelineResult> {
         edge_agent::store::writer::WriterOptions::from_config(&cfg.store),
         metrics.clone(),
     )?;
-    let status = Arc::new(Mutex::new(Vec::new()));
+    let status: edge_agent::modules::SharedModuleStatus = Arc::new(Mutex::new(Default::default()));
     let _guard = rt.enter();
-    let runners = edge_agent::modules::ModuleRunners::start(&cfg, handle.clone(), metrics, status.clone())?;
+    let runners = edge_agent::modules::ModuleRunners::start(&cfg, handle.clone(), metrics, status.clone(), None)?;
     // The clock starts once the module is compiled and instantiated (its status then
     // names its version), so compilation, measured on its own above, is not counted.
     let deadline = Instant::now() + Duration::from_secs(600);
-    while status.lock().unwrap_or_else(|e| e.into_inner()).first().is_none_or(|m| m.version.is_none()) {
+    while status.lock().unwrap_or_else(|e| e.into_inner()).values().next().is_none_or(|m| m.version.is_none()) {
         if Instant::now() > deadline {
             bail!("the module did not load within 600 s");
         }
@@ -240,7 +240,7 @@ pub fn pipeline(root: &Path, n: usize) -> Result<PipelineResult> {
     let (cursor, failed) = loop {
         std::thread::sleep(Duration::from_millis(1));
         let s = status.lock().unwrap_or_else(|e| e.into_inner());
-        let m: &edge_agent::modules::ModuleStatus = s.first().context("no module status")?;
+        let m: &edge_agent::modules::ModuleStatus = s.values().next().context("no module status")?;
         if m.cursor >= last || m.batches_failed > 0 || Instant::now() > deadline {
             break (m.cursor, m.batches_failed);
         }

@@ -1,0 +1,551 @@
+//! Modules from the hub's deployments: the agent's side of the control plane.
+//!
+//! The forwarder hands this task every desired state it receives (retained on
+//! `brume/v1/agents/<id>/desired`), keeping only the highest generation. The task:
+//!
+//! 1. ignores a generation it has already applied (a stale or replayed message can never
+//!    downgrade the agent);
+//! 2. downloads each wanted build it does not have from `fleet.hub_url`, resumably and
+//!    size-bounded, and keeps it only if it hashes to the sha256 the desired state names
+//!    and carries a signature by one of the keys pinned in this agent's config
+//!    (`fleet.trusted_keys`): neither the hub nor the broker can make the agent run code
+//!    no trusted publisher signed. The module runners check both again before loading;
+//! 3. decides what runs in each slot (module name): the wanted build once it is here,
+//!    the previous build meanwhile, nothing for a name no longer wanted, and the
+//!    previous build again when the wanted one failed its probation on this device
+//!    (decided here, from the runners' status, so it works offline);
+//! 4. persists that decision (`data_dir/fleet/state.json`, written atomically, only when
+//!    it changes) before handing the set to the runners, so after a crash exactly the
+//!    decided build runs in each slot, from the cursor its slot committed;
+//! 5. reports, retained on `brume/v1/agents/<id>/report`, the generation applied and each
+//!    wanted module's phase, whenever that changes.
+//!
+//! A swap is a reload between two batches: the new build takes over the slot's committed
+//! cursor (progress is kept per name, see [`crate::modules`]), so no reading is processed
+//! twice or skipped. Files are content-addressed (`fleet/modules/<sha256>.wasm`); the
+//! wanted, running and previous builds of each slot are kept, anything else is deleted.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use brume_protocol::{AgentReport, DesiredModule, DesiredV1, ModuleReport, Phase, ReportV1};
+use brume_signing::{Keyring, Signature, to_hex};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use tokio::io::AsyncWriteExt;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{Config, FleetConfig, OnFailure, StartAt};
+use crate::modules::{Managed, ModuleSpec, SharedModuleStatus};
+
+/// How often runners' status is checked for probation results.
+const TICK: Duration = Duration::from_secs(1);
+/// Download attempts of one build whose bytes do not match before it is reported failed.
+const MAX_MISMATCHES: u32 = 3;
+
+/// Why a download failed.
+#[derive(Debug, thiserror::Error)]
+pub enum DownloadError {
+    /// The hub could not be reached or answered with an error: retried.
+    #[error("download from {url} failed: {reason}")]
+    Http {
+        /// What was fetched.
+        url: String,
+        /// Why.
+        reason: String,
+    },
+    /// The bytes are not the build the desired state names (or are larger than it says):
+    /// the download is discarded.
+    #[error("downloaded bytes refused: {0}")]
+    Refused(String),
+    /// Writing the file failed.
+    #[error("{op} {path}: {source}")]
+    Io {
+        /// What was being done.
+        op: &'static str,
+        /// The file.
+        path: PathBuf,
+        /// The error.
+        source: std::io::Error,
+    },
+}
+
+/// What the task persists: the generation applied and what runs in each slot.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+struct State {
+    /// Last generation applied (0: none).
+    generation: u64,
+    /// The modules that generation wants.
+    desired: Vec<DesiredModule>,
+    /// What runs in each slot.
+    running: BTreeMap<String, DesiredModule>,
+    /// What ran in each slot before `running`, for rollback.
+    previous: BTreeMap<String, DesiredModule>,
+    /// Builds that failed their probation here, per slot, with why: not run again while
+    /// they are wanted.
+    rolled_back: BTreeMap<String, ([u8; 32], String)>,
+    /// Builds that passed their probation here.
+    passed: BTreeSet<[u8; 32]>,
+}
+
+/// A download that failed, and when to try again.
+struct Retry {
+    error: String,
+    next: Instant,
+    attempts: u32,
+    mismatches: u32,
+}
+
+/// The fleet task; see the module docs.
+pub struct Fleet {
+    cfg: FleetConfig,
+    agent_id: String,
+    dir: PathBuf,
+    keyring: Arc<Keyring>,
+    /// Names of the modules in the agent's own config: a deployment cannot take them.
+    static_names: BTreeSet<String>,
+    state: State,
+    /// Failed downloads by build.
+    retries: HashMap<[u8; 32], Retry>,
+    /// The set of modules from deployments, for the runners.
+    specs: watch::Sender<Vec<ModuleSpec>>,
+    /// Every module's status, written by the runners.
+    status: SharedModuleStatus,
+    /// The last report handed to the forwarder.
+    reports: watch::Sender<Option<Vec<u8>>>,
+    /// Body of the last report, to send only changes.
+    last_report: Option<ReportV1>,
+    http: reqwest::Client,
+}
+
+/// What the forwarder and the module runners need from [`Fleet::open`].
+pub struct FleetLinks {
+    /// Desired states received (highest generation kept), filled by the forwarder.
+    pub desired: watch::Sender<Option<DesiredV1>>,
+    /// Reports to publish (latest), read by the forwarder.
+    pub reports: watch::Receiver<Option<Vec<u8>>>,
+    /// The modules from deployments, read by the runners.
+    pub specs: watch::Receiver<Vec<ModuleSpec>>,
+}
+
+impl Fleet {
+    /// Opens the fleet state in `data_dir/fleet` (creating it), so that the runners start
+    /// with exactly the builds decided before the last stop.
+    pub fn open(cfg: &Config, status: SharedModuleStatus) -> anyhow::Result<(Fleet, FleetLinks)> {
+        use anyhow::Context;
+        let dir = cfg.data_dir.join("fleet");
+        std::fs::create_dir_all(dir.join("modules")).with_context(|| format!("creating {}", dir.display()))?;
+        let path = dir.join("state.json");
+        let state = match std::fs::read(&path) {
+            Ok(b) => serde_json::from_slice(&b)
+                .with_context(|| format!("{} is corrupt; remove it to start over", path.display()))?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => State::default(),
+            Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+        };
+        let keyring = Arc::new(Keyring::parse(&cfg.fleet.trusted_keys).context("fleet.trusted_keys")?);
+        let static_names = cfg.modules.iter().enumerate().map(|(i, m)| ModuleSpec::from_config(i, m).name).collect();
+        let (specs, specs_rx) = watch::channel(Vec::new());
+        let (reports, reports_rx) = watch::channel(None);
+        let (desired, _) = watch::channel(None);
+        let http = reqwest::Client::builder()
+            .timeout(cfg.fleet.download_timeout)
+            .build()
+            .context("building the HTTP client for module downloads")?;
+        let fleet = Fleet {
+            cfg: cfg.fleet.clone(),
+            agent_id: cfg.agent_id.clone(),
+            dir,
+            keyring,
+            static_names,
+            state,
+            retries: HashMap::new(),
+            specs,
+            status,
+            reports,
+            last_report: None,
+            http,
+        };
+        fleet.specs.send_replace(fleet.specs_of());
+        tracing::info!(generation = fleet.state.generation, modules = ?fleet.state.running.keys().collect::<Vec<_>>(), "fleet state loaded");
+        Ok((fleet, FleetLinks { desired, reports: reports_rx, specs: specs_rx }))
+    }
+
+    /// Runs until `shutdown`. `desired` is the receiving side of
+    /// [`FleetLinks::desired`].
+    pub async fn run(mut self, mut desired: watch::Receiver<Option<DesiredV1>>, shutdown: CancellationToken) {
+        self.reconcile().await;
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                r = desired.changed() => {
+                    if r.is_err() {
+                        // The forwarder is gone: shutting down.
+                        shutdown.cancelled().await;
+                        return;
+                    }
+                    let d = desired.borrow_and_update().clone();
+                    if let Some(d) = d {
+                        self.apply(d);
+                    }
+                }
+                _ = tokio::time::sleep(TICK) => {}
+            }
+            self.reconcile().await;
+        }
+    }
+
+    /// Takes a new desired state, unless its generation was already applied.
+    fn apply(&mut self, d: DesiredV1) {
+        if d.generation <= self.state.generation {
+            tracing::debug!(
+                generation = d.generation,
+                applied = self.state.generation,
+                "desired state already applied; ignored"
+            );
+            return;
+        }
+        tracing::info!(generation = d.generation, modules = d.modules.len(), "new desired state");
+        self.state.generation = d.generation;
+        // A rollback stays in force only while the same build is wanted in the slot.
+        self.state
+            .rolled_back
+            .retain(|slot, (sha, _)| d.modules.iter().any(|m| m.module.name == *slot && m.module.sha256 == *sha));
+        self.state.desired = d.modules;
+    }
+
+    fn file(&self, sha: &[u8; 32]) -> PathBuf {
+        self.dir.join("modules").join(format!("{}.wasm", to_hex(sha)))
+    }
+
+    /// Downloads what is missing, decides what runs, checks probation, persists and
+    /// hands the set to the runners when it changed, and reports.
+    async fn reconcile(&mut self) {
+        let before = self.state.clone();
+        // Downloads: one at a time, due ones only.
+        let wanted: Vec<DesiredModule> = self.state.desired.clone();
+        for m in &wanted {
+            if self.static_names.contains(&m.module.name) || self.file(&m.module.sha256).exists() {
+                continue;
+            }
+            if self.state.rolled_back.get(&m.module.name).is_some_and(|(sha, _)| *sha == m.module.sha256) {
+                continue;
+            }
+            let due = self
+                .retries
+                .get(&m.module.sha256)
+                .is_none_or(|r| r.mismatches < MAX_MISMATCHES && Instant::now() >= r.next);
+            if !due {
+                continue;
+            }
+            self.report(); // shows `downloading`
+            match self.download(m).await {
+                Ok(()) => {
+                    tracing::info!(module = %m.module.name, version = %m.module.version, sha256 = %m.module.sha256_hex(), "module downloaded and verified");
+                    self.retries.remove(&m.module.sha256);
+                }
+                Err(e) => {
+                    let r = self.retries.entry(m.module.sha256).or_insert(Retry {
+                        error: String::new(),
+                        next: Instant::now(),
+                        attempts: 0,
+                        mismatches: 0,
+                    });
+                    r.attempts += 1;
+                    if matches!(e, DownloadError::Refused(_)) {
+                        r.mismatches += 1;
+                    }
+                    // 2 s, 4 s, ... up to 5 min between attempts.
+                    r.next =
+                        Instant::now() + Duration::from_secs(2u64 << r.attempts.min(8)).min(Duration::from_secs(300));
+                    r.error = e.to_string();
+                    tracing::warn!(module = %m.module.name, version = %m.module.version, attempts = r.attempts, error = %e, "module download failed");
+                }
+            }
+        }
+        self.check_probation();
+        self.decide();
+        if self.state != before {
+            if let Err(e) = self.persist() {
+                // Not persisted: keep running what ran, and try again next tick. Handing
+                // the runners a set that a crash would forget could run two builds of a
+                // slot across the restart.
+                tracing::error!(error = %e, "cannot persist the fleet state; not applying the change yet");
+                self.state = before;
+                return;
+            }
+            self.specs.send_replace(self.specs_of());
+            self.collect_garbage();
+        }
+        self.report();
+    }
+
+    /// Marks builds that passed their probation, and rolls back those that failed it.
+    fn check_probation(&mut self) {
+        let now_ms = crate::now_ns() / 1_000_000;
+        let status = self.status.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        for (slot, b) in self.state.running.clone() {
+            let Some(s) = status.get(&slot) else { continue };
+            let sha = b.module.sha256_hex();
+            if let Some(why) = s.probation_failed.as_ref().filter(|f| f.sha256 == sha).map(|f| &f.reason) {
+                if self.state.passed.contains(&b.module.sha256) {
+                    continue; // a build that passed is not rolled back; its failures are its own
+                }
+                tracing::warn!(module = %slot, version = %b.module.version, reason = %why, "module failed its probation; putting the previous build back");
+                self.state.rolled_back.insert(slot.clone(), (b.module.sha256, why.clone()));
+                match self.state.previous.remove(&slot) {
+                    Some(p) if self.file(&p.module.sha256).exists() => {
+                        self.state.running.insert(slot, p);
+                    }
+                    _ => {
+                        self.state.running.remove(&slot);
+                    }
+                }
+                continue;
+            }
+            if s.hash.as_deref() != Some(&sha) {
+                continue; // not loaded yet
+            }
+            let over = s.loaded_ms.is_some_and(|t| now_ms - t >= i64::from(b.probation.duration_s) * 1000);
+            if over && s.enabled && !self.state.passed.contains(&b.module.sha256) {
+                tracing::info!(module = %slot, version = %b.module.version, "module passed its probation");
+                self.state.passed.insert(b.module.sha256);
+            }
+        }
+    }
+
+    /// What runs in each slot, from what is wanted, here, and not rolled back.
+    fn decide(&mut self) {
+        let st = &mut self.state;
+        let wanted: BTreeMap<&str, &DesiredModule> = st.desired.iter().map(|m| (m.module.name.as_str(), m)).collect();
+        st.running.retain(|slot, _| wanted.contains_key(slot.as_str()));
+        st.previous.retain(|slot, _| wanted.contains_key(slot.as_str()));
+        for (slot, m) in wanted {
+            if self.static_names.contains(slot) {
+                continue;
+            }
+            let rolled_back = st.rolled_back.get(slot).is_some_and(|(sha, _)| *sha == m.module.sha256);
+            let here = self.dir.join("modules").join(format!("{}.wasm", m.module.sha256_hex())).exists();
+            if rolled_back || !here {
+                continue; // keep what runs (the previous build, or nothing)
+            }
+            match st.running.get(slot) {
+                Some(r) if r == m => {}
+                Some(r) if r.module.sha256 == m.module.sha256 => {
+                    // Same build, other config or deployment: no new probation.
+                    st.running.insert(slot.to_owned(), m.clone());
+                }
+                _ => {
+                    if let Some(old) = st.running.insert(slot.to_owned(), m.clone()) {
+                        st.previous.insert(slot.to_owned(), old);
+                    }
+                }
+            }
+        }
+    }
+
+    /// The runners' set.
+    fn specs_of(&self) -> Vec<ModuleSpec> {
+        self.state
+            .running
+            .iter()
+            .filter_map(|(slot, b)| {
+                let signature: Signature = b.signature.parse().ok()?;
+                let probation = (b.probation.duration_s > 0 && !self.state.passed.contains(&b.module.sha256))
+                    .then(|| (Duration::from_secs(b.probation.duration_s.into()), b.probation.max_failed_batches));
+                Some(ModuleSpec {
+                    name: slot.clone(),
+                    path: self.file(&b.module.sha256),
+                    config_json: b.config_json.clone(),
+                    inputs: b.inputs.clone(),
+                    on_failure: OnFailure::Skip,
+                    max_consecutive_failures: 5,
+                    start_at: StartAt::Latest,
+                    memory: None,
+                    fuel_per_batch: None,
+                    time_per_batch: None,
+                    max_output_readings: None,
+                    managed: Some(Managed {
+                        sha256: b.module.sha256,
+                        signature,
+                        keyring: self.keyring.clone(),
+                        deployment: b.deployment,
+                        probation,
+                    }),
+                })
+            })
+            .collect()
+    }
+
+    /// Writes the state atomically: a temporary file, fsynced, renamed over the old one,
+    /// and the directory fsynced.
+    fn persist(&self) -> std::io::Result<()> {
+        use std::io::Write;
+        let mut tmp = tempfile::NamedTempFile::new_in(&self.dir)?;
+        tmp.write_all(&serde_json::to_vec_pretty(&self.state).map_err(std::io::Error::other)?)?;
+        tmp.as_file().sync_all()?;
+        tmp.persist(self.dir.join("state.json")).map_err(|e| e.error)?;
+        std::fs::File::open(&self.dir)?.sync_all()
+    }
+
+    /// Deletes module files no slot wants, runs or may roll back to.
+    fn collect_garbage(&self) {
+        let keep: BTreeSet<String> = self
+            .state
+            .desired
+            .iter()
+            .chain(self.state.running.values())
+            .chain(self.state.previous.values())
+            .map(|m| m.module.sha256_hex())
+            .collect();
+        let Ok(entries) = std::fs::read_dir(self.dir.join("modules")) else { return };
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let sha = name.split('.').next().unwrap_or_default().to_owned();
+            if !keep.contains(&sha) {
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
+    }
+
+    /// Downloads one build into `fleet/modules`, resuming a partial download, and keeps
+    /// it only if it is exactly the wanted build, signed by a pinned key.
+    async fn download(&self, m: &DesiredModule) -> Result<(), DownloadError> {
+        let sha = m.module.sha256;
+        // The signature is checked first: without it the bytes are not worth fetching.
+        let sig: Signature = m.signature.parse().map_err(|e| DownloadError::Refused(format!("{e}")))?;
+        self.keyring.verify(&sha, &sig).map_err(|e| DownloadError::Refused(e.to_string()))?;
+        let max = m.size.min(self.cfg.max_module_bytes.as_u64());
+        if m.size > self.cfg.max_module_bytes.as_u64() {
+            return Err(DownloadError::Refused(format!(
+                "{} bytes, over fleet.max_module_bytes ({})",
+                m.size, self.cfg.max_module_bytes
+            )));
+        }
+        let part = self.dir.join("modules").join(format!("{}.part", m.module.sha256_hex()));
+        let io = |op, source| DownloadError::Io { op, path: part.clone(), source };
+        let mut have = tokio::fs::metadata(&part).await.map(|m| m.len()).unwrap_or(0);
+        if have > max {
+            have = 0;
+        }
+        let url =
+            format!("{}/api/v1/registry/modules/{}", self.cfg.hub_url.trim_end_matches('/'), m.module.sha256_hex());
+        let http_err = |reason: String| DownloadError::Http { url: url.clone(), reason };
+        let mut req = self.http.get(&url);
+        if have > 0 {
+            req = req.header(reqwest::header::RANGE, format!("bytes={have}-"));
+        }
+        let mut resp = req.send().await.map_err(|e| http_err(e.to_string()))?;
+        let mut file = match resp.status().as_u16() {
+            206 => tokio::fs::OpenOptions::new().append(true).open(&part).await.map_err(|e| io("opening", e))?,
+            200 => {
+                have = 0;
+                tokio::fs::File::create(&part).await.map_err(|e| io("creating", e))?
+            }
+            416 if have == max => {
+                tokio::fs::OpenOptions::new().append(true).open(&part).await.map_err(|e| io("opening", e))?
+            }
+            s => {
+                let body = resp.text().await.unwrap_or_default();
+                return Err(http_err(format!("HTTP {s}: {}", body.chars().take(300).collect::<String>())));
+            }
+        };
+        while let Some(chunk) = resp.chunk().await.map_err(|e| http_err(e.to_string()))? {
+            have += chunk.len() as u64;
+            if have > max {
+                drop(file);
+                let _ = tokio::fs::remove_file(&part).await;
+                return Err(DownloadError::Refused(format!("more than the {max} bytes announced")));
+            }
+            file.write_all(&chunk).await.map_err(|e| io("writing", e))?;
+        }
+        file.sync_all().await.map_err(|e| io("syncing", e))?;
+        drop(file);
+        let bytes = tokio::fs::read(&part).await.map_err(|e| io("reading", e))?;
+        let got: [u8; 32] = Sha256::digest(&bytes).into();
+        if got != sha {
+            let _ = tokio::fs::remove_file(&part).await;
+            return Err(DownloadError::Refused(format!(
+                "the file hashes to {}, not to the deployed build {}",
+                to_hex(&got),
+                to_hex(&sha)
+            )));
+        }
+        let dest = self.file(&sha);
+        tokio::fs::rename(&part, &dest).await.map_err(|e| io("renaming", e))?;
+        if let Ok(d) = std::fs::File::open(self.dir.join("modules")) {
+            let _ = d.sync_all();
+        }
+        Ok(())
+    }
+
+    /// Each wanted module's phase on this agent.
+    fn report_modules(&self) -> Vec<ModuleReport> {
+        let status = self.status.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        self.state
+            .desired
+            .iter()
+            .map(|m| {
+                let slot = &m.module.name;
+                let s = status.get(slot);
+                let running = self.state.running.get(slot);
+                let running_ref = running
+                    .filter(|r| s.is_some_and(|s| s.hash.as_deref() == Some(&r.module.sha256_hex()) && s.enabled))
+                    .map(|r| r.module.clone());
+                let retry = self.retries.get(&m.module.sha256);
+                let (phase, error) = if self.static_names.contains(slot) {
+                    (Phase::Failed, format!("the agent's own config has a module named {slot:?}; it is not replaced"))
+                } else if let Some((_, why)) =
+                    self.state.rolled_back.get(slot).filter(|(sha, _)| *sha == m.module.sha256)
+                {
+                    (Phase::RolledBack, why.clone())
+                } else if let Some(r) = retry.filter(|r| r.mismatches >= MAX_MISMATCHES) {
+                    (Phase::Failed, r.error.clone())
+                } else if !self.file(&m.module.sha256).exists() {
+                    (Phase::Downloading, retry.map(|r| r.error.clone()).unwrap_or_default())
+                } else if running.is_some_and(|r| r.module.sha256 == m.module.sha256) && running_ref.is_some() {
+                    let on_probation = m.probation.duration_s > 0 && !self.state.passed.contains(&m.module.sha256);
+                    (if on_probation { Phase::Canary } else { Phase::Running }, String::new())
+                } else {
+                    (Phase::Pending, s.and_then(|s| s.last_error.clone()).unwrap_or_default())
+                };
+                ModuleReport {
+                    name: slot.clone(),
+                    deployment: m.deployment,
+                    wanted: m.module.clone(),
+                    phase,
+                    running: running_ref,
+                    error: truncate(&error, brume_protocol::MAX_REPORT_ERROR),
+                    batches_ok: s.map_or(0, |s| s.batches_ok),
+                    batches_failed: s.map_or(0, |s| s.batches_failed),
+                }
+            })
+            .collect()
+    }
+
+    /// Hands a report to the forwarder if anything in it changed.
+    fn report(&mut self) {
+        let r = ReportV1 {
+            agent_id: self.agent_id.clone(),
+            sent_ms: crate::now_ns() / 1_000_000,
+            generation: self.state.generation,
+            modules: self.report_modules(),
+        };
+        let same = self.last_report.as_ref().is_some_and(|l| l.generation == r.generation && l.modules == r.modules);
+        if !same {
+            self.reports.send_replace(Some(AgentReport::V1(r.clone()).encode()));
+            self.last_report = Some(r);
+        }
+    }
+}
+
+/// At most `max` bytes of `s`, cut at a character boundary.
+fn truncate(s: &str, max: usize) -> String {
+    let mut end = s.len().min(max);
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    s[..end].to_owned()
+}

@@ -1,0 +1,217 @@
+//! Module rollouts end to end with real processes: a hub with a module registry, agents
+//! taking modules from deployments, readings flowing through the swap.
+//!
+//! The threshold example with `limit = -1` on field `n` forwards every reading, so each
+//! input reading must have exactly one output at the hub, from whichever build ran it:
+//! a swap that lost or repeated a reading shows up as a missing or doubled `n`.
+
+use std::collections::{BTreeMap, HashSet};
+use std::path::Path;
+use std::time::Duration;
+
+use brume_e2e::{Agent, Hub, Mosquitto, Sensor, wait_until};
+use brume_signing::SecretKey;
+use brume_test_support::{built_module_bytes, with_version};
+use rumqttc::{AsyncClient, MqttOptions, QoS};
+use serde_json::{Value, json};
+
+const AGENT: &str = env!("CARGO_BIN_EXE_e2e-edge-agent");
+const HUB: &str = env!("CARGO_BIN_EXE_e2e-cloud-hub");
+
+async fn upload(hub: &Hub, key: &SecretKey, wasm: &[u8]) -> Value {
+    let resp = reqwest::Client::new()
+        .post(format!("{}/api/v1/registry/modules", hub.url))
+        .header("Brume-Signature", key.sign(wasm).to_string())
+        .body(wasm.to_vec())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 201);
+    resp.json().await.unwrap()
+}
+
+async fn deploy(hub: &Hub, body: Value) -> u64 {
+    let resp = reqwest::Client::new().post(format!("{}/api/v1/deployments", hub.url)).json(&body).send().await.unwrap();
+    let status = resp.status().as_u16();
+    let v: Value = resp.json().await.unwrap();
+    assert_eq!(status, 201, "{v}");
+    v["id"].as_u64().unwrap()
+}
+
+async fn get(hub: &Hub, path: &str) -> Value {
+    reqwest::get(format!("{}{path}", hub.url)).await.unwrap().json().await.unwrap()
+}
+
+/// Waits until deployment `id` has `n` agents running it and is done; on timeout,
+/// panics with the deployment and the agents' logs.
+async fn wait_running(hub: &Hub, id: u64, n: u64, agents: &[&Agent]) {
+    let path = format!("/api/v1/deployments/{id}");
+    let start = std::time::Instant::now();
+    loop {
+        let d = get(hub, &path).await;
+        if d["state"] == "done" && d["agents"]["running"] == n {
+            return;
+        }
+        if start.elapsed() > Duration::from_secs(90) {
+            let logs: Vec<String> = agents.iter().map(|a| a.log()).collect();
+            panic!("deployment {id} not done on {n} agents: {d:#}\nagent logs:\n{}", logs.join("\n----\n"));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn fleet_config(hub: &Hub, key: &SecretKey) -> String {
+    format!("hub_url = {:?}\ntrusted_keys = [{:?}]", hub.url, key.public().to_string())
+}
+
+/// Per agent at the hub: the input numbers (stream `sensors/0`) and the outputs
+/// (`alerts/threshold`) as (n, module sha256), in the agent's order.
+async fn at_hub(hub: &Hub) -> (BTreeMap<String, Vec<u64>>, BTreeMap<String, Vec<(u64, String)>>) {
+    let mut inputs: BTreeMap<String, Vec<u64>> = BTreeMap::new();
+    for r in hub.readings("sensors/0").await.unwrap() {
+        inputs
+            .entry(r["agent_id"].as_str().unwrap().to_owned())
+            .or_default()
+            .push(r["fields"]["n"].as_f64().unwrap() as u64);
+    }
+    let mut outputs: BTreeMap<String, Vec<(u64, String)>> = BTreeMap::new();
+    for r in hub.readings("alerts/threshold").await.unwrap() {
+        outputs.entry(r["agent_id"].as_str().unwrap().to_owned()).or_default().push((
+            r["fields"]["n"].as_f64().unwrap() as u64,
+            r["module"]["sha256"].as_str().unwrap_or("none").to_owned(),
+        ));
+    }
+    for v in outputs.values_mut() {
+        v.sort();
+    }
+    (inputs, outputs)
+}
+
+/// v1 deployed to five agents, then v2 rolled out in two waves while readings flow,
+/// with one agent offline during the rollout. Every input reading has exactly one output
+/// at the hub, each agent switches from v1 to v2 exactly once (by input order), the
+/// offline agent gets v2 (not v1) when it returns, and a replayed old desired state
+/// does not move it back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rollout_of_v2_in_waves_loses_and_repeats_nothing() {
+    let broker = Mosquitto::start().unwrap();
+    let key = SecretKey::generate();
+    let hub = Hub::start_with(
+        Path::new(HUB),
+        broker.port,
+        &format!("[fleet]\ntrusted_keys = [{:?}]\nreconcile_interval = \"200ms\"\n", key.public().to_string()),
+    )
+    .await
+    .unwrap();
+    let v1 = built_module_bytes("threshold");
+    let v2 = with_version(&v1, "0.1.0", "0.2.0");
+    let v1_sha = upload(&hub, &key, &v1).await["sha256"].as_str().unwrap().to_owned();
+    let v2_sha = upload(&hub, &key, &v2).await["sha256"].as_str().unwrap().to_owned();
+
+    let fleet = fleet_config(&hub, &key);
+    let mut agents = Vec::new();
+    for i in 0..5 {
+        let extra = [("fleet", fleet.as_str()), ("labels", "site = \"plant-1\"")];
+        agents.push(Agent::start(Path::new(AGENT), &format!("edge-{i}"), broker.port, &extra).await.unwrap());
+    }
+    let config = json!({"limit": -1.0, "field": "n"});
+    let d1 = deploy(
+        &hub,
+        json!({"module": "threshold", "version": "0.1.0", "config": config, "selector": {"site": "plant-1"}, "probation": "0s"}),
+    )
+    .await;
+    wait_running(&hub, d1, 5, &agents.iter().collect::<Vec<_>>()).await;
+
+    let sensors: Vec<Sensor> = agents.iter().map(|a| Sensor::start_named(a.mqtt_port, "sensors", 1, 40)).collect();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    // edge-4 goes offline before the rollout (cleanly: it says so).
+    let mut offline = agents.pop().unwrap();
+    offline.proc.terminate();
+
+    let d2 = deploy(
+        &hub,
+        json!({
+            "module": "threshold", "version": "0.2.0", "config": config, "selector": {"site": "plant-1"},
+            "waves": ["1", "100%"], "probation": "2s",
+        }),
+    )
+    .await;
+    wait_running(&hub, d2, 4, &agents.iter().collect::<Vec<_>>()).await;
+    let progress = get(&hub, &format!("/api/v1/deployments/{d2}")).await;
+    let waves: Vec<u64> =
+        progress["agent_progress"].as_array().unwrap().iter().filter_map(|a| a["wave"].as_u64()).collect();
+    assert_eq!(waves.iter().filter(|w| **w == 0).count(), 1, "one canary agent in wave 0: {progress:#}");
+    assert_eq!(waves.len(), 5, "the offline agent is in the last wave: {progress:#}");
+
+    // The offline agent returns: it gets v2 straight away, never v1 again.
+    offline.restart().await.unwrap();
+    agents.push(offline);
+    wait_running(&hub, d2, 5, &agents.iter().collect::<Vec<_>>()).await;
+
+    // A replayed old desired state (generation 1, v1) changes nothing.
+    let old = brume_protocol::DesiredState::V1(brume_protocol::DesiredV1 {
+        agent_id: "edge-4".into(),
+        generation: 1,
+        issued_ms: 0,
+        modules: vec![],
+    });
+    let (client, mut el) = AsyncClient::new(MqttOptions::new("replayer", "127.0.0.1", broker.port), 10);
+    client.publish(brume_protocol::topics::desired("edge-4"), QoS::AtLeastOnce, false, old.encode()).await.unwrap();
+    let _ = tokio::time::timeout(Duration::from_secs(2), async {
+        loop {
+            if let Ok(rumqttc::Event::Incoming(rumqttc::Packet::PubAck(_))) = el.poll().await {
+                break;
+            }
+        }
+    })
+    .await;
+    let edge4 = &agents[4];
+    wait_until("the replayed desired state counted as stale", Duration::from_secs(10), || async {
+        match reqwest::get(format!("{}/metrics", edge4.url)).await {
+            Ok(r) => {
+                r.text().await.unwrap_or_default().contains("brume_agent_desired_states_total{result=\"stale\"} 1")
+            }
+            Err(_) => false,
+        }
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", edge4.log()));
+
+    let mut acked: BTreeMap<String, HashSet<u64>> = BTreeMap::new();
+    for (s, a) in sensors.into_iter().zip(&agents) {
+        let id = a.status().await.unwrap()["agent_id"].as_str().unwrap().to_owned();
+        acked.insert(id, s.stop().await.0);
+    }
+    for a in &agents {
+        a.wait_drained(Duration::from_secs(60)).await;
+    }
+    // Every input processed and forwarded: as many outputs as inputs, per agent.
+    wait_until("every input's output at the hub", Duration::from_secs(60), || async {
+        let (i, o) = at_hub(&hub).await;
+        i.len() == 5 && i.iter().all(|(a, ins)| o.get(a).is_some_and(|outs| outs.len() >= ins.len()))
+    })
+    .await
+    .unwrap();
+    let (inputs, outputs) = at_hub(&hub).await;
+    for (agent, ins) in &inputs {
+        let mut ins = ins.clone();
+        ins.sort();
+        let uniq: HashSet<u64> = ins.iter().copied().collect();
+        assert_eq!(uniq.len(), ins.len(), "{agent}: an input stored twice");
+        assert!(acked[agent].is_subset(&uniq), "{agent}: an acknowledged reading is missing at the hub");
+        let outs = &outputs[agent];
+        let ns: Vec<u64> = outs.iter().map(|(n, _)| *n).collect();
+        assert_eq!(ns, ins, "{agent}: exactly one output per input reading");
+        // One switch from v1 to v2, by input order; v2 at the end.
+        let hashes: Vec<&str> = outs.iter().map(|(_, h)| h.as_str()).collect();
+        let switch = hashes.iter().position(|h| *h == v2_sha).unwrap_or(hashes.len());
+        assert!(hashes[..switch].iter().all(|h| *h == v1_sha), "{agent}: outputs before the swap are v1's");
+        assert!(hashes[switch..].iter().all(|h| *h == v2_sha), "{agent}: after the swap, only v2");
+        assert!(switch < hashes.len(), "{agent}: v2 processed readings");
+    }
+    let agents_view = get(&hub, "/api/v1/fleet/agents").await;
+    for a in agents_view.as_array().unwrap() {
+        assert_eq!(a["in_sync"], true, "{a}");
+        assert_eq!(a["modules"][0]["running"]["version"], "0.2.0", "{a}");
+    }
+}
