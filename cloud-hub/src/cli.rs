@@ -13,9 +13,13 @@ use clap::Parser;
 use tokio_util::sync::CancellationToken;
 
 /// Brume cloud hub: stores agent batches received over MQTT and serves them over HTTP.
+/// Without a command it runs the hub; the commands manage modules, deployments and the
+/// fleet through a hub's API.
 #[derive(Debug, Parser)]
 #[command(version)]
 struct Args {
+    #[command(subcommand)]
+    cmd: Option<Cmd>,
     /// TOML config file (see config.example.toml). Without it, defaults are used.
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
@@ -33,8 +37,36 @@ struct Args {
     http_listen: Option<SocketAddr>,
 }
 
+/// Operator commands (see [`crate::ops`]).
+#[derive(Debug, clap::Subcommand)]
+enum Cmd {
+    /// Publisher keys, signatures and the module registry.
+    #[command(subcommand)]
+    Module(crate::ops::ModuleCmd),
+    /// Deploy a registered module to the agents a selector matches, in waves.
+    Deploy(crate::ops::DeployArgs),
+    /// Deployments: list, show, watch, pause, resume, abort, roll back.
+    #[command(subcommand)]
+    Rollout(crate::ops::RolloutCmd),
+    /// The fleet as the hub sees it.
+    #[command(subcommand)]
+    Agents(crate::ops::AgentsCmd),
+}
+
 /// Entry point of the `cloud-hub` binary: returns the process exit code.
 pub fn main() -> ExitCode {
+    let mut args = Args::parse();
+    if let Some(cmd) = args.cmd.take() {
+        // Operator commands print for people (or JSON) and log nothing.
+        return crate::ops::run(async move {
+            match cmd {
+                Cmd::Module(c) => crate::ops::module(c).await,
+                Cmd::Deploy(a) => crate::ops::deploy(a).await,
+                Cmd::Rollout(c) => crate::ops::rollout(c).await,
+                Cmd::Agents(c) => crate::ops::agents(c).await,
+            }
+        });
+    }
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,rumqttc=warn"));
     // rumqttc logs through `log`; tracing-subscriber's tracing-log bridge picks it up.
@@ -44,7 +76,7 @@ pub fn main() -> ExitCode {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr)
         .init();
-    match real_main(Args::parse()) {
+    match real_main(args) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!("{e:#}");

@@ -25,6 +25,7 @@ pub mod http;
 pub mod ingest;
 pub mod metrics;
 pub mod mqtt;
+pub mod ops;
 pub mod store;
 
 use std::sync::Arc;

@@ -360,7 +360,10 @@ impl Fleet {
                     path: self.file(&b.module.sha256),
                     config_json: b.config_json.clone(),
                     inputs: b.inputs.clone(),
-                    on_failure: OnFailure::Skip,
+                    // On probation a failed batch is retried, never skipped: if the build is
+                    // rolled back, the previous one processes that batch, so no reading
+                    // goes without its output.
+                    on_failure: if probation.is_some() { OnFailure::Retry } else { OnFailure::Skip },
                     max_consecutive_failures: 5,
                     start_at: StartAt::Latest,
                     memory: None,

@@ -215,3 +215,168 @@ async fn rollout_of_v2_in_waves_loses_and_repeats_nothing() {
         assert_eq!(a["modules"][0]["running"]["version"], "0.2.0", "{a}");
     }
 }
+
+/// "threshold 0.3.0": implements the ABI and traps on every batch it is given.
+const TRAPPING_V3: &str = r#"
+(module
+  (@custom "brume-manifest" "{\"name\":\"threshold\",\"version\":\"0.3.0\",\"abi_version\":1,\"inputs\":[\"sensors/#\"],\"outputs\":[\"alerts/threshold\"]}")
+  (memory (export "memory") 1)
+  (global $next (mut i32) (i32.const 1024))
+  (func (export "brume_abi_version") (result i32) (i32.const 1))
+  (func (export "brume_alloc") (param $len i32) (result i32)
+    (local $p i32)
+    (local.set $p (global.get $next))
+    (global.set $next (i32.add (global.get $next) (local.get $len)))
+    (local.get $p))
+  ;; CallResult::Ok(()) = [0]; CallResult::Ok(Vec<u8>) empty = [0, 0]
+  (data (i32.const 16) "\00\00")
+  (func (export "brume_init") (param i32 i32) (result i64) (i64.const 0x0000001000000001))
+  (func (export "brume_save_state") (result i64) (i64.const 0x0000001000000002))
+  (func (export "brume_load_state") (param i32 i32) (result i64) (i64.const 0x0000001000000001))
+  (func (export "brume_process") (param i32 i32) (result i64) unreachable)
+)
+"#;
+
+/// Runs the operator CLI (`cloud-hub <args>`) against `hub`; returns exit code and stdout.
+fn cli(hub: &Hub, args: &[&str]) -> (i32, String) {
+    let out = std::process::Command::new(HUB)
+        .args(args)
+        .env("BRUME_HUB", &hub.url)
+        .output()
+        .unwrap_or_else(|e| panic!("running cloud-hub {args:?}: {e}"));
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    if !out.status.success() {
+        eprintln!("cloud-hub {args:?}: {}\n{stdout}", String::from_utf8_lossy(&out.stderr));
+    }
+    (out.status.code().unwrap_or(-1), stdout)
+}
+
+/// Everything through the operator CLI: a publisher key, signed uploads, v1 deployed,
+/// then a v3 that traps on its input rolled out in two waves. The first wave's agent
+/// rolls v3 back on its own during probation (its failed batches retried, not skipped),
+/// the hub aborts the rollout from its report, the other agents never receive v3, and
+/// every input reading still has exactly one output, all from v1.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_build_failing_on_the_device_is_rolled_back_there_and_the_rollout_aborts() {
+    let broker = Mosquitto::start().unwrap();
+    let work = tempfile::tempdir().unwrap();
+    let key_file = work.path().join("publisher.key");
+    // keygen needs no hub: run it before one exists.
+    let out = std::process::Command::new(HUB)
+        .args(["module", "keygen", "--out", key_file.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let public = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    assert!(public.starts_with("ed25519:"), "{public}");
+    let hub = Hub::start_with(
+        Path::new(HUB),
+        broker.port,
+        &format!("[fleet]\ntrusted_keys = [{public:?}]\nreconcile_interval = \"200ms\"\n"),
+    )
+    .await
+    .unwrap();
+
+    let v1 = work.path().join("threshold-0.1.0.wasm");
+    std::fs::write(&v1, built_module_bytes("threshold")).unwrap();
+    let v3 = work.path().join("threshold-0.3.0.wasm");
+    std::fs::write(&v3, wat::parse_str(TRAPPING_V3).unwrap()).unwrap();
+    let (v1s, v3s) = (v1.to_str().unwrap(), v3.to_str().unwrap());
+    let key = key_file.to_str().unwrap();
+    assert_eq!(cli(&hub, &["module", "sign", "--key", key, v1s]).0, 0);
+    let (code, out) = cli(&hub, &["module", "push", v1s]);
+    assert_eq!(code, 0);
+    assert!(out.contains("threshold 0.1.0 registered"), "{out}");
+    assert_eq!(cli(&hub, &["module", "push", "--key", key, v3s]).0, 0);
+    let (_, out) = cli(&hub, &["module", "ls"]);
+    assert!(out.contains("0.1.0") && out.contains("0.3.0"), "{out}");
+
+    let fleet = format!("hub_url = {:?}\ntrusted_keys = [{public:?}]", hub.url);
+    let mut agents = Vec::new();
+    for i in 0..3 {
+        let extra = [("fleet", fleet.as_str()), ("labels", "site = \"a\"")];
+        agents.push(Agent::start(Path::new(AGENT), &format!("edge-{i}"), broker.port, &extra).await.unwrap());
+    }
+    wait_until("three agents at the hub", Duration::from_secs(20), || async {
+        get(&hub, "/api/v1/fleet/agents").await.as_array().is_some_and(|a| a.len() == 3)
+    })
+    .await
+    .unwrap();
+    let config = r#"{"limit": -1, "field": "n"}"#;
+    let (code, out) = cli(
+        &hub,
+        &["deploy", "threshold@0.1.0", "--select", "site=a", "--probation", "0s", "--config", config, "--watch"],
+    );
+    assert_eq!(code, 0, "{out}");
+    let sensors: Vec<Sensor> = agents.iter().map(|a| Sensor::start_named(a.mqtt_port, "sensors", 1, 40)).collect();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+
+    let (code, out) = cli(
+        &hub,
+        &[
+            "deploy",
+            "threshold@0.3.0",
+            "--select",
+            "site=a",
+            "--waves",
+            "1,100%",
+            "--probation",
+            "30s",
+            "--config",
+            config,
+            "--watch",
+        ],
+    );
+    assert_eq!(code, 3, "watch exits 3 when the rollout is aborted: {out}");
+    assert!(out.contains("aborted"), "{out}");
+    let d = get(&hub, "/api/v1/deployments/2").await;
+    assert_eq!(d["state"], "aborted", "{d:#}");
+    let reason = d["reason"].as_str().unwrap();
+    assert!(reason.contains("1 of 1") && reason.contains("unreachable"), "the reason names the trap: {reason}");
+    let progress = d["agent_progress"].as_array().unwrap();
+    assert_eq!(progress.len(), 1, "only the first wave's agent ever got v3: {d:#}");
+    assert_eq!(progress[0]["phase"], "rolled_back", "{d:#}");
+
+    // Everyone runs v1, including the agent that rolled back.
+    let start = std::time::Instant::now();
+    loop {
+        let fleet = get(&hub, "/api/v1/fleet/agents").await;
+        let back = fleet.as_array().is_some_and(|a| {
+            a.iter().all(|a| a["in_sync"] == true && a["modules"][0]["running"]["version"] == "0.1.0")
+        });
+        if back {
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(30), "not every agent back on v1: {fleet:#}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (code, out) = cli(&hub, &["agents", "ls"]);
+    assert_eq!(code, 0);
+    assert_eq!(out.lines().filter(|l| l.contains("threshold@0.1.0 running")).count(), 3, "{out}");
+    let (_, out) = cli(&hub, &["rollout", "ls", "--json"]);
+    let list: Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(list[0]["state"], "aborted");
+    assert_eq!(list[1]["state"], "done");
+
+    for s in sensors {
+        s.stop().await;
+    }
+    for a in &agents {
+        a.wait_drained(Duration::from_secs(60)).await;
+    }
+    wait_until("every input's output at the hub", Duration::from_secs(60), || async {
+        let (i, o) = at_hub(&hub).await;
+        i.len() == 3 && i.iter().all(|(a, ins)| o.get(a).is_some_and(|outs| outs.len() >= ins.len()))
+    })
+    .await
+    .unwrap();
+    let (inputs, outputs) = at_hub(&hub).await;
+    let v1_sha = brume_signing::to_hex(&brume_signing::module_digest(&built_module_bytes("threshold")));
+    for (agent, ins) in &inputs {
+        let mut ins = ins.clone();
+        ins.sort();
+        let outs = &outputs[agent];
+        assert_eq!(outs.iter().map(|(n, _)| *n).collect::<Vec<_>>(), ins, "{agent}: one output per input");
+        assert!(outs.iter().all(|(_, h)| *h == v1_sha), "{agent}: every output is v1's");
+    }
+}

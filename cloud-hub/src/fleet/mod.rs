@@ -66,8 +66,9 @@ impl FleetHandle {
 /// Reads everything the decisions need, in one pass.
 pub fn load(store: &dyn HubStore, now_ms: i64) -> Result<Fleet, StoreError> {
     let mut fleet = Fleet { deployments: store.deployments()?, ..Default::default() };
-    for (d, agent, wave) in store.deployment_agents()? {
-        fleet.members.entry(d).or_default().insert(agent, wave);
+    for m in store.deployment_agents()? {
+        fleet.members.entry(m.deployment).or_default().insert(m.agent_id.clone(), m.wave);
+        fleet.recorded.insert((m.deployment, m.agent_id), (m.phase, m.error));
     }
     fleet.registry = store.registered_modules()?.into_iter().map(|m| (m.module.sha256, m)).collect();
     for p in store.presence()? {
@@ -143,6 +144,7 @@ fn pass(
     now_ms: i64,
 ) -> Result<Vec<StoredDesired>, StoreError> {
     let mut fleet = load(store, now_ms)?;
+    record_phases(store, &mut fleet)?;
     for i in 0..fleet.deployments.len() {
         advance(store, &mut fleet, i, now_ms)?;
     }
@@ -177,6 +179,29 @@ fn pass(
         }
     }
     Ok(out)
+}
+
+/// Stores the phases agents reported for the deployments they are in, where they
+/// changed: a deployment's progress outlives the reports (after a rollback an agent
+/// reports on the previous deployment).
+fn record_phases(store: &dyn HubStore, fleet: &mut Fleet) -> Result<(), StoreError> {
+    let mut changed = Vec::new();
+    for (d, members) in &fleet.members {
+        for agent in members.keys() {
+            if let Some((phase, error)) = fleet.reported(*d, agent)
+                && fleet.recorded.get(&(*d, agent.clone())).is_none_or(|(p, e)| *p != phase || e != error)
+            {
+                changed.push((*d, agent.clone(), phase, error.to_owned()));
+            }
+        }
+    }
+    if !changed.is_empty() {
+        store.record_phases(&changed)?;
+        for (d, a, p, e) in changed {
+            fleet.recorded.insert((d, a), (p, e));
+        }
+    }
+    Ok(())
 }
 
 /// Applies rollout steps to deployment `i` until it has to wait. Another hub updating

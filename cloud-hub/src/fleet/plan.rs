@@ -58,6 +58,10 @@ pub struct Fleet {
     pub agents: BTreeMap<String, Agent>,
     /// Each agent's latest report.
     pub reports: HashMap<String, ReportV1>,
+    /// The phase each agent last reported for each deployment it is in, as stored:
+    /// `(deployment, agent)` → (phase, error). Outlives the report (after a rollback the
+    /// agent reports on the previous deployment).
+    pub recorded: HashMap<(u64, String), (Phase, String)>,
 }
 
 /// What a rollout should do next.
@@ -120,14 +124,20 @@ impl Fleet {
         }
     }
 
-    /// How far deployment `d` got on an agent, from its latest report: `Pending` until
-    /// the agent reports on it.
+    /// How far deployment `d` got on an agent: from its latest report if that is about
+    /// `d`, else the last phase recorded for it, else `Pending`.
     pub fn phase(&self, d: u64, agent: &str) -> (Phase, &str) {
+        self.reported(d, agent)
+            .or_else(|| self.recorded.get(&(d, agent.to_owned())).map(|(p, e)| (*p, e.as_str())))
+            .unwrap_or((Phase::Pending, ""))
+    }
+
+    /// What the agent's latest report says about deployment `d`, if anything.
+    pub fn reported(&self, d: u64, agent: &str) -> Option<(Phase, &str)> {
         self.reports
             .get(agent)
             .and_then(|r| r.modules.iter().find(|m| m.deployment == d))
             .map(|m| (m.phase, m.error.as_str()))
-            .unwrap_or((Phase::Pending, ""))
     }
 
     /// The agents a deployment's selector matches, in rollout order.

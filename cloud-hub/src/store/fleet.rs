@@ -221,6 +221,22 @@ pub struct Deployment {
     pub updated_ms: i64,
 }
 
+/// An agent in a deployment's waves, and the last phase it reported for it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeploymentAgent {
+    /// The deployment.
+    pub deployment: u64,
+    /// The agent.
+    pub agent_id: String,
+    /// The wave that added it.
+    pub wave: u32,
+    /// The last phase the agent reported for this deployment (kept after the agent moved
+    /// on, e.g. to the previous deployment after a rollback).
+    pub phase: brume_protocol::Phase,
+    /// The error that went with it.
+    pub error: String,
+}
+
 /// An agent's latest report and when a hub received it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StoredReport {
@@ -277,9 +293,12 @@ pub trait FleetStore {
         now_ms: i64,
     ) -> Result<(), StoreError>;
 
-    /// Agents in each deployment and their wave: `(deployment, agent_id, wave)`, by
-    /// deployment, then agent.
-    fn deployment_agents(&self) -> Result<Vec<(u64, String, u32)>, StoreError>;
+    /// Agents in each deployment, by deployment, then agent.
+    fn deployment_agents(&self) -> Result<Vec<DeploymentAgent>, StoreError>;
+
+    /// Records the phase (and error) agents reported for deployments they are in:
+    /// `(deployment, agent_id, phase, error)`.
+    fn record_phases(&self, phases: &[(u64, String, brume_protocol::Phase, String)]) -> Result<(), StoreError>;
 
     /// Makes `modules` the agent's desired state. If it differs from the stored one, the
     /// generation grows by one and the new message (with `issued_ms`) is stored and
@@ -351,6 +370,24 @@ pub(crate) fn deployment_row(
         revision: revision as u64,
         created_ms,
         updated_ms,
+    })
+}
+
+/// A deployment agent from its stored columns.
+pub(crate) fn deployment_agent(
+    deployment: i64,
+    agent_id: String,
+    wave: i64,
+    phase: &str,
+    error: String,
+) -> Result<DeploymentAgent, StoreError> {
+    Ok(DeploymentAgent {
+        deployment: deployment as u64,
+        agent_id,
+        wave: wave.max(0) as u32,
+        phase: brume_protocol::Phase::parse(phase)
+            .ok_or_else(|| StoreError::Corrupt(format!("unknown phase {phase:?} in deployment_agents")))?,
+        error,
     })
 }
 

@@ -821,7 +821,7 @@ fn spec(module: &str) -> super::fleet::DeploymentSpec {
     }
 }
 
-pub(crate) fn deployments_update_only_from_the_revision_read(f: &impl Fixture) {
+pub(crate) fn deployments_update_only_from_the_revision_read<F: Fixture>(f: &F) {
     use super::fleet::{DeploymentState, FleetStore};
     let store = f.open();
     let d = store.create_deployment(&spec("thr"), 100).unwrap();
@@ -843,11 +843,33 @@ pub(crate) fn deployments_update_only_from_the_revision_read(f: &impl Fixture) {
 
     store.add_deployment_agents(d.id, 0, &["b".into(), "a".into()], 150).unwrap();
     store.add_deployment_agents(d.id, 1, &["a".into(), "c".into()], 210).unwrap();
+    let members = |store: &F::Store| -> Vec<(u64, String, u32, brume_protocol::Phase, String)> {
+        store
+            .deployment_agents()
+            .unwrap()
+            .into_iter()
+            .map(|m| (m.deployment, m.agent_id, m.wave, m.phase, m.error))
+            .collect()
+    };
+    use brume_protocol::Phase;
     assert_eq!(
-        store.deployment_agents().unwrap(),
-        [(d.id, "a".to_string(), 0), (d.id, "b".to_string(), 0), (d.id, "c".to_string(), 1)],
+        members(&store),
+        [
+            (d.id, "a".to_string(), 0, Phase::Pending, String::new()),
+            (d.id, "b".to_string(), 0, Phase::Pending, String::new()),
+            (d.id, "c".to_string(), 1, Phase::Pending, String::new())
+        ],
         "an agent stays in the wave it joined first"
     );
+    store
+        .record_phases(&[
+            (d.id, "b".into(), Phase::RolledBack, "trap\0".into()),
+            (d.id, "zz".into(), Phase::Running, "".into()),
+        ])
+        .unwrap();
+    assert_eq!(members(&store)[1].3, Phase::RolledBack);
+    assert_eq!(members(&store)[1].4, "trap\\u{0}", "stored as text PostgreSQL accepts");
+    assert_eq!(members(&store).len(), 3, "phases of agents not in the deployment are not recorded");
     drop(store);
     let store = f.open();
     assert_eq!(store.deployments().unwrap().iter().map(|x| (x.id, x.wave)).collect::<Vec<_>>(), [(d.id, 1), (e.id, 0)]);

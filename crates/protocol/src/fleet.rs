@@ -196,6 +196,21 @@ impl Phase {
             Phase::Removed => "removed",
         }
     }
+
+    /// Parses [`as_str`](Self::as_str).
+    pub fn parse(s: &str) -> Option<Phase> {
+        [
+            Phase::Pending,
+            Phase::Downloading,
+            Phase::Canary,
+            Phase::Running,
+            Phase::Failed,
+            Phase::RolledBack,
+            Phase::Removed,
+        ]
+        .into_iter()
+        .find(|p| p.as_str() == s)
+    }
 }
 
 /// One module slot in a report.

@@ -3,12 +3,12 @@
 //! is compared and replaced, so two hubs computing the same change assign one
 //! generation; deployment updates compare and set `revision`.
 
-use brume_protocol::{AgentReport, DesiredModule, ReportV1};
+use brume_protocol::{AgentReport, DesiredModule, Phase, ReportV1};
 
 use super::{PostgresStore, pg};
 use crate::store::fleet::{
-    Deployment, DeploymentSpec, FleetStore, ModuleUpload, PutModule, RegisteredModule, StoredDesired, StoredReport,
-    decode_report, deployment_row, desired_message, desired_modules, spec_json,
+    Deployment, DeploymentAgent, DeploymentSpec, FleetStore, ModuleUpload, PutModule, RegisteredModule, StoredDesired,
+    StoredReport, decode_report, deployment_agent, deployment_row, desired_message, desired_modules, spec_json,
 };
 use crate::store::{StoreError, module_ref, storable_text};
 
@@ -42,6 +42,8 @@ CREATE TABLE deployment_agents (
     agent_id   text COLLATE "C" NOT NULL,
     wave       int8 NOT NULL,
     added_ms   int8 NOT NULL,
+    phase      text NOT NULL DEFAULT 'pending',
+    error      text NOT NULL DEFAULT '',
     PRIMARY KEY (deployment, agent_id)
 );
 CREATE TABLE desired (
@@ -258,16 +260,40 @@ impl FleetStore for PostgresStore {
         })
     }
 
-    fn deployment_agents(&self) -> Result<Vec<(u64, String, u32)>, StoreError> {
+    fn deployment_agents(&self) -> Result<Vec<DeploymentAgent>, StoreError> {
         self.call("listing deployment agents", async {
             let mut conn = self.checkout().await?;
             let rows = conn
                 .client()
-                .query("SELECT deployment, agent_id, wave FROM deployment_agents ORDER BY deployment, agent_id", &[])
+                .query(
+                    "SELECT deployment, agent_id, wave, phase, error FROM deployment_agents ORDER BY deployment, agent_id",
+                    &[],
+                )
                 .await
                 .map_err(pg("listing deployment agents"))?;
             conn.release();
-            Ok(rows.iter().map(|r| (r.get::<_, i64>(0) as u64, r.get(1), r.get::<_, i64>(2) as u32)).collect())
+            rows.iter().map(|r| deployment_agent(r.get(0), r.get(1), r.get(2), r.get(3), r.get(4))).collect()
+        })
+    }
+
+    fn record_phases(&self, phases: &[(u64, String, Phase, String)]) -> Result<(), StoreError> {
+        // Key order, so concurrent hubs lock rows in the same order.
+        let mut sorted: Vec<&(u64, String, Phase, String)> = phases.iter().collect();
+        sorted.sort_by(|a, b| (a.0, &a.1).cmp(&(b.0, &b.1)));
+        self.call("recording phases", async {
+            let mut conn = self.checkout().await?;
+            let tx = conn.client().transaction().await.map_err(pg("starting to record phases"))?;
+            for (d, a, p, e) in sorted {
+                tx.execute(
+                    "UPDATE deployment_agents SET phase = $3, error = $4 WHERE deployment = $1 AND agent_id = $2",
+                    &[&(*d as i64), a, &p.as_str(), &storable_text(e)],
+                )
+                .await
+                .map_err(pg("recording phases"))?;
+            }
+            tx.commit().await.map_err(pg("committing phases"))?;
+            conn.release();
+            Ok(())
         })
     }
 

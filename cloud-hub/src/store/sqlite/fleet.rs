@@ -1,14 +1,14 @@
 //! [`FleetStore`] on SQLite: the control plane's tables (schema v6).
 
-use brume_protocol::{AgentReport, DesiredModule, ReportV1};
+use brume_protocol::{AgentReport, DesiredModule, Phase, ReportV1};
 use rusqlite::{OptionalExtension, TransactionBehavior, params};
 
 use super::{SqliteStore, lock, sql};
 use crate::store::fleet::{
-    Deployment, DeploymentSpec, FleetStore, ModuleUpload, PutModule, RegisteredModule, StoredDesired, StoredReport,
-    decode_report, deployment_row, desired_message, desired_modules, spec_json,
+    Deployment, DeploymentAgent, DeploymentSpec, FleetStore, ModuleUpload, PutModule, RegisteredModule, StoredDesired,
+    StoredReport, decode_report, deployment_agent, deployment_row, desired_message, desired_modules, spec_json,
 };
-use crate::store::{StoreError, module_ref};
+use crate::store::{StoreError, module_ref, storable_text};
 
 /// The control plane (see `crate::store::fleet`). `module_registry.wasm` holds the module
 /// bytes, so the one file is the whole hub.
@@ -41,6 +41,8 @@ CREATE TABLE deployment_agents (
     agent_id   TEXT NOT NULL,
     wave       INTEGER NOT NULL,
     added_ms   INTEGER NOT NULL,
+    phase      TEXT NOT NULL DEFAULT 'pending',
+    error      TEXT NOT NULL DEFAULT '',
     PRIMARY KEY (deployment, agent_id)
 ) WITHOUT ROWID;
 CREATE TABLE desired (
@@ -234,16 +236,37 @@ impl FleetStore for SqliteStore {
         tx.commit().map_err(sql("committing agents of a wave"))
     }
 
-    fn deployment_agents(&self) -> Result<Vec<(u64, String, u32)>, StoreError> {
+    fn deployment_agents(&self) -> Result<Vec<DeploymentAgent>, StoreError> {
         self.with_reader(|conn| {
-            conn.prepare_cached(
-                "SELECT deployment, agent_id, wave FROM deployment_agents ORDER BY deployment, agent_id",
-            )
-            .and_then(|mut st| {
-                st.query_map([], |r| Ok((r.get::<_, i64>(0)? as u64, r.get(1)?, r.get::<_, i64>(2)? as u32)))?.collect()
-            })
-            .map_err(sql("listing deployment agents"))
+            let rows: Vec<(i64, String, i64, String, String)> = conn
+                .prepare_cached(
+                    "SELECT deployment, agent_id, wave, phase, error FROM deployment_agents ORDER BY deployment, agent_id",
+                )
+                .and_then(|mut st| {
+                    st.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)))?.collect()
+                })
+                .map_err(sql("listing deployment agents"))?;
+            rows.into_iter().map(|(d, a, w, p, e)| deployment_agent(d, a, w, &p, e)).collect()
         })
+    }
+
+    fn record_phases(&self, phases: &[(u64, String, Phase, String)]) -> Result<(), StoreError> {
+        let mut guard = lock(&self.writer);
+        let tx = guard
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(sql("starting to record phases"))?;
+        {
+            let mut st = tx
+                .prepare_cached(
+                    "UPDATE deployment_agents SET phase = ?3, error = ?4 WHERE deployment = ?1 AND agent_id = ?2",
+                )
+                .map_err(sql("recording phases"))?;
+            for (d, a, p, e) in phases {
+                st.execute(params![*d as i64, a, p.as_str(), storable_text(e)]).map_err(sql("recording phases"))?;
+            }
+        }
+        tx.commit().map_err(sql("committing phases"))
     }
 
     fn set_desired(

@@ -17,8 +17,12 @@ impl Fixture for Sqlite {
     }
     fn undo_rollups_migration(&self) {
         let conn = Connection::open(self.0.path().join("hub.db")).unwrap();
-        conn.execute_batch("DROP TABLE rollups; DROP TABLE presence; DROP TABLE quarantine; PRAGMA user_version = 2;")
-            .unwrap();
+        conn.execute_batch(
+            "DROP TABLE rollups; DROP TABLE presence; DROP TABLE quarantine; DROP TABLE module_registry;
+             DROP TABLE deployments; DROP TABLE deployment_agents; DROP TABLE desired; DROP TABLE reports;
+             PRAGMA user_version = 2;",
+        )
+        .unwrap();
     }
 }
 
