@@ -29,11 +29,28 @@ cleanup() {
 }
 trap cleanup EXIT INT TERM
 
+# A publisher key for module rollouts: the hub accepts modules it signed, and the agent
+# runs them (README: "Rolling out modules to a fleet").
+[ -f "$DATA/publisher.key" ] || ./target/release/cloud-hub module keygen --out "$DATA/publisher.key" >/dev/null 2>&1
+PUBKEY=$(./target/release/cloud-hub module pubkey --key "$DATA/publisher.key")
+cat > "$DATA/hub.toml" <<CONF
+[fleet]
+trusted_keys = ["$PUBKEY"]
+reconcile_interval = "1s"
+CONF
+cat > "$DATA/agent.toml" <<CONF
+[labels]
+site = "demo"
+[fleet]
+hub_url = "http://$HUB_HTTP"
+trusted_keys = ["$PUBKEY"]
+CONF
+
 "$MOSQ" -c "$DATA/mosquitto.conf" >"$DATA/mosquitto.log" 2>&1 & pids+=($!)
-./target/release/cloud-hub --data-dir "$DATA/hub" --mqtt-port "$BROKER_PORT" --http-listen "$HUB_HTTP" \
-  >"$DATA/hub.log" 2>&1 & pids+=($!)
-./target/release/edge-agent --agent-id demo-edge --data-dir "$DATA/agent" --broker "127.0.0.1:$BROKER_PORT" \
-  --mqtt-listen "$AGENT_MQTT" --http-listen "$AGENT_HTTP" --simulate 20 \
+./target/release/cloud-hub --config "$DATA/hub.toml" --data-dir "$DATA/hub" --mqtt-port "$BROKER_PORT" \
+  --http-listen "$HUB_HTTP" >"$DATA/hub.log" 2>&1 & pids+=($!)
+./target/release/edge-agent --config "$DATA/agent.toml" --agent-id demo-edge --data-dir "$DATA/agent" \
+  --broker "127.0.0.1:$BROKER_PORT" --mqtt-listen "$AGENT_MQTT" --http-listen "$AGENT_HTTP" --simulate 20 \
   >"$DATA/agent.log" 2>&1 & pids+=($!)
 
 sleep 2
@@ -51,6 +68,7 @@ Brume demo running (logs in $DATA/*.log). Simulated sensors sim/0..sim/3 publish
   Agent metrics:      curl -s http://$AGENT_HTTP/metrics
   Publish a reading:  mosquitto_pub -h ${AGENT_MQTT%:*} -p ${AGENT_MQTT#*:} -q 1 -t line1/temp -m '{"celsius": 21.5}'
   HTTP ingest:        curl -s -XPOST 'http://$AGENT_HTTP/api/v1/write' --data-binary 'boiler,site=a temp=71.2'
+  Roll out a module:  see README "Rolling out modules to a fleet" (key: $DATA/publisher.key)
   Simulate an outage: kill the broker (pid ${pids[0]}) and watch the agent's outbox grow, then
                       restart it: $MOSQ -c $DATA/mosquitto.conf -d
 
