@@ -58,9 +58,12 @@ pub enum DownloadError {
         reason: String,
     },
     /// The bytes are not the build the desired state names (or are larger than it says):
-    /// the download is discarded.
+    /// the download is discarded, and retried a few times (a corrupted transfer).
     #[error("downloaded bytes refused: {0}")]
     Refused(String),
+    /// The build's signature is not a pinned key's: no download can fix that.
+    #[error("not downloaded: {0}")]
+    Untrusted(String),
     /// Writing the file failed.
     #[error("{op} {path}: {source}")]
     Io {
@@ -254,14 +257,21 @@ impl Fleet {
                         mismatches: 0,
                     });
                     r.attempts += 1;
-                    if matches!(e, DownloadError::Refused(_)) {
-                        r.mismatches += 1;
+                    match e {
+                        DownloadError::Refused(_) => r.mismatches += 1,
+                        DownloadError::Untrusted(_) => r.mismatches = MAX_MISMATCHES,
+                        _ => {}
                     }
                     // 2 s, 4 s, ... up to 5 min between attempts.
                     r.next =
                         Instant::now() + Duration::from_secs(2u64 << r.attempts.min(8)).min(Duration::from_secs(300));
                     r.error = e.to_string();
-                    tracing::warn!(module = %m.module.name, version = %m.module.version, attempts = r.attempts, error = %e, "module download failed");
+                    if r.mismatches >= MAX_MISMATCHES {
+                        // Operator action: pin the publisher's key, or publish a good build.
+                        tracing::error!(module = %m.module.name, version = %m.module.version, error = %e, "module refused; not retrying");
+                    } else {
+                        tracing::warn!(module = %m.module.name, version = %m.module.version, attempts = r.attempts, error = %e, "module download failed; will retry");
+                    }
                 }
             }
         }
@@ -418,11 +428,11 @@ impl Fleet {
     async fn download(&self, m: &DesiredModule) -> Result<(), DownloadError> {
         let sha = m.module.sha256;
         // The signature is checked first: without it the bytes are not worth fetching.
-        let sig: Signature = m.signature.parse().map_err(|e| DownloadError::Refused(format!("{e}")))?;
-        self.keyring.verify(&sha, &sig).map_err(|e| DownloadError::Refused(e.to_string()))?;
+        let sig: Signature = m.signature.parse().map_err(|e| DownloadError::Untrusted(format!("{e}")))?;
+        self.keyring.verify(&sha, &sig).map_err(|e| DownloadError::Untrusted(format!("signature refused: {e}")))?;
         let max = m.size.min(self.cfg.max_module_bytes.as_u64());
         if m.size > self.cfg.max_module_bytes.as_u64() {
-            return Err(DownloadError::Refused(format!(
+            return Err(DownloadError::Untrusted(format!(
                 "{} bytes, over fleet.max_module_bytes ({})",
                 m.size, self.cfg.max_module_bytes
             )));

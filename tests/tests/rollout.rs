@@ -380,3 +380,209 @@ async fn a_build_failing_on_the_device_is_rolled_back_there_and_the_rollout_abor
         assert!(outs.iter().all(|(_, h)| *h == v1_sha), "{agent}: every output is v1's");
     }
 }
+
+/// Serves `body` to every HTTP request on 127.0.0.1 (a hub impersonator, or a proxy
+/// that corrupts downloads). Returns its base URL.
+async fn serve_bytes(body: Vec<u8>) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut sock, _)) = listener.accept().await else { return };
+            let body = body.clone();
+            tokio::spawn(async move {
+                let mut req = vec![0u8; 4096];
+                let _ = sock.read(&mut req).await;
+                let head = format!(
+                    "HTTP/1.1 200 OK\r\ncontent-type: application/wasm\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+                    body.len()
+                );
+                let _ = sock.write_all(head.as_bytes()).await;
+                let _ = sock.write_all(&body).await;
+            });
+        }
+    });
+    url
+}
+
+/// The agent checks what the hub says, not only what it downloads: a build whose bytes
+/// were changed on the way (here by an impersonating server) is refused and not kept;
+/// a build signed by a key the agent has not pinned (the hub trusts it, the agent does
+/// not) is refused before download. Neither ever runs, the reports say why, and the
+/// rollout aborts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tampered_or_untrusted_builds_are_refused_by_the_agent() {
+    let broker = Mosquitto::start().unwrap();
+    let key = SecretKey::generate();
+    let hub = Hub::start_with(
+        Path::new(HUB),
+        broker.port,
+        &format!("[fleet]\ntrusted_keys = [{:?}]\nreconcile_interval = \"200ms\"\n", key.public().to_string()),
+    )
+    .await
+    .unwrap();
+    let v1 = built_module_bytes("threshold");
+    upload(&hub, &key, &v1).await;
+    let mut tampered = v1.clone();
+    let mid = tampered.len() / 2;
+    tampered[mid] ^= 0x40;
+    let impostor = serve_bytes(tampered).await;
+    let other = SecretKey::generate();
+    let proxied = format!("hub_url = {impostor:?}\ntrusted_keys = [{:?}]", key.public().to_string());
+    let untrusting = format!("hub_url = {:?}\ntrusted_keys = [{:?}]", hub.url, other.public().to_string());
+    let a = Agent::start(Path::new(AGENT), "edge-proxied", broker.port, &[("fleet", &proxied)]).await.unwrap();
+    let b = Agent::start(Path::new(AGENT), "edge-untrusting", broker.port, &[("fleet", &untrusting)]).await.unwrap();
+    wait_until("both agents at the hub", Duration::from_secs(20), || async {
+        get(&hub, "/api/v1/fleet/agents").await.as_array().is_some_and(|a| a.len() == 2)
+    })
+    .await
+    .unwrap();
+    let id =
+        deploy(&hub, json!({"module": "threshold", "version": "0.1.0", "config": {"limit": 1.0}, "probation": "0s"}))
+            .await;
+    let start = std::time::Instant::now();
+    let errors = loop {
+        let agents = get(&hub, "/api/v1/fleet/agents").await;
+        let errs: BTreeMap<String, (String, String)> = agents
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|x| {
+                let m = &x["modules"][0];
+                m["error"].as_str().map(|e| {
+                    (
+                        x["agent_id"].as_str().unwrap().to_owned(),
+                        (m["phase"].as_str().unwrap().to_owned(), e.to_owned()),
+                    )
+                })
+            })
+            .collect();
+        if errs.len() == 2 && errs["edge-untrusting"].0 == "failed" {
+            break errs;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "no refusals reported: {agents:#}\n{}\n{}",
+            a.log(),
+            b.log()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let (phase, why) = &errors["edge-proxied"];
+    assert!(phase == "downloading" || phase == "failed", "{errors:?}");
+    assert!(why.contains("hashes to") && why.contains("not to the deployed build"), "{why}");
+    assert!(errors["edge-untrusting"].1.contains("not among the trusted keys"), "{errors:?}");
+    for agent in [&a, &b] {
+        let status = agent.status().await.unwrap();
+        assert_eq!(status["modules"], json!([]), "nothing runs: {status:#}");
+        let kept: Vec<_> = std::fs::read_dir(agent.dir.path().join("data/fleet/modules"))
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n.ends_with(".wasm"))
+            .collect();
+        assert!(kept.is_empty(), "no build kept: {kept:?}");
+    }
+    let d = get(&hub, &format!("/api/v1/deployments/{id}")).await;
+    assert_eq!(d["state"], "aborted", "{d:#}");
+}
+
+/// `kill -9` of an agent the moment the new build is on its disk (mid-swap): after the
+/// restart exactly one build runs in the slot, and every input reading still has exactly
+/// one output, v1's before the swap and v2's after.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_in_the_middle_of_a_swap_runs_one_build_from_the_right_cursor() {
+    let broker = Mosquitto::start().unwrap();
+    let key = SecretKey::generate();
+    let hub = Hub::start_with(
+        Path::new(HUB),
+        broker.port,
+        &format!("[fleet]\ntrusted_keys = [{:?}]\nreconcile_interval = \"200ms\"\n", key.public().to_string()),
+    )
+    .await
+    .unwrap();
+    let v1 = built_module_bytes("threshold");
+    let v2 = with_version(&v1, "0.1.0", "0.2.0");
+    let v1_sha = upload(&hub, &key, &v1).await["sha256"].as_str().unwrap().to_owned();
+    let v2_sha = upload(&hub, &key, &v2).await["sha256"].as_str().unwrap().to_owned();
+    let fleet = fleet_config(&hub, &key);
+    let mut agent = Agent::start(Path::new(AGENT), "edge-k", broker.port, &[("fleet", &fleet)]).await.unwrap();
+    let config = json!({"limit": -1.0, "field": "n"});
+    let d1 =
+        deploy(&hub, json!({"module": "threshold", "version": "0.1.0", "config": config, "probation": "0s"})).await;
+    wait_running(&hub, d1, 1, &[&agent]).await;
+    let sensor = Sensor::start_named(agent.mqtt_port, "sensors", 1, 100);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    let d2 =
+        deploy(&hub, json!({"module": "threshold", "version": "0.2.0", "config": config, "probation": "0s"})).await;
+    let v2_file = agent.dir.path().join(format!("data/fleet/modules/{v2_sha}.wasm"));
+    wait_until("v2 on the agent's disk", Duration::from_secs(30), || async { v2_file.exists() }).await.unwrap();
+    agent.proc.kill9();
+    agent.restart().await.unwrap();
+    wait_running(&hub, d2, 1, &[&agent]).await;
+    let status = agent.status().await.unwrap();
+    assert_eq!(status["modules"].as_array().unwrap().len(), 1, "one build in the slot: {status:#}");
+    assert_eq!(status["modules"][0]["hash"], v2_sha, "{status:#}");
+
+    let acked = sensor.stop().await.0;
+    agent.wait_drained(Duration::from_secs(60)).await;
+    wait_until("every input's output at the hub", Duration::from_secs(60), || async {
+        let (i, o) = at_hub(&hub).await;
+        i.get("edge-k").is_some_and(|ins| o.get("edge-k").is_some_and(|outs| outs.len() >= ins.len()))
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", agent.log()));
+    let (inputs, outputs) = at_hub(&hub).await;
+    let mut ins = inputs["edge-k"].clone();
+    ins.sort();
+    let uniq: HashSet<u64> = ins.iter().copied().collect();
+    assert!(acked.is_subset(&uniq), "acknowledged readings missing at the hub");
+    let outs = &outputs["edge-k"];
+    assert_eq!(outs.iter().map(|(n, _)| *n).collect::<Vec<_>>(), ins, "exactly one output per input");
+    let hashes: Vec<&str> = outs.iter().map(|(_, h)| h.as_str()).collect();
+    let switch = hashes.iter().position(|h| *h == v2_sha).expect("v2 processed readings");
+    assert!(hashes[..switch].iter().all(|h| *h == v1_sha) && hashes[switch..].iter().all(|h| *h == v2_sha));
+}
+
+/// Two hubs on one PostgreSQL: a rollout created through one is driven to the end by
+/// the other after the first is killed, and the agent downloads from the second.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_hubs_on_postgres_either_drives_and_serves_a_rollout() {
+    let broker = Mosquitto::start().unwrap();
+    let pg = brume_e2e::pg::TestPostgres::start();
+    let url = pg.create_db("brume");
+    let key = SecretKey::generate();
+    let cfg = format!(
+        "[storage]\nbackend = \"postgres\"\n[storage.postgres]\nurl = {url:?}\n[fleet]\ntrusted_keys = [{:?}]\nreconcile_interval = \"200ms\"\n",
+        key.public().to_string()
+    );
+    let mut first = Hub::start_with(Path::new(HUB), broker.port, &cfg).await.unwrap();
+    let second = Hub::start_with(Path::new(HUB), broker.port, &cfg).await.unwrap();
+    let v1 = built_module_bytes("threshold");
+    upload(&first, &key, &v1).await;
+    let fleet = fleet_config(&second, &key);
+    let mut agents = Vec::new();
+    for i in 0..2 {
+        agents.push(
+            Agent::start(Path::new(AGENT), &format!("edge-pg{i}"), broker.port, &[("fleet", &fleet)]).await.unwrap(),
+        );
+    }
+    wait_until("both agents known", Duration::from_secs(20), || async {
+        get(&first, "/api/v1/fleet/agents").await.as_array().is_some_and(|a| a.len() == 2)
+    })
+    .await
+    .unwrap();
+    let id = deploy(
+        &first,
+        json!({"module": "threshold", "version": "0.1.0", "config": {"limit": 1.0}, "waves": ["1", "100%"], "probation": "1s"}),
+    )
+    .await;
+    first.proc.kill9();
+    wait_running(&second, id, 2, &agents.iter().collect::<Vec<_>>()).await;
+    let d = get(&second, &format!("/api/v1/deployments/{id}")).await;
+    let waves: Vec<u64> = d["agent_progress"].as_array().unwrap().iter().map(|a| a["wave"].as_u64().unwrap()).collect();
+    assert_eq!(waves.iter().filter(|w| **w == 0).count(), 1, "{d:#}");
+    drop(first);
+}

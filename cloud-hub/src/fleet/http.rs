@@ -11,7 +11,7 @@ use axum::extract::{DefaultBodyLimit, Path, Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use brume_protocol::{ModuleRef, topics};
+use brume_protocol::{ModuleRef, Phase, topics};
 use serde::Deserialize;
 use serde_json::json;
 
@@ -273,7 +273,15 @@ fn progress(fleet: &Fleet, d: &Deployment) -> (serde_json::Value, Vec<serde_json
     }
     agents.sort();
     for (agent, wave) in agents {
-        let (phase, error) = fleet.phase(d.id, agent);
+        let (mut phase, error) = fleet.phase(d.id, agent);
+        // A withdrawn deployment no longer runs anywhere: an agent that ran it and now
+        // reports something else has removed it (failures and rollbacks stay as they were).
+        if !d.state.is_live()
+            && fleet.reported(d.id, agent).is_none()
+            && matches!(phase, Phase::Running | Phase::Canary | Phase::Pending | Phase::Downloading)
+        {
+            phase = Phase::Removed;
+        }
         *counts.entry(phase.as_str()).or_default() += 1;
         let running = fleet
             .reports
