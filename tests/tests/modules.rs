@@ -300,16 +300,19 @@ async fn modules_compile_in_a_child_process_into_a_checked_cache() {
             Some(s["modules"].clone())
         }
     };
-    let loaded = |m: &Value| m[0]["hash"].as_str() == Some(sha256_hex(&threshold).as_str()) && m[0]["enabled"] == true;
+    // Listed by name: [corrupt, threshold].
+    let (c, t) = (0, 1);
+    let loaded = |m: &Value| m[t]["hash"].as_str() == Some(sha256_hex(&threshold).as_str()) && m[t]["enabled"] == true;
     wait_until("threshold loaded, corrupt refused", Duration::from_secs(60), || async {
-        modules(&agent).await.is_some_and(|m| loaded(&m) && !m[1]["last_error"].is_null())
+        modules(&agent).await.is_some_and(|m| loaded(&m) && !m[c]["last_error"].is_null())
     })
     .await
     .unwrap_or_else(|e| panic!("{e}\nagent log:\n{}", agent.log()));
     let m = modules(&agent).await.unwrap();
-    let err = m[1]["last_error"].as_str().unwrap();
+    assert_eq!((m[c]["name"].as_str(), m[t]["name"].as_str()), (Some("corrupt"), Some("threshold")));
+    let err = m[c]["last_error"].as_str().unwrap();
     assert!(err.starts_with("module does not compile: "), "{err}");
-    assert_eq!(m[1]["enabled"], false);
+    assert_eq!(m[c]["enabled"], false);
 
     let cached = agent.dir.path().join("data/module-cache").join(format!("{}.cwasm", sha256_hex(&threshold)));
     let bytes = std::fs::read(&cached).unwrap_or_else(|e| panic!("{}: {e}", cached.display()));
@@ -337,7 +340,7 @@ async fn modules_compile_in_a_child_process_into_a_checked_cache() {
     assert_eq!(std::fs::read(&cached).unwrap(), bytes, "recompiled to the same code");
     publish_reliably(agent.mqtt_port, "sensors/x", 0..1).await;
     wait_until("the reading processed", Duration::from_secs(30), || async {
-        modules(&agent).await.is_some_and(|m| m[0]["batches_ok"].as_u64() >= Some(1))
+        modules(&agent).await.is_some_and(|m| m[t]["batches_ok"].as_u64() >= Some(1))
     })
     .await
     .unwrap_or_else(|e| panic!("{e}\nagent log:\n{}", agent.log()));
