@@ -93,6 +93,9 @@ pub struct FleetConfig {
     /// one is sent the stored one again after this long.
     #[serde(with = "humantime_serde")]
     pub republish_after: Duration,
+    /// Memory for recently downloaded modules: a wave of agents downloading one build
+    /// reads it from the database once. 0 disables the cache.
+    pub blob_cache: bytesize::ByteSize,
 }
 
 impl Default for FleetConfig {
@@ -102,6 +105,7 @@ impl Default for FleetConfig {
             max_module_bytes: bytesize::ByteSize::mib(16),
             reconcile_interval: Duration::from_secs(2),
             republish_after: Duration::from_secs(30),
+            blob_cache: bytesize::ByteSize::mib(64),
         }
     }
 }

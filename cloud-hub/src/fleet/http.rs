@@ -140,15 +140,24 @@ async fn download(
 ) -> Result<Response, ApiError> {
     let digest = ModuleRef::parse_sha256(&sha)
         .ok_or_else(|| ApiError::bad_request(format!("{sha:?} is not a sha256 (64 hex digits)")))?;
-    let _permit = s.query_permit()?;
-    let found = query(&s.store, move |st| {
-        let Some(wasm) = st.module_wasm(&digest)? else { return Ok(None) };
-        let meta = st.registered_modules()?.into_iter().find(|m| m.module.sha256 == digest);
-        Ok(Some((wasm, meta)))
-    })
-    .await?;
-    let Some((wasm, meta)) = found else {
-        return Err(ApiError::not_found(format!("no registered module has sha256 {sha}")));
+    let (wasm, signature) = match s.fleet.blobs.get(&digest) {
+        Some(found) => found,
+        None => {
+            // A database read: bounded like any expensive query.
+            let _permit = s.query_permit()?;
+            let found = query(&s.store, move |st| {
+                let Some(wasm) = st.module_wasm(&digest)? else { return Ok(None) };
+                let meta = st.registered_modules()?.into_iter().find(|m| m.module.sha256 == digest);
+                Ok(Some((wasm, meta.map(|m| m.signature).unwrap_or_default())))
+            })
+            .await?;
+            let Some((wasm, signature)) = found else {
+                return Err(ApiError::not_found(format!("no registered module has sha256 {sha}")));
+            };
+            let wasm = Bytes::from(wasm);
+            s.fleet.blobs.insert(digest, wasm.clone(), signature.clone());
+            (wasm, signature)
+        }
     };
     let total = wasm.len();
     let from = headers
@@ -164,7 +173,7 @@ async fn download(
             return Ok(r);
         }
         Some(n) if n > 0 => {
-            let mut r = (StatusCode::PARTIAL_CONTENT, wasm[n..].to_vec()).into_response();
+            let mut r = (StatusCode::PARTIAL_CONTENT, wasm.slice(n..)).into_response();
             r.headers_mut()
                 .insert(header::CONTENT_RANGE, format!("bytes {n}-{}/{total}", total - 1).parse().expect("ascii"));
             r
@@ -175,7 +184,8 @@ async fn download(
     h.insert(header::CONTENT_TYPE, "application/wasm".parse().expect("ascii"));
     h.insert(header::ACCEPT_RANGES, "bytes".parse().expect("ascii"));
     h.insert(header::ETAG, format!("\"{sha}\"").parse().expect("ascii"));
-    if let Some(sig) = meta.and_then(|m| m.signature.parse().ok()) {
+    // The signature travels in the desired state; the header is for people and tools.
+    if let Ok(sig) = signature.parse() {
         h.insert(SIGNATURE_HEADER, sig);
     }
     Ok(resp)

@@ -48,6 +48,52 @@ pub struct FleetHandle {
     pub registry: registry::Registry,
     /// Wakes the reconciler for a pass now.
     pub poke: Notify,
+    /// Recently downloaded modules, so a wave of agents downloading one build costs one
+    /// database read (`fleet.blob_cache` bytes at most).
+    pub blobs: BlobCache,
+}
+
+/// One cached module: sha256, bytes, signature text.
+type CachedBlob = ([u8; 32], bytes::Bytes, String);
+
+/// Module bytes by sha256, least recently used dropped first, at most `capacity` bytes.
+/// The bytes are shared (`Bytes`): serving a cached module copies nothing. The lock is
+/// held only to look up or insert, never during IO.
+pub struct BlobCache {
+    capacity: u64,
+    /// Entries (sha256, bytes, signature), least recently used first.
+    entries: std::sync::Mutex<Vec<CachedBlob>>,
+}
+
+impl BlobCache {
+    /// An empty cache of `capacity` bytes (0: caches nothing).
+    pub fn new(capacity: u64) -> BlobCache {
+        BlobCache { capacity, entries: std::sync::Mutex::new(Vec::new()) }
+    }
+
+    /// The cached bytes and signature of a module, marking it used.
+    pub fn get(&self, sha: &[u8; 32]) -> Option<(bytes::Bytes, String)> {
+        let mut e = self.entries.lock().unwrap_or_else(|e| e.into_inner());
+        let i = e.iter().position(|(s, _, _)| s == sha)?;
+        let entry = e.remove(i);
+        let found = (entry.1.clone(), entry.2.clone());
+        e.push(entry);
+        Some(found)
+    }
+
+    /// Caches a module's bytes, dropping the least recently used to make room. A module
+    /// larger than the whole cache is not cached.
+    pub fn insert(&self, sha: [u8; 32], bytes: bytes::Bytes, signature: String) {
+        if bytes.len() as u64 > self.capacity {
+            return;
+        }
+        let mut e = self.entries.lock().unwrap_or_else(|e| e.into_inner());
+        e.retain(|(s, _, _)| *s != sha);
+        e.push((sha, bytes, signature));
+        while e.iter().map(|(_, b, _)| b.len() as u64).sum::<u64>() > self.capacity {
+            e.remove(0);
+        }
+    }
 }
 
 impl FleetHandle {
@@ -59,6 +105,7 @@ impl FleetHandle {
                 cfg.max_module_bytes.as_u64(),
             ),
             poke: Notify::new(),
+            blobs: BlobCache::new(cfg.blob_cache.as_u64()),
         })
     }
 }
