@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use rumqttc::{AsyncClient, Event, MqttOptions, Outgoing, Packet, QoS};
 
-use crate::util::{Mosquitto, Proc, free_port, wait_port};
+use crate::util::{Mosquitto, Proc, free_port, spawn_hub, wait_port};
 
 /// What one run measured over its measured interval.
 pub struct CostResult {
@@ -110,24 +110,7 @@ fn setup(target: &Target<'_>) -> Result<Setup> {
         Target::Agent { agent, hub, store_extra } => {
             let mosq = Mosquitto::start()?;
             let dir = tempfile::tempdir()?;
-            let hub_http = free_port();
-            let hub_cfg = dir.path().join("hub.toml");
-            std::fs::write(
-                &hub_cfg,
-                format!(
-                    "data_dir = {:?}\n[mqtt]\nhost = \"127.0.0.1\"\nport = {}\n[http]\nlisten = \"127.0.0.1:{hub_http}\"\n",
-                    dir.path().join("hub").display().to_string(),
-                    mosq.port
-                ),
-            )?;
-            let hub = Proc::spawn(
-                "cloud-hub",
-                hub,
-                &["--config".into(), hub_cfg.display().to_string()],
-                &dir.path().join("hub.log"),
-                &[("RUST_LOG", "warn")],
-            )?;
-            wait_port("the hub's HTTP API", hub_http, Duration::from_secs(30))?;
+            let (hub, _) = spawn_hub(hub, dir.path(), &dir.path().join("hub"), mosq.port, "")?;
             let (mqtt, http) = (free_port(), free_port());
             let cfg = dir.path().join("agent.toml");
             let data = dir.path().join("agent");

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use cloud_hub::store::HubStore;
 
-use crate::util::{Proc, free_port, proc_status_bytes, wait_port};
+use crate::util::{free_port, proc_status_bytes, spawn_hub};
 
 /// What one run measured.
 pub struct QueryResult {
@@ -40,26 +40,10 @@ pub fn run(exe: &Path, batches: u64, clients: usize) -> Result<QueryResult> {
         }
     }
     let total = batches * crate::hub::BATCH as u64;
-    let http = free_port();
-    let cfg = dir.path().join("hub.toml");
     // No broker: the HTTP API serves without one. One permit per client, so no query is
     // refused and every client pages at full speed: the worst case for memory.
-    std::fs::write(
-        &cfg,
-        format!(
-            "data_dir = {:?}\n[mqtt]\nhost = \"127.0.0.1\"\nport = {}\n[http]\nlisten = \"127.0.0.1:{http}\"\nmax_concurrent_queries = {clients}\n",
-            data.display().to_string(),
-            free_port()
-        ),
-    )?;
-    let mut hub = Proc::spawn(
-        "cloud-hub",
-        exe,
-        &["--config".into(), cfg.display().to_string()],
-        &dir.path().join("hub.log"),
-        &[("RUST_LOG", "warn")],
-    )?;
-    wait_port("the hub's HTTP API", http, Duration::from_secs(30))?;
+    let (mut hub, http) =
+        spawn_hub(exe, dir.path(), &data, free_port(), &format!("max_concurrent_queries = {clients}"))?;
     let pid = hub.pid();
     let idle_rss = proc_status_bytes(pid, "VmRSS").unwrap_or(0);
     let peak = Arc::new(AtomicU64::new(idle_rss));

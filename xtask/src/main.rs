@@ -14,6 +14,7 @@ mod hubquery;
 mod hubscale;
 mod modules;
 mod mqtt;
+mod rollout;
 mod rss;
 mod store;
 mod util;
@@ -75,8 +76,9 @@ fn main() -> Result<()> {
 
 fn bench(root: &Path, write: bool, quick: bool, only: Vec<String>, samples: usize, rates: Vec<u32>) -> Result<()> {
     for o in &only {
-        if !["mqtt", "store", "rss", "wasm", "hub", "hubscale", "hubquery", "edgecost"].contains(&o.as_str()) {
-            bail!("--only takes mqtt, store, rss, wasm, hub, hubscale, hubquery, edgecost; got {o:?}");
+        if !["mqtt", "store", "rss", "wasm", "hub", "hubscale", "hubquery", "edgecost", "rollout"].contains(&o.as_str())
+        {
+            bail!("--only takes mqtt, store, rss, wasm, hub, hubscale, hubquery, edgecost, rollout; got {o:?}");
         }
     }
     if write && (!only.is_empty() || !rates.is_empty()) {
@@ -94,11 +96,14 @@ fn bench(root: &Path, write: bool, quick: bool, only: Vec<String>, samples: usiz
     let started = Instant::now();
 
     // Build first, so the compiler does not compete with the measurements.
-    if runs("wasm") || runs("rss") {
+    if runs("wasm") || runs("rss") || runs("rollout") {
         modules::build(root)?;
     }
-    let hub_exe =
-        if runs("hubscale") || runs("hubquery") || runs("edgecost") { Some(hubscale::build_hub(root)?) } else { None };
+    let hub_exe = if runs("hubscale") || runs("hubquery") || runs("edgecost") || runs("rollout") {
+        Some(hubscale::build_hub(root)?)
+    } else {
+        None
+    };
     let exe = if runs("rss") || runs("edgecost") { Some(rss::build_agent(root)?) } else { None };
 
     let mut rows = Vec::new();
@@ -130,6 +135,9 @@ fn bench(root: &Path, write: bool, quick: bool, only: Vec<String>, samples: usiz
             && runs("edgecost")
         {
             rows.extend(bench_edgecost(&p, exe, hub_exe, &rates)?);
+        }
+        if runs("rollout") {
+            rows.extend(bench_rollout(&p, root, hub_exe)?);
         }
     }
     let total = started.elapsed().as_secs_f64();
@@ -748,6 +756,48 @@ fn bench_hubscale(p: &Params, exe: &Path) -> Result<Vec<Row>> {
             note: note(&cpu2),
         },
     ])
+}
+
+fn bench_rollout(p: &Params, root: &Path, exe: &Path) -> Result<Vec<Row>> {
+    let agents = if p.quick { 200 } else { 1000 };
+    eprintln!("8. module rollout to {agents} simulated agents, {} samples", p.samples);
+    let module = std::fs::read(root.join("target/modules/threshold.wasm")).context("the threshold example")?;
+    let mut rows = Vec::new();
+    for (id, waves, what) in [
+        ("8a", vec!["100%"], "one wave"),
+        ("8b", vec!["1", "10%", "50%", "100%"], "waves 1, 10 %, 50 %, 100 %, no probation"),
+    ] {
+        let (mut secs, mut last) = (Samples::default(), None);
+        for _ in 0..p.samples {
+            let r = rollout::run(exe, &module, agents, &waves)?;
+            eprintln!("  {what:<44} {:>10.1} s", r.secs);
+            secs.push(r.secs);
+            last = Some(r);
+        }
+        let r = last.context("no sample")?;
+        rows.push(Row {
+            id,
+            name: format!("module rollout to {agents} agents, {what}: deployment created → every agent reports it running"),
+            result: format!("{:.1} s [{:.1}..{:.1}]", secs.median(), secs.min(), secs.max()),
+            limit: "–".into(),
+            ratio: "–".into(),
+            target: "–".into(),
+            verdict: "–".into(),
+            note: format!(
+                "Release hub on SQLite, default fleet.reconcile_interval (2 s); {agents} simulated agents in the benchmark process, each its own MQTT connection: presence, retained desired state, download of the {} threshold module over HTTP, sha256 and ed25519 check, report. Last sample: all downloaded after {:.1} s, done after {:.1} s; hub CPU {:.1} s, hub peak RSS {:.1} MB, mosquitto CPU {:.1} s; {} served by the hub ({} per agent, from its module cache); {} downloads retried.",
+                fmt_bytes(r.module_bytes as f64),
+                r.downloaded_secs,
+                r.secs,
+                r.hub_cpu,
+                r.hub_hwm as f64 / 1e6,
+                r.broker_cpu,
+                fmt_bytes(r.bytes as f64),
+                fmt_bytes(r.bytes as f64 / agents as f64),
+                r.retries,
+            ),
+        });
+    }
+    Ok(rows)
 }
 
 fn bench_hubquery(p: &Params, exe: &Path) -> Result<Row> {

@@ -150,6 +150,31 @@ impl Drop for Proc {
     }
 }
 
+/// Starts a `cloud-hub` release process with its config in `dir/hub.toml`: its SQLite
+/// store in `data`, the broker on `mqtt_port`, the HTTP API on a free port, then `extra`
+/// TOML (more keys of `[http]` first, then whole tables); logs to `dir/hub.log` at warn.
+/// Returns the process and its HTTP port once the API answers.
+pub fn spawn_hub(exe: &Path, dir: &Path, data: &Path, mqtt_port: u16, extra: &str) -> Result<(Proc, u16)> {
+    let http = free_port();
+    let cfg = dir.join("hub.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "data_dir = {:?}\n[mqtt]\nhost = \"127.0.0.1\"\nport = {mqtt_port}\n[http]\nlisten = \"127.0.0.1:{http}\"\n{extra}\n",
+            data.display().to_string()
+        ),
+    )?;
+    let hub = Proc::spawn(
+        "cloud-hub",
+        exe,
+        &["--config".into(), cfg.display().to_string()],
+        &dir.join("hub.log"),
+        &[("RUST_LOG", "warn")],
+    )?;
+    wait_port("the hub's HTTP API", http, Duration::from_secs(30))?;
+    Ok((hub, http))
+}
+
 pub use brume_test_support::Mosquitto;
 
 pub use brume_test_support::which;

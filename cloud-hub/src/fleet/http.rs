@@ -143,20 +143,28 @@ async fn download(
     let (wasm, signature) = match s.fleet.blobs.get(&digest) {
         Some(found) => found,
         None => {
-            // A database read: bounded like any expensive query.
-            let _permit = s.query_permit()?;
-            let found = query(&s.store, move |st| {
-                let Some(wasm) = st.module_wasm(&digest)? else { return Ok(None) };
-                let meta = st.registered_modules()?.into_iter().find(|m| m.module.sha256 == digest);
-                Ok(Some((wasm, meta.map(|m| m.signature).unwrap_or_default())))
-            })
-            .await?;
-            let Some((wasm, signature)) = found else {
-                return Err(ApiError::not_found(format!("no registered module has sha256 {sha}")));
-            };
-            let wasm = Bytes::from(wasm);
-            s.fleet.blobs.insert(digest, wasm.clone(), signature.clone());
-            (wasm, signature)
+            // One read per build however many agents ask at once: the first fills the
+            // cache while the others wait for it, then find the bytes there.
+            let _fill = s.fleet.blob_fill.lock().await;
+            match s.fleet.blobs.get(&digest) {
+                Some(found) => found,
+                None => {
+                    // A database read: bounded like any expensive query.
+                    let _permit = s.query_permit()?;
+                    let found = query(&s.store, move |st| {
+                        let Some(wasm) = st.module_wasm(&digest)? else { return Ok(None) };
+                        let meta = st.registered_modules()?.into_iter().find(|m| m.module.sha256 == digest);
+                        Ok(Some((wasm, meta.map(|m| m.signature).unwrap_or_default())))
+                    })
+                    .await?;
+                    let Some((wasm, signature)) = found else {
+                        return Err(ApiError::not_found(format!("no registered module has sha256 {sha}")));
+                    };
+                    let wasm = Bytes::from(wasm);
+                    s.fleet.blobs.insert(digest, wasm.clone(), signature.clone());
+                    (wasm, signature)
+                }
+            }
         }
     };
     let total = wasm.len();

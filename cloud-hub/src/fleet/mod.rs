@@ -51,6 +51,10 @@ pub struct FleetHandle {
     /// Recently downloaded modules, so a wave of agents downloading one build costs one
     /// database read (`fleet.blob_cache` bytes at most).
     pub blobs: BlobCache,
+    /// Held while a missing module is read into [`FleetHandle::blobs`]: a wave of agents
+    /// asking for the same build at once waits for one read instead of each taking a
+    /// query permit (or getting 503).
+    pub blob_fill: tokio::sync::Mutex<()>,
 }
 
 /// One cached module: sha256, bytes, signature text.
@@ -106,6 +110,7 @@ impl FleetHandle {
             ),
             poke: Notify::new(),
             blobs: BlobCache::new(cfg.blob_cache.as_u64()),
+            blob_fill: tokio::sync::Mutex::new(()),
         })
     }
 }
