@@ -777,14 +777,18 @@ fn bench_rollout(p: &Params, root: &Path, exe: &Path) -> Result<Vec<Row>> {
         let r = last.context("no sample")?;
         rows.push(Row {
             id,
-            name: format!("module rollout to {agents} agents, {what}: deployment created → every agent reports it running"),
+            name: format!(
+                "module rollout to {} agents, {what}: deployment created → every agent reports it running",
+                group(agents as f64)
+            ),
             result: format!("{:.1} s [{:.1}..{:.1}]", secs.median(), secs.min(), secs.max()),
             limit: "–".into(),
             ratio: "–".into(),
             target: "–".into(),
             verdict: "–".into(),
             note: format!(
-                "Release hub on SQLite, default fleet.reconcile_interval (2 s); {agents} simulated agents in the benchmark process, each its own MQTT connection: presence, retained desired state, download of the {} threshold module over HTTP, sha256 and ed25519 check, report. Last sample: all downloaded after {:.1} s, done after {:.1} s; hub CPU {:.1} s, hub peak RSS {:.1} MB, mosquitto CPU {:.1} s; {} served by the hub ({} per agent, from its module cache); {} downloads retried.",
+                "Release hub on SQLite, default fleet.reconcile_interval (2 s); {} simulated agents in the benchmark process, each its own MQTT connection: presence, retained desired state, download of the {} threshold module over HTTP, sha256 and ed25519 check, report. Last sample: all downloaded after {:.1} s, done after {:.1} s; hub CPU {:.1} s, hub peak RSS {:.1} MB, mosquitto CPU {:.1} s; {} served by the hub ({} per agent, from its module cache); {} downloads retried.",
+                group(agents as f64),
                 fmt_bytes(r.module_bytes as f64),
                 r.downloaded_secs,
                 r.secs,
