@@ -111,6 +111,8 @@ pub struct Fleet {
     /// Names of the modules in the agent's own config: a deployment cannot take them.
     static_names: BTreeSet<String>,
     state: State,
+    /// What `state.json` holds: `state` is written whenever it differs.
+    persisted: State,
     /// Failed downloads by build.
     retries: HashMap<[u8; 32], Retry>,
     /// The set of modules from deployments, for the runners.
@@ -163,6 +165,7 @@ impl Fleet {
             dir,
             keyring,
             static_names,
+            persisted: state.clone(),
             state,
             retries: HashMap::new(),
             specs,
@@ -226,7 +229,6 @@ impl Fleet {
     /// Downloads what is missing, decides what runs, checks probation, persists and
     /// hands the set to the runners when it changed, and reports.
     async fn reconcile(&mut self) {
-        let before = self.state.clone();
         // Downloads: one at a time, due ones only.
         let wanted: Vec<DesiredModule> = self.state.desired.clone();
         for m in &wanted {
@@ -277,15 +279,17 @@ impl Fleet {
         }
         self.check_probation();
         self.decide();
-        if self.state != before {
+        if self.state != self.persisted {
             if let Err(e) = self.persist() {
-                // Not persisted: keep running what ran, and try again next tick. Handing
-                // the runners a set that a crash would forget could run two builds of a
-                // slot across the restart.
-                tracing::error!(error = %e, "cannot persist the fleet state; not applying the change yet");
-                self.state = before;
+                // Not persisted: back to what is on disk, so the runners keep what ran.
+                // Handing them a set that a crash would forget could run two builds of a
+                // slot across the restart. The hub sends the desired state again while
+                // this agent's reports lag it (`fleet.republish_after`).
+                tracing::error!(error = %e, "cannot persist the fleet state; not applying the change");
+                self.state = self.persisted.clone();
                 return;
             }
+            self.persisted = self.state.clone();
             self.specs.send_replace(self.specs_of());
             self.collect_garbage();
         }
