@@ -87,11 +87,25 @@ struct State {
     running: BTreeMap<String, DesiredModule>,
     /// What ran in each slot before `running`, for rollback.
     previous: BTreeMap<String, DesiredModule>,
-    /// Builds that failed their probation here, per slot, with why: not run again while
-    /// they are wanted.
+    /// Builds (by [`identity`]: the code with its config and inputs) that failed their
+    /// probation here, per slot, with why: not run again while they are wanted.
     rolled_back: BTreeMap<String, ([u8; 32], String)>,
-    /// Builds that passed their probation here.
+    /// Builds (by [`identity`]) that passed their probation here.
     passed: BTreeSet<[u8; 32]>,
+}
+
+/// What probation judges: the code together with its config and inputs, since a new
+/// config can break a build that ran well before.
+fn identity(m: &DesiredModule) -> [u8; 32] {
+    let mut h = Sha256::new();
+    h.update(m.module.sha256);
+    h.update(m.config_json.as_bytes());
+    for i in m.inputs.iter().flatten() {
+        h.update([0]);
+        h.update(i.as_bytes());
+    }
+    h.update([u8::from(m.inputs.is_some())]);
+    h.finalize().into()
 }
 
 /// A download that failed, and when to try again.
@@ -218,7 +232,7 @@ impl Fleet {
         // A rollback stays in force only while the same build is wanted in the slot.
         self.state
             .rolled_back
-            .retain(|slot, (sha, _)| d.modules.iter().any(|m| m.module.name == *slot && m.module.sha256 == *sha));
+            .retain(|slot, (id, _)| d.modules.iter().any(|m| m.module.name == *slot && identity(m) == *id));
         self.state.desired = d.modules;
     }
 
@@ -235,7 +249,7 @@ impl Fleet {
             if self.static_names.contains(&m.module.name) || self.file(&m.module.sha256).exists() {
                 continue;
             }
-            if self.state.rolled_back.get(&m.module.name).is_some_and(|(sha, _)| *sha == m.module.sha256) {
+            if self.state.rolled_back.get(&m.module.name).is_some_and(|(id, _)| *id == identity(m)) {
                 continue;
             }
             let due = self
@@ -304,11 +318,11 @@ impl Fleet {
             let Some(s) = status.get(&slot) else { continue };
             let sha = b.module.sha256_hex();
             if let Some(why) = s.probation_failed.as_ref().filter(|f| f.sha256 == sha).map(|f| &f.reason) {
-                if self.state.passed.contains(&b.module.sha256) {
+                if self.state.passed.contains(&identity(&b)) {
                     continue; // a build that passed is not rolled back; its failures are its own
                 }
                 tracing::warn!(module = %slot, version = %b.module.version, reason = %why, "module failed its probation; putting the previous build back");
-                self.state.rolled_back.insert(slot.clone(), (b.module.sha256, why.clone()));
+                self.state.rolled_back.insert(slot.clone(), (identity(&b), why.clone()));
                 match self.state.previous.remove(&slot) {
                     Some(p) if self.file(&p.module.sha256).exists() => {
                         self.state.running.insert(slot, p);
@@ -323,9 +337,9 @@ impl Fleet {
                 continue; // not loaded yet
             }
             let over = s.loaded_ms.is_some_and(|t| now_ms - t >= i64::from(b.probation.duration_s) * 1000);
-            if over && s.enabled && !self.state.passed.contains(&b.module.sha256) {
+            if over && s.enabled && !self.state.passed.contains(&identity(&b)) {
                 tracing::info!(module = %slot, version = %b.module.version, "module passed its probation");
-                self.state.passed.insert(b.module.sha256);
+                self.state.passed.insert(identity(&b));
             }
         }
     }
@@ -340,15 +354,15 @@ impl Fleet {
             if self.static_names.contains(slot) {
                 continue;
             }
-            let rolled_back = st.rolled_back.get(slot).is_some_and(|(sha, _)| *sha == m.module.sha256);
+            let rolled_back = st.rolled_back.get(slot).is_some_and(|(id, _)| *id == identity(m));
             let here = self.dir.join("modules").join(format!("{}.wasm", m.module.sha256_hex())).exists();
             if rolled_back || !here {
                 continue; // keep what runs (the previous build, or nothing)
             }
             match st.running.get(slot) {
                 Some(r) if r == m => {}
-                Some(r) if r.module.sha256 == m.module.sha256 => {
-                    // Same build, other config or deployment: no new probation.
+                Some(r) if identity(r) == identity(m) => {
+                    // Same code, config and inputs from another deployment: nothing to judge.
                     st.running.insert(slot.to_owned(), m.clone());
                 }
                 _ => {
@@ -367,7 +381,7 @@ impl Fleet {
             .iter()
             .filter_map(|(slot, b)| {
                 let signature: Signature = b.signature.parse().ok()?;
-                let probation = (b.probation.duration_s > 0 && !self.state.passed.contains(&b.module.sha256))
+                let probation = (b.probation.duration_s > 0 && !self.state.passed.contains(&identity(b)))
                     .then(|| (Duration::from_secs(b.probation.duration_s.into()), b.probation.max_failed_batches));
                 Some(ModuleSpec {
                     name: slot.clone(),
@@ -514,16 +528,14 @@ impl Fleet {
                 let retry = self.retries.get(&m.module.sha256);
                 let (phase, error) = if self.static_names.contains(slot) {
                     (Phase::Failed, format!("the agent's own config has a module named {slot:?}; it is not replaced"))
-                } else if let Some((_, why)) =
-                    self.state.rolled_back.get(slot).filter(|(sha, _)| *sha == m.module.sha256)
-                {
+                } else if let Some((_, why)) = self.state.rolled_back.get(slot).filter(|(id, _)| *id == identity(m)) {
                     (Phase::RolledBack, why.clone())
                 } else if let Some(r) = retry.filter(|r| r.mismatches >= MAX_MISMATCHES) {
                     (Phase::Failed, r.error.clone())
                 } else if !self.file(&m.module.sha256).exists() {
                     (Phase::Downloading, retry.map(|r| r.error.clone()).unwrap_or_default())
-                } else if running.is_some_and(|r| r.module.sha256 == m.module.sha256) && running_ref.is_some() {
-                    let on_probation = m.probation.duration_s > 0 && !self.state.passed.contains(&m.module.sha256);
+                } else if running.is_some_and(|r| identity(r) == identity(m)) && running_ref.is_some() {
+                    let on_probation = m.probation.duration_s > 0 && !self.state.passed.contains(&identity(m));
                     (if on_probation { Phase::Canary } else { Phase::Running }, String::new())
                 } else {
                     (Phase::Pending, s.and_then(|s| s.last_error.clone()).unwrap_or_default())
@@ -550,7 +562,13 @@ impl Fleet {
             generation: self.state.generation,
             modules: self.report_modules(),
         };
-        let same = self.last_report.as_ref().is_some_and(|l| l.generation == r.generation && l.modules == r.modules);
+        // Batch counters alone do not make a new report (they change every batch): they
+        // ride along with the next change of generation, phase, build or error.
+        let key = |m: &ModuleReport| (m.name.clone(), m.deployment, m.phase, m.running.clone(), m.error.clone());
+        let same = self
+            .last_report
+            .as_ref()
+            .is_some_and(|l| l.generation == r.generation && l.modules.iter().map(key).eq(r.modules.iter().map(key)));
         if !same {
             self.reports.send_replace(Some(AgentReport::V1(r.clone()).encode()));
             self.last_report = Some(r);

@@ -237,7 +237,9 @@ fn take_desired(d: &watch::Sender<Option<DesiredV1>>, agent_id: &str, payload: &
     match DesiredState::decode(payload) {
         Ok(new) if new.agent_id == agent_id => {
             let taken = d.send_if_modified(|held| {
-                if held.as_ref().is_some_and(|h| h.generation >= new.generation) {
+                // An equal generation is taken again: the fleet task filters what it has
+                // applied, and may need it again after failing to persist it.
+                if held.as_ref().is_some_and(|h| h.generation > new.generation) {
                     return false;
                 }
                 *held = Some(new.clone());

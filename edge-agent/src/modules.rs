@@ -685,6 +685,11 @@ impl Runner {
             Ok(m) => m,
             Err(e) => return fail(e.to_string()),
         };
+        if managed.is_some() && module.manifest().name != self.name {
+            // A signed build of another module put in this slot (a forged or mistaken
+            // desired state) would take over this slot's cursor and outputs: refused.
+            return fail(format!("the build is module {:?}, deployed as {:?}", module.manifest().name, self.name));
+        }
         let hash = module.hash_hex();
         let replaced = previous.as_ref().map(|p| p.hash.clone()).filter(|h| *h != hash);
         if let Some(mut p) = previous
@@ -907,6 +912,16 @@ impl Runner {
             self.shared.metrics.module_event(&self.name, "disabled");
         }
         let msg = e.to_string();
+        // Disabled for any reason while on probation (consecutive failures, an instance
+        // that cannot be made again): the build failed its probation too.
+        if l.disabled && l.probation.as_ref().is_some_and(|p| Instant::now() < p.until) {
+            let (sha256, reason) = (l.hash.clone(), format!("disabled during probation: {msg}"));
+            self.set_status(|s| {
+                if s.probation_failed.is_none() {
+                    s.probation_failed = Some(ProbationFailure { sha256, reason });
+                }
+            });
+        }
         let (failures, disabled, cursor) = (l.failures, l.disabled, l.cursor);
         self.set_status(|s| {
             s.batches_failed += 1;

@@ -248,6 +248,9 @@ fn spec_of(n: NewDeployment, registered: &RegisteredModule) -> Result<Deployment
             return Err(format!("inputs: give 1 to {} patterns (or leave it out)", brume_protocol::MAX_MODULE_INPUTS));
         }
         for p in inputs {
+            // The rules agents apply when they decode the desired state.
+            brume_protocol::validate_stream_name(&p.replace(['+', '#'], "x"))
+                .map_err(|e| format!("inputs: {p:?}: {e}"))?;
             topics::validate_pattern(p).map_err(|e| format!("inputs: {e}"))?;
         }
     }

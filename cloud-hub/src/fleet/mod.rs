@@ -15,9 +15,10 @@
 //!
 //! # Several hubs
 //!
-//! Nothing here is held in memory between passes except caches that only save work: the
-//! desired modules last written per agent (to skip unchanged agents) and when each agent
-//! was last sent its state. Two hubs driving one rollout compare and set the
+//! Nothing here is held in memory between passes except when this hub last sent each
+//! agent its state (to space out republishing). Each pass compares what it computes with
+//! what the store holds, so a hub that wrote from a stale view is corrected by the next
+//! pass of any hub. Two hubs driving one rollout compare and set the
 //! deployment's revision, so a wave starts once. Two hubs publishing different
 //! generations for one agent in the wrong order could leave an older retained message on
 //! the broker; agents ignore generations they have passed, and an online agent whose
@@ -147,8 +148,6 @@ pub struct Reconciler {
 /// The reconciler's caches: only save work, never decide anything.
 #[derive(Default)]
 struct Caches {
-    /// The modules last written (or found unchanged) per agent.
-    written: HashMap<String, Vec<DesiredModule>>,
     /// When this hub last published each agent's desired state.
     published: HashMap<String, Instant>,
 }
@@ -201,14 +200,22 @@ fn pass(
         advance(store, &mut fleet, i, now_ms)?;
     }
     let stored = store.desired_states()?;
-    let has_state: std::collections::HashSet<&str> = stored.iter().map(|d| d.agent_id.as_str()).collect();
+    // Compared with what the store holds, not with what this hub last wrote: another hub
+    // may have written since (from an older or newer view), and the store is the truth.
+    // A stored message that does not decode (`None`) is always replaced.
+    let current: HashMap<&str, Option<Vec<DesiredModule>>> =
+        stored.iter().map(|d| (d.agent_id.as_str(), crate::store::fleet::desired_modules(&d.message).ok())).collect();
     let mut out = Vec::new();
     for agent in fleet.agents.values() {
         let modules = fleet.desired_for(agent);
         // An agent no deployment ever included has nothing to be told: no row, no
         // retained message (a fleet without deployments publishes nothing).
-        if c.written.get(&agent.id) == Some(&modules) || (modules.is_empty() && !has_state.contains(agent.id.as_str()))
-        {
+        let unchanged = match current.get(agent.id.as_str()) {
+            Some(Some(m)) => *m == modules,
+            Some(None) => false,
+            None => modules.is_empty(),
+        };
+        if unchanged {
             continue;
         }
         if let Some(sd) = store.set_desired(&agent.id, &modules, now_ms)? {
@@ -216,7 +223,6 @@ fn pass(
             c.published.insert(agent.id.clone(), Instant::now());
             out.push(sd);
         }
-        c.written.insert(agent.id.clone(), modules);
     }
     // Online agents that report an older generation than the stored one: send it again
     // (see the module docs for how that can happen).

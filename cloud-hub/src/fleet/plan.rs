@@ -109,7 +109,11 @@ impl Fleet {
                 },
             );
         }
-        out.into_values().collect()
+        // The protocol's cap: the newest deployments' modules win (names in order).
+        if out.len() > brume_protocol::MAX_FLEET_MODULES {
+            tracing::warn!(agent_id = %agent.id, modules = out.len(), "more modules than a desired state carries; the rest are left out");
+        }
+        out.into_values().take(brume_protocol::MAX_FLEET_MODULES).collect()
     }
 
     /// Does deployment `d` give its version to `agent` (see the module docs)?

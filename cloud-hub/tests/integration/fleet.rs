@@ -224,6 +224,15 @@ async fn a_deployment_reaches_matching_agents_in_waves_and_completes_on_their_re
             .await;
     assert_eq!(status, 400);
     assert!(error_of(&body).contains("wave"), "{body}");
+    // What agents would refuse to decode is refused here, naming the field.
+    let (status, body) = post_json(
+        &hub,
+        "/api/v1/deployments",
+        json!({"module": "threshold", "version": "0.1.0", "inputs": ["a/\u{7}"]}),
+    )
+    .await;
+    assert_eq!(status, 400);
+    assert!(error_of(&body).contains("inputs") && error_of(&body).contains("control character"), "{body}");
 
     let (status, d) = post_json(
         &hub,

@@ -287,7 +287,7 @@ impl FleetStore for SqliteStore {
             .optional()
             .map_err(sql("reading a desired state"))?;
         let generation = match current {
-            Some((_, msg)) if desired_modules(&msg)? == modules => return Ok(None),
+            Some((_, msg)) if desired_modules(&msg).is_ok_and(|m| m == modules) => return Ok(None),
             Some((g, _)) => g as u64 + 1,
             None => 1,
         };
