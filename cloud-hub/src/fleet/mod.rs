@@ -274,11 +274,14 @@ fn advance(store: &dyn HubStore, fleet: &mut Fleet, i: usize, now_ms: i64) -> Re
             Step::Wait => return Ok(()),
             Step::AddAgents(agents) => {
                 tracing::info!(deployment = d.id, wave = d.wave, agents = ?agents, "adding agents to the rollout");
-                store.add_deployment_agents(d.id, d.wave, &agents, now_ms)?;
-                let members = fleet.members.entry(d.id).or_default();
+                let Some(updated) = store.add_deployment_agents(d, &agents, now_ms)? else {
+                    return Ok(()); // changed meanwhile (another hub, an operator): next pass
+                };
+                let members = fleet.members.entry(updated.id).or_default();
                 for a in agents {
-                    members.entry(a).or_insert(d.wave);
+                    members.entry(a).or_insert(updated.wave);
                 }
+                fleet.deployments[i] = updated;
                 continue;
             }
             Step::NextWave(w) => {

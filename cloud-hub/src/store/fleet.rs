@@ -283,15 +283,16 @@ pub trait FleetStore {
     /// first (re-read and decide again).
     fn update_deployment(&self, d: &Deployment, now_ms: i64) -> Result<Option<Deployment>, StoreError>;
 
-    /// Adds agents to a deployment's wave `wave` (agents already in it stay in their
-    /// wave).
+    /// Adds agents to `d`'s current wave (agents already in it stay in their wave), if
+    /// `d` is still rolling at the revision and wave read: the deployment's revision grows
+    /// in the same transaction, so two hubs (or a pass racing an operator's pause) cannot
+    /// both add agents. Returns the updated deployment, or `None` if it changed first.
     fn add_deployment_agents(
         &self,
-        deployment: u64,
-        wave: u32,
+        d: &Deployment,
         agents: &[String],
         now_ms: i64,
-    ) -> Result<(), StoreError>;
+    ) -> Result<Option<Deployment>, StoreError>;
 
     /// Agents in each deployment, by deployment, then agent.
     fn deployment_agents(&self) -> Result<Vec<DeploymentAgent>, StoreError>;

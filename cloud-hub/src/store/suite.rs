@@ -841,8 +841,25 @@ pub(crate) fn deployments_update_only_from_the_revision_read<F: Fixture>(f: &F) 
     stale.state = DeploymentState::Aborted;
     assert_eq!(store.update_deployment(&stale, 201).unwrap(), None);
 
-    store.add_deployment_agents(d.id, 0, &["b".into(), "a".into()], 150).unwrap();
-    store.add_deployment_agents(d.id, 1, &["a".into(), "c".into()], 210).unwrap();
+    // Agents join the current wave of the revision read, and only of that one.
+    let mut at0 = d.clone();
+    at0.wave = 0;
+    assert_eq!(store.add_deployment_agents(&at0, &["b".into(), "a".into()], 150).unwrap(), None, "stale revision");
+    let current = store.deployments().unwrap().into_iter().find(|x| x.id == d.id).unwrap();
+    let after = store.add_deployment_agents(&current, &["a".into(), "c".into()], 210).unwrap().expect("current");
+    assert!(after.revision > current.revision);
+    assert_eq!(store.add_deployment_agents(&current, &["z".into()], 211).unwrap(), None, "claimed once");
+    let mut paused = after.clone();
+    paused.state = DeploymentState::Paused;
+    let paused = store.update_deployment(&paused, 212).unwrap().unwrap();
+    assert_eq!(store.add_deployment_agents(&paused, &["y".into()], 213).unwrap(), None, "never while paused");
+    let mut rolling = paused.clone();
+    rolling.state = DeploymentState::Rolling;
+    let mut rolling = store.update_deployment(&rolling, 214).unwrap().unwrap();
+    rolling.wave = 0;
+    let mut back = store.update_deployment(&rolling, 215).unwrap().unwrap();
+    back.revision = store.deployments().unwrap().into_iter().find(|x| x.id == d.id).unwrap().revision;
+    store.add_deployment_agents(&back, &["b".into(), "a".into()], 216).unwrap().expect("wave 0 again");
     let members = |store: &F::Store| -> Vec<(u64, String, u32, brume_protocol::Phase, String)> {
         store
             .deployment_agents()
@@ -855,7 +872,7 @@ pub(crate) fn deployments_update_only_from_the_revision_read<F: Fixture>(f: &F) 
     assert_eq!(
         members(&store),
         [
-            (d.id, "a".to_string(), 0, Phase::Pending, String::new()),
+            (d.id, "a".to_string(), 1, Phase::Pending, String::new()),
             (d.id, "b".to_string(), 0, Phase::Pending, String::new()),
             (d.id, "c".to_string(), 1, Phase::Pending, String::new())
         ],
@@ -872,7 +889,7 @@ pub(crate) fn deployments_update_only_from_the_revision_read<F: Fixture>(f: &F) 
     assert_eq!(members(&store).len(), 3, "phases of agents not in the deployment are not recorded");
     drop(store);
     let store = f.open();
-    assert_eq!(store.deployments().unwrap().iter().map(|x| (x.id, x.wave)).collect::<Vec<_>>(), [(d.id, 1), (e.id, 0)]);
+    assert_eq!(store.deployments().unwrap().iter().map(|x| (x.id, x.wave)).collect::<Vec<_>>(), [(d.id, 0), (e.id, 0)]);
 }
 
 pub(crate) fn desired_generation_grows_only_on_change_and_survives_reopen(f: &impl Fixture) {

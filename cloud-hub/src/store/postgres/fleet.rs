@@ -236,27 +236,43 @@ impl FleetStore for PostgresStore {
 
     fn add_deployment_agents(
         &self,
-        deployment: u64,
-        wave: u32,
+        d: &Deployment,
         agents: &[String],
         now_ms: i64,
-    ) -> Result<(), StoreError> {
+    ) -> Result<Option<Deployment>, StoreError> {
         let mut sorted: Vec<&str> = agents.iter().map(String::as_str).collect();
         // Key order, like every multi-row write here, so concurrent hubs cannot deadlock.
         sorted.sort_unstable();
         self.call("adding agents to a wave", async {
             let mut conn = self.checkout().await?;
-            conn.client()
-                .execute(
-                    "INSERT INTO deployment_agents (deployment, agent_id, wave, added_ms)
-                     SELECT $1, a, $2, $3 FROM unnest($4::text[]) AS a ORDER BY a
-                     ON CONFLICT DO NOTHING",
-                    &[&(deployment as i64), &i64::from(wave), &now_ms, &sorted],
+            let tx = conn.client().transaction().await.map_err(pg("starting to add agents to a wave"))?;
+            let row = tx
+                .query_opt(
+                    &format!(
+                        "UPDATE deployments SET revision = revision + 1, updated_ms = $3
+                         WHERE id = $1 AND revision = $2 AND state = 'rolling' AND wave = $4 RETURNING {DEPLOYMENT_COLUMNS}"
+                    ),
+                    &[&(d.id as i64), &(d.revision as i64), &now_ms, &i64::from(d.wave)],
                 )
                 .await
-                .map_err(pg("adding agents to a wave"))?;
+                .map_err(pg("claiming a deployment"))?;
+            let Some(row) = row else {
+                tx.rollback().await.map_err(pg("ending a claim"))?;
+                conn.release();
+                return Ok(None);
+            };
+            let updated = deployment_from(&row)?;
+            tx.execute(
+                "INSERT INTO deployment_agents (deployment, agent_id, wave, added_ms)
+                 SELECT $1, a, $2, $3 FROM unnest($4::text[]) AS a ORDER BY a
+                 ON CONFLICT DO NOTHING",
+                &[&(d.id as i64), &i64::from(d.wave), &now_ms, &sorted],
+            )
+            .await
+            .map_err(pg("adding agents to a wave"))?;
+            tx.commit().await.map_err(pg("committing agents of a wave"))?;
             conn.release();
-            Ok(())
+            Ok(Some(updated))
         })
     }
 

@@ -212,16 +212,27 @@ impl FleetStore for SqliteStore {
 
     fn add_deployment_agents(
         &self,
-        deployment: u64,
-        wave: u32,
+        d: &Deployment,
         agents: &[String],
         now_ms: i64,
-    ) -> Result<(), StoreError> {
+    ) -> Result<Option<Deployment>, StoreError> {
+        let (deployment, wave) = (d.id, d.wave);
         let mut guard = lock(&self.writer);
         let tx = guard
             .conn
             .transaction_with_behavior(TransactionBehavior::Immediate)
             .map_err(sql("starting to add agents to a wave"))?;
+        let updated = tx
+            .prepare_cached(&format!(
+                "UPDATE deployments SET revision = revision + 1, updated_ms = ?3
+                 WHERE id = ?1 AND revision = ?2 AND state = 'rolling' AND wave = ?4 RETURNING {DEPLOYMENT_COLUMNS}"
+            ))
+            .and_then(|mut st| {
+                st.query_row(params![d.id as i64, d.revision as i64, now_ms, d.wave], deployment_from).optional()
+            })
+            .map_err(sql("claiming a deployment"))?
+            .transpose()?;
+        let Some(updated) = updated else { return Ok(None) };
         {
             let mut st = tx
                 .prepare_cached(
@@ -233,7 +244,8 @@ impl FleetStore for SqliteStore {
                 st.execute(params![deployment as i64, a, wave, now_ms]).map_err(sql("adding agents to a wave"))?;
             }
         }
-        tx.commit().map_err(sql("committing agents of a wave"))
+        tx.commit().map_err(sql("committing agents of a wave"))?;
+        Ok(Some(updated))
     }
 
     fn deployment_agents(&self) -> Result<Vec<DeploymentAgent>, StoreError> {
