@@ -92,6 +92,9 @@ struct State {
     rolled_back: BTreeMap<String, ([u8; 32], String)>,
     /// Builds (by [`identity`]) that passed their probation here.
     passed: BTreeSet<[u8; 32]>,
+    /// `sent_ms` of the last report: the next one is later, whatever the clock says.
+    #[serde(default)]
+    report_clock: i64,
 }
 
 /// What probation judges: the code together with its config and inputs, since a new
@@ -570,6 +573,12 @@ impl Fleet {
             .as_ref()
             .is_some_and(|l| l.generation == r.generation && l.modules.iter().map(key).eq(r.modules.iter().map(key)));
         if !same {
+            // The hub keeps the report with the greatest (generation, sent_ms): sent_ms
+            // never goes back, even when the device's clock does (no RTC, an NTP step),
+            // and it is persisted with the state so a restart continues from it.
+            let mut r = r;
+            r.sent_ms = r.sent_ms.max(self.state.report_clock + 1);
+            self.state.report_clock = r.sent_ms;
             self.reports.send_replace(Some(AgentReport::V1(r.clone()).encode()));
             self.last_report = Some(r);
         }
