@@ -60,6 +60,12 @@ async fn wait_running(hub: &Hub, id: u64, n: u64, agents: &[&Agent]) {
     }
 }
 
+/// A hub trusting the publisher key `public`, reconciling every 200 ms.
+async fn start_hub(broker_port: u16, public: &str) -> Hub {
+    let fleet = format!("[fleet]\ntrusted_keys = [{public:?}]\nreconcile_interval = \"200ms\"\n");
+    Hub::start_with(Path::new(HUB), broker_port, &fleet).await.unwrap()
+}
+
 fn fleet_config(hub: &Hub, key: &SecretKey) -> String {
     format!("hub_url = {:?}\ntrusted_keys = [{:?}]", hub.url, key.public().to_string())
 }
@@ -96,13 +102,7 @@ async fn at_hub(hub: &Hub) -> (BTreeMap<String, Vec<u64>>, BTreeMap<String, Vec<
 async fn rollout_of_v2_in_waves_loses_and_repeats_nothing() {
     let broker = Mosquitto::start().unwrap();
     let key = SecretKey::generate();
-    let hub = Hub::start_with(
-        Path::new(HUB),
-        broker.port,
-        &format!("[fleet]\ntrusted_keys = [{:?}]\nreconcile_interval = \"200ms\"\n", key.public().to_string()),
-    )
-    .await
-    .unwrap();
+    let hub = start_hub(broker.port, &key.public().to_string()).await;
     let v1 = built_module_bytes("threshold");
     let v2 = with_version(&v1, "0.1.0", "0.2.0");
     let v1_sha = upload(&hub, &key, &v1).await["sha256"].as_str().unwrap().to_owned();
@@ -269,13 +269,7 @@ async fn a_build_failing_on_the_device_is_rolled_back_there_and_the_rollout_abor
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let public = String::from_utf8_lossy(&out.stdout).trim().to_owned();
     assert!(public.starts_with("ed25519:"), "{public}");
-    let hub = Hub::start_with(
-        Path::new(HUB),
-        broker.port,
-        &format!("[fleet]\ntrusted_keys = [{public:?}]\nreconcile_interval = \"200ms\"\n"),
-    )
-    .await
-    .unwrap();
+    let hub = start_hub(broker.port, &public).await;
 
     let v1 = work.path().join("threshold-0.1.0.wasm");
     std::fs::write(&v1, built_module_bytes("threshold")).unwrap();
@@ -415,13 +409,7 @@ async fn serve_bytes(body: Vec<u8>) -> String {
 async fn tampered_or_untrusted_builds_are_refused_by_the_agent() {
     let broker = Mosquitto::start().unwrap();
     let key = SecretKey::generate();
-    let hub = Hub::start_with(
-        Path::new(HUB),
-        broker.port,
-        &format!("[fleet]\ntrusted_keys = [{:?}]\nreconcile_interval = \"200ms\"\n", key.public().to_string()),
-    )
-    .await
-    .unwrap();
+    let hub = start_hub(broker.port, &key.public().to_string()).await;
     let v1 = built_module_bytes("threshold");
     upload(&hub, &key, &v1).await;
     let mut tampered = v1.clone();
@@ -495,13 +483,7 @@ async fn tampered_or_untrusted_builds_are_refused_by_the_agent() {
 async fn kill_9_in_the_middle_of_a_swap_runs_one_build_from_the_right_cursor() {
     let broker = Mosquitto::start().unwrap();
     let key = SecretKey::generate();
-    let hub = Hub::start_with(
-        Path::new(HUB),
-        broker.port,
-        &format!("[fleet]\ntrusted_keys = [{:?}]\nreconcile_interval = \"200ms\"\n", key.public().to_string()),
-    )
-    .await
-    .unwrap();
+    let hub = start_hub(broker.port, &key.public().to_string()).await;
     let v1 = built_module_bytes("threshold");
     let v2 = with_version(&v1, "0.1.0", "0.2.0");
     let v1_sha = upload(&hub, &key, &v1).await["sha256"].as_str().unwrap().to_owned();
