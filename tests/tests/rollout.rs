@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use brume_e2e::{Agent, Hub, Mosquitto, Sensor, wait_until};
 use brume_signing::SecretKey;
-use brume_test_support::{built_module_bytes, with_version};
+use brume_test_support::{built_module_bytes, stub_module_wat, with_version};
 use rumqttc::{AsyncClient, MqttOptions, QoS};
 use serde_json::{Value, json};
 
@@ -217,25 +217,12 @@ async fn rollout_of_v2_in_waves_loses_and_repeats_nothing() {
 }
 
 /// "threshold 0.3.0": implements the ABI and traps on every batch it is given.
-const TRAPPING_V3: &str = r#"
-(module
-  (@custom "brume-manifest" "{\"name\":\"threshold\",\"version\":\"0.3.0\",\"abi_version\":1,\"inputs\":[\"sensors/#\"],\"outputs\":[\"alerts/threshold\"]}")
-  (memory (export "memory") 1)
-  (global $next (mut i32) (i32.const 1024))
-  (func (export "brume_abi_version") (result i32) (i32.const 1))
-  (func (export "brume_alloc") (param $len i32) (result i32)
-    (local $p i32)
-    (local.set $p (global.get $next))
-    (global.set $next (i32.add (global.get $next) (local.get $len)))
-    (local.get $p))
-  ;; CallResult::Ok(()) = [0]; CallResult::Ok(Vec<u8>) empty = [0, 0]
-  (data (i32.const 16) "\00\00")
-  (func (export "brume_init") (param i32 i32) (result i64) (i64.const 0x0000001000000001))
-  (func (export "brume_save_state") (result i64) (i64.const 0x0000001000000002))
-  (func (export "brume_load_state") (param i32 i32) (result i64) (i64.const 0x0000001000000001))
-  (func (export "brume_process") (param i32 i32) (result i64) unreachable)
-)
-"#;
+fn trapping_v3() -> String {
+    stub_module_wat(
+        r#"{"name":"threshold","version":"0.3.0","abi_version":1,"inputs":["sensors/#"],"outputs":["alerts/threshold"]}"#,
+        "unreachable",
+    )
+}
 
 /// Runs the operator CLI (`cloud-hub <args>`) against `hub`; returns exit code and stdout.
 fn cli(hub: &Hub, args: &[&str]) -> (i32, String) {
@@ -274,7 +261,7 @@ async fn a_build_failing_on_the_device_is_rolled_back_there_and_the_rollout_abor
     let v1 = work.path().join("threshold-0.1.0.wasm");
     std::fs::write(&v1, built_module_bytes("threshold")).unwrap();
     let v3 = work.path().join("threshold-0.3.0.wasm");
-    std::fs::write(&v3, wat::parse_str(TRAPPING_V3).unwrap()).unwrap();
+    std::fs::write(&v3, wat::parse_str(trapping_v3()).unwrap()).unwrap();
     let (v1s, v3s) = (v1.to_str().unwrap(), v3.to_str().unwrap());
     let key = key_file.to_str().unwrap();
     assert_eq!(cli(&hub, &["module", "sign", "--key", key, v1s]).0, 0);

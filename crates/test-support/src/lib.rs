@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-pub use modules::{built_module, built_module_bytes, with_version};
+pub use modules::{built_module, built_module_bytes, stub_module_wat, with_version};
 pub use postgres::TestPostgres;
 
 /// Why a server could not be started (or restarted): what failed, with its log.

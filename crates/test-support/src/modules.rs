@@ -39,3 +39,30 @@ pub fn with_version(wasm: &[u8], from: &str, to: &str) -> Vec<u8> {
 fn find(haystack: &[u8], needle: &[u8], from: usize) -> Option<usize> {
     haystack[from..].windows(needle.len()).position(|w| w == needle).map(|i| i + from)
 }
+
+/// A module in WebAssembly text that implements the Brume ABI with no state and the given
+/// body for `brume_process` (`(param i32 i32) (result i64)`), e.g. `unreachable` (traps)
+/// or `(loop $l (br $l)) (i64.const 0)` (never returns). `manifest` is the JSON of the
+/// `brume-manifest` section. Parse it with the `wat` crate.
+pub fn stub_module_wat(manifest: &str, process_body: &str) -> String {
+    let manifest = manifest.replace('\\', "\\\\").replace('"', "\\\"");
+    format!(
+        r#"(module
+  (@custom "brume-manifest" "{manifest}")
+  (memory (export "memory") 1)
+  (global $next (mut i32) (i32.const 1024))
+  (func (export "brume_abi_version") (result i32) (i32.const 1))
+  (func (export "brume_alloc") (param $len i32) (result i32)
+    (local $p i32)
+    (local.set $p (global.get $next))
+    (global.set $next (i32.add (global.get $next) (local.get $len)))
+    (local.get $p))
+  ;; CallResult::Ok(()) = [0]; CallResult::Ok(Vec<u8>) empty = [0, 0]
+  (data (i32.const 16) "\00\00")
+  (func (export "brume_init") (param i32 i32) (result i64) (i64.const 0x0000001000000001))
+  (func (export "brume_save_state") (result i64) (i64.const 0x0000001000000002))
+  (func (export "brume_load_state") (param i32 i32) (result i64) (i64.const 0x0000001000000001))
+  (func (export "brume_process") (param i32 i32) (result i64) {process_body})
+)"#
+    )
+}

@@ -171,7 +171,7 @@ async fn config_inputs_replace_the_manifest_inputs() {
 async fn looping_module_is_contained_and_disabled() {
     let dir = tempfile::tempdir().unwrap();
     let looping = dir.path().join("looping.wasm");
-    std::fs::write(&looping, wat::parse_str(LOOPING_WAT).unwrap()).unwrap();
+    std::fs::write(&looping, wat::parse_str(looping_wat()).unwrap()).unwrap();
     let path = built_module("threshold");
     let agent = Agent::start_with(|c: &mut Config| {
         let mut bad = module(looping, "");
@@ -212,7 +212,7 @@ async fn looping_module_is_contained_and_disabled() {
 async fn a_module_backing_off_does_not_hold_up_its_thread() {
     let dir = tempfile::tempdir().unwrap();
     let looping = dir.path().join("looping.wasm");
-    std::fs::write(&looping, wat::parse_str(LOOPING_WAT).unwrap()).unwrap();
+    std::fs::write(&looping, wat::parse_str(looping_wat()).unwrap()).unwrap();
     let agent = Agent::start_with(|c: &mut Config| {
         let mut bad = module(looping, "");
         bad.time_per_batch = Some(std::time::Duration::from_millis(50));
@@ -302,27 +302,12 @@ async fn downsample_resumes_with_its_state_after_restart() {
 }
 
 /// A module that implements the ABI but loops forever in `brume_process`.
-const LOOPING_WAT: &str = r#"
-(module
-  (@custom "brume-manifest" "{\"name\":\"looping\",\"version\":\"0.0.1\",\"abi_version\":1,\"inputs\":[\"sensors/#\"],\"outputs\":[]}")
-  (memory (export "memory") 1)
-  (global $next (mut i32) (i32.const 1024))
-  (func (export "brume_abi_version") (result i32) (i32.const 1))
-  (func (export "brume_alloc") (param $len i32) (result i32)
-    (local $p i32)
-    (local.set $p (global.get $next))
-    (global.set $next (i32.add (global.get $next) (local.get $len)))
-    (local.get $p))
-  ;; CallResult::Ok(()) = [0]; CallResult::Ok(Vec<u8>) empty = [0, 0]
-  (data (i32.const 16) "\00\00")
-  (func (export "brume_init") (param i32 i32) (result i64) (i64.const 0x0000001000000001))
-  (func (export "brume_save_state") (result i64) (i64.const 0x0000001000000002))
-  (func (export "brume_load_state") (param i32 i32) (result i64) (i64.const 0x0000001000000001))
-  (func (export "brume_process") (param i32 i32) (result i64)
-    (loop $l (br $l))
-    (i64.const 0))
-)
-"#;
+fn looping_wat() -> String {
+    brume_test_support::stub_module_wat(
+        r#"{"name":"looping","version":"0.0.1","abi_version":1,"inputs":["sensors/#"],"outputs":[]}"#,
+        "(loop $l (br $l)) (i64.const 0)",
+    )
+}
 
 /// When the store refuses a module's outputs (here: creating its output stream would pass
 /// `store.max_streams`), the module is not blamed: it stays enabled, its progress does not
