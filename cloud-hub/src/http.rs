@@ -167,8 +167,36 @@ async fn metrics(State(s): State<AppState>) -> impl IntoResponse {
     ([(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], s.metrics.encode())
 }
 
+/// A stream, or the re-processed variant of one (`build`: the sha256 of the module build
+/// that computed it; see `/api/v1/reprocess`).
 fn stream_json(s: &StreamSummary) -> serde_json::Value {
-    json!({ "stream": s.stream, "readings": s.readings, "first_ts_ns": s.first_ts_ns, "last_ts_ns": s.last_ts_ns })
+    let (stream, build) = brume_protocol::split_variant(&s.stream);
+    json!({
+        "stream": stream,
+        "build": build,
+        "readings": s.readings,
+        "first_ts_ns": s.first_ts_ns,
+        "last_ts_ns": s.last_ts_ns,
+    })
+}
+
+/// The stored name of `stream`, or of its re-processed variant by `build` (64 hex digits
+/// of a module build's sha256) when given.
+fn stored_stream(stream: Option<String>, build: Option<String>) -> Result<String, String> {
+    let stream = stream.filter(|s| !s.is_empty()).ok_or("missing parameter `stream`")?;
+    match build {
+        None => Ok(stream),
+        Some(b) => {
+            let sha = brume_protocol::ModuleRef::parse_sha256(&b)
+                .ok_or_else(|| format!("parameter `build`: {b:?} is not a sha256 (64 hex digits)"))?;
+            Ok(brume_protocol::variant_stream(&stream, &sha))
+        }
+    }
+}
+
+/// `stream` and `build` of a query response, from the stored name.
+fn stream_fields(stored: &str) -> (&str, Option<&str>) {
+    brume_protocol::split_variant(stored)
 }
 
 /// Filters of the listing endpoints, each accepted where it makes sense.
@@ -244,19 +272,24 @@ async fn streams(
 ) -> Result<axum::Json<serde_json::Value>, ApiError> {
     let f = ListFilter::parse(params, &["match"])?;
     let list = query(&s.store, |st| st.streams()).await?;
-    Ok(axum::Json(list.iter().filter(|x| f.stream(&x.stream)).map(stream_json).collect()))
+    Ok(axum::Json(
+        list.iter().filter(|x| f.stream(brume_protocol::split_variant(&x.stream).0)).map(stream_json).collect(),
+    ))
 }
 
 /// Parses `/api/v1/aggregate` parameters: `stream`, `field` (default `value`), `from` and
 /// `to` (ns, required), and either `step` (a duration: `10s`, `5m`, `1h`) or `buckets`
-/// (default 500, at most [`aggregate::MAX_BUCKETS`]).
+/// (default 500, at most [`aggregate::MAX_BUCKETS`]); `build` selects the re-processed
+/// variant computed by that module build.
 pub fn parse_aggregate_query(params: &[(String, String)]) -> Result<AggregateQuery, String> {
     let (mut stream, mut field, mut from, mut to, mut step, mut buckets) = (None, None, None, None, None, None);
+    let mut build = None;
     let int =
         |name: &str, v: &str| v.parse::<i64>().map_err(|_| format!("parameter `{name}`: {v:?} is not an integer"));
     for (k, v) in params {
         match k.as_str() {
             "stream" => stream = Some(v.clone()),
+            "build" => build = Some(v.clone()),
             "field" => field = Some(v.clone()),
             "from" => from = Some(int("from", v)?),
             "to" => to = Some(int("to", v)?),
@@ -284,7 +317,7 @@ pub fn parse_aggregate_query(params: &[(String, String)]) -> Result<AggregateQue
             other => return Err(format!("unknown parameter `{other}`")),
         }
     }
-    let stream = stream.filter(|s| !s.is_empty()).ok_or("missing parameter `stream`")?;
+    let stream = stored_stream(stream, build)?;
     let (from, to) = match (from, to) {
         (Some(f), Some(t)) if f < t => (f, t),
         (Some(f), Some(t)) => return Err(format!("`from` ({f}) must be before `to` ({t})")),
@@ -317,8 +350,10 @@ async fn aggregate(
         Err(AggregateError::Store(e)) => return Err(e.into()),
     };
     let buckets: Vec<serde_json::Value> = out.buckets.iter().map(|(start, a)| bucket_json(*start, a)).collect();
+    let (stream, build) = stream_fields(&q.stream);
     Ok(axum::Json(json!({
-        "stream": q.stream,
+        "stream": stream,
+        "build": build,
         "field": q.field,
         "from_ns": out.from,
         "to_ns": out.to,
@@ -331,6 +366,7 @@ async fn aggregate(
 /// Parses the query string of `GET /api/v1/readings`, naming the bad parameter on error.
 pub fn parse_readings_query(params: &[(String, String)]) -> Result<ReadingsQuery, String> {
     let mut stream = None;
+    let mut build = None;
     let mut from = None;
     let mut to = None;
     let mut limit = DEFAULT_LIMIT;
@@ -340,6 +376,7 @@ pub fn parse_readings_query(params: &[(String, String)]) -> Result<ReadingsQuery
     for (k, v) in params {
         match k.as_str() {
             "stream" => stream = Some(v.clone()),
+            "build" => build = Some(v.clone()),
             "from" => from = Some(int("from", v)?),
             "to" => to = Some(int("to", v)?),
             "limit" => {
@@ -358,7 +395,7 @@ pub fn parse_readings_query(params: &[(String, String)]) -> Result<ReadingsQuery
             other => return Err(format!("unknown parameter `{other}`")),
         }
     }
-    let stream = stream.filter(|s| !s.is_empty()).ok_or("missing parameter `stream`")?;
+    let stream = stored_stream(stream, build)?;
     Ok(ReadingsQuery { stream, from, to, limit, after })
 }
 
@@ -434,8 +471,13 @@ async fn readings(
             }
         };
         let mut buf = Vec::with_capacity(CHUNK + 4096);
+        let (stream, build) = stream_fields(&q.stream);
         buf.extend_from_slice(b"{\"stream\":");
-        serde_json::to_writer(&mut buf, &q.stream).expect("writing to a Vec");
+        serde_json::to_writer(&mut buf, stream).expect("writing to a Vec");
+        if let Some(build) = build {
+            buf.extend_from_slice(b",\"build\":");
+            serde_json::to_writer(&mut buf, build).expect("writing to a Vec");
+        }
         buf.extend_from_slice(b",\"readings\":[");
         let (mut page, mut left, mut first_reading) = (first, q.limit, true);
         let next = loop {

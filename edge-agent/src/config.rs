@@ -694,6 +694,9 @@ impl Config {
             {
                 return Err(invalid(format!("modules[{i}].name"), format!("{n:?} is used twice")));
             }
+            if m.name.as_deref().is_some_and(|n| n.starts_with('#')) {
+                return Err(invalid(format!("modules[{i}].name"), "names starting with '#' are reserved"));
+            }
             for (j, p) in m.inputs.iter().flatten().enumerate() {
                 validate_pattern(p).map_err(|why| invalid(format!("modules[{i}].inputs[{j}]"), why))?;
             }
@@ -746,7 +749,9 @@ impl StreamRules {
     }
 }
 
+/// The rule of a stream; a re-processed variant (`stream#<build>`) follows its stream's.
 fn rule_for<'a>(rules: &'a [StreamRule], default: &'a StreamRuleBody, stream: &str) -> &'a StreamRuleBody {
+    let stream = brume_protocol::split_variant(stream).0;
     rules.iter().find(|r| pattern_matches(&r.pattern, stream)).map(|r| &r.rule).unwrap_or(default)
 }
 

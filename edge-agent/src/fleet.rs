@@ -20,6 +20,12 @@
 //! 5. reports, retained on `brume/v1/agents/<id>/report`, the generation applied and each
 //!    wanted module's phase, whenever that changes.
 //!
+//! Re-processing jobs of the desired state run beside the modules: each job's build is
+//! downloaded and verified the same way, run by the module runners under its own
+//! progress key over its time range ([`crate::modules::Reprocess`]), and reported until
+//! the hub drops it from the desired state; a finished job is persisted as such and never
+//! run again.
+//!
 //! A swap is a reload between two batches: the new build takes over the slot's committed
 //! cursor (progress is kept per name, see [`crate::modules`]), so no reading is processed
 //! twice or skipped. Files are content-addressed (`fleet/modules/<sha256>.wasm`); the
@@ -30,7 +36,9 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use brume_protocol::{AgentReport, DesiredModule, DesiredV1, ModuleReport, Phase, ReportV1};
+use brume_protocol::{
+    AgentReport, Desired, DesiredModule, JobPhase, JobReport, ModuleRef, ModuleReport, Phase, Report, ReprocessJob,
+};
 use brume_signing::{Keyring, Signature, to_hex};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -39,7 +47,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{Config, FleetConfig, OnFailure, StartAt};
-use crate::modules::{Managed, ModuleSpec, SharedModuleStatus};
+use crate::modules::{Managed, ModuleSpec, Reprocess, SharedModuleStatus};
 
 /// How often runners' status is checked for probation results.
 const TICK: Duration = Duration::from_secs(1);
@@ -95,6 +103,21 @@ struct State {
     /// `sent_ms` of the last report: the next one is later, whatever the clock says.
     #[serde(default)]
     report_clock: i64,
+    /// Re-processing jobs of the applied desired state, by id.
+    #[serde(default)]
+    jobs: BTreeMap<u64, JobState>,
+}
+
+/// A re-processing job on this agent.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+struct JobState {
+    job: ReprocessJob,
+    /// Done or failed, and why: such a job is not run again.
+    finished: Option<(JobPhase, String)>,
+    /// Counts when it finished.
+    readings_in: u64,
+    readings_out: u64,
+    batches_failed: u64,
 }
 
 /// What probation judges: the code together with its config and inputs, since a new
@@ -139,14 +162,14 @@ pub struct Fleet {
     /// The last report handed to the forwarder.
     reports: watch::Sender<Option<Vec<u8>>>,
     /// Body of the last report, to send only changes.
-    last_report: Option<ReportV1>,
+    last_report: Option<Report>,
     http: reqwest::Client,
 }
 
 /// What the forwarder and the module runners need from [`Fleet::open`].
 pub struct FleetLinks {
     /// Desired states received (highest generation kept), filled by the forwarder.
-    pub desired: watch::Sender<Option<DesiredV1>>,
+    pub desired: watch::Sender<Option<Desired>>,
     /// Reports to publish (latest), read by the forwarder.
     pub reports: watch::Receiver<Option<Vec<u8>>>,
     /// The modules from deployments, read by the runners.
@@ -198,7 +221,7 @@ impl Fleet {
 
     /// Runs until `shutdown`. `desired` is the receiving side of
     /// [`FleetLinks::desired`].
-    pub async fn run(mut self, mut desired: watch::Receiver<Option<DesiredV1>>, shutdown: CancellationToken) {
+    pub async fn run(mut self, mut desired: watch::Receiver<Option<Desired>>, shutdown: CancellationToken) {
         self.reconcile().await;
         loop {
             tokio::select! {
@@ -221,7 +244,7 @@ impl Fleet {
     }
 
     /// Takes a new desired state, unless its generation was already applied.
-    fn apply(&mut self, d: DesiredV1) {
+    fn apply(&mut self, d: Desired) {
         if d.generation <= self.state.generation {
             tracing::debug!(
                 generation = d.generation,
@@ -237,6 +260,17 @@ impl Fleet {
             .rolled_back
             .retain(|slot, (id, _)| d.modules.iter().any(|m| m.module.name == *slot && identity(m) == *id));
         self.state.desired = d.modules;
+        // A job no longer wanted stops where it is; a new one starts.
+        self.state.jobs.retain(|id, _| d.reprocess.iter().any(|j| j.id == *id));
+        for j in d.reprocess {
+            self.state.jobs.entry(j.id).or_insert(JobState {
+                job: j,
+                finished: None,
+                readings_in: 0,
+                readings_out: 0,
+                batches_failed: 0,
+            });
+        }
     }
 
     fn file(&self, sha: &[u8; 32]) -> PathBuf {
@@ -246,30 +280,38 @@ impl Fleet {
     /// Downloads what is missing, decides what runs, checks probation, persists and
     /// hands the set to the runners when it changed, and reports.
     async fn reconcile(&mut self) {
-        // Downloads: one at a time, due ones only.
-        let wanted: Vec<DesiredModule> = self.state.desired.clone();
-        for m in &wanted {
-            if self.static_names.contains(&m.module.name) || self.file(&m.module.sha256).exists() {
+        // Downloads: one at a time, due ones only: the modules' builds, then the jobs'.
+        let mut wanted: Vec<(ModuleRef, u64, String)> = Vec::new();
+        for m in &self.state.desired {
+            if self.static_names.contains(&m.module.name)
+                || self.state.rolled_back.get(&m.module.name).is_some_and(|(id, _)| *id == identity(m))
+            {
                 continue;
             }
-            if self.state.rolled_back.get(&m.module.name).is_some_and(|(id, _)| *id == identity(m)) {
+            wanted.push((m.module.clone(), m.size, m.signature.clone()));
+        }
+        for j in self.state.jobs.values().filter(|j| j.finished.is_none()) {
+            wanted.push((j.job.module.clone(), j.job.size, j.job.signature.clone()));
+        }
+        for (module, size, signature) in &wanted {
+            if self.file(&module.sha256).exists() {
                 continue;
             }
             let due = self
                 .retries
-                .get(&m.module.sha256)
+                .get(&module.sha256)
                 .is_none_or(|r| r.mismatches < MAX_MISMATCHES && Instant::now() >= r.next);
             if !due {
                 continue;
             }
             self.report(); // shows `downloading`
-            match self.download(m).await {
+            match self.download(module, *size, signature).await {
                 Ok(()) => {
-                    tracing::info!(module = %m.module.name, version = %m.module.version, sha256 = %m.module.sha256_hex(), "module downloaded and verified");
-                    self.retries.remove(&m.module.sha256);
+                    tracing::info!(module = %module.name, version = %module.version, sha256 = %module.sha256_hex(), "module downloaded and verified");
+                    self.retries.remove(&module.sha256);
                 }
                 Err(e) => {
-                    let r = self.retries.entry(m.module.sha256).or_insert(Retry {
+                    let r = self.retries.entry(module.sha256).or_insert(Retry {
                         error: String::new(),
                         next: Instant::now(),
                         attempts: 0,
@@ -287,14 +329,15 @@ impl Fleet {
                     r.error = e.to_string();
                     if r.mismatches >= MAX_MISMATCHES {
                         // Operator action: pin the publisher's key, or publish a good build.
-                        tracing::error!(module = %m.module.name, version = %m.module.version, error = %e, "module refused; not retrying");
+                        tracing::error!(module = %module.name, version = %module.version, error = %e, "module refused; not retrying");
                     } else {
-                        tracing::warn!(module = %m.module.name, version = %m.module.version, attempts = r.attempts, error = %e, "module download failed; will retry");
+                        tracing::warn!(module = %module.name, version = %module.version, attempts = r.attempts, error = %e, "module download failed; will retry");
                     }
                 }
             }
         }
         self.check_probation();
+        self.check_jobs();
         self.decide();
         if self.state != self.persisted {
             if let Err(e) = self.persist() {
@@ -343,6 +386,35 @@ impl Fleet {
             if over && s.enabled && !self.state.passed.contains(&identity(&b)) {
                 tracing::info!(module = %slot, version = %b.module.version, "module passed its probation");
                 self.state.passed.insert(identity(&b));
+            }
+        }
+    }
+
+    /// Marks jobs finished: read through (done), or refused, not loadable or disabled after
+    /// repeated failures (failed).
+    fn check_jobs(&mut self) {
+        let status = self.status.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        for (id, j) in self.state.jobs.iter_mut().filter(|(_, j)| j.finished.is_none()) {
+            let sha = j.job.module.sha256_hex();
+            if let Some(r) = self.retries.get(&j.job.module.sha256).filter(|r| r.mismatches >= MAX_MISMATCHES) {
+                j.finished = Some((JobPhase::Failed, r.error.clone()));
+            } else if let Some(s) = status.get(&Reprocess::key(*id)) {
+                if s.finished && s.hash.as_deref() == Some(&sha) {
+                    j.finished = Some((JobPhase::Done, String::new()));
+                } else if !s.enabled
+                    && s.hash.as_deref().is_none_or(|h| h == sha)
+                    && let Some(e) = &s.last_error
+                {
+                    j.finished = Some((JobPhase::Failed, e.clone()));
+                }
+                if j.finished.is_some() {
+                    // Counted once, when it finishes: the state is written only on change.
+                    (j.readings_in, j.readings_out, j.batches_failed) =
+                        (s.readings_in, s.readings_out, s.batches_failed);
+                }
+            }
+            if let Some((phase, why)) = &j.finished {
+                tracing::info!(job = id, module = %j.job.module.name, version = %j.job.module.version, phase = phase.as_str(), readings_in = j.readings_in, readings_out = j.readings_out, error = %why, "re-processing job finished");
             }
         }
     }
@@ -408,9 +480,49 @@ impl Fleet {
                         deployment: b.deployment,
                         probation,
                     }),
+                    reprocess: None,
                 })
             })
+            .chain(self.job_specs())
             .collect()
+    }
+
+    /// The runners' specs of unfinished jobs whose build is here.
+    fn job_specs(&self) -> impl Iterator<Item = ModuleSpec> + '_ {
+        self.state.jobs.iter().filter(|(_, j)| j.finished.is_none()).filter_map(|(id, j)| {
+            let path = self.file(&j.job.module.sha256);
+            if !path.exists() {
+                return None;
+            }
+            Some(ModuleSpec {
+                name: Reprocess::key(*id),
+                path,
+                config_json: j.job.config_json.clone(),
+                inputs: j.job.inputs.clone(),
+                // A batch the build fails on is skipped and counted; ten in a row fail
+                // the job (its results would be mostly missing anyway).
+                on_failure: OnFailure::Skip,
+                max_consecutive_failures: 10,
+                start_at: StartAt::Earliest,
+                memory: None,
+                fuel_per_batch: None,
+                time_per_batch: None,
+                max_output_readings: None,
+                managed: Some(Managed {
+                    sha256: j.job.module.sha256,
+                    signature: j.job.signature.parse().ok()?,
+                    keyring: self.keyring.clone(),
+                    deployment: 0,
+                    probation: None,
+                }),
+                reprocess: Some(Reprocess {
+                    job: *id,
+                    module: j.job.module.name.clone(),
+                    from_ns: j.job.from_ns,
+                    to_ns: j.job.to_ns,
+                }),
+            })
+        })
     }
 
     /// Writes the state atomically: a temporary file, fsynced, renamed over the old one,
@@ -433,6 +545,7 @@ impl Fleet {
             .chain(self.state.running.values())
             .chain(self.state.previous.values())
             .map(|m| m.module.sha256_hex())
+            .chain(self.state.jobs.values().filter(|j| j.finished.is_none()).map(|j| j.job.module.sha256_hex()))
             .collect();
         let Ok(entries) = std::fs::read_dir(self.dir.join("modules")) else { return };
         for e in entries.flatten() {
@@ -446,26 +559,25 @@ impl Fleet {
 
     /// Downloads one build into `fleet/modules`, resuming a partial download, and keeps
     /// it only if it is exactly the wanted build, signed by a pinned key.
-    async fn download(&self, m: &DesiredModule) -> Result<(), DownloadError> {
-        let sha = m.module.sha256;
+    async fn download(&self, module: &ModuleRef, size: u64, signature: &str) -> Result<(), DownloadError> {
+        let sha = module.sha256;
         // The signature is checked first: without it the bytes are not worth fetching.
-        let sig: Signature = m.signature.parse().map_err(|e| DownloadError::Untrusted(format!("{e}")))?;
+        let sig: Signature = signature.parse().map_err(|e| DownloadError::Untrusted(format!("{e}")))?;
         self.keyring.verify(&sha, &sig).map_err(|e| DownloadError::Untrusted(format!("signature refused: {e}")))?;
-        let max = m.size.min(self.cfg.max_module_bytes.as_u64());
-        if m.size > self.cfg.max_module_bytes.as_u64() {
+        let max = size.min(self.cfg.max_module_bytes.as_u64());
+        if size > self.cfg.max_module_bytes.as_u64() {
             return Err(DownloadError::Untrusted(format!(
-                "{} bytes, over fleet.max_module_bytes ({})",
-                m.size, self.cfg.max_module_bytes
+                "{size} bytes, over fleet.max_module_bytes ({})",
+                self.cfg.max_module_bytes
             )));
         }
-        let part = self.dir.join("modules").join(format!("{}.part", m.module.sha256_hex()));
+        let part = self.dir.join("modules").join(format!("{}.part", module.sha256_hex()));
         let io = |op, source| DownloadError::Io { op, path: part.clone(), source };
         let mut have = tokio::fs::metadata(&part).await.map(|m| m.len()).unwrap_or(0);
         if have > max {
             have = 0;
         }
-        let url =
-            format!("{}/api/v1/registry/modules/{}", self.cfg.hub_url.trim_end_matches('/'), m.module.sha256_hex());
+        let url = format!("{}/api/v1/registry/modules/{}", self.cfg.hub_url.trim_end_matches('/'), module.sha256_hex());
         let http_err = |reason: String| DownloadError::Http { url: url.clone(), reason };
         let mut req = self.http.get(&url);
         if have > 0 {
@@ -557,21 +669,59 @@ impl Fleet {
             .collect()
     }
 
+    /// Each job's phase on this agent.
+    fn report_jobs(&self) -> Vec<JobReport> {
+        let status = self.status.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        self.state
+            .jobs
+            .iter()
+            .map(|(id, j)| {
+                let s = status.get(&Reprocess::key(*id));
+                let retry = self.retries.get(&j.job.module.sha256);
+                let (phase, error) = match &j.finished {
+                    Some((phase, why)) => (*phase, why.clone()),
+                    None if !self.file(&j.job.module.sha256).exists() => {
+                        (JobPhase::Downloading, retry.map(|r| r.error.clone()).unwrap_or_default())
+                    }
+                    None if s.is_some_and(|s| s.enabled) => {
+                        (JobPhase::Running, s.and_then(|s| s.last_error.clone()).unwrap_or_default())
+                    }
+                    None => (JobPhase::Pending, String::new()),
+                };
+                let (readings_in, readings_out, batches_failed) = match (s, &j.finished) {
+                    (Some(s), None) => (s.readings_in, s.readings_out, s.batches_failed),
+                    _ => (j.readings_in, j.readings_out, j.batches_failed),
+                };
+                JobReport {
+                    id: *id,
+                    phase,
+                    readings_in,
+                    readings_out,
+                    batches_failed,
+                    error: truncate(&error, brume_protocol::MAX_REPORT_ERROR),
+                }
+            })
+            .collect()
+    }
+
     /// Hands a report to the forwarder if anything in it changed.
     fn report(&mut self) {
-        let r = ReportV1 {
+        let r = Report {
             agent_id: self.agent_id.clone(),
             sent_ms: crate::now_ns() / 1_000_000,
             generation: self.state.generation,
             modules: self.report_modules(),
+            jobs: self.report_jobs(),
         };
         // Batch counters alone do not make a new report (they change every batch): they
         // ride along with the next change of generation, phase, build or error.
         let key = |m: &ModuleReport| (m.name.clone(), m.deployment, m.phase, m.running.clone(), m.error.clone());
-        let same = self
-            .last_report
-            .as_ref()
-            .is_some_and(|l| l.generation == r.generation && l.modules.iter().map(key).eq(r.modules.iter().map(key)));
+        let job_key = |j: &JobReport| (j.id, j.phase, j.error.clone());
+        let same = self.last_report.as_ref().is_some_and(|l| {
+            l.generation == r.generation
+                && l.modules.iter().map(key).eq(r.modules.iter().map(key))
+                && l.jobs.iter().map(job_key).eq(r.jobs.iter().map(job_key))
+        });
         if !same {
             // The hub keeps the report with the greatest (generation, sent_ms): sent_ms
             // never goes back, even when the device's clock does (no RTC, an NTP step),
@@ -579,7 +729,7 @@ impl Fleet {
             let mut r = r;
             r.sent_ms = r.sent_ms.max(self.state.report_clock + 1);
             self.state.report_clock = r.sent_ms;
-            self.reports.send_replace(Some(AgentReport::V1(r.clone()).encode()));
+            self.reports.send_replace(Some(AgentReport::for_report(r.clone()).encode()));
             self.last_report = Some(r);
         }
     }

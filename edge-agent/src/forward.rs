@@ -28,7 +28,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use brume_protocol::{AgentMessage, Batch, HubMessage, Value, topics};
-use brume_protocol::{AgentStatus, DesiredState, DesiredV1, ModuleHealth, StatusV1};
+use brume_protocol::{AgentStatus, Desired, DesiredState, ModuleHealth, StatusV1};
 use rand::Rng;
 use rumqttc::{AsyncClient, Event, EventLoop, LastWill, MqttOptions, Outgoing, Packet, QoS};
 
@@ -82,7 +82,7 @@ pub type SharedForwardStatus = Arc<Mutex<ForwardStatus>>;
 pub struct FleetLink {
     /// Desired states received on `brume/v1/agents/<id>/desired`: replaced only by a
     /// higher generation, so a stale retained message arriving late changes nothing.
-    pub desired: watch::Sender<Option<DesiredV1>>,
+    pub desired: watch::Sender<Option<Desired>>,
     /// The latest report, published retained when it changes and after every connect.
     pub reports: watch::Receiver<Option<Vec<u8>>>,
 }
@@ -152,7 +152,7 @@ async fn event_loop_task(
     cfg: Config,
     metrics: Arc<Metrics>,
     status: SharedForwardStatus,
-    desired: Option<watch::Sender<Option<DesiredV1>>>,
+    desired: Option<watch::Sender<Option<Desired>>>,
     shutdown: CancellationToken,
 ) {
     let ack_topic = topics::acks(&cfg.agent_id);
@@ -233,7 +233,7 @@ async fn event_loop_task(
 
 /// Keeps a desired state if it is for this agent and newer than the one held. Never
 /// blocks: runs in the event loop task.
-fn take_desired(d: &watch::Sender<Option<DesiredV1>>, agent_id: &str, payload: &[u8], metrics: &Metrics) {
+fn take_desired(d: &watch::Sender<Option<Desired>>, agent_id: &str, payload: &[u8], metrics: &Metrics) {
     match DesiredState::decode(payload) {
         Ok(new) if new.agent_id == agent_id => {
             let taken = d.send_if_modified(|held| {
@@ -313,7 +313,8 @@ fn now_ms() -> i64 {
 
 /// How batches leave and how they come back acknowledged: one per forwarding mode.
 enum Sink {
-    /// Hub mode: one postcard `BatchV2` per batch; acknowledged by the hub's `AckV1`.
+    /// Hub mode: one postcard `BatchV2` per batch (`BatchV3` when it carries re-processed
+    /// results); acknowledged by the hub's `AckV1`.
     Hub,
     /// JSON mode: plain JSON messages; acknowledged by the broker's PUBACKs of all of them.
     Json(JsonSink),
@@ -615,7 +616,7 @@ impl Forwarder {
         let (seq, n) = (b.seq, b.reading_count() as u64);
         let sent = match &mut self.sink {
             Sink::Hub => {
-                let payload = AgentMessage::BatchV2(b).encode();
+                let payload = AgentMessage::for_batch(b).encode();
                 self.client.publish(topics::batches(&self.cfg.agent_id), QoS::AtLeastOnce, false, payload).await.is_ok()
             }
             Sink::Json(j) => {

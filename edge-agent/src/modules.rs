@@ -31,6 +31,12 @@
 //! The file is checked for changes every `module_runtime.poll_interval` and reloaded
 //! (hot reload). A new version (different hash) keeps the cursor and starts with fresh
 //! state, since the old state's format may not be the new version's.
+//!
+//! A re-processing job ([`Reprocess`]) runs the same way under its own progress key
+//! (`#reprocess/<id>`): from fresh state, over the readings with timestamps in its range
+//! up to the store's last reading when it loaded, its outputs renamed to the
+//! re-processed variant of each output stream (`stream#<sha256>`), until it has read
+//! the range through ([`ModuleStatus::finished`]). No module reads variants as input.
 
 mod compile;
 
@@ -82,6 +88,12 @@ pub struct ModuleStatus {
     /// A build from a deployment failed its probation (or did not load). The fleet task
     /// reads this and puts the previous build back (see [`crate::fleet`]).
     pub probation_failed: Option<ProbationFailure>,
+    /// Input readings of committed batches since the build loaded.
+    pub readings_in: u64,
+    /// Output readings committed since the build loaded.
+    pub readings_out: u64,
+    /// A re-processing job: every reading of its range was processed and committed.
+    pub finished: bool,
 }
 
 /// Which build failed its probation, and why.
@@ -124,8 +136,30 @@ pub struct ModuleSpec {
     pub time_per_batch: Option<Duration>,
     /// Output readings per batch override.
     pub max_output_readings: Option<u32>,
-    /// Set for modules from a deployment.
+    /// Set for modules from a deployment (and re-processing jobs).
     pub managed: Option<Managed>,
+    /// Set for a re-processing job (`name` is then its progress key).
+    pub reprocess: Option<Reprocess>,
+}
+
+/// A re-processing job's run of a build (see [`brume_protocol::ReprocessJob`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Reprocess {
+    /// The hub's job id.
+    pub job: u64,
+    /// The build's module name (its manifest must say so; recorded as lineage).
+    pub module: String,
+    /// Start of the range (inclusive), ns.
+    pub from_ns: i64,
+    /// End of the range (exclusive), ns.
+    pub to_ns: i64,
+}
+
+impl Reprocess {
+    /// The progress key (and status name) of job `id`: `#` never starts a module name.
+    pub fn key(id: u64) -> String {
+        format!("#reprocess/{id}")
+    }
 }
 
 /// What a module from a deployment carries beyond its config.
@@ -167,6 +201,7 @@ impl ModuleSpec {
             time_per_batch: m.time_per_batch,
             max_output_readings: m.max_output_readings,
             managed: None,
+            reprocess: None,
         }
     }
 }
@@ -347,6 +382,20 @@ struct Live {
     disabled: bool,
     /// Backing off (after a failure or a refused commit) until then.
     resume_at: Option<Instant>,
+    /// A re-processing job's bounds.
+    scan: Option<Scan>,
+}
+
+/// What a re-processing job reads, and where its outputs go.
+struct Scan {
+    /// The store's last reading id when the job loaded: nothing later is read.
+    upto: i64,
+    /// Timestamps read: `[from, to)`.
+    ts: (i64, i64),
+    /// The build, whose variant of each output stream gets the outputs.
+    sha256: [u8; 32],
+    /// Read through: nothing more to do.
+    finished: bool,
 }
 
 /// Probation of a build from a deployment.
@@ -552,7 +601,8 @@ impl Runner {
     /// input. Returns whether it did any work.
     fn step_if_ready(&mut self, reader: &StoreHistory, history: &Arc<dyn HistoryProvider>) -> bool {
         let Some(mut l) = self.live.take() else { return false };
-        let ready = !l.disabled && l.resume_at.is_none_or(|t| Instant::now() >= t);
+        let finished = l.scan.as_ref().is_some_and(|s| s.finished);
+        let ready = !l.disabled && !finished && l.resume_at.is_none_or(|t| Instant::now() >= t);
         let worked = ready && {
             l.resume_at = None;
             self.step(&mut l, reader, history)
@@ -625,6 +675,8 @@ impl Runner {
                     s.cursor = cursor;
                     s.batches_ok += 1;
                     s.consecutive_failures = 0;
+                    s.readings_in += f.n_in;
+                    s.readings_out += f.n_out;
                 });
                 true
             }
@@ -685,10 +737,11 @@ impl Runner {
             Ok(m) => m,
             Err(e) => return fail(e.to_string()),
         };
-        if managed.is_some() && module.manifest().name != self.name {
+        let slot = self.spec.reprocess.as_ref().map_or(&self.name, |r| &r.module);
+        if managed.is_some() && module.manifest().name != *slot {
             // A signed build of another module put in this slot (a forged or mistaken
             // desired state) would take over this slot's cursor and outputs: refused.
-            return fail(format!("the build is module {:?}, deployed as {:?}", module.manifest().name, self.name));
+            return fail(format!("the build is module {:?}, deployed as {:?}", module.manifest().name, slot));
         }
         let hash = module.hash_hex();
         let replaced = previous.as_ref().map(|p| p.hash.clone()).filter(|h| *h != hash);
@@ -726,6 +779,14 @@ impl Runner {
         let (cursor, state) = match saved {
             // Same version: resume exactly, state included.
             Some(p) if p.hash == hash => (p.cursor, p.state),
+            // A job starts before the first reading of its range.
+            _ if self.spec.reprocess.is_some() => {
+                let from = self.spec.reprocess.as_ref().map_or(0, |r| r.from_ns);
+                match reader.lock().reprocess_start(from) {
+                    Ok(c) => (c, Vec::new()),
+                    Err(e) => return fail(format!("cannot read the store position: {e}")),
+                }
+            }
             // New version: keep the position, start with fresh state.
             Some(p) => (p.cursor, Vec::new()),
             None => match self.spec.start_at {
@@ -736,6 +797,13 @@ impl Runner {
                     Err(e) => return fail(format!("cannot read the store position: {e}")),
                 },
                 StartAt::Latest => (self.shared.latest_at_start, Vec::new()),
+            },
+        };
+        let scan = match &self.spec.reprocess {
+            None => None,
+            Some(r) => match reader.lock().last_id() {
+                Ok(upto) => Some(Scan { upto, ts: (r.from_ns, r.to_ns), sha256: digest, finished: false }),
+                Err(e) => return fail(format!("cannot read the store position: {e}")),
             },
         };
         let instance = match self.instantiate(&module, &limits, &config_json, &state, history) {
@@ -756,6 +824,9 @@ impl Runner {
             s.deployment = deployment;
             s.loaded_ms = Some(crate::now_ns() / 1_000_000);
             s.probation_failed = None;
+            s.readings_in = 0;
+            s.readings_out = 0;
+            s.finished = false;
         });
         let probation = self.spec.managed.as_ref().and_then(|m| m.probation).map(|(d, max)| Probation {
             until: Instant::now() + d,
@@ -780,12 +851,14 @@ impl Runner {
             failures: 0,
             disabled: false,
             resume_at: None,
+            scan,
         })
     }
 
     fn progress(&self, l: &Live, cursor: i64, state: Vec<u8>) -> ModuleProgress {
         ModuleProgress {
             name: self.name.clone(),
+            module: self.spec.reprocess.as_ref().map_or_else(|| self.name.clone(), |r| r.module.clone()),
             version: l.module.manifest().version.clone(),
             hash: l.hash.clone(),
             cursor,
@@ -799,9 +872,17 @@ impl Runner {
         let manifest = l.module.manifest();
         let inputs = self.spec.inputs.as_ref().unwrap_or(&manifest.inputs);
         let outputs = &manifest.outputs;
-        let mut wanted = |s: &str| inputs.iter().any(|p| pattern_matches(p, s)) && !outputs.iter().any(|o| o == s);
+        // Re-processed variants are results kept beside their streams, never input.
+        let mut wanted = |s: &str| {
+            !s.contains(brume_protocol::VARIANT_SEP)
+                && inputs.iter().any(|p| pattern_matches(p, s))
+                && !outputs.iter().any(|o| o == s)
+        };
         // The guard is a temporary: released before the module runs and queries history.
-        let read = reader.lock().readings_after(l.read_from, self.shared.batch_max, &mut wanted);
+        let read = match &l.scan {
+            None => reader.lock().readings_after(l.read_from, self.shared.batch_max, &mut wanted),
+            Some(s) => reader.lock().readings_between(l.read_from, s.upto, s.ts, self.shared.batch_max, &mut wanted),
+        };
         let (rows, scanned_to) = match read {
             Ok(x) => x,
             Err(e) => {
@@ -809,6 +890,15 @@ impl Runner {
                 return false;
             }
         };
+        if rows.is_empty() && l.scan.is_some() && l.in_flight.is_none() {
+            // A job that read its range through, with everything committed: finished.
+            if let Some(s) = l.scan.as_mut() {
+                s.finished = true;
+            }
+            tracing::info!(module = %self.name, cursor = l.cursor, "re-processing finished");
+            self.set_status(|s| s.finished = true);
+            return false;
+        }
         if rows.is_empty() {
             // Nothing for us: move past other streams' readings in memory only. Losing this
             // on a crash costs a re-scan, never a result.
@@ -834,8 +924,14 @@ impl Runner {
                 .collect(),
         };
         let n_in = input.readings.len() as u64;
+        let variant = l.scan.as_ref().map(|s| s.sha256);
         let result = l.instance.process(&input).and_then(|outcome| {
-            let readings = to_readings(&outcome.output.readings)?;
+            let mut readings = to_readings(&outcome.output.readings)?;
+            if let Some(sha) = &variant {
+                for r in &mut readings {
+                    r.stream = brume_protocol::variant_stream(&r.stream, sha);
+                }
+            }
             let state = l.instance.save_state()?;
             Ok((outcome, readings, state))
         });

@@ -36,6 +36,7 @@ pub fn routes(state: &AppState) -> Router<AppState> {
         .route("/api/v1/deployments/{id}", get(show_deployment))
         .route("/api/v1/deployments/{id}/{action}", post(deployment_action))
         .route("/api/v1/fleet/agents", get(fleet_agents))
+        .merge(super::reprocess::routes())
 }
 
 fn module_json(m: &RegisteredModule) -> serde_json::Value {
@@ -239,30 +240,12 @@ fn spec_of(n: NewDeployment, registered: &RegisteredModule) -> Result<Deployment
     if waves.is_empty() || waves.len() > 16 {
         return Err("waves: give 1 to 16 waves, e.g. [\"1\", \"10%\", \"100%\"]".into());
     }
-    let config_len = serde_json::Value::Object(n.config.clone()).to_string().len();
-    if config_len > brume_protocol::MAX_MODULE_CONFIG {
-        return Err(format!("config: {config_len} bytes of JSON, at most {}", brume_protocol::MAX_MODULE_CONFIG));
-    }
-    if let Some(inputs) = &n.inputs {
-        if inputs.is_empty() || inputs.len() > brume_protocol::MAX_MODULE_INPUTS {
-            return Err(format!("inputs: give 1 to {} patterns (or leave it out)", brume_protocol::MAX_MODULE_INPUTS));
-        }
-        for p in inputs {
-            // The rules agents apply when they decode the desired state.
-            brume_protocol::validate_stream_name(&p.replace(['+', '#'], "x"))
-                .map_err(|e| format!("inputs: {p:?}: {e}"))?;
-            topics::validate_pattern(p).map_err(|e| format!("inputs: {e}"))?;
-        }
-    }
+    check_config_and_inputs(&n.config, n.inputs.as_deref())?;
     if !(0.0..=1.0).contains(&n.abort_threshold) {
         return Err("abort_threshold: a fraction from 0 (abort on the first failure) to 1".into());
     }
     let probation_s = u32::try_from(n.probation.as_secs()).map_err(|_| "probation: too long".to_string())?;
-    for (k, v) in &n.selector {
-        if k.is_empty() || k.len() > 256 || v.len() > 256 {
-            return Err("selector: label names of 1 to 256 bytes, values of at most 256".into());
-        }
-    }
+    check_selector(&n.selector)?;
     Ok(DeploymentSpec {
         module: n.module,
         version: n.version,
@@ -275,6 +258,39 @@ fn spec_of(n: NewDeployment, registered: &RegisteredModule) -> Result<Deployment
         max_failed_batches: n.max_failed_batches,
         abort_threshold: n.abort_threshold,
     })
+}
+
+/// Checks a module's config and input patterns by the rules agents apply when they
+/// decode a desired state.
+pub(super) fn check_config_and_inputs(
+    config: &serde_json::Map<String, serde_json::Value>,
+    inputs: Option<&[String]>,
+) -> Result<(), String> {
+    let config_len = serde_json::Value::Object(config.clone()).to_string().len();
+    if config_len > brume_protocol::MAX_MODULE_CONFIG {
+        return Err(format!("config: {config_len} bytes of JSON, at most {}", brume_protocol::MAX_MODULE_CONFIG));
+    }
+    if let Some(inputs) = inputs {
+        if inputs.is_empty() || inputs.len() > brume_protocol::MAX_MODULE_INPUTS {
+            return Err(format!("inputs: give 1 to {} patterns (or leave it out)", brume_protocol::MAX_MODULE_INPUTS));
+        }
+        for p in inputs {
+            brume_protocol::validate_stream_name(&p.replace(['+', '#'], "x"))
+                .map_err(|e| format!("inputs: {p:?}: {e}"))?;
+            topics::validate_pattern(p).map_err(|e| format!("inputs: {e}"))?;
+        }
+    }
+    Ok(())
+}
+
+/// Checks a selector's label names and values.
+pub(super) fn check_selector(selector: &BTreeMap<String, String>) -> Result<(), String> {
+    for (k, v) in selector {
+        if k.is_empty() || k.len() > 256 || v.len() > 256 {
+            return Err("selector: label names of 1 to 256 bytes, values of at most 256".into());
+        }
+    }
+    Ok(())
 }
 
 /// Per-phase counts and per-agent rows of a deployment.
@@ -349,7 +365,7 @@ fn deployment_json(fleet: &Fleet, d: &Deployment, with_agents: bool) -> serde_js
     v
 }
 
-async fn load_fleet(s: &AppState) -> Result<Fleet, ApiError> {
+pub(super) async fn load_fleet(s: &AppState) -> Result<Fleet, ApiError> {
     let now = crate::clock::now_ms();
     query(&s.store, move |st| super::load(st, now)).await
 }

@@ -5,7 +5,7 @@
 //! * [`plan`] decides, from what the store holds, which modules each agent should run
 //!   and what each rollout does next: pure functions, so every hub decides the same.
 //! * [`http`] is the operator API (`/api/v1/registry/…`, `/api/v1/deployments/…`,
-//!   `/api/v1/fleet/agents`).
+//!   `/api/v1/fleet/agents`); [`reprocess`] its re-processing jobs (`/api/v1/reprocess/…`).
 //! * [`Reconciler`] (one task per hub) drives rollouts and keeps desired states current:
 //!   every `fleet.reconcile_interval`, and at once when poked (an API change, an agent's
 //!   report). It writes a desired state to the store only when it changes, which bumps its
@@ -28,18 +28,19 @@
 pub mod http;
 pub mod plan;
 pub mod registry;
+pub mod reprocess;
 
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use brume_protocol::{DesiredModule, topics};
+use brume_protocol::topics;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::FleetConfig;
 use crate::mqtt::MqttHandle;
-use crate::store::fleet::{DeploymentState, StoredDesired};
+use crate::store::fleet::{DeploymentState, DesiredContent, JobAgent, StoredDesired};
 use crate::store::{HubStore, StoreError};
 use plan::{Agent, Fleet, Step};
 
@@ -130,6 +131,10 @@ pub fn load(store: &dyn HubStore, now_ms: i64) -> Result<Fleet, StoreError> {
         fleet.agents.insert(s.agent_id.clone(), Agent { id: s.agent_id, labels: s.labels, online });
     }
     fleet.reports = store.reports()?.into_iter().map(|r| (r.report.agent_id.clone(), r.report)).collect();
+    fleet.jobs = store.jobs()?;
+    for a in store.job_agents()? {
+        fleet.job_agents.entry(a.job).or_default().insert(a.agent_id.clone(), a);
+    }
     Ok(fleet)
 }
 
@@ -196,6 +201,7 @@ fn pass(
 ) -> Result<Vec<StoredDesired>, StoreError> {
     let mut fleet = load(store, now_ms)?;
     record_phases(store, &mut fleet)?;
+    record_job_progress(store, &mut fleet)?;
     for i in 0..fleet.deployments.len() {
         advance(store, &mut fleet, i, now_ms)?;
     }
@@ -203,23 +209,29 @@ fn pass(
     // Compared with what the store holds, not with what this hub last wrote: another hub
     // may have written since (from an older or newer view), and the store is the truth.
     // A stored message that does not decode (`None`) is always replaced.
-    let current: HashMap<&str, Option<Vec<DesiredModule>>> =
-        stored.iter().map(|d| (d.agent_id.as_str(), crate::store::fleet::desired_modules(&d.message).ok())).collect();
+    let current: HashMap<&str, Option<DesiredContent>> =
+        stored.iter().map(|d| (d.agent_id.as_str(), crate::store::fleet::desired_content(&d.message).ok())).collect();
     let mut out = Vec::new();
     for agent in fleet.agents.values() {
-        let modules = fleet.desired_for(agent);
-        // An agent no deployment ever included has nothing to be told: no row, no
+        let content = fleet.desired_for(agent);
+        // An agent no deployment or job ever included has nothing to be told: no row, no
         // retained message (a fleet without deployments publishes nothing).
         let unchanged = match current.get(agent.id.as_str()) {
-            Some(Some(m)) => *m == modules,
+            Some(Some(c)) => *c == content,
             Some(None) => false,
-            None => modules.is_empty(),
+            None => content == DesiredContent::default(),
         };
         if unchanged {
             continue;
         }
-        if let Some(sd) = store.set_desired(&agent.id, &modules, now_ms)? {
-            tracing::info!(agent_id = %agent.id, generation = sd.generation, modules = modules.len(), "desired state changed");
+        if let Some(sd) = store.set_desired(&agent.id, &content, now_ms)? {
+            tracing::info!(
+                agent_id = %agent.id,
+                generation = sd.generation,
+                modules = content.modules.len(),
+                jobs = content.reprocess.len(),
+                "desired state changed"
+            );
             c.published.insert(agent.id.clone(), Instant::now());
             out.push(sd);
         }
@@ -257,6 +269,33 @@ fn record_phases(store: &dyn HubStore, fleet: &mut Fleet) -> Result<(), StoreErr
         store.record_phases(&changed)?;
         for (d, a, p, e) in changed {
             fleet.recorded.insert((d, a), (p, e));
+        }
+    }
+    Ok(())
+}
+
+/// Stores what agents reported about the jobs they are in, where it changed. A job's
+/// progress outlives the report (the agent stops reporting a job once it is out of its
+/// desired state).
+fn record_job_progress(store: &dyn HubStore, fleet: &mut Fleet) -> Result<(), StoreError> {
+    let mut changed = Vec::new();
+    for (job, members) in &fleet.job_agents {
+        for (agent, stored) in members {
+            let Some(r) = fleet.reports.get(agent).and_then(|r| r.jobs.iter().find(|r| r.id == *job)) else { continue };
+            let now = JobAgent::from_report(*job, agent, r);
+            // A final phase is never taken back by an older report.
+            if now != *stored && !stored.phase.is_final() {
+                changed.push(now);
+            }
+        }
+    }
+    if !changed.is_empty() {
+        store.record_job_progress(&changed)?;
+        for a in changed {
+            if a.phase.is_final() {
+                tracing::info!(job = a.job, agent_id = %a.agent_id, phase = a.phase.as_str(), readings_in = a.readings_in, readings_out = a.readings_out, error = %a.error, "re-processing job finished on an agent");
+            }
+            fleet.job_agents.entry(a.job).or_default().insert(a.agent_id.clone(), a);
         }
     }
     Ok(())

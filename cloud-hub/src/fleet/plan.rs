@@ -26,13 +26,19 @@
 //! a wave up: they get the version when they come back. When the agents in the waves so
 //! far that failed or rolled back exceed `abort_threshold` of them, the rollout is
 //! aborted, and later waves never get it.
+//!
+//! # Re-processing jobs
+//!
+//! A job lists the agents its selector matched when it was created. It is in an agent's
+//! desired state until the agent reports it done or failed (as last reported, or as
+//! recorded), or an operator cancels it; at most `MAX_REPROCESS_JOBS`, oldest first.
 
 use std::collections::{BTreeMap, HashMap};
 
-use brume_protocol::{DesiredModule, ModuleRef, Phase, Probation, ReportV1};
+use brume_protocol::{DesiredModule, ModuleRef, Phase, Probation, Report, ReprocessJob};
 use sha2::{Digest, Sha256};
 
-use crate::store::fleet::{Deployment, DeploymentState, RegisteredModule};
+use crate::store::fleet::{Deployment, DeploymentState, DesiredContent, Job, JobAgent, RegisteredModule};
 
 /// An agent as the control plane sees it (from its presence messages).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -57,11 +63,15 @@ pub struct Fleet {
     /// Known agents, by id.
     pub agents: BTreeMap<String, Agent>,
     /// Each agent's latest report.
-    pub reports: HashMap<String, ReportV1>,
+    pub reports: HashMap<String, Report>,
     /// The phase each agent last reported for each deployment it is in, as stored:
     /// `(deployment, agent)` → (phase, error). Outlives the report (after a rollback the
     /// agent reports on the previous deployment).
     pub recorded: HashMap<(u64, String), (Phase, String)>,
+    /// Every re-processing job, by id.
+    pub jobs: Vec<Job>,
+    /// Job id → agent → its progress as stored.
+    pub job_agents: HashMap<u64, HashMap<String, JobAgent>>,
 }
 
 /// What a rollout should do next.
@@ -80,8 +90,44 @@ pub enum Step {
 }
 
 impl Fleet {
+    /// What an agent should run: modules by name, and re-processing jobs by id.
+    pub fn desired_for(&self, agent: &Agent) -> DesiredContent {
+        DesiredContent { modules: self.modules_for(agent), reprocess: self.jobs_for(agent) }
+    }
+
+    /// The jobs an agent has yet to finish (see the module docs).
+    fn jobs_for(&self, agent: &Agent) -> Vec<ReprocessJob> {
+        let mut out = Vec::new();
+        for j in self.jobs.iter().filter(|j| !j.cancelled) {
+            let Some(member) = self.job_agents.get(&j.id).and_then(|m| m.get(&agent.id)) else { continue };
+            let reported = self.reports.get(&agent.id).and_then(|r| r.jobs.iter().find(|r| r.id == j.id));
+            if member.phase.is_final() || reported.is_some_and(|r| r.phase.is_final()) {
+                continue;
+            }
+            let Some(m) = ModuleRef::parse_sha256(&j.spec.sha256).and_then(|sha| self.registry.get(&sha)) else {
+                tracing::warn!(job = j.id, sha256 = %j.spec.sha256, "job of an unregistered module; skipped");
+                continue;
+            };
+            if out.len() == brume_protocol::MAX_REPROCESS_JOBS {
+                tracing::warn!(agent_id = %agent.id, "more jobs than a desired state carries; the rest wait");
+                break;
+            }
+            out.push(ReprocessJob {
+                id: j.id,
+                module: m.module.clone(),
+                size: m.size,
+                signature: m.signature.clone(),
+                config_json: serde_json::Value::Object(j.spec.config.clone()).to_string(),
+                inputs: j.spec.inputs.clone(),
+                from_ns: j.spec.from_ns,
+                to_ns: j.spec.to_ns,
+            });
+        }
+        out
+    }
+
     /// The modules an agent should run, by name.
-    pub fn desired_for(&self, agent: &Agent) -> Vec<DesiredModule> {
+    fn modules_for(&self, agent: &Agent) -> Vec<DesiredModule> {
         let mut out: BTreeMap<&str, DesiredModule> = BTreeMap::new();
         for d in self.deployments.iter().rev() {
             if out.contains_key(d.spec.module.as_str()) || !self.includes(d, agent) {
@@ -278,7 +324,7 @@ mod tests {
     fn report(f: &mut Fleet, agent: &str, deployment: u64, phase: Phase) {
         f.reports.insert(
             agent.into(),
-            ReportV1 {
+            Report {
                 agent_id: agent.into(),
                 sent_ms: 0,
                 generation: 1,
@@ -292,12 +338,13 @@ mod tests {
                     batches_ok: 0,
                     batches_failed: 0,
                 }],
+                jobs: Vec::new(),
             },
         );
     }
 
     fn versions(f: &Fleet, agent: &str) -> Vec<String> {
-        f.desired_for(&f.agents[agent]).iter().map(|m| m.module.version.clone()).collect()
+        f.desired_for(&f.agents[agent]).modules.iter().map(|m| m.module.version.clone()).collect()
     }
 
     #[test]
@@ -313,7 +360,7 @@ mod tests {
         assert_eq!(versions(&f, "a1"), ["2"], "in the rolling wave");
         assert_eq!(versions(&f, "a2"), ["1"], "not yet: keeps the done deployment's version");
         assert!(versions(&f, "b1").is_empty(), "selector does not match");
-        let d = f.desired_for(&f.agents["a1"]).remove(0);
+        let d = f.desired_for(&f.agents["a1"]).modules.remove(0);
         assert_eq!((d.deployment, d.signature.as_str(), d.size, d.probation.duration_s), (2, "sig-2", 10, 10));
 
         // Aborted: everyone falls back to the older deployment.

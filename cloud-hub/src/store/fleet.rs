@@ -7,7 +7,7 @@
 
 use std::collections::BTreeMap;
 
-use brume_protocol::{DesiredModule, ModuleRef, ReportV1};
+use brume_protocol::{DesiredModule, JobPhase, ModuleRef, Report, ReprocessJob};
 use serde::{Deserialize, Serialize};
 
 use super::StoreError;
@@ -144,10 +144,16 @@ pub struct DeploymentSpec {
 impl DeploymentSpec {
     /// Does an agent with this id and these labels match the selector?
     pub fn selects(&self, agent_id: &str, labels: &[(String, String)]) -> bool {
-        self.selector.iter().all(|(k, v)| {
-            if k == "agent_id" { agent_id == v } else { labels.iter().any(|(lk, lv)| lk == k && lv == v) }
-        })
+        selector_matches(&self.selector, agent_id, labels)
     }
+}
+
+/// Does an agent with this id and these labels have every label of the selector?
+/// `agent_id` matches the agent's id.
+pub fn selector_matches(selector: &BTreeMap<String, String>, agent_id: &str, labels: &[(String, String)]) -> bool {
+    selector
+        .iter()
+        .all(|(k, v)| if k == "agent_id" { agent_id == v } else { labels.iter().any(|(lk, lv)| lk == k && lv == v) })
 }
 
 /// Where a rollout is.
@@ -241,9 +247,91 @@ pub struct DeploymentAgent {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StoredReport {
     /// The report.
-    pub report: ReportV1,
+    pub report: Report,
     /// Hub time of receipt, ms since the Unix epoch.
     pub received_ms: i64,
+}
+
+/// What an operator asked to re-process: run this build over the readings the selected
+/// agents kept from `[from_ns, to_ns)`. Stored as JSON (`reprocess_jobs.spec`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JobSpec {
+    /// Module name.
+    pub module: String,
+    /// Version.
+    pub version: String,
+    /// Hex sha256 of the registered build.
+    pub sha256: String,
+    /// The module's configuration (a JSON object).
+    pub config: serde_json::Map<String, serde_json::Value>,
+    /// Input patterns replacing the manifest's, if set.
+    pub inputs: Option<Vec<String>>,
+    /// Label equalities the agents had when the job was created (see
+    /// [`DeploymentSpec::selects`]).
+    pub selector: BTreeMap<String, String>,
+    /// Start of the range (inclusive), ns since the Unix epoch.
+    pub from_ns: i64,
+    /// End of the range (exclusive), ns since the Unix epoch.
+    pub to_ns: i64,
+}
+
+/// A re-processing job.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Job {
+    /// Assigned by the store, increasing.
+    pub id: u64,
+    /// What was asked for.
+    pub spec: JobSpec,
+    /// Cancelled by an operator: no agent starts it, running ones stop where they are.
+    pub cancelled: bool,
+    /// When it was created, ms since the Unix epoch.
+    pub created_ms: i64,
+    /// When it was last changed (cancelled), ms since the Unix epoch.
+    pub updated_ms: i64,
+}
+
+/// One agent's part of a job, as it last reported it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JobAgent {
+    /// The job.
+    pub job: u64,
+    /// The agent.
+    pub agent_id: String,
+    /// How far it got.
+    pub phase: JobPhase,
+    /// Input readings processed.
+    pub readings_in: u64,
+    /// Output readings committed on the agent.
+    pub readings_out: u64,
+    /// Batches the build failed on.
+    pub batches_failed: u64,
+    /// Why it failed, or the last batch error.
+    pub error: String,
+}
+
+impl JobAgent {
+    /// The row for an agent's report of a job.
+    pub fn from_report(job: u64, agent_id: &str, r: &brume_protocol::JobReport) -> JobAgent {
+        JobAgent {
+            job,
+            agent_id: agent_id.to_owned(),
+            phase: r.phase,
+            readings_in: r.readings_in,
+            readings_out: r.readings_out,
+            batches_failed: r.batches_failed,
+            error: r.error.clone(),
+        }
+    }
+}
+
+/// What a desired state holds besides its agent, generation and issue time.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DesiredContent {
+    /// Modules from deployments, by name.
+    pub modules: Vec<DesiredModule>,
+    /// Re-processing jobs, by id.
+    pub reprocess: Vec<ReprocessJob>,
 }
 
 /// An agent's current desired state as stored.
@@ -301,13 +389,13 @@ pub trait FleetStore {
     /// `(deployment, agent_id, phase, error)`.
     fn record_phases(&self, phases: &[(u64, String, brume_protocol::Phase, String)]) -> Result<(), StoreError>;
 
-    /// Makes `modules` the agent's desired state. If it differs from the stored one, the
+    /// Makes `content` the agent's desired state. If it differs from the stored one, the
     /// generation grows by one and the new message (with `issued_ms`) is stored and
     /// returned; if it is the same, nothing changes and `None` is returned.
     fn set_desired(
         &self,
         agent_id: &str,
-        modules: &[DesiredModule],
+        content: &DesiredContent,
         issued_ms: i64,
     ) -> Result<Option<StoredDesired>, StoreError>;
 
@@ -316,28 +404,91 @@ pub trait FleetStore {
 
     /// Records an agent's report unless the stored one is newer (greater generation, or
     /// same generation and later `sent_ms`).
-    fn record_report(&self, report: &ReportV1, received_ms: i64) -> Result<(), StoreError>;
+    fn record_report(&self, report: &Report, received_ms: i64) -> Result<(), StoreError>;
 
     /// Every agent's latest report, by agent.
     fn reports(&self) -> Result<Vec<StoredReport>, StoreError>;
+
+    /// Creates a re-processing job for `agents` (each `pending`) and returns it.
+    fn create_job(&self, spec: &JobSpec, agents: &[String], now_ms: i64) -> Result<Job, StoreError>;
+
+    /// Every job, by id.
+    fn jobs(&self) -> Result<Vec<Job>, StoreError>;
+
+    /// Every agent of every job, by job, then agent.
+    fn job_agents(&self) -> Result<Vec<JobAgent>, StoreError>;
+
+    /// Records what agents reported about their jobs (rows of jobs they are not in are
+    /// ignored).
+    fn record_job_progress(&self, progress: &[JobAgent]) -> Result<(), StoreError>;
+
+    /// Cancels a job; returns it, or `None` if there is no such job.
+    fn cancel_job(&self, id: u64, now_ms: i64) -> Result<Option<Job>, StoreError>;
 }
 
-/// The modules of a stored desired-state message, to compare with a new set.
-pub(crate) fn desired_modules(message: &[u8]) -> Result<Vec<DesiredModule>, StoreError> {
+/// What a stored desired-state message holds, to compare with a new one.
+pub(crate) fn desired_content(message: &[u8]) -> Result<DesiredContent, StoreError> {
     brume_protocol::DesiredState::decode(message)
-        .map(|d| d.modules)
+        .map(|d| DesiredContent { modules: d.modules, reprocess: d.reprocess })
         .map_err(|e| StoreError::Corrupt(format!("stored desired state does not decode: {e}")))
 }
 
-/// The message for a new generation.
-pub(crate) fn desired_message(agent_id: &str, generation: u64, issued_ms: i64, modules: &[DesiredModule]) -> Vec<u8> {
-    brume_protocol::DesiredState::V1(brume_protocol::DesiredV1 {
+/// The message for a new generation (version 1 unless it has jobs).
+pub(crate) fn desired_message(agent_id: &str, generation: u64, issued_ms: i64, content: &DesiredContent) -> Vec<u8> {
+    brume_protocol::DesiredState::for_desired(brume_protocol::Desired {
         agent_id: agent_id.to_owned(),
         generation,
         issued_ms,
-        modules: modules.to_vec(),
+        modules: content.modules.clone(),
+        reprocess: content.reprocess.clone(),
     })
     .encode()
+}
+
+/// A job from its stored columns.
+pub(crate) fn job_row(
+    id: i64,
+    spec: &str,
+    cancelled: bool,
+    created_ms: i64,
+    updated_ms: i64,
+) -> Result<Job, StoreError> {
+    Ok(Job {
+        id: id as u64,
+        spec: serde_json::from_str(spec)
+            .map_err(|e| StoreError::Corrupt(format!("job {id}: stored spec does not parse: {e}")))?,
+        cancelled,
+        created_ms,
+        updated_ms,
+    })
+}
+
+/// A job agent from its stored columns.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn job_agent_row(
+    job: i64,
+    agent_id: String,
+    phase: &str,
+    readings_in: i64,
+    readings_out: i64,
+    batches_failed: i64,
+    error: String,
+) -> Result<JobAgent, StoreError> {
+    Ok(JobAgent {
+        job: job as u64,
+        agent_id,
+        phase: JobPhase::parse(phase)
+            .ok_or_else(|| StoreError::Corrupt(format!("unknown job phase {phase:?} in reprocess_agents")))?,
+        readings_in: readings_in.max(0) as u64,
+        readings_out: readings_out.max(0) as u64,
+        batches_failed: batches_failed.max(0) as u64,
+        error,
+    })
+}
+
+/// The JSON text of a job spec, as stored.
+pub(crate) fn job_spec_json(spec: &JobSpec) -> String {
+    serde_json::to_string(spec).expect("a job spec always serialises")
 }
 
 /// A stored report.

@@ -106,6 +106,7 @@ pub const MIGRATIONS: &[(i32, &str)] = &[
     (5, SCHEMA_V5),
     (6, SCHEMA_V6),
     (7, fleet::SCHEMA_V7),
+    (8, fleet::SCHEMA_V8),
 ];
 
 /// Newest schema version this build knows.

@@ -1,6 +1,6 @@
 //! [`HubStore`] on one SQLite file (`data_dir/hub.db`).
 //!
-//! # Schema (version 6, `PRAGMA user_version`)
+//! # Schema (version 7, `PRAGMA user_version`)
 //!
 //! * `batches(agent_id, epoch, seq, readings, created_ms, received_ms)`, primary key
 //!   `(agent_id, epoch, seq)`: the dedup key. A batch's readings are inserted in the
@@ -25,6 +25,8 @@
 //!   batches acknowledged without being stored, with their raw bytes (`crate::ingest`).
 //! * `module_registry`, `deployments`, `deployment_agents`, `desired`, `reports` (v6): the
 //!   control plane (`super::fleet`, implemented in `sqlite/fleet.rs`).
+//! * `reprocess_jobs`, `reprocess_agents` (v7): re-processing jobs and each agent's
+//!   progress on them (`sqlite/fleet.rs`).
 //!
 //! Epochs are random `u64`s; SQLite integers are `i64`. They are stored with the sign
 //! bit flipped ([`epoch_to_sql`]) so that SQLite's integer order is the `u64` order the
@@ -60,7 +62,7 @@ use super::{
 };
 
 /// Schema version this build writes and understands.
-pub const SCHEMA_VERSION: i64 = 6;
+pub const SCHEMA_VERSION: i64 = 7;
 
 /// One page of a stream's readings after a cursor: `?1` stream id, `?2` exclusive upper
 /// bound on `ts_ns`, `?3` row limit, `?4..?8` the cursor. No lower bound on `ts_ns`: the
@@ -290,6 +292,9 @@ fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
     }
     if version < 6 {
         tx.execute_batch(fleet::SCHEMA_V6).map_err(sql("creating schema v6"))?;
+    }
+    if version < 7 {
+        tx.execute_batch(fleet::SCHEMA_V7).map_err(sql("creating schema v7"))?;
     }
     // Later versions add `if version < N { ... }` steps here, in order.
     tx.pragma_update(None, "user_version", SCHEMA_VERSION).map_err(sql("writing user_version"))?;

@@ -49,6 +49,7 @@ macro_rules! store_suite {
             deployments_update_only_from_the_revision_read,
             desired_generation_grows_only_on_change_and_survives_reopen,
             reports_keep_the_newest,
+            jobs_keep_their_agents_and_progress,
         );
     };
     (@tests $fixture:ty; $($name:ident),* $(,)?) => {
@@ -904,30 +905,96 @@ pub(crate) fn desired_generation_grows_only_on_change_and_survives_reopen(f: &im
         deployment: 1,
         probation: brume_protocol::Probation { duration_s: 0, max_failed_batches: 0 },
     };
-    let first = store.set_desired("a", std::slice::from_ref(&m), 10).unwrap().expect("new");
+    let content = |modules: &[brume_protocol::DesiredModule]| super::fleet::DesiredContent {
+        modules: modules.to_vec(),
+        reprocess: vec![],
+    };
+    let first = store.set_desired("a", &content(std::slice::from_ref(&m)), 10).unwrap().expect("new");
     assert_eq!(first.generation, 1);
     let decoded = brume_protocol::DesiredState::decode(&first.message).unwrap();
     assert_eq!((decoded.agent_id.as_str(), decoded.generation, decoded.issued_ms), ("a", 1, 10));
-    assert_eq!(store.set_desired("a", std::slice::from_ref(&m), 20).unwrap(), None, "unchanged: same generation");
-    let second = store.set_desired("a", &[], 30).unwrap().expect("changed");
+    assert_eq!(first.message[0], 0, "without jobs, version 1: agents that predate jobs take it");
+    assert_eq!(store.set_desired("a", &content(std::slice::from_ref(&m)), 20).unwrap(), None, "unchanged");
+    let second = store.set_desired("a", &content(&[]), 30).unwrap().expect("changed");
     assert_eq!(second.generation, 2);
-    assert_eq!(store.set_desired("b", &[], 30).unwrap().unwrap().generation, 1);
+    assert_eq!(store.set_desired("b", &content(&[]), 30).unwrap().unwrap().generation, 1);
     drop(store);
     let store = f.open();
     let all = store.desired_states().unwrap();
     assert_eq!(all.iter().map(|d| (d.agent_id.as_str(), d.generation)).collect::<Vec<_>>(), [("a", 2), ("b", 1)]);
     assert_eq!(all[0], second);
-    assert_eq!(store.set_desired("a", &[m], 40).unwrap().unwrap().generation, 3);
+    assert_eq!(store.set_desired("a", &content(std::slice::from_ref(&m)), 40).unwrap().unwrap().generation, 3);
+    // A job is a change too, and the message becomes version 2.
+    let job = brume_protocol::ReprocessJob {
+        id: 1,
+        module: m.module.clone(),
+        size: 1,
+        signature: "s".into(),
+        config_json: "{}".into(),
+        inputs: None,
+        from_ns: 1,
+        to_ns: 2,
+    };
+    let with_job = super::fleet::DesiredContent { modules: vec![m], reprocess: vec![job] };
+    let fourth = store.set_desired("a", &with_job, 50).unwrap().expect("a job is a change");
+    assert_eq!((fourth.generation, fourth.message[0]), (4, 1));
+    assert_eq!(brume_protocol::DesiredState::decode(&fourth.message).unwrap().reprocess, with_job.reprocess);
+    assert_eq!(store.set_desired("a", &with_job, 60).unwrap(), None);
+}
+
+pub(crate) fn jobs_keep_their_agents_and_progress(f: &impl Fixture) {
+    use super::fleet::{FleetStore, JobAgent, JobSpec};
+    use brume_protocol::JobPhase;
+    let store = f.open();
+    let spec = JobSpec {
+        module: "thr".into(),
+        version: "2".into(),
+        sha256: "ab".repeat(32),
+        config: Default::default(),
+        inputs: Some(vec!["t/#".into()]),
+        selector: [("site".to_string(), "x".to_string())].into(),
+        from_ns: 10,
+        to_ns: 20,
+    };
+    let j = store.create_job(&spec, &["a".into(), "b".into()], 5).unwrap();
+    let k = store.create_job(&spec, &["c".into()], 6).unwrap();
+    assert!(k.id > j.id);
+    assert_eq!((j.spec.clone(), j.cancelled, j.created_ms), (spec.clone(), false, 5));
+    let agents = store.job_agents().unwrap();
+    assert_eq!(
+        agents.iter().map(|a| (a.job, a.agent_id.as_str(), a.phase)).collect::<Vec<_>>(),
+        [(j.id, "a", JobPhase::Pending), (j.id, "b", JobPhase::Pending), (k.id, "c", JobPhase::Pending)]
+    );
+    let done = JobAgent {
+        job: j.id,
+        agent_id: "b".into(),
+        phase: JobPhase::Done,
+        readings_in: 100,
+        readings_out: 7,
+        batches_failed: 1,
+        error: "x\0".into(),
+    };
+    let stranger = JobAgent { agent_id: "zz".into(), ..done.clone() };
+    store.record_job_progress(&[done.clone(), stranger]).unwrap();
+    assert_eq!(store.cancel_job(k.id, 9).unwrap().map(|k| (k.cancelled, k.updated_ms)), Some((true, 9)));
+    assert_eq!(store.cancel_job(999, 9).unwrap(), None);
+    drop(store);
+    let store = f.open();
+    let agents = store.job_agents().unwrap();
+    assert_eq!(agents.len(), 3, "progress of agents not in the job is not recorded");
+    assert_eq!(agents[1], JobAgent { error: "x\\u{0}".into(), ..done });
+    assert_eq!(store.jobs().unwrap().iter().map(|j| j.cancelled).collect::<Vec<_>>(), [false, true]);
 }
 
 pub(crate) fn reports_keep_the_newest(f: &impl Fixture) {
     use super::fleet::FleetStore;
     let store = f.open();
-    let report = |generation: u64, sent_ms: i64| brume_protocol::ReportV1 {
+    let report = |generation: u64, sent_ms: i64| brume_protocol::Report {
         agent_id: "a".into(),
         sent_ms,
         generation,
         modules: vec![],
+        jobs: vec![],
     };
     store.record_report(&report(2, 50), 1).unwrap();
     store.record_report(&report(1, 90), 2).unwrap(); // an older generation, sent later: stale

@@ -5,7 +5,7 @@
 use std::time::{Duration, Instant};
 
 use brume_protocol::{
-    AgentReport, AgentStatus, DesiredState, DesiredV1, ModuleReport, Phase, ReportV1, StatusV1, topics,
+    AgentReport, AgentStatus, Desired, DesiredState, ModuleReport, Phase, ReportV1, StatusV1, topics,
 };
 use brume_signing::SecretKey;
 use brume_test_support::{built_module_bytes, with_version};
@@ -110,7 +110,7 @@ async fn registry_refuses_unsigned_untrusted_tampered_and_overwrites() {
 struct FleetAgent {
     id: String,
     client: AsyncClient,
-    desired: mpsc::UnboundedReceiver<DesiredV1>,
+    desired: mpsc::UnboundedReceiver<Desired>,
 }
 
 impl FleetAgent {
@@ -154,11 +154,11 @@ impl FleetAgent {
     }
 
     /// The next desired state with a module list (skips nothing: asserts order).
-    async fn next_desired(&mut self) -> DesiredV1 {
+    async fn next_desired(&mut self) -> Desired {
         tokio::time::timeout(DEADLINE, self.desired.recv()).await.expect("no desired state").unwrap()
     }
 
-    async fn report(&self, generation: u64, d: &DesiredV1, phase: Phase) {
+    async fn report(&self, generation: u64, d: &Desired, phase: Phase) {
         let r = AgentReport::V1(ReportV1 {
             agent_id: self.id.clone(),
             sent_ms: brume_now_ms(),

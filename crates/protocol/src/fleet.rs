@@ -11,6 +11,13 @@
 //!   agent has applied and, per module, what runs and how far the deployment got on this
 //!   agent, sent whenever that changes.
 //!
+//! Version 2 of both adds **re-processing jobs**: the hub asks an agent to run a module
+//! build over the readings it kept from a past time range ([`ReprocessJob`]); the agent
+//! forwards the results as a re-processed variant of each output stream
+//! (`crate::variant_stream`) and reports each job's progress ([`JobReport`]). Hubs send
+//! version 1 while an agent has no job, and agents report version 1 while they have none,
+//! so either side can be upgraded first.
+//!
 //! Modules themselves are not carried here: the agent downloads them from a hub's HTTP
 //! API by sha256 and checks the digest and the publisher's signature before it runs them.
 
@@ -29,13 +36,21 @@ pub const MAX_MODULE_INPUTS: usize = 64;
 pub const MAX_SIGNATURE_TEXT: usize = 256;
 /// Longest error text in a report, bytes.
 pub const MAX_REPORT_ERROR: usize = 1024;
+/// Most re-processing jobs in one desired state or report.
+pub const MAX_REPROCESS_JOBS: usize = 16;
 
 /// The modules an agent should run. Versioned envelope.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum DesiredState {
     /// Version 1.
     V1(DesiredV1),
+    /// Version 2: version 1 plus re-processing jobs.
+    V2(DesiredV2),
 }
+
+/// The desired state as this build uses it: [`DesiredState::decode`] returns every
+/// version as this.
+pub type Desired = DesiredV2;
 
 /// Version 1 of the desired state.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -50,6 +65,63 @@ pub struct DesiredV1 {
     /// Every module the agent should run from deployments, by name (strictly ascending,
     /// unique). Modules from the agent's own config are not listed and not touched.
     pub modules: Vec<DesiredModule>,
+}
+
+/// Version 2 of the desired state: [`DesiredV1`] plus re-processing jobs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DesiredV2 {
+    /// The agent it is for. Must match the topic.
+    pub agent_id: String,
+    /// See [`DesiredV1::generation`]; grows with every change of modules or jobs.
+    pub generation: u64,
+    /// When the hub computed it, ms since the Unix epoch.
+    pub issued_ms: i64,
+    /// See [`DesiredV1::modules`].
+    pub modules: Vec<DesiredModule>,
+    /// Re-processing jobs the agent has not finished (by id, strictly ascending). A job
+    /// no longer listed is not started, or is stopped where it is.
+    pub reprocess: Vec<ReprocessJob>,
+}
+
+impl From<DesiredV1> for DesiredV2 {
+    fn from(d: DesiredV1) -> Self {
+        DesiredV2 {
+            agent_id: d.agent_id,
+            generation: d.generation,
+            issued_ms: d.issued_ms,
+            modules: d.modules,
+            reprocess: Vec::new(),
+        }
+    }
+}
+
+/// Run a module build over the readings an agent kept from a past time range.
+///
+/// The agent feeds the build, with fresh state, every reading of its input streams with
+/// a timestamp in `[from_ns, to_ns)` that the store holds when the job starts, in the
+/// order they were stored, and forwards its outputs as the re-processed variant of each
+/// output stream for this build (`crate::variant_stream`), so the hub keeps them beside
+/// the originals. Outputs, progress and state are committed together, so a job resumes
+/// after a crash without repeating or losing a result. It runs beside the live modules
+/// and never touches their progress.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReprocessJob {
+    /// The hub's job id.
+    pub id: u64,
+    /// The build to run.
+    pub module: ModuleRef,
+    /// Size of the `.wasm` file, bytes.
+    pub size: u64,
+    /// The publisher's signature.
+    pub signature: String,
+    /// The module's configuration as a JSON object.
+    pub config_json: String,
+    /// Input patterns replacing the manifest's, if set.
+    pub inputs: Option<Vec<String>>,
+    /// Start of the range (inclusive), ns since the Unix epoch.
+    pub from_ns: i64,
+    /// End of the range (exclusive), ns since the Unix epoch.
+    pub to_ns: i64,
 }
 
 /// One module an agent should run.
@@ -93,9 +165,27 @@ impl DesiredState {
         postcard::to_stdvec(self).expect("encoding to a Vec cannot fail")
     }
 
-    /// Decodes and validates a message.
-    pub fn decode(bytes: &[u8]) -> Result<DesiredV1, DecodeError> {
-        let DesiredState::V1(d) = decode_exact(bytes)?;
+    /// The message for a desired state: version 1 when it has no job (agents that
+    /// predate jobs keep working), version 2 otherwise.
+    pub fn for_desired(d: Desired) -> DesiredState {
+        if d.reprocess.is_empty() {
+            DesiredState::V1(DesiredV1 {
+                agent_id: d.agent_id,
+                generation: d.generation,
+                issued_ms: d.issued_ms,
+                modules: d.modules,
+            })
+        } else {
+            DesiredState::V2(d)
+        }
+    }
+
+    /// Decodes and validates a message of any version.
+    pub fn decode(bytes: &[u8]) -> Result<Desired, DecodeError> {
+        let d: Desired = match decode_exact(bytes)? {
+            DesiredState::V1(d) => d.into(),
+            DesiredState::V2(d) => d,
+        };
         validate_agent_id(&d.agent_id)?;
         if d.modules.len() > MAX_FLEET_MODULES {
             return Err(invalid("desired modules", format!("{} listed, at most {MAX_FLEET_MODULES}", d.modules.len())));
@@ -106,31 +196,57 @@ impl DesiredState {
             }
         }
         for m in &d.modules {
-            validate_module_ref(&m.module)?;
-            if m.signature.len() > MAX_SIGNATURE_TEXT {
-                return Err(invalid("signature", format!("{} bytes, at most {MAX_SIGNATURE_TEXT}", m.signature.len())));
+            validate_build(&m.module, &m.signature, &m.config_json, m.inputs.as_deref())?;
+        }
+        if d.reprocess.len() > MAX_REPROCESS_JOBS {
+            return Err(invalid(
+                "reprocess jobs",
+                format!("{} listed, at most {MAX_REPROCESS_JOBS}", d.reprocess.len()),
+            ));
+        }
+        for w in d.reprocess.windows(2) {
+            if w[0].id >= w[1].id {
+                return Err(invalid("reprocess jobs", "ids must be unique and in ascending order"));
             }
-            if m.config_json.len() > MAX_MODULE_CONFIG {
+        }
+        for j in &d.reprocess {
+            validate_build(&j.module, &j.signature, &j.config_json, j.inputs.as_deref())?;
+            if j.from_ns >= j.to_ns {
                 return Err(invalid(
-                    "module config",
-                    format!("{} bytes, at most {MAX_MODULE_CONFIG}", m.config_json.len()),
+                    "reprocess range",
+                    format!("job {}: from {} is not before to {}", j.id, j.from_ns, j.to_ns),
                 ));
-            }
-            if let Some(inputs) = &m.inputs {
-                if inputs.len() > MAX_MODULE_INPUTS {
-                    return Err(invalid(
-                        "module inputs",
-                        format!("{} given, at most {MAX_MODULE_INPUTS}", inputs.len()),
-                    ));
-                }
-                for p in inputs {
-                    validate_name("module input", p, crate::limits::MAX_STREAM_NAME)?;
-                    topics::validate_pattern(p).map_err(|why| invalid("module input", why))?;
-                }
             }
         }
         Ok(d)
     }
+}
+
+/// Checks what the agent is asked to run: the build's names, signature text, config size
+/// and input patterns.
+fn validate_build(
+    module: &ModuleRef,
+    signature: &str,
+    config_json: &str,
+    inputs: Option<&[String]>,
+) -> Result<(), DecodeError> {
+    validate_module_ref(module)?;
+    if signature.len() > MAX_SIGNATURE_TEXT {
+        return Err(invalid("signature", format!("{} bytes, at most {MAX_SIGNATURE_TEXT}", signature.len())));
+    }
+    if config_json.len() > MAX_MODULE_CONFIG {
+        return Err(invalid("module config", format!("{} bytes, at most {MAX_MODULE_CONFIG}", config_json.len())));
+    }
+    if let Some(inputs) = inputs {
+        if inputs.len() > MAX_MODULE_INPUTS {
+            return Err(invalid("module inputs", format!("{} given, at most {MAX_MODULE_INPUTS}", inputs.len())));
+        }
+        for p in inputs {
+            validate_name("module input", p, crate::limits::MAX_STREAM_NAME)?;
+            topics::validate_pattern(p).map_err(|why| invalid("module input", why))?;
+        }
+    }
+    Ok(())
 }
 
 /// Module names and versions go to text columns and file names: the name rule, plus no
@@ -141,6 +257,9 @@ pub fn validate_module_ref(m: &ModuleRef) -> Result<(), DecodeError> {
     if m.name.contains(['/', '\\']) || m.name == "." || m.name == ".." {
         return Err(invalid("module name", format!("{:?} must not contain a path separator", m.name)));
     }
+    if m.name.starts_with('#') {
+        return Err(invalid("module name", format!("{:?}: names starting with '#' are reserved", m.name)));
+    }
     Ok(())
 }
 
@@ -149,6 +268,98 @@ pub fn validate_module_ref(m: &ModuleRef) -> Result<(), DecodeError> {
 pub enum AgentReport {
     /// Version 1.
     V1(ReportV1),
+    /// Version 2: version 1 plus re-processing jobs.
+    V2(ReportV2),
+}
+
+/// The report as this build uses it: [`AgentReport::decode`] returns every version as
+/// this.
+pub type Report = ReportV2;
+
+/// Version 2 of the report: [`ReportV1`] plus the jobs of the desired state.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReportV2 {
+    /// The agent's id. Must match the topic.
+    pub agent_id: String,
+    /// When it was made, ms since the Unix epoch (agent clock; orders reports).
+    pub sent_ms: i64,
+    /// The last desired-state generation the agent applied (0: none yet).
+    pub generation: u64,
+    /// One entry per module from deployments, by name.
+    pub modules: Vec<ModuleReport>,
+    /// One entry per job of the desired state applied, by id.
+    pub jobs: Vec<JobReport>,
+}
+
+impl From<ReportV1> for ReportV2 {
+    fn from(r: ReportV1) -> Self {
+        ReportV2 {
+            agent_id: r.agent_id,
+            sent_ms: r.sent_ms,
+            generation: r.generation,
+            modules: r.modules,
+            jobs: Vec::new(),
+        }
+    }
+}
+
+/// How far a re-processing job got on one agent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum JobPhase {
+    /// Not started yet.
+    Pending,
+    /// The build is being downloaded and verified.
+    Downloading,
+    /// Running over the range.
+    Running,
+    /// Every reading of the range was processed and its results committed (forwarding
+    /// them to the hub goes on like any other reading's).
+    Done,
+    /// Stopped: the build could not be downloaded, verified or loaded, or failed on too
+    /// many batches; `error` says why.
+    Failed,
+}
+
+impl JobPhase {
+    /// Stable lower-case name for APIs and storage.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobPhase::Pending => "pending",
+            JobPhase::Downloading => "downloading",
+            JobPhase::Running => "running",
+            JobPhase::Done => "done",
+            JobPhase::Failed => "failed",
+        }
+    }
+
+    /// Parses [`as_str`](Self::as_str).
+    pub fn parse(s: &str) -> Option<JobPhase> {
+        [JobPhase::Pending, JobPhase::Downloading, JobPhase::Running, JobPhase::Done, JobPhase::Failed]
+            .into_iter()
+            .find(|p| p.as_str() == s)
+    }
+
+    /// Done or failed: the agent will not work on it again.
+    pub fn is_final(self) -> bool {
+        matches!(self, JobPhase::Done | JobPhase::Failed)
+    }
+}
+
+/// One re-processing job in a report.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JobReport {
+    /// The hub's job id.
+    pub id: u64,
+    /// How far it got.
+    pub phase: JobPhase,
+    /// Input readings processed so far.
+    pub readings_in: u64,
+    /// Output readings committed so far.
+    pub readings_out: u64,
+    /// Batches the build failed on (skipped).
+    pub batches_failed: u64,
+    /// Why it failed; the last batch error otherwise; empty if none.
+    pub error: String,
 }
 
 /// Version 1 of the report.
@@ -240,9 +451,27 @@ impl AgentReport {
         postcard::to_stdvec(self).expect("encoding to a Vec cannot fail")
     }
 
-    /// Decodes and validates a message.
-    pub fn decode(bytes: &[u8]) -> Result<ReportV1, DecodeError> {
-        let AgentReport::V1(r) = decode_exact(bytes)?;
+    /// The message for a report: version 1 when it has no job (hubs that predate jobs
+    /// keep taking it), version 2 otherwise.
+    pub fn for_report(r: Report) -> AgentReport {
+        if r.jobs.is_empty() {
+            AgentReport::V1(ReportV1 {
+                agent_id: r.agent_id,
+                sent_ms: r.sent_ms,
+                generation: r.generation,
+                modules: r.modules,
+            })
+        } else {
+            AgentReport::V2(r)
+        }
+    }
+
+    /// Decodes and validates a message of any version.
+    pub fn decode(bytes: &[u8]) -> Result<Report, DecodeError> {
+        let r: Report = match decode_exact(bytes)? {
+            AgentReport::V1(r) => r.into(),
+            AgentReport::V2(r) => r,
+        };
         validate_agent_id(&r.agent_id)?;
         if r.modules.len() > MAX_FLEET_MODULES {
             return Err(invalid("report modules", format!("{} listed, at most {MAX_FLEET_MODULES}", r.modules.len())));
@@ -255,6 +484,14 @@ impl AgentReport {
             }
             if m.error.len() > MAX_REPORT_ERROR {
                 return Err(invalid("report error", format!("{} bytes, at most {MAX_REPORT_ERROR}", m.error.len())));
+            }
+        }
+        if r.jobs.len() > MAX_REPROCESS_JOBS {
+            return Err(invalid("report jobs", format!("{} listed, at most {MAX_REPROCESS_JOBS}", r.jobs.len())));
+        }
+        for j in &r.jobs {
+            if j.error.len() > MAX_REPORT_ERROR {
+                return Err(invalid("report error", format!("{} bytes, at most {MAX_REPORT_ERROR}", j.error.len())));
             }
         }
         Ok(r)

@@ -291,6 +291,57 @@ pub enum AgentMessage {
     BatchV1(BatchV1),
     /// Version 2 batch: with module lineage.
     BatchV2(BatchV2),
+    /// Version 3 batch: the same fields as version 2, and stream names (of chunks and
+    /// losses) may name a **re-processed variant** of a stream, `<stream>#<sha256 hex>`
+    /// ([`variant_stream`]): results of re-running that module build over past readings,
+    /// which the hub stores beside the stream, not in it. A chunk of a variant must have
+    /// lineage naming the same build. Agents send version 2 when a batch has no variant.
+    BatchV3(BatchV2),
+}
+
+/// Separates a stream name from the build of its re-processed variant
+/// (`temp.alarm#<sha256 hex>`). Stream names never contain it ([`validate_stream_name`]
+/// refuses `#`), so a variant never collides with a stream.
+pub const VARIANT_SEP: char = '#';
+
+/// The name of the re-processed variant of `stream` computed by the build `sha256`.
+pub fn variant_stream(stream: &str, sha256: &[u8; 32]) -> String {
+    let mut s = String::with_capacity(stream.len() + 65);
+    s.push_str(stream);
+    s.push(VARIANT_SEP);
+    for b in sha256 {
+        s.push_str(&format!("{b:02x}"));
+    }
+    s
+}
+
+/// Splits a stored stream name into the stream and, for a re-processed variant, the
+/// build's sha256 as hex (not validated; see [`validate_variant_name`]).
+pub fn split_variant(name: &str) -> (&str, Option<&str>) {
+    match name.split_once(VARIANT_SEP) {
+        Some((base, build)) => (base, Some(build)),
+        None => (name, None),
+    }
+}
+
+/// Checks a stream name that may be a re-processed variant: a valid stream name,
+/// optionally followed by `#` and 64 lower-case hex digits. Returns the build, if any.
+pub fn validate_variant_name(name: &str) -> Result<Option<[u8; 32]>, DecodeError> {
+    let (base, build) = split_variant(name);
+    validate_stream_name(base)?;
+    match build {
+        None => Ok(None),
+        Some(hex) => {
+            let lower = hex.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
+            match ModuleRef::parse_sha256(hex).filter(|_| lower) {
+                Some(sha) => Ok(Some(sha)),
+                None => Err(invalid(
+                    "stream name",
+                    format!("{name:?}: a re-processed variant is `<stream>#<64 lower-case hex digits>`"),
+                )),
+            }
+        }
+    }
 }
 
 /// The hub's acknowledgement: these batches are durably committed (or were already).
@@ -584,7 +635,7 @@ impl AgentMessage {
         let msg: AgentMessage = decode_exact(bytes)?;
         let (agent_id, seq, streams, losses) = match &msg {
             AgentMessage::BatchV1(b) => (&b.agent_id, b.seq, &b.streams, &b.losses),
-            AgentMessage::BatchV2(b) => {
+            AgentMessage::BatchV2(b) | AgentMessage::BatchV3(b) => {
                 validate_lineage(b)?;
                 (&b.agent_id, b.seq, &b.streams, &b.losses)
             }
@@ -593,14 +644,34 @@ impl AgentMessage {
         if seq == 0 {
             return Err(invalid("batch sequence", "sequence numbers start at 1"));
         }
-        for chunk in streams {
-            validate_stream_name(&chunk.stream)?;
+        let variants = matches!(msg, AgentMessage::BatchV3(_));
+        for (i, chunk) in streams.iter().enumerate() {
+            if variants {
+                if let Some(build) = validate_variant_name(&chunk.stream)? {
+                    let AgentMessage::BatchV3(b) = &msg else { unreachable!("variants only in V3") };
+                    if b.module_of(i).map(|m| m.sha256) != Some(build) {
+                        return Err(invalid(
+                            "stream name",
+                            format!(
+                                "{:?}: a re-processed variant's chunk must have lineage naming that build",
+                                chunk.stream
+                            ),
+                        ));
+                    }
+                }
+            } else {
+                validate_stream_name(&chunk.stream)?;
+            }
             for p in &chunk.points {
                 p.fields.decode()?;
             }
         }
         for l in losses {
-            validate_stream_name(&l.stream)?;
+            if variants {
+                validate_variant_name(&l.stream)?;
+            } else {
+                validate_stream_name(&l.stream)?;
+            }
         }
         Ok(msg)
     }
@@ -613,7 +684,7 @@ impl AgentMessage {
         let msg: AgentMessage = decode_exact(bytes)?;
         let (agent_id, epoch, seq) = match msg {
             AgentMessage::BatchV1(b) => (b.agent_id, b.epoch, b.seq),
-            AgentMessage::BatchV2(b) => (b.agent_id, b.epoch, b.seq),
+            AgentMessage::BatchV2(b) | AgentMessage::BatchV3(b) => (b.agent_id, b.epoch, b.seq),
         };
         Ok(BatchKey { agent_id, epoch, seq })
     }
@@ -622,8 +693,19 @@ impl AgentMessage {
     pub fn decode_batch(bytes: &[u8]) -> Result<Batch, DecodeError> {
         Ok(match Self::decode(bytes)? {
             AgentMessage::BatchV1(b) => b.into(),
-            AgentMessage::BatchV2(b) => b,
+            AgentMessage::BatchV2(b) | AgentMessage::BatchV3(b) => b,
         })
+    }
+
+    /// The message for a batch: version 2, or version 3 if it carries re-processed
+    /// variants (so hubs that predate them keep taking an agent's other batches).
+    pub fn for_batch(b: Batch) -> AgentMessage {
+        let variant = |s: &str| s.contains(VARIANT_SEP);
+        if b.streams.iter().any(|c| variant(&c.stream)) || b.losses.iter().any(|l| variant(&l.stream)) {
+            AgentMessage::BatchV3(b)
+        } else {
+            AgentMessage::BatchV2(b)
+        }
     }
 }
 

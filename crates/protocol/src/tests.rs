@@ -345,8 +345,8 @@ fn golden_bytes_desired_v1_and_report_v1() {
         60, 0,                 // probation: 60 s, 0 failed batches
     ]);
     assert_eq!(desired().encode(), expected);
-    let DesiredState::V1(d) = desired();
-    assert_eq!(DesiredState::decode(&expected).unwrap(), d);
+    let DesiredState::V1(d) = desired() else { unreachable!() };
+    assert_eq!(DesiredState::decode(&expected).unwrap(), d.into());
 
     let report = AgentReport::V1(ReportV1 {
         agent_id: "a1".into(),
@@ -367,14 +367,14 @@ fn golden_bytes_desired_v1_and_report_v1() {
     expected.extend([7u8; 32]);
     expected.extend([5, 0, 1, b'e', 4, 1]); // RolledBack, None, "e", 4, 1
     assert_eq!(report.encode(), expected);
-    let AgentReport::V1(r) = report;
-    assert_eq!(AgentReport::decode(&expected).unwrap(), r);
+    let AgentReport::V1(r) = report else { unreachable!() };
+    assert_eq!(AgentReport::decode(&expected).unwrap(), r.into());
 }
 
 #[test]
 fn desired_state_refuses_what_an_agent_must_not_apply() {
     let check = |f: &dyn Fn(&mut DesiredV1), expect: &str| {
-        let DesiredState::V1(mut d) = desired();
+        let DesiredState::V1(mut d) = desired() else { unreachable!() };
         f(&mut d);
         let err = DesiredState::decode(&DesiredState::V1(d).encode()).unwrap_err().to_string();
         assert!(err.contains(expect), "expected {expect:?} in {err:?}");
@@ -394,5 +394,117 @@ proptest! {
     fn control_plane_decoders_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
         let _ = DesiredState::decode(&bytes);
         let _ = AgentReport::decode(&bytes);
+    }
+}
+
+fn variant_batch() -> BatchV2 {
+    let AgentMessage::BatchV2(mut b) = batch_v2() else { unreachable!() };
+    b.streams[0].stream = variant_stream("s", &[0xab; 32]);
+    b.losses[0].stream = variant_stream("s", &[0xab; 32]);
+    b
+}
+
+/// Version 3 is version 2's fields under another variant index; only what names may be
+/// differs.
+#[test]
+fn golden_bytes_batch_v3_and_variant_names() {
+    let AgentMessage::BatchV2(plain) = batch_v2() else { unreachable!() };
+    let mut expected = vec![2u8]; // AgentMessage::BatchV3
+    expected.extend_from_slice(&AgentMessage::BatchV2(plain.clone()).encode()[1..]);
+    assert_eq!(AgentMessage::BatchV3(plain.clone()).encode(), expected);
+    assert_eq!(AgentMessage::decode_batch(&expected).unwrap(), plain);
+
+    let v = variant_batch();
+    assert_eq!(AgentMessage::for_batch(v.clone()), AgentMessage::BatchV3(v.clone()));
+    assert_eq!(AgentMessage::for_batch(plain.clone()), AgentMessage::BatchV2(plain));
+    assert_eq!(AgentMessage::decode_batch(&AgentMessage::BatchV3(v.clone()).encode()).unwrap(), v);
+    assert_eq!(split_variant(&v.streams[0].stream), ("s", Some("ab".repeat(32).as_str())));
+    assert_eq!(split_variant("s"), ("s", None));
+
+    // Version 2 never carries variants.
+    let err = AgentMessage::decode(&AgentMessage::BatchV2(v.clone()).encode()).unwrap_err().to_string();
+    assert!(err.contains("MQTT wildcard"), "{err}");
+    let check = |f: &dyn Fn(&mut BatchV2), want: &str| {
+        let mut b = v.clone();
+        f(&mut b);
+        let err = AgentMessage::decode(&AgentMessage::BatchV3(b).encode()).unwrap_err().to_string();
+        assert!(err.contains(want), "{err:?} does not contain {want:?}");
+    };
+    // The variant must be the chunk's own build.
+    check(&|b| b.streams[0].stream = variant_stream("s", &[0xcd; 32]), "lineage naming that build");
+    check(&|b| b.lineage.clear(), "lineage naming that build");
+    check(&|b| b.streams[0].stream = format!("s#{}", "AB".repeat(32)), "lower-case hex");
+    check(&|b| b.streams[0].stream = "s#ab".into(), "lower-case hex");
+    check(&|b| b.streams[0].stream = format!("s+#{}", "ab".repeat(32)), "MQTT wildcard");
+    check(&|b| b.losses[0].stream = "s#x".into(), "lower-case hex");
+}
+
+fn job() -> ReprocessJob {
+    ReprocessJob {
+        id: 4,
+        module: ModuleRef { name: "m".into(), version: "3".into(), sha256: [8; 32] },
+        size: 1,
+        signature: "s".into(),
+        config_json: "{}".into(),
+        inputs: None,
+        from_ns: 1,
+        to_ns: 2,
+    }
+}
+
+#[test]
+fn golden_bytes_desired_v2_and_report_v2() {
+    let DesiredState::V1(v1) = desired() else { unreachable!() };
+    let mut d = Desired::from(v1.clone());
+    // Without jobs the message stays version 1, byte for byte.
+    assert_eq!(DesiredState::for_desired(d.clone()), DesiredState::V1(v1.clone()));
+    d.reprocess.push(job());
+    let mut expected = vec![1u8]; // DesiredState::V2
+    expected.extend_from_slice(&desired().encode()[1..]); // the V1 fields
+    #[rustfmt::skip]
+    expected.extend([
+        1,                        // one job
+        4,                        // id
+        1, b'm', 1, b'3',         // name, version
+    ]);
+    expected.extend([8u8; 32]);
+    expected.extend([1, 1, b's', 2, b'{', b'}', 0, 2, 4]); // size, signature, config, None, from 1, to 2 (zigzag)
+    assert_eq!(DesiredState::for_desired(d.clone()).encode(), expected);
+    assert_eq!(DesiredState::decode(&expected).unwrap(), d);
+
+    let check = |f: &dyn Fn(&mut Desired), expect: &str| {
+        let mut d = d.clone();
+        f(&mut d);
+        let err = DesiredState::decode(&DesiredState::V2(d).encode()).unwrap_err().to_string();
+        assert!(err.contains(expect), "expected {expect:?} in {err:?}");
+    };
+    check(&|d| d.reprocess.push(job()), "ascending");
+    check(&|d| d.reprocess[0].to_ns = 1, "not before");
+    check(&|d| d.reprocess[0].module.name = "#x".into(), "reserved");
+    check(&|d| d.reprocess[0].inputs = Some(vec!["#/a".into()]), "module input");
+
+    let r = Report {
+        agent_id: "a1".into(),
+        sent_ms: 1,
+        generation: 2,
+        modules: Vec::new(),
+        jobs: vec![JobReport {
+            id: 4,
+            phase: JobPhase::Done,
+            readings_in: 10,
+            readings_out: 3,
+            batches_failed: 0,
+            error: String::new(),
+        }],
+    };
+    let expected: Vec<u8> = vec![1, 2, b'a', b'1', 2, 2, 0, 1, 4, 3, 10, 3, 0, 0];
+    assert_eq!(AgentReport::for_report(r.clone()).encode(), expected);
+    assert_eq!(AgentReport::decode(&expected).unwrap(), r);
+    let mut no_jobs = r.clone();
+    no_jobs.jobs.clear();
+    assert!(matches!(AgentReport::for_report(no_jobs.clone()), AgentReport::V1(_)));
+    assert_eq!(AgentReport::decode(&AgentReport::for_report(no_jobs.clone()).encode()).unwrap(), no_jobs);
+    for p in [JobPhase::Pending, JobPhase::Downloading, JobPhase::Running, JobPhase::Done, JobPhase::Failed] {
+        assert_eq!(JobPhase::parse(p.as_str()), Some(p));
     }
 }

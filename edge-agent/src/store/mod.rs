@@ -316,8 +316,12 @@ pub struct StoreSnapshot {
 /// Where a processing module is: the last reading id it has consumed and its state.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ModuleProgress {
-    /// Module name (from its manifest or config).
+    /// Whose progress: the module's name (from its manifest or config), or a
+    /// re-processing job's key (`#reprocess/<id>`).
     pub name: String,
+    /// The module's name, recorded with version and hash as the lineage of its outputs
+    /// (the same as `name` except for re-processing jobs).
+    pub module: String,
     /// Module version (from its manifest), recorded with the hash as the lineage of the
     /// module's output readings.
     pub version: String,
@@ -947,10 +951,10 @@ fn reason_from_code(c: i64) -> LossReason {
 /// The id of a module build in `producers`, created on first use.
 fn producer_id(tx: &Connection, p: &ModuleProgress) -> Result<i64, StoreError> {
     tx.prepare_cached("INSERT OR IGNORE INTO producers(name, version, hash) VALUES (?1, ?2, ?3)")?
-        .execute(params![p.name, p.version, p.hash])?;
+        .execute(params![p.module, p.version, p.hash])?;
     Ok(tx
         .prepare_cached("SELECT id FROM producers WHERE name = ?1 AND version = ?2 AND hash = ?3")?
-        .query_row(params![p.name, p.version, p.hash], |r| r.get(0))?)
+        .query_row(params![p.module, p.version, p.hash], |r| r.get(0))?)
 }
 
 #[cfg(test)]

@@ -181,6 +181,8 @@ impl StoreReader {
             .query_row([name], |r| {
                 Ok(ModuleProgress {
                     name: r.get(0)?,
+                    // Not stored: lineage is recorded per output, in `producers`.
+                    module: r.get(0)?,
                     version: r.get(1)?,
                     hash: r.get(2)?,
                     cursor: r.get(3)?,
@@ -188,6 +190,21 @@ impl StoreReader {
                 })
             })
             .optional()?)
+    }
+
+    /// Where a re-processing of readings from `from_ns` on starts: the cursor before the
+    /// first reading that may have such a timestamp, from the stream directory (and
+    /// before its unflushed tail, which the directory does not cover yet).
+    pub fn reprocess_start(&self, from_ns: i64) -> Result<i64, StoreError> {
+        let first: Option<i64> =
+            self.conn
+                .query_row("SELECT MIN(first_id) FROM stream_buckets WHERE max_ts >= ?1", [from_ns], |r| r.get(0))?;
+        let derived_upto: i64 = self
+            .conn
+            .query_row("SELECT value FROM meta WHERE key = 'derived_upto'", [], |r| r.get(0))
+            .optional()?
+            .unwrap_or(0);
+        Ok(first.unwrap_or(i64::MAX).min(derived_upto + 1) - 1)
     }
 
     /// The highest reading id committed so far (0 if none).
@@ -204,15 +221,28 @@ impl StoreReader {
         limit: usize,
         wanted: &mut dyn FnMut(&str) -> bool,
     ) -> Result<(Vec<StoredReading>, i64), StoreError> {
+        self.readings_between(after, i64::MAX, (i64::MIN, i64::MAX), limit, wanted)
+    }
+
+    /// [`readings_after`](Self::readings_after) for re-processing: ids in `(after, upto]`
+    /// and timestamps in `[ts.0, ts.1)` only.
+    pub fn readings_between(
+        &self,
+        after: i64,
+        upto: i64,
+        ts: (i64, i64),
+        limit: usize,
+        wanted: &mut dyn FnMut(&str) -> bool,
+    ) -> Result<(Vec<StoredReading>, i64), StoreError> {
         let mut names: HashMap<i64, Option<String>> = HashMap::new();
         let mut q = self.conn.prepare_cached(
             "SELECT r.id, r.stream_id, s.name, r.ts_ns, r.fields FROM readings r JOIN streams s ON s.id = r.stream_id \
-             WHERE r.id > ?1 ORDER BY r.id LIMIT 4096",
+             WHERE r.id > ?1 AND r.id <= ?2 ORDER BY r.id LIMIT 4096",
         )?;
         let mut out = Vec::new();
         let mut cursor = after;
         loop {
-            let mut rows = q.query([cursor])?;
+            let mut rows = q.query([cursor, upto])?;
             let mut scanned = 0;
             while let Some(row) = rows.next()? {
                 scanned += 1;
@@ -222,13 +252,9 @@ impl StoreReader {
                     let n: String = row.get(2).unwrap_or_default();
                     wanted(&n).then_some(n)
                 });
-                if let Some(n) = name {
-                    out.push(StoredReading {
-                        id,
-                        stream: n.clone(),
-                        ts_ns: row.get(3)?,
-                        fields: FieldsBlob(row.get(4)?),
-                    });
+                let ts_ns: i64 = row.get(3)?;
+                if let Some(n) = name.as_ref().filter(|_| (ts.0..ts.1).contains(&ts_ns)) {
+                    out.push(StoredReading { id, stream: n.clone(), ts_ns, fields: FieldsBlob(row.get(4)?) });
                 }
                 cursor = id;
                 if out.len() >= limit {

@@ -404,6 +404,7 @@ fn module_progress_commits_with_its_outputs_or_not_at_all() {
     let mut store = Store::open(dir.path(), o).unwrap();
     let p = |cursor: i64| ModuleProgress {
         name: "m".into(),
+        module: "m".into(),
         version: "1".into(),
         hash: "ab".repeat(32),
         cursor,
@@ -431,6 +432,7 @@ fn module_outputs_carry_lineage_in_their_own_chunks() {
     let mut store = Store::open(dir.path(), opts("")).unwrap();
     let p = |version: &str, hash: u8| ModuleProgress {
         name: "m".into(),
+        module: "m".into(),
         version: version.into(),
         hash: format!("{hash:02x}").repeat(32),
         cursor: 1,
@@ -678,8 +680,14 @@ async fn the_commit_window_groups_commits_and_never_answers_before_them() {
     assert_eq!(stored(dir.path()), before + 2);
     // A module that is behind commits at once; the append queued before it rides along.
     let v = h.submit(vec![reading("s", 102)]).await.unwrap();
-    let progress =
-        ModuleProgress { name: "m".into(), version: "1".into(), hash: "h".into(), cursor: 0, state: Vec::new() };
+    let progress = ModuleProgress {
+        name: "m".into(),
+        module: "m".into(),
+        version: "1".into(),
+        hash: "h".into(),
+        cursor: 0,
+        state: Vec::new(),
+    };
     tokio::time::timeout(limit, h.commit_module(vec![reading("out", 103)], progress, true))
         .await
         .expect("the window did not close for a module that is behind")
@@ -738,7 +746,7 @@ proptest! {
                 let verdict = if kind == 0 {
                     // A module behind on its input: commits at once, with what is queued.
                     let h = h.clone();
-                    let progress = ModuleProgress { name: "m".into(), version: "1".into(), hash: "h".into(), cursor: ts, state: Vec::new() };
+                    let progress = ModuleProgress { name: "m".into(), module: "m".into(), version: "1".into(), hash: "h".into(), cursor: ts, state: Vec::new() };
                     let (vtx, vrx) = tokio::sync::oneshot::channel();
                     tokio::spawn(async move { let _ = vtx.send(h.commit_module(vec![reading("out", ts)], progress, true).await); });
                     vrx

@@ -1,14 +1,15 @@
-//! [`FleetStore`] on PostgreSQL: the control plane's tables (migration 7), shared by
+//! [`FleetStore`] on PostgreSQL: the control plane's tables (migration 7, jobs 8), shared by
 //! every hub. Concurrency between hubs: a desired state is read `FOR UPDATE` before it
 //! is compared and replaced, so two hubs computing the same change assign one
 //! generation; deployment updates compare and set `revision`.
 
-use brume_protocol::{AgentReport, DesiredModule, Phase, ReportV1};
+use brume_protocol::{AgentReport, Phase, Report};
 
 use super::{PostgresStore, pg};
 use crate::store::fleet::{
-    Deployment, DeploymentAgent, DeploymentSpec, FleetStore, ModuleUpload, PutModule, RegisteredModule, StoredDesired,
-    StoredReport, decode_report, deployment_agent, deployment_row, desired_message, desired_modules, spec_json,
+    Deployment, DeploymentAgent, DeploymentSpec, DesiredContent, FleetStore, Job, JobAgent, JobSpec, ModuleUpload,
+    PutModule, RegisteredModule, StoredDesired, StoredReport, decode_report, deployment_agent, deployment_row,
+    desired_content, desired_message, job_agent_row, job_row, job_spec_json, spec_json,
 };
 use crate::store::{StoreError, module_ref, storable_text};
 
@@ -59,6 +60,33 @@ CREATE TABLE reports (
     report      bytea NOT NULL
 );
 "#;
+
+/// Re-processing jobs and each agent's progress on them; the same tables as SQLite's v7.
+pub(super) const SCHEMA_V8: &str = r#"
+CREATE TABLE reprocess_jobs (
+    id         int8 GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    spec       text NOT NULL,
+    cancelled  boolean NOT NULL DEFAULT false,
+    created_ms int8 NOT NULL,
+    updated_ms int8 NOT NULL
+);
+CREATE TABLE reprocess_agents (
+    job            int8 NOT NULL,
+    agent_id       text COLLATE "C" NOT NULL,
+    phase          text NOT NULL DEFAULT 'pending',
+    readings_in    int8 NOT NULL DEFAULT 0,
+    readings_out   int8 NOT NULL DEFAULT 0,
+    batches_failed int8 NOT NULL DEFAULT 0,
+    error          text NOT NULL DEFAULT '',
+    PRIMARY KEY (job, agent_id)
+);
+"#;
+
+const JOB_COLUMNS: &str = "id, spec, cancelled, created_ms, updated_ms";
+
+fn job_from(r: &tokio_postgres::Row) -> Result<Job, StoreError> {
+    job_row(r.get(0), r.get(1), r.get(2), r.get(3), r.get(4))
+}
 
 const REGISTRY_COLUMNS: &str = "name, version, sha256, size, manifest, key_id, signature, uploaded_ms";
 const DEPLOYMENT_COLUMNS: &str = "id, spec, state, wave, wave_started_ms, reason, revision, created_ms, updated_ms";
@@ -316,7 +344,7 @@ impl FleetStore for PostgresStore {
     fn set_desired(
         &self,
         agent_id: &str,
-        modules: &[DesiredModule],
+        content: &DesiredContent,
         issued_ms: i64,
     ) -> Result<Option<StoredDesired>, StoreError> {
         self.call("writing a desired state", async {
@@ -336,13 +364,13 @@ impl FleetStore for PostgresStore {
             let (current, msg): (i64, Vec<u8>) = (row.get(0), row.get(1));
             // A stored message that does not decode is replaced, never an error that
             // would stop every later pass.
-            if current > 0 && desired_modules(&msg).is_ok_and(|m| m == modules) {
+            if current > 0 && desired_content(&msg).is_ok_and(|c| c == *content) {
                 tx.rollback().await.map_err(pg("ending a desired state"))?;
                 conn.release();
                 return Ok(None);
             }
             let generation = current as u64 + 1;
-            let message = desired_message(agent_id, generation, issued_ms, modules);
+            let message = desired_message(agent_id, generation, issued_ms, content);
             tx.execute(
                 "UPDATE desired SET generation = $2, message = $3 WHERE agent_id = $1",
                 &[&agent_id, &(generation as i64), &message],
@@ -371,8 +399,8 @@ impl FleetStore for PostgresStore {
         })
     }
 
-    fn record_report(&self, report: &ReportV1, received_ms: i64) -> Result<(), StoreError> {
-        let blob = AgentReport::V1(report.clone()).encode();
+    fn record_report(&self, report: &Report, received_ms: i64) -> Result<(), StoreError> {
+        let blob = AgentReport::for_report(report.clone()).encode();
         self.call("recording a report", async {
             let mut conn = self.checkout().await?;
             conn.client()
@@ -400,6 +428,116 @@ impl FleetStore for PostgresStore {
                 .map_err(pg("listing reports"))?;
             conn.release();
             rows.iter().map(|r| decode_report(r.get(0), r.get(1))).collect()
+        })
+    }
+
+    fn create_job(&self, spec: &JobSpec, agents: &[String], now_ms: i64) -> Result<Job, StoreError> {
+        let spec = job_spec_json(spec);
+        self.call("creating a job", async {
+            let mut conn = self.checkout().await?;
+            let tx = conn.client().transaction().await.map_err(pg("starting a job"))?;
+            let row = tx
+                .query_one(
+                    &format!(
+                        "INSERT INTO reprocess_jobs (spec, created_ms, updated_ms) VALUES ($1, $2, $2) RETURNING {JOB_COLUMNS}"
+                    ),
+                    &[&spec, &now_ms],
+                )
+                .await
+                .map_err(pg("creating a job"))?;
+            let job = job_from(&row)?;
+            tx.execute(
+                "INSERT INTO reprocess_agents (job, agent_id) SELECT $1, unnest($2::text[])",
+                &[&(job.id as i64), &agents],
+            )
+            .await
+            .map_err(pg("adding job agents"))?;
+            tx.commit().await.map_err(pg("committing a job"))?;
+            conn.release();
+            Ok(job)
+        })
+    }
+
+    fn jobs(&self) -> Result<Vec<Job>, StoreError> {
+        self.call("listing jobs", async {
+            let mut conn = self.checkout().await?;
+            let rows = conn
+                .client()
+                .query(&format!("SELECT {JOB_COLUMNS} FROM reprocess_jobs ORDER BY id"), &[])
+                .await
+                .map_err(pg("listing jobs"))?;
+            conn.release();
+            rows.iter().map(job_from).collect()
+        })
+    }
+
+    fn job_agents(&self) -> Result<Vec<JobAgent>, StoreError> {
+        self.call("listing job agents", async {
+            let mut conn = self.checkout().await?;
+            let rows = conn
+                .client()
+                .query(
+                    "SELECT job, agent_id, phase, readings_in, readings_out, batches_failed, error
+                     FROM reprocess_agents ORDER BY job, agent_id",
+                    &[],
+                )
+                .await
+                .map_err(pg("listing job agents"))?;
+            conn.release();
+            rows.iter()
+                .map(|r| {
+                    let phase: String = r.get(2);
+                    job_agent_row(r.get(0), r.get(1), &phase, r.get(3), r.get(4), r.get(5), r.get(6))
+                })
+                .collect()
+        })
+    }
+
+    fn record_job_progress(&self, progress: &[JobAgent]) -> Result<(), StoreError> {
+        // Key order, so concurrent hubs lock rows in the same order.
+        let mut sorted: Vec<&JobAgent> = progress.iter().collect();
+        sorted.sort_by(|a, b| (a.job, &a.agent_id).cmp(&(b.job, &b.agent_id)));
+        self.call("recording job progress", async {
+            let mut conn = self.checkout().await?;
+            let tx = conn.client().transaction().await.map_err(pg("starting to record job progress"))?;
+            for p in sorted {
+                tx.execute(
+                    "UPDATE reprocess_agents SET phase = $3, readings_in = $4, readings_out = $5, batches_failed = $6,
+                         error = $7 WHERE job = $1 AND agent_id = $2",
+                    &[
+                        &(p.job as i64),
+                        &p.agent_id,
+                        &p.phase.as_str(),
+                        &(p.readings_in as i64),
+                        &(p.readings_out as i64),
+                        &(p.batches_failed as i64),
+                        &storable_text(&p.error),
+                    ],
+                )
+                .await
+                .map_err(pg("recording job progress"))?;
+            }
+            tx.commit().await.map_err(pg("committing job progress"))?;
+            conn.release();
+            Ok(())
+        })
+    }
+
+    fn cancel_job(&self, id: u64, now_ms: i64) -> Result<Option<Job>, StoreError> {
+        self.call("cancelling a job", async {
+            let mut conn = self.checkout().await?;
+            let row = conn
+                .client()
+                .query_opt(
+                    &format!(
+                        "UPDATE reprocess_jobs SET cancelled = true, updated_ms = $2 WHERE id = $1 RETURNING {JOB_COLUMNS}"
+                    ),
+                    &[&(id as i64), &now_ms],
+                )
+                .await
+                .map_err(pg("cancelling a job"))?;
+            conn.release();
+            row.as_ref().map(job_from).transpose()
         })
     }
 }

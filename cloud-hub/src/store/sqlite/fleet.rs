@@ -1,12 +1,13 @@
-//! [`FleetStore`] on SQLite: the control plane's tables (schema v6).
+//! [`FleetStore`] on SQLite: the control plane's tables (schema v6, jobs v7).
 
-use brume_protocol::{AgentReport, DesiredModule, Phase, ReportV1};
+use brume_protocol::{AgentReport, Phase, Report};
 use rusqlite::{OptionalExtension, TransactionBehavior, params};
 
 use super::{SqliteStore, lock, sql};
 use crate::store::fleet::{
-    Deployment, DeploymentAgent, DeploymentSpec, FleetStore, ModuleUpload, PutModule, RegisteredModule, StoredDesired,
-    StoredReport, decode_report, deployment_agent, deployment_row, desired_message, desired_modules, spec_json,
+    Deployment, DeploymentAgent, DeploymentSpec, DesiredContent, FleetStore, Job, JobAgent, JobSpec, ModuleUpload,
+    PutModule, RegisteredModule, StoredDesired, StoredReport, decode_report, deployment_agent, deployment_row,
+    desired_content, desired_message, job_agent_row, job_row, job_spec_json, spec_json,
 };
 use crate::store::{StoreError, module_ref, storable_text};
 
@@ -58,6 +59,40 @@ CREATE TABLE reports (
     report      BLOB NOT NULL
 ) WITHOUT ROWID;
 ";
+
+/// Re-processing jobs and each agent's progress on them.
+pub(super) const SCHEMA_V7: &str = "
+CREATE TABLE reprocess_jobs (
+    id         INTEGER PRIMARY KEY AUTOINCREMENT,
+    spec       TEXT NOT NULL,
+    cancelled  INTEGER NOT NULL DEFAULT 0,
+    created_ms INTEGER NOT NULL,
+    updated_ms INTEGER NOT NULL
+);
+CREATE TABLE reprocess_agents (
+    job            INTEGER NOT NULL,
+    agent_id       TEXT NOT NULL,
+    phase          TEXT NOT NULL DEFAULT 'pending',
+    readings_in    INTEGER NOT NULL DEFAULT 0,
+    readings_out   INTEGER NOT NULL DEFAULT 0,
+    batches_failed INTEGER NOT NULL DEFAULT 0,
+    error          TEXT NOT NULL DEFAULT '',
+    PRIMARY KEY (job, agent_id)
+) WITHOUT ROWID;
+";
+
+const JOB_COLUMNS: &str = "id, spec, cancelled, created_ms, updated_ms";
+const JOB_AGENT_COLUMNS: &str = "job, agent_id, phase, readings_in, readings_out, batches_failed, error";
+
+fn job_from(r: &rusqlite::Row<'_>) -> rusqlite::Result<Result<Job, StoreError>> {
+    let spec: String = r.get(1)?;
+    Ok(job_row(r.get(0)?, &spec, r.get::<_, i64>(2)? != 0, r.get(3)?, r.get(4)?))
+}
+
+fn job_agent_from(r: &rusqlite::Row<'_>) -> rusqlite::Result<Result<JobAgent, StoreError>> {
+    let phase: String = r.get(2)?;
+    Ok(job_agent_row(r.get(0)?, r.get(1)?, &phase, r.get(3)?, r.get(4)?, r.get(5)?, r.get(6)?))
+}
 
 const REGISTRY_COLUMNS: &str = "name, version, sha256, size, manifest, key_id, signature, uploaded_ms";
 const DEPLOYMENT_COLUMNS: &str = "id, spec, state, wave, wave_started_ms, reason, revision, created_ms, updated_ms";
@@ -284,7 +319,7 @@ impl FleetStore for SqliteStore {
     fn set_desired(
         &self,
         agent_id: &str,
-        modules: &[DesiredModule],
+        content: &DesiredContent,
         issued_ms: i64,
     ) -> Result<Option<StoredDesired>, StoreError> {
         let mut guard = lock(&self.writer);
@@ -299,11 +334,11 @@ impl FleetStore for SqliteStore {
             .optional()
             .map_err(sql("reading a desired state"))?;
         let generation = match current {
-            Some((_, msg)) if desired_modules(&msg).is_ok_and(|m| m == modules) => return Ok(None),
+            Some((_, msg)) if desired_content(&msg).is_ok_and(|c| c == *content) => return Ok(None),
             Some((g, _)) => g as u64 + 1,
             None => 1,
         };
-        let message = desired_message(agent_id, generation, issued_ms, modules);
+        let message = desired_message(agent_id, generation, issued_ms, content);
         tx.execute(
             "INSERT INTO desired (agent_id, generation, message) VALUES (?1, ?2, ?3)
              ON CONFLICT (agent_id) DO UPDATE SET generation = excluded.generation, message = excluded.message",
@@ -331,8 +366,8 @@ impl FleetStore for SqliteStore {
         })
     }
 
-    fn record_report(&self, report: &ReportV1, received_ms: i64) -> Result<(), StoreError> {
-        let blob = AgentReport::V1(report.clone()).encode();
+    fn record_report(&self, report: &Report, received_ms: i64) -> Result<(), StoreError> {
+        let blob = AgentReport::for_report(report.clone()).encode();
         let guard = lock(&self.writer);
         guard
             .conn
@@ -361,5 +396,100 @@ impl FleetStore for SqliteStore {
                 .map(|(blob, at)| decode_report(&blob, at))
                 .collect()
         })
+    }
+
+    fn create_job(&self, spec: &JobSpec, agents: &[String], now_ms: i64) -> Result<Job, StoreError> {
+        let mut guard = lock(&self.writer);
+        let tx = guard.conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(sql("starting a job"))?;
+        let job = tx
+            .query_row(
+                &format!(
+                    "INSERT INTO reprocess_jobs (spec, created_ms, updated_ms) VALUES (?1, ?2, ?2) RETURNING {JOB_COLUMNS}"
+                ),
+                params![job_spec_json(spec), now_ms],
+                job_from,
+            )
+            .map_err(sql("creating a job"))??;
+        {
+            let mut st = tx
+                .prepare_cached("INSERT INTO reprocess_agents (job, agent_id) VALUES (?1, ?2)")
+                .map_err(sql("adding job agents"))?;
+            for a in agents {
+                st.execute(params![job.id as i64, a]).map_err(sql("adding job agents"))?;
+            }
+        }
+        tx.commit().map_err(sql("committing a job"))?;
+        Ok(job)
+    }
+
+    fn jobs(&self) -> Result<Vec<Job>, StoreError> {
+        self.with_reader(|conn| {
+            let mut st = conn
+                .prepare_cached(&format!("SELECT {JOB_COLUMNS} FROM reprocess_jobs ORDER BY id"))
+                .map_err(sql("listing jobs"))?;
+            let rows = st
+                .query_map([], job_from)
+                .and_then(|rows| rows.collect::<Result<Vec<_>, _>>())
+                .map_err(sql("listing jobs"))?;
+            rows.into_iter().collect()
+        })
+    }
+
+    fn job_agents(&self) -> Result<Vec<JobAgent>, StoreError> {
+        self.with_reader(|conn| {
+            let mut st = conn
+                .prepare_cached(&format!("SELECT {JOB_AGENT_COLUMNS} FROM reprocess_agents ORDER BY job, agent_id"))
+                .map_err(sql("listing job agents"))?;
+            let rows = st
+                .query_map([], job_agent_from)
+                .and_then(|rows| rows.collect::<Result<Vec<_>, _>>())
+                .map_err(sql("listing job agents"))?;
+            rows.into_iter().collect()
+        })
+    }
+
+    fn record_job_progress(&self, progress: &[JobAgent]) -> Result<(), StoreError> {
+        let mut guard = lock(&self.writer);
+        let tx = guard
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(sql("starting to record job progress"))?;
+        {
+            let mut st = tx
+                .prepare_cached(
+                    "UPDATE reprocess_agents SET phase = ?3, readings_in = ?4, readings_out = ?5, batches_failed = ?6,
+                         error = ?7 WHERE job = ?1 AND agent_id = ?2",
+                )
+                .map_err(sql("recording job progress"))?;
+            for p in progress {
+                st.execute(params![
+                    p.job as i64,
+                    p.agent_id,
+                    p.phase.as_str(),
+                    p.readings_in as i64,
+                    p.readings_out as i64,
+                    p.batches_failed as i64,
+                    storable_text(&p.error)
+                ])
+                .map_err(sql("recording job progress"))?;
+            }
+        }
+        tx.commit().map_err(sql("committing job progress"))
+    }
+
+    fn cancel_job(&self, id: u64, now_ms: i64) -> Result<Option<Job>, StoreError> {
+        let guard = lock(&self.writer);
+        let job = guard
+            .conn
+            .query_row(
+                &format!(
+                    "UPDATE reprocess_jobs SET cancelled = 1, updated_ms = ?2 WHERE id = ?1 RETURNING {JOB_COLUMNS}"
+                ),
+                params![id as i64, now_ms],
+                job_from,
+            )
+            .optional()
+            .map_err(sql("cancelling a job"))?;
+        job.transpose()
     }
 }

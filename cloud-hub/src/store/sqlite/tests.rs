@@ -20,6 +20,7 @@ impl Fixture for Sqlite {
         conn.execute_batch(
             "DROP TABLE rollups; DROP TABLE presence; DROP TABLE quarantine; DROP TABLE module_registry;
              DROP TABLE deployments; DROP TABLE deployment_agents; DROP TABLE desired; DROP TABLE reports;
+             DROP TABLE reprocess_jobs; DROP TABLE reprocess_agents;
              PRAGMA user_version = 2;",
         )
         .unwrap();
