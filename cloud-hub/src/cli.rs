@@ -51,6 +51,9 @@ enum Cmd {
     /// The fleet as the hub sees it.
     #[command(subcommand)]
     Agents(crate::ops::AgentsCmd),
+    /// Re-run a module build over readings agents kept from a past time range.
+    #[command(subcommand)]
+    Reprocess(crate::ops::ReprocessCmd),
 }
 
 /// Entry point of the `cloud-hub` binary: returns the process exit code.
@@ -64,6 +67,7 @@ pub fn main() -> ExitCode {
                 Cmd::Deploy(a) => crate::ops::deploy(a).await,
                 Cmd::Rollout(c) => crate::ops::rollout(c).await,
                 Cmd::Agents(c) => crate::ops::agents(c).await,
+                Cmd::Reprocess(c) => crate::ops::reprocess(c).await,
             }
         });
     }

@@ -6,7 +6,12 @@
 //! Output is for people by default (aligned tables, one line per change while watching)
 //! and JSON with `--json` (the API's own documents, one per line when watching).
 //! Exit codes: 0 success; 1 any error (message on stderr); 2 bad command line (clap);
-//! 3 `rollout watch` ended with the rollout aborted or rolled back.
+//! 3 `rollout watch` ended with the rollout aborted or rolled back (`reprocess watch`:
+//! with a job failed or cancelled).
+
+mod reprocess;
+pub use reprocess::ReprocessCmd;
+pub use reprocess::reprocess;
 
 use std::collections::BTreeMap;
 use std::io::IsTerminal;
@@ -401,22 +406,8 @@ fn upload_body(wasm: Vec<u8>, progress: bool) -> reqwest::Body {
 pub async fn deploy(a: DeployArgs) -> anyhow::Result<ExitCode> {
     let (name, version) =
         a.module.split_once('@').context("give the module as name@version (see `cloud-hub module ls`)")?;
-    let mut selector = BTreeMap::new();
-    for s in &a.select {
-        let (k, v) = s.split_once('=').with_context(|| format!("--select {s:?}: expected key=value"))?;
-        selector.insert(k.to_owned(), v.to_owned());
-    }
-    let config: Value = match (&a.config, &a.config_file) {
-        (Some(c), _) => serde_json::from_str(c).context("--config is not JSON")?,
-        (None, Some(f)) => {
-            serde_json::from_slice(&std::fs::read(f).with_context(|| format!("reading {}", f.display()))?)
-                .with_context(|| format!("{} is not JSON", f.display()))?
-        }
-        (None, None) => json!({}),
-    };
-    if !config.is_object() {
-        bail!("the module configuration must be a JSON object");
-    }
+    let selector = selector_of(&a.select)?;
+    let config = module_config(a.config.as_deref(), a.config_file.as_deref())?;
     let mut body = json!({
         "module": name,
         "version": version,
@@ -439,6 +430,32 @@ pub async fn deploy(a: DeployArgs) -> anyhow::Result<ExitCode> {
         println!("deployment {id}: {name} {version} to {} in waves {}", selector_text(&d["selector"]), waves_text(&d));
     }
     if a.watch { watch(&client, id, a.hub.json).await } else { Ok(ExitCode::SUCCESS) }
+}
+
+/// `--select key=value` flags as a selector.
+fn selector_of(select: &[String]) -> anyhow::Result<BTreeMap<String, String>> {
+    let mut selector = BTreeMap::new();
+    for s in select {
+        let (k, v) = s.split_once('=').with_context(|| format!("--select {s:?}: expected key=value"))?;
+        selector.insert(k.to_owned(), v.to_owned());
+    }
+    Ok(selector)
+}
+
+/// `--config JSON` or `--config-file FILE`: a JSON object (empty if neither).
+fn module_config(config: Option<&str>, file: Option<&Path>) -> anyhow::Result<Value> {
+    let config: Value = match (config, file) {
+        (Some(c), _) => serde_json::from_str(c).context("--config is not JSON")?,
+        (None, Some(f)) => {
+            serde_json::from_slice(&std::fs::read(f).with_context(|| format!("reading {}", f.display()))?)
+                .with_context(|| format!("{} is not JSON", f.display()))?
+        }
+        (None, None) => json!({}),
+    };
+    if !config.is_object() {
+        bail!("the module configuration must be a JSON object");
+    }
+    Ok(config)
 }
 
 fn selector_text(s: &Value) -> String {

@@ -555,3 +555,106 @@ async fn two_hubs_on_postgres_either_drives_and_serves_a_rollout() {
     assert_eq!(waves.iter().filter(|w| **w == 0).count(), 1, "{d:#}");
     drop(first);
 }
+
+/// Re-processing through the operator CLI: v1 runs live on two agents; v2 is then run
+/// over a past time range on one of them. Its results reach the hub as the re-processed
+/// variant of the output stream, stamped with v2's hash, exactly one per input reading
+/// whose timestamp is in the range; the live outputs (v1) are untouched, and the other
+/// agent re-processes nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reprocessing_a_past_range_stores_new_results_beside_the_originals() {
+    let broker = Mosquitto::start().unwrap();
+    let key = SecretKey::generate();
+    let hub = start_hub(broker.port, &key.public().to_string()).await;
+    let v1 = built_module_bytes("threshold");
+    let v2 = with_version(&v1, "0.1.0", "0.2.0");
+    let v1_sha = upload(&hub, &key, &v1).await["sha256"].as_str().unwrap().to_owned();
+    let v2_sha = upload(&hub, &key, &v2).await["sha256"].as_str().unwrap().to_owned();
+    let fleet = fleet_config(&hub, &key);
+    let mut agents = Vec::new();
+    for i in 0..2 {
+        agents.push(
+            Agent::start(Path::new(AGENT), &format!("edge-{i}"), broker.port, &[("fleet", &fleet)]).await.unwrap(),
+        );
+    }
+    let config = json!({"limit": -1.0, "field": "n"});
+    let d1 =
+        deploy(&hub, json!({"module": "threshold", "version": "0.1.0", "config": config, "probation": "0s"})).await;
+    wait_running(&hub, d1, 2, &agents.iter().collect::<Vec<_>>()).await;
+
+    // Readings flow, then stop: the range is in the past when the job runs.
+    let sensors: Vec<Sensor> = agents.iter().map(|a| Sensor::start_named(a.mqtt_port, "sensors", 1, 50)).collect();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let mut acked = 0;
+    for s in sensors {
+        acked += s.stop().await.0.len();
+    }
+    wait_until("every live output at the hub", Duration::from_secs(30), || async {
+        let (inputs, outputs) = at_hub(&hub).await;
+        inputs.values().map(Vec::len).sum::<usize>() == acked && outputs.values().map(Vec::len).sum::<usize>() == acked
+    })
+    .await;
+    let (_, originals) = at_hub(&hub).await;
+    assert!(originals.values().flatten().all(|(_, sha)| *sha == v1_sha), "live outputs are v1's");
+
+    // The range: edge-0's inputs from its 20th reading to (not including) its 60th.
+    let inputs = hub.readings("sensors/0").await.unwrap();
+    let edge0: Vec<(u64, i64)> = inputs
+        .iter()
+        .filter(|r| r["agent_id"] == "edge-0")
+        .map(|r| (r["fields"]["n"].as_f64().unwrap() as u64, r["ts_ns"].as_i64().unwrap()))
+        .collect();
+    assert!(edge0.len() > 60, "{} readings", edge0.len());
+    let (from, to) = (edge0[20].1, edge0[60].1);
+    let expected: Vec<u64> = edge0.iter().filter(|(_, ts)| (from..to).contains(ts)).map(|(n, _)| *n).collect();
+    let rfc =
+        |ns: i64| humantime::format_rfc3339_nanos(std::time::UNIX_EPOCH + Duration::from_nanos(ns as u64)).to_string();
+    let (code, out) = cli(
+        &hub,
+        &[
+            "reprocess",
+            "run",
+            "threshold@0.2.0",
+            "--from",
+            &rfc(from),
+            "--to",
+            &rfc(to),
+            "--select",
+            "agent_id=edge-0",
+            "--config",
+            &config.to_string(),
+            "--watch",
+        ],
+    );
+    assert_eq!(code, 0, "the job finished on every agent: {out}\n{}", agents[0].log());
+    assert!(out.contains("done"), "{out}");
+
+    // The results: beside the originals, v2's, one per input in the range.
+    let variant = |hub: &Hub| {
+        let url = format!("{}/api/v1/readings?stream=alerts/threshold&build={v2_sha}&limit=10000", hub.url);
+        async move { reqwest::get(url).await.unwrap().json::<Value>().await.unwrap() }
+    };
+    wait_until("the re-processed results at the hub", Duration::from_secs(30), || async {
+        variant(&hub).await["readings"].as_array().map_or(0, |r| r.len()) >= expected.len()
+    })
+    .await;
+    let v = variant(&hub).await;
+    assert_eq!((v["stream"].as_str(), v["build"].as_str()), (Some("alerts/threshold"), Some(v2_sha.as_str())));
+    let rows = v["readings"].as_array().unwrap();
+    assert!(rows.iter().all(|r| r["agent_id"] == "edge-0"), "only the selected agent re-processed");
+    assert!(rows.iter().all(|r| r["module"]["sha256"] == v2_sha.as_str()), "stamped with v2: {v:#}");
+    let mut got: Vec<u64> = rows.iter().map(|r| r["fields"]["n"].as_f64().unwrap() as u64).collect();
+    got.sort();
+    assert_eq!(got, expected, "exactly the inputs of the range, once each");
+    let (_, after) = at_hub(&hub).await;
+    assert_eq!(after, originals, "the live outputs are untouched");
+    let streams = get(&hub, "/api/v1/streams").await;
+    assert!(
+        streams.as_array().unwrap().iter().any(|s| s["stream"] == "alerts/threshold" && s["build"] == v2_sha.as_str()),
+        "the variant is listed with its build: {streams:#}"
+    );
+    let (_, ls) = cli(&hub, &["reprocess", "ls", "--json"]);
+    let jobs: Value = serde_json::from_str(ls.trim()).unwrap();
+    assert_eq!(jobs[0]["state"], "done", "{jobs:#}");
+    assert_eq!(jobs[0]["readings_out"].as_u64(), Some(expected.len() as u64), "{jobs:#}");
+}
