@@ -593,7 +593,8 @@ async fn reprocessing_a_past_range_stores_new_results_beside_the_originals() {
         let (inputs, outputs) = at_hub(&hub).await;
         inputs.values().map(Vec::len).sum::<usize>() == acked && outputs.values().map(Vec::len).sum::<usize>() == acked
     })
-    .await;
+    .await
+    .unwrap();
     let (_, originals) = at_hub(&hub).await;
     assert!(originals.values().flatten().all(|(_, sha)| *sha == v1_sha), "live outputs are v1's");
 
@@ -637,7 +638,8 @@ async fn reprocessing_a_past_range_stores_new_results_beside_the_originals() {
     wait_until("the re-processed results at the hub", Duration::from_secs(30), || async {
         variant(&hub).await["readings"].as_array().map_or(0, |r| r.len()) >= expected.len()
     })
-    .await;
+    .await
+    .unwrap();
     let v = variant(&hub).await;
     assert_eq!((v["stream"].as_str(), v["build"].as_str()), (Some("alerts/threshold"), Some(v2_sha.as_str())));
     let rows = v["readings"].as_array().unwrap();
