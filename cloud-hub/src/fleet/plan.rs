@@ -425,4 +425,72 @@ mod tests {
         paused.state = DeploymentState::Paused;
         assert_eq!(f.next_step(&paused, 20_000), Step::Wait, "a paused rollout does nothing");
     }
+
+    fn job(id: u64, cancelled: bool) -> Job {
+        Job {
+            id,
+            spec: crate::store::fleet::JobSpec {
+                module: "thr".into(),
+                version: "2".into(),
+                sha256: registered("2").module.sha256_hex(),
+                config: serde_json::Map::new(),
+                inputs: None,
+                selector: Default::default(),
+                from_ns: 10,
+                to_ns: 20,
+            },
+            cancelled,
+            created_ms: 0,
+            updated_ms: 0,
+        }
+    }
+
+    fn member(job: u64, agent: &str, phase: brume_protocol::JobPhase) -> JobAgent {
+        JobAgent {
+            job,
+            agent_id: agent.into(),
+            phase,
+            readings_in: 0,
+            readings_out: 0,
+            batches_failed: 0,
+            error: String::new(),
+        }
+    }
+
+    /// A job is in the desired state of the agents it lists until each reports it done or
+    /// failed (or it is recorded so), and nowhere once cancelled.
+    #[test]
+    fn jobs_stay_until_finished_and_leave_when_cancelled() {
+        use brume_protocol::{JobPhase, JobReport};
+        let mut f = fleet(vec![], &[("a1", "a", true), ("a2", "a", true), ("a3", "a", true)]);
+        f.jobs = vec![job(1, false), job(2, true)];
+        for (j, a, p) in [(1, "a1", JobPhase::Running), (1, "a2", JobPhase::Done), (2, "a1", JobPhase::Pending)] {
+            f.job_agents.entry(j).or_default().insert(a.into(), member(j, a, p));
+        }
+        let jobs = |f: &Fleet, a: &str| f.desired_for(&f.agents[a]).reprocess.iter().map(|j| j.id).collect::<Vec<_>>();
+        assert_eq!(jobs(&f, "a1"), [1], "running: listed; cancelled: not");
+        assert_eq!(jobs(&f, "a2"), Vec::<u64>::new(), "recorded done");
+        assert_eq!(jobs(&f, "a3"), Vec::<u64>::new(), "not one of the job's agents");
+        let d = &f.desired_for(&f.agents["a1"]).reprocess[0];
+        assert_eq!((d.module.version.as_str(), d.signature.as_str(), d.from_ns, d.to_ns), ("2", "sig-2", 10, 20));
+        // Reported done before the hub recorded it: already out.
+        f.reports.insert(
+            "a1".into(),
+            Report {
+                agent_id: "a1".into(),
+                sent_ms: 0,
+                generation: 1,
+                modules: vec![],
+                jobs: vec![JobReport {
+                    id: 1,
+                    phase: JobPhase::Done,
+                    readings_in: 5,
+                    readings_out: 5,
+                    batches_failed: 0,
+                    error: String::new(),
+                }],
+            },
+        );
+        assert_eq!(jobs(&f, "a1"), Vec::<u64>::new());
+    }
 }
