@@ -109,6 +109,17 @@ pub struct DeployArgs {
     /// Fraction of a wave's agents failed or rolled back at which the rollout aborts.
     #[arg(long, default_value_t = 0.1)]
     abort_threshold: f64,
+    /// Roll back on an agent when, during probation, the build's outputs per input differ
+    /// from those of the build it replaced there by more than this percentage.
+    #[arg(long, value_name = "PERCENT")]
+    max_output_change: Option<u32>,
+    /// Roll back on an agent when more than this percentage of the build's batches fail
+    /// during probation (with --max-failed-batches high enough to let it be judged).
+    #[arg(long, value_name = "PERCENT")]
+    max_failed_pct: Option<u32>,
+    /// Input readings a build must have processed before those two are judged.
+    #[arg(long, default_value_t = 100)]
+    min_inputs: u32,
     /// The module's configuration, a JSON object (e.g. `'{"limit": 80}'`).
     #[arg(long, value_name = "JSON", conflicts_with = "config_file")]
     config: Option<String>,
@@ -417,6 +428,9 @@ pub async fn deploy(a: DeployArgs) -> anyhow::Result<ExitCode> {
         "probation": a.probation.to_string(),
         "max_failed_batches": a.max_failed_batches,
         "abort_threshold": a.abort_threshold,
+        "max_output_change_pct": a.max_output_change,
+        "max_failed_pct": a.max_failed_pct,
+        "min_inputs": a.min_inputs,
     });
     if let Some(i) = &a.inputs {
         body["inputs"] = json!(i);
@@ -504,6 +518,16 @@ fn show(d: &Value) {
         d["abort_threshold"],
         text(&d["sha256"])
     );
+    let mut checks = Vec::new();
+    if let Some(p) = d["max_output_change_pct"].as_u64() {
+        checks.push(format!("outputs per input within ±{p}% of the previous build's"));
+    }
+    if let Some(p) = d["max_failed_pct"].as_u64() {
+        checks.push(format!("at most {p}% of batches failed"));
+    }
+    if !checks.is_empty() {
+        println!("  checks: {}, after {} inputs", checks.join(", "), d["min_inputs"]);
+    }
     let rows: Vec<Vec<String>> = d["agent_progress"]
         .as_array()
         .map(|a| a.as_slice())

@@ -47,7 +47,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{Config, FleetConfig, OnFailure, StartAt};
-use crate::modules::{Managed, ModuleSpec, Reprocess, SharedModuleStatus};
+use crate::modules::{Managed, ModuleSpec, ProbationSpec, Reprocess, SharedModuleStatus};
 
 /// How often runners' status is checked for probation results.
 const TICK: Duration = Duration::from_secs(1);
@@ -456,8 +456,12 @@ impl Fleet {
             .iter()
             .filter_map(|(slot, b)| {
                 let signature: Signature = b.signature.parse().ok()?;
-                let probation = (b.probation.duration_s > 0 && !self.state.passed.contains(&identity(b)))
-                    .then(|| (Duration::from_secs(b.probation.duration_s.into()), b.probation.max_failed_batches));
+                let probation =
+                    (b.probation.duration_s > 0 && !self.state.passed.contains(&identity(b))).then(|| ProbationSpec {
+                        duration: Duration::from_secs(b.probation.duration_s.into()),
+                        max_failed: b.probation.max_failed_batches,
+                        checks: b.checks,
+                    });
                 Some(ModuleSpec {
                     name: slot.clone(),
                     path: self.file(&b.module.sha256),

@@ -176,7 +176,18 @@ pub struct Managed {
     pub deployment: u64,
     /// Probation: `Some((duration, max_failed_batches))` while the build has not passed
     /// it on this agent.
-    pub probation: Option<(Duration, u32)>,
+    pub probation: Option<ProbationSpec>,
+}
+
+/// How a build from a deployment is judged while on probation.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ProbationSpec {
+    /// How long.
+    pub duration: Duration,
+    /// Failed batches tolerated.
+    pub max_failed: u32,
+    /// Output-rate and failure-rate checks.
+    pub checks: brume_protocol::Checks,
 }
 
 impl ModuleSpec {
@@ -406,6 +417,53 @@ struct Probation {
     max_failed: u32,
     /// Failed batches so far.
     failed: u32,
+    /// Batches committed so far.
+    ok: u32,
+    /// Input and output readings of the committed batches.
+    inputs: u64,
+    outputs: u64,
+    /// Data-plane checks.
+    checks: brume_protocol::Checks,
+    /// Outputs per input of the build this one replaced, measured here while it ran
+    /// (`None`: nothing to compare with, e.g. after a restart).
+    baseline: Option<f64>,
+}
+
+impl Probation {
+    /// Why the build fails its data-plane checks now, if it does.
+    fn judge(&self) -> Option<String> {
+        let c = &self.checks;
+        if let Some(max) = c.max_failed_pct {
+            let batches = self.ok + self.failed;
+            let pct = f64::from(self.failed) * 100.0 / f64::from(batches.max(1));
+            if batches >= 10 && pct > f64::from(max) {
+                return Some(format!(
+                    "{} of {batches} batches failed during probation ({pct:.0}%, at most {max}%)",
+                    self.failed
+                ));
+            }
+        }
+        if let (Some(max), Some(base)) = (c.max_output_change_pct, self.baseline)
+            && self.inputs >= u64::from(c.min_inputs.max(1))
+        {
+            let rate = self.outputs as f64 / self.inputs as f64;
+            let change = if base > 0.0 {
+                (rate - base) / base * 100.0
+            } else if rate > 0.0 {
+                f64::INFINITY
+            } else {
+                0.0
+            };
+            if change.abs() > f64::from(max) {
+                return Some(format!(
+                    "{:.3} outputs per input over {} inputs, against {base:.3} for the build it replaced \
+                     ({change:+.0}%, at most ±{max}%)",
+                    rate, self.inputs
+                ));
+            }
+        }
+        None
+    }
 }
 
 /// A batch's outputs and progress queued at the writer, with what to record once it is
@@ -670,6 +728,14 @@ impl Runner {
                 for (k, v) in &f.metrics {
                     self.shared.metrics.module_metric(&self.name, k, *v);
                 }
+                if let Some(p) = l.probation.as_mut().filter(|p| Instant::now() < p.until) {
+                    p.ok += 1;
+                    p.inputs += f.n_in;
+                    p.outputs += f.n_out;
+                    if let Some(why) = p.judge() {
+                        self.fail_probation(l, why);
+                    }
+                }
                 let cursor = l.cursor;
                 self.set_status(|s| {
                     s.cursor = cursor;
@@ -745,6 +811,8 @@ impl Runner {
         }
         let hash = module.hash_hex();
         let replaced = previous.as_ref().map(|p| p.hash.clone()).filter(|h| *h != hash);
+        // Another build, config or inputs in place of a loaded one (not a touched file).
+        let had_previous = previous.is_some();
         if let Some(mut p) = previous
             && p.hash == hash
             && p.config_json == self.spec.config_json
@@ -810,6 +878,13 @@ impl Runner {
             Ok(i) => i,
             Err(e) => return fail(e),
         };
+        // What the build being replaced produced per input here, for the output-rate check.
+        let baseline = had_previous.then_some(()).and_then(|_| {
+            let st = self.shared.status.lock().unwrap_or_else(|e| e.into_inner());
+            let s = st.get(&self.name)?;
+            let min = self.spec.managed.as_ref()?.probation?.checks.min_inputs.max(1);
+            (s.readings_in >= u64::from(min)).then(|| s.readings_out as f64 / s.readings_in as f64)
+        });
         let m = module.manifest().clone();
         tracing::info!(module = %self.name, version = %m.version, hash = %hash, cursor, inputs = ?self.spec.inputs.as_ref().unwrap_or(&m.inputs), outputs = ?m.outputs, "module loaded");
         self.shared.metrics.module_event(&self.name, "loaded");
@@ -828,11 +903,19 @@ impl Runner {
             s.readings_out = 0;
             s.finished = false;
         });
-        let probation = self.spec.managed.as_ref().and_then(|m| m.probation).map(|(d, max)| Probation {
-            until: Instant::now() + d,
-            max_failed: max,
+        let probation = self.spec.managed.as_ref().and_then(|m| m.probation).map(|p| Probation {
+            until: Instant::now() + p.duration,
+            max_failed: p.max_failed,
             failed: 0,
+            ok: 0,
+            inputs: 0,
+            outputs: 0,
+            checks: p.checks,
+            baseline,
         });
+        if probation.as_ref().is_some_and(|p| p.checks.max_output_change_pct.is_some() && p.baseline.is_none()) {
+            tracing::info!(module = %self.name, "no output rate of a predecessor measured here; the output-rate check is skipped");
+        }
         if let Some(old) = replaced {
             compile::forget(&self.shared.data_dir, &old);
         }
@@ -973,6 +1056,22 @@ impl Runner {
         }
     }
 
+    /// The build failed its probation: stop it now (its outputs may be wrong) and let the
+    /// fleet task put the previous build back.
+    fn fail_probation(&self, l: &mut Live, why: String) {
+        if l.disabled {
+            return;
+        }
+        tracing::error!(module = %self.name, error = %why, "module build failed its probation; rolling back");
+        self.shared.metrics.module_event(&self.name, "probation_failed");
+        l.disabled = true;
+        let sha256 = l.hash.clone();
+        self.set_status(|s| {
+            s.enabled = false;
+            s.probation_failed = Some(ProbationFailure { sha256, reason: why });
+        });
+    }
+
     fn failed(&self, l: &mut Live, e: ModuleError, last_id: i64, history: &Arc<dyn HistoryProvider>) {
         l.failures += 1;
         self.shared.metrics.module_batch(&self.name, e.kind(), 0, 0, 0);
@@ -990,15 +1089,13 @@ impl Runner {
         }
         if let Some(p) = l.probation.as_mut().filter(|p| Instant::now() < p.until) {
             p.failed += 1;
-            if p.failed > p.max_failed && !l.disabled {
-                // The build failed its probation: stop it now (its outputs may be wrong)
-                // and let the fleet task put the previous build back.
-                let why = format!("{} failed batches during probation (at most {}): {e}", p.failed, p.max_failed);
-                tracing::error!(module = %self.name, error = %why, "module build failed its probation; rolling back");
-                self.shared.metrics.module_event(&self.name, "probation_failed");
-                l.disabled = true;
-                let sha256 = l.hash.clone();
-                self.set_status(|s| s.probation_failed = Some(ProbationFailure { sha256, reason: why }));
+            let why = if p.failed > p.max_failed {
+                Some(format!("{} failed batches during probation (at most {}): {e}", p.failed, p.max_failed))
+            } else {
+                p.judge().map(|why| format!("{why}: {e}"))
+            };
+            if let Some(why) = why {
+                self.fail_probation(l, why);
             }
         }
         if l.failures >= self.spec.max_consecutive_failures && !l.disabled {
@@ -1095,5 +1192,62 @@ impl HistoryProvider for StoreHistory {
             }
         };
         res.unwrap_or_else(|e| HistoryResult::Err(format!("history query failed: {e}")))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn probation(max_change: Option<u32>, max_failed: Option<u32>, baseline: Option<f64>) -> Probation {
+        Probation {
+            until: Instant::now() + Duration::from_secs(60),
+            max_failed: 100,
+            failed: 0,
+            ok: 0,
+            inputs: 0,
+            outputs: 0,
+            checks: brume_protocol::Checks {
+                max_output_change_pct: max_change,
+                max_failed_pct: max_failed,
+                min_inputs: 100,
+            },
+            baseline,
+        }
+    }
+
+    #[test]
+    fn output_rate_is_judged_against_the_predecessor_after_min_inputs() {
+        let mut p = probation(Some(50), None, Some(0.1));
+        (p.inputs, p.outputs) = (99, 99);
+        assert_eq!(p.judge(), None, "too few inputs to judge");
+        (p.inputs, p.outputs) = (100, 14);
+        assert_eq!(p.judge(), None, "+40% is within ±50%");
+        (p.inputs, p.outputs) = (100, 16);
+        let why = p.judge().unwrap();
+        assert!(why.contains("0.160 outputs per input") && why.contains("+60%"), "{why}");
+        (p.inputs, p.outputs) = (100, 4);
+        assert!(p.judge().unwrap().contains("-60%"));
+        // From nothing to something is an infinite change; nothing to nothing is none.
+        let mut p = probation(Some(1000), None, Some(0.0));
+        (p.inputs, p.outputs) = (100, 1);
+        assert!(p.judge().is_some());
+        p.outputs = 0;
+        assert_eq!(p.judge(), None);
+        // No predecessor measured: not judged.
+        let mut p = probation(Some(1), None, None);
+        (p.inputs, p.outputs) = (1000, 1000);
+        assert_eq!(p.judge(), None);
+    }
+
+    #[test]
+    fn failure_rate_is_judged_after_ten_batches() {
+        let mut p = probation(None, Some(20), None);
+        (p.ok, p.failed) = (5, 4);
+        assert_eq!(p.judge(), None, "nine batches say little");
+        (p.ok, p.failed) = (8, 2);
+        assert_eq!(p.judge(), None, "20% is allowed");
+        (p.ok, p.failed) = (7, 3);
+        assert!(p.judge().unwrap().contains("3 of 10 batches failed"));
     }
 }

@@ -660,3 +660,80 @@ async fn reprocessing_a_past_range_stores_new_results_beside_the_originals() {
     assert_eq!(jobs[0]["state"], "done", "{jobs:#}");
     assert_eq!(jobs[0]["readings_out"].as_u64(), Some(expected.len() as u64), "{jobs:#}");
 }
+
+/// The data-plane check on the device: the same build with a config that changes its
+/// output rate (threshold from "never" to "every reading") is rolled back by the agent
+/// when its outputs per input drift past `--max-output-change` from what the previous
+/// config produced there; the rollout aborts (exit 3 from `deploy --watch`), and the
+/// agent runs the previous config again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_output_rate_drift_during_probation_rolls_back_on_the_device() {
+    let broker = Mosquitto::start().unwrap();
+    let key = SecretKey::generate();
+    let hub = start_hub(broker.port, &key.public().to_string()).await;
+    let v1 = built_module_bytes("threshold");
+    upload(&hub, &key, &v1).await;
+    let fleet = fleet_config(&hub, &key);
+    let agent = Agent::start(Path::new(AGENT), "edge-0", broker.port, &[("fleet", &fleet)]).await.unwrap();
+    let quiet = json!({"limit": 1e12, "field": "n"});
+    let d1 = deploy(&hub, json!({"module": "threshold", "version": "0.1.0", "config": quiet, "probation": "0s"})).await;
+    wait_running(&hub, d1, 1, &[&agent]).await;
+    let sensor = Sensor::start_named(agent.mqtt_port, "sensors", 1, 50);
+    // The quiet config's rate is measured on at least `min_inputs` readings.
+    wait_until("the quiet config processed 40 readings", Duration::from_secs(20), || async {
+        let s: Value = reqwest::get(format!("{}/api/v1/status", agent.url)).await.unwrap().json().await.unwrap();
+        s["modules"].as_array().into_iter().flatten().any(|m| m["readings_in"].as_u64().unwrap_or(0) >= 40)
+    })
+    .await
+    .unwrap();
+
+    let (code, out) = cli(
+        &hub,
+        &[
+            "deploy",
+            "threshold@0.1.0",
+            "--config",
+            r#"{"limit": -1, "field": "n"}"#,
+            "--probation",
+            "60s",
+            "--max-output-change",
+            "50",
+            "--min-inputs",
+            "20",
+            "--watch",
+        ],
+    );
+    assert_eq!(code, 3, "the rollout aborted: {out}\n{}", agent.log());
+    let d2 = get(&hub, "/api/v1/deployments/2").await;
+    let row = &d2["agent_progress"][0];
+    assert_eq!(row["phase"], "rolled_back", "{d2:#}");
+    let why = row["error"].as_str().unwrap_or_default();
+    assert!(why.contains("outputs per input") && why.contains("at most ±50%"), "{why}");
+
+    // The quiet config runs again: no new outputs while readings keep flowing.
+    wait_until("the previous config running again", Duration::from_secs(20), || async {
+        let s: Value = reqwest::get(format!("{}/api/v1/status", agent.url)).await.unwrap().json().await.unwrap();
+        s["modules"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|m| m["enabled"] == true && m["readings_in"].as_u64() > Some(20))
+    })
+    .await
+    .unwrap();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let (acked, _) = sensor.stop().await;
+    wait_until("every input at the hub", Duration::from_secs(20), || async {
+        hub.readings("sensors/0").await.unwrap().len() == acked.len()
+    })
+    .await
+    .unwrap();
+    // Batches arrive in the agent's order, so every output is here too. The candidate's
+    // outputs are for the readings it processed before it was judged; none after.
+    let n = |r: &Value| r["fields"]["n"].as_f64().unwrap() as u64;
+    let outputs: Vec<u64> = hub.readings("alerts/threshold").await.unwrap().iter().map(n).collect();
+    assert!(!outputs.is_empty() && outputs.len() < acked.len(), "{} outputs", outputs.len());
+    let last_output = *outputs.iter().max().unwrap();
+    let later = acked.iter().filter(|&&a| a > last_output).count();
+    assert!(later > 20, "the quiet config emitted nothing for the {later} readings after the rollback");
+}

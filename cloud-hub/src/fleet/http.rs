@@ -220,6 +220,20 @@ struct NewDeployment {
     max_failed_batches: u32,
     #[serde(default = "default_abort_threshold")]
     abort_threshold: f64,
+    /// Roll back on an agent when the build's outputs per input differ from its
+    /// predecessor's there by more than this percentage.
+    #[serde(default)]
+    max_output_change_pct: Option<u32>,
+    /// Roll back on an agent when more than this percentage of its batches failed.
+    #[serde(default)]
+    max_failed_pct: Option<u32>,
+    /// Inputs before those two are judged.
+    #[serde(default = "default_min_inputs")]
+    min_inputs: u32,
+}
+
+fn default_min_inputs() -> u32 {
+    100
 }
 
 fn default_waves() -> Vec<String> {
@@ -246,6 +260,19 @@ fn spec_of(n: NewDeployment, registered: &RegisteredModule) -> Result<Deployment
     }
     let probation_s = u32::try_from(n.probation.as_secs()).map_err(|_| "probation: too long".to_string())?;
     check_selector(&n.selector)?;
+    for (name, pct) in [("max_output_change_pct", n.max_output_change_pct), ("max_failed_pct", n.max_failed_pct)] {
+        if pct.is_some_and(|p| p > 1_000_000) {
+            return Err(format!("{name}: a percentage up to 1000000"));
+        }
+    }
+    if n.max_failed_pct.is_some_and(|p| p >= 100) {
+        return Err("max_failed_pct: below 100 (at 100 nothing ever fails the check)".into());
+    }
+    let checks = brume_protocol::Checks {
+        max_output_change_pct: n.max_output_change_pct,
+        max_failed_pct: n.max_failed_pct,
+        min_inputs: n.min_inputs,
+    };
     Ok(DeploymentSpec {
         module: n.module,
         version: n.version,
@@ -257,6 +284,7 @@ fn spec_of(n: NewDeployment, registered: &RegisteredModule) -> Result<Deployment
         probation_s,
         max_failed_batches: n.max_failed_batches,
         abort_threshold: n.abort_threshold,
+        checks,
     })
 }
 
@@ -355,6 +383,9 @@ fn deployment_json(fleet: &Fleet, d: &Deployment, with_agents: bool) -> serde_js
         "probation_s": d.spec.probation_s,
         "max_failed_batches": d.spec.max_failed_batches,
         "abort_threshold": d.spec.abort_threshold,
+        "max_output_change_pct": d.spec.checks.max_output_change_pct,
+        "max_failed_pct": d.spec.checks.max_failed_pct,
+        "min_inputs": d.spec.checks.min_inputs,
         "created_ms": d.created_ms,
         "updated_ms": d.updated_ms,
         "agents": counts,

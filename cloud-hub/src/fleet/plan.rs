@@ -152,6 +152,7 @@ impl Fleet {
                         duration_s: d.spec.probation_s,
                         max_failed_batches: d.spec.max_failed_batches,
                     },
+                    checks: d.spec.checks,
                 },
             );
         }
@@ -293,6 +294,7 @@ mod tests {
                 probation_s: 10,
                 max_failed_batches: 0,
                 abort_threshold: 0.3,
+                checks: Default::default(),
             },
             state,
             wave: 0,

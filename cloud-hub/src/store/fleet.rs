@@ -139,6 +139,9 @@ pub struct DeploymentSpec {
     /// Fraction (0..=1) of a wave's agents failed or rolled back at which the rollout is
     /// aborted.
     pub abort_threshold: f64,
+    /// Data-plane checks agents apply during probation (none by default).
+    #[serde(default)]
+    pub checks: brume_protocol::Checks,
 }
 
 impl DeploymentSpec {

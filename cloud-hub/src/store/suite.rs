@@ -819,6 +819,7 @@ fn spec(module: &str) -> super::fleet::DeploymentSpec {
         probation_s: 30,
         max_failed_batches: 0,
         abort_threshold: 0.5,
+        checks: brume_protocol::Checks { max_output_change_pct: Some(50), max_failed_pct: None, min_inputs: 10 },
     }
 }
 
@@ -904,6 +905,7 @@ pub(crate) fn desired_generation_grows_only_on_change_and_survives_reopen(f: &im
         inputs: None,
         deployment: 1,
         probation: brume_protocol::Probation { duration_s: 0, max_failed_batches: 0 },
+        checks: Default::default(),
     };
     let content = |modules: &[brume_protocol::DesiredModule]| super::fleet::DesiredContent {
         modules: modules.to_vec(),

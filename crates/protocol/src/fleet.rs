@@ -64,7 +64,7 @@ pub struct DesiredV1 {
     pub issued_ms: i64,
     /// Every module the agent should run from deployments, by name (strictly ascending,
     /// unique). Modules from the agent's own config are not listed and not touched.
-    pub modules: Vec<DesiredModule>,
+    pub modules: Vec<DesiredModuleV1>,
 }
 
 /// Version 2 of the desired state: [`DesiredV1`] plus re-processing jobs.
@@ -89,7 +89,7 @@ impl From<DesiredV1> for DesiredV2 {
             agent_id: d.agent_id,
             generation: d.generation,
             issued_ms: d.issued_ms,
-            modules: d.modules,
+            modules: d.modules.into_iter().map(DesiredModule::from).collect(),
             reprocess: Vec::new(),
         }
     }
@@ -124,7 +124,42 @@ pub struct ReprocessJob {
     pub to_ns: i64,
 }
 
-/// One module an agent should run.
+/// One module an agent should run, as version 1 of the desired state carries it
+/// ([`DesiredModule`] without `checks`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DesiredModuleV1 {
+    /// See [`DesiredModule::module`].
+    pub module: ModuleRef,
+    /// See [`DesiredModule::size`].
+    pub size: u64,
+    /// See [`DesiredModule::signature`].
+    pub signature: String,
+    /// See [`DesiredModule::config_json`].
+    pub config_json: String,
+    /// See [`DesiredModule::inputs`].
+    pub inputs: Option<Vec<String>>,
+    /// See [`DesiredModule::deployment`].
+    pub deployment: u64,
+    /// See [`DesiredModule::probation`].
+    pub probation: Probation,
+}
+
+impl From<DesiredModuleV1> for DesiredModule {
+    fn from(m: DesiredModuleV1) -> Self {
+        DesiredModule {
+            module: m.module,
+            size: m.size,
+            signature: m.signature,
+            config_json: m.config_json,
+            inputs: m.inputs,
+            deployment: m.deployment,
+            probation: m.probation,
+            checks: Checks::default(),
+        }
+    }
+}
+
+/// One module an agent should run (version 2 of the desired state).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DesiredModule {
     /// The build: manifest name and version, sha256 of the `.wasm` file. The name is the
@@ -144,6 +179,33 @@ pub struct DesiredModule {
     pub deployment: u64,
     /// How the agent judges the new version before it commits to it.
     pub probation: Probation,
+    /// Data-plane checks during probation, beyond failed batches.
+    #[serde(default)]
+    pub checks: Checks,
+}
+
+/// Data-plane checks an agent applies to a new build during its probation, beside
+/// [`Probation::max_failed_batches`], on its own (offline too). A build that fails one
+/// is rolled back like one that traps, and the report says what was measured.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Checks {
+    /// Roll back when the build's output readings per input reading differ from those of
+    /// the build it replaced (measured on this agent while that one ran) by more than this
+    /// percentage. `None`: not checked; also not checked without a measured predecessor.
+    pub max_output_change_pct: Option<u32>,
+    /// Roll back when more than this percentage of the build's batches failed.
+    /// `None`: not checked.
+    pub max_failed_pct: Option<u32>,
+    /// Input readings the build must have processed before either is judged (a few
+    /// readings say little about a rate).
+    pub min_inputs: u32,
+}
+
+impl Checks {
+    /// No check asked for.
+    pub fn is_none(&self) -> bool {
+        self.max_output_change_pct.is_none() && self.max_failed_pct.is_none()
+    }
 }
 
 /// The health checks an agent applies to a new version during probation, on its own
@@ -165,15 +227,27 @@ impl DesiredState {
         postcard::to_stdvec(self).expect("encoding to a Vec cannot fail")
     }
 
-    /// The message for a desired state: version 1 when it has no job (agents that
-    /// predate jobs keep working), version 2 otherwise.
+    /// The message for a desired state: version 1 when it has no job and no module with
+    /// [`Checks`] (agents that predate them keep working), version 2 otherwise.
     pub fn for_desired(d: Desired) -> DesiredState {
-        if d.reprocess.is_empty() {
+        if d.reprocess.is_empty() && d.modules.iter().all(|m| m.checks.is_none()) {
             DesiredState::V1(DesiredV1 {
                 agent_id: d.agent_id,
                 generation: d.generation,
                 issued_ms: d.issued_ms,
-                modules: d.modules,
+                modules: d
+                    .modules
+                    .into_iter()
+                    .map(|m| DesiredModuleV1 {
+                        module: m.module,
+                        size: m.size,
+                        signature: m.signature,
+                        config_json: m.config_json,
+                        inputs: m.inputs,
+                        deployment: m.deployment,
+                        probation: m.probation,
+                    })
+                    .collect(),
             })
         } else {
             DesiredState::V2(d)
@@ -197,6 +271,11 @@ impl DesiredState {
         }
         for m in &d.modules {
             validate_build(&m.module, &m.signature, &m.config_json, m.inputs.as_deref())?;
+            for pct in [m.checks.max_output_change_pct, m.checks.max_failed_pct].into_iter().flatten() {
+                if pct > 1_000_000 {
+                    return Err(invalid("module checks", format!("{pct}%: at most 1000000%")));
+                }
+            }
         }
         if d.reprocess.len() > MAX_REPROCESS_JOBS {
             return Err(invalid(

@@ -310,7 +310,7 @@ fn desired() -> DesiredState {
         agent_id: "a1".into(),
         generation: 3,
         issued_ms: 1_000,
-        modules: vec![DesiredModule {
+        modules: vec![DesiredModuleV1 {
             module: ModuleRef { name: "m".into(), version: "2".into(), sha256: [7; 32] },
             size: 300,
             signature: "s".into(),
@@ -459,8 +459,10 @@ fn golden_bytes_desired_v2_and_report_v2() {
     // Without jobs the message stays version 1, byte for byte.
     assert_eq!(DesiredState::for_desired(d.clone()), DesiredState::V1(v1.clone()));
     d.reprocess.push(job());
+    d.modules[0].checks = Checks { max_output_change_pct: Some(50), max_failed_pct: None, min_inputs: 100 };
     let mut expected = vec![1u8]; // DesiredState::V2
     expected.extend_from_slice(&desired().encode()[1..]); // the V1 fields
+    expected.extend([1, 50, 0, 100]); // checks: Some(50), None, 100
     #[rustfmt::skip]
     expected.extend([
         1,                        // one job
@@ -482,6 +484,13 @@ fn golden_bytes_desired_v2_and_report_v2() {
     check(&|d| d.reprocess[0].to_ns = 1, "not before");
     check(&|d| d.reprocess[0].module.name = "#x".into(), "reserved");
     check(&|d| d.reprocess[0].inputs = Some(vec!["#/a".into()]), "module input");
+    check(&|d| d.modules[0].checks.max_failed_pct = Some(2_000_000), "module checks");
+    // Checks alone make a version 2 message.
+    let mut only_checks = d.clone();
+    only_checks.reprocess.clear();
+    assert!(matches!(DesiredState::for_desired(only_checks.clone()), DesiredState::V2(_)));
+    only_checks.modules[0].checks = Checks::default();
+    assert!(matches!(DesiredState::for_desired(only_checks), DesiredState::V1(_)));
 
     let r = Report {
         agent_id: "a1".into(),
