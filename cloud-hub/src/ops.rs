@@ -120,6 +120,10 @@ pub struct DeployArgs {
     /// Input readings a build must have processed before those two are judged.
     #[arg(long, default_value_t = 100)]
     min_inputs: u32,
+    /// Run the new build in the shadow of the running one during probation (same input,
+    /// outputs counted and dropped), compare, and swap only if it passes.
+    #[arg(long)]
+    shadow: bool,
     /// The module's configuration, a JSON object (e.g. `'{"limit": 80}'`).
     #[arg(long, value_name = "JSON", conflicts_with = "config_file")]
     config: Option<String>,
@@ -431,6 +435,7 @@ pub async fn deploy(a: DeployArgs) -> anyhow::Result<ExitCode> {
         "max_output_change_pct": a.max_output_change,
         "max_failed_pct": a.max_failed_pct,
         "min_inputs": a.min_inputs,
+        "shadow": a.shadow,
     });
     if let Some(i) = &a.inputs {
         body["inputs"] = json!(i);
@@ -540,13 +545,30 @@ fn show(d: &Value) {
                 text(&a["phase"]),
                 if a["online"] == true { "yes".into() } else { "no".into() },
                 text(&a["running"]["version"]),
+                shadow_text(&a["shadow"]),
                 text(&a["error"]),
             ]
         })
         .collect();
     if !rows.is_empty() {
-        table(&["AGENT", "WAVE", "PHASE", "ONLINE", "RUNNING", "ERROR"], &rows);
+        table(&["AGENT", "WAVE", "PHASE", "ONLINE", "RUNNING", "SHADOW", "ERROR"], &rows);
     }
+}
+
+/// A shadow comparison in a few words: inputs, outputs against the running build's,
+/// failures, mean drift.
+fn shadow_text(s: &Value) -> String {
+    if s.is_null() {
+        return String::new();
+    }
+    let mut t = format!("{} in, out {} vs {}", s["inputs"], s["outputs"], s["running_outputs"]);
+    if s["failed_batches"].as_u64().unwrap_or(0) > 0 {
+        t.push_str(&format!(", {} failed", s["failed_batches"]));
+    }
+    if let Some(d) = s["max_mean_drift_pct"].as_u64() {
+        t.push_str(&format!(", drift {d}%"));
+    }
+    t
 }
 
 /// Follows a rollout: prints each change, returns when it ends.

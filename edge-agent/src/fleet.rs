@@ -47,7 +47,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{Config, FleetConfig, OnFailure, StartAt};
-use crate::modules::{Managed, ModuleSpec, ProbationSpec, Reprocess, SharedModuleStatus};
+use crate::modules::{Managed, ModuleSpec, ProbationSpec, Reprocess, ShadowSpec, ShadowStatus, SharedModuleStatus};
 
 /// How often runners' status is checked for probation results.
 const TICK: Duration = Duration::from_secs(1);
@@ -106,6 +106,15 @@ struct State {
     /// Re-processing jobs of the applied desired state, by id.
     #[serde(default)]
     jobs: BTreeMap<u64, JobState>,
+    /// Slots whose wanted build (by [`identity`]) runs in the shadow of the running one
+    /// until it passes or fails, and since when (ms since the Unix epoch).
+    #[serde(default)]
+    shadowing: BTreeMap<String, ([u8; 32], i64)>,
+}
+
+/// Does a wanted build go through the shadow of the running one first?
+fn shadowed(m: &DesiredModule) -> bool {
+    m.shadow && m.probation.duration_s > 0
 }
 
 /// A re-processing job on this agent.
@@ -338,6 +347,7 @@ impl Fleet {
         }
         self.check_probation();
         self.check_jobs();
+        self.check_shadows();
         self.decide();
         if self.state != self.persisted {
             if let Err(e) = self.persist() {
@@ -419,12 +429,48 @@ impl Fleet {
         }
     }
 
+    /// Judges candidates running in a shadow: failed (rolled back: never swapped in) or,
+    /// once their probation time is over, passed (swapped in by [`decide`](Self::decide)).
+    fn check_shadows(&mut self) {
+        let now_ms = crate::now_ns() / 1_000_000;
+        let status = self.status.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        for (slot, (id, started)) in self.state.shadowing.clone() {
+            let Some(m) = self.state.desired.iter().find(|m| m.module.name == slot && identity(m) == id).cloned()
+            else {
+                self.state.shadowing.remove(&slot);
+                continue;
+            };
+            let sha = m.module.sha256_hex();
+            let Some(s) = status.get(&slot).and_then(|s| s.shadow.as_ref()).filter(|s| s.sha256 == sha) else {
+                continue; // not started yet
+            };
+            let verdict = match judge_shadow(s, &m) {
+                Some(why) => Err(why),
+                None if now_ms - started >= i64::from(m.probation.duration_s) * 1000 => Ok(()),
+                None => continue,
+            };
+            self.state.shadowing.remove(&slot);
+            match verdict {
+                Ok(()) => {
+                    tracing::info!(module = %slot, version = %m.module.version, inputs = s.inputs, outputs = s.outputs, running_outputs = s.running_outputs, "candidate passed in the shadow; swapping it in");
+                    self.state.passed.insert(id);
+                }
+                Err(why) => {
+                    tracing::warn!(module = %slot, version = %m.module.version, reason = %why, "candidate failed in the shadow; keeping the running build");
+                    self.state.rolled_back.insert(slot, (id, why));
+                }
+            }
+        }
+    }
+
     /// What runs in each slot, from what is wanted, here, and not rolled back.
     fn decide(&mut self) {
+        let now_ms = crate::now_ns() / 1_000_000;
         let st = &mut self.state;
         let wanted: BTreeMap<&str, &DesiredModule> = st.desired.iter().map(|m| (m.module.name.as_str(), m)).collect();
         st.running.retain(|slot, _| wanted.contains_key(slot.as_str()));
         st.previous.retain(|slot, _| wanted.contains_key(slot.as_str()));
+        st.shadowing.retain(|slot, (id, _)| wanted.get(slot.as_str()).is_some_and(|m| identity(m) == *id));
         for (slot, m) in wanted {
             if self.static_names.contains(slot) {
                 continue;
@@ -440,13 +486,30 @@ impl Fleet {
                     // Same code, config and inputs from another deployment: nothing to judge.
                     st.running.insert(slot.to_owned(), m.clone());
                 }
+                Some(_) if shadowed(m) && !st.passed.contains(&identity(m)) => {
+                    // Runs beside the current build first (see `check_shadows`).
+                    st.shadowing.entry(slot.to_owned()).or_insert((identity(m), now_ms));
+                }
                 _ => {
+                    st.shadowing.remove(slot);
                     if let Some(old) = st.running.insert(slot.to_owned(), m.clone()) {
                         st.previous.insert(slot.to_owned(), old);
                     }
                 }
             }
         }
+    }
+
+    /// The candidate to run in a slot's shadow, if any.
+    fn shadow_spec(&self, slot: &str) -> Option<ShadowSpec> {
+        let (id, _) = self.state.shadowing.get(slot)?;
+        let m = self.state.desired.iter().find(|m| m.module.name == slot && identity(m) == *id)?;
+        Some(ShadowSpec {
+            path: self.file(&m.module.sha256),
+            sha256: m.module.sha256,
+            signature: m.signature.parse().ok()?,
+            config_json: m.config_json.clone(),
+        })
     }
 
     /// The runners' set.
@@ -483,6 +546,7 @@ impl Fleet {
                         keyring: self.keyring.clone(),
                         deployment: b.deployment,
                         probation,
+                        shadow: self.shadow_spec(slot),
                     }),
                     reprocess: None,
                 })
@@ -518,6 +582,7 @@ impl Fleet {
                     keyring: self.keyring.clone(),
                     deployment: 0,
                     probation: None,
+                    shadow: None,
                 }),
                 reprocess: Some(Reprocess {
                     job: *id,
@@ -653,6 +718,9 @@ impl Fleet {
                     (Phase::Failed, r.error.clone())
                 } else if !self.file(&m.module.sha256).exists() {
                     (Phase::Downloading, retry.map(|r| r.error.clone()).unwrap_or_default())
+                } else if self.state.shadowing.get(slot).is_some_and(|(id, _)| *id == identity(m)) {
+                    let why = s.and_then(|s| s.shadow.as_ref()).and_then(|s| s.last_error.clone());
+                    (Phase::Canary, why.unwrap_or_default())
                 } else if running.is_some_and(|r| identity(r) == identity(m)) && running_ref.is_some() {
                     let on_probation = m.probation.duration_s > 0 && !self.state.passed.contains(&identity(m));
                     (if on_probation { Phase::Canary } else { Phase::Running }, String::new())
@@ -668,6 +736,20 @@ impl Fleet {
                     error: truncate(&error, brume_protocol::MAX_REPORT_ERROR),
                     batches_ok: s.map_or(0, |s| s.batches_ok),
                     batches_failed: s.map_or(0, |s| s.batches_failed),
+                    shadow: s
+                        .and_then(|s| s.shadow.as_ref())
+                        .filter(|x| phase == Phase::Canary && x.sha256 == m.module.sha256_hex())
+                        .map(|x| brume_protocol::ShadowReport {
+                            inputs: x.inputs,
+                            outputs: x.outputs,
+                            running_outputs: x.running_outputs,
+                            failed_batches: x.failed_batches,
+                            last_error: truncate(
+                                x.last_error.as_deref().unwrap_or_default(),
+                                brume_protocol::MAX_REPORT_ERROR,
+                            ),
+                            max_mean_drift_pct: x.max_mean_drift_pct(),
+                        }),
                 }
             })
             .collect()
@@ -719,7 +801,11 @@ impl Fleet {
         };
         // Batch counters alone do not make a new report (they change every batch): they
         // ride along with the next change of generation, phase, build or error.
-        let key = |m: &ModuleReport| (m.name.clone(), m.deployment, m.phase, m.running.clone(), m.error.clone());
+        // A shadow comparison makes a new report at 1, 2, 4, 8, ... inputs, and on a failure.
+        let key = |m: &ModuleReport| {
+            let shadow = m.shadow.as_ref().map(|s| (s.inputs.checked_ilog2(), s.failed_batches));
+            (m.name.clone(), m.deployment, m.phase, m.running.clone(), m.error.clone(), shadow)
+        };
         let job_key = |j: &JobReport| (j.id, j.phase, j.error.clone());
         let same = self.last_report.as_ref().is_some_and(|l| {
             l.generation == r.generation
@@ -737,6 +823,48 @@ impl Fleet {
             self.last_report = Some(r);
         }
     }
+}
+
+/// Why a candidate in the shadow fails, if it does: it did not load, failed too many
+/// batches, or its outputs per input drift from the running build's on the same input.
+fn judge_shadow(s: &ShadowStatus, m: &DesiredModule) -> Option<String> {
+    if let Some(e) = &s.load_error {
+        return Some(format!("did not load: {e}"));
+    }
+    let last = s.last_error.as_deref().unwrap_or_default();
+    if s.failed_batches > u64::from(m.probation.max_failed_batches) {
+        return Some(format!(
+            "{} failed batches in the shadow (at most {}): {last}",
+            s.failed_batches, m.probation.max_failed_batches
+        ));
+    }
+    if let Some(max) = m.checks.max_failed_pct {
+        let pct = s.failed_batches as f64 * 100.0 / s.batches.max(1) as f64;
+        if s.batches >= 10 && pct > f64::from(max) {
+            return Some(format!(
+                "{} of {} batches failed in the shadow ({pct:.0}%, at most {max}%): {last}",
+                s.failed_batches, s.batches
+            ));
+        }
+    }
+    if let Some(max) = m.checks.max_output_change_pct
+        && s.inputs >= u64::from(m.checks.min_inputs.max(1))
+    {
+        let change = if s.running_outputs > 0 {
+            (s.outputs as f64 - s.running_outputs as f64) / s.running_outputs as f64 * 100.0
+        } else if s.outputs > 0 {
+            f64::INFINITY
+        } else {
+            0.0
+        };
+        if change.abs() > f64::from(max) {
+            return Some(format!(
+                "{} outputs against {} from the running build on the same {} inputs ({change:+.0}%, at most ±{max}%)",
+                s.outputs, s.running_outputs, s.inputs
+            ));
+        }
+    }
+    None
 }
 
 /// At most `max` bytes of `s`, cut at a character boundary.

@@ -94,6 +94,70 @@ pub struct ModuleStatus {
     pub readings_out: u64,
     /// A re-processing job: every reading of its range was processed and committed.
     pub finished: bool,
+    /// A candidate build running in this module's shadow, and how it compares.
+    pub shadow: Option<ShadowStatus>,
+}
+
+/// A candidate build run in the shadow of the running one, on the same input batches:
+/// its outputs are counted and dropped, never stored.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct ShadowStatus {
+    /// Hex sha256 of the candidate.
+    pub sha256: String,
+    /// Input readings of the batches both processed.
+    pub inputs: u64,
+    /// Batches the candidate processed (successfully or not).
+    pub batches: u64,
+    /// The candidate's output readings.
+    pub outputs: u64,
+    /// The running build's output readings on the same batches.
+    pub running_outputs: u64,
+    /// Batches the candidate failed on.
+    pub failed_batches: u64,
+    /// The candidate's last failure.
+    pub last_error: Option<String>,
+    /// Why the candidate could not be loaded, if it could not.
+    pub load_error: Option<String>,
+    /// `"<stream> <field>"` → (sum, count) of the numeric output values of the candidate
+    /// (`[0]`) and the running build (`[1]`); at most [`MAX_SHADOW_FIELDS`] keys.
+    pub means: std::collections::BTreeMap<String, [(f64, u64); 2]>,
+}
+
+/// Most output fields a shadow comparison keeps means of.
+pub const MAX_SHADOW_FIELDS: usize = 64;
+
+impl ShadowStatus {
+    /// The largest difference of a field's mean between the two builds, in percent of the
+    /// running build's mean (of its magnitude, at least 1e-9), over fields both output.
+    pub fn max_mean_drift_pct(&self) -> Option<u64> {
+        self.means
+            .values()
+            .filter(|[c, r]| c.1 > 0 && r.1 > 0)
+            .map(|[c, r]| {
+                let (mc, mr) = (c.0 / c.1 as f64, r.0 / r.1 as f64);
+                ((mc - mr).abs() / mr.abs().max(1e-9) * 100.0).min(u64::MAX as f64) as u64
+            })
+            .max()
+    }
+
+    fn add_means(&mut self, which: usize, out: &[ModuleReading]) {
+        for r in out {
+            for f in &r.fields {
+                let v = match f.value {
+                    brume_protocol::Value::F64(v) if v.is_finite() => v,
+                    brume_protocol::Value::I64(v) => v as f64,
+                    _ => continue,
+                };
+                let key = format!("{} {}", r.stream, f.name);
+                if !self.means.contains_key(&key) && self.means.len() >= MAX_SHADOW_FIELDS {
+                    continue;
+                }
+                let e = &mut self.means.entry(key).or_default()[which];
+                e.0 += v;
+                e.1 += 1;
+            }
+        }
+    }
 }
 
 /// Which build failed its probation, and why.
@@ -177,6 +241,21 @@ pub struct Managed {
     /// Probation: `Some((duration, max_failed_batches))` while the build has not passed
     /// it on this agent.
     pub probation: Option<ProbationSpec>,
+    /// A candidate build to run in this one's shadow.
+    pub shadow: Option<ShadowSpec>,
+}
+
+/// A candidate build to run in the shadow of a module (see [`ShadowStatus`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ShadowSpec {
+    /// Its file (hashed and its signature checked, like any managed build).
+    pub path: std::path::PathBuf,
+    /// Its sha256.
+    pub sha256: [u8; 32],
+    /// The publisher's signature.
+    pub signature: brume_signing::Signature,
+    /// Its configuration.
+    pub config_json: String,
 }
 
 /// How a build from a deployment is judged while on probation.
@@ -395,6 +474,17 @@ struct Live {
     resume_at: Option<Instant>,
     /// A re-processing job's bounds.
     scan: Option<Scan>,
+    /// A candidate build in this one's shadow.
+    shadow: Option<ShadowRun>,
+}
+
+/// A loaded candidate running in a module's shadow.
+struct ShadowRun {
+    sha256: [u8; 32],
+    config_json: String,
+    module: LoadedModule,
+    instance: ModuleInstance,
+    limits: Limits,
 }
 
 /// What a re-processing job reads, and where its outputs go.
@@ -761,8 +851,109 @@ impl Runner {
         }
     }
 
-    /// Loads the file, restores progress, instantiates. `None` (logged) if it cannot.
+    /// [`load_live`](Self::load_live), then starts, keeps or stops the candidate in its
+    /// shadow as the spec says.
     fn load(&self, reader: &StoreHistory, history: &Arc<dyn HistoryProvider>, previous: Option<Live>) -> Option<Live> {
+        let mut l = self.load_live(reader, history, previous)?;
+        self.sync_shadow(&mut l, history);
+        Some(l)
+    }
+
+    fn sync_shadow(&self, l: &mut Live, history: &Arc<dyn HistoryProvider>) {
+        let Some(m) = self.spec.managed.as_ref() else { return };
+        let Some(w) = &m.shadow else {
+            l.shadow = None;
+            self.set_status(|s| s.shadow = None);
+            return;
+        };
+        if l.shadow.as_ref().is_some_and(|s| s.sha256 == w.sha256 && s.config_json == w.config_json) {
+            return;
+        }
+        l.shadow = None;
+        let sha256 = brume_signing::to_hex(&w.sha256);
+        let loaded = self.load_shadow(w, &m.keyring, history);
+        match &loaded {
+            Ok(_) => tracing::info!(module = %self.name, candidate = %sha256, "candidate build running in the shadow"),
+            Err(e) => {
+                tracing::warn!(module = %self.name, candidate = %sha256, error = %e, "candidate build not loaded")
+            }
+        }
+        let load_error = loaded.as_ref().err().cloned();
+        self.set_status(|s| s.shadow = Some(ShadowStatus { sha256, load_error, ..Default::default() }));
+        l.shadow = loaded.ok();
+    }
+
+    fn load_shadow(
+        &self,
+        w: &ShadowSpec,
+        keyring: &brume_signing::Keyring,
+        history: &Arc<dyn HistoryProvider>,
+    ) -> Result<ShadowRun, String> {
+        let bytes = std::fs::read(&w.path).map_err(|e| format!("cannot read {}: {e}", w.path.display()))?;
+        let digest: [u8; 32] = Sha256::digest(&bytes).into();
+        if digest != w.sha256 {
+            return Err(format!("{} does not hash to the candidate build", w.path.display()));
+        }
+        keyring.verify(&digest, &w.signature).map_err(|e| format!("signature refused: {e}"))?;
+        let module = compile::load(&self.shared.engine, &self.shared.data_dir, &bytes, &brume_signing::to_hex(&digest))
+            .map_err(|e| e.to_string())?;
+        if module.manifest().name != self.name {
+            return Err(format!("the build is module {:?}, not {:?}", module.manifest().name, self.name));
+        }
+        let limits = Limits::from_manifest(&module.manifest().budgets, &LimitOverrides::default());
+        let instance = self.instantiate(&module, &limits, &w.config_json, &[], history)?;
+        Ok(ShadowRun { sha256: w.sha256, config_json: w.config_json.clone(), module, instance, limits })
+    }
+
+    /// Runs the candidate on the batch the running build just processed, and counts.
+    fn run_shadow(
+        &self,
+        sh: &mut ShadowRun,
+        input: &Input,
+        running_out: &[ModuleReading],
+        history: &Arc<dyn HistoryProvider>,
+    ) {
+        let result = sh.instance.process(input).and_then(|o| {
+            to_readings(&o.output.readings)?;
+            Ok(o)
+        });
+        let failure = match &result {
+            Ok(_) => None,
+            Err(e) => {
+                // Poisoned, or holding half-updated state: start it afresh.
+                match self.instantiate(&sh.module, &sh.limits, &sh.config_json, &[], history) {
+                    Ok(i) => sh.instance = i,
+                    Err(e) => tracing::warn!(module = %self.name, error = %e, "candidate cannot be re-instantiated"),
+                }
+                Some(e.to_string())
+            }
+        };
+        self.set_status(|s| {
+            let Some(st) = s.shadow.as_mut() else { return };
+            st.inputs += input.readings.len() as u64;
+            st.batches += 1;
+            st.running_outputs += running_out.len() as u64;
+            st.add_means(1, running_out);
+            match &result {
+                Ok(o) => {
+                    st.outputs += o.output.readings.len() as u64;
+                    st.add_means(0, &o.output.readings);
+                }
+                Err(_) => {
+                    st.failed_batches += 1;
+                    st.last_error = failure;
+                }
+            }
+        });
+    }
+
+    /// Loads the file, restores progress, instantiates. `None` (logged) if it cannot.
+    fn load_live(
+        &self,
+        reader: &StoreHistory,
+        history: &Arc<dyn HistoryProvider>,
+        previous: Option<Live>,
+    ) -> Option<Live> {
         let managed = self.spec.managed.as_ref().map(|m| brume_signing::to_hex(&m.sha256));
         let fail = |what: String| {
             tracing::error!(module = %self.name, path = %self.spec.path.display(), error = %what, "module not loaded");
@@ -935,6 +1126,7 @@ impl Runner {
             disabled: false,
             resume_at: None,
             scan,
+            shadow: None,
         })
     }
 
@@ -1018,6 +1210,10 @@ impl Runner {
             let state = l.instance.save_state()?;
             Ok((outcome, readings, state))
         });
+        // A candidate in the shadow sees exactly the batches the running build processed.
+        if let (Ok((outcome, _, _)), Some(sh)) = (&result, l.shadow.as_mut()) {
+            self.run_shadow(sh, &input, &outcome.output.readings, history);
+        }
         // This batch was processed on top of the previous one's state: only if that
         // committed may this one be queued (or its failure be judged).
         if !self.settle(l, history) {

@@ -737,3 +737,78 @@ async fn an_output_rate_drift_during_probation_rolls_back_on_the_device() {
     let later = acked.iter().filter(|&&a| a > last_output).count();
     assert!(later > 20, "the quiet config emitted nothing for the {later} readings after the rollback");
 }
+
+/// Shadow runs: a candidate runs beside the running build on the same input, its
+/// outputs counted and dropped. One whose output rate drifts fails there and is never
+/// swapped in (the rollout aborts); one that passes is swapped in after its probation.
+/// Through both, every input reading has exactly one output at the hub: none from a
+/// candidate while it was in the shadow.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_candidate_in_the_shadow_is_compared_and_swapped_in_only_if_it_passes() {
+    let broker = Mosquitto::start().unwrap();
+    let key = SecretKey::generate();
+    let hub = start_hub(broker.port, &key.public().to_string()).await;
+    let v1 = built_module_bytes("threshold");
+    let v2 = with_version(&v1, "0.1.0", "0.2.0");
+    let v1_sha = upload(&hub, &key, &v1).await["sha256"].as_str().unwrap().to_owned();
+    let v2_sha = upload(&hub, &key, &v2).await["sha256"].as_str().unwrap().to_owned();
+    let fleet = fleet_config(&hub, &key);
+    let agent = Agent::start(Path::new(AGENT), "edge-0", broker.port, &[("fleet", &fleet)]).await.unwrap();
+    let all = json!({"limit": -1.0, "field": "n"});
+    let d1 = deploy(&hub, json!({"module": "threshold", "version": "0.1.0", "config": all, "probation": "0s"})).await;
+    wait_running(&hub, d1, 1, &[&agent]).await;
+    let sensor = Sensor::start_named(agent.mqtt_port, "sensors", 1, 50);
+
+    // v2 with a config that emits nothing: 0 outputs against the running build's 1 per
+    // input, in the shadow. Rolled back there; v1 never stops.
+    let (code, out) = cli(
+        &hub,
+        &[
+            "deploy",
+            "threshold@0.2.0",
+            "--config",
+            r#"{"limit": 1e12, "field": "n"}"#,
+            "--shadow",
+            "--probation",
+            "60s",
+            "--max-output-change",
+            "50",
+            "--min-inputs",
+            "20",
+            "--watch",
+        ],
+    );
+    assert_eq!(code, 3, "the rollout aborted: {out}\n{}", agent.log());
+    let d2 = get(&hub, "/api/v1/deployments/2").await;
+    let why = d2["agent_progress"][0]["error"].as_str().unwrap_or_default().to_owned();
+    assert_eq!(d2["agent_progress"][0]["phase"], "rolled_back", "{d2:#}");
+    assert!(why.contains("from the running build on the same") && why.contains("-100%"), "{why}");
+
+    // v2 with v1's config: same outputs, passes in the shadow, swapped in after 2 s.
+    let d3 = deploy(
+        &hub,
+        json!({"module": "threshold", "version": "0.2.0", "config": all, "probation": "2s", "shadow": true,
+               "max_output_change_pct": 50, "min_inputs": 20}),
+    )
+    .await;
+    wait_running(&hub, d3, 1, &[&agent]).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let (acked, _) = sensor.stop().await;
+    wait_until("every output at the hub", Duration::from_secs(30), || async {
+        at_hub(&hub).await.1.values().map(Vec::len).sum::<usize>() >= acked.len()
+    })
+    .await
+    .unwrap();
+    let (inputs, outputs) = at_hub(&hub).await;
+    let outputs = &outputs["edge-0"];
+    let ns: Vec<u64> = outputs.iter().map(|(n, _)| *n).collect();
+    let mut want: Vec<u64> = inputs["edge-0"].clone();
+    want.sort();
+    assert_eq!(ns, want, "exactly one output per input: none from a candidate in the shadow");
+    // By input order: v1, then v2 from the swap on, one switch.
+    let shas: Vec<&str> = outputs.iter().map(|(_, s)| s.as_str()).collect();
+    let switch = shas.iter().position(|s| *s == v2_sha).expect("v2 ran after the swap");
+    assert!(shas[..switch].iter().all(|s| *s == v1_sha) && shas[switch..].iter().all(|s| *s == v2_sha));
+    let log = agent.log();
+    assert!(log.contains("candidate passed in the shadow"), "v2 was judged in the shadow first:\n{log}");
+}

@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use brume_protocol::{AgentReport, AgentStatus, DesiredState, ModuleReport, Phase, ReportV1, StatusV1, topics};
+use brume_protocol::{AgentReport, AgentStatus, DesiredState, ModuleReportV1, Phase, ReportV1, StatusV1, topics};
 use brume_signing::{Keyring, SecretKey, Signature};
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use serde_json::{Value, json};
@@ -225,7 +225,7 @@ async fn sim_agent(
             keyring.verify(&digest, &sig)?;
             downloaded.fetch_add(1, Ordering::SeqCst);
             last_download_ms.fetch_max(epoch.elapsed().as_millis() as u64, Ordering::SeqCst);
-            modules.push(ModuleReport {
+            modules.push(ModuleReportV1 {
                 name: m.module.name.clone(),
                 deployment: m.deployment,
                 wanted: m.module.clone(),

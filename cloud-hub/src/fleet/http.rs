@@ -230,6 +230,9 @@ struct NewDeployment {
     /// Inputs before those two are judged.
     #[serde(default = "default_min_inputs")]
     min_inputs: u32,
+    /// Run the build in the shadow of the running one during probation.
+    #[serde(default)]
+    shadow: bool,
 }
 
 fn default_min_inputs() -> u32 {
@@ -285,6 +288,7 @@ fn spec_of(n: NewDeployment, registered: &RegisteredModule) -> Result<Deployment
         max_failed_batches: n.max_failed_batches,
         abort_threshold: n.abort_threshold,
         checks,
+        shadow: n.shadow,
     })
 }
 
@@ -348,11 +352,9 @@ fn progress(fleet: &Fleet, d: &Deployment) -> (serde_json::Value, Vec<serde_json
             phase = Phase::Removed;
         }
         *counts.entry(phase.as_str()).or_default() += 1;
-        let running = fleet
-            .reports
-            .get(agent)
-            .and_then(|r| r.modules.iter().find(|m| m.name == d.spec.module))
-            .and_then(|m| m.running.as_ref());
+        let slot = fleet.reports.get(agent).and_then(|r| r.modules.iter().find(|m| m.name == d.spec.module));
+        let running = slot.and_then(|m| m.running.as_ref());
+        let shadow = slot.filter(|m| m.deployment == d.id).and_then(|m| m.shadow.as_ref());
         rows.push(json!({
             "agent_id": agent,
             "wave": wave,
@@ -360,9 +362,22 @@ fn progress(fleet: &Fleet, d: &Deployment) -> (serde_json::Value, Vec<serde_json
             "error": (!error.is_empty()).then_some(error),
             "online": fleet.agents.get(agent).is_some_and(|a| a.online),
             "running": running.map(|m| json!({"version": m.version, "sha256": m.sha256_hex()})),
+            "shadow": shadow.map(shadow_json),
         }));
     }
     (json!(counts), rows)
+}
+
+/// A shadow comparison as JSON.
+pub(super) fn shadow_json(s: &brume_protocol::ShadowReport) -> serde_json::Value {
+    json!({
+        "inputs": s.inputs,
+        "outputs": s.outputs,
+        "running_outputs": s.running_outputs,
+        "failed_batches": s.failed_batches,
+        "last_error": (!s.last_error.is_empty()).then_some(&s.last_error),
+        "max_mean_drift_pct": s.max_mean_drift_pct,
+    })
 }
 
 fn deployment_json(fleet: &Fleet, d: &Deployment, with_agents: bool) -> serde_json::Value {
@@ -386,6 +401,7 @@ fn deployment_json(fleet: &Fleet, d: &Deployment, with_agents: bool) -> serde_js
         "max_output_change_pct": d.spec.checks.max_output_change_pct,
         "max_failed_pct": d.spec.checks.max_failed_pct,
         "min_inputs": d.spec.checks.min_inputs,
+        "shadow": d.spec.shadow,
         "created_ms": d.created_ms,
         "updated_ms": d.updated_ms,
         "agents": counts,
@@ -525,6 +541,7 @@ async fn fleet_agents(State(s): State<AppState>) -> Result<axum::Json<serde_json
                         "error": (!m.error.is_empty()).then_some(&m.error),
                         "batches_ok": m.batches_ok,
                         "batches_failed": m.batches_failed,
+                        "shadow": m.shadow.as_ref().map(shadow_json),
                     })).collect::<Vec<_>>()).unwrap_or_default(),
                 })
             })

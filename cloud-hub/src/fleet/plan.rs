@@ -153,6 +153,7 @@ impl Fleet {
                         max_failed_batches: d.spec.max_failed_batches,
                     },
                     checks: d.spec.checks,
+                    shadow: d.spec.shadow,
                 },
             );
         }
@@ -295,6 +296,7 @@ mod tests {
                 max_failed_batches: 0,
                 abort_threshold: 0.3,
                 checks: Default::default(),
+                shadow: false,
             },
             state,
             wave: 0,
@@ -339,6 +341,7 @@ mod tests {
                     error: if phase == Phase::RolledBack { "trap".into() } else { String::new() },
                     batches_ok: 0,
                     batches_failed: 0,
+                    shadow: None,
                 }],
                 jobs: Vec::new(),
             },

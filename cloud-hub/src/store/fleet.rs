@@ -142,6 +142,10 @@ pub struct DeploymentSpec {
     /// Data-plane checks agents apply during probation (none by default).
     #[serde(default)]
     pub checks: brume_protocol::Checks,
+    /// Agents run the build in the shadow of the running one during probation and swap
+    /// only if it passes.
+    #[serde(default)]
+    pub shadow: bool,
 }
 
 impl DeploymentSpec {

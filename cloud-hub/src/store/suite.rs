@@ -820,6 +820,7 @@ fn spec(module: &str) -> super::fleet::DeploymentSpec {
         max_failed_batches: 0,
         abort_threshold: 0.5,
         checks: brume_protocol::Checks { max_output_change_pct: Some(50), max_failed_pct: None, min_inputs: 10 },
+        shadow: true,
     }
 }
 
@@ -906,6 +907,7 @@ pub(crate) fn desired_generation_grows_only_on_change_and_survives_reopen(f: &im
         deployment: 1,
         probation: brume_protocol::Probation { duration_s: 0, max_failed_batches: 0 },
         checks: Default::default(),
+        shadow: false,
     };
     let content = |modules: &[brume_protocol::DesiredModule]| super::fleet::DesiredContent {
         modules: modules.to_vec(),

@@ -5,7 +5,7 @@
 use std::time::{Duration, Instant};
 
 use brume_protocol::{
-    AgentReport, AgentStatus, Desired, DesiredState, ModuleReport, Phase, ReportV1, StatusV1, topics,
+    AgentReport, AgentStatus, Desired, DesiredState, ModuleReportV1, Phase, ReportV1, StatusV1, topics,
 };
 use brume_signing::SecretKey;
 use brume_test_support::{built_module_bytes, with_version};
@@ -166,7 +166,7 @@ impl FleetAgent {
             modules: d
                 .modules
                 .iter()
-                .map(|m| ModuleReport {
+                .map(|m| ModuleReportV1 {
                     name: m.module.name.clone(),
                     deployment: m.deployment,
                     wanted: m.module.clone(),

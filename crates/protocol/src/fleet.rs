@@ -155,6 +155,7 @@ impl From<DesiredModuleV1> for DesiredModule {
             deployment: m.deployment,
             probation: m.probation,
             checks: Checks::default(),
+            shadow: false,
         }
     }
 }
@@ -182,6 +183,12 @@ pub struct DesiredModule {
     /// Data-plane checks during probation, beyond failed batches.
     #[serde(default)]
     pub checks: Checks,
+    /// Run the new build in the shadow of the running one for its probation, on the
+    /// same input, its outputs counted and dropped; swap only if it passes (see
+    /// [`ShadowReport`]). Without a running build in the slot there is nothing to shadow
+    /// and the build is swapped in on probation as usual.
+    #[serde(default)]
+    pub shadow: bool,
 }
 
 /// Data-plane checks an agent applies to a new build during its probation, beside
@@ -230,7 +237,7 @@ impl DesiredState {
     /// The message for a desired state: version 1 when it has no job and no module with
     /// [`Checks`] (agents that predate them keep working), version 2 otherwise.
     pub fn for_desired(d: Desired) -> DesiredState {
-        if d.reprocess.is_empty() && d.modules.iter().all(|m| m.checks.is_none()) {
+        if d.reprocess.is_empty() && d.modules.iter().all(|m| m.checks.is_none() && !m.shadow) {
             DesiredState::V1(DesiredV1 {
                 agent_id: d.agent_id,
                 generation: d.generation,
@@ -376,7 +383,7 @@ impl From<ReportV1> for ReportV2 {
             agent_id: r.agent_id,
             sent_ms: r.sent_ms,
             generation: r.generation,
-            modules: r.modules,
+            modules: r.modules.into_iter().map(ModuleReport::from).collect(),
             jobs: Vec::new(),
         }
     }
@@ -451,7 +458,7 @@ pub struct ReportV1 {
     /// The last desired-state generation the agent applied (0: none yet).
     pub generation: u64,
     /// One entry per module from deployments, by name.
-    pub modules: Vec<ModuleReport>,
+    pub modules: Vec<ModuleReportV1>,
 }
 
 /// How far a deployment got on one agent.
@@ -503,7 +510,66 @@ impl Phase {
     }
 }
 
-/// One module slot in a report.
+/// One module slot in a report, as version 1 of the report carries it
+/// ([`ModuleReport`] without `shadow`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ModuleReportV1 {
+    /// See [`ModuleReport::name`].
+    pub name: String,
+    /// See [`ModuleReport::deployment`].
+    pub deployment: u64,
+    /// See [`ModuleReport::wanted`].
+    pub wanted: ModuleRef,
+    /// See [`ModuleReport::phase`].
+    pub phase: Phase,
+    /// See [`ModuleReport::running`].
+    pub running: Option<ModuleRef>,
+    /// See [`ModuleReport::error`].
+    pub error: String,
+    /// See [`ModuleReport::batches_ok`].
+    pub batches_ok: u64,
+    /// See [`ModuleReport::batches_failed`].
+    pub batches_failed: u64,
+}
+
+impl From<ModuleReportV1> for ModuleReport {
+    fn from(m: ModuleReportV1) -> Self {
+        ModuleReport {
+            name: m.name,
+            deployment: m.deployment,
+            wanted: m.wanted,
+            phase: m.phase,
+            running: m.running,
+            error: m.error,
+            batches_ok: m.batches_ok,
+            batches_failed: m.batches_failed,
+            shadow: None,
+        }
+    }
+}
+
+/// How a candidate build running in the shadow of the running one compares with it, on
+/// the same input readings: the candidate's outputs are counted and dropped, never
+/// stored or forwarded.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ShadowReport {
+    /// Input readings both builds processed.
+    pub inputs: u64,
+    /// Output readings of the candidate.
+    pub outputs: u64,
+    /// Output readings of the running build on the same inputs.
+    pub running_outputs: u64,
+    /// Batches the candidate failed on (trap, fuel, time, memory, bad output).
+    pub failed_batches: u64,
+    /// The candidate's last failure; empty if none.
+    pub last_error: String,
+    /// Largest difference between the two builds' means of a numeric output field (same
+    /// stream and field), in percent of the running build's mean; `None` if they have
+    /// no numeric output field in common yet.
+    pub max_mean_drift_pct: Option<u64>,
+}
+
+/// One module slot in a report (version 2).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ModuleReport {
     /// The module name (its slot).
@@ -522,6 +588,9 @@ pub struct ModuleReport {
     pub batches_ok: u64,
     /// Failed batches since the running build started.
     pub batches_failed: u64,
+    /// While `wanted` runs in the shadow of the running build: the comparison so far.
+    #[serde(default)]
+    pub shadow: Option<ShadowReport>,
 }
 
 impl AgentReport {
@@ -530,15 +599,28 @@ impl AgentReport {
         postcard::to_stdvec(self).expect("encoding to a Vec cannot fail")
     }
 
-    /// The message for a report: version 1 when it has no job (hubs that predate jobs
-    /// keep taking it), version 2 otherwise.
+    /// The message for a report: version 1 when it has no job and no shadow comparison
+    /// (hubs that predate them keep taking it), version 2 otherwise.
     pub fn for_report(r: Report) -> AgentReport {
-        if r.jobs.is_empty() {
+        if r.jobs.is_empty() && r.modules.iter().all(|m| m.shadow.is_none()) {
             AgentReport::V1(ReportV1 {
                 agent_id: r.agent_id,
                 sent_ms: r.sent_ms,
                 generation: r.generation,
-                modules: r.modules,
+                modules: r
+                    .modules
+                    .into_iter()
+                    .map(|m| ModuleReportV1 {
+                        name: m.name,
+                        deployment: m.deployment,
+                        wanted: m.wanted,
+                        phase: m.phase,
+                        running: m.running,
+                        error: m.error,
+                        batches_ok: m.batches_ok,
+                        batches_failed: m.batches_failed,
+                    })
+                    .collect(),
             })
         } else {
             AgentReport::V2(r)
@@ -563,6 +645,9 @@ impl AgentReport {
             }
             if m.error.len() > MAX_REPORT_ERROR {
                 return Err(invalid("report error", format!("{} bytes, at most {MAX_REPORT_ERROR}", m.error.len())));
+            }
+            if m.shadow.as_ref().is_some_and(|s| s.last_error.len() > MAX_REPORT_ERROR) {
+                return Err(invalid("report error", format!("shadow error over {MAX_REPORT_ERROR} bytes")));
             }
         }
         if r.jobs.len() > MAX_REPROCESS_JOBS {

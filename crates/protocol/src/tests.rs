@@ -352,7 +352,7 @@ fn golden_bytes_desired_v1_and_report_v1() {
         agent_id: "a1".into(),
         sent_ms: 1_000,
         generation: 3,
-        modules: vec![ModuleReport {
+        modules: vec![ModuleReportV1 {
             name: "m".into(),
             deployment: 9,
             wanted: ModuleRef { name: "m".into(), version: "2".into(), sha256: [7; 32] },
@@ -463,6 +463,7 @@ fn golden_bytes_desired_v2_and_report_v2() {
     let mut expected = vec![1u8]; // DesiredState::V2
     expected.extend_from_slice(&desired().encode()[1..]); // the V1 fields
     expected.extend([1, 50, 0, 100]); // checks: Some(50), None, 100
+    expected.push(0); // shadow: false
     #[rustfmt::skip]
     expected.extend([
         1,                        // one job
@@ -509,6 +510,29 @@ fn golden_bytes_desired_v2_and_report_v2() {
     let expected: Vec<u8> = vec![1, 2, b'a', b'1', 2, 2, 0, 1, 4, 3, 10, 3, 0, 0];
     assert_eq!(AgentReport::for_report(r.clone()).encode(), expected);
     assert_eq!(AgentReport::decode(&expected).unwrap(), r);
+    // A shadow comparison makes a version 2 report too, and round-trips.
+    let mut shadowed = r.clone();
+    shadowed.jobs.clear();
+    shadowed.modules.push(ModuleReport {
+        name: "m".into(),
+        deployment: 9,
+        wanted: ModuleRef { name: "m".into(), version: "2".into(), sha256: [7; 32] },
+        phase: Phase::Canary,
+        running: None,
+        error: String::new(),
+        batches_ok: 1,
+        batches_failed: 0,
+        shadow: Some(ShadowReport {
+            inputs: 10,
+            outputs: 9,
+            running_outputs: 10,
+            failed_batches: 0,
+            last_error: String::new(),
+            max_mean_drift_pct: Some(3),
+        }),
+    });
+    assert!(matches!(AgentReport::for_report(shadowed.clone()), AgentReport::V2(_)));
+    assert_eq!(AgentReport::decode(&AgentReport::for_report(shadowed.clone()).encode()).unwrap(), shadowed);
     let mut no_jobs = r.clone();
     no_jobs.jobs.clear();
     assert!(matches!(AgentReport::for_report(no_jobs.clone()), AgentReport::V1(_)));
