@@ -1155,16 +1155,33 @@ impl Runner {
         };
         // The guard is a temporary: released before the module runs and queries history.
         let read = match &l.scan {
-            None => reader.lock().readings_after(l.read_from, self.shared.batch_max, &mut wanted),
-            Some(s) => reader.lock().readings_between(l.read_from, s.upto, s.ts, self.shared.batch_max, &mut wanted),
+            None => {
+                reader.lock().readings_after(l.read_from, self.shared.batch_max, &mut wanted).map(|(r, c)| (r, c, true))
+            }
+            Some(s) => reader.lock().readings_between(
+                l.read_from,
+                s.upto,
+                s.ts,
+                self.shared.batch_max,
+                MAX_JOB_SCAN,
+                &mut wanted,
+            ),
         };
-        let (rows, scanned_to) = match read {
+        let (rows, scanned_to, exhausted) = match read {
             Ok(x) => x,
             Err(e) => {
                 tracing::warn!(module = %self.name, error = %e, "cannot read module input; will retry");
                 return false;
             }
         };
+        if rows.is_empty() && l.scan.is_some() && !exhausted {
+            // A job past a stretch of readings outside its range: on, without waiting.
+            l.read_from = scanned_to;
+            if l.in_flight.is_none() {
+                l.cursor = scanned_to;
+            }
+            return true;
+        }
         if rows.is_empty() && l.scan.is_some() && l.in_flight.is_none() {
             // A job that read its range through, with everything committed: finished.
             if let Some(s) = l.scan.as_mut() {
@@ -1349,6 +1366,9 @@ impl StoreHistory {
         self.reader.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
+
+/// Most stored readings a re-processing job scans for one batch of input.
+const MAX_JOB_SCAN: usize = 65_536;
 
 /// Most readings an aggregate query scans.
 const MAX_AGGREGATE_SCAN: usize = 200_000;

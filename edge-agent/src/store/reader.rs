@@ -221,19 +221,24 @@ impl StoreReader {
         limit: usize,
         wanted: &mut dyn FnMut(&str) -> bool,
     ) -> Result<(Vec<StoredReading>, i64), StoreError> {
-        self.readings_between(after, i64::MAX, (i64::MIN, i64::MAX), limit, wanted)
+        let (rows, cursor, _) =
+            self.readings_between(after, i64::MAX, (i64::MIN, i64::MAX), limit, usize::MAX, wanted)?;
+        Ok((rows, cursor))
     }
 
     /// [`readings_after`](Self::readings_after) for re-processing: ids in `(after, upto]`
-    /// and timestamps in `[ts.0, ts.1)` only.
+    /// and timestamps in `[ts.0, ts.1)` only, scanning at most about `max_scan` rows
+    /// (so a range far in the past does not hold the thread for the whole store). The
+    /// last value says whether the scan reached `upto` (nothing more to read).
     pub fn readings_between(
         &self,
         after: i64,
         upto: i64,
         ts: (i64, i64),
         limit: usize,
+        max_scan: usize,
         wanted: &mut dyn FnMut(&str) -> bool,
-    ) -> Result<(Vec<StoredReading>, i64), StoreError> {
+    ) -> Result<(Vec<StoredReading>, i64, bool), StoreError> {
         let mut names: HashMap<i64, Option<String>> = HashMap::new();
         let mut q = self.conn.prepare_cached(
             "SELECT r.id, r.stream_id, s.name, r.ts_ns, r.fields FROM readings r JOIN streams s ON s.id = r.stream_id \
@@ -241,6 +246,7 @@ impl StoreReader {
         )?;
         let mut out = Vec::new();
         let mut cursor = after;
+        let mut total = 0usize;
         loop {
             let mut rows = q.query([cursor, upto])?;
             let mut scanned = 0;
@@ -258,11 +264,15 @@ impl StoreReader {
                 }
                 cursor = id;
                 if out.len() >= limit {
-                    return Ok((out, cursor));
+                    return Ok((out, cursor, cursor >= upto));
                 }
             }
             if scanned < 4096 {
-                return Ok((out, cursor));
+                return Ok((out, cursor, true));
+            }
+            total += scanned;
+            if total >= max_scan {
+                return Ok((out, cursor, cursor >= upto));
             }
         }
     }

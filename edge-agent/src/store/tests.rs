@@ -790,3 +790,48 @@ proptest! {
         prop_assert!(bad.is_empty(), "answered before a crash copy held them: {:?}", bad);
     }
 }
+
+/// What a re-processing job reads: its streams, timestamps in its range, ids up to the
+/// bound it took at the start; from the directory's first bucket that reaches the range,
+/// and in bounded scans that say when they reached the end.
+#[test]
+fn reprocessing_reads_a_time_range_up_to_a_bound() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut store = Store::open(dir.path(), opts("")).unwrap();
+    // ts 0..100 on "a" interleaved with "b"; then late readings of "a" with old timestamps.
+    let mut rs = Vec::new();
+    for t in 0..100 {
+        rs.push(reading("a", t));
+        rs.push(reading("b", t));
+    }
+    store.apply(&[&rs], &[], Instant::now()).unwrap();
+    let reader = StoreReader::open(dir.path(), "a").unwrap();
+    let upto = reader.last_id().unwrap();
+    store.apply(&[&[reading("a", 50)]], &[], Instant::now()).unwrap();
+    let start = reader.reprocess_start(T0 + 40).unwrap();
+    assert!(start < upto, "the start is before the range's readings ({start} of {upto})");
+    let ts = |rows: &[crate::store::StoredReading]| rows.iter().map(|r| r.ts_ns - T0).collect::<Vec<_>>();
+    let (rows, cursor, done) =
+        reader.readings_between(start, upto, (T0 + 40, T0 + 60), 1000, usize::MAX, &mut |s| s == "a").unwrap();
+    assert_eq!(ts(&rows), (40..60).collect::<Vec<_>>(), "only the range, only `a`, not the late reading");
+    assert!(done && cursor <= upto);
+    // A small scan bound over more rows than one scan step (4,096): the same readings, in
+    // several calls, the last one says done.
+    let more: Vec<Reading> = (100..3000).flat_map(|t| [reading("a", t), reading("b", t)]).collect();
+    store.apply(&[&more], &[], Instant::now()).unwrap();
+    let upto = reader.last_id().unwrap();
+    let (mut all, mut from, mut calls) = (Vec::new(), 0, 0);
+    loop {
+        let (rows, cursor, done) =
+            reader.readings_between(from, upto, (T0 + 2500, T0 + 2600), 1000, 1, &mut |s| s == "a").unwrap();
+        all.extend(rows);
+        (from, calls) = (cursor, calls + 1);
+        if done {
+            break;
+        }
+    }
+    assert_eq!(ts(&all), (2500..2600).collect::<Vec<_>>());
+    assert!(calls >= 2, "the bound split the scan ({calls} calls)");
+    // A start past everything in the directory: from the unflushed tail (or the end).
+    assert!(reader.reprocess_start(T0 + 1_000_000).unwrap() <= reader.last_id().unwrap());
+}
