@@ -811,4 +811,9 @@ async fn a_candidate_in_the_shadow_is_compared_and_swapped_in_only_if_it_passes(
     assert!(shas[..switch].iter().all(|s| *s == v1_sha) && shas[switch..].iter().all(|s| *s == v2_sha));
     let log = agent.log();
     assert!(log.contains("candidate passed in the shadow"), "v2 was judged in the shadow first:\n{log}");
+    // Nothing changes any more: the generation stays where it is, pass after pass.
+    let generation = || async { get(&hub, "/api/v1/fleet/agents").await[0]["desired_generation"].as_u64() };
+    let before = generation().await;
+    tokio::time::sleep(Duration::from_secs(1)).await; // five reconcile passes
+    assert_eq!(generation().await, before, "a desired state is written only when it changes");
 }

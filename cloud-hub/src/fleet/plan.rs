@@ -152,7 +152,9 @@ impl Fleet {
                         duration_s: d.spec.probation_s,
                         max_failed_batches: d.spec.max_failed_batches,
                     },
-                    checks: d.spec.checks,
+                    // No check asked for is sent as version 1, which has no checks: the
+                    // same as the defaults, so the stored state compares equal next pass.
+                    checks: if d.spec.checks.is_none() { Default::default() } else { d.spec.checks },
                     shadow: d.spec.shadow,
                 },
             );
@@ -497,5 +499,29 @@ mod tests {
             },
         );
         assert_eq!(jobs(&f, "a1"), Vec::<u64>::new());
+    }
+
+    /// What `desired_for` computes survives the store's encoding unchanged (version 1 or
+    /// 2), or the reconciler would see a change, and bump the generation, on every pass.
+    #[test]
+    fn desired_states_round_trip_through_their_message() {
+        use crate::store::fleet::{desired_content, desired_message};
+        for (checks, shadow) in [
+            (brume_protocol::Checks { max_output_change_pct: None, max_failed_pct: None, min_inputs: 100 }, false),
+            (brume_protocol::Checks { max_output_change_pct: Some(5), max_failed_pct: None, min_inputs: 100 }, false),
+            (Default::default(), true),
+        ] {
+            let mut d = deployment(1, "2", DeploymentState::Done, &["100%"]);
+            (d.spec.checks, d.spec.shadow) = (checks, shadow);
+            let mut f = fleet(vec![d], &[("a1", "a", true)]);
+            f.jobs = vec![job(1, false)];
+            f.job_agents.entry(1).or_default().insert("a1".into(), member(1, "a1", brume_protocol::JobPhase::Pending));
+            for content in
+                [f.desired_for(&f.agents["a1"]), DesiredContent { reprocess: vec![], ..f.desired_for(&f.agents["a1"]) }]
+            {
+                let message = desired_message("a1", 1, 0, &content);
+                assert_eq!(desired_content(&message).unwrap(), content, "{checks:?} {shadow}");
+            }
+        }
     }
 }
