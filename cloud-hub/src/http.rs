@@ -171,13 +171,16 @@ async fn metrics(State(s): State<AppState>) -> impl IntoResponse {
 /// that computed it; see `/api/v1/reprocess`).
 fn stream_json(s: &StreamSummary) -> serde_json::Value {
     let (stream, build) = brume_protocol::split_variant(&s.stream);
-    json!({
+    let mut v = json!({
         "stream": stream,
-        "build": build,
         "readings": s.readings,
         "first_ts_ns": s.first_ts_ns,
         "last_ts_ns": s.last_ts_ns,
-    })
+    });
+    if let Some(b) = build {
+        v["build"] = json!(b);
+    }
+    v
 }
 
 /// The stored name of `stream`, or of its re-processed variant by `build` (64 hex digits
@@ -351,16 +354,19 @@ async fn aggregate(
     };
     let buckets: Vec<serde_json::Value> = out.buckets.iter().map(|(start, a)| bucket_json(*start, a)).collect();
     let (stream, build) = stream_fields(&q.stream);
-    Ok(axum::Json(json!({
+    let mut v = json!({
         "stream": stream,
-        "build": build,
         "field": q.field,
         "from_ns": out.from,
         "to_ns": out.to,
         "step_ns": q.step,
         "source": if out.from_rollups { "rollups" } else { "raw" },
         "buckets": buckets,
-    })))
+    });
+    if let Some(b) = build {
+        v["build"] = json!(b);
+    }
+    Ok(axum::Json(v))
 }
 
 /// Parses the query string of `GET /api/v1/readings`, naming the bad parameter on error.
