@@ -17,6 +17,7 @@ mod mqtt;
 mod rollout;
 mod rss;
 mod store;
+mod swap;
 mod util;
 mod wasm;
 
@@ -104,7 +105,7 @@ fn bench(root: &Path, write: bool, quick: bool, only: Vec<String>, samples: usiz
     } else {
         None
     };
-    let exe = if runs("rss") || runs("edgecost") { Some(rss::build_agent(root)?) } else { None };
+    let exe = if runs("rss") || runs("edgecost") || runs("rollout") { Some(rss::build_agent(root)?) } else { None };
 
     let mut rows = Vec::new();
     if runs("mqtt") {
@@ -137,7 +138,7 @@ fn bench(root: &Path, write: bool, quick: bool, only: Vec<String>, samples: usiz
             rows.extend(bench_edgecost(&p, exe, hub_exe, &rates)?);
         }
         if runs("rollout") {
-            rows.extend(bench_rollout(&p, root, hub_exe)?);
+            rows.extend(bench_rollout(&p, root, hub_exe, exe.as_deref().context("the agent binary")?)?);
         }
     }
     let total = started.elapsed().as_secs_f64();
@@ -758,7 +759,7 @@ fn bench_hubscale(p: &Params, exe: &Path) -> Result<Vec<Row>> {
     ])
 }
 
-fn bench_rollout(p: &Params, root: &Path, exe: &Path) -> Result<Vec<Row>> {
+fn bench_rollout(p: &Params, root: &Path, exe: &Path, agent: &Path) -> Result<Vec<Row>> {
     let agents = if p.quick { 200 } else { 1000 };
     eprintln!("8. module rollout to {agents} simulated agents, {} samples", p.samples);
     let module = std::fs::read(root.join("target/modules/threshold.wasm")).context("the threshold example")?;
@@ -801,7 +802,127 @@ fn bench_rollout(p: &Params, root: &Path, exe: &Path) -> Result<Vec<Row>> {
             ),
         });
     }
+    rows.push(bench_swap(p, &module, exe, agent)?);
     Ok(rows)
+}
+
+/// 8c: how much a module swap delays the module's outputs on one real agent.
+fn bench_swap(p: &Params, v1: &[u8], hub: &Path, agent: &Path) -> Result<Row> {
+    let timing = swap::Timing::new(p.quick);
+    eprintln!(
+        "8c. module swap on one agent at {} readings/s: {} swaps, {:?} steady before, {:?} between, {:?} after, {} samples",
+        swap::RATE,
+        swap::SWAPS,
+        timing.first,
+        timing.between,
+        timing.after,
+        p.samples
+    );
+    let (mut during, mut steady) = (Samples::default(), Samples::default());
+    let (mut during_p50, mut steady_p50) = (Samples::default(), Samples::default());
+    let (mut during_max, mut steady_max) = (f64::NAN, f64::NAN);
+    let mut swap_secs = Samples::default();
+    let (mut n_during, mut n_steady, mut acked, mut sent, mut resent) = (0, 0, 0, 0, 0);
+    let (mut missing, mut duplicated) = (0, 0);
+    let mut last = None;
+    for _ in 0..p.samples {
+        let r = swap::run(agent, hub, v1, timing)?;
+        let per_swap: Vec<String> =
+            r.swaps.iter().map(|s| format!("{} {:.2} s / {:.0} ms", s.version, s.secs, s.max_ms)).collect();
+        eprintln!(
+            "  during swaps p50 {:.0} ms, p99 {:.0} ms, max {:.0} ms; steady p50 {:.0} ms, p99 {:.0} ms, max {:.0} ms; \
+             swaps (done after / largest delay): {}",
+            r.during.p50,
+            r.during.p99,
+            r.during.max,
+            r.steady.p50,
+            r.steady.p99,
+            r.steady.max,
+            per_swap.join(", ")
+        );
+        during.push(r.during.p99);
+        steady.push(r.steady.p99);
+        during_p50.push(r.during.p50);
+        steady_p50.push(r.steady.p50);
+        during_max = r.during.max.max(during_max);
+        steady_max = r.steady.max.max(steady_max);
+        for s in &r.swaps {
+            swap_secs.push(s.secs);
+        }
+        n_during += r.during.count;
+        n_steady += r.steady.count;
+        acked += r.acked;
+        sent += r.sent;
+        resent += r.resent;
+        missing += r.missing;
+        duplicated += r.duplicated;
+        last = Some(r);
+    }
+    let r = last.context("no sample")?;
+    let ms = |s: &Samples| {
+        if s.0.len() <= 1 {
+            format!("{:.0} ms", s.median())
+        } else {
+            format!("{:.0} ms [{:.0}..{:.0}]", s.median(), s.min(), s.max())
+        }
+    };
+    let per_swap: Vec<String> = r
+        .swaps
+        .iter()
+        .map(|s| format!("{} done after {:.1} s, largest delay {:.0} ms", s.version, s.secs, s.max_ms))
+        .collect();
+    Ok(Row {
+        id: "8c",
+        name: format!(
+            "module swap on one agent while {} readings/s flow: output delay (ingest → batch at the broker) during a swap vs steady",
+            swap::RATE
+        ),
+        result: format!(
+            "p99 {} during swaps vs {} steady; max {:.0} ms vs {:.0} ms",
+            ms(&during),
+            ms(&steady),
+            during_max,
+            steady_max
+        ),
+        limit: "–".into(),
+        ratio: "–".into(),
+        target: "–".into(),
+        verdict: "–".into(),
+        note: format!(
+            "Release agent with its defaults (durability = full, commit_window = 50ms, module_runtime.threads = 1, \
+             batch_max_readings = 1000, forward.batch_linger = 200ms) and [fleet] from a release hub (SQLite, \
+             reconcile_interval = 200ms) over a private mosquitto; the threshold example (limit −1 on n: one output per \
+             input) swapped v1 → v2 → v1 → v2 → v1, each a new deployment with probation 0s, {:?} of steady flow before, \
+             {:?} between and {:?} after. Delay = arrival of the output's batch at a subscriber on the broker − the \
+             input's ingest timestamp, so it includes the forwarder's batching (batch_linger) and the module runner, \
+             not only the swap. \"During\" = ingested between a deploy request and the hub's done + {} s. p50 {} during \
+             vs {} steady. Swap (deploy request → hub says done, polled every 50 ms) median {:.1} s, max {:.1} s over \
+             {} swaps; each swap compiles the new build in a child process (the replaced build's compiled code is \
+             dropped from the cache, so swapping back compiles again). Last sample: {}; agent CPU {:.1} s over {:.0} s, \
+             compile children {:.1} s. {} outputs during swaps, {} steady, for {} acknowledged inputs ({} published); \
+             {missing} missing, {duplicated} duplicated; builds by input order {} (checked in every sample); {} batch \
+             re-sends seen and dropped.",
+            timing.first,
+            timing.between,
+            timing.after,
+            swap::AFTER_SWAP.as_secs(),
+            ms(&during_p50),
+            ms(&steady_p50),
+            swap_secs.median(),
+            swap_secs.max(),
+            swap_secs.0.len(),
+            per_swap.join("; "),
+            r.agent_cpu,
+            r.secs,
+            r.children_cpu,
+            group(n_during as f64),
+            group(n_steady as f64),
+            group(acked as f64),
+            group(sent as f64),
+            r.builds.join(", "),
+            resent,
+        ),
+    })
 }
 
 fn bench_hubquery(p: &Params, exe: &Path) -> Result<Row> {

@@ -144,7 +144,13 @@ pub fn run(exe: &Path, module: &[u8], agents: usize, waves: &[&str]) -> Result<R
     Ok(r)
 }
 
-async fn wait_json(http: &reqwest::Client, url: &str, within: Duration, ok: impl Fn(&Value) -> bool) -> Result<()> {
+/// Polls `url` until its JSON satisfies `ok`.
+pub(crate) async fn wait_json(
+    http: &reqwest::Client,
+    url: &str,
+    within: Duration,
+    ok: impl Fn(&Value) -> bool,
+) -> Result<()> {
     let start = Instant::now();
     loop {
         if let Ok(r) = http.get(url).send().await
