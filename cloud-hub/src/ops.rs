@@ -77,6 +77,20 @@ pub enum ModuleCmd {
         #[command(flatten)]
         hub: HubArgs,
     },
+    /// Compile a module ahead of time for devices of an architecture, for runtime-only
+    /// agents running it from their own config: writes `<stem>.<target>.cwasm` beside the
+    /// `.wasm` (where the agent looks for it) unless `--out` says otherwise. Modules
+    /// deployed through a hub need no such step: the hub serves precompiled builds.
+    Precompile {
+        /// The device architecture: `aarch64`, `armv7` or `x86_64` (repeat for more).
+        #[arg(long = "target", value_name = "ARCH", required = true)]
+        targets: Vec<brume_wasm_host::Target>,
+        /// The `.wasm` file.
+        module: PathBuf,
+        /// Where to write the compiled code (only with one `--target`).
+        #[arg(long, value_name = "FILE")]
+        out: Option<PathBuf>,
+    },
     /// List the registry.
     Ls {
         /// Only this module name.
@@ -293,6 +307,31 @@ pub async fn module(cmd: ModuleCmd) -> anyhow::Result<ExitCode> {
             eprintln!("secret key written to {} (keep it private; it is never overwritten)", out.display());
             eprintln!("public key (add it to fleet.trusted_keys of hubs and agents):");
             println!("{}", key.public());
+        }
+        ModuleCmd::Precompile { targets, module, out } => {
+            if out.is_some() && targets.len() > 1 {
+                anyhow::bail!("--out names one file: give one --target with it");
+            }
+            let wasm = std::fs::read(&module).with_context(|| format!("reading {}", module.display()))?;
+            // The same checks as the registry's, then one compilation per target.
+            let engine = brume_wasm_host::WasmEngine::new(Default::default())?;
+            let loaded = engine.load(&wasm).with_context(|| format!("{} does not load", module.display()))?;
+            let precompiler = brume_wasm_host::Precompiler::new()?;
+            for target in targets {
+                let code = precompiler
+                    .precompile(target, &wasm)
+                    .with_context(|| format!("precompiling {} for {target}", module.display()))?;
+                let dest = out.clone().unwrap_or_else(|| module.with_extension(format!("{}.cwasm", target.name())));
+                std::fs::write(&dest, &code).with_context(|| format!("writing {}", dest.display()))?;
+                eprintln!(
+                    "{} {} for {target} ({}): {} ({} bytes)",
+                    loaded.manifest().name,
+                    loaded.manifest().version,
+                    brume_wasm_host::ENGINE_VERSION,
+                    dest.display(),
+                    code.len()
+                );
+            }
         }
         ModuleCmd::Pubkey { key } => println!("{}", SecretKey::read(&key)?.public()),
         ModuleCmd::Sign { key, module } => {

@@ -40,6 +40,7 @@ use brume_protocol::{
     AgentReport, Desired, DesiredModule, JobPhase, JobReport, ModuleRef, ModuleReport, Phase, Report, ReprocessJob,
 };
 use brume_signing::{Keyring, Signature, to_hex};
+use brume_wasm_host::{ENGINE_VERSION, Target, WasmEngine};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use tokio::io::AsyncWriteExt;
@@ -53,6 +54,10 @@ use crate::modules::{Managed, ModuleSpec, ProbationSpec, Reprocess, ShadowSpec, 
 const TICK: Duration = Duration::from_secs(1);
 /// Download attempts of one build whose bytes do not match before it is reported failed.
 const MAX_MISMATCHES: u32 = 3;
+
+/// Precompiled code may be this many times `fleet.max_module_bytes` (native code is
+/// several times larger than the `.wasm`).
+const PRECOMPILED_SIZE_FACTOR: u64 = 8;
 
 /// Why a download failed.
 #[derive(Debug, thiserror::Error)]
@@ -141,6 +146,12 @@ fn identity(m: &DesiredModule) -> [u8; 32] {
     }
     h.update([u8::from(m.inputs.is_some())]);
     h.finalize().into()
+}
+
+/// See `Fleet::present`.
+fn build_present(dir: &std::path::Path, sha: &[u8; 32]) -> bool {
+    let file = dir.join("modules").join(format!("{}.wasm", to_hex(sha)));
+    file.exists() && (WasmEngine::can_compile() || crate::modules::precompiled_path(&file).is_some_and(|p| p.exists()))
 }
 
 /// A download that failed, and when to try again.
@@ -286,6 +297,12 @@ impl Fleet {
         self.dir.join("modules").join(format!("{}.wasm", to_hex(sha)))
     }
 
+    /// Whether a build is here and loadable: its `.wasm`, and on a runtime-only agent
+    /// its code precompiled for this architecture beside it.
+    fn present(&self, sha: &[u8; 32]) -> bool {
+        build_present(&self.dir, sha)
+    }
+
     /// Downloads what is missing, decides what runs, checks probation, persists and
     /// hands the set to the runners when it changed, and reports.
     async fn reconcile(&mut self) {
@@ -303,7 +320,7 @@ impl Fleet {
             wanted.push((j.job.module.clone(), j.job.size, j.job.signature.clone()));
         }
         for (module, size, signature) in &wanted {
-            if self.file(&module.sha256).exists() {
+            if self.present(&module.sha256) {
                 continue;
             }
             let due = self
@@ -314,7 +331,15 @@ impl Fleet {
                 continue;
             }
             self.report(); // shows `downloading`
-            match self.download(module, *size, signature).await {
+            let fetched = match self.file(&module.sha256).exists() {
+                true => Ok(()),
+                false => self.download(module, *size, signature).await,
+            };
+            let fetched = match fetched {
+                Ok(()) if !WasmEngine::can_compile() => self.download_precompiled(module).await,
+                other => other,
+            };
+            match fetched {
                 Ok(()) => {
                     tracing::info!(module = %module.name, version = %module.version, sha256 = %module.sha256_hex(), "module downloaded and verified");
                     self.retries.remove(&module.sha256);
@@ -380,7 +405,7 @@ impl Fleet {
                 tracing::warn!(module = %slot, version = %b.module.version, reason = %why, "module failed its probation; putting the previous build back");
                 self.state.rolled_back.insert(slot.clone(), (identity(&b), why.clone()));
                 match self.state.previous.remove(&slot) {
-                    Some(p) if self.file(&p.module.sha256).exists() => {
+                    Some(p) if self.present(&p.module.sha256) => {
                         self.state.running.insert(slot, p);
                     }
                     _ => {
@@ -476,7 +501,7 @@ impl Fleet {
                 continue;
             }
             let rolled_back = st.rolled_back.get(slot).is_some_and(|(id, _)| *id == identity(m));
-            let here = self.dir.join("modules").join(format!("{}.wasm", m.module.sha256_hex())).exists();
+            let here = build_present(&self.dir, &m.module.sha256);
             if rolled_back || !here {
                 continue; // keep what runs (the previous build, or nothing)
             }
@@ -558,10 +583,10 @@ impl Fleet {
     /// The runners' specs of unfinished jobs whose build is here.
     fn job_specs(&self) -> impl Iterator<Item = ModuleSpec> + '_ {
         self.state.jobs.iter().filter(|(_, j)| j.finished.is_none()).filter_map(|(id, j)| {
-            let path = self.file(&j.job.module.sha256);
-            if !path.exists() {
+            if !self.present(&j.job.module.sha256) {
                 return None;
             }
+            let path = self.file(&j.job.module.sha256);
             Some(ModuleSpec {
                 name: Reprocess::key(*id),
                 path,
@@ -696,6 +721,69 @@ impl Fleet {
         Ok(())
     }
 
+    /// Downloads the build's code precompiled for this architecture (a runtime-only agent
+    /// cannot compile the `.wasm`) beside it, as `<sha256>.<arch>.cwasm`.
+    ///
+    /// Trust: this is machine code from the hub, checked against the sha256 the hub sends
+    /// with it (a damaged transfer) and by wasmtime on load (version, architecture,
+    /// settings); the `.wasm` it was compiled from is the signed one. A runtime-only agent
+    /// trusts its hub to have compiled that `.wasm` (see SECURITY in ARCHITECTURE.md).
+    async fn download_precompiled(&self, module: &ModuleRef) -> Result<(), DownloadError> {
+        let wasm = self.file(&module.sha256);
+        let (Some(dest), Some(target)) = (crate::modules::precompiled_path(&wasm), Target::host()) else {
+            return Err(DownloadError::Untrusted(format!(
+                "no precompiled modules exist for this architecture ({}); use an agent built with the `jit` feature",
+                std::env::consts::ARCH
+            )));
+        };
+        let url = format!(
+            "{}/api/v1/registry/modules/{}/precompiled/{target}?engine={ENGINE_VERSION}",
+            self.cfg.hub_url.trim_end_matches('/'),
+            module.sha256_hex(),
+        );
+        let http_err = |reason: String| DownloadError::Http { url: url.clone(), reason };
+        let mut resp = self.http.get(&url).send().await.map_err(|e| http_err(e.to_string()))?;
+        if !resp.status().is_success() {
+            let s = resp.status().as_u16();
+            let body = resp.text().await.unwrap_or_default();
+            return Err(http_err(format!("HTTP {s}: {}", body.chars().take(300).collect::<String>())));
+        }
+        let announced = resp
+            .headers()
+            .get("brume-artifact-sha256")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned)
+            .ok_or_else(|| http_err("no Brume-Artifact-Sha256 header".into()))?;
+        // Compiled code is larger than the module; a bound keeps a broken hub from
+        // filling the disk.
+        let max = self.cfg.max_module_bytes.as_u64().saturating_mul(PRECOMPILED_SIZE_FACTOR);
+        let mut code = Vec::new();
+        while let Some(chunk) = resp.chunk().await.map_err(|e| http_err(e.to_string()))? {
+            code.extend_from_slice(&chunk);
+            if code.len() as u64 > max {
+                return Err(DownloadError::Refused(format!(
+                    "precompiled code over {max} bytes ({PRECOMPILED_SIZE_FACTOR} × fleet.max_module_bytes)"
+                )));
+            }
+        }
+        let got = to_hex(&Sha256::digest(&code));
+        if got != announced {
+            return Err(DownloadError::Refused(format!(
+                "the precompiled code hashes to {got}, the hub announced {announced}"
+            )));
+        }
+        let part = dest.with_extension("part");
+        let io = |op, source| DownloadError::Io { op, path: part.clone(), source };
+        tokio::fs::write(&part, &code).await.map_err(|e| io("writing", e))?;
+        tokio::fs::File::open(&part).await.map_err(|e| io("opening", e))?.sync_all().await.map_err(|e| io("syncing", e))?;
+        tokio::fs::rename(&part, &dest).await.map_err(|e| io("renaming", e))?;
+        if let Ok(d) = std::fs::File::open(self.dir.join("modules")) {
+            let _ = d.sync_all();
+        }
+        tracing::info!(module = %module.name, version = %module.version, %target, bytes = code.len(), "precompiled module downloaded");
+        Ok(())
+    }
+
     /// Each wanted module's phase on this agent.
     fn report_modules(&self) -> Vec<ModuleReport> {
         let status = self.status.lock().unwrap_or_else(|e| e.into_inner()).clone();
@@ -716,7 +804,7 @@ impl Fleet {
                     (Phase::RolledBack, why.clone())
                 } else if let Some(r) = retry.filter(|r| r.mismatches >= MAX_MISMATCHES) {
                     (Phase::Failed, r.error.clone())
-                } else if !self.file(&m.module.sha256).exists() {
+                } else if !self.present(&m.module.sha256) {
                     (Phase::Downloading, retry.map(|r| r.error.clone()).unwrap_or_default())
                 } else if self.state.shadowing.get(slot).is_some_and(|(id, _)| *id == identity(m)) {
                     let why = s.and_then(|s| s.shadow.as_ref()).and_then(|s| s.last_error.clone());
@@ -766,7 +854,7 @@ impl Fleet {
                 let retry = self.retries.get(&j.job.module.sha256);
                 let (phase, error) = match &j.finished {
                     Some((phase, why)) => (*phase, why.clone()),
-                    None if !self.file(&j.job.module.sha256).exists() => {
+                    None if !self.present(&j.job.module.sha256) => {
                         (JobPhase::Downloading, retry.map(|r| r.error.clone()).unwrap_or_default())
                     }
                     None if s.is_some_and(|s| s.enabled) => {

@@ -40,7 +40,7 @@
 
 mod compile;
 
-pub use compile::{compile_in_child_processes, compile_module_command};
+pub use compile::{compile_in_child_processes, compile_module_command, precompiled_path};
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
@@ -895,7 +895,7 @@ impl Runner {
             return Err(format!("{} does not hash to the candidate build", w.path.display()));
         }
         keyring.verify(&digest, &w.signature).map_err(|e| format!("signature refused: {e}"))?;
-        let module = compile::load(&self.shared.engine, &self.shared.data_dir, &bytes, &brume_signing::to_hex(&digest))
+        let module = compile::load(&self.shared.engine, &self.shared.data_dir, &w.path, &bytes, &brume_signing::to_hex(&digest))
             .map_err(|e| e.to_string())?;
         if module.manifest().name != self.name {
             return Err(format!("the build is module {:?}, not {:?}", module.manifest().name, self.name));
@@ -990,7 +990,7 @@ impl Runner {
             }
         }
         let file_hash = brume_signing::to_hex(&digest);
-        let module = match compile::load(&self.shared.engine, &self.shared.data_dir, &bytes, &file_hash) {
+        let module = match compile::load(&self.shared.engine, &self.shared.data_dir, &self.spec.path, &bytes, &file_hash) {
             Ok(m) => m,
             Err(e) => return fail(e.to_string()),
         };

@@ -14,6 +14,7 @@ use axum::routing::{get, post};
 use brume_protocol::{ModuleRef, Phase, topics};
 use serde::Deserialize;
 use serde_json::json;
+use sha2::Digest;
 
 use super::plan::Fleet;
 use crate::http::{ApiError, AppState, query};
@@ -24,6 +25,9 @@ use crate::store::fleet::{
 /// The header carrying a module's signature on upload (and on download).
 pub const SIGNATURE_HEADER: &str = "brume-signature";
 
+/// The header carrying a precompiled artifact's sha256 (hex) on download.
+pub const ARTIFACT_SHA256_HEADER: &str = "brume-artifact-sha256";
+
 /// The control plane's routes.
 pub fn routes(state: &AppState) -> Router<AppState> {
     // The upload limit is the registry's, plus one byte so that the registry (not the
@@ -32,6 +36,7 @@ pub fn routes(state: &AppState) -> Router<AppState> {
     Router::new()
         .route("/api/v1/registry/modules", get(list_modules).post(upload).layer(DefaultBodyLimit::max(upload_limit)))
         .route("/api/v1/registry/modules/{sha256}", get(download))
+        .route("/api/v1/registry/modules/{sha256}/precompiled/{target}", get(download_precompiled))
         .route("/api/v1/deployments", get(list_deployments).post(create_deployment))
         .route("/api/v1/deployments/{id}", get(show_deployment))
         .route("/api/v1/deployments/{id}/{action}", post(deployment_action))
@@ -80,6 +85,10 @@ async fn upload(State(s): State<AppState>, headers: HeaderMap, body: Bytes) -> R
             return Err(ApiError::new(status, e.to_string()));
         }
     };
+    for (target, code) in &checked.artifacts {
+        let hex = brume_signing::to_hex(&sha2::Sha256::digest(code));
+        s.fleet.artifacts.insert((checked.module.sha256, *target), Bytes::from(code.clone()), hex);
+    }
     let now = crate::clock::now_ms();
     let (outcome, stored) = query(&s.store, move |st| {
         let outcome = st.put_module(&ModuleUpload {
@@ -141,33 +150,7 @@ async fn download(
 ) -> Result<Response, ApiError> {
     let digest = ModuleRef::parse_sha256(&sha)
         .ok_or_else(|| ApiError::bad_request(format!("{sha:?} is not a sha256 (64 hex digits)")))?;
-    let (wasm, signature) = match s.fleet.blobs.get(&digest) {
-        Some(found) => found,
-        None => {
-            // One read per build however many agents ask at once: the first fills the
-            // cache while the others wait for it, then find the bytes there.
-            let _fill = s.fleet.blob_fill.lock().await;
-            match s.fleet.blobs.get(&digest) {
-                Some(found) => found,
-                None => {
-                    // A database read: bounded like any expensive query.
-                    let _permit = s.query_permit()?;
-                    let found = query(&s.store, move |st| {
-                        let Some(wasm) = st.module_wasm(&digest)? else { return Ok(None) };
-                        let meta = st.registered_modules()?.into_iter().find(|m| m.module.sha256 == digest);
-                        Ok(Some((wasm, meta.map(|m| m.signature).unwrap_or_default())))
-                    })
-                    .await?;
-                    let Some((wasm, signature)) = found else {
-                        return Err(ApiError::not_found(format!("no registered module has sha256 {sha}")));
-                    };
-                    let wasm = Bytes::from(wasm);
-                    s.fleet.blobs.insert(digest, wasm.clone(), signature.clone());
-                    (wasm, signature)
-                }
-            }
-        }
-    };
+    let (wasm, signature) = module_bytes(&s, digest).await?;
     let total = wasm.len();
     let from = headers
         .get(header::RANGE)
@@ -197,6 +180,95 @@ async fn download(
     if let Ok(sig) = signature.parse() {
         h.insert(SIGNATURE_HEADER, sig);
     }
+    Ok(resp)
+}
+
+/// A registered module's bytes and signature: from the cache, else read once from the
+/// store however many agents ask at once (the first fills the cache while the others
+/// wait for it, then find the bytes there).
+async fn module_bytes(s: &AppState, digest: [u8; 32]) -> Result<(Bytes, String), ApiError> {
+    if let Some(found) = s.fleet.blobs.get(&digest) {
+        return Ok(found);
+    }
+    let _fill = s.fleet.blob_fill.lock().await;
+    if let Some(found) = s.fleet.blobs.get(&digest) {
+        return Ok(found);
+    }
+    // A database read: bounded like any expensive query.
+    let _permit = s.query_permit()?;
+    let found = query(&s.store, move |st| {
+        let Some(wasm) = st.module_wasm(&digest)? else { return Ok(None) };
+        let meta = st.registered_modules()?.into_iter().find(|m| m.module.sha256 == digest);
+        Ok(Some((wasm, meta.map(|m| m.signature).unwrap_or_default())))
+    })
+    .await?;
+    let Some((wasm, signature)) = found else {
+        return Err(ApiError::not_found(format!("no registered module has sha256 {}", brume_signing::to_hex(&digest))));
+    };
+    let wasm = Bytes::from(wasm);
+    s.fleet.blobs.insert(digest, wasm.clone(), signature.clone());
+    Ok((wasm, signature))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PrecompiledQuery {
+    /// The agent's engine ([`brume_wasm_host::ENGINE_VERSION`]); code compiled by another
+    /// wasmtime release would not load there.
+    engine: Option<String>,
+}
+
+/// `GET /api/v1/registry/modules/{sha256}/precompiled/{target}[?engine=]`: the module
+/// compiled for devices of `target` (`x86_64`, `aarch64`, `armv7`), for runtime-only
+/// agents. Compiled on upload, or here on first request (one at a time) by a hub that
+/// has not compiled it yet; kept in memory. The artifact's sha256 comes in
+/// `Brume-Artifact-Sha256`. 409 when the agent's engine is not this hub's.
+async fn download_precompiled(
+    State(s): State<AppState>,
+    Path((sha, target)): Path<(String, String)>,
+    Query(q): Query<PrecompiledQuery>,
+) -> Result<Response, ApiError> {
+    let digest = ModuleRef::parse_sha256(&sha)
+        .ok_or_else(|| ApiError::bad_request(format!("{sha:?} is not a sha256 (64 hex digits)")))?;
+    let target: brume_wasm_host::Target = target.parse().map_err(|e| ApiError::bad_request(format!("{e}")))?;
+    if let Some(engine) = q.engine.filter(|e| e != brume_wasm_host::ENGINE_VERSION) {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            format!(
+                "this hub compiles for {}, the agent runs {engine}: code compiled by one does not load in the other; run hubs and agents of the same Brume release",
+                brume_wasm_host::ENGINE_VERSION
+            ),
+        ));
+    }
+    let key = (digest, target);
+    let (code, hex) = match s.fleet.artifacts.get(&key) {
+        Some(found) => found,
+        None => {
+            let (wasm, _) = module_bytes(&s, digest).await?;
+            let _fill = s.fleet.artifact_fill.lock().await;
+            match s.fleet.artifacts.get(&key) {
+                Some(found) => found,
+                None => {
+                    let fleet = s.fleet.clone();
+                    let code = tokio::task::spawn_blocking(move || fleet.registry.precompile(target, &wasm))
+                        .await
+                        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, format!("precompiling: {e}")))?
+                        .map_err(|e| {
+                            tracing::error!(sha256 = %sha, %target, error = %e, "cannot precompile a registered module");
+                            ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())
+                        })?;
+                    let hex = brume_signing::to_hex(&sha2::Sha256::digest(&code));
+                    let code = Bytes::from(code);
+                    s.fleet.artifacts.insert(key, code.clone(), hex.clone());
+                    (code, hex)
+                }
+            }
+        }
+    };
+    let mut resp = (StatusCode::OK, code).into_response();
+    let h = resp.headers_mut();
+    h.insert(header::CONTENT_TYPE, "application/octet-stream".parse().expect("ascii"));
+    h.insert(ARTIFACT_SHA256_HEADER, hex.parse().expect("hex is ascii"));
     Ok(resp)
 }
 

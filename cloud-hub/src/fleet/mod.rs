@@ -57,45 +57,54 @@ pub struct FleetHandle {
     /// asking for the same build at once waits for one read instead of each taking a
     /// query permit (or getting 503).
     pub blob_fill: tokio::sync::Mutex<()>,
+    /// Modules precompiled for device architectures, by (module sha256, target), with
+    /// the artifact's sha256 in hex (`fleet.blob_cache` bytes at most, besides
+    /// [`FleetHandle::blobs`]).
+    pub artifacts: BlobCache<([u8; 32], brume_wasm_host::Target)>,
+    /// Held while an artifact missing from [`FleetHandle::artifacts`] is compiled: one
+    /// compilation at a time, however many agents ask.
+    pub artifact_fill: tokio::sync::Mutex<()>,
 }
 
-/// One cached module: sha256, bytes, signature text.
-type CachedBlob = ([u8; 32], bytes::Bytes, String);
+/// One cached entry: key, bytes, a text that goes with them (a module's signature, an
+/// artifact's sha256).
+type Cached<K> = (K, bytes::Bytes, String);
 
-/// Module bytes by sha256, least recently used dropped first, at most `capacity` bytes.
-/// The bytes are shared (`Bytes`): serving a cached module copies nothing. The lock is
-/// held only to look up or insert, never during IO.
-pub struct BlobCache {
+/// Bytes by key, least recently used dropped first, at most `capacity` bytes: modules by
+/// sha256, precompiled artifacts by (sha256, target). The bytes are shared (`Bytes`):
+/// serving a cached entry copies nothing. The lock is held only to look up or insert,
+/// never during IO.
+pub struct BlobCache<K = [u8; 32]> {
     capacity: u64,
-    /// Entries (sha256, bytes, signature), least recently used first.
-    entries: std::sync::Mutex<Vec<CachedBlob>>,
+    /// Entries, least recently used first.
+    entries: std::sync::Mutex<Vec<Cached<K>>>,
 }
 
-impl BlobCache {
+impl<K: PartialEq> BlobCache<K> {
     /// An empty cache of `capacity` bytes (0: caches nothing).
-    pub fn new(capacity: u64) -> BlobCache {
+    pub fn new(capacity: u64) -> BlobCache<K> {
         BlobCache { capacity, entries: std::sync::Mutex::new(Vec::new()) }
     }
 
-    /// The cached bytes and signature of a module, marking it used.
-    pub fn get(&self, sha: &[u8; 32]) -> Option<(bytes::Bytes, String)> {
+    /// The cached bytes and text of an entry, marking it used.
+    pub fn get(&self, key: &K) -> Option<(bytes::Bytes, String)> {
         let mut e = self.entries.lock().unwrap_or_else(|e| e.into_inner());
-        let i = e.iter().position(|(s, _, _)| s == sha)?;
+        let i = e.iter().position(|(k, _, _)| k == key)?;
         let entry = e.remove(i);
         let found = (entry.1.clone(), entry.2.clone());
         e.push(entry);
         Some(found)
     }
 
-    /// Caches a module's bytes, dropping the least recently used to make room. A module
-    /// larger than the whole cache is not cached.
-    pub fn insert(&self, sha: [u8; 32], bytes: bytes::Bytes, signature: String) {
+    /// Caches an entry, dropping the least recently used to make room. An entry larger
+    /// than the whole cache is not cached.
+    pub fn insert(&self, key: K, bytes: bytes::Bytes, text: String) {
         if bytes.len() as u64 > self.capacity {
             return;
         }
         let mut e = self.entries.lock().unwrap_or_else(|e| e.into_inner());
-        e.retain(|(s, _, _)| *s != sha);
-        e.push((sha, bytes, signature));
+        e.retain(|(k, _, _)| *k != key);
+        e.push((key, bytes, text));
         while e.iter().map(|(_, b, _)| b.len() as u64).sum::<u64>() > self.capacity {
             e.remove(0);
         }
@@ -113,6 +122,8 @@ impl FleetHandle {
             poke: Notify::new(),
             blobs: BlobCache::new(cfg.blob_cache.as_u64()),
             blob_fill: tokio::sync::Mutex::new(()),
+            artifacts: BlobCache::new(cfg.blob_cache.as_u64()),
+            artifact_fill: tokio::sync::Mutex::new(()),
         })
     }
 }

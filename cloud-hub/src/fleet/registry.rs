@@ -6,12 +6,19 @@
 //! and that it imports nothing but what Brume grants. A module the registry accepts is
 //! therefore one every agent of this build can load; what it cannot know is how the
 //! module behaves on real data, which is what rollouts and probation are for.
+//!
+//! The registry also compiles each module for every device architecture
+//! ([`brume_wasm_host::Target`]): runtime-only agents have no compiler and download the
+//! code for theirs. An upload that does not compile for one of them is refused, naming
+//! it. Compilation is deterministic, so the artifacts are not stored: any hub compiles
+//! them again on demand (`GET /api/v1/registry/modules/{sha256}/precompiled/{target}`)
+//! and keeps them in memory.
 
 use std::sync::{Arc, OnceLock};
 
 use brume_protocol::ModuleRef;
 use brume_signing::{Keyring, Signature, SignatureError, module_digest};
-use brume_wasm_host::{LoadError, WasmEngine};
+use brume_wasm_host::{LoadError, Precompiler, Target, WasmEngine};
 
 /// Why an upload was refused.
 #[derive(Debug, thiserror::Error)]
@@ -61,6 +68,8 @@ pub struct CheckedModule {
     pub key_id: String,
     /// The signature, normalised.
     pub signature: String,
+    /// The module compiled for each device architecture.
+    pub artifacts: Vec<(Target, Vec<u8>)>,
 }
 
 /// Checks uploads. One engine for the process, made on first use.
@@ -70,12 +79,13 @@ pub struct Registry {
     /// `fleet.max_module_bytes`.
     max_bytes: u64,
     engine: OnceLock<Result<Arc<WasmEngine>, String>>,
+    precompiler: OnceLock<Result<Arc<Precompiler>, String>>,
 }
 
 impl Registry {
     /// A registry trusting `keyring`.
     pub fn new(keyring: Keyring, max_bytes: u64) -> Registry {
-        Registry { keyring, max_bytes, engine: OnceLock::new() }
+        Registry { keyring, max_bytes, engine: OnceLock::new(), precompiler: OnceLock::new() }
     }
 
     /// `fleet.max_module_bytes`.
@@ -101,11 +111,26 @@ impl Registry {
         let manifest = loaded.manifest();
         let module = ModuleRef { name: manifest.name.clone(), version: manifest.version.clone(), sha256 };
         brume_protocol::validate_module_ref(&module).map_err(|e| UploadError::Manifest(e.to_string()))?;
+        let mut artifacts = Vec::new();
+        for target in Target::ALL {
+            artifacts.push((target, self.precompile(target, wasm)?));
+        }
         Ok(CheckedModule {
             module,
             manifest_json: serde_json::to_string(manifest).map_err(|e| UploadError::Manifest(e.to_string()))?,
             key_id: key_id.to_string(),
             signature: sig.to_string(),
+            artifacts,
         })
+    }
+
+    /// Compiles a module (already checked on upload) for devices of `target`. Blocking.
+    pub fn precompile(&self, target: Target, wasm: &[u8]) -> Result<Vec<u8>, UploadError> {
+        let precompiler = self
+            .precompiler
+            .get_or_init(|| Precompiler::new().map(Arc::new).map_err(|e| e.to_string()))
+            .clone()
+            .map_err(UploadError::Engine)?;
+        Ok(precompiler.precompile(target, wasm)?)
     }
 }

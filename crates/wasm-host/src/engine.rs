@@ -60,13 +60,7 @@ impl WasmEngine {
         if cfg.epoch_tick.is_zero() {
             return Err(HostError("epoch_tick must be positive".into()));
         }
-        let mut config = Config::new();
-        // Both are needed: fuel makes the CPU budget deterministic (same batch, same cost,
-        // whatever else runs on the device), epochs bound wall-clock time including time
-        // spent in host calls. Their cost is measured in dependencies.md §3.
-        config.consume_fuel(true);
-        config.epoch_interruption(true);
-        let engine = Engine::new(&config).map_err(|e| HostError(format!("{e:#}")))?;
+        let engine = Engine::new(&base_config()).map_err(|e| HostError(format!("{e:#}")))?;
         let mut linker = Linker::new(&engine);
         host::add_to_linker(&mut linker).map_err(|e| HostError(format!("{e:#}")))?;
         let inner = Arc::new(EngineInner { engine, linker, epoch_tick: cfg.epoch_tick });
@@ -79,6 +73,26 @@ impl WasmEngine {
     pub fn epoch_tick(&self) -> Duration {
         self.inner.epoch_tick
     }
+
+    /// Whether this build can compile modules ([`WasmEngine::load`]): true with the
+    /// `jit` feature. A runtime-only build loads only modules precompiled for its
+    /// [`crate::Target`] ([`WasmEngine::load_precompiled`]).
+    pub const fn can_compile() -> bool {
+        cfg!(feature = "jit")
+    }
+}
+
+/// The wasmtime configuration of every Brume engine: the agent's, and the hub's when it
+/// precompiles for a device (`crate::Precompiler`). Precompiled code loads only into an
+/// engine configured exactly like the one that compiled it, so there is one place.
+pub(crate) fn base_config() -> Config {
+    let mut config = Config::new();
+    // Both are needed: fuel makes the CPU budget deterministic (same batch, same cost,
+    // whatever else runs on the device), epochs bound wall-clock time including time
+    // spent in host calls. Their cost is measured in dependencies.md §3.
+    config.consume_fuel(true);
+    config.epoch_interruption(true);
+    config
 }
 
 /// Starts the thread that advances the engine's epoch every `tick`. It holds only a weak

@@ -56,6 +56,15 @@ pub enum LoadError {
         /// What is wrong with it.
         problem: String,
     },
+    /// This build has no compiler (runtime-only) and no precompiled code was found for
+    /// the module.
+    #[error(
+        "this agent is a runtime-only build and cannot compile modules: give it the module precompiled for {target} (`cloud-hub module precompile --target {target}`, or deploy it through a hub, which serves precompiled builds)"
+    )]
+    NoCompiler {
+        /// The agent's architecture (`aarch64`, `armv7`, ...).
+        target: &'static str,
+    },
 }
 
 /// A module compiled ahead of time (by [`crate::LoadedModule::serialize`]) could not be

@@ -47,6 +47,7 @@ mod host;
 mod instance;
 mod limits;
 mod module;
+mod target;
 
 pub use engine::{EngineConfig, HostError, WasmEngine};
 pub use error::{LoadError, ModuleError, OutputCap, PrecompiledError};
@@ -54,3 +55,6 @@ pub use host::{CallStats, HistoryProvider, NoHistory};
 pub use instance::{ModuleInstance, ProcessOutcome};
 pub use limits::{LimitOverrides, Limits};
 pub use module::LoadedModule;
+#[cfg(feature = "precompile")]
+pub use target::Precompiler;
+pub use target::{ENGINE_VERSION, Target, UnknownTarget};

@@ -126,7 +126,7 @@ const ALLOWED_IMPORTS: &[Required] = &[
 
 /// Reads the manifest custom section. Exactly one is required: two would let a tool
 /// that reads the first disagree with one that reads the last.
-fn read_manifest(bytes: &[u8]) -> Result<Manifest, LoadError> {
+pub(crate) fn read_manifest(bytes: &[u8]) -> Result<Manifest, LoadError> {
     let mut found: Option<&[u8]> = None;
     for payload in wasmparser::Parser::new(0).parse_all(bytes) {
         let payload = payload.map_err(|e| LoadError::Compile(e.to_string()))?;
@@ -214,9 +214,23 @@ impl WasmEngine {
     /// with its exact type and a `memory`, and import nothing but `brume::history` and
     /// `brume::log`. Compilation is the expensive step (milliseconds to seconds for large
     /// modules); do it once per module file and instantiate the result as often as needed.
+    ///
+    /// A runtime-only build (without the `jit` feature, see [`WasmEngine::can_compile`])
+    /// has no compiler and refuses with [`LoadError::NoCompiler`].
     pub fn load(&self, bytes: &[u8]) -> Result<LoadedModule, LoadError> {
-        let module = Module::new(&self.inner.engine, bytes).map_err(|e| LoadError::Compile(format!("{e:#}")))?;
-        checked(module, bytes)
+        #[cfg(feature = "jit")]
+        {
+            let module =
+                Module::new(&self.inner.engine, bytes).map_err(|e| LoadError::Compile(format!("{e:#}")))?;
+            checked(module, bytes)
+        }
+        #[cfg(not(feature = "jit"))]
+        {
+            let _ = bytes;
+            Err(LoadError::NoCompiler {
+                target: crate::Target::host().map_or(std::env::consts::ARCH, crate::Target::name),
+            })
+        }
     }
 
     /// Loads a module compiled ahead of time: `compiled` is what
@@ -274,7 +288,8 @@ impl LoadedModule {
     }
 
     /// The compiled machine code, for [`WasmEngine::load_precompiled`] in a process of
-    /// the same build.
+    /// the same build. Feature `jit` (wasmtime serializes only with its compiler).
+    #[cfg(feature = "jit")]
     pub fn serialize(&self) -> Result<Vec<u8>, PrecompiledError> {
         self.module.serialize().map_err(|e| PrecompiledError(format!("{e:#}")))
     }

@@ -14,19 +14,35 @@
 //! with a magic and the sha256 of the code: a damaged file is detected, deleted and
 //! compiled again. A file from another agent version is refused by wasmtime and
 //! recompiled the same way.
+//!
+//! **Runtime-only builds** (without the `jit` feature; the default for ARM devices, see
+//! `cross/README.md`) have no compiler at all. They load code precompiled for their
+//! architecture, kept beside the `.wasm` as `<stem>.<arch>.cwasm` ([`precompiled_path`]):
+//! the hub precompiles every registered module for every device architecture and the
+//! fleet client downloads the one for this agent; for modules in the agent's own config,
+//! `cloud-hub module precompile` writes it. JIT builds use such a file too when it is
+//! there and usable, and compile otherwise.
 
+#[cfg(feature = "jit")]
 use std::io::Write;
 use std::path::{Path, PathBuf};
+#[cfg(feature = "jit")]
 use std::process::{Command, Stdio};
-use std::sync::{Mutex, OnceLock};
-use std::time::{Duration, Instant};
+use std::sync::OnceLock;
+#[cfg(feature = "jit")]
+use std::sync::Mutex;
+use std::time::Duration;
+#[cfg(feature = "jit")]
+use std::time::Instant;
 
-use brume_wasm_host::{LoadError, LoadedModule, WasmEngine};
+use brume_wasm_host::{LoadError, LoadedModule, Target, WasmEngine};
 use sha2::{Digest, Sha256};
 
 /// Why a module could not be compiled or loaded. Its message is what the operator sees
 /// in the log and in `/api/v1/status` (`last_error`).
 #[derive(Debug, thiserror::Error)]
+// A runtime-only build never compiles: the compiler's failures cannot happen there.
+#[cfg_attr(not(feature = "jit"), allow(dead_code))]
 pub enum CompileError {
     /// The module itself was refused (invalid wasm, bad manifest, ABI, exports,
     /// imports), in this process.
@@ -60,6 +76,17 @@ pub enum CompileError {
         /// Why it failed.
         source: std::io::Error,
     },
+    /// A runtime-only agent found no usable precompiled code for the module.
+    #[cfg_attr(feature = "jit", allow(dead_code))]
+    #[error(
+        "this agent is a runtime-only build and cannot compile modules; the module precompiled for it is missing or unusable at {path} ({reason}): write it with `cloud-hub module precompile --target <arch>` from a hub of the same Brume release, or deploy the module through a hub, which serves precompiled builds"
+    )]
+    NotPrecompiled {
+        /// Where it was looked for.
+        path: PathBuf,
+        /// Not found, or why wasmtime refused it.
+        reason: String,
+    },
     /// The compiled file was gone right after the compiler process wrote it.
     #[error("the compiled module vanished from the cache")]
     Vanished,
@@ -78,6 +105,7 @@ static COMPILER_EXE: OnceLock<PathBuf> = OnceLock::new();
 
 /// One compilation at a time, so that several module threads do not each hold a
 /// compiler's working memory at once.
+#[cfg(feature = "jit")]
 static COMPILING: Mutex<()> = Mutex::new(());
 
 /// Makes this process compile modules by running `exe compile-module IN OUT`.
@@ -86,6 +114,7 @@ pub fn compile_in_child_processes(exe: PathBuf) {
 }
 
 /// The child side: compiles and checks `input`, writes the cache file to `output`.
+#[cfg(feature = "jit")]
 pub fn compile_module_command(input: &Path, output: &Path) -> anyhow::Result<()> {
     use anyhow::Context;
     let wasm = std::fs::read(input).with_context(|| format!("reading {}", input.display()))?;
@@ -96,11 +125,28 @@ pub fn compile_module_command(input: &Path, output: &Path) -> anyhow::Result<()>
     Ok(())
 }
 
-/// Loads `wasm` (whose sha256 is `hash_hex`): from the cache, else compiled (in a child
-/// process when configured) and cached.
+/// The child side in a runtime-only build: refuses, it has no compiler.
+#[cfg(not(feature = "jit"))]
+pub fn compile_module_command(_input: &Path, _output: &Path) -> anyhow::Result<()> {
+    Err(LoadError::NoCompiler { target: Target::host().map_or(std::env::consts::ARCH, Target::name) }.into())
+}
+
+/// Where the code of the module file `wasm_path` precompiled for this agent's
+/// architecture is looked for: beside it, `<stem>.<arch>.cwasm` (`threshold.wasm` →
+/// `threshold.aarch64.cwasm`). `None` on an architecture Brume does not precompile for.
+pub fn precompiled_path(wasm_path: &Path) -> Option<PathBuf> {
+    let target = Target::host()?;
+    Some(wasm_path.with_extension(format!("{}.cwasm", target.name())))
+}
+
+/// Loads `wasm` (read from `wasm_path`, sha256 `hash_hex`): from the agent's cache,
+/// else from code precompiled for this architecture beside the file (see
+/// [`precompiled_path`]), else compiled (in a child process when configured) and cached.
+/// A runtime-only build cannot compile: without usable precompiled code it refuses.
 pub(crate) fn load(
     engine: &WasmEngine,
     data_dir: &Path,
+    wasm_path: &Path,
     wasm: &[u8],
     hash_hex: &str,
 ) -> Result<LoadedModule, CompileError> {
@@ -109,17 +155,39 @@ pub(crate) fn load(
     if let Some(m) = from_cache(engine, &path, wasm)? {
         return Ok(m);
     }
-    let _one_at_a_time = COMPILING.lock().unwrap_or_else(|e| e.into_inner());
-    if let Err(e) = std::fs::create_dir_all(&dir) {
-        tracing::warn!(dir = %dir.display(), error = %e, "cannot create the module cache; compiling in-process without it");
-        return compile_here(engine, wasm, None);
+    let sibling = precompiled_path(wasm_path);
+    let unusable = match sibling.as_deref().map(std::fs::read) {
+        Some(Ok(code)) => match engine.load_precompiled(wasm, &code)? {
+            Ok(m) => return Ok(m),
+            Err(e) => Some(e.to_string()),
+        },
+        _ => None,
+    };
+    #[cfg(not(feature = "jit"))]
+    {
+        let _ = (&dir, &path);
+        Err(CompileError::NotPrecompiled {
+            path: sibling.unwrap_or_else(|| wasm_path.with_extension("cwasm")),
+            reason: unusable.unwrap_or_else(|| "not found".into()),
+        })
     }
-    match COMPILER_EXE.get() {
-        Some(exe) => {
-            compile_in_child(exe, &dir, &path, wasm)?;
-            from_cache(engine, &path, wasm)?.ok_or(CompileError::Vanished)
+    #[cfg(feature = "jit")]
+    {
+        if let (Some(p), Some(reason)) = (&sibling, &unusable) {
+            tracing::warn!(path = %p.display(), %reason, "precompiled module not usable by this agent; compiling the .wasm instead");
         }
-        None => compile_here(engine, wasm, Some(&path)),
+        let _one_at_a_time = COMPILING.lock().unwrap_or_else(|e| e.into_inner());
+        if let Err(e) = std::fs::create_dir_all(&dir) {
+            tracing::warn!(dir = %dir.display(), error = %e, "cannot create the module cache; compiling in-process without it");
+            return compile_here(engine, wasm, None);
+        }
+        match COMPILER_EXE.get() {
+            Some(exe) => {
+                compile_in_child(exe, &dir, &path, wasm)?;
+                from_cache(engine, &path, wasm)?.ok_or(CompileError::Vanished)
+            }
+            None => compile_here(engine, wasm, Some(&path)),
+        }
     }
 }
 
@@ -148,6 +216,7 @@ fn from_cache(engine: &WasmEngine, path: &Path, wasm: &[u8]) -> Result<Option<Lo
     }
 }
 
+#[cfg(feature = "jit")]
 fn compile_here(engine: &WasmEngine, wasm: &[u8], cache: Option<&Path>) -> Result<LoadedModule, CompileError> {
     let loaded = engine.load(wasm);
     release_freed_memory();
@@ -165,6 +234,7 @@ fn compile_here(engine: &WasmEngine, wasm: &[u8], cache: Option<&Path>) -> Resul
     Ok(module)
 }
 
+#[cfg(feature = "jit")]
 fn compile_in_child(exe: &Path, dir: &Path, path: &Path, wasm: &[u8]) -> Result<(), CompileError> {
     // The child compiles exactly the bytes that were hashed, not the file at the
     // module's path, which may be replaced at any moment (hot reload).
@@ -221,6 +291,7 @@ fn compile_in_child(exe: &Path, dir: &Path, path: &Path, wasm: &[u8]) -> Result<
         .map_err(|source| CompileError::Cache { what: "cannot move the compiled module into the cache".into(), source })
 }
 
+#[cfg(feature = "jit")]
 fn write_cache_file(path: &Path, code: &[u8]) -> std::io::Result<()> {
     let tmp = path.with_extension("tmp");
     let mut f = std::fs::File::create(&tmp)?;
@@ -234,6 +305,7 @@ fn write_cache_file(path: &Path, code: &[u8]) -> std::io::Result<()> {
 /// Hands memory freed by an in-process compilation back to the OS. glibc keeps freed
 /// heap pages in the thread's arena; after a Cranelift compilation that is several MB
 /// per module thread, resident for the life of the agent.
+#[cfg(feature = "jit")]
 fn release_freed_memory() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: malloc_trim takes no pointers and only releases free pages; it is safe to
