@@ -573,10 +573,20 @@ impl Config {
     /// Checks values serde cannot, naming the key.
     pub fn validate(&self) -> Result<(), ConfigError> {
         brume_protocol::validate_agent_id(&self.agent_id).map_err(|e| invalid("agent_id", e.to_string()))?;
-        if self.labels.len() > brume_protocol::MAX_STATUS_MODULES {
-            return Err(invalid("labels", format!("at most {} labels", brume_protocol::MAX_STATUS_MODULES)));
+        let max_labels = brume_protocol::MAX_STATUS_MODULES - crate::platform_labels().len();
+        if self.labels.len() > max_labels {
+            return Err(invalid("labels", format!("at most {max_labels} labels")));
         }
         for (k, v) in &self.labels {
+            if k.starts_with(crate::PLATFORM_LABEL_PREFIX) {
+                return Err(invalid(
+                    format!("labels.{k}"),
+                    format!(
+                        "keys starting with {:?} are set by the agent itself (architecture, build)",
+                        crate::PLATFORM_LABEL_PREFIX
+                    ),
+                ));
+            }
             if k.is_empty()
                 || k.contains(':')
                 || k.len() > 64

@@ -775,7 +775,12 @@ impl Fleet {
         let part = dest.with_extension("part");
         let io = |op, source| DownloadError::Io { op, path: part.clone(), source };
         tokio::fs::write(&part, &code).await.map_err(|e| io("writing", e))?;
-        tokio::fs::File::open(&part).await.map_err(|e| io("opening", e))?.sync_all().await.map_err(|e| io("syncing", e))?;
+        tokio::fs::File::open(&part)
+            .await
+            .map_err(|e| io("opening", e))?
+            .sync_all()
+            .await
+            .map_err(|e| io("syncing", e))?;
         tokio::fs::rename(&part, &dest).await.map_err(|e| io("renaming", e))?;
         if let Ok(d) = std::fs::File::open(self.dir.join("modules")) {
             let _ = d.sync_all();

@@ -103,7 +103,7 @@ pub async fn run(
     }
     let presence = Presence {
         agent_id: cfg.agent_id.clone(),
-        labels: cfg.labels.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+        labels: cfg.labels.iter().map(|(k, v)| (k.clone(), v.clone())).chain(crate::platform_labels()).collect(),
         started_ms: now_ms(),
         heartbeat: f.heartbeat,
         modules,

@@ -39,6 +39,24 @@ pub fn now_ns() -> i64 {
         .unwrap_or(0)
 }
 
+/// Labels the agent sets itself; operator labels may not start with it.
+pub const PLATFORM_LABEL_PREFIX: &str = "brume.";
+
+/// What this agent runs on, as labels in its presence messages, so that the hub shows
+/// them and deployments select by them like by any label (as Kubernetes' well-known
+/// `kubernetes.io/arch` node label): `brume.arch` (`x86_64`, `aarch64`, `armv7`),
+/// `brume.build` (`jit`: compiles modules itself; `runtime`: loads them precompiled)
+/// and `brume.engine` (the wasmtime release precompiled code must match).
+pub fn platform_labels() -> [(String, String); 3] {
+    let arch = brume_wasm_host::Target::host().map_or(std::env::consts::ARCH, brume_wasm_host::Target::name);
+    let build = if brume_wasm_host::WasmEngine::can_compile() { "jit" } else { "runtime" };
+    [
+        ("brume.arch".into(), arch.into()),
+        ("brume.build".into(), build.into()),
+        ("brume.engine".into(), brume_wasm_host::ENGINE_VERSION.into()),
+    ]
+}
+
 /// The sockets the agent serves on, bound by the caller (tests bind port 0).
 pub struct Listeners {
     /// Built-in MQTT listener, if enabled.

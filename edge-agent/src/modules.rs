@@ -895,8 +895,9 @@ impl Runner {
             return Err(format!("{} does not hash to the candidate build", w.path.display()));
         }
         keyring.verify(&digest, &w.signature).map_err(|e| format!("signature refused: {e}"))?;
-        let module = compile::load(&self.shared.engine, &self.shared.data_dir, &w.path, &bytes, &brume_signing::to_hex(&digest))
-            .map_err(|e| e.to_string())?;
+        let module =
+            compile::load(&self.shared.engine, &self.shared.data_dir, &w.path, &bytes, &brume_signing::to_hex(&digest))
+                .map_err(|e| e.to_string())?;
         if module.manifest().name != self.name {
             return Err(format!("the build is module {:?}, not {:?}", module.manifest().name, self.name));
         }
@@ -990,10 +991,11 @@ impl Runner {
             }
         }
         let file_hash = brume_signing::to_hex(&digest);
-        let module = match compile::load(&self.shared.engine, &self.shared.data_dir, &self.spec.path, &bytes, &file_hash) {
-            Ok(m) => m,
-            Err(e) => return fail(e.to_string()),
-        };
+        let module =
+            match compile::load(&self.shared.engine, &self.shared.data_dir, &self.spec.path, &bytes, &file_hash) {
+                Ok(m) => m,
+                Err(e) => return fail(e.to_string()),
+            };
         let slot = self.spec.reprocess.as_ref().map_or(&self.name, |r| &r.module);
         if managed.is_some() && module.manifest().name != *slot {
             // A signed build of another module put in this slot (a forged or mistaken

@@ -256,6 +256,18 @@ impl Agent {
     /// per section: `("", "top-level = 1")`, `("forward", "mode = \"json\"")`,
     /// `("store.default_rule", "...")`; they are merged with the harness's own.
     pub async fn start(exe: &Path, agent_id: &str, broker_port: u16, extra: &[(&str, &str)]) -> Result<Agent> {
+        Agent::start_with(exe, &[], agent_id, broker_port, extra).await
+    }
+
+    /// [`Agent::start`] with arguments before the agent's own: `exe` is then a runner
+    /// such as `qemu-arm` and `pre` its options and the agent binary.
+    pub async fn start_with(
+        exe: &Path,
+        pre: &[String],
+        agent_id: &str,
+        broker_port: u16,
+        extra: &[(&str, &str)],
+    ) -> Result<Agent> {
         let dir = tempfile::tempdir()?;
         let mqtt = free_port();
         let http = free_port();
@@ -288,10 +300,12 @@ impl Agent {
         }
         let cfg = dir.path().join("agent.toml");
         std::fs::write(&cfg, text)?;
-        let proc =
-            Proc::spawn("edge-agent", exe, &["--config".into(), cfg.display().to_string()], &dir.path().join("log"))?;
+        let mut args = pre.to_vec();
+        args.extend(["--config".into(), cfg.display().to_string()]);
+        let proc = Proc::spawn("edge-agent", exe, &args, &dir.path().join("log"))?;
         let a = Agent { mqtt_port: mqtt, url: format!("http://127.0.0.1:{http}"), proc, dir };
-        wait_until("the agent's HTTP server", Duration::from_secs(20), || port_open(http)).await?;
+        // Emulated agents (qemu-user) start several times slower.
+        wait_until("the agent's HTTP server", Duration::from_secs(60), || port_open(http)).await?;
         Ok(a)
     }
 
@@ -299,7 +313,7 @@ impl Agent {
     pub async fn restart(&mut self) -> Result<()> {
         self.proc.restart()?;
         let port: u16 = self.url.rsplit(':').next().unwrap().parse()?;
-        wait_until("the agent's HTTP server after restart", Duration::from_secs(20), || port_open(port)).await
+        wait_until("the agent's HTTP server after restart", Duration::from_secs(60), || port_open(port)).await
     }
 
     /// The agent's JSON status.
@@ -494,4 +508,56 @@ pub async fn check_exactly_once_named(
         total += ns.len() as u64;
     }
     Ok(total)
+}
+
+/// Connects a fresh MQTT client to the agent's listener; `None` while it is down.
+async fn mqtt_connect(port: u16, n: u32) -> Option<(rumqttc::AsyncClient, rumqttc::EventLoop)> {
+    let mut opts = rumqttc::MqttOptions::new(format!("sensor-{port}-{n}"), "127.0.0.1", port);
+    opts.set_keep_alive(Duration::from_secs(5));
+    let (client, mut el) = rumqttc::AsyncClient::new(opts, 10);
+    let connected = next_packet(&mut el, Duration::from_secs(2), |p| matches!(p, rumqttc::Packet::ConnAck(_))).await;
+    connected.then_some((client, el))
+}
+
+/// Polls until a packet `want` accepts arrives (true), or an error or the timeout (false).
+async fn next_packet(el: &mut rumqttc::EventLoop, within: Duration, want: fn(&rumqttc::Packet) -> bool) -> bool {
+    let found = tokio::time::timeout(within, async {
+        loop {
+            match el.poll().await {
+                Ok(rumqttc::Event::Incoming(p)) if want(&p) => return true,
+                Ok(_) => {}
+                Err(_) => return false,
+            }
+        }
+    })
+    .await;
+    matches!(found, Ok(true))
+}
+
+/// Publishes readings `range` (`payload(i)`) to `topic` one at a time at QoS 1, each until its PUBACK
+/// arrives, reconnecting and re-publishing the unacknowledged reading while the agent is
+/// down: what a well-behaved sensor does. (A reading committed just before a kill, whose
+/// PUBACK was lost, is published twice: at-least-once, as MQTT QoS 1 promises.)
+pub async fn publish_reliably(port: u16, topic: &str, range: std::ops::Range<i64>, payload: fn(i64) -> String) {
+    let mut conn: Option<(rumqttc::AsyncClient, rumqttc::EventLoop)> = None;
+    let mut attempts = 0u32;
+    for i in range {
+        loop {
+            if conn.is_none() {
+                attempts += 1;
+                assert!(attempts < 600, "the agent's listener stayed unreachable");
+                conn = mqtt_connect(port, attempts).await;
+                if conn.is_none() {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            }
+            let (client, el) = conn.as_mut().unwrap();
+            client.publish(topic, rumqttc::QoS::AtLeastOnce, false, payload(i)).await.unwrap();
+            if next_packet(el, Duration::from_secs(5), |p| matches!(p, rumqttc::Packet::PubAck(_))).await {
+                break;
+            }
+            conn = None;
+        }
+    }
 }

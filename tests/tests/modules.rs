@@ -7,7 +7,6 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use brume_e2e::{Agent, Hub, Mosquitto, wait_until};
-use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Packet, QoS};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 
@@ -38,56 +37,9 @@ fn payload(i: i64) -> String {
     format!("{{\"value\":{},\"ts\":{}}}", value(i), T0_MS + i * STEP_MS)
 }
 
-/// Connects a fresh MQTT client to the agent's listener; `None` while it is down.
-async fn connect(port: u16, n: u32) -> Option<(AsyncClient, EventLoop)> {
-    let mut opts = MqttOptions::new(format!("sensor-{port}-{n}"), "127.0.0.1", port);
-    opts.set_keep_alive(Duration::from_secs(5));
-    let (client, mut el) = AsyncClient::new(opts, 10);
-    let connected = next_packet(&mut el, Duration::from_secs(2), |p| matches!(p, Packet::ConnAck(_))).await;
-    connected.then_some((client, el))
-}
-
-/// Polls until a packet `want` accepts arrives (true), or an error or the timeout (false).
-async fn next_packet(el: &mut EventLoop, within: Duration, want: fn(&Packet) -> bool) -> bool {
-    let found = tokio::time::timeout(within, async {
-        loop {
-            match el.poll().await {
-                Ok(Event::Incoming(p)) if want(&p) => return true,
-                Ok(_) => {}
-                Err(_) => return false,
-            }
-        }
-    })
-    .await;
-    matches!(found, Ok(true))
-}
-
-/// Publishes readings `range` to `topic` one at a time at QoS 1, each until its PUBACK
-/// arrives, reconnecting and re-publishing the unacknowledged reading while the agent is
-/// down: what a well-behaved sensor does. (A reading committed just before a kill, whose
-/// PUBACK was lost, is published twice: at-least-once, as MQTT QoS 1 promises.)
+/// Publishes readings `range` ([`payload`]) reliably: see [`brume_e2e::publish_reliably`].
 async fn publish_reliably(port: u16, topic: &str, range: std::ops::Range<i64>) {
-    let mut conn: Option<(AsyncClient, EventLoop)> = None;
-    let mut attempts = 0u32;
-    for i in range {
-        loop {
-            if conn.is_none() {
-                attempts += 1;
-                assert!(attempts < 600, "the agent's listener stayed unreachable");
-                conn = connect(port, attempts).await;
-                if conn.is_none() {
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-            }
-            let (client, el) = conn.as_mut().unwrap();
-            client.publish(topic, QoS::AtLeastOnce, false, payload(i)).await.unwrap();
-            if next_packet(el, Duration::from_secs(5), |p| matches!(p, Packet::PubAck(_))).await {
-                break;
-            }
-            conn = None;
-        }
-    }
+    brume_e2e::publish_reliably(port, topic, range, payload).await
 }
 
 fn num(r: &Value, field: &str) -> f64 {

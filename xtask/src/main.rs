@@ -7,7 +7,11 @@
 //! `cargo xtask build-modules` builds the example WASM modules (`modules/examples`) for
 //! wasm32-unknown-unknown, checks them against the module ABI and copies them to
 //! `target/modules/` (see `modules.rs`).
+//!
+//! `cargo xtask cross aarch64|armv7|x86_64 [--jit]` builds the agent for devices (see
+//! `cross.rs`).
 
+mod cross;
 mod edgecost;
 mod hub;
 mod hubquery;
@@ -61,6 +65,17 @@ enum Cmd {
     /// Build the example WASM modules (release, wasm32-unknown-unknown), check each against
     /// the module ABI, and copy them to target/modules/.
     BuildModules,
+    /// Build the agent for devices (aarch64, armv7, x86_64) with the `device` profile,
+    /// installing the cross toolchains when missing; prints each binary's size against
+    /// its budget. Runtime-only unless --jit.
+    Cross {
+        /// Targets: aarch64, armv7, x86_64.
+        #[arg(required = true)]
+        targets: Vec<String>,
+        /// The agent that compiles modules itself (Cranelift; not on armv7).
+        #[arg(long)]
+        jit: bool,
+    },
 }
 
 /// Notes below this line in BENCHMARKS.md survive `--write`.
@@ -72,6 +87,7 @@ fn main() -> Result<()> {
     match Cli::parse().cmd {
         Cmd::Bench { write, quick, only, samples, rates } => bench(&root, write, quick, only, samples, rates),
         Cmd::BuildModules => modules::build(&root),
+        Cmd::Cross { targets, jit } => cross::run(&root, &targets, jit),
     }
 }
 

@@ -220,8 +220,7 @@ impl WasmEngine {
     pub fn load(&self, bytes: &[u8]) -> Result<LoadedModule, LoadError> {
         #[cfg(feature = "jit")]
         {
-            let module =
-                Module::new(&self.inner.engine, bytes).map_err(|e| LoadError::Compile(format!("{e:#}")))?;
+            let module = Module::new(&self.inner.engine, bytes).map_err(|e| LoadError::Compile(format!("{e:#}")))?;
             checked(module, bytes)
         }
         #[cfg(not(feature = "jit"))]

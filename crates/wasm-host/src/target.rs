@@ -117,8 +117,8 @@ impl Precompiler {
             config
                 .target(t.wasmtime_target())
                 .map_err(|e| crate::HostError(format!("target {}: {e:#}", t.wasmtime_target())))?;
-            let engine = wasmtime::Engine::new(&config)
-                .map_err(|e| crate::HostError(format!("engine for {t}: {e:#}")))?;
+            let engine =
+                wasmtime::Engine::new(&config).map_err(|e| crate::HostError(format!("engine for {t}: {e:#}")))?;
             engines.push((t, engine));
         }
         Ok(Precompiler { engines })

@@ -235,6 +235,48 @@ fn healthy_module_processes_saves_and_loads_state() {
 /// A module compiled in one engine loads in another (as in the agent's compile child
 /// process) and runs the same; bytes that are not a compiled module are refused with
 /// `PrecompiledError`, and a bad `.wasm` beside good compiled code is still checked.
+/// The hub compiles for devices with [`Precompiler`]: code for this machine's target
+/// loads in an ordinary engine and runs the same as compiled here; code for another
+/// architecture is refused by it with a clear error (never run); code for every target
+/// names the wasmtime release [`ENGINE_VERSION`] says, so agents and hubs compare the
+/// right string.
+#[cfg(feature = "precompile")]
+#[test]
+fn precompiled_for_a_target_loads_there_only() {
+    use brume_wasm_host::{ENGINE_VERSION, Precompiler, Target};
+    let guest = Guest::returning("healthy", ok_output(&healthy_output()));
+    let wasm = guest.bytes();
+    let pc = Precompiler::new().unwrap();
+    let host = Target::host().expect("tests run on a supported architecture");
+    let engine = engine();
+    let version = ENGINE_VERSION.strip_prefix("wasmtime-").unwrap();
+    for target in Target::ALL {
+        let code = pc.precompile(target, &wasm).unwrap();
+        assert!(
+            code.windows(version.len()).any(|w| w == version.as_bytes()),
+            "{target}: compiled code does not carry {ENGINE_VERSION}"
+        );
+        let loaded = engine.load_precompiled(&wasm, &code).unwrap();
+        if target == host {
+            let module = loaded.unwrap();
+            let mut inst = module.instantiate(&engine, Limits::default(), Arc::new(NoHistory), "{}").unwrap();
+            assert_eq!(inst.process(&input()).unwrap().output, healthy_output());
+        } else {
+            let err = loaded.unwrap_err().to_string();
+            assert!(err.starts_with("precompiled module unusable: "), "{target}: {err}");
+        }
+    }
+    assert!(matches!(
+        pc.precompile(host, b"\0asm garbage"),
+        Err(LoadError::MissingManifest { .. } | LoadError::BadManifest(_) | LoadError::Compile(_))
+    ));
+    for t in Target::ALL {
+        assert_eq!(t.name().parse::<Target>().unwrap(), t);
+    }
+    assert_eq!("arm64".parse::<Target>().unwrap(), Target::Aarch64);
+    assert!("mips".parse::<Target>().is_err());
+}
+
 #[test]
 fn precompiled_module_loads_in_another_engine() {
     let guest = Guest::returning("healthy", ok_output(&healthy_output()));

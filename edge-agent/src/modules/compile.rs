@@ -28,9 +28,9 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 #[cfg(feature = "jit")]
 use std::process::{Command, Stdio};
-use std::sync::OnceLock;
 #[cfg(feature = "jit")]
 use std::sync::Mutex;
+use std::sync::OnceLock;
 use std::time::Duration;
 #[cfg(feature = "jit")]
 use std::time::Instant;
