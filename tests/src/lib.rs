@@ -561,3 +561,59 @@ pub async fn publish_reliably(port: u16, topic: &str, range: std::ops::Range<i64
         }
     }
 }
+
+fn num(r: &serde_json::Value, field: &str) -> f64 {
+    r["fields"][field].as_f64().unwrap_or_else(|| panic!("field {field} in {r}"))
+}
+
+/// One closed window as the downsample module reports it: (start ns, min, mean, max, count).
+pub type Window = (i64, f64, f64, f64, i64);
+
+/// The downsample module's semantics, on its input in arrival order: per fixed window a
+/// reading of a later window closes it, a reading older than the open window is dropped.
+pub fn model_downsample(input: &[(i64, f64)], window_ns: i64) -> Vec<Window> {
+    let mut out = Vec::new();
+    let mut open: Option<(i64, i64, u64, f64, f64, f64)> = None; // start, end, count, sum, min, max
+    for &(ts, v) in input {
+        match &mut open {
+            Some((start, ..)) if ts < *start => {}
+            Some((_, end, count, sum, min, max)) if ts < *end => {
+                *count += 1;
+                *sum += v;
+                *min = min.min(v);
+                *max = max.max(v);
+            }
+            _ => {
+                if let Some((start, _, count, sum, min, max)) = open {
+                    out.push((start, min, sum / count as f64, max, count as i64));
+                }
+                let start = ts.div_euclid(window_ns) * window_ns;
+                open = Some((start, start + window_ns, 1, v, v, v));
+            }
+        }
+    }
+    out
+}
+
+/// The hub's downsample outputs, by window start.
+pub fn windows(rows: &[serde_json::Value]) -> Vec<Window> {
+    rows.iter()
+        .map(|r| {
+            (
+                r["ts_ns"].as_i64().unwrap(),
+                num(r, "min"),
+                num(r, "mean"),
+                num(r, "max"),
+                r["fields"]["count"].as_i64().unwrap(),
+            )
+        })
+        .collect()
+}
+
+/// The agent's stored input as the hub holds it, in the agent's arrival order: batch
+/// sequence, then index in the batch (one stream, one producer: one chunk per batch).
+pub fn arrival_order(rows: &[serde_json::Value]) -> Vec<(i64, f64)> {
+    let mut rows: Vec<&serde_json::Value> = rows.iter().collect();
+    rows.sort_by_key(|r| (r["seq"].as_u64().unwrap(), r["idx"].as_u64().unwrap()));
+    rows.iter().map(|r| (r["ts_ns"].as_i64().unwrap(), num(r, "value"))).collect()
+}
