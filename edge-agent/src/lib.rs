@@ -57,6 +57,36 @@ pub fn platform_labels() -> [(String, String); 3] {
     ]
 }
 
+/// Tells systemd (a `Type=notify` unit, see `cross/systemd/edge-agent.service`) that the
+/// agent is up, and starts the watchdog pings when the unit asks for them
+/// (`WatchdogSec=`). Nothing happens without systemd (`NOTIFY_SOCKET` unset).
+///
+/// The pings come from a task on the agent's runtime, every half of the watchdog period:
+/// a runtime that hangs (a deadlock, a worker blocked forever) stops them, and systemd
+/// kills and restarts the agent, which resumes from its durable store.
+fn systemd_ready(shutdown: &CancellationToken) -> Option<tokio::task::JoinHandle<()>> {
+    if std::env::var_os("NOTIFY_SOCKET").is_none() {
+        return None;
+    }
+    if let Err(e) = sd_notify::notify(&[sd_notify::NotifyState::Ready]) {
+        tracing::warn!(error = %e, "cannot notify systemd that the agent is ready");
+    }
+    let period = sd_notify::watchdog_enabled()? / 2;
+    tracing::info!(period_ms = period.as_millis() as u64, "systemd watchdog enabled");
+    let stop = shutdown.clone();
+    Some(tokio::spawn(async move {
+        let mut tick = tokio::time::interval(period);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {
+                    let _ = sd_notify::notify(&[sd_notify::NotifyState::Watchdog]);
+                }
+                () = stop.cancelled() => return,
+            }
+        }
+    }))
+}
+
 /// The sockets the agent serves on, bound by the caller (tests bind port 0).
 pub struct Listeners {
     /// Built-in MQTT listener, if enabled.
@@ -194,7 +224,13 @@ pub async fn run(cfg: Config, listeners: Listeners, shutdown: CancellationToken)
         forward_stop.clone(),
     ));
 
+    let watchdog = systemd_ready(&shutdown);
+
     shutdown.cancelled().await;
+    let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
+    if let Some(w) = watchdog {
+        w.abort();
+    }
     tracing::info!("shutting down: stopping ingest");
     ingest_stop.cancel();
     if tokio::time::timeout(Duration::from_secs(10), ingest.wait()).await.is_err() {

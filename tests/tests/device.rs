@@ -221,3 +221,34 @@ async fn armv7_agent_under_qemu_runs_modules_on_pulley() {
     )
     .await;
 }
+
+/// Under systemd (`Type=notify`, `WatchdogSec=`, as the packaged unit runs it) the agent
+/// says READY=1 once it serves, pings WATCHDOG=1 every half period, and says STOPPING=1 on
+/// SIGTERM. The notification socket is a datagram socket this test binds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_notifies_systemd_ready_watchdog_and_stopping() {
+    let broker = Mosquitto::start().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let sock_path = dir.path().join("notify.sock");
+    let sock = std::os::unix::net::UnixDatagram::bind(&sock_path).unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let pre = vec![
+        format!("NOTIFY_SOCKET={}", sock_path.display()),
+        "WATCHDOG_USEC=400000".to_string(),
+        env!("CARGO_BIN_EXE_e2e-edge-agent").to_string(),
+    ];
+    let mut agent = Agent::start_with(Path::new("/usr/bin/env"), &pre, "sd-1", broker.port, &[]).await.unwrap();
+    fn next(sock: &std::os::unix::net::UnixDatagram) -> String {
+        let mut buf = [0u8; 512];
+        let n = sock.recv(&mut buf).unwrap_or_else(|e| panic!("no notification within 30 s: {e}"));
+        String::from_utf8_lossy(&buf[..n]).trim().to_owned()
+    }
+    assert_eq!(next(&sock), "READY=1");
+    for _ in 0..3 {
+        assert_eq!(next(&sock), "WATCHDOG=1", "pings every 200 ms");
+    }
+    // Pings may still come before the SIGTERM is handled.
+    let stopper = std::thread::spawn(move || std::iter::repeat_with(|| next(&sock)).find(|m| m != "WATCHDOG=1"));
+    assert!(agent.proc.terminate().is_some_and(|s| s.success()), "clean exit\n{}", agent.log());
+    assert_eq!(stopper.join().unwrap().as_deref(), Some("STOPPING=1"));
+}
