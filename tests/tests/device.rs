@@ -252,3 +252,82 @@ async fn agent_notifies_systemd_ready_watchdog_and_stopping() {
     assert!(agent.proc.terminate().is_some_and(|s| s.success()), "clean exit\n{}", agent.log());
     assert_eq!(stopper.join().unwrap().as_deref(), Some("STOPPING=1"));
 }
+
+fn run(cmd: &str, args: &[&str]) -> String {
+    let out = std::process::Command::new(cmd).args(args).output().unwrap_or_else(|e| panic!("running {cmd}: {e}"));
+    assert!(out.status.success(), "{cmd} {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The `.deb` of each ARM target (`cargo xtask package aarch64 armv7`): its control data,
+/// its files with their modes, a conffile for the config, the agent built for the right
+/// machine, a systemd unit with the watchdog and the sandbox, and a config the agent
+/// accepts.
+#[test]
+fn packages_hold_the_agent_its_unit_and_its_config() {
+    let test = "packages_hold_the_agent_its_unit_and_its_config";
+    let version = env!("CARGO_PKG_VERSION");
+    for (arch, machine) in [("arm64", "AArch64"), ("armhf", "ARM")] {
+        let deb = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("../target/deb")
+            .join(format!("brume-edge-agent_{version}_{arch}.deb"));
+        if !deb.exists() {
+            skip(test, &format!("{} is not built: run `cargo xtask package aarch64 armv7`", deb.display()));
+            return;
+        }
+        let deb = deb.display().to_string();
+        let info = run("dpkg-deb", &["--info", &deb]);
+        for want in [
+            "Package: brume-edge-agent".to_string(),
+            format!("Version: {version}"),
+            format!("Architecture: {arch}"),
+            "Depends: libc6 (>= 2.".to_string(),
+            "postinst".to_string(),
+            "prerm".to_string(),
+            "postrm".to_string(),
+            "conffiles".to_string(),
+        ] {
+            assert!(info.contains(&want), "{arch}: no {want:?} in\n{info}");
+        }
+        let contents = run("dpkg-deb", &["--contents", &deb]);
+        for (mode, path) in [
+            ("-rwxr-xr-x root/root", "./usr/bin/edge-agent"),
+            ("-rw-r--r-- root/root", "./lib/systemd/system/edge-agent.service"),
+            ("-rw-r----- root/root", "./etc/brume/edge-agent.toml"),
+            ("-rw-r--r-- root/root", "./usr/share/doc/brume-edge-agent/config.example.toml"),
+            ("-rw-r--r-- root/root", "./usr/share/doc/brume-edge-agent/copyright"),
+        ] {
+            assert!(
+                contents.lines().any(|l| l.starts_with(mode) && l.ends_with(path)),
+                "{arch}: no {path} with {mode} in\n{contents}"
+            );
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().display().to_string();
+        run("dpkg-deb", &["--extract", &deb, &root]);
+        let ctrl = dir.path().join("DEBIAN");
+        run("dpkg-deb", &["--control", &deb, &ctrl.display().to_string()]);
+        assert_eq!(std::fs::read_to_string(ctrl.join("conffiles")).unwrap(), "/etc/brume/edge-agent.toml\n");
+        let elf = run("readelf", &["-h", &dir.path().join("usr/bin/edge-agent").display().to_string()]);
+        assert!(elf.lines().any(|l| l.contains("Machine:") && l.trim_end().ends_with(machine)), "{arch}:\n{elf}");
+        let unit = std::fs::read_to_string(dir.path().join("lib/systemd/system/edge-agent.service")).unwrap();
+        for want in [
+            "Type=notify",
+            "WatchdogSec=",
+            "Restart=on-failure",
+            "User=brume",
+            "StateDirectory=brume",
+            "ProtectSystem=strict",
+            "NoNewPrivileges=yes",
+            "CapabilityBoundingSet=\n",
+            "ExecStart=/usr/bin/edge-agent --config /etc/brume/edge-agent.toml",
+        ] {
+            assert!(unit.contains(want), "{arch}: the unit lacks {want:?}");
+        }
+        // The packaged config is one the agent accepts, and keeps its data where the
+        // unit's StateDirectory is.
+        let cfg = dir.path().join("etc/brume/edge-agent.toml").display().to_string();
+        let printed = run(env!("CARGO_BIN_EXE_e2e-edge-agent"), &["--config", &cfg, "--print-config"]);
+        assert!(printed.contains("data_dir = \"/var/lib/brume\""), "{printed}");
+    }
+}

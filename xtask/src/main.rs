@@ -9,7 +9,8 @@
 //! `target/modules/` (see `modules.rs`).
 //!
 //! `cargo xtask cross aarch64|armv7|x86_64 [--jit]` builds the agent for devices (see
-//! `cross.rs`).
+//! `cross.rs`); `cargo xtask package aarch64|armv7|x86_64` makes a `.deb` of it (see
+//! `package.rs`).
 
 mod cross;
 mod edgecost;
@@ -18,6 +19,7 @@ mod hubquery;
 mod hubscale;
 mod modules;
 mod mqtt;
+mod package;
 mod rollout;
 mod rss;
 mod store;
@@ -76,6 +78,13 @@ enum Cmd {
         #[arg(long)]
         jit: bool,
     },
+    /// Build a .deb of the agent per target (runtime-only, device profile): binary,
+    /// systemd unit, config, docs, maintainer scripts; into target/deb/.
+    Package {
+        /// Targets: aarch64, armv7, x86_64.
+        #[arg(required = true)]
+        targets: Vec<String>,
+    },
 }
 
 /// Notes below this line in BENCHMARKS.md survive `--write`.
@@ -88,6 +97,7 @@ fn main() -> Result<()> {
         Cmd::Bench { write, quick, only, samples, rates } => bench(&root, write, quick, only, samples, rates),
         Cmd::BuildModules => modules::build(&root),
         Cmd::Cross { targets, jit } => cross::run(&root, &targets, jit),
+        Cmd::Package { targets } => package::run(&root, &targets),
     }
 }
 
