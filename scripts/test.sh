@@ -2,7 +2,9 @@
 # Runs Brume's whole test suite: unit, property, integration and end-to-end tests (the
 # end-to-end tests start their own mosquitto, hub and agent processes on free ports), after
 # building the example WASM modules (`cargo xtask build-modules`), whose native unit tests
-# (a separate workspace, modules/examples) run at the end.
+# (a separate workspace, modules/examples) run at the end, and the agent for aarch64 and
+# armv7 with its .deb packages (`cargo xtask package aarch64 armv7`), which the device
+# suite runs under qemu-user.
 # Checks formatting and clippy lints first (`-D warnings`). Installs missing system
 # packages first. Usage: ./scripts/test.sh [extra cargo test args]
 set -euo pipefail
@@ -12,6 +14,8 @@ cd "$(dirname "$0")/.."
 cargo fmt --all --check
 (cd modules/examples && cargo fmt --all --check)
 cargo clippy --workspace --all-targets --locked -- -D warnings
+# The runtime-only agent (what devices run: no compiler) is another feature set.
+cargo clippy -p edge-agent --no-default-features --locked -- -D warnings
 cargo build --workspace --all-targets --locked
 log=$(mktemp)
 # Tests that cannot run here (e.g. the disk-full test without root) append a line to this
@@ -23,6 +27,12 @@ status=0
 # The wasm host's tests load these modules from target/modules/. Same task as
 # `cargo xtask build-modules`, run with the xtask binary the build above just made.
 cargo run --locked --quiet --package xtask -- build-modules 2>&1 | tee "$log" || status=$?
+# The device suite (tests/tests/device.rs) runs the agent as shipped to ARM boards under
+# qemu-user, and checks the .deb packages: build both (cross toolchains and qemu are
+# installed when missing). BRUME_SKIP_CROSS=1 skips this; the device tests then say so.
+if [ "${BRUME_SKIP_CROSS:-}" != 1 ]; then
+  cargo run --locked --quiet --package xtask -- package aarch64 armv7 2>&1 | tee -a "$log" || status=$?
+fi
 cargo test --workspace --locked --no-fail-fast "$@" 2>&1 | tee -a "$log" || status=$?
 # The example modules' native tests; extra args are for the main workspace only.
 (cd modules/examples && cargo test --locked --no-fail-fast) 2>&1 | tee -a "$log" || status=$?

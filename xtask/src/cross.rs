@@ -59,6 +59,7 @@ pub fn build(root: &Path, device: Device, jit: bool) -> Result<PathBuf> {
     let mut cmd = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
     cmd.current_dir(root).args([
         "build",
+        "--locked",
         "--profile",
         "device",
         "--target",
