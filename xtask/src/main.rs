@@ -1,6 +1,6 @@
 //! Brume developer tasks.
 //!
-//! `cargo xtask bench [--quick] [--write] [--only mqtt,store,rss,wasm,hub,hubscale,hubquery,edgecost]` runs the benchmarks and
+//! `cargo xtask bench [--quick] [--write] [--only mqtt,store,rss,wasm,hub,hubscale,hubquery,edgecost,rollout,device]` runs the benchmarks and
 //! prints a Markdown table; `--write` also rewrites `BENCHMARKS.md` at the repository root.
 //! Benchmarks print; nothing here asserts a timing.
 //!
@@ -13,6 +13,7 @@
 //! `package.rs`).
 
 mod cross;
+mod device;
 mod edgecost;
 mod hub;
 mod hubquery;
@@ -53,7 +54,7 @@ enum Cmd {
         /// Smaller N and a 10 s RSS run: a smoke check, not a measurement.
         #[arg(long)]
         quick: bool,
-        /// Run only these groups (mqtt, store, rss, wasm, hub, hubscale, hubquery, edgecost); cannot be combined with --write.
+        /// Run only these groups (mqtt, store, rss, wasm, hub, hubscale, hubquery, edgecost, rollout, device); cannot be combined with --write.
         #[arg(long, value_delimiter = ',')]
         only: Vec<String>,
         /// Samples per short benchmark (median [min..max] is reported).
@@ -103,9 +104,10 @@ fn main() -> Result<()> {
 
 fn bench(root: &Path, write: bool, quick: bool, only: Vec<String>, samples: usize, rates: Vec<u32>) -> Result<()> {
     for o in &only {
-        if !["mqtt", "store", "rss", "wasm", "hub", "hubscale", "hubquery", "edgecost", "rollout"].contains(&o.as_str())
+        if !["mqtt", "store", "rss", "wasm", "hub", "hubscale", "hubquery", "edgecost", "rollout", "device"]
+            .contains(&o.as_str())
         {
-            bail!("--only takes mqtt, store, rss, wasm, hub, hubscale, hubquery, edgecost, rollout; got {o:?}");
+            bail!("--only takes mqtt, store, rss, wasm, hub, hubscale, hubquery, edgecost, rollout, device; got {o:?}");
         }
     }
     if write && (!only.is_empty() || !rates.is_empty()) {
@@ -123,10 +125,10 @@ fn bench(root: &Path, write: bool, quick: bool, only: Vec<String>, samples: usiz
     let started = Instant::now();
 
     // Build first, so the compiler does not compete with the measurements.
-    if runs("wasm") || runs("rss") || runs("rollout") {
+    if runs("wasm") || runs("rss") || runs("rollout") || runs("device") {
         modules::build(root)?;
     }
-    let hub_exe = if runs("hubscale") || runs("hubquery") || runs("edgecost") || runs("rollout") {
+    let hub_exe = if runs("hubscale") || runs("hubquery") || runs("edgecost") || runs("rollout") || runs("device") {
         Some(hubscale::build_hub(root)?)
     } else {
         None
@@ -166,6 +168,9 @@ fn bench(root: &Path, write: bool, quick: bool, only: Vec<String>, samples: usiz
         if runs("rollout") {
             rows.extend(bench_rollout(&p, root, hub_exe, exe.as_deref().context("the agent binary")?)?);
         }
+        if runs("device") {
+            rows.extend(bench_device(root, hub_exe)?);
+        }
     }
     let total = started.elapsed().as_secs_f64();
 
@@ -193,6 +198,113 @@ fn bench(root: &Path, write: bool, quick: bool, only: Vec<String>, samples: usiz
         eprintln!("wrote {}", path.display());
     }
     Ok(())
+}
+
+fn bench_device(root: &Path, hub: &Path) -> Result<Vec<Row>> {
+    eprintln!("9. the agent on devices: stripped sizes, Pulley's cost under qemu, runtime-only vs JIT");
+    cross::ensure_toolchains(root, &cross::DEVICES)?;
+    let mb = |b: u64| format!("{:.2} MB", b as f64 / 1e6);
+    let size = |p: &Path| std::fs::metadata(p).map(|m| m.len()).with_context(|| format!("{}", p.display()));
+    let mut rows = Vec::new();
+    let mut runtime = std::collections::HashMap::new();
+    for (id, d) in [("9a", cross::DEVICES[0]), ("9b", cross::DEVICES[1]), ("9c", cross::DEVICES[2])] {
+        let bin = cross::build(root, d, false)?;
+        let bytes = size(&bin)?;
+        let jit = if d.name == "armv7" {
+            "no JIT build: Cranelift has no 32-bit ARM backend".to_string()
+        } else {
+            let j = size(&cross::build(root, d, true)?)?;
+            format!("the JIT build (`--jit`, Cranelift) is {} ({:.1}×)", mb(j), j as f64 / bytes as f64)
+        };
+        eprintln!("  {:<8} runtime-only {}; {jit}", d.name, mb(bytes));
+        rows.push(Row {
+            id,
+            name: format!("edge-agent for {} ({}), runtime-only, `device` profile, stripped", d.name, d.triple),
+            result: mb(bytes),
+            limit: "–".into(),
+            ratio: "–".into(),
+            target: format!("≤ {:.0} MB", d.budget as f64 / 1e6),
+            verdict: if bytes <= d.budget { "meets".into() } else { "**misses**".into() },
+            note: format!("`cargo xtask cross {}`; {jit}.", d.name),
+        });
+        runtime.insert(d.name, bin);
+    }
+
+    // Pulley against native code, both emulated.
+    let qemu = |arch: &str, bin: &Path| -> Vec<String> {
+        let (q, sysroot) = if arch == "aarch64" {
+            ("qemu-aarch64", "/usr/aarch64-linux-gnu")
+        } else {
+            ("qemu-arm", "/usr/arm-linux-gnueabihf")
+        };
+        vec![q.into(), "-L".into(), sysroot.into(), bin.display().to_string()]
+    };
+    let mut emulated = Vec::new();
+    for arch in ["aarch64", "armv7"] {
+        let (_dir, wasm) = device::module_dir(root, hub, Some(arch))?;
+        let r = device::module_run(&qemu(arch, &runtime[arch]), &wasm)?;
+        eprintln!(
+            "  {arch:<8} under qemu: module loaded after {:.2} s, {:.2} µs CPU per reading",
+            r.load_secs, r.cpu_us_per_reading
+        );
+        emulated.push(r);
+    }
+    rows.push(Row {
+        id: "9d",
+        name: format!(
+            "threshold module over {} stored readings, agent CPU per reading: armv7 (Pulley) vs aarch64 (native code), both under qemu-user",
+            group(device::READINGS as f64)
+        ),
+        result: format!("{:.1}× aarch64's", emulated[1].cpu_us_per_reading / emulated[0].cpu_us_per_reading),
+        limit: "–".into(),
+        ratio: "–".into(),
+        target: "–".into(),
+        verdict: "–".into(),
+        note: format!(
+            "Runtime-only device builds, modules precompiled by the hub's `module precompile`; the agent process's CPU from module loaded to every reading in (module calls and their output commits). Under emulation: aarch64 {:.1} µs, armv7 {:.1} µs per reading; only the ratio means something, and it includes qemu-arm's and qemu-aarch64's different emulation costs. Start to module loaded: aarch64 {:.2} s, armv7 {:.2} s.",
+            emulated[0].cpu_us_per_reading, emulated[1].cpu_us_per_reading, emulated[0].load_secs, emulated[1].load_secs
+        ),
+    });
+
+    // Runtime-only against JIT on this machine, natively.
+    let x86 = cross::DEVICES[2];
+    let jit_bin = cross::build(root, x86, true)?;
+    let (_d1, pre) = device::module_dir(root, hub, Some("x86_64"))?;
+    let rt = device::module_run(&[runtime["x86_64"].display().to_string()], &pre)?;
+    let (_d2, plain) = device::module_dir(root, hub, None)?;
+    let jit = device::module_run(&[jit_bin.display().to_string()], &plain)?;
+    eprintln!(
+        "  x86_64 runtime-only: loaded after {:.3} s, {:.2} µs/reading, RSS {}; JIT: {:.3} s, {:.2} µs/reading, RSS {}",
+        rt.load_secs,
+        rt.cpu_us_per_reading,
+        fmt_bytes(rt.rss as f64),
+        jit.load_secs,
+        jit.cpu_us_per_reading,
+        fmt_bytes(jit.rss as f64)
+    );
+    rows.push(Row {
+        id: "9e",
+        name: "x86_64 device builds, natively: runtime-only (precompiled module) vs JIT (compiles it in a child process)"
+            .into(),
+        result: format!(
+            "start → module loaded {:.0} ms vs {:.0} ms; RSS {} vs {}",
+            1e3 * rt.load_secs,
+            1e3 * jit.load_secs,
+            fmt_bytes(rt.rss as f64),
+            fmt_bytes(jit.rss as f64)
+        ),
+        limit: "–".into(),
+        ratio: "–".into(),
+        target: "–".into(),
+        verdict: "–".into(),
+        note: format!(
+            "The threshold example over {} stored readings, first start (the JIT agent has no compiled cache yet). CPU per reading while processing: runtime-only {:.2} µs, JIT {:.2} µs (the JIT compiles for this CPU's features, the hub for the architecture's baseline). RSS at the end of the run.",
+            group(device::READINGS as f64),
+            rt.cpu_us_per_reading,
+            jit.cpu_us_per_reading
+        ),
+    });
+    Ok(rows)
 }
 
 /// Sizes of the run.
