@@ -65,9 +65,7 @@ pub fn platform_labels() -> [(String, String); 3] {
 /// a runtime that hangs (a deadlock, a worker blocked forever) stops them, and systemd
 /// kills and restarts the agent, which resumes from its durable store.
 fn systemd_ready(shutdown: &CancellationToken) -> Option<tokio::task::JoinHandle<()>> {
-    if std::env::var_os("NOTIFY_SOCKET").is_none() {
-        return None;
-    }
+    std::env::var_os("NOTIFY_SOCKET")?;
     if let Err(e) = sd_notify::notify(&[sd_notify::NotifyState::Ready]) {
         tracing::warn!(error = %e, "cannot notify systemd that the agent is ready");
     }
