@@ -105,6 +105,48 @@ async fn registry_refuses_unsigned_untrusted_tampered_and_overwrites() {
     hub.stop().await;
 }
 
+/// The registry serves each module compiled for every device architecture: what the
+/// hub's `Precompiler` makes of those bytes (compilation is deterministic, so any hub
+/// serves the same code), with its sha256 in a header. This hub caches nothing
+/// (`blob_cache = 0`), so every request compiles on demand. Refusals: an unknown
+/// target, an agent of another wasmtime release, an unknown module.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn registry_serves_modules_precompiled_per_architecture() {
+    use brume_wasm_host::{ENGINE_VERSION, Precompiler, Target};
+    let broker = Mosquitto::start().expect("starting mosquitto");
+    let key = SecretKey::generate();
+    let trusted = key.public().to_string();
+    let hub = Hub::start_with(broker.port, |c| {
+        c.fleet.trusted_keys = vec![trusted];
+        c.fleet.blob_cache = bytesize::ByteSize::b(0);
+    })
+    .await;
+    let v1 = built_module_bytes("threshold");
+    let (status, body) = upload(&hub, &v1, Some(key.sign(&v1).to_string())).await;
+    assert_eq!(status, 201, "{body}");
+    let sha = body["sha256"].as_str().unwrap().to_owned();
+    let precompiler = Precompiler::new().unwrap();
+    let http = reqwest::Client::new();
+    for target in Target::ALL {
+        let url = format!("{}/api/v1/registry/modules/{sha}/precompiled/{target}?engine={ENGINE_VERSION}", hub.url);
+        let resp = http.get(&url).send().await.unwrap();
+        assert_eq!(resp.status().as_u16(), 200, "{target}");
+        let announced = resp.headers()["brume-artifact-sha256"].to_str().unwrap().to_owned();
+        let code = resp.bytes().await.unwrap();
+        assert_eq!(announced, brume_signing::to_hex(&brume_signing::module_digest(&code)), "{target}");
+        assert_eq!(code.as_ref(), precompiler.precompile(target, &v1).unwrap().as_slice(), "{target}");
+    }
+    let base = format!("{}/api/v1/registry/modules", hub.url);
+    let (status, body) = hub.get(&format!("/api/v1/registry/modules/{sha}/precompiled/mips")).await;
+    assert_eq!(status, 400, "{body}");
+    assert!(body.contains("unknown target"), "{body}");
+    let resp = http.get(format!("{base}/{sha}/precompiled/armv7?engine=wasmtime-1.0.0")).send().await.unwrap();
+    assert_eq!(resp.status().as_u16(), 409);
+    assert!(resp.text().await.unwrap().contains("same Brume release"));
+    assert_eq!(hub.get(&format!("/api/v1/registry/modules/{}/precompiled/aarch64", "0".repeat(64))).await.0, 404);
+    hub.stop().await;
+}
+
 /// A simulated agent on the control plane: publishes presence and reports, receives
 /// its desired states.
 struct FleetAgent {

@@ -563,6 +563,7 @@ async fn openapi_document_matches_the_routes() {
             "/api/v1/readings",
             "/api/v1/registry/modules",
             "/api/v1/registry/modules/{sha256}",
+            "/api/v1/registry/modules/{sha256}/precompiled/{target}",
             "/api/v1/reprocess",
             "/api/v1/reprocess/{id}",
             "/api/v1/reprocess/{id}/cancel",
