@@ -703,10 +703,21 @@ pub async fn agents(cmd: AgentsCmd) -> anyhow::Result<ExitCode> {
         .unwrap_or_default()
         .iter()
         .map(|a| {
+            // The agent's own `brume.*` labels make the PLATFORM column.
             let labels = a["labels"]
                 .as_object()
-                .map(|m| m.iter().map(|(k, v)| format!("{k}={}", text(v))).collect::<Vec<_>>().join(","))
+                .map(|m| {
+                    m.iter()
+                        .filter(|(k, _)| !k.starts_with("brume."))
+                        .map(|(k, v)| format!("{k}={}", text(v)))
+                        .collect::<Vec<_>>()
+                        .join(",")
+                })
                 .unwrap_or_default();
+            let platform = match (text(&a["labels"]["brume.arch"]), text(&a["labels"]["brume.build"])) {
+                (arch, _) if arch.is_empty() => "-".to_string(),
+                (arch, build) => format!("{arch}/{build}"),
+            };
             let modules = a["modules"]
                 .as_array()
                 .map(|m| {
@@ -721,12 +732,13 @@ pub async fn agents(cmd: AgentsCmd) -> anyhow::Result<ExitCode> {
             vec![
                 text(&a["agent_id"]),
                 if a["online"] == true { "online".into() } else { "offline".into() },
+                platform,
                 labels,
                 format!("{}/{}", a["reported_generation"], a["desired_generation"]),
                 modules,
             ]
         })
         .collect();
-    table(&["AGENT", "STATUS", "LABELS", "GENERATION", "MODULES"], &rows);
+    table(&["AGENT", "STATUS", "PLATFORM", "LABELS", "GENERATION", "MODULES"], &rows);
     Ok(ExitCode::SUCCESS)
 }

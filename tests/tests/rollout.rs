@@ -334,6 +334,9 @@ async fn a_build_failing_on_the_device_is_rolled_back_there_and_the_rollout_abor
     let (code, out) = cli(&hub, &["agents", "ls"]);
     assert_eq!(code, 0);
     assert_eq!(out.lines().filter(|l| l.contains("threshold@0.1.0 running")).count(), 3, "{out}");
+    // The platform the agents report: this machine's, JIT build (the e2e agent compiles).
+    let platform = format!("{}/jit", std::env::consts::ARCH);
+    assert_eq!(out.lines().filter(|l| l.contains(&platform)).count(), 3, "{out}");
     let (_, out) = cli(&hub, &["rollout", "ls", "--json"]);
     let list: Value = serde_json::from_str(out.trim()).unwrap();
     assert_eq!(list[0]["state"], "aborted");
