@@ -53,7 +53,14 @@ async fn presence_follows_the_agent_through_kill_9_and_restart() {
     assert_eq!(p["heartbeat_s"], 1);
     assert_eq!(p["outbox_batches"], 0);
     assert_eq!(p["modules"], serde_json::json!([]));
-    assert_eq!(p["labels"], serde_json::json!({"line": "3", "site": "plant-a"}));
+    // The operator's labels, and the platform labels the agent adds itself.
+    assert_eq!(
+        p["labels"],
+        serde_json::json!({
+            "line": "3", "site": "plant-a",
+            "brume.arch": std::env::consts::ARCH, "brume.build": "jit", "brume.engine": "wasmtime-48.0.8",
+        })
+    );
     // Fleet filters by label, on presence and on the completeness listing.
     let get = |path: &str| {
         let url = format!("{}{path}", hub.url);
