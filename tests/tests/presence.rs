@@ -58,7 +58,7 @@ async fn presence_follows_the_agent_through_kill_9_and_restart() {
         p["labels"],
         serde_json::json!({
             "line": "3", "site": "plant-a",
-            "brume.arch": std::env::consts::ARCH, "brume.build": "jit", "brume.engine": "wasmtime-48.0.8",
+            "brume.arch": std::env::consts::ARCH, "brume.build": "jit", "brume.engine": "wasmtime-48",
         })
     );
     // Fleet filters by label, on presence and on the completeness listing.

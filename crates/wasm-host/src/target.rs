@@ -15,10 +15,11 @@ use std::str::FromStr;
 #[cfg(feature = "precompile")]
 use crate::error::LoadError;
 
-/// The wasmtime release compiled code belongs to: code precompiled by one loads only in
-/// the same one. Matches the `=` pin in the workspace's `Cargo.toml` (checked by a test
-/// against the version wasmtime writes into compiled code).
-pub const ENGINE_VERSION: &str = "wasmtime-48.0.8";
+/// The wasmtime release compiled code belongs to: its major version, which wasmtime
+/// writes into compiled code and checks on load (code compiled by 48.0.x loads in any
+/// 48.0.y). Matches the `=` pin in the workspace's `Cargo.toml` (checked by a test
+/// against what wasmtime writes).
+pub const ENGINE_VERSION: &str = "wasmtime-48";
 
 /// An architecture Brume agents run on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
