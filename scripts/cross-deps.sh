@@ -13,12 +13,12 @@ for t in "${targets[@]}"; do
   case "$t" in
     aarch64)
       command -v aarch64-linux-gnu-gcc >/dev/null 2>&1 || need+=(gcc-aarch64-linux-gnu)
-      [ -d /usr/aarch64-linux-gnu/lib ] || need+=(libc6-dev-arm64-cross)
+      [ -f /usr/aarch64-linux-gnu/include/stdio.h ] || need+=(libc6-dev-arm64-cross)
       command -v qemu-aarch64 >/dev/null 2>&1 || need+=(qemu-user)
       rust+=(aarch64-unknown-linux-gnu) ;;
     armv7)
       command -v arm-linux-gnueabihf-gcc >/dev/null 2>&1 || need+=(gcc-arm-linux-gnueabihf)
-      [ -d /usr/arm-linux-gnueabihf/lib ] || need+=(libc6-dev-armhf-cross)
+      [ -f /usr/arm-linux-gnueabihf/include/stdio.h ] || need+=(libc6-dev-armhf-cross)
       command -v qemu-arm >/dev/null 2>&1 || need+=(qemu-user)
       rust+=(armv7-unknown-linux-gnueabihf) ;;
     x86_64) rust+=(x86_64-unknown-linux-gnu) ;;
@@ -26,6 +26,8 @@ for t in "${targets[@]}"; do
   esac
 done
 command -v dpkg-deb >/dev/null 2>&1 || need+=(dpkg-dev)
+# readelf: the package reads the glibc its binary needs; the tests check the ELF machine.
+command -v readelf >/dev/null 2>&1 || need+=(binutils)
 
 if [ ${#need[@]} -gt 0 ]; then
   mapfile -t need < <(printf '%s\n' "${need[@]}" | sort -u)
