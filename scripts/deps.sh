@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what Brume's demo and tests need when it is missing: mosquitto (the MQTT broker
 # the tests start privately on free ports) and the PostgreSQL server binaries (the hub's
-# postgres tests initdb private servers). Debian/Ubuntu; needs root or sudo for apt-get.
+# postgres tests initdb private servers), and Chromium with its WebDriver (the dashboard
+# tests drive a headless browser). Debian/Ubuntu; needs root or sudo for apt-get.
 set -euo pipefail
 
 need=()
@@ -9,6 +10,8 @@ command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || need+=(mos
 command -v mosquitto_pub >/dev/null 2>&1 || need+=(mosquitto-clients)
 command -v curl >/dev/null 2>&1 || need+=(curl)
 [ -x "$(ls /usr/lib/postgresql/*/bin/initdb 2>/dev/null | head -1)" ] || need+=(postgresql)
+command -v chromium >/dev/null 2>&1 || need+=(chromium)
+command -v chromedriver >/dev/null 2>&1 || need+=(chromium-driver)
 
 if [ ${#need[@]} -gt 0 ]; then
   echo "installing: ${need[*]}"

@@ -7,6 +7,12 @@
 //! any rate is at most 43,200 rows. A finer step reads and decodes the raw readings, up to
 //! [`MAX_RAW_READINGS`].
 //!
+//! **Fleet-level** queries ([`fleet`]) combine one stream across many agents (those with
+//! some label): per bucket, the readings' count, min, max and mean over all of them, and
+//! the median and 95th percentile *across agents* of each agent's mean in that bucket
+//! ("how hot is the hottest 5% of plant 1"). They read per-agent one-minute rollups, so
+//! their step is a whole number of minutes.
+//!
 //! Merging is order-independent, because hubs ingest the same stream in any order:
 //! count, sum, min and max commute, and `last` is the value at the greatest timestamp,
 //! ties going to the greater value.
@@ -14,7 +20,9 @@
 use std::collections::BTreeMap;
 
 use crate::store::rollup::floor_to;
-pub use crate::store::rollup::{Agg, ROLLUP_NS, RollupDeltas, minute_of, numeric_fields};
+pub use crate::store::rollup::{
+    AgentBucket, AgentRollupQuery, Agg, ROLLUP_NS, RollupDeltas, minute_of, numeric_fields,
+};
 use crate::store::{HubStore, ReadingsQuery, StoreError};
 
 /// Most buckets one query may return.
@@ -62,6 +70,138 @@ pub enum AggregateError {
     Store(#[from] StoreError),
 }
 
+/// Most `(bucket, agent)` rows one fleet query may merge: 500 buckets of 2,000 agents.
+/// Bounds the memory and time of one query whatever the fleet's size.
+pub const MAX_FLEET_ROWS: usize = 1_000_000;
+
+/// A fleet-level aggregation query.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FleetQuery {
+    /// Stored stream name.
+    pub stream: String,
+    /// Numeric field.
+    pub field: String,
+    /// Inclusive start, ns; rounded down to a whole step.
+    pub from: i64,
+    /// Exclusive end, ns; rounded up to a whole step.
+    pub to: i64,
+    /// Bucket width, ns: a whole number of minutes.
+    pub step: i64,
+    /// Only these agents (already resolved from labels); all when `None`.
+    pub agents: Option<Vec<String>>,
+}
+
+/// One bucket of a fleet-level answer.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FleetBucket {
+    /// Bucket start, ns.
+    pub start: i64,
+    /// Agents with at least one reading in the bucket.
+    pub agents: usize,
+    /// Readings over all of them.
+    pub count: u64,
+    /// Smallest value of any agent.
+    pub min: f64,
+    /// Largest value of any agent.
+    pub max: f64,
+    /// Mean of all readings (agents weighted by their reading counts).
+    pub mean: f64,
+    /// Median of the agents' means.
+    pub p50: f64,
+    /// 95th percentile of the agents' means.
+    pub p95: f64,
+}
+
+/// The answer of [`fleet`]: buckets with data, oldest first.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FleetAggregated {
+    /// The range actually covered, after rounding to whole steps.
+    pub from: i64,
+    /// Exclusive end of the covered range.
+    pub to: i64,
+    /// Buckets with at least one reading.
+    pub buckets: Vec<FleetBucket>,
+}
+
+/// The `p`-th percentile (0–100) of sorted values, interpolating linearly between the
+/// closest ranks (PostgreSQL's `percentile_cont`, numpy's default).
+pub fn percentile(sorted: &[f64], p: f64) -> f64 {
+    match sorted.len() {
+        0 => f64::NAN,
+        1 => sorted[0],
+        n => {
+            let rank = p / 100.0 * (n - 1) as f64;
+            let lo = rank.floor() as usize;
+            let hi = (lo + 1).min(n - 1);
+            sorted[lo] + (sorted[hi] - sorted[lo]) * (rank - lo as f64)
+        }
+    }
+}
+
+/// The range `[from, to)` rounded outwards to whole steps, checked for size.
+fn bucket_range(from: i64, to: i64, step: i64) -> Result<(i64, i64), AggregateError> {
+    if step <= 0 {
+        return Err(AggregateError::Invalid("step must be positive".into()));
+    }
+    if from >= to {
+        return Err(AggregateError::Invalid(format!("from ({from}) must be before to ({to})")));
+    }
+    let lo = floor_to(from, step);
+    let hi = to.saturating_add((step - to.rem_euclid(step)) % step);
+    let n = (i128::from(hi) - i128::from(lo)) / i128::from(step);
+    if n > i128::from(MAX_BUCKETS) {
+        return Err(AggregateError::Invalid(format!(
+            "{n} buckets requested, at most {MAX_BUCKETS}: use a larger step or fewer buckets"
+        )));
+    }
+    Ok((lo, hi))
+}
+
+/// Answers a fleet-level query from the per-agent rollups.
+pub fn fleet(store: &dyn HubStore, q: &FleetQuery) -> Result<FleetAggregated, AggregateError> {
+    if q.step % ROLLUP_NS != 0 {
+        return Err(AggregateError::Invalid(
+            "fleet aggregation reads one-minute rollups: the step must be a whole number of minutes".into(),
+        ));
+    }
+    let (from, to) = bucket_range(q.from, q.to, q.step)?;
+    if q.agents.as_ref().is_some_and(Vec::is_empty) {
+        return Ok(FleetAggregated { from, to, buckets: Vec::new() });
+    }
+    let rows = store.agent_rollups(&AgentRollupQuery {
+        stream: q.stream.clone(),
+        field: q.field.clone(),
+        from,
+        to,
+        step: q.step,
+        agents: q.agents.clone(),
+        max_rows: MAX_FLEET_ROWS,
+    })?;
+    if rows.len() > MAX_FLEET_ROWS {
+        return Err(AggregateError::Invalid(format!(
+            "more than {MAX_FLEET_ROWS} agent-buckets in range: use a larger step, a shorter range or a label that selects fewer agents"
+        )));
+    }
+    // Rows come ordered by bucket: fold each run of one bucket.
+    let mut buckets = Vec::new();
+    for run in rows.chunk_by(|a, b| a.start == b.start) {
+        let mut means: Vec<f64> = run.iter().map(|r| r.sum / r.count as f64).collect();
+        means.sort_by(f64::total_cmp);
+        let count: u64 = run.iter().map(|r| r.count).sum();
+        buckets.push(FleetBucket {
+            start: run[0].start,
+            agents: run.len(),
+            count,
+            min: run.iter().map(|r| r.min).fold(f64::INFINITY, f64::min),
+            max: run.iter().map(|r| r.max).fold(f64::NEG_INFINITY, f64::max),
+            mean: run.iter().map(|r| r.sum).sum::<f64>() / count as f64,
+            p50: percentile(&means, 50.0),
+            p95: percentile(&means, 95.0),
+        });
+    }
+    Ok(FleetAggregated { from, to, buckets })
+}
+
 /// Chooses a step for about `buckets` buckets over `[from, to)`: a whole number of
 /// minutes when that is at least a minute, so the rollups answer.
 pub fn step_for(from: i64, to: i64, buckets: i64) -> i64 {
@@ -73,20 +213,7 @@ pub fn step_for(from: i64, to: i64, buckets: i64) -> i64 {
 
 /// Answers `q` from `store`.
 pub fn aggregate(store: &dyn HubStore, q: &AggregateQuery) -> Result<Aggregated, AggregateError> {
-    if q.step <= 0 {
-        return Err(AggregateError::Invalid("step must be positive".into()));
-    }
-    if q.from >= q.to {
-        return Err(AggregateError::Invalid(format!("from ({}) must be before to ({})", q.from, q.to)));
-    }
-    let from = floor_to(q.from, q.step);
-    let to = q.to.saturating_add((q.step - q.to.rem_euclid(q.step)) % q.step);
-    let n = (i128::from(to) - i128::from(from)) / i128::from(q.step);
-    if n > i128::from(MAX_BUCKETS) {
-        return Err(AggregateError::Invalid(format!(
-            "{n} buckets requested, at most {MAX_BUCKETS}: use a larger step or fewer buckets"
-        )));
-    }
+    let (from, to) = bucket_range(q.from, q.to, q.step)?;
     let mut out: BTreeMap<i64, Agg> = BTreeMap::new();
     let mut put = |start: i64, a: &Agg| {
         out.entry(start).and_modify(|x| x.merge(a)).or_insert(*a);
@@ -125,6 +252,17 @@ pub fn aggregate(store: &dyn HubStore, q: &AggregateQuery) -> Result<Aggregated,
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn percentiles_interpolate_between_ranks() {
+        let v = [1.0, 2.0, 3.0, 4.0];
+        assert_eq!(percentile(&v, 0.0), 1.0);
+        assert_eq!(percentile(&v, 100.0), 4.0);
+        assert_eq!(percentile(&v, 50.0), 2.5);
+        assert!((percentile(&v, 95.0) - 3.85).abs() < 1e-12);
+        assert_eq!(percentile(&[7.0], 95.0), 7.0);
+        assert!(percentile(&[], 50.0).is_nan());
+    }
 
     #[test]
     fn merge_is_order_independent() {

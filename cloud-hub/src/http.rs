@@ -71,6 +71,7 @@ pub fn app(state: AppState) -> Router {
         .route("/api/v1/agents", get(agents))
         .route("/api/v1/modules", get(modules))
         .route("/api/v1/aggregate", get(aggregate))
+        .route("/api/v1/fleet/aggregate", get(fleet_aggregate))
         .route("/api/v1/presence", get(presence))
         .route("/api/v1/tail", get(tail))
         .route("/api/v1/quarantine", get(quarantine_list))
@@ -334,6 +335,20 @@ pub fn parse_aggregate_query(params: &[(String, String)]) -> Result<AggregateQue
     Ok(AggregateQuery { stream, field: field.unwrap_or_else(|| "value".into()), from, to, step })
 }
 
+/// Runs an aggregation on a blocking thread: a query out of range is the client's 400.
+async fn run_aggregation<T: Send + 'static>(
+    store: &Arc<dyn HubStore>,
+    f: impl FnOnce(&dyn HubStore) -> Result<T, AggregateError> + Send + 'static,
+) -> Result<T, ApiError> {
+    let store = Arc::clone(store);
+    match tokio::task::spawn_blocking(move || f(&*store)).await {
+        Ok(Ok(out)) => Ok(out),
+        Ok(Err(AggregateError::Invalid(m))) => Err(ApiError::bad_request(m)),
+        Ok(Err(AggregateError::Store(e))) => Err(e.into()),
+        Err(e) => Err(ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, format!("query task failed: {e}"))),
+    }
+}
+
 /// Buckets of one numeric field: count, min, max, mean and last per bucket.
 async fn aggregate(
     State(s): State<AppState>,
@@ -343,15 +358,7 @@ async fn aggregate(
     let q = parse_aggregate_query(&params).map_err(ApiError::bad_request)?;
     let _permit = s.query_permit()?;
     let q2 = q.clone();
-    let store = Arc::clone(&s.store);
-    let result = tokio::task::spawn_blocking(move || aggregate::aggregate(&*store, &q2)).await.map_err(|e| {
-        ApiError { status: StatusCode::INTERNAL_SERVER_ERROR, message: format!("query task failed: {e}") }
-    })?;
-    let out = match result {
-        Ok(out) => out,
-        Err(AggregateError::Invalid(m)) => return Err(ApiError::bad_request(m)),
-        Err(AggregateError::Store(e)) => return Err(e.into()),
-    };
+    let out = run_aggregation(&s.store, move |st| aggregate::aggregate(st, &q2)).await?;
     let buckets: Vec<serde_json::Value> = out.buckets.iter().map(|(start, a)| bucket_json(*start, a)).collect();
     let (stream, build) = stream_fields(&q.stream);
     let mut v = json!({
@@ -362,6 +369,68 @@ async fn aggregate(
         "step_ns": q.step,
         "source": if out.from_rollups { "rollups" } else { "raw" },
         "buckets": buckets,
+    });
+    if let Some(b) = build {
+        v["build"] = json!(b);
+    }
+    Ok(axum::Json(v))
+}
+
+/// One stream across many agents: `GET /api/v1/fleet/aggregate` takes the parameters of
+/// `/api/v1/aggregate` plus `label=key:value` (repeatable; all must match) and `prefix`
+/// (agent ids starting with it), which select agents by their presence labels. Per
+/// bucket: agents, count, min, max, mean, and p50 and p95 of the agents' means.
+async fn fleet_aggregate(
+    State(s): State<AppState>,
+    params: Result<Query<Vec<(String, String)>>, QueryRejection>,
+) -> Result<axum::Json<serde_json::Value>, ApiError> {
+    let Query(params) = params.map_err(|e| ApiError::bad_request(format!("invalid query string: {e}")))?;
+    let (select, rest): (Vec<_>, Vec<_>) = params.into_iter().partition(|(k, _)| k == "label" || k == "prefix");
+    let f = ListFilter::parse(Ok(Query(select)), &["label", "prefix"])?;
+    let mut q = parse_aggregate_query(&rest).map_err(ApiError::bad_request)?;
+    if !rest.iter().any(|(k, _)| k == "step") {
+        // A step chosen from `buckets` is whole minutes from a minute up; below, a minute.
+        q.step = q.step.max(aggregate::ROLLUP_NS);
+    }
+    if q.step % aggregate::ROLLUP_NS != 0 {
+        return Err(ApiError::bad_request(
+            "parameter `step`: fleet aggregation reads one-minute rollups, so the step must be a whole number of minutes",
+        ));
+    }
+    let _permit = s.query_permit()?;
+    let agents = if f.labels.is_empty() && f.prefix.is_none() {
+        None
+    } else {
+        let presence = query(&s.store, |st| st.presence()).await?;
+        Some(
+            presence
+                .into_iter()
+                .filter(|p| f.agent(&p.status.agent_id) && f.labelled(&p.status.labels))
+                .map(|p| p.status.agent_id)
+                .collect::<Vec<_>>(),
+        )
+    };
+    let fq = aggregate::FleetQuery {
+        stream: q.stream.clone(),
+        field: q.field.clone(),
+        from: q.from,
+        to: q.to,
+        step: q.step,
+        agents: agents.clone(),
+    };
+    let out = run_aggregation(&s.store, move |st| aggregate::fleet(st, &fq)).await?;
+    let (stream, build) = stream_fields(&q.stream);
+    let mut v = json!({
+        "stream": stream,
+        "field": q.field,
+        "from_ns": out.from,
+        "to_ns": out.to,
+        "step_ns": q.step,
+        "agents": agents,
+        "buckets": out.buckets.iter().map(|b| json!({
+            "start_ns": b.start, "agents": b.agents, "count": b.count, "min": b.min, "max": b.max,
+            "mean": b.mean, "p50": b.p50, "p95": b.p95,
+        })).collect::<Vec<_>>(),
     });
     if let Some(b) = build {
         v["build"] = json!(b);

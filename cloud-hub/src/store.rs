@@ -458,14 +458,20 @@ pub trait HubStore: fleet::FleetStore + Send + Sync + 'static {
     /// first (see [`crate::aggregate`]). An unknown stream or field yields none.
     fn rollups(&self, stream: &str, field: &str, from: i64, to: i64) -> Result<Vec<(i64, rollup::Agg)>, StoreError>;
 
+    /// Per-agent aggregates of `q.field` on `q.stream` in buckets of `q.step`, ordered by
+    /// bucket then agent, merged from the per-agent one-minute rollups (see
+    /// [`crate::aggregate::fleet`]). At most `q.max_rows + 1` rows.
+    fn agent_rollups(&self, q: &rollup::AgentRollupQuery) -> Result<Vec<rollup::AgentBucket>, StoreError>;
+
     /// Checks the database answers a trivial query: for readiness probes.
     fn ping(&self) -> Result<(), StoreError>;
 
     /// Retention: deletes the readings of every whole UTC day before the day of `ts_ns`
-    /// (PostgreSQL drops those days' partitions). Stream statistics follow; batch ledger,
-    /// watermarks, lineage and one-minute rollups are kept, so a re-sent old batch stays
-    /// a duplicate and dashboards keep the aggregated history. Returns the readings
-    /// deleted.
+    /// (PostgreSQL drops those days' partitions), and the per-agent rollups of those days.
+    /// Stream statistics follow; batch ledger, watermarks, lineage and the stream-wide
+    /// one-minute rollups are kept, so a re-sent old batch stays a duplicate and dashboards
+    /// keep the aggregated history. Per-agent rollups grow with the fleet, so they follow
+    /// the readings' retention. Returns the readings deleted.
     fn drop_days_before(&self, ts_ns: i64) -> Result<u64, StoreError>;
 
     /// Records an agent's latest presence message (the last one received wins).

@@ -28,6 +28,8 @@
 //!   partition, so the listing stays exact after old data is dropped.
 //! * `losses(agent_id, epoch, stream, reason, total)`: the maximum cumulative total seen.
 //! * `lineage`, `rollups`, `presence` (v2–v4) as in SQLite.
+//! * `agent_rollups(stream_id, field, minute, agent_id, count, sum, min, max)` (v9): as in
+//!   SQLite, for fleet-level queries; retention deletes them with the readings' days.
 //! * `quarantine(id, agent_id, epoch, seq, topic, reason, error, payload, ...)` (v5):
 //!   batches acknowledged without being stored, with their raw bytes (`crate::ingest`).
 //! * `module_registry`, `deployments`, `deployment_agents`, `desired`, `reports` (v7): the
@@ -72,7 +74,7 @@ use brume_protocol::{AgentStatus, Batch, FieldsBlob, StatusV1};
 
 mod fleet;
 
-use super::rollup::{Agg, RollupDeltas};
+use super::rollup::{AgentBucket, AgentRollupQuery, Agg, RollupDeltas};
 use bytes::Bytes;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_postgres::CopyInSink;
@@ -107,6 +109,7 @@ pub const MIGRATIONS: &[(i32, &str)] = &[
     (6, SCHEMA_V6),
     (7, fleet::SCHEMA_V7),
     (8, fleet::SCHEMA_V8),
+    (9, SCHEMA_V9),
 ];
 
 /// Newest schema version this build knows.
@@ -194,6 +197,23 @@ CREATE TABLE rollups (
 );
 "#;
 
+/// One-minute rollups per agent, for fleet-level aggregation (see `super::rollup`).
+/// Unlike `rollups` they grow with the fleet, so retention deletes them with the days of
+/// readings it drops.
+const SCHEMA_V9: &str = r#"
+CREATE TABLE agent_rollups (
+    stream_id  int8 NOT NULL REFERENCES streams (id),
+    field      text COLLATE "C" NOT NULL,
+    minute     int8 NOT NULL,
+    agent_id   text COLLATE "C" NOT NULL,
+    count      int8 NOT NULL,
+    sum        float8 NOT NULL,
+    min        float8 NOT NULL,
+    max        float8 NOT NULL,
+    PRIMARY KEY (stream_id, field, minute, agent_id)
+);
+"#;
+
 /// Agents' latest presence messages.
 const SCHEMA_V4: &str = r#"
 CREATE TABLE presence (
@@ -246,9 +266,36 @@ ON CONFLICT (stream_id, field, minute) DO UPDATE SET
                 THEN excluded.last ELSE rollups.last END,
     last_ts_ns = greatest(rollups.last_ts_ns, excluded.last_ts_ns)";
 
+/// Merges per-agent rollup deltas (one row per key per statement) into `agent_rollups`.
+const UPSERT_AGENT_ROLLUPS: &str = "
+INSERT INTO agent_rollups (stream_id, field, minute, agent_id, count, sum, min, max)
+SELECT * FROM unnest($1::int8[], $2::text[], $3::int8[], $4::text[], $5::int8[], $6::float8[],
+                     $7::float8[], $8::float8[])
+ON CONFLICT (stream_id, field, minute, agent_id) DO UPDATE SET
+    count = agent_rollups.count + excluded.count,
+    sum = agent_rollups.sum + excluded.sum,
+    min = least(agent_rollups.min, excluded.min),
+    max = greatest(agent_rollups.max, excluded.max)";
+
 /// Writes rollup deltas in key order (so concurrent hubs lock rows in the same order).
 async fn write_rollups(tx: &Transaction<'_>, deltas: RollupDeltas) -> Result<(), StoreError> {
-    let rows: Vec<_> = deltas.0.into_iter().collect();
+    // Key order here is (stream, agent, field, minute); rows are sent in that order,
+    // which is a consistent order across hubs, all that deadlock freedom needs.
+    let rows: Vec<_> = deltas.agents.into_iter().collect();
+    for part in rows.chunks(ROWS_PER_STATEMENT) {
+        let sid: Vec<i64> = part.iter().map(|((s, ..), _)| *s).collect();
+        let agent: Vec<&str> = part.iter().map(|((_, a, ..), _)| a.as_str()).collect();
+        let field: Vec<&str> = part.iter().map(|((_, _, f, _), _)| f.as_str()).collect();
+        let minute: Vec<i64> = part.iter().map(|((.., m), _)| *m).collect();
+        let count: Vec<i64> = part.iter().map(|(_, a)| a.count as i64).collect();
+        let sum: Vec<f64> = part.iter().map(|(_, a)| a.sum).collect();
+        let min: Vec<f64> = part.iter().map(|(_, a)| a.min).collect();
+        let max: Vec<f64> = part.iter().map(|(_, a)| a.max).collect();
+        tx.execute(UPSERT_AGENT_ROLLUPS, &[&sid, &field, &minute, &agent, &count, &sum, &min, &max])
+            .await
+            .map_err(pg("updating agent rollups"))?;
+    }
+    let rows: Vec<_> = deltas.streams.into_iter().collect();
     for part in rows.chunks(ROWS_PER_STATEMENT) {
         let sid: Vec<i64> = part.iter().map(|((s, _, _), _)| *s).collect();
         let field: Vec<&str> = part.iter().map(|((_, f, _), _)| f.as_str()).collect();
@@ -812,6 +859,18 @@ async fn migrate(client: &mut Client) -> Result<(), StoreError> {
             }
             write_rollups(&tx, deltas).await?;
         }
+        if version == 9 {
+            // Readings stored before per-agent rollups existed, rolled up once.
+            let mut deltas = RollupDeltas::default();
+            for r in tx
+                .query("SELECT stream_id, agent_id, ts_ns, fields FROM readings", &[])
+                .await
+                .map_err(pg("reading readings for agent rollups"))?
+            {
+                deltas.add_for_agent(r.get(0), r.get(1), r.get(2), &FieldsBlob(r.get(3)))?;
+            }
+            write_rollups(&tx, deltas).await?;
+        }
         tx.execute("INSERT INTO schema_migrations (version) VALUES ($1)", &[&version])
             .await
             .map_err(pg("recording a migration"))?;
@@ -954,7 +1013,7 @@ async fn ingest_tx(
                     d.readings += 1;
                     d.first_ts_ns = d.first_ts_ns.min(p.ts_ns);
                     d.last_ts_ns = d.last_ts_ns.max(p.ts_ns);
-                    rollups.add(sid, p.ts_ns, &p.fields)?;
+                    rollups.add_both(sid, &b.agent_id, p.ts_ns, &p.fields)?;
                 }
             }
         }
@@ -1396,6 +1455,16 @@ impl HubStore for PostgresStore {
             Ok(n)
         })?;
         self.drop_partitions_before(ts_ns)?;
+        let cutoff = i64::from(first_kept).saturating_mul(DAY_NS);
+        self.call("deleting old agent rollups", async {
+            let mut conn = self.checkout().await?;
+            conn.client()
+                .execute("DELETE FROM agent_rollups WHERE minute < $1", &[&cutoff])
+                .await
+                .map_err(pg("deleting old agent rollups"))?;
+            conn.release();
+            Ok(())
+        })?;
         Ok(readings.max(0) as u64)
     }
 
@@ -1405,6 +1474,40 @@ impl HubStore for PostgresStore {
             conn.client().query_one("SELECT 1", &[]).await.map_err(pg("ping"))?;
             conn.release();
             Ok(())
+        })
+    }
+
+    fn agent_rollups(&self, q: &AgentRollupQuery) -> Result<Vec<AgentBucket>, StoreError> {
+        self.call("reading agent rollups", async {
+            let mut conn = self.checkout().await?;
+            let limit = (q.max_rows as i64).saturating_add(1);
+            let rows = conn
+                .client()
+                .query(
+                    "SELECT r.minute - ((r.minute - $4) % $6) AS bucket, r.agent_id,
+                            sum(r.count)::int8, sum(r.sum), min(r.min), max(r.max)
+                     FROM agent_rollups r JOIN streams s ON s.id = r.stream_id
+                     WHERE s.name = $1 AND r.field = $2 AND r.minute >= $4 AND r.minute < $5
+                       AND ($3::text[] IS NULL OR r.agent_id = ANY($3))
+                     GROUP BY bucket, r.agent_id
+                     ORDER BY bucket, r.agent_id
+                     LIMIT $7",
+                    &[&q.stream, &q.field, &q.agents, &q.from, &q.to, &q.step, &limit],
+                )
+                .await
+                .map_err(pg("reading agent rollups"))?;
+            conn.release();
+            Ok(rows
+                .iter()
+                .map(|r| AgentBucket {
+                    start: r.get(0),
+                    agent_id: r.get(1),
+                    count: r.get::<_, i64>(2).max(0) as u64,
+                    sum: r.get(3),
+                    min: r.get(4),
+                    max: r.get(5),
+                })
+                .collect())
         })
     }
 

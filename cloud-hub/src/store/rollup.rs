@@ -1,6 +1,7 @@
 //! The hub's one-minute rollups: per `(stream, field, minute)` count, sum, min, max and
-//! last value, updated by both stores in the ingest transaction (see
-//! [`crate::aggregate`] for the queries that read them). Storage primitives: `aggregate`
+//! last value, and the same per `(stream, agent, field, minute)` for fleet-level queries
+//! (mean and percentiles over the agents with some label), both updated by the stores in
+//! the ingest transaction (see [`crate::aggregate`] for the queries that read them). Storage primitives: `aggregate`
 //! sits above the store and uses these; the store never reaches up into `aggregate`.
 
 use std::collections::BTreeMap;
@@ -76,19 +77,101 @@ pub(crate) fn floor_to(ts: i64, step: i64) -> i64 {
     ts.saturating_sub(ts.rem_euclid(step))
 }
 
-/// Rollup deltas of the readings of one ingest transaction, by `(stream id, field,
-/// minute)`, in key order (the order the stores write them, so concurrent hubs lock rows
-/// in the same order).
+/// Rollup deltas of the readings of one ingest transaction, in key order (the order the
+/// stores write them, so concurrent hubs lock rows in the same order).
 #[derive(Debug, Default)]
-pub struct RollupDeltas(pub BTreeMap<(i64, String, i64), Agg>);
+pub struct RollupDeltas {
+    /// By `(stream id, field, minute)`: the stream-wide rollups.
+    pub streams: BTreeMap<(i64, String, i64), Agg>,
+    /// By `(stream id, agent id, field, minute)`: the per-agent rollups.
+    pub agents: BTreeMap<(i64, String, String, i64), Agg>,
+}
 
 impl RollupDeltas {
-    /// Adds one stored reading.
+    /// Adds one stored reading to the stream-wide rollups.
     pub fn add(&mut self, stream_id: i64, ts_ns: i64, fields: &FieldsBlob) -> Result<(), StoreError> {
         for (name, v) in numeric_fields(fields)? {
-            let a = Agg::of(ts_ns, v);
-            self.0.entry((stream_id, name, minute_of(ts_ns))).and_modify(|x| x.merge(&a)).or_insert(a);
+            self.put_stream(stream_id, name, ts_ns, v);
         }
         Ok(())
     }
+
+    /// Adds one stored reading of `agent_id` to the per-agent rollups.
+    pub fn add_for_agent(
+        &mut self,
+        stream_id: i64,
+        agent_id: &str,
+        ts_ns: i64,
+        fields: &FieldsBlob,
+    ) -> Result<(), StoreError> {
+        for (name, v) in numeric_fields(fields)? {
+            self.put_agent(stream_id, agent_id, name, ts_ns, v);
+        }
+        Ok(())
+    }
+
+    /// Adds one stored reading to both, decoding its fields once.
+    pub fn add_both(
+        &mut self,
+        stream_id: i64,
+        agent_id: &str,
+        ts_ns: i64,
+        fields: &FieldsBlob,
+    ) -> Result<(), StoreError> {
+        for (name, v) in numeric_fields(fields)? {
+            self.put_stream(stream_id, name.clone(), ts_ns, v);
+            self.put_agent(stream_id, agent_id, name, ts_ns, v);
+        }
+        Ok(())
+    }
+
+    fn put_stream(&mut self, stream_id: i64, field: String, ts_ns: i64, v: f64) {
+        let a = Agg::of(ts_ns, v);
+        self.streams.entry((stream_id, field, minute_of(ts_ns))).and_modify(|x| x.merge(&a)).or_insert(a);
+    }
+
+    fn put_agent(&mut self, stream_id: i64, agent_id: &str, field: String, ts_ns: i64, v: f64) {
+        let a = Agg::of(ts_ns, v);
+        self.agents
+            .entry((stream_id, agent_id.to_owned(), field, minute_of(ts_ns)))
+            .and_modify(|x| x.merge(&a))
+            .or_insert(a);
+    }
+}
+
+/// One row of a fleet-level rollup query: an agent's aggregate over one bucket.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AgentBucket {
+    /// Bucket start, ns.
+    pub start: i64,
+    /// The agent.
+    pub agent_id: String,
+    /// Readings in the bucket.
+    pub count: u64,
+    /// Their sum.
+    pub sum: f64,
+    /// Smallest value.
+    pub min: f64,
+    /// Largest value.
+    pub max: f64,
+}
+
+/// A fleet-level rollup query: per-agent aggregates of one field of one stream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AgentRollupQuery {
+    /// Stored stream name.
+    pub stream: String,
+    /// Numeric field.
+    pub field: String,
+    /// Inclusive start, ns, a multiple of `step`.
+    pub from: i64,
+    /// Exclusive end, ns, a multiple of `step`.
+    pub to: i64,
+    /// Bucket width, ns: a whole number of minutes.
+    pub step: i64,
+    /// Only these agents; all when `None`.
+    pub agents: Option<Vec<String>>,
+    /// The store returns at most this many rows plus one, so the caller can tell an
+    /// answer that would be larger (and refuse it) without reading all of it.
+    pub max_rows: usize,
 }

@@ -1,6 +1,6 @@
 //! [`HubStore`] on one SQLite file (`data_dir/hub.db`).
 //!
-//! # Schema (version 7, `PRAGMA user_version`)
+//! # Schema (version 8, `PRAGMA user_version`)
 //!
 //! * `batches(agent_id, epoch, seq, readings, created_ms, received_ms)`, primary key
 //!   `(agent_id, epoch, seq)`: the dedup key. A batch's readings are inserted in the
@@ -20,6 +20,9 @@
 //!   one-minute aggregates of every numeric field, updated from new readings in the
 //!   ingest transaction (see `crate::aggregate`); the v3 migration rolls up the readings
 //!   already stored.
+//! * `agent_rollups(stream_id, agent_id, field, minute, count, sum, min, max)` (v8): the
+//!   same per agent, for fleet-level queries; the v8 migration rolls up the readings
+//!   already stored, and retention deletes them with the readings.
 //! * `presence(agent_id, received_ms, status)` (v4): each agent's latest presence message.
 //! * `quarantine(id, agent_id, epoch, seq, topic, reason, error, payload, ...)` (v5):
 //!   batches acknowledged without being stored, with their raw bytes (`crate::ingest`).
@@ -51,7 +54,7 @@ use brume_protocol::{AgentStatus, Batch, FieldsBlob, StatusV1};
 
 mod fleet;
 
-use super::rollup::{Agg, RollupDeltas};
+use super::rollup::{AgentBucket, AgentRollupQuery, Agg, RollupDeltas};
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 
 use super::{
@@ -62,7 +65,7 @@ use super::{
 };
 
 /// Schema version this build writes and understands.
-pub const SCHEMA_VERSION: i64 = 7;
+pub const SCHEMA_VERSION: i64 = 8;
 
 /// One page of a stream's readings after a cursor: `?1` stream id, `?2` exclusive upper
 /// bound on `ts_ns`, `?3` row limit, `?4..?8` the cursor. No lower bound on `ts_ns`: the
@@ -149,6 +152,22 @@ CREATE TABLE rollups (
 ) WITHOUT ROWID;
 ";
 
+/// One-minute rollups per agent, for fleet-level aggregation (see `crate::aggregate`).
+/// No `last`: fleet queries combine agents, where "the last value" means nothing.
+const SCHEMA_V8: &str = "
+CREATE TABLE agent_rollups (
+    stream_id  INTEGER NOT NULL,
+    field      TEXT    NOT NULL,
+    minute     INTEGER NOT NULL,
+    agent_id   TEXT    NOT NULL,
+    count      INTEGER NOT NULL,
+    sum        REAL    NOT NULL,
+    min        REAL    NOT NULL,
+    max        REAL    NOT NULL,
+    PRIMARY KEY (stream_id, field, minute, agent_id)
+) WITHOUT ROWID;
+";
+
 /// Agents' latest presence messages.
 const SCHEMA_V4: &str = "
 CREATE TABLE presence (
@@ -192,11 +211,29 @@ ON CONFLICT (stream_id, field, minute) DO UPDATE SET
                 THEN excluded.last ELSE last END,
     last_ts_ns = max(last_ts_ns, excluded.last_ts_ns)";
 
+/// Merges per-agent rollup deltas into `agent_rollups`.
+const UPSERT_AGENT_ROLLUP: &str = "
+INSERT INTO agent_rollups (stream_id, field, minute, agent_id, count, sum, min, max)
+VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
+ON CONFLICT (stream_id, field, minute, agent_id) DO UPDATE SET
+    count = count + excluded.count,
+    sum = sum + excluded.sum,
+    min = min(min, excluded.min),
+    max = max(max, excluded.max)";
+
+/// Writes both kinds of rollup deltas.
 fn write_rollups(tx: &rusqlite::Transaction<'_>, deltas: RollupDeltas) -> Result<(), StoreError> {
     let mut up = tx.prepare_cached(UPSERT_ROLLUP).map_err(sql("preparing rollup upsert"))?;
-    for ((sid, field, minute), a) in deltas.0 {
+    for ((sid, field, minute), a) in deltas.streams {
         up.execute(params![sid, field, minute, a.count as i64, a.sum, a.min, a.max, a.last_ts_ns, a.last])
             .map_err(sql("upserting rollup"))?;
+    }
+    if !deltas.agents.is_empty() {
+        let mut up = tx.prepare_cached(UPSERT_AGENT_ROLLUP).map_err(sql("preparing agent rollup upsert"))?;
+        for ((sid, agent, field, minute), a) in deltas.agents {
+            up.execute(params![sid, field, minute, agent, a.count as i64, a.sum, a.min, a.max])
+                .map_err(sql("upserting agent rollup"))?;
+        }
     }
     Ok(())
 }
@@ -295,6 +332,22 @@ fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
     }
     if version < 7 {
         tx.execute_batch(fleet::SCHEMA_V7).map_err(sql("creating schema v7"))?;
+    }
+    if version < 8 {
+        tx.execute_batch(SCHEMA_V8).map_err(sql("creating schema v8"))?;
+        // Readings stored before per-agent rollups existed, rolled up once.
+        let mut deltas = RollupDeltas::default();
+        {
+            let op = "reading readings for agent rollups";
+            let mut q = tx.prepare("SELECT stream_id, agent_id, ts_ns, fields FROM readings").map_err(sql(op))?;
+            let mut rows = q.query([]).map_err(sql(op))?;
+            while let Some(r) = rows.next().map_err(sql(op))? {
+                let fields = FieldsBlob(r.get(3).map_err(sql(op))?);
+                let agent: String = r.get(1).map_err(sql(op))?;
+                deltas.add_for_agent(r.get(0).map_err(sql(op))?, &agent, r.get(2).map_err(sql(op))?, &fields)?;
+            }
+        }
+        write_rollups(&tx, deltas)?;
     }
     // Later versions add `if version < N { ... }` steps here, in order.
     tx.pragma_update(None, "user_version", SCHEMA_VERSION).map_err(sql("writing user_version"))?;
@@ -408,7 +461,7 @@ fn ingest_tx(
                         .execute(params![stream_id, p.ts_ns, b.agent_id, epoch, seq, idx, p.fields.0])
                         .map_err(sql("inserting reading"))?;
                     idx += 1;
-                    rollups.add(stream_id, p.ts_ns, &p.fields)?;
+                    rollups.add_both(stream_id, &b.agent_id, p.ts_ns, &p.fields)?;
                     delta.readings += 1;
                     delta.first_ts_ns = delta.first_ts_ns.min(p.ts_ns);
                     delta.last_ts_ns = delta.last_ts_ns.max(p.ts_ns);
@@ -693,7 +746,11 @@ impl HubStore for SqliteStore {
                      WHERE id = ?1",
                 )
                 .map_err(sql("preparing stream statistics update"))?;
+            let mut delete_rollups = tx
+                .prepare("DELETE FROM agent_rollups WHERE stream_id = ?1 AND minute < ?2")
+                .map_err(sql("preparing agent rollup retention"))?;
             for id in ids {
+                delete_rollups.execute(params![id, cutoff]).map_err(sql("deleting old agent rollups"))?;
                 let n = delete.execute(params![id, cutoff]).map_err(sql("deleting old readings"))?;
                 if n > 0 {
                     update.execute(params![id, n as i64]).map_err(sql("updating stream statistics"))?;
@@ -784,6 +841,41 @@ impl HubStore for SqliteStore {
 
     fn ping(&self) -> Result<(), StoreError> {
         self.with_reader(|conn| conn.query_row("SELECT count(*) FROM streams", [], |_| Ok(())).map_err(sql("ping")))
+    }
+
+    fn agent_rollups(&self, q: &AgentRollupQuery) -> Result<Vec<AgentBucket>, StoreError> {
+        // The agent filter is a JSON array, so one prepared statement serves any number of
+        // agents (SQLite has no array parameters).
+        let agents = q.agents.as_ref().map(|a| serde_json::to_string(a).expect("strings serialize"));
+        self.with_reader(|conn| {
+            conn.prepare_cached(
+                "SELECT r.minute - ((r.minute - ?4) % ?6) AS bucket, r.agent_id,
+                        sum(r.count), sum(r.sum), min(r.min), max(r.max)
+                 FROM agent_rollups r JOIN streams s ON s.id = r.stream_id
+                 WHERE s.name = ?1 AND r.field = ?2 AND r.minute >= ?4 AND r.minute < ?5
+                   AND (?3 IS NULL OR r.agent_id IN (SELECT value FROM json_each(?3)))
+                 GROUP BY bucket, r.agent_id
+                 ORDER BY bucket, r.agent_id
+                 LIMIT ?7",
+            )
+            .and_then(|mut st| {
+                st.query_map(
+                    params![q.stream, q.field, agents, q.from, q.to, q.step, (q.max_rows as i64).saturating_add(1)],
+                    |r| {
+                        Ok(AgentBucket {
+                            start: r.get(0)?,
+                            agent_id: r.get(1)?,
+                            count: r.get::<_, i64>(2)?.max(0) as u64,
+                            sum: r.get(3)?,
+                            min: r.get(4)?,
+                            max: r.get(5)?,
+                        })
+                    },
+                )?
+                .collect::<Result<Vec<_>, _>>()
+            })
+            .map_err(sql("reading agent rollups"))
+        })
     }
 
     fn rollups(&self, stream: &str, field: &str, from: i64, to: i64) -> Result<Vec<(i64, Agg)>, StoreError> {

@@ -21,7 +21,8 @@ pub(crate) trait Fixture: Sized {
     /// Opens a store on this fixture's data. Opening again after dropping (or next to)
     /// a previous store must see everything that store committed.
     fn open(&self) -> Self::Store;
-    /// Turns the (closed) store's database back into a schema v2 one: no rollups, no presence.
+    /// Turns the (closed) store's database back into a schema v2 one: no rollups (of
+    /// either kind), no presence.
     fn undo_rollups_migration(&self);
 }
 
@@ -40,6 +41,7 @@ macro_rules! store_suite {
             random_ingest_matches_a_model,
             lineage_is_stored_per_reading_and_listed,
             aggregation_matches_brute_force,
+            fleet_aggregation_matches_brute_force,
             migration_to_v3_rolls_up_existing_readings,
             presence_keeps_the_latest_message_per_agent,
             retention_drops_whole_days_and_keeps_rollups,
@@ -498,6 +500,121 @@ pub(crate) fn migration_to_v3_rolls_up_existing_readings(f: &impl Fixture) {
     let summary: Vec<(i64, u64, f64)> = got.buckets.iter().map(|(t, a)| (*t, a.count, a.last)).collect();
     // `batch` sets each reading's value to its timestamp.
     assert_eq!(summary, [(m, 2, (m + 1) as f64), (m + ROLLUP_NS, 1, (m + ROLLUP_NS) as f64)]);
+    // The per-agent rollups too.
+    let q = crate::aggregate::FleetQuery {
+        stream: "s".into(),
+        field: "value".into(),
+        from: m,
+        to: m + 2 * ROLLUP_NS,
+        step: ROLLUP_NS,
+        agents: Some(vec!["a".into()]),
+    };
+    let got = crate::aggregate::fleet(&store, &q).unwrap();
+    assert_eq!(
+        got.buckets.iter().map(|b| (b.start, b.agents, b.count)).collect::<Vec<_>>(),
+        [(m, 1, 2), (m + ROLLUP_NS, 1, 1)]
+    );
+}
+
+/// Fleet-level aggregation (per-agent rollups merged per bucket, percentiles across the
+/// agents' means) equals a brute-force computation over the stored readings: random
+/// batches from five agents, duplicates re-sent, random agent subsets, ranges and steps.
+pub(crate) fn fleet_aggregation_matches_brute_force(f: &impl Fixture) {
+    use crate::aggregate::{FleetQuery, fleet, percentile};
+    use rand::{Rng, SeedableRng};
+    use std::collections::BTreeMap;
+
+    const S: i64 = 1_000_000_000;
+    const T0: i64 = 1_700_000_000 * S - 1_700_000_000 * S % (3600 * S);
+    const AGENTS: [&str; 5] = ["a", "b", "c", "d", "e"];
+    let store = f.open();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(17);
+    // (agent, ts, value) of every stored reading of stream "t", field "value".
+    let mut model: Vec<(String, i64, f64)> = Vec::new();
+    let mut seqs: BTreeMap<&str, u64> = BTreeMap::new();
+    for round in 0..20 {
+        let mut group = Vec::new();
+        for _ in 0..rng.random_range(1..5) {
+            let agent = AGENTS[rng.random_range(0..AGENTS.len())];
+            let seq = seqs.entry(agent).and_modify(|s| *s += 1).or_insert(1);
+            let points: Vec<Point> = (0..rng.random_range(1..30))
+                .map(|_| {
+                    let ts_ns = T0 + rng.random_range(0..3 * 3600) * S;
+                    let v = f64::from(rng.random_range(-5_000..5_000)) / 10.0;
+                    Point {
+                        ts_ns,
+                        fields: FieldsBlob::encode(&[Field { name: "value".into(), value: Value::F64(v) }]).unwrap(),
+                    }
+                })
+                .collect();
+            for p in &points {
+                let v = crate::aggregate::numeric_fields(&p.fields).unwrap()[0].1;
+                model.push((agent.into(), p.ts_ns, v));
+            }
+            let b = Batch {
+                agent_id: agent.into(),
+                epoch: 1,
+                seq: *seq,
+                created_ms: 1,
+                streams: vec![StreamChunk { stream: "t".into(), points }],
+                losses: vec![],
+                lineage: vec![],
+            };
+            group.push(b);
+        }
+        if round % 4 == 3 {
+            group.push(group[0].clone()); // a duplicate adds nothing
+        }
+        store.ingest(&group, 1).unwrap();
+    }
+    let mut checked = 0;
+    for _ in 0..30 {
+        let step = [60 * S, 300 * S, 3600 * S, 420 * S][rng.random_range(0..4)];
+        let (a, b) = (rng.random_range(-600..4 * 3600) * S, rng.random_range(-600..4 * 3600) * S);
+        let (from, to) = (T0 + a.min(b), T0 + a.max(b) + 1);
+        let agents: Option<Vec<String>> = rng
+            .random_bool(0.6)
+            .then(|| AGENTS.iter().filter(|_| rng.random_bool(0.5)).map(|a| a.to_string()).collect());
+        let got = fleet(
+            &store,
+            &FleetQuery { stream: "t".into(), field: "value".into(), from, to, step, agents: agents.clone() },
+        )
+        .unwrap();
+        let (lo, hi) = (from - from.rem_euclid(step), (to - 1) - (to - 1).rem_euclid(step) + step);
+        assert_eq!((got.from, got.to), (lo, hi));
+        // bucket -> agent -> values
+        let mut want: BTreeMap<i64, BTreeMap<&str, Vec<f64>>> = BTreeMap::new();
+        for (agent, ts, v) in &model {
+            if *ts >= lo && *ts < hi && agents.as_ref().is_none_or(|a| a.contains(agent)) {
+                want.entry(ts - ts.rem_euclid(step)).or_default().entry(agent).or_default().push(*v);
+            }
+        }
+        assert_eq!(got.buckets.len(), want.len(), "step {step} [{from}, {to}) agents {agents:?}");
+        for (g, (start, per_agent)) in got.buckets.iter().zip(&want) {
+            let all: Vec<f64> = per_agent.values().flatten().copied().collect();
+            let mut means: Vec<f64> = per_agent.values().map(|v| v.iter().sum::<f64>() / v.len() as f64).collect();
+            means.sort_by(f64::total_cmp);
+            let close = |x: f64, y: f64| (x - y).abs() <= 1e-9 * y.abs().max(1.0);
+            assert_eq!((g.start, g.agents, g.count), (*start, per_agent.len(), all.len() as u64));
+            assert_eq!(g.min, all.iter().copied().fold(f64::INFINITY, f64::min));
+            assert_eq!(g.max, all.iter().copied().fold(f64::NEG_INFINITY, f64::max));
+            assert!(close(g.mean, all.iter().sum::<f64>() / all.len() as f64), "mean of bucket {start}");
+            assert!(close(g.p50, percentile(&means, 50.0)), "p50 of bucket {start}");
+            assert!(close(g.p95, percentile(&means, 95.0)), "p95 of bucket {start}");
+        }
+        checked += want.len();
+    }
+    assert!(checked > 50, "the random queries hit only {checked} non-empty buckets");
+    // An empty selection selects nothing (not everything).
+    let q = FleetQuery {
+        stream: "t".into(),
+        field: "value".into(),
+        from: T0,
+        to: T0 + 3600 * S,
+        step: 60 * S,
+        agents: Some(vec![]),
+    };
+    assert!(fleet(&store, &q).unwrap().buckets.is_empty());
 }
 
 /// Presence: the last message received per agent wins, listed by agent id, and survives
@@ -557,6 +674,17 @@ pub(crate) fn retention_drops_whole_days_and_keeps_rollups(f: &impl Fixture) {
     // The aggregated history of the dropped day is still there.
     let q = AggregateQuery { stream: "s".into(), field: "value".into(), from: d0, to: d0 + DAY, step: DAY };
     assert_eq!(aggregate(&store, &q).unwrap().buckets.iter().map(|(_, a)| a.count).collect::<Vec<_>>(), [2]);
+    // Per-agent rollups follow the readings: the dropped day is gone, the kept one stays.
+    let fq = |from: i64| crate::aggregate::FleetQuery {
+        stream: "s".into(),
+        field: "value".into(),
+        from,
+        to: from + DAY,
+        step: DAY,
+        agents: None,
+    };
+    assert!(crate::aggregate::fleet(&store, &fq(d0)).unwrap().buckets.is_empty());
+    assert_eq!(crate::aggregate::fleet(&store, &fq(d0 + DAY)).unwrap().buckets.len(), 1);
     // The ledger remembers the batch: re-sent, it is a duplicate and brings nothing back.
     assert_eq!(
         store.ingest(&[batch("a", 1, 1, &[("s", &[d0 + 1, d0 + 2]), ("t", &[d0 + 2 * DAY])])], 1).unwrap(),

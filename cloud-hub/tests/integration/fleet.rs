@@ -4,9 +4,7 @@
 
 use std::time::{Duration, Instant};
 
-use brume_protocol::{
-    AgentReport, AgentStatus, Desired, DesiredState, ModuleReportV1, Phase, ReportV1, StatusV1, topics,
-};
+use brume_protocol::{AgentReport, Desired, DesiredState, ModuleReportV1, Phase, ReportV1, topics};
 use brume_signing::SecretKey;
 use brume_test_support::{built_module_bytes, with_version};
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
@@ -178,19 +176,7 @@ impl FleetAgent {
                 }
             }
         });
-        let status = AgentStatus::V1(StatusV1 {
-            agent_id: id.into(),
-            online: true,
-            version: "test".into(),
-            started_ms: 0,
-            sent_ms: 0,
-            heartbeat_s: 60,
-            store_readings: 0,
-            outbox_batches: 0,
-            outbox_readings: 0,
-            modules: vec![],
-            labels: labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
-        });
+        let status = super::util::status(id, labels);
         client.publish(topics::status(id), QoS::AtLeastOnce, true, status.encode()).await.unwrap();
         FleetAgent { id: id.into(), client, desired }
     }

@@ -435,6 +435,72 @@ async fn aggregate_api_buckets_a_stream() {
     }
 }
 
+/// `/api/v1/fleet/aggregate`: one stream across the agents selected by their presence
+/// labels, with per-bucket agents, mean and percentiles of the agents' means.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fleet_aggregate_combines_agents_by_label() {
+    let broker = Mosquitto::start().expect("starting mosquitto");
+    let hub = Hub::start(broker.port).await;
+    const MIN: i64 = 60_000_000_000;
+    // Three agents at plant-1 (means 1, 2 and 30 in the first minute), one at plant-2.
+    let mut agents = Vec::new();
+    for (id, site, values) in [
+        ("f-a", "plant-1", [0.0, 2.0]),
+        ("f-b", "plant-1", [2.0, 2.0]),
+        ("f-c", "plant-1", [20.0, 40.0]),
+        ("f-d", "plant-2", [1000.0, 1000.0]),
+    ] {
+        let mut agent = Agent::connect(broker.port, id).await;
+        let readings = [("temp", T0, values[0]), ("temp", T0 + 1, values[1]), ("temp", T0 + MIN, 5.0)];
+        agent.send_until_acked(&batch(id, 1, 1, &readings)).await;
+        // After an ack, so the hub's subscriptions (status first) are all in place.
+        let status = util::status(id, &[("site", site)]);
+        agent.publish_raw(topics::status(id), status.encode()).await;
+        agents.push(agent);
+    }
+    let start = std::time::Instant::now();
+    while hub.get_json("/api/v1/presence").await.as_array().unwrap().len() < 4 {
+        assert!(start.elapsed() < util::DEADLINE, "presence never arrived");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let v = hub
+        .get_json(&format!(
+            "/api/v1/fleet/aggregate?stream=temp&label=site:plant-1&from={T0}&to={}&step=1m",
+            T0 + 2 * MIN
+        ))
+        .await;
+    assert_eq!(v["agents"], json!(["f-a", "f-b", "f-c"]));
+    // Means per agent: 1, 2, 30. p95 interpolates between 2 and 30: 2 + 0.9 * 28.
+    let p95 = v["buckets"][0]["p95"].as_f64().unwrap();
+    assert!((p95 - 27.2).abs() < 1e-9, "p95 {p95}");
+    let mut v = v;
+    v["buckets"][0]["p95"] = json!(27.2);
+    assert_eq!(
+        v["buckets"],
+        json!([
+            {"start_ns": T0, "agents": 3, "count": 6, "min": 0.0, "max": 40.0, "mean": 11.0, "p50": 2.0, "p95": 27.2},
+            {"start_ns": T0 + MIN, "agents": 3, "count": 3, "min": 5.0, "max": 5.0, "mean": 5.0, "p50": 5.0, "p95": 5.0},
+        ])
+    );
+    // Without a selector: every agent.
+    let v = hub.get_json(&format!("/api/v1/fleet/aggregate?stream=temp&from={T0}&to={}&step=1m", T0 + MIN)).await;
+    assert_eq!((v["agents"].clone(), v["buckets"][0]["agents"].clone()), (json!(null), json!(4)));
+    // A label nobody has selects nobody.
+    let v =
+        hub.get_json(&format!("/api/v1/fleet/aggregate?stream=temp&label=site:mars&from={T0}&to={}", T0 + MIN)).await;
+    assert_eq!((v["agents"].clone(), v["buckets"].clone()), (json!([]), json!([])));
+    for (query, want) in [
+        (format!("stream=temp&from={T0}&to={}&step=10s", T0 + MIN), "whole number of minutes"),
+        ("stream=temp&from=1&to=2&label=site".to_string(), "is not key:value"),
+        ("stream=temp&from=1&to=2&color=red".to_string(), "unknown parameter `color`"),
+    ] {
+        let (status, body) = hub.get(&format!("/api/v1/fleet/aggregate?{query}")).await;
+        assert_eq!(status, 400, "{query}: {body}");
+        assert!(body.contains(want), "{query}: {body}");
+    }
+    hub.stop().await;
+}
+
 /// `/api/v1/tail`: Server-Sent Events with the current bucket, then the bucket again each
 /// time new readings change it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -553,6 +619,7 @@ async fn openapi_document_matches_the_routes() {
             "/api/v1/deployments/{id}",
             "/api/v1/deployments/{id}/{action}",
             "/api/v1/fleet/agents",
+            "/api/v1/fleet/aggregate",
             "/api/v1/modules",
             "/api/v1/openapi.json",
             "/api/v1/presence",

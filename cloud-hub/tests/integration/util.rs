@@ -195,3 +195,20 @@ pub fn batch(agent: &str, epoch: u64, seq: u64, readings: &[(&str, i64, f64)]) -
     }
     BatchV1 { agent_id: agent.into(), epoch, seq, created_ms: 1_700_000_000_000, streams, losses: vec![] }
 }
+
+/// A presence message of an online agent with these labels.
+pub fn status(id: &str, labels: &[(&str, &str)]) -> brume_protocol::AgentStatus {
+    brume_protocol::AgentStatus::V1(brume_protocol::StatusV1 {
+        agent_id: id.into(),
+        online: true,
+        version: "test".into(),
+        started_ms: 0,
+        sent_ms: 0,
+        heartbeat_s: 60,
+        store_readings: 0,
+        outbox_batches: 0,
+        outbox_readings: 0,
+        modules: vec![],
+        labels: labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+    })
+}
