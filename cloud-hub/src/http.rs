@@ -80,6 +80,7 @@ pub fn app(state: AppState) -> Router {
         .route("/api/v1/quarantine/{id}/reingest", axum::routing::post(quarantine_reingest))
         .route("/api/v1/openapi.json", get(|| async { ([(header::CONTENT_TYPE, "application/json")], OPENAPI) }))
         .merge(crate::fleet::http::routes(&state))
+        .merge(crate::dashboard::routes())
         .with_state(state)
 }
 

@@ -20,6 +20,7 @@ pub mod aggregate;
 pub mod cli;
 mod clock;
 pub mod config;
+pub mod dashboard;
 pub mod fleet;
 pub mod http;
 pub mod ingest;
