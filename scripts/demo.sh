@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # Brume demo on one machine: a private mosquitto (the "cloud" broker), a hub storing into
-# SQLite, and an edge agent with simulated sensors. Everything lives in ./demo-data and
-# listens on 127.0.0.1. Ctrl-C stops it all.
+# SQLite with its web dashboard, and an edge agent with simulated sensors and a WASM
+# module (downsample: 10-second windows of every sim/* stream, with lineage). Everything
+# lives in ./demo-data and listens on 127.0.0.1. Ctrl-C stops it all.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/deps.sh
 cargo build --release --locked -p edge-agent -p cloud-hub
+cargo xtask build-modules >/dev/null
 
 DATA="$PWD/demo-data"
 mkdir -p "$DATA"
@@ -44,6 +46,13 @@ site = "demo"
 [fleet]
 hub_url = "http://$HUB_HTTP"
 trusted_keys = ["$PUBKEY"]
+
+# Runs on the device: 10-second min/mean/max windows of every simulated stream, written
+# to the stream "downsampled" with the module build recorded as the readings' lineage.
+[[modules]]
+path = "$PWD/target/modules/downsample.wasm"
+config = { window_s = 10, field = "value" }
+inputs = ["sim/#"]
 CONF
 
 "$MOSQ" -c "$DATA/mosquitto.conf" >"$DATA/mosquitto.log" 2>&1 & pids+=($!)
@@ -56,7 +65,12 @@ CONF
 sleep 2
 cat <<MSG
 
-Brume demo running (logs in $DATA/*.log). Simulated sensors sim/0..sim/3 publish 20 readings/s.
+Brume demo running (logs in $DATA/*.log).
+
+  Dashboard:          http://$HUB_HTTP/
+
+Simulated sensors sim/0..sim/3 publish 20 readings/s; the agent's downsample module
+writes 10-second windows to "downsampled" (pick it on the dashboard, field "mean").
 
   Hub streams:        curl -s http://$HUB_HTTP/api/v1/streams
   Hub readings:       curl -s 'http://$HUB_HTTP/api/v1/readings?stream=sim/0&limit=5'

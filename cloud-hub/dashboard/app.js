@@ -279,13 +279,15 @@ async function pageData(main) {
       series.push({ label: "p50", stroke: "#1f8a4c", width: 1.5 }, { label: "p95", stroke: "#c0392b", width: 1.5 });
       data.push(p50, p95);
     }
-    series.push({ label: "count", stroke: "#999", width: 1, scale: "count" });
+    // Readings per bucket, off until its legend entry is clicked: it is noisy at fine steps.
+    series.push({ label: "count", stroke: "#999", width: 1, scale: "count", show: false });
     data.push(counts);
     const width = Math.max(300, body.clientWidth || out.clientWidth - 30);
     const opts = {
       width, height: 360, series,
       bands: [{ series: [2, 1], fill: "rgba(45,108,223,0.12)" }],
-      scales: { x: { time: true } },
+      // The whole window asked for, not just the span with data: a gap at either end shows.
+      scales: { x: { time: true, range: () => [result.from_ns / NS, result.to_ns / NS] } },
       axes: [{}, { label: state.field }, { side: 1, scale: "count", label: "count", grid: { show: false } }],
       legend: { live: true },
     };
@@ -511,6 +513,8 @@ async function pageModules(main) {
     const moduleSel = h("select", { id: "deploy-module" }, registry.map((m) => h("option", { value: `${m.name}\u0000${m.version}` }, `${m.name} ${m.version}`)));
     const selector = h("input", { id: "deploy-selector", placeholder: "site=plant-1, brume.arch=aarch64", size: 30 });
     const waves = h("input", { id: "deploy-waves", placeholder: "1, 10%, 100%", size: 14 });
+    const probation = h("input", { id: "deploy-probation", placeholder: "30s", size: 6, title: "how long a wave runs without failure before the next starts" });
+    const config = h("input", { id: "deploy-config", placeholder: '{"limit": 30}', size: 18, title: "the module's config, JSON" });
     const msg = h("span", { class: "summary" });
     const deploy = h("button", { onclick: async () => {
       const [name, version] = moduleSel.value.split("\u0000");
@@ -521,6 +525,10 @@ async function pageModules(main) {
         sel[kv.slice(0, i).trim()] = kv.slice(i + 1).trim();
       }
       const body = { module: name, version, selector: sel };
+      if (probation.value.trim()) body.probation = probation.value.trim();
+      if (config.value.trim()) {
+        try { body.config = JSON.parse(config.value); } catch (e) { msg.textContent = `config is not JSON: ${e.message}`; return; }
+      }
       if (waves.value.trim()) body.waves = waves.value.split(",").map((s) => s.trim()).filter(Boolean);
       try {
         const d = await api("/api/v1/deployments", { method: "POST", body: JSON.stringify(body), headers: { "Content-Type": "application/json" } });
@@ -535,7 +543,7 @@ async function pageModules(main) {
           h("td", { class: "num" }, m.size), h("td", {}, m.key_id || ""), h("td", {}, fmtTime(m.uploaded_ms))))))
         : h("p", { class: "muted" }, "No module uploaded yet: cloud-hub module upload --help."),
       registry.length ? h("div", { class: "controls" }, h("label", {}, "deploy"), moduleSel, h("label", {}, "to agents with"), selector,
-        h("label", {}, "waves"), waves, deploy, msg) : "",
+        h("label", {}, "config"), config, h("label", {}, "waves"), waves, h("label", {}, "probation"), probation, deploy, msg) : "",
       h("h2", {}, "Deployments"),
       deployments.length ? h("table", { id: "deployments-table" },
         h("thead", {}, h("tr", {}, ["id", "module", "state", "wave", "agents", "reason", "created"].map((x) => h("th", {}, x)))),
@@ -549,6 +557,9 @@ async function pageModules(main) {
   every(5000, refresh);
   await refresh();
 }
+
+// The actions the hub accepts in each deployment state (others answer 409).
+const ACTIONS = { rolling: ["pause", "abort", "rollback"], paused: ["resume", "abort", "rollback"], done: ["rollback"] };
 
 async function pageDeployment(main, id) {
   const box = h("div", {});
@@ -567,12 +578,12 @@ async function pageDeployment(main, id) {
     } }, action);
     const kv = (pairs) => h("dl", { class: "kv" }, pairs.flatMap(([k, v]) => [h("dt", {}, k), h("dd", {}, v)]));
     box.replaceChildren(
-      h("h2", {}, `Deployment #${d.id}: ${d.module} ${d.version} — ${d.state}`),
+      h("h2", {}, `Deployment #${d.id}: ${d.module} ${d.version} — `, h("span", { id: "deployment-state", "data-state": d.state }, d.state)),
       kv([["wave", `${d.wave + 1} of ${d.waves.join(", ")}`], ["selector", JSON.stringify(d.selector)],
         ["probation", `${d.probation_s} s`], ["shadow", d.shadow ? "yes" : "no"], ["reason", d.reason || ""],
         ["agents", Object.entries(d.agents || {}).map(([k, v]) => `${k} ${v}`).join(", ")],
         ["updated", fmtTime(d.updated_ms)]]),
-      h("div", { class: "controls" }, ["pause", "resume", "abort", "rollback"].map(act), msg),
+      h("div", { class: "controls" }, (ACTIONS[d.state] || []).map(act), msg),
       h("h2", {}, "Agents"),
       h("table", { id: "progress-table" },
         h("thead", {}, h("tr", {}, ["agent", "wave", "phase", "online", "running", "canary: inputs → outputs (was)", "drift", "error"].map((x) => h("th", {}, x)))),

@@ -6,6 +6,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use brume_e2e::{Agent, Hub, Mosquitto, Proc, Sensor, free_port, skip, wait_until};
+use brume_signing::SecretKey;
+use brume_test_support::built_module_bytes;
 use fantoccini::{Client, ClientBuilder, Locator};
 use serde_json::{Value, json};
 
@@ -119,7 +121,8 @@ fn csv_rows(text: &str) -> Vec<Vec<String>> {
 /// returns for the page's own request; the table view has those rows; the exported CSV
 /// has exactly the API's buckets; combining the stream across the agents with a label
 /// draws the fleet aggregation; the fleet page shows the agent online with its platform
-/// and labels, then offline once it is stopped; the modules page loads.
+/// and labels, then offline once it is stopped; a module uploaded to the registry is
+/// deployed from the modules page and rolled back from the deployment page.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dashboard_shows_data_and_fleet_in_a_real_browser() {
     let browser = match Browser::start().await {
@@ -127,12 +130,15 @@ async fn dashboard_shows_data_and_fleet_in_a_real_browser() {
         Err(why) => return skip("dashboard_shows_data_and_fleet_in_a_real_browser", &why),
     };
     let broker = Mosquitto::start().unwrap();
-    let hub = Hub::start(Path::new(HUB), broker.port).await.unwrap();
+    let key = SecretKey::generate();
+    let fleet = format!("[fleet]\ntrusted_keys = [{:?}]\nreconcile_interval = \"200ms\"\n", key.public().to_string());
+    let hub = Hub::start_with(Path::new(HUB), broker.port, &fleet).await.unwrap();
+    let fleet = format!("hub_url = {:?}\ntrusted_keys = [{:?}]", hub.url, key.public().to_string());
     let mut agent = Agent::start(
         Path::new(AGENT),
         "dash-1",
         broker.port,
-        &[("forward", "heartbeat = \"1s\""), ("labels", "site = \"plant-1\"")],
+        &[("forward", "heartbeat = \"1s\""), ("labels", "site = \"plant-1\""), ("fleet", &fleet)],
     )
     .await
     .unwrap();
@@ -205,6 +211,67 @@ async fn dashboard_shows_data_and_fleet_in_a_real_browser() {
     assert!(points > 0);
     browser.screenshot("dashboard-fleet-aggregate.png").await;
 
+    // Live: the last 15 minutes, updated from /api/v1/tail as new readings arrive.
+    c.goto(&format!("{}/ui/#/data?stream=s%2F0&field=n&range=15m", hub.url)).await.unwrap();
+    c.refresh().await.unwrap();
+    browser.wait_for("#chart[data-points]").await;
+    let before: usize = browser.attr("#chart", "data-points").await.unwrap().parse().unwrap();
+    let counted =
+        |v: &Value| v["buckets"].as_array().unwrap().iter().map(|b| b["count"].as_u64().unwrap()).sum::<u64>();
+    let sensor = Sensor::start_named(agent.mqtt_port, "s", 2, 50);
+    wait_until("the live chart to draw new buckets", PAGE, || async {
+        browser.attr("#chart", "data-points").await.and_then(|p| p.parse::<usize>().ok()).is_some_and(|p| p > before)
+    })
+    .await
+    .unwrap();
+    sensor.stop().await;
+    agent.wait_drained(PAGE).await;
+    // What the live chart shows converges on what the API answers for its window.
+    let query = browser.attr("#data-body", "data-query").await.unwrap();
+    let stored = hub.counts().await.unwrap().into_iter().find(|(s, _)| s == "s/0").unwrap().1;
+    let api = get_json(&format!("{}{query}", hub.url)).await;
+    assert!(counted(&api) < stored, "the first request predates the new readings");
+    browser.screenshot("dashboard-live.png").await;
+
+    // Modules: a signed upload shows in the registry; the deploy form rolls it out to the
+    // agent; the deployment page follows it to done, and its rollback action works.
+    let wasm = built_module_bytes("downsample");
+    let resp = reqwest::Client::new()
+        .post(format!("{}/api/v1/registry/modules", hub.url))
+        .header("Brume-Signature", key.sign(&wasm).to_string())
+        .body(wasm)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 201);
+    c.goto(&format!("{}/ui/#/modules", hub.url)).await.unwrap();
+    c.refresh().await.unwrap();
+    let registry = browser.wait_for("#registry-table tbody tr").await.text().await.unwrap();
+    assert!(registry.starts_with("downsample 0.1.0"), "{registry}");
+    c.find(Locator::Id("deploy-selector")).await.unwrap().send_keys("site=plant-1").await.unwrap();
+    c.find(Locator::Id("deploy-config")).await.unwrap().send_keys(r#"{"window_s": 5, "field": "n"}"#).await.unwrap();
+    c.find(Locator::Id("deploy-probation")).await.unwrap().send_keys("1s").await.unwrap();
+    c.find(Locator::Css(".controls button")).await.unwrap().click().await.unwrap();
+    browser.wait_for("#progress-table tr td.online").await;
+    let url = c.current_url().await.unwrap();
+    let id = url.fragment().and_then(|f| f.strip_prefix("/deployment/")).expect("on the deployment page").to_owned();
+    let d = get_json(&format!("{}/api/v1/deployments/{id}", hub.url)).await;
+    assert_eq!((d["module"].clone(), d["selector"].clone()), (json!("downsample"), json!({"site": "plant-1"})), "{d}");
+    assert_eq!(d["config"], json!({"window_s": 5, "field": "n"}));
+    wait_until("the deployment to be done", PAGE, || async {
+        get_json(&format!("{}/api/v1/deployments/{id}", hub.url)).await["state"] == "done"
+    })
+    .await
+    .unwrap();
+    browser.wait_for("#deployment-state[data-state=\"done\"]").await;
+    browser.screenshot("dashboard-deployment.png").await;
+    c.find(Locator::Css("button[data-action=\"rollback\"]")).await.unwrap().click().await.unwrap();
+    c.send_alert_text("checked from the dashboard").await.unwrap();
+    c.accept_alert().await.unwrap();
+    browser.wait_for("#deployment-state[data-state=\"rolled_back\"]").await;
+    let d = get_json(&format!("{}/api/v1/deployments/{id}", hub.url)).await;
+    assert_eq!(d["reason"], "checked from the dashboard", "{d}");
+
     // Fleet: online with platform and labels, then offline once stopped.
     c.goto(&format!("{}/ui/#/fleet", hub.url)).await.unwrap();
     browser.wait_for("#fleet-table tr[data-agent=\"dash-1\"] td[data-status=\"online\"]").await;
@@ -216,13 +283,10 @@ async fn dashboard_shows_data_and_fleet_in_a_real_browser() {
     browser.wait_for("#fleet-table tr[data-agent=\"dash-1\"] td[data-status=\"offline\"]").await;
     browser.screenshot("dashboard-fleet-offline.png").await;
 
-    // The agent's page and the modules page render.
+    // The agent page renders.
     c.find(Locator::Css("#fleet-table tr[data-agent=\"dash-1\"] a")).await.unwrap().click().await.unwrap();
     let title = browser.wait_for("#agent-title").await.text().await.unwrap();
     assert!(title.starts_with("dash-1"), "{title}");
-    c.goto(&format!("{}/ui/#/modules", hub.url)).await.unwrap();
-    let text = browser.wait_for("main h2").await;
-    assert_eq!(text.text().await.unwrap(), "Registry");
 
     browser.client.close().await.unwrap();
 }
