@@ -374,12 +374,12 @@ async function fleetRows() {
     api("/api/v1/presence"), api("/api/v1/agents"), api("/api/v1/quarantine?limit=1000")]);
   const rows = new Map();
   const row = (id) => {
-    if (!rows.has(id)) rows.set(id, { id, presence: null, epochs: [], quarantined: 0 });
+    if (!rows.has(id)) rows.set(id, { id, presence: null, epochs: [], quarantined: 0, quarantine: [] });
     return rows.get(id);
   };
   presence.forEach((p) => { row(p.agent_id).presence = p; });
   agents.forEach((a) => row(a.agent_id).epochs.push(a));
-  (quarantine.batches || quarantine).forEach((q) => { row(q.agent_id).quarantined += 1; });
+  quarantine.batches.forEach((q) => { const r = row(q.agent_id); r.quarantined += 1; r.quarantine.push(q); });
   return [...rows.values()].sort((a, b) => a.id.localeCompare(b.id));
 }
 
@@ -490,7 +490,13 @@ async function pageAgent(main, id) {
         h("td", { class: e.missing.length ? "warn" : null }, e.missing.map(([lo, hi]) => lo === hi ? `${lo}` : `${lo}–${hi}`).join(", ")),
         h("td", {}, e.missing_since_ms ? ago(e.missing_since_ms) : ""),
         h("td", {}, e.losses.map((l) => `${l.stream}: ${l.total} ${l.reason}`).join(", ")))))));
-    parts.push(h("p", { class: "muted" }, `${r.quarantined} quarantined batches from this agent (GET /api/v1/quarantine).`));
+    parts.push(h("h2", {}, "Quarantined batches"), r.quarantine.length ? h("table", { id: "quarantine-table" },
+      h("thead", {}, h("tr", {}, ["id", "seq", "reason", "error", "bytes", "deliveries", "last received", ""].map((x) => h("th", {}, x)))),
+      h("tbody", {}, r.quarantine.map((q) => h("tr", {}, h("td", {}, q.id), h("td", { class: "num" }, q.seq), h("td", {}, q.reason),
+        h("td", { class: "error" }, q.error), h("td", { class: "num" }, q.bytes), h("td", { class: "num" }, q.deliveries),
+        h("td", {}, fmtTime(q.last_received_ms)),
+        h("td", {}, h("a", { href: `/api/v1/quarantine/${q.id}/payload`, download: `quarantine-${q.id}.bin` }, "payload"))))))
+      : h("p", { class: "muted" }, "none"));
     parts.push(h("h2", {}, "Module builds that computed stored readings (lineage, whole fleet)"), builds.length ? h("table", {},
       h("thead", {}, h("tr", {}, ["module", "version", "build", "agents", "readings"].map((x) => h("th", {}, x)))),
       h("tbody", {}, builds.map((b) => h("tr", {}, h("td", {}, b.name), h("td", {}, b.version), h("td", {}, h("code", {}, b.sha256.slice(0, 12))),
