@@ -127,9 +127,10 @@ async fn retention(store: Arc<dyn HubStore>, keep: Duration, shutdown: Cancellat
     }
 }
 
-/// Keeps `agent_missing_batches` and `agents_online` current: one `agents()` and one
-/// `presence()` query per `every` (`ingest.fleet_metrics_interval`), never per scrape
-/// (they read every agent).
+/// Keeps the fleet gauges current (`agent_missing_batches`, `agents_online`,
+/// `agents_known`, the outbox gauges, `deployments`): one `agents()`, one `presence()` and
+/// one `deployments()` query per `every` (`ingest.fleet_metrics_interval`), never per
+/// scrape (they read every agent).
 async fn refresh_fleet_metrics(
     store: Arc<dyn HubStore>,
     metrics: Arc<metrics::Metrics>,
@@ -138,10 +139,12 @@ async fn refresh_fleet_metrics(
 ) {
     loop {
         let st = store.clone();
-        let fleet =
-            tokio::task::spawn_blocking(move || Ok::<_, store::StoreError>((st.agents()?, st.presence()?))).await;
+        let fleet = tokio::task::spawn_blocking(move || {
+            Ok::<_, store::StoreError>((st.agents()?, st.presence()?, st.deployments()?))
+        })
+        .await;
         match fleet {
-            Ok(Ok((agents, presence))) => {
+            Ok(Ok((agents, presence, deployments))) => {
                 let mut missing: std::collections::BTreeMap<String, i64> = Default::default();
                 for a in &agents {
                     let n: u64 = a.missing.iter().map(|&(lo, hi)| hi - lo + 1).sum();
@@ -152,6 +155,14 @@ async fn refresh_fleet_metrics(
                 }
                 let now = crate::clock::now_ms();
                 metrics.agents_online.set(presence.iter().filter(|p| p.online_at(now)).count() as i64);
+                metrics.agents_known.set(presence.len() as i64);
+                let outbox = presence.iter().map(|p| i64::try_from(p.status.outbox_batches).unwrap_or(i64::MAX));
+                metrics.outbox_batches.set(outbox.clone().fold(0i64, i64::saturating_add));
+                metrics.outbox_batches_max.set(outbox.max().unwrap_or(0));
+                for state in ["rolling", "paused", "done", "aborted", "rolled_back"] {
+                    let n = deployments.iter().filter(|d| d.state.as_str() == state).count();
+                    metrics.deployments.get_or_create(&[("state", state)]).set(n as i64);
+                }
             }
             Ok(Err(e)) => tracing::warn!(error = %e, "cannot refresh the per-agent metrics; retrying"),
             Err(e) => tracing::warn!(error = %e, "per-agent metrics task failed; retrying"),

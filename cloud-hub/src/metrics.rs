@@ -52,6 +52,14 @@ pub struct Metrics {
     pub agent_missing_batches: Family<Vec<(String, String)>, Gauge<i64, AtomicI64>>,
     /// Agents online (by their presence messages), refreshed with the above.
     pub agents_online: Gauge<i64, AtomicI64>,
+    /// Agents with a presence message, refreshed with the above.
+    pub agents_known: Gauge<i64, AtomicI64>,
+    /// Sum of the outbox depths (batches) the agents' presence messages report.
+    pub outbox_batches: Gauge<i64, AtomicI64>,
+    /// The deepest single outbox among them.
+    pub outbox_batches_max: Gauge<i64, AtomicI64>,
+    /// Deployments per `state="rolling|paused|done|aborted|rolled_back"`.
+    pub deployments: Family<[(&'static str, &'static str); 1], Gauge<i64, AtomicI64>>,
     /// Batches put in quarantine (or quarantined again on a re-send), by
     /// `reason="invalid|rejected"`.
     pub quarantined: Family<[(&'static str, &'static str); 1], Counter>,
@@ -109,6 +117,29 @@ impl Metrics {
         );
         let agents_online = Gauge::<i64, AtomicI64>::default();
         registry.register("agents_online", "Agents whose presence says online", agents_online.clone());
+        let agents_known = Gauge::<i64, AtomicI64>::default();
+        registry.register(
+            "agents_known",
+            "Agents that ever sent a presence message (known minus online: agents offline)",
+            agents_known.clone(),
+        );
+        let outbox_batches = Gauge::<i64, AtomicI64>::default();
+        registry.register(
+            "agents_outbox_batches",
+            "Batches waiting in the outboxes of all agents, as their last presence messages said",
+            outbox_batches.clone(),
+        );
+        let outbox_batches_max = Gauge::<i64, AtomicI64>::default();
+        registry.register(
+            "agent_outbox_batches_max",
+            "The longest outbox of any one agent, batches (the dashboard's Fleet page says whose)",
+            outbox_batches_max.clone(),
+        );
+        let deployments = Family::<ResultLabel, Gauge<i64, AtomicI64>>::default();
+        for state in ["rolling", "paused", "done", "aborted", "rolled_back"] {
+            let _ = deployments.get_or_create(&[("state", state)]);
+        }
+        registry.register("deployments", "Module deployments, by state", deployments.clone());
         let quarantined = Family::<ResultLabel, Counter>::default();
         for reason in ["invalid", "rejected"] {
             let _ = quarantined.get_or_create(&[("reason", reason)]);
@@ -140,6 +171,10 @@ impl Metrics {
             registry,
             agent_missing_batches,
             agents_online,
+            agents_known,
+            outbox_batches,
+            outbox_batches_max,
+            deployments,
             presence_messages,
             report_messages,
             batch_latency_seconds,

@@ -601,6 +601,50 @@ async fn missing_batches_gauge_per_agent() {
     hub.stop().await;
 }
 
+/// The fleet gauges alerting rules use: agents known and online, the agents' outboxes (sum
+/// and deepest), deployments by state; refreshed from presence messages and the store.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fleet_gauges_follow_presence() {
+    use brume_protocol::AgentStatus;
+    let broker = Mosquitto::start().expect("starting mosquitto");
+    let hub = Hub::start_with(broker.port, |cfg| cfg.ingest.fleet_metrics_interval = Duration::from_millis(100)).await;
+    let mut agent = Agent::connect(broker.port, "g-1").await;
+    // An ack first, so the hub's subscriptions (status first) are in place.
+    agent.send_until_acked(&batch("g-1", 1, 1, &[("g", T0, 1.0)])).await;
+    for (id, online, outbox) in [("g-1", true, 3), ("g-2", false, 7)] {
+        let AgentStatus::V1(mut st) = util::status(id, &[]);
+        st.online = online;
+        st.outbox_batches = outbox;
+        agent.publish_raw(topics::status(id), AgentStatus::V1(st).encode()).await;
+    }
+    let want = [
+        ("brume_hub_agents_known", 2.0),
+        ("brume_hub_agents_online", 1.0),
+        ("brume_hub_agents_outbox_batches", 10.0),
+        ("brume_hub_agent_outbox_batches_max", 7.0),
+        (r#"brume_hub_deployments{state="rolling"}"#, 0.0),
+        (r#"brume_hub_deployments{state="rolled_back"}"#, 0.0),
+    ];
+    let start = std::time::Instant::now();
+    loop {
+        let mut got = Vec::new();
+        for (name, _) in want {
+            got.push((name, hub.metric(name).await));
+        }
+        if got == want {
+            break;
+        }
+        assert!(start.elapsed() < util::DEADLINE, "fleet gauges {got:?}, want {want:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // `metric` reads an absent sample as 0: the zeros above must be real samples.
+    let body = hub.get("/metrics").await.1;
+    for (name, v) in want {
+        assert!(body.lines().any(|l| l == format!("{name} {v}")), "no sample {name} {v} in\n{body}");
+    }
+    hub.stop().await;
+}
+
 /// The OpenAPI document is served, is valid JSON, and lists exactly the routes the hub
 /// serves: every documented path answers (never 404), and the list matches the router's.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
