@@ -4,7 +4,7 @@
 # building the example WASM modules (`cargo xtask build-modules`), whose native unit tests
 # (a separate workspace, modules/examples) run at the end, and the agent for aarch64 and
 # armv7 with its .deb packages (`cargo xtask package aarch64 armv7`), which the device
-# suite runs under qemu-user.
+# suite runs under qemu-user; then the Prometheus integration (scripts/check-integrations.sh).
 # Checks formatting and clippy lints first (`-D warnings`). Installs missing system
 # packages first. Usage: ./scripts/test.sh [extra cargo test args]
 set -euo pipefail
@@ -34,6 +34,9 @@ if [ "${BRUME_SKIP_CROSS:-}" != 1 ]; then
   cargo run --locked --quiet --package xtask -- package aarch64 armv7 2>&1 | tee -a "$log" || status=$?
 fi
 cargo test --workspace --locked --no-fail-fast "$@" 2>&1 | tee -a "$log" || status=$?
+# The Prometheus scrape config and alert rules: promtool's checks and the rules' unit tests
+# (integrations/prometheus/brume-alerts.test.yml), and every metric they name exists.
+./scripts/check-integrations.sh 2>&1 | tee -a "$log" || status=$?
 # The example modules' native tests; extra args are for the main workspace only.
 (cd modules/examples && cargo test --locked --no-fail-fast) 2>&1 | tee -a "$log" || status=$?
 # One closing line for the whole run, summed over every test binary. A skipped test also
