@@ -30,6 +30,9 @@
 //! * `lineage`, `rollups`, `presence` (v2–v4) as in SQLite.
 //! * `agent_rollups(stream_id, field, minute, agent_id, count, sum, min, max)` (v9): as in
 //!   SQLite, for fleet-level queries; retention deletes them with the readings' days.
+//! * Schema `brume_api` (v10): views for SQL readers outside the hub (Grafana,
+//!   `integrations/grafana/`). They are a contract: later migrations keep their names and
+//!   columns (adding columns at the end at most), whatever happens to the tables beneath.
 //! * `quarantine(id, agent_id, epoch, seq, topic, reason, error, payload, ...)` (v5):
 //!   batches acknowledged without being stored, with their raw bytes (`crate::ingest`).
 //! * `module_registry`, `deployments`, `deployment_agents`, `desired`, `reports` (v7): the
@@ -110,6 +113,7 @@ pub const MIGRATIONS: &[(i32, &str)] = &[
     (7, fleet::SCHEMA_V7),
     (8, fleet::SCHEMA_V8),
     (9, SCHEMA_V9),
+    (10, SCHEMA_V10),
 ];
 
 /// Newest schema version this build knows.
@@ -212,6 +216,50 @@ CREATE TABLE agent_rollups (
     max        float8 NOT NULL,
     PRIMARY KEY (stream_id, field, minute, agent_id)
 );
+"#;
+
+/// Views for SQL readers outside the hub: the schema's contract (see the module docs and
+/// `integrations/grafana/README.md`). Times are `timestamptz` for Grafana, and each
+/// time-keyed view also has its key in ns (`minute_ns`), which a `WHERE` can compare
+/// with the primary key's `minute` so PostgreSQL reads an index range, not every row.
+/// Stored epochs and sequence numbers with the sign bit flipped are flipped back.
+const SCHEMA_V10: &str = r#"
+CREATE SCHEMA brume_api;
+CREATE VIEW brume_api.rollups_1m AS
+    SELECT s.name AS stream, r.field, r.minute AS minute_ns, to_timestamp(r.minute / 1e9) AS time,
+           r.count, r.sum, r.min, r.max, r.sum / r.count AS mean, r.last
+    FROM rollups r JOIN streams s ON s.id = r.stream_id;
+COMMENT ON VIEW brume_api.rollups_1m IS
+    'Brume contract: one-minute count/sum/min/max/mean/last of each numeric field of each stream, all agents together';
+CREATE VIEW brume_api.agent_rollups_1m AS
+    SELECT s.name AS stream, r.field, r.agent_id, r.minute AS minute_ns, to_timestamp(r.minute / 1e9) AS time,
+           r.count, r.sum, r.min, r.max, r.sum / r.count AS mean
+    FROM agent_rollups r JOIN streams s ON s.id = r.stream_id;
+COMMENT ON VIEW brume_api.agent_rollups_1m IS
+    'Brume contract: one-minute count/sum/min/max/mean per agent; kept as long as the raw readings ([retention] keep)';
+CREATE VIEW brume_api.streams AS
+    SELECT s.name AS stream, coalesce(sum(d.readings), 0)::int8 AS readings,
+           to_timestamp(min(d.first_ts_ns) / 1e9) AS first_time, to_timestamp(max(d.last_ts_ns) / 1e9) AS last_time
+    FROM streams s LEFT JOIN stream_days d ON d.stream_id = s.id
+    GROUP BY s.name;
+COMMENT ON VIEW brume_api.streams IS 'Brume contract: every stream with its stored readings and time span';
+CREATE VIEW brume_api.batches AS
+    SELECT agent_id, (epoch # (-9223372036854775807 - 1)) AS epoch, seq, readings,
+           to_timestamp(created_ms / 1e3) AS created_time, to_timestamp(received_ms / 1e3) AS received_time
+    FROM batches;
+COMMENT ON VIEW brume_api.batches IS
+    'Brume contract: every stored batch (epoch as a signed 64-bit number: the agent''s u64 reinterpreted)';
+CREATE VIEW brume_api.losses AS
+    SELECT agent_id, stream, reason, sum(total)::int8 AS total FROM losses GROUP BY agent_id, stream, reason;
+COMMENT ON VIEW brume_api.losses IS
+    'Brume contract: readings each agent reported lost, by stream and reason, over all its store epochs';
+CREATE VIEW brume_api.quarantine AS
+    SELECT id, agent_id, (seq # (-9223372036854775807 - 1)) AS seq, topic, reason, error,
+           length(payload) AS bytes, to_timestamp(first_received_ms / 1e3) AS first_received,
+           to_timestamp(last_received_ms / 1e3) AS last_received, deliveries
+    FROM quarantine;
+COMMENT ON VIEW brume_api.quarantine IS
+    'Brume contract: batches acknowledged without being stored (GET /api/v1/quarantine), without their payloads';
 "#;
 
 /// Agents' latest presence messages.
