@@ -1,6 +1,6 @@
 //! Brume developer tasks.
 //!
-//! `cargo xtask bench [--quick] [--write] [--only mqtt,store,rss,wasm,hub,hubscale,hubquery,edgecost,rollout,device]` runs the benchmarks and
+//! `cargo xtask bench [--quick] [--write] [--only mqtt,store,rss,wasm,hub,hubscale,hubquery,edgecost,rollout,device,dashboard]` runs the benchmarks and
 //! prints a Markdown table; `--write` also rewrites `BENCHMARKS.md` at the repository root.
 //! Benchmarks print; nothing here asserts a timing.
 //!
@@ -13,6 +13,7 @@
 //! `package.rs`).
 
 mod cross;
+mod dashboard;
 mod device;
 mod edgecost;
 mod hub;
@@ -54,7 +55,7 @@ enum Cmd {
         /// Smaller N and a 10 s RSS run: a smoke check, not a measurement.
         #[arg(long)]
         quick: bool,
-        /// Run only these groups (mqtt, store, rss, wasm, hub, hubscale, hubquery, edgecost, rollout, device); cannot be combined with --write.
+        /// Run only these groups (mqtt, store, rss, wasm, hub, hubscale, hubquery, edgecost, rollout, device, dashboard); cannot be combined with --write.
         #[arg(long, value_delimiter = ',')]
         only: Vec<String>,
         /// Samples per short benchmark (median [min..max] is reported).
@@ -104,10 +105,24 @@ fn main() -> Result<()> {
 
 fn bench(root: &Path, write: bool, quick: bool, only: Vec<String>, samples: usize, rates: Vec<u32>) -> Result<()> {
     for o in &only {
-        if !["mqtt", "store", "rss", "wasm", "hub", "hubscale", "hubquery", "edgecost", "rollout", "device"]
-            .contains(&o.as_str())
+        if ![
+            "mqtt",
+            "store",
+            "rss",
+            "wasm",
+            "hub",
+            "hubscale",
+            "hubquery",
+            "edgecost",
+            "rollout",
+            "device",
+            "dashboard",
+        ]
+        .contains(&o.as_str())
         {
-            bail!("--only takes mqtt, store, rss, wasm, hub, hubscale, hubquery, edgecost, rollout, device; got {o:?}");
+            bail!(
+                "--only takes mqtt, store, rss, wasm, hub, hubscale, hubquery, edgecost, rollout, device, dashboard; got {o:?}"
+            );
         }
     }
     if write && (!only.is_empty() || !rates.is_empty()) {
@@ -128,7 +143,7 @@ fn bench(root: &Path, write: bool, quick: bool, only: Vec<String>, samples: usiz
     if runs("wasm") || runs("rss") || runs("rollout") || runs("device") {
         modules::build(root)?;
     }
-    let hub_exe = if runs("hubscale") || runs("hubquery") || runs("edgecost") || runs("rollout") || runs("device") {
+    let hub_exe = if ["hubscale", "hubquery", "edgecost", "rollout", "device", "dashboard"].into_iter().any(runs) {
         Some(hubscale::build_hub(root)?)
     } else {
         None
@@ -170,6 +185,9 @@ fn bench(root: &Path, write: bool, quick: bool, only: Vec<String>, samples: usiz
         }
         if runs("device") {
             rows.extend(bench_device(root, hub_exe)?);
+        }
+        if runs("dashboard") {
+            rows.extend(bench_dashboard(hub_exe)?);
         }
     }
     let total = started.elapsed().as_secs_f64();
@@ -1073,6 +1091,80 @@ fn bench_swap(p: &Params, v1: &[u8], hub: &Path, agent: &Path) -> Result<Row> {
             resent,
         ),
     })
+}
+
+fn bench_dashboard(exe: &Path) -> Result<Vec<Row>> {
+    eprintln!(
+        "10. the dashboard on a month of data: {} streams × 30 days, charts opened, ten live tails",
+        dashboard::STREAMS
+    );
+    let r = dashboard::run(exe)?;
+    let ms = |s: f64| format!("{:.0} ms", s * 1e3);
+    let dataset = format!(
+        "Release hub on its SQLite store holding {} streams × 30 days from {} agents: one reading per minute up to 3 h \
+         ago (the one-minute rollups that answer ranges of 6 h and more have the same 43,200 rows per stream as at \
+         1 Hz), one per second for the last 3 h (the raw readings ranges up to 1 h read); {} readings, stored in \
+         {:.0} s.",
+        dashboard::STREAMS,
+        dashboard::AGENTS,
+        group(r.readings as f64),
+        r.load_secs
+    );
+    let worst = r.ranges.iter().flat_map(|x| x.secs.iter().copied()).fold(0.0, f64::max);
+    let per_range: Vec<String> = r
+        .ranges
+        .iter()
+        .map(|x| {
+            format!(
+                "{}{}: {} buckets ({}), p50 {}, max {}, {}",
+                if x.fleet { "fleet " } else { "" },
+                x.range,
+                x.buckets,
+                x.source,
+                ms(Samples(x.secs.clone()).median()),
+                ms(x.secs.iter().copied().fold(0.0, f64::max)),
+                fmt_bytes(x.bytes as f64)
+            )
+        })
+        .collect();
+    let mb = |b: u64| format!("{:.1} MB", b as f64 / 1e6);
+    Ok(vec![
+        Row {
+            id: "10a",
+            name: format!(
+                "dashboard: open a chart of one of {} streams holding 30 days (each preset range, and fleet aggregation by label), slowest request",
+                dashboard::STREAMS
+            ),
+            result: ms(worst),
+            limit: "–".into(),
+            ratio: "–".into(),
+            target: "< 1 s".into(),
+            verdict: if worst < 1.0 { "meets".into() } else { format!("**misses** ({})", ms(worst)) },
+            note: format!(
+                "{dataset} Each range opened for 20 streams, one after another, as the page asks (`niceStep`, 550 \
+                 buckets at most), timed at the client with the body read: {}. Listing the streams took {}.",
+                per_range.join("; "),
+                ms(r.list_secs)
+            ),
+        },
+        Row {
+            id: "10b",
+            name: "dashboard: hub memory and CPU while ten browsers watch live (ten SSE tails, 2 s steps, 10 readings/s each) for 60 s".into(),
+            result: format!("RSS {} → {}; {:.1} % of a core", mb(r.rss_start), mb(r.rss_end), r.cpu_share * 100.0),
+            limit: "–".into(),
+            ratio: "–".into(),
+            target: "bounded".into(),
+            verdict: if r.rss_peak_last <= r.rss_peak_first + 5_000_000 { "meets".into() } else { "**misses** (grows)".into() },
+            note: format!(
+                "Same hub and data as 10a; the benchmark writes 10 readings/s to each tailed stream. Peak RSS in the first \
+                 20 s {}, in the last 20 s {} (bounded: no growth beyond 5 MB between them); at least {} bucket events \
+                 per tail. Each tail re-reads its last two buckets every second.",
+                mb(r.rss_peak_first),
+                mb(r.rss_peak_last),
+                r.tail_events_min
+            ),
+        },
+    ])
 }
 
 fn bench_hubquery(p: &Params, exe: &Path) -> Result<Row> {
