@@ -44,11 +44,15 @@ function fmtTime(ms) {
 
 function ago(ms) {
   if (!ms) return "never";
-  const s = Math.max(0, Math.round((Date.now() - ms) / 1000));
-  if (s < 60) return `${s} s ago`;
-  if (s < 3600) return `${Math.round(s / 60)} min ago`;
-  if (s < 86400) return `${Math.round(s / 3600)} h ago`;
-  return `${Math.round(s / 86400)} d ago`;
+  return `${fmtAge(Math.max(0, Math.round((Date.now() - ms) / 1000)))} ago`;
+}
+
+/** A duration in seconds, short: 45 s, 12 min, 3 h, 2 d. */
+function fmtAge(s) {
+  if (s < 60) return `${s} s`;
+  if (s < 3600) return `${Math.round(s / 60)} min`;
+  if (s < 86400) return `${Math.round(s / 3600)} h`;
+  return `${Math.round(s / 86400)} d`;
 }
 
 function fmtNum(v) {
@@ -411,7 +415,7 @@ async function pageFleet(main) {
       card("agents", rows.length), card("online", online, "online"), card("offline", rows.length - online, rows.length - online ? "offline" : ""),
       card("missing batches", rows.reduce((n, r) => n + gapsOf(r), 0)),
       card("quarantined", rows.reduce((n, r) => n + r.quarantined, 0)));
-    const head = ["agent", "status", "last seen", "version", "platform", "labels", "store", "outbox", "batches", "missing", "lost", "quarantined"];
+    const head = ["agent", "status", "last seen", "version", "platform", "labels", "store", "outbox", "backlog age", "batches", "missing", "lost", "quarantined"];
     table.replaceChildren(h("table", { id: "fleet-table" },
       h("thead", {}, h("tr", {}, head.map((c, i) => h("th", { class: i >= 6 ? "num" : null }, c)))),
       h("tbody", {}, shown.map((r) => {
@@ -429,6 +433,8 @@ async function pageFleet(main) {
           h("td", {}, labels.map(([k, v]) => h("span", { class: "pill" }, `${k}=${v}`))),
           h("td", { class: "num" }, p ? p.store_readings : ""),
           h("td", { class: "num", title: p ? `${p.outbox_readings} readings` : null }, p ? p.outbox_batches : ""),
+          h("td", { class: `num ${p && p.backlog_age_s > 300 ? "warn" : ""}`, "data-backlog": p && p.backlog_age_s !== null ? p.backlog_age_s : null },
+            p && p.backlog_age_s !== null && p.backlog_age_s !== undefined ? fmtAge(p.backlog_age_s) : ""),
           h("td", { class: "num" }, r.epochs.reduce((n, e) => n + e.batches, 0)),
           h("td", { class: `num ${gaps ? "warn" : ""}` }, gaps),
           h("td", { class: "num" }, lossesOf(r)),
@@ -466,6 +472,7 @@ async function pageAgent(main, id) {
         ["version", p.version], ["uptime", `${p.uptime_s} s`], ["heartbeat", `${p.heartbeat_s} s`],
         ["labels", Object.entries(p.labels).map(([k, v]) => h("span", { class: "pill" }, `${k}=${v}`))],
         ["store", `${p.store_readings} readings`], ["outbox", `${p.outbox_batches} batches, ${p.outbox_readings} readings`],
+        ["backlog age", p.backlog_age_s === null || p.backlog_age_s === undefined ? "none" : fmtAge(p.backlog_age_s)],
       ]));
       parts.push(h("h2", {}, "Modules running"), p.modules.length ? h("table", {},
         h("thead", {}, h("tr", {}, ["module", "build", "enabled", "failed batches", "last error"].map((x) => h("th", {}, x)))),

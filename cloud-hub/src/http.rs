@@ -736,6 +736,8 @@ async fn presence(
                     "store_readings": st.store_readings,
                     "outbox_batches": st.outbox_batches,
                     "outbox_readings": st.outbox_readings,
+                    "oldest_outbox_ms": p.ext.oldest_outbox_ms,
+                    "backlog_age_s": p.backlog_age_s(),
                     "labels": st.labels.iter().map(|(k, v)| (k.clone(), json!(v))).collect::<serde_json::Map<_, _>>(),
                     "modules": st.modules.iter().map(|m| json!({
                         "name": m.name, "sha256": m.sha256, "enabled": m.enabled,

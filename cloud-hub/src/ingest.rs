@@ -440,9 +440,9 @@ impl Ingest {
     /// is logged and counted, and the next heartbeat (every few seconds) replaces it.
     async fn record_presence(&self, agent: &str, payload: &[u8]) {
         let metrics = self.metrics();
-        let status = match AgentStatus::decode(payload) {
-            Ok(s) if s.agent_id == agent => s,
-            Ok(s) => {
+        let (status, ext) = match AgentStatus::decode_full(payload) {
+            Ok((s, ext)) if s.agent_id == agent => (s, ext),
+            Ok((s, _)) => {
                 metrics.presence_messages.get_or_create(&[("result", "rejected")]).inc();
                 tracing::warn!(agent_id = agent, payload_agent_id = %s.agent_id, "presence message for another agent; ignored");
                 return;
@@ -454,7 +454,7 @@ impl Ingest {
             }
         };
         let store = Arc::clone(&self.committer.store);
-        let result = tokio::task::spawn_blocking(move || store.record_presence(&status, now_ms())).await;
+        let result = tokio::task::spawn_blocking(move || store.record_presence(&status, &ext, now_ms())).await;
         let outcome = match result {
             Ok(Ok(())) => "stored",
             Ok(Err(e)) => {

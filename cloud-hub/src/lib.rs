@@ -159,6 +159,7 @@ async fn refresh_fleet_metrics(
                 let outbox = presence.iter().map(|p| i64::try_from(p.status.outbox_batches).unwrap_or(i64::MAX));
                 metrics.outbox_batches.set(outbox.clone().fold(0i64, i64::saturating_add));
                 metrics.outbox_batches_max.set(outbox.max().unwrap_or(0));
+                metrics.backlog_age_max.set(presence.iter().filter_map(|p| p.backlog_age_s()).max().unwrap_or(0));
                 for state in ["rolling", "paused", "done", "aborted", "rolled_back"] {
                     let n = deployments.iter().filter(|d| d.state.as_str() == state).count();
                     metrics.deployments.get_or_create(&[("state", state)]).set(n as i64);

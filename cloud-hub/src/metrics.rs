@@ -58,6 +58,8 @@ pub struct Metrics {
     pub outbox_batches: Gauge<i64, AtomicI64>,
     /// The deepest single outbox among them.
     pub outbox_batches_max: Gauge<i64, AtomicI64>,
+    /// The oldest outbox batch of any agent, seconds (`PresenceRecord::backlog_age_s`).
+    pub backlog_age_max: Gauge<i64, AtomicI64>,
     /// Deployments per `state="rolling|paused|done|aborted|rolled_back"`.
     pub deployments: Family<[(&'static str, &'static str); 1], Gauge<i64, AtomicI64>>,
     /// Batches put in quarantine (or quarantined again on a re-send), by
@@ -135,6 +137,12 @@ impl Metrics {
             "The longest outbox of any one agent, batches (the dashboard's Fleet page says whose)",
             outbox_batches_max.clone(),
         );
+        let backlog_age_max = Gauge::<i64, AtomicI64>::default();
+        registry.register(
+            "agent_backlog_age_seconds_max",
+            "Age of the oldest batch waiting in any agent's outbox, seconds, as the agents' last presence messages said",
+            backlog_age_max.clone(),
+        );
         let deployments = Family::<ResultLabel, Gauge<i64, AtomicI64>>::default();
         for state in ["rolling", "paused", "done", "aborted", "rolled_back"] {
             let _ = deployments.get_or_create(&[("state", state)]);
@@ -174,6 +182,7 @@ impl Metrics {
             agents_known,
             outbox_batches,
             outbox_batches_max,
+            backlog_age_max,
             deployments,
             presence_messages,
             report_messages,

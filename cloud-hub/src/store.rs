@@ -22,7 +22,7 @@ pub(crate) mod suite;
 
 use std::time::Duration;
 
-use brume_protocol::{Batch, FieldsBlob, LossReason, ModuleRef, StatusV1};
+use brume_protocol::{Batch, FieldsBlob, LossReason, ModuleRef, StatusExtV2, StatusV1};
 
 /// Why a storage operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -475,7 +475,7 @@ pub trait HubStore: fleet::FleetStore + Send + Sync + 'static {
     fn drop_days_before(&self, ts_ns: i64) -> Result<u64, StoreError>;
 
     /// Records an agent's latest presence message (the last one received wins).
-    fn record_presence(&self, status: &StatusV1, received_ms: i64) -> Result<(), StoreError>;
+    fn record_presence(&self, status: &StatusV1, ext: &StatusExtV2, received_ms: i64) -> Result<(), StoreError>;
 
     /// Every agent's latest presence message, sorted by agent id.
     fn presence(&self) -> Result<Vec<PresenceRecord>, StoreError>;
@@ -638,11 +638,20 @@ pub(crate) fn storable_text(s: &str) -> String {
 pub struct PresenceRecord {
     /// The message.
     pub status: StatusV1,
+    /// What version 2 messages add (defaults for a version 1 message).
+    pub ext: StatusExtV2,
     /// Hub time of receipt, ms since the Unix epoch: the agent's last-seen time.
     pub received_ms: i64,
 }
 
 impl PresenceRecord {
+    /// How old the agent's oldest unacknowledged batch was when it sent this message,
+    /// seconds, both times by the agent's clock (so skew between clocks does not matter);
+    /// `None` with an empty outbox or from an agent sending version 1 messages.
+    pub fn backlog_age_s(&self) -> Option<i64> {
+        self.ext.oldest_outbox_ms.map(|t| (self.status.sent_ms - t).max(0) / 1000)
+    }
+
     /// Online: the agent's last message said so and it is not more than three heartbeats
     /// old (a last will may be lost with the broker).
     pub fn online_at(&self, now_ms: i64) -> bool {
@@ -651,9 +660,9 @@ impl PresenceRecord {
 }
 
 pub(crate) fn decode_presence(blob: &[u8], received_ms: i64) -> Result<PresenceRecord, StoreError> {
-    let status = brume_protocol::AgentStatus::decode(blob)
+    let (status, ext) = brume_protocol::AgentStatus::decode_full(blob)
         .map_err(|e| StoreError::Corrupt(format!("stored presence does not decode: {e}")))?;
-    Ok(PresenceRecord { status, received_ms })
+    Ok(PresenceRecord { status, ext, received_ms })
 }
 
 #[cfg(test)]

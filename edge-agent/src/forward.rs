@@ -28,7 +28,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use brume_protocol::{AgentMessage, Batch, HubMessage, Value, topics};
-use brume_protocol::{AgentStatus, Desired, DesiredState, ModuleHealth, StatusV1};
+use brume_protocol::{AgentStatus, Desired, DesiredState, ModuleHealth, StatusExtV2, StatusV1};
 use rand::Rng;
 use rumqttc::{AsyncClient, Event, EventLoop, LastWill, MqttOptions, Outgoing, Packet, QoS};
 
@@ -290,19 +290,22 @@ impl Presence {
                 last_error: label(m.last_error.as_deref().unwrap_or("")),
             })
             .collect();
-        AgentStatus::V1(StatusV1 {
-            agent_id: self.agent_id.clone(),
-            online,
-            version: env!("CARGO_PKG_VERSION").into(),
-            started_ms: self.started_ms,
-            sent_ms: now_ms(),
-            heartbeat_s: self.heartbeat.as_secs().try_into().unwrap_or(u32::MAX),
-            store_readings: snap.readings,
-            outbox_batches: snap.outbox_batches,
-            outbox_readings: snap.outbox_readings,
-            modules,
-            labels: self.labels.clone(),
-        })
+        AgentStatus::V2(
+            StatusV1 {
+                agent_id: self.agent_id.clone(),
+                online,
+                version: env!("CARGO_PKG_VERSION").into(),
+                started_ms: self.started_ms,
+                sent_ms: now_ms(),
+                heartbeat_s: self.heartbeat.as_secs().try_into().unwrap_or(u32::MAX),
+                store_readings: snap.readings,
+                outbox_batches: snap.outbox_batches,
+                outbox_readings: snap.outbox_readings,
+                modules,
+                labels: self.labels.clone(),
+            },
+            StatusExtV2 { oldest_outbox_ms: snap.oldest_created_ms },
+        )
         .encode()
     }
 }

@@ -155,6 +155,7 @@ fn load(data: &Path, now_ns: i64) -> Result<u64> {
                 modules: vec![],
                 labels: vec![("site".into(), "plant-1".into())],
             },
+            &Default::default(),
             now_ms,
         )?;
     }

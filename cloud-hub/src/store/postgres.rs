@@ -73,7 +73,7 @@ use std::future::Future;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
-use brume_protocol::{AgentStatus, Batch, FieldsBlob, StatusV1};
+use brume_protocol::{AgentStatus, Batch, FieldsBlob, StatusExtV2, StatusV1};
 
 mod fleet;
 
@@ -1368,8 +1368,8 @@ impl HubStore for PostgresStore {
         })
     }
 
-    fn record_presence(&self, status: &StatusV1, received_ms: i64) -> Result<(), StoreError> {
-        let blob = AgentStatus::V1(status.clone()).encode();
+    fn record_presence(&self, status: &StatusV1, ext: &StatusExtV2, received_ms: i64) -> Result<(), StoreError> {
+        let blob = AgentStatus::V2(status.clone(), ext.clone()).encode();
         self.call("recording presence", async {
             let mut conn = self.checkout().await?;
             conn.client()

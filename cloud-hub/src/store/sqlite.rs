@@ -50,7 +50,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
-use brume_protocol::{AgentStatus, Batch, FieldsBlob, StatusV1};
+use brume_protocol::{AgentStatus, Batch, FieldsBlob, StatusExtV2, StatusV1};
 
 mod fleet;
 
@@ -694,8 +694,8 @@ impl HubStore for SqliteStore {
         })
     }
 
-    fn record_presence(&self, status: &StatusV1, received_ms: i64) -> Result<(), StoreError> {
-        let blob = AgentStatus::V1(status.clone()).encode();
+    fn record_presence(&self, status: &StatusV1, ext: &StatusExtV2, received_ms: i64) -> Result<(), StoreError> {
+        let blob = AgentStatus::V2(status.clone(), ext.clone()).encode();
         let guard = lock(&self.writer);
         guard
             .conn

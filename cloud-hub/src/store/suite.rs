@@ -620,7 +620,7 @@ pub(crate) fn fleet_aggregation_matches_brute_force(f: &impl Fixture) {
 /// Presence: the last message received per agent wins, listed by agent id, and survives
 /// reopening; `online_at` expires an agent after three missed heartbeats.
 pub(crate) fn presence_keeps_the_latest_message_per_agent(f: &impl Fixture) {
-    use brume_protocol::{ModuleHealth, StatusV1};
+    use brume_protocol::{ModuleHealth, StatusExtV2, StatusV1};
     let st = |agent: &str, online: bool, sent_ms: i64| StatusV1 {
         agent_id: agent.into(),
         online,
@@ -642,15 +642,16 @@ pub(crate) fn presence_keeps_the_latest_message_per_agent(f: &impl Fixture) {
     };
     let store = f.open();
     assert_eq!(store.presence().unwrap(), vec![]);
-    store.record_presence(&st("b", true, 100), 1_000).unwrap();
-    store.record_presence(&st("a", true, 100), 1_000).unwrap();
-    store.record_presence(&st("b", false, 50), 2_000).unwrap(); // a last will, made at connect time
+    store.record_presence(&st("b", true, 100), &Default::default(), 1_000).unwrap();
+    store.record_presence(&st("a", true, 100), &StatusExtV2 { oldest_outbox_ms: Some(40) }, 1_000).unwrap();
+    store.record_presence(&st("b", false, 50), &Default::default(), 2_000).unwrap(); // a last will, made at connect time
     drop(store);
     let list = f.open().presence().unwrap();
     let got: Vec<(&str, bool, i64)> =
         list.iter().map(|p| (p.status.agent_id.as_str(), p.status.online, p.received_ms)).collect();
     assert_eq!(got, [("a", true, 1_000), ("b", false, 2_000)]);
     assert_eq!(list[0].status, st("a", true, 100));
+    assert_eq!((list[0].ext.oldest_outbox_ms, list[1].ext.oldest_outbox_ms), (Some(40), None));
     assert!(list[0].online_at(1_000 + 30_000));
     assert!(!list[0].online_at(1_000 + 30_001), "three heartbeats missed");
     assert!(!list[1].online_at(2_000));

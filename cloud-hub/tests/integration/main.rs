@@ -611,17 +611,24 @@ async fn fleet_gauges_follow_presence() {
     let mut agent = Agent::connect(broker.port, "g-1").await;
     // An ack first, so the hub's subscriptions (status first) are in place.
     agent.send_until_acked(&batch("g-1", 1, 1, &[("g", T0, 1.0)])).await;
+    // g-1 speaks version 2 presence with a backlog 90 s old, g-2 version 1.
     for (id, online, outbox) in [("g-1", true, 3), ("g-2", false, 7)] {
-        let AgentStatus::V1(mut st) = util::status(id, &[]);
+        let AgentStatus::V1(mut st) = util::status(id, &[]) else { unreachable!("util::status is version 1") };
         st.online = online;
         st.outbox_batches = outbox;
-        agent.publish_raw(topics::status(id), AgentStatus::V1(st).encode()).await;
+        st.sent_ms = 100_000;
+        let msg = match online {
+            true => AgentStatus::V2(st, brume_protocol::StatusExtV2 { oldest_outbox_ms: Some(10_000) }),
+            false => AgentStatus::V1(st),
+        };
+        agent.publish_raw(topics::status(id), msg.encode()).await;
     }
     let want = [
         ("brume_hub_agents_known", 2.0),
         ("brume_hub_agents_online", 1.0),
         ("brume_hub_agents_outbox_batches", 10.0),
         ("brume_hub_agent_outbox_batches_max", 7.0),
+        ("brume_hub_agent_backlog_age_seconds_max", 90.0),
         (r#"brume_hub_deployments{state="rolling"}"#, 0.0),
         (r#"brume_hub_deployments{state="rolled_back"}"#, 0.0),
     ];
@@ -642,6 +649,10 @@ async fn fleet_gauges_follow_presence() {
     for (name, v) in want {
         assert!(body.lines().any(|l| l == format!("{name} {v}")), "no sample {name} {v} in\n{body}");
     }
+    let presence = hub.get_json("/api/v1/presence").await;
+    let ages: Vec<(&str, &serde_json::Value)> =
+        presence.as_array().unwrap().iter().map(|p| (p["agent_id"].as_str().unwrap(), &p["backlog_age_s"])).collect();
+    assert_eq!(ages, [("g-1", &json!(90)), ("g-2", &json!(null))]);
     hub.stop().await;
 }
 

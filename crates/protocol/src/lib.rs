@@ -402,6 +402,19 @@ pub const MAX_STATUS_MODULES: usize = 64;
 pub enum AgentStatus {
     /// Version 1.
     V1(StatusV1),
+    /// Version 2: version 1's fields, then what version 2 adds. Hubs decode both; agents
+    /// send version 2, so upgrade hubs before agents (an older hub ignores a version 2
+    /// message as malformed until then, and shows such an agent as not reporting).
+    V2(StatusV1, StatusExtV2),
+}
+
+/// What version 2 presence messages add to version 1.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StatusExtV2 {
+    /// When the oldest batch waiting for the hub's acknowledgement was cut, ms since the
+    /// Unix epoch (agent clock); `None` when the outbox is empty. The agent's backlog age
+    /// is the time since then.
+    pub oldest_outbox_ms: Option<i64>,
 }
 
 /// Version 1 presence message.
@@ -452,9 +465,18 @@ impl AgentStatus {
         postcard::to_stdvec(self).expect("encoding to a Vec cannot fail")
     }
 
-    /// Decodes and validates a message.
+    /// Decodes and validates a message of any version, returning version 1's fields.
     pub fn decode(bytes: &[u8]) -> Result<StatusV1, DecodeError> {
-        let AgentStatus::V1(s) = decode_exact(bytes)?;
+        Self::decode_full(bytes).map(|(s, _)| s)
+    }
+
+    /// Decodes and validates a message of any version: version 1's fields and the later
+    /// versions' additions (their defaults for a version 1 message).
+    pub fn decode_full(bytes: &[u8]) -> Result<(StatusV1, StatusExtV2), DecodeError> {
+        let (s, ext) = match decode_exact(bytes)? {
+            AgentStatus::V1(s) => (s, StatusExtV2::default()),
+            AgentStatus::V2(s, ext) => (s, ext),
+        };
         validate_agent_id(&s.agent_id)?;
         if s.modules.len() > MAX_STATUS_MODULES {
             return Err(invalid("status modules", format!("{} listed, at most {MAX_STATUS_MODULES}", s.modules.len())));
@@ -470,7 +492,7 @@ impl AgentStatus {
                 return Err(invalid("status label", format!("{} bytes, at most {MAX_STATUS_LABEL}", l.len())));
             }
         }
-        Ok(s)
+        Ok((s, ext))
     }
 }
 

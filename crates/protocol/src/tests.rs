@@ -265,10 +265,34 @@ fn golden_bytes_status_v1() {
     let expected: &[u8] =
         &[0, 1, b'a', 1, 1, b'1', 2, 4, 10, 3, 4, 5, 1, 1, b'm', 0, 0, 6, 1, b'x', 1, 1, b'k', 1, b'v'];
     assert_eq!(st.encode(), expected);
-    let AgentStatus::V1(inner) = st;
+    let AgentStatus::V1(inner) = st else { unreachable!("built as V1") };
     assert_eq!(AgentStatus::decode(expected).unwrap(), inner);
     assert_eq!(topics::agent_of_status_topic(&topics::status("edge-1")), Some("edge-1"));
     assert_eq!(topics::agent_of_status_topic(&topics::batches("edge-1")), None);
+}
+
+#[test]
+fn golden_bytes_status_v2() {
+    let ext = StatusExtV2 { oldest_outbox_ms: Some(7) };
+    let st = AgentStatus::V2(status(), ext.clone());
+    // Variant 1, then version 1's bytes, then the optional time (1 = Some, zigzag 7 = 14).
+    let mut expected = AgentStatus::V1(status()).encode();
+    expected[0] = 1;
+    expected.extend_from_slice(&[1, 14]);
+    assert_eq!(st.encode(), expected);
+    assert_eq!(AgentStatus::decode_full(&expected).unwrap(), (status(), ext));
+    assert_eq!(AgentStatus::decode(&expected).unwrap(), status());
+    // A version 1 message decodes with version 2's defaults.
+    assert_eq!(
+        AgentStatus::decode_full(&AgentStatus::V1(status()).encode()).unwrap(),
+        (status(), StatusExtV2::default())
+    );
+    // Validation applies to version 2 as well.
+    let bad = StatusV1 { agent_id: "a/b".into(), ..status() };
+    assert!(matches!(
+        AgentStatus::decode(&AgentStatus::V2(bad, StatusExtV2::default()).encode()),
+        Err(DecodeError::Invalid { .. })
+    ));
 }
 
 #[test]
