@@ -454,9 +454,10 @@ async function pageAgent(main, id) {
   const box = h("div", {});
   main.replaceChildren(h("p", {}, h("a", { href: "#/fleet" }, "← Fleet")), box);
   const refresh = async () => {
-    let rows, control, builds;
+    let rows, control, builds, streams;
     try {
-      [rows, control, builds] = await Promise.all([fleetRows(), api("/api/v1/fleet/agents"), api("/api/v1/modules")]);
+      [rows, control, builds, streams] = await Promise.all([fleetRows(), api("/api/v1/fleet/agents"), api("/api/v1/modules"),
+        api(`/api/v1/streams?agent=${encodeURIComponent(id)}`)]);
     } catch (e) { showError(box, e); return; }
     const r = rows.find((x) => x.id === id);
     if (!r) { box.replaceChildren(h("p", { class: "error" }, `The hub knows no agent ${JSON.stringify(id)}.`)); return; }
@@ -490,6 +491,12 @@ async function pageAgent(main, id) {
           h("td", {}, m.phase), h("td", {}, m.wanted.version), h("td", {}, m.running ? m.running.version : ""),
           h("td", { class: "num" }, `${m.batches_ok} / ${m.batches_failed}`), h("td", { class: "error" }, m.error || ""))))));
     }
+    parts.push(h("h2", {}, "Streams"), streams.length ? h("table", { id: "agent-streams" },
+      h("thead", {}, h("tr", {}, ["stream", "readings", "first", "last"].map((x) => h("th", {}, x)))),
+      h("tbody", {}, streams.map((s) => h("tr", {},
+        h("td", {}, s.build ? `${s.stream} @${s.build.slice(0, 8)}` : h("a", { href: `#/data?stream=${encodeURIComponent(s.stream)}&range=24h` }, s.stream)),
+        h("td", { class: "num" }, s.readings), h("td", {}, fmtTime(s.first_ts_ns / 1e6)), h("td", {}, fmtTime(s.last_ts_ns / 1e6))))))
+      : h("p", { class: "muted" }, "none stored yet"));
     parts.push(h("h2", {}, "Completeness per epoch"), h("table", {},
       h("thead", {}, h("tr", {}, ["epoch", "batches", "readings", "watermark", "max seq", "missing", "missing since", "losses"].map((x) => h("th", {}, x)))),
       h("tbody", {}, r.epochs.map((e) => h("tr", {}, h("td", {}, h("code", {}, e.epoch)), h("td", { class: "num" }, e.batches),

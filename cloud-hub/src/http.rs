@@ -213,6 +213,8 @@ struct ListFilter {
     prefix: Option<String>,
     /// Presence: only online (true) or offline (false) agents.
     online: Option<bool>,
+    /// Streams: only those this agent sent.
+    agent: Option<String>,
     /// Agents and presence: `key:value` labels the agent must all carry.
     labels: Vec<(String, String)>,
 }
@@ -239,6 +241,7 @@ impl ListFilter {
                     f.pattern = Some(v);
                 }
                 "prefix" => f.prefix = Some(v),
+                "agent" => f.agent = Some(v),
                 "label" => {
                     let (k, val) = v
                         .split_once(':')
@@ -270,13 +273,17 @@ impl ListFilter {
     }
 }
 
-/// All streams, or those matching `match=<pattern>`.
+/// All streams, or those matching `match=<pattern>`; with `agent=<id>`, the streams that
+/// agent sent, with its own readings in each.
 async fn streams(
     State(s): State<AppState>,
     params: Result<Query<Vec<(String, String)>>, QueryRejection>,
 ) -> Result<axum::Json<serde_json::Value>, ApiError> {
-    let f = ListFilter::parse(params, &["match"])?;
-    let list = query(&s.store, |st| st.streams()).await?;
+    let f = ListFilter::parse(params, &["match", "agent"])?;
+    let list = match f.agent.clone() {
+        Some(agent) => query(&s.store, move |st| st.agent_streams(&agent)).await?,
+        None => query(&s.store, |st| st.streams()).await?,
+    };
     Ok(axum::Json(
         list.iter().filter(|x| f.stream(brume_protocol::split_variant(&x.stream).0)).map(stream_json).collect(),
     ))

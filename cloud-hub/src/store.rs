@@ -448,6 +448,11 @@ pub trait HubStore: fleet::FleetStore + Send + Sync + 'static {
     /// One page of a stream's readings. An unknown stream yields an empty page.
     fn readings(&self, query: &ReadingsQuery) -> Result<ReadingsPage, StoreError>;
 
+    /// The streams `agent_id` has sent, sorted by name, with the readings it stored in each
+    /// and their time span. Counts every reading ever stored: retention does not lower
+    /// them (it does lower `streams`).
+    fn agent_streams(&self, agent_id: &str) -> Result<Vec<StreamSummary>, StoreError>;
+
     /// Every `(agent, epoch)` the hub has stored batches for, sorted by agent id, then epoch.
     fn agents(&self) -> Result<Vec<AgentSummary>, StoreError>;
 

@@ -283,6 +283,9 @@ async fn dashboard_shows_data_and_fleet_in_a_real_browser() {
     c.find(Locator::Css("#fleet-table tr[data-agent=\"dash-1\"] a")).await.unwrap().click().await.unwrap();
     let title = browser.wait_for("#agent-title").await.text().await.unwrap();
     assert!(title.starts_with("dash-1"), "{title}");
+    // Its streams, each linking to its chart.
+    let streams = browser.wait_for("#agent-streams tbody").await.text().await.unwrap();
+    assert!(streams.contains("s/0") && streams.contains("s/1"), "{streams}");
 
     browser.client.close().await.unwrap();
 }

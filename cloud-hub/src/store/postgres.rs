@@ -30,6 +30,8 @@
 //! * `lineage`, `rollups`, `presence` (v2–v4) as in SQLite.
 //! * `agent_rollups(stream_id, field, minute, agent_id, count, sum, min, max)` (v9): as in
 //!   SQLite, for fleet-level queries; retention deletes them with the readings' days.
+//! * `agent_streams(agent_id, stream_id, readings, first_ts_ns, last_ts_ns)` (v11): as in
+//!   SQLite.
 //! * Schema `brume_api` (v10): views for SQL readers outside the hub (Grafana,
 //!   `integrations/grafana/`). They are a contract: later migrations keep their names and
 //!   columns (adding columns at the end at most), whatever happens to the tables beneath.
@@ -114,6 +116,7 @@ pub const MIGRATIONS: &[(i32, &str)] = &[
     (8, fleet::SCHEMA_V8),
     (9, SCHEMA_V9),
     (10, SCHEMA_V10),
+    (11, SCHEMA_V11),
 ];
 
 /// Newest schema version this build knows.
@@ -260,6 +263,21 @@ CREATE VIEW brume_api.quarantine AS
     FROM quarantine;
 COMMENT ON VIEW brume_api.quarantine IS
     'Brume contract: batches acknowledged without being stored (GET /api/v1/quarantine), without their payloads';
+"#;
+
+/// Which streams each agent sent (see `HubStore::agent_streams`), counted from the
+/// readings already stored.
+const SCHEMA_V11: &str = r#"
+CREATE TABLE agent_streams (
+    agent_id    text COLLATE "C" NOT NULL,
+    stream_id   int8 NOT NULL REFERENCES streams (id),
+    readings    int8 NOT NULL,
+    first_ts_ns int8 NOT NULL,
+    last_ts_ns  int8 NOT NULL,
+    PRIMARY KEY (agent_id, stream_id)
+);
+INSERT INTO agent_streams (agent_id, stream_id, readings, first_ts_ns, last_ts_ns)
+    SELECT agent_id, stream_id, count(*), min(ts_ns), max(ts_ns) FROM readings GROUP BY agent_id, stream_id;
 "#;
 
 /// Agents' latest presence messages.
@@ -1021,6 +1039,8 @@ async fn ingest_tx(
     //    handling, and needs none: the batches insert above already decided which
     //    readings are new, in this same transaction.
     let mut days: BTreeMap<(i64, i32), DayDelta> = BTreeMap::new();
+    // Per (agent, stream), in key order: the order rows are written.
+    let mut agent_streams: BTreeMap<(&str, i64), DayDelta> = BTreeMap::new();
     let mut rollups = RollupDeltas::default();
     if new_batches.iter().any(|(_, b)| b.reading_count() > 0) {
         let sink: CopyInSink<Bytes> = tx
@@ -1062,6 +1082,14 @@ async fn ingest_tx(
                     d.first_ts_ns = d.first_ts_ns.min(p.ts_ns);
                     d.last_ts_ns = d.last_ts_ns.max(p.ts_ns);
                     rollups.add_both(sid, &b.agent_id, p.ts_ns, &p.fields)?;
+                    let a = agent_streams.entry((b.agent_id.as_str(), sid)).or_insert(DayDelta {
+                        readings: 0,
+                        first_ts_ns: i64::MAX,
+                        last_ts_ns: i64::MIN,
+                    });
+                    a.readings += 1;
+                    a.first_ts_ns = a.first_ts_ns.min(p.ts_ns);
+                    a.last_ts_ns = a.last_ts_ns.max(p.ts_ns);
                 }
             }
         }
@@ -1088,6 +1116,26 @@ async fn ingest_tx(
         )
         .await
         .map_err(pg("updating stream statistics"))?;
+    }
+
+    let rows: Vec<_> = agent_streams.into_iter().collect();
+    for part in rows.chunks(ROWS_PER_STATEMENT) {
+        let agents: Vec<&str> = part.iter().map(|((a, _), _)| *a).collect();
+        let sids: Vec<i64> = part.iter().map(|((_, s), _)| *s).collect();
+        let n: Vec<i64> = part.iter().map(|(_, v)| v.readings).collect();
+        let lo: Vec<i64> = part.iter().map(|(_, v)| v.first_ts_ns).collect();
+        let hi: Vec<i64> = part.iter().map(|(_, v)| v.last_ts_ns).collect();
+        tx.execute(
+            "INSERT INTO agent_streams (agent_id, stream_id, readings, first_ts_ns, last_ts_ns)
+             SELECT * FROM unnest($1::text[], $2::int8[], $3::int8[], $4::int8[], $5::int8[])
+             ON CONFLICT (agent_id, stream_id) DO UPDATE SET
+                 readings = agent_streams.readings + excluded.readings,
+                 first_ts_ns = least(agent_streams.first_ts_ns, excluded.first_ts_ns),
+                 last_ts_ns = greatest(agent_streams.last_ts_ns, excluded.last_ts_ns)",
+            &[&agents, &sids, &n, &lo, &hi],
+        )
+        .await
+        .map_err(pg("updating agent streams"))?;
     }
 
     write_rollups(tx, rollups).await?;
@@ -1522,6 +1570,32 @@ impl HubStore for PostgresStore {
             conn.client().query_one("SELECT 1", &[]).await.map_err(pg("ping"))?;
             conn.release();
             Ok(())
+        })
+    }
+
+    fn agent_streams(&self, agent_id: &str) -> Result<Vec<StreamSummary>, StoreError> {
+        self.call("listing an agent's streams", async {
+            let mut conn = self.checkout().await?;
+            let rows = conn
+                .client()
+                .query(
+                    "SELECT s.name, a.readings, a.first_ts_ns, a.last_ts_ns
+                     FROM agent_streams a JOIN streams s ON s.id = a.stream_id
+                     WHERE a.agent_id = $1 ORDER BY s.name",
+                    &[&agent_id],
+                )
+                .await
+                .map_err(pg("listing an agent's streams"))?;
+            conn.release();
+            Ok(rows
+                .iter()
+                .map(|r| StreamSummary {
+                    stream: r.get(0),
+                    readings: r.get::<_, i64>(1).max(0) as u64,
+                    first_ts_ns: Some(r.get(2)),
+                    last_ts_ns: Some(r.get(3)),
+                })
+                .collect())
         })
     }
 

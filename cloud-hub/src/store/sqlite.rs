@@ -1,6 +1,6 @@
 //! [`HubStore`] on one SQLite file (`data_dir/hub.db`).
 //!
-//! # Schema (version 8, `PRAGMA user_version`)
+//! # Schema (version 9, `PRAGMA user_version`)
 //!
 //! * `batches(agent_id, epoch, seq, readings, created_ms, received_ms)`, primary key
 //!   `(agent_id, epoch, seq)`: the dedup key. A batch's readings are inserted in the
@@ -23,6 +23,9 @@
 //! * `agent_rollups(stream_id, agent_id, field, minute, count, sum, min, max)` (v8): the
 //!   same per agent, for fleet-level queries; the v8 migration rolls up the readings
 //!   already stored, and retention deletes them with the readings.
+//! * `agent_streams(agent_id, stream_id, readings, first_ts_ns, last_ts_ns)` (v9): which
+//!   streams each agent sent, updated in the ingest transaction like `streams`; the v9
+//!   migration counts the readings already stored.
 //! * `presence(agent_id, received_ms, status)` (v4): each agent's latest presence message.
 //! * `quarantine(id, agent_id, epoch, seq, topic, reason, error, payload, ...)` (v5):
 //!   batches acknowledged without being stored, with their raw bytes (`crate::ingest`).
@@ -65,7 +68,7 @@ use super::{
 };
 
 /// Schema version this build writes and understands.
-pub const SCHEMA_VERSION: i64 = 8;
+pub const SCHEMA_VERSION: i64 = 9;
 
 /// One page of a stream's readings after a cursor: `?1` stream id, `?2` exclusive upper
 /// bound on `ts_ns`, `?3` row limit, `?4..?8` the cursor. No lower bound on `ts_ns`: the
@@ -166,6 +169,20 @@ CREATE TABLE agent_rollups (
     max        REAL    NOT NULL,
     PRIMARY KEY (stream_id, field, minute, agent_id)
 ) WITHOUT ROWID;
+";
+
+/// Which streams each agent sent (see `HubStore::agent_streams`).
+const SCHEMA_V9: &str = "
+CREATE TABLE agent_streams (
+    agent_id    TEXT    NOT NULL,
+    stream_id   INTEGER NOT NULL,
+    readings    INTEGER NOT NULL,
+    first_ts_ns INTEGER NOT NULL,
+    last_ts_ns  INTEGER NOT NULL,
+    PRIMARY KEY (agent_id, stream_id)
+) WITHOUT ROWID;
+INSERT INTO agent_streams (agent_id, stream_id, readings, first_ts_ns, last_ts_ns)
+    SELECT agent_id, stream_id, count(*), min(ts_ns), max(ts_ns) FROM readings GROUP BY agent_id, stream_id;
 ";
 
 /// Agents' latest presence messages.
@@ -349,6 +366,9 @@ fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
         }
         write_rollups(&tx, deltas)?;
     }
+    if version < 9 {
+        tx.execute_batch(SCHEMA_V9).map_err(sql("creating schema v9"))?;
+    }
     // Later versions add `if version < N { ... }` steps here, in order.
     tx.pragma_update(None, "user_version", SCHEMA_VERSION).map_err(sql("writing user_version"))?;
     tx.commit().map_err(sql("committing migration"))
@@ -434,6 +454,8 @@ fn ingest_tx(
         .map_err(sql("preparing lineage insert"))?;
 
     let mut deltas: HashMap<i64, StreamDelta> = HashMap::new();
+    // Per (agent, stream), in key order: the order rows are written.
+    let mut agent_deltas: std::collections::BTreeMap<(&str, i64), StreamDelta> = Default::default();
     let mut rollups = RollupDeltas::default();
     let mut outcomes = Vec::with_capacity(batches.len());
     for b in batches {
@@ -456,6 +478,14 @@ fn ingest_tx(
                     first_ts_ns: i64::MAX,
                     last_ts_ns: i64::MIN,
                 });
+                let by_agent = agent_deltas.entry((b.agent_id.as_str(), stream_id)).or_insert(StreamDelta {
+                    readings: 0,
+                    first_ts_ns: i64::MAX,
+                    last_ts_ns: i64::MIN,
+                });
+                by_agent.readings += chunk.points.len() as i64;
+                by_agent.first_ts_ns = chunk.points.iter().map(|p| p.ts_ns).fold(by_agent.first_ts_ns, i64::min);
+                by_agent.last_ts_ns = chunk.points.iter().map(|p| p.ts_ns).fold(by_agent.last_ts_ns, i64::max);
                 for p in &chunk.points {
                     insert_reading
                         .execute(params![stream_id, p.ts_ns, b.agent_id, epoch, seq, idx, p.fields.0])
@@ -506,6 +536,20 @@ fn ingest_tx(
         update_stream
             .execute(params![id, d.readings, d.first_ts_ns, d.last_ts_ns])
             .map_err(sql("updating stream statistics"))?;
+    }
+    let mut update_agent_stream = tx
+        .prepare_cached(
+            "INSERT INTO agent_streams (agent_id, stream_id, readings, first_ts_ns, last_ts_ns)
+             VALUES (?1, ?2, ?3, ?4, ?5)
+             ON CONFLICT (agent_id, stream_id) DO UPDATE SET readings = readings + excluded.readings,
+                first_ts_ns = min(first_ts_ns, excluded.first_ts_ns),
+                last_ts_ns = max(last_ts_ns, excluded.last_ts_ns)",
+        )
+        .map_err(sql("preparing agent stream update"))?;
+    for ((agent, id), d) in agent_deltas {
+        update_agent_stream
+            .execute(params![agent, id, d.readings, d.first_ts_ns, d.last_ts_ns])
+            .map_err(sql("updating agent streams"))?;
     }
     write_rollups(tx, rollups)?;
     Ok(outcomes)
@@ -574,6 +618,28 @@ impl HubStore for SqliteStore {
                 .and_then(|rows| rows.collect::<Result<Vec<_>, _>>())
                 .map_err(sql("listing streams"))?;
             Ok(rows)
+        })
+    }
+
+    fn agent_streams(&self, agent_id: &str) -> Result<Vec<StreamSummary>, StoreError> {
+        self.with_reader(|conn| {
+            conn.prepare_cached(
+                "SELECT s.name, a.readings, a.first_ts_ns, a.last_ts_ns
+                 FROM agent_streams a JOIN streams s ON s.id = a.stream_id
+                 WHERE a.agent_id = ?1 ORDER BY s.name",
+            )
+            .and_then(|mut st| {
+                st.query_map([agent_id], |r| {
+                    Ok(StreamSummary {
+                        stream: r.get(0)?,
+                        readings: r.get::<_, i64>(1)?.max(0) as u64,
+                        first_ts_ns: r.get(2)?,
+                        last_ts_ns: r.get(3)?,
+                    })
+                })?
+                .collect::<Result<Vec<_>, _>>()
+            })
+            .map_err(sql("listing an agent's streams"))
         })
     }
 

@@ -42,6 +42,7 @@ macro_rules! store_suite {
             lineage_is_stored_per_reading_and_listed,
             aggregation_matches_brute_force,
             fleet_aggregation_matches_brute_force,
+            agent_streams_count_what_each_agent_sent,
             migration_to_v3_rolls_up_existing_readings,
             presence_keeps_the_latest_message_per_agent,
             retention_drops_whole_days_and_keeps_rollups,
@@ -509,11 +510,37 @@ pub(crate) fn migration_to_v3_rolls_up_existing_readings(f: &impl Fixture) {
         step: ROLLUP_NS,
         agents: Some(vec!["a".into()]),
     };
+    // And each agent's streams.
+    let streams: Vec<(String, u64)> =
+        store.agent_streams("a").unwrap().into_iter().map(|s| (s.stream, s.readings)).collect();
+    assert_eq!(streams, [("s".to_string(), 3)]);
     let got = crate::aggregate::fleet(&store, &q).unwrap();
     assert_eq!(
         got.buckets.iter().map(|b| (b.start, b.agents, b.count)).collect::<Vec<_>>(),
         [(m, 1, 2), (m + ROLLUP_NS, 1, 1)]
     );
+}
+
+/// Each agent's streams: the readings it stored in each and their span, duplicates not
+/// counted, other agents' readings not mixed in, kept across reopening.
+pub(crate) fn agent_streams_count_what_each_agent_sent(f: &impl Fixture) {
+    let store = f.open();
+    let b1 = batch("a", 1, 1, &[("s", &[30, 10]), ("t", &[5])]);
+    store.ingest(&[b1.clone(), batch("b", 1, 1, &[("s", &[1, 2, 3])])], 1).unwrap();
+    store.ingest(&[b1, batch("a", 1, 2, &[("s", &[40])])], 1).unwrap(); // b1 again: a duplicate
+    drop(store);
+    let store = f.open();
+    let list = |agent: &str| -> Vec<(String, u64, Option<i64>, Option<i64>)> {
+        store
+            .agent_streams(agent)
+            .unwrap()
+            .into_iter()
+            .map(|s| (s.stream, s.readings, s.first_ts_ns, s.last_ts_ns))
+            .collect()
+    };
+    assert_eq!(list("a"), [("s".into(), 3, Some(10), Some(40)), ("t".into(), 1, Some(5), Some(5))]);
+    assert_eq!(list("b"), [("s".into(), 3, Some(1), Some(3))]);
+    assert_eq!(list("nobody"), []);
 }
 
 /// Fleet-level aggregation (per-agent rollups merged per bucket, percentiles across the

@@ -69,6 +69,11 @@ async fn batch_is_acked_and_served_over_http() {
     };
     assert_eq!(names(hub.get_json("/api/v1/streams?match=temp").await, "stream"), ["temp"]);
     assert_eq!(names(hub.get_json("/api/v1/streams?match=%23").await, "stream"), ["hum", "temp"]);
+    assert_eq!(
+        hub.get_json("/api/v1/streams?agent=agent-1&match=temp").await,
+        json!([{"stream": "temp", "readings": 2, "first_ts_ns": T0, "last_ts_ns": T0 + 2}])
+    );
+    assert_eq!(hub.get_json("/api/v1/streams?agent=nobody").await, json!([]));
     assert_eq!(names(hub.get_json("/api/v1/agents?prefix=agent-").await, "agent_id"), ["agent-1"]);
     assert_eq!(hub.get_json("/api/v1/agents?prefix=other").await, json!([]));
     for (path, want) in [

@@ -41,7 +41,7 @@ impl Fixture for Pg {
         PostgresStore::connect(options(&self.url)).unwrap()
     }
     fn undo_rollups_migration(&self) {
-        self.server.psql("brume", "DROP SCHEMA brume_api CASCADE; DROP TABLE rollups, presence, quarantine, readings_default, module_registry, deployments, deployment_agents, desired, reports, reprocess_jobs, reprocess_agents, agent_rollups; DELETE FROM schema_migrations WHERE version >= 3");
+        self.server.psql("brume", "DROP SCHEMA brume_api CASCADE; DROP TABLE rollups, presence, quarantine, readings_default, module_registry, deployments, deployment_agents, desired, reports, reprocess_jobs, reprocess_agents, agent_rollups, agent_streams; DELETE FROM schema_migrations WHERE version >= 3");
     }
 }
 

@@ -18,7 +18,7 @@ impl Fixture for Sqlite {
     fn undo_rollups_migration(&self) {
         let conn = Connection::open(self.0.path().join("hub.db")).unwrap();
         conn.execute_batch(
-            "DROP TABLE rollups; DROP TABLE agent_rollups; DROP TABLE presence; DROP TABLE quarantine; DROP TABLE module_registry;
+            "DROP TABLE rollups; DROP TABLE agent_rollups; DROP TABLE agent_streams; DROP TABLE presence; DROP TABLE quarantine; DROP TABLE module_registry;
              DROP TABLE deployments; DROP TABLE deployment_agents; DROP TABLE desired; DROP TABLE reports;
              DROP TABLE reprocess_jobs; DROP TABLE reprocess_agents;
              PRAGMA user_version = 2;",
