@@ -171,8 +171,11 @@ async function pageData(main) {
   };
   const loadStreams = async () => {
     const f = search.value.trim();
-    const q = f.includes("+") || f.includes("#") ? `?match=${encodeURIComponent(f)}` : "";
-    try { streams = await api(`/api/v1/streams${q}`); drawList(); } catch (e) { showError(list, e); }
+    const q = new URLSearchParams();
+    if (f.includes("+") || f.includes("#")) q.set("match", f);
+    // With agents chosen by label, only the streams those agents sent.
+    if (state.label) q.set("label", state.label);
+    try { streams = await api(`/api/v1/streams?${q}`); drawList(); } catch (e) { showError(list, e); }
   };
   search.addEventListener("input", () => { if (/[+#]/.test(search.value)) loadStreams(); else drawList(); });
   every(10000, loadStreams);
@@ -183,7 +186,7 @@ async function pageData(main) {
   field.addEventListener("change", () => { state.field = field.value.trim() || "value"; save(); load(); });
   const label = h("input", { id: "label", value: state.label, size: 16, placeholder: "site:plant-1",
     title: "Combine the stream across the agents with this label (key:value): mean and p50/p95 of the agents' means" });
-  label.addEventListener("change", () => { state.label = label.value.trim(); save(); load(); });
+  label.addEventListener("change", () => { state.label = label.value.trim(); save(); loadStreams(); load(); });
   const rangeButtons = Object.keys(RANGES).map((r) => h("button", {
     "data-range": r, class: state.range === r ? "on" : null,
     onclick: () => { state.range = r; save(); load(); },

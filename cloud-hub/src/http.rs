@@ -274,15 +274,41 @@ impl ListFilter {
 }
 
 /// All streams, or those matching `match=<pattern>`; with `agent=<id>`, the streams that
-/// agent sent, with its own readings in each.
+/// agent sent, with its own readings in each; with `label=k:v` (repeatable), the streams
+/// the agents with those labels sent, with their readings summed.
 async fn streams(
     State(s): State<AppState>,
     params: Result<Query<Vec<(String, String)>>, QueryRejection>,
 ) -> Result<axum::Json<serde_json::Value>, ApiError> {
-    let f = ListFilter::parse(params, &["match", "agent"])?;
-    let list = match f.agent.clone() {
-        Some(agent) => query(&s.store, move |st| st.agent_streams(&agent)).await?,
-        None => query(&s.store, |st| st.streams()).await?,
+    let f = ListFilter::parse(params, &["match", "agent", "label"])?;
+    let list = match (f.agent.clone(), f.labels.is_empty()) {
+        (Some(agent), true) => query(&s.store, move |st| st.agent_streams(&agent)).await?,
+        (None, true) => query(&s.store, |st| st.streams()).await?,
+        (agent, false) => {
+            let labels = f.labels.clone();
+            query(&s.store, move |st| {
+                let mut merged: std::collections::BTreeMap<String, StreamSummary> = Default::default();
+                for p in st.presence()? {
+                    let id = &p.status.agent_id;
+                    if !labels.iter().all(|l| p.status.labels.contains(l)) || agent.as_ref().is_some_and(|a| a != id) {
+                        continue;
+                    }
+                    for x in st.agent_streams(id)? {
+                        let m = merged.entry(x.stream.clone()).or_insert(StreamSummary {
+                            stream: x.stream.clone(),
+                            readings: 0,
+                            first_ts_ns: None,
+                            last_ts_ns: None,
+                        });
+                        m.readings += x.readings;
+                        m.first_ts_ns = m.first_ts_ns.into_iter().chain(x.first_ts_ns).min();
+                        m.last_ts_ns = m.last_ts_ns.into_iter().chain(x.last_ts_ns).max();
+                    }
+                }
+                Ok(merged.into_values().collect::<Vec<_>>())
+            })
+            .await?
+        }
     };
     Ok(axum::Json(
         list.iter().filter(|x| f.stream(brume_protocol::split_variant(&x.stream).0)).map(stream_json).collect(),

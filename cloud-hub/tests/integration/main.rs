@@ -468,6 +468,13 @@ async fn fleet_aggregate_combines_agents_by_label() {
         assert!(start.elapsed() < util::DEADLINE, "presence never arrived");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    // The streams the labelled agents sent, their readings summed.
+    assert_eq!(
+        hub.get_json("/api/v1/streams?label=site:plant-2").await,
+        json!([{"stream": "temp", "readings": 3, "first_ts_ns": T0, "last_ts_ns": T0 + MIN}])
+    );
+    assert_eq!(hub.get_json("/api/v1/streams?label=site:plant-1").await[0]["readings"], json!(9));
+    assert_eq!(hub.get_json("/api/v1/streams?label=site:mars").await, json!([]));
     let v = hub
         .get_json(&format!(
             "/api/v1/fleet/aggregate?stream=temp&label=site:plant-1&from={T0}&to={}&step=1m",
