@@ -19,18 +19,27 @@ promtool check config "$dir/prometheus.yml"
 promtool check rules "$dir/brume-alerts.yml"
 promtool test rules "$dir/brume-alerts.test.yml"
 
-# prometheus-client registers `name` under the registry's prefix and adds `_total` to
-# counters when encoding: brume_hub_quarantined_total is "quarantined" in the hub's
-# metrics.rs.
+# Every brume_* metric the rules (and their annotations) name must be registered by the hub
+# or the agent. prometheus-client registers `name` under the registry's prefix
+# (brume_hub / brume_agent) and adds the suffixes when encoding: `_total` to counters,
+# `_bucket`/`_count`/`_sum` to histograms. So brume_hub_quarantined_total must appear as
+# `register("quarantined"` (possibly across lines) in cloud-hub/src: a bare "quarantined"
+# string would also match label values.
 missing=0
 for m in $(grep -v '^ *#' "$dir/brume-alerts.yml" | grep -o 'brume_\(hub\|agent\)_[a-z0-9_]\+' | sort -u); do
   case "$m" in
-    brume_hub_*) file=cloud-hub/src/metrics.rs; base=${m#brume_hub_} ;;
-    brume_agent_*) file=edge-agent/src/metrics.rs; base=${m#brume_agent_} ;;
+    brume_hub_*) src=cloud-hub/src; name=${m#brume_hub_} ;;
+    brume_agent_*) src=edge-agent/src; name=${m#brume_agent_} ;;
   esac
-  base=${base%_total}
-  if ! grep -q "\"$base\"" "$file"; then
-    echo "brume-alerts.yml names $m, but $file registers no metric \"$base\"" >&2
+  found=0
+  for base in "$name" "${name%_total}" "${name%_bucket}" "${name%_count}" "${name%_sum}"; do
+    if grep -rqzP "register\(\s*\"$base\"" "$src"; then
+      found=1
+      break
+    fi
+  done
+  if [ "$found" -eq 0 ]; then
+    echo "brume-alerts.yml names $m, but nothing in $src registers a metric \"$name\" (nor without its _total/_bucket/_count/_sum suffix)" >&2
     missing=1
   fi
 done

@@ -257,10 +257,12 @@ fn unreachable_server_is_a_connect_error_naming_the_target() {
 }
 
 /// The example Grafana dashboard (`integrations/grafana/brume-hub.json`) runs on the hub's
-/// schema: every panel's SQL and every query variable, with Grafana's macros expanded the
-/// way Grafana expands them, runs against a store holding batches from two agents, a loss
-/// report and a quarantined batch, and returns rows. A query on a column the `brume_api`
-/// views do not have fails here, not on an operator's screen.
+/// schema: every panel's SQL and every query variable, with Grafana's variables and macros
+/// expanded the way Grafana expands them, runs against a store holding batches from two
+/// agents, a loss report and a quarantined batch, and returns rows. The queries run as the
+/// read-only role that `integrations/grafana/README.md` creates, with the README's own SQL,
+/// so a query on a column the `brume_api` views lack, on an internal table, or a grant the
+/// README forgets fails here, not on an operator's screen.
 #[test]
 fn grafana_dashboard_queries_run_on_the_schema() {
     use brume_protocol::{LossReason, LossReport};
@@ -282,54 +284,181 @@ fn grafana_dashboard_queries_run_on_the_schema() {
         })
         .unwrap();
 
+    // The README's role, from the README's SQL block.
+    let readme = include_str!("../../../../integrations/grafana/README.md");
+    let grants = readme
+        .split("```sql")
+        .nth(1)
+        .and_then(|s| s.split("```").next())
+        .expect("integrations/grafana/README.md: no ```sql block creating the read-only role");
+    f.server.psql("brume", grants);
+    // The contract is the views: the role cannot read the tables beneath them.
+    assert_eq!(f.server.psql("brume", "SELECT has_table_privilege('grafana_reader', 'rollups', 'SELECT')"), "f");
+
     let dashboard: serde_json::Value =
         serde_json::from_str(include_str!("../../../../integrations/grafana/brume-hub.json")).unwrap();
-    let mut queries: Vec<(String, String)> = Vec::new();
+    // (what, format, SQL) for every query Grafana would send.
+    let mut queries: Vec<(String, String, String)> = Vec::new();
     for p in dashboard["panels"].as_array().unwrap() {
         for t in p["targets"].as_array().unwrap() {
-            queries.push((p["title"].as_str().unwrap().to_owned(), t["rawSql"].as_str().unwrap().to_owned()));
+            let title = format!("panel {:?}", p["title"].as_str().unwrap());
+            let sql = t["rawSql"].as_str().unwrap_or_else(|| panic!("{title}: a target without rawSql"));
+            let format = t["format"].as_str().unwrap_or_else(|| panic!("{title}: a target without format"));
+            assert!(matches!(format, "time_series" | "table"), "{title}: format {format:?}");
+            queries.push((title, format.to_owned(), sql.to_owned()));
         }
     }
     for v in dashboard["templating"]["list"].as_array().unwrap() {
         if v["type"] == "query" {
-            queries.push((format!("variable {}", v["name"]), v["query"].as_str().unwrap().to_owned()));
+            queries.push((
+                format!("variable {}", v["name"]),
+                "table".to_owned(),
+                v["query"].as_str().unwrap().to_owned(),
+            ));
         }
     }
     assert!(queries.len() >= 8, "{queries:?}");
-    // The dashboard's time range: a day either side of the data.
-    let (from, to) = (T0 - DAY_NS, T0 + DAY_NS);
-    for (title, sql) in queries {
-        let sql = grafana_expand(&sql, from, to).replace("$stream", "s").replace("$field", "value");
-        assert!(!sql.contains('$'), "panel {title:?}: a macro or variable the test does not expand:\n{sql}");
-        let rows = f.server.psql("brume", &format!("SELECT count(*) FROM ({}) q", sql.trim_end_matches(';')));
-        let rows: u64 = rows.parse().unwrap_or_else(|_| panic!("panel {title:?}: {rows}\n{sql}"));
-        assert!(rows > 0, "panel {title:?} returns no rows:\n{sql}");
-    }
+
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    rt.block_on(async {
+        let mut config: tokio_postgres::Config = f.url.parse().unwrap();
+        config.user("grafana_reader").password("choose-one");
+        let (client, connection) = config.connect(NoTls).await.unwrap();
+        tokio::spawn(connection);
+        // The dashboard's time range: a day either side of the data.
+        let (from, to) = (T0 - DAY_NS, T0 + DAY_NS);
+        for (title, format, raw) in &queries {
+            let sql = grafana_expand(raw, from, to).unwrap_or_else(|e| panic!("{title}: {e}\n{raw}"));
+            assert!(!sql.contains('$'), "{title}: a macro or variable left unexpanded:\n{sql}");
+            let rows = client.query(&sql, &[]).await.unwrap_or_else(|e| {
+                // The server's message ("column ... does not exist"), not only "db error".
+                let why = e.as_db_error().map_or_else(|| e.to_string(), ToString::to_string);
+                panic!("{title}: {why}\n{sql}")
+            });
+            assert!(!rows.is_empty(), "{title} returns no rows:\n{sql}");
+            if format == "time_series" {
+                // Grafana turns a result into time series only by a column named `time`.
+                assert!(rows[0].columns().iter().any(|c| c.name() == "time"), "{title}: no column named time:\n{sql}");
+            }
+            // A time range on the rollup views must be an index range on the primary key
+            // (`minute`), not a filter over every minute ever stored. Seq scans are
+            // disabled so the tiny test tables do not hide an unusable predicate.
+            if sql.contains("rollups_1m") {
+                client.batch_execute("SET enable_seqscan = off").await.unwrap();
+                let plan: Vec<String> = client
+                    .query(&format!("EXPLAIN {sql}"), &[])
+                    .await
+                    .unwrap()
+                    .iter()
+                    .map(|r| r.get::<_, String>(0))
+                    .collect();
+                client.batch_execute("RESET enable_seqscan").await.unwrap();
+                assert!(
+                    plan.iter().any(|l| l.contains("Index Cond") && l.contains("minute >=")),
+                    "{title}: the time range is not an index condition on minute:\n{}",
+                    plan.join("\n")
+                );
+            }
+        }
+    });
 }
 
-/// Expands the Grafana PostgreSQL macros the example dashboard uses, as Grafana 10/11 does
-/// for a range of `[from, to]` ns and an interval of one minute.
-fn grafana_expand(sql: &str, from: i64, to: i64) -> String {
+/// Expands a dashboard query as Grafana 10/11 does for a time range of `[from, to]` ns,
+/// an interval of one minute, `$stream` = `s` and `$field` = `value`: first the template
+/// variables (single-valued, so inserted unquoted: the SQL quotes them), then the
+/// PostgreSQL data source's macros (`pkg/tsdb/grafana-postgresql-datasource/macros.go`).
+/// Unknown macros and variables are errors, naming them.
+fn grafana_expand(sql: &str, from: i64, to: i64) -> Result<String, String> {
+    const INTERVAL_S: i64 = 60;
     let rfc3339 = |ns: i64| {
-        humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + Duration::from_nanos(ns as u64)).to_string()
+        let s = humantime::format_rfc3339_nanos(std::time::UNIX_EPOCH + Duration::from_nanos(ns as u64)).to_string();
+        // Go's RFC3339Nano: no trailing zeros in the fraction, no fraction if it is zero.
+        let (secs, frac) = s.trim_end_matches('Z').split_once('.').unwrap();
+        match frac.trim_end_matches('0') {
+            "" => format!("{secs}Z"),
+            frac => format!("{secs}.{frac}Z"),
+        }
     };
+    let sql = sql
+        .replace("$__interval_ms", &(INTERVAL_S * 1000).to_string())
+        .replace("$__interval", &format!("{INTERVAL_S}s"))
+        .replace("${stream}", "s")
+        .replace("$stream", "s")
+        .replace("${field}", "value")
+        .replace("$field", "value");
     let mut out = String::new();
-    let mut rest = sql;
-    while let Some(i) = rest.find("$__") {
+    let mut rest = sql.as_str();
+    while let Some(i) = rest.find('$') {
         out.push_str(&rest[..i]);
-        let call = &rest[i + 3..];
-        let name_end = call.find('(').unwrap_or_else(|| panic!("macro without arguments: {call}"));
-        let (name, args_on) = call.split_at(name_end);
-        let close = args_on.find(')').unwrap_or_else(|| panic!("unclosed macro: {call}"));
-        let args: Vec<&str> = args_on[1..close].split(',').map(str::trim).collect();
+        let call = &rest[i + 1..];
+        let name_len = call.find(|c: char| !(c.is_ascii_alphanumeric() || c == '_')).unwrap_or(call.len());
+        let name = &call[..name_len];
+        let Some(args_on) = call[name_len..].strip_prefix('(') else {
+            return Err(format!("unknown variable ${name}"));
+        };
+        let close = args_on.find(')').ok_or_else(|| format!("${name}( is not closed"))?;
+        let args: Vec<&str> = args_on[..close].split(',').map(str::trim).filter(|a| !a.is_empty()).collect();
+        let group = |col: &str, interval: &str| -> Result<String, String> {
+            let interval = interval.trim_matches('\'');
+            let (n, unit) = interval.split_at(interval.len().saturating_sub(1));
+            let n: i64 = n.parse().map_err(|_| format!("${name}: interval {interval:?}"))?;
+            let s = n * match unit {
+                "s" => 1,
+                "m" => 60,
+                "h" => 3600,
+                "d" => 86_400,
+                _ => return Err(format!("${name}: interval {interval:?}")),
+            };
+            Ok(format!("floor(extract(epoch from {col})/{s})*{s}"))
+        };
         out.push_str(&match (name, args.as_slice()) {
-            ("timeGroupAlias", [col, "$__interval"]) => format!("floor(extract(epoch from {col})/60)*60 AS \"time\""),
-            ("timeFilter", [col]) => format!("{col} BETWEEN '{}' AND '{}'", rfc3339(from), rfc3339(to)),
-            ("unixEpochNanoFilter", [col]) => format!("{col} >= {from} AND {col} <= {to}"),
-            other => panic!("the test does not expand the Grafana macro {other:?}"),
+            ("__time", [col]) => format!("{col} AS \"time\""),
+            ("__timeEpoch", [col]) => format!("extract(epoch from {col}) as \"time\""),
+            ("__timeFilter", [col]) => format!("{col} BETWEEN '{}' AND '{}'", rfc3339(from), rfc3339(to)),
+            ("__timeFrom", []) => format!("'{}'", rfc3339(from)),
+            ("__timeTo", []) => format!("'{}'", rfc3339(to)),
+            // Grafana reads `$__timeGroup(..),` (followed by a comma) as the alias form.
+            ("__timeGroup", [col, interval]) if args_on[close + 1..].starts_with(',') => {
+                group(col, interval)? + " AS \"time\""
+            }
+            ("__timeGroup", [col, interval]) => group(col, interval)?,
+            ("__timeGroupAlias", [col, interval]) => group(col, interval)? + " AS \"time\"",
+            ("__unixEpochFilter", [col]) => {
+                format!("{col} >= {} AND {col} <= {}", from.div_euclid(1_000_000_000), to.div_euclid(1_000_000_000))
+            }
+            ("__unixEpochFrom", []) => from.div_euclid(1_000_000_000).to_string(),
+            ("__unixEpochTo", []) => to.div_euclid(1_000_000_000).to_string(),
+            ("__unixEpochNanoFilter", [col]) => format!("{col} >= {from} AND {col} <= {to}"),
+            ("__unixEpochNanoFrom", []) => from.to_string(),
+            ("__unixEpochNanoTo", []) => to.to_string(),
+            _ => return Err(format!("the test does not expand the Grafana macro ${name}({})", &args_on[..close])),
         });
         rest = &args_on[close + 1..];
     }
     out.push_str(rest);
-    out
+    Ok(out)
+}
+
+#[test]
+fn grafana_macros_expand_as_grafana_does() {
+    let (from, to) = (T0, T0 + 3_600_000_000_000);
+    let x = |sql: &str| grafana_expand(sql, from, to);
+    assert_eq!(
+        x("SELECT $__timeGroupAlias(time, $__interval), 1 WHERE $__timeFilter(time)").unwrap(),
+        "SELECT floor(extract(epoch from time)/60)*60 AS \"time\", 1 \
+         WHERE time BETWEEN '2024-01-01T00:00:00Z' AND '2024-01-01T01:00:00Z'"
+    );
+    assert_eq!(
+        x("$__timeGroup(t, '5m'), v GROUP BY $__timeGroup(t, '5m')").unwrap(),
+        "floor(extract(epoch from t)/300)*300 AS \"time\", v GROUP BY floor(extract(epoch from t)/300)*300"
+    );
+    assert_eq!(
+        x("m BETWEEN $__unixEpochFrom()::int8 * 1000000000 AND $__unixEpochTo()::int8 * 1000000000").unwrap(),
+        "m BETWEEN 1704067200::int8 * 1000000000 AND 1704070800::int8 * 1000000000"
+    );
+    assert_eq!(x("$__unixEpochNanoFilter(m)").unwrap(), format!("m >= {from} AND m <= {to}"));
+    assert_eq!(x("'$stream' '$field' $__timeFrom()").unwrap(), "'s' 'value' '2024-01-01T00:00:00Z'");
+    assert_eq!(grafana_expand("$__timeTo()", T0, T0 + 1_500_000_000).unwrap(), "'2024-01-01T00:00:01.5Z'");
+    assert!(x("$__timeGroup(t)").unwrap_err().contains("$__timeGroup(t)"));
+    assert!(x("$agent").unwrap_err().contains("$agent"));
 }
