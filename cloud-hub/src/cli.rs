@@ -54,6 +54,13 @@ enum Cmd {
     /// Re-run a module build over readings agents kept from a past time range.
     #[command(subcommand)]
     Reprocess(crate::ops::ReprocessCmd),
+    /// Write a new hub signing key (for `mqtt.signing_key`) and print its public key (for
+    /// agents' `forward.hub_keys`). Never overwrites a file.
+    Keygen {
+        /// Where to write the secret key (mode 0600).
+        #[arg(long, value_name = "FILE")]
+        out: PathBuf,
+    },
 }
 
 /// Entry point of the `cloud-hub` binary: returns the process exit code.
@@ -68,6 +75,14 @@ pub fn main() -> ExitCode {
                 Cmd::Rollout(c) => crate::ops::rollout(c).await,
                 Cmd::Agents(c) => crate::ops::agents(c).await,
                 Cmd::Reprocess(c) => crate::ops::reprocess(c).await,
+                Cmd::Keygen { out } => {
+                    let key = brume_signing::SecretKey::generate();
+                    key.write_new(&out)?;
+                    eprintln!("hub signing key written to {} (set mqtt.signing_key to it on every hub)", out.display());
+                    eprintln!("public key (add it to forward.hub_keys of every agent):");
+                    println!("{}", key.public());
+                    Ok(ExitCode::SUCCESS)
+                }
             }
         });
     }

@@ -272,6 +272,12 @@ pub struct MqttConfig {
     /// MQTT keep-alive interval. Zero disables keep-alive; otherwise at least 1s.
     #[serde(with = "humantime_serde")]
     pub keep_alive: Duration,
+    /// The hub's signing key (a file written by `cloud-hub keygen`). With it, every
+    /// message to agents (acks, desired states, the online announcement) is signed, and
+    /// agents that pin its public key (`forward.hub_keys`) act on nothing else. Every hub
+    /// of a fleet uses the same key (or agents pin each hub's). Unset: messages are
+    /// unsigned. Upgrade agents before setting it: older agents cannot read signed ones.
+    pub signing_key: Option<std::path::PathBuf>,
 }
 
 impl Default for MqttConfig {
@@ -282,6 +288,7 @@ impl Default for MqttConfig {
             client_id: String::new(),
             share_group: "brume-hub".to_owned(),
             keep_alive: Duration::from_secs(30),
+            signing_key: None,
         }
     }
 }

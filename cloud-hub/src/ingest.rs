@@ -39,7 +39,7 @@ use std::ops::Range;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use brume_protocol::{AckV1, AgentMessage, AgentStatus, Batch, HubMessage, topics, validate_agent_id};
+use brume_protocol::{AckV1, AgentMessage, AgentStatus, Batch, topics, validate_agent_id};
 use rand::Rng;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -432,8 +432,8 @@ impl Ingest {
         if self.committer.quarantine(&q, shutdown).await.is_none() {
             return false;
         }
-        let ack = HubMessage::AckV1(AckV1 { epoch: key.epoch, seqs: vec![key.seq] }).encode();
-        self.mqtt.publish(topics::acks(&key.agent_id), ack).await.is_ok() && self.mqtt.ack_broker(&d).await.is_ok()
+        let ack = AckV1 { epoch: key.epoch, seqs: vec![key.seq] };
+        self.mqtt.publish_ack(&key.agent_id, ack).await.is_ok() && self.mqtt.ack_broker(&d).await.is_ok()
     }
 
     /// Stores an agent's presence message. Best effort: a message that cannot be stored
@@ -534,8 +534,7 @@ impl Ingest {
         }
         for ((agent, epoch), seqs) in acks {
             tracing::debug!(agent_id = agent, epoch, ?seqs, "acknowledging batches");
-            let msg = HubMessage::AckV1(AckV1 { epoch, seqs }).encode();
-            if self.mqtt.publish(topics::acks(agent), msg).await.is_err() {
+            if self.mqtt.publish_ack(agent, AckV1 { epoch, seqs }).await.is_err() {
                 return false;
             }
         }

@@ -198,7 +198,16 @@ pub async fn run_with_store(
     // The MQTT task has its own token: it must outlive `shutdown` so that the ingest
     // task's final acks and the DISCONNECT still go out.
     let mqtt_stop = CancellationToken::new();
-    let (mqtt, deliveries, event_loop) = mqtt::start(&cfg, metrics.clone(), mqtt_stop.clone());
+    let sealer = match &cfg.mqtt.signing_key {
+        None => mqtt::Sealer::new(None),
+        Some(path) => {
+            let key = brume_signing::SecretKey::read(path)
+                .map_err(|e| ConfigError::Invalid { key: "mqtt.signing_key", reason: e.to_string() })?;
+            tracing::info!(public_key = %key.public(), key_id = %key.public().id(), "signing messages to agents");
+            mqtt::Sealer::new(Some(key))
+        }
+    };
+    let (mqtt, deliveries, event_loop) = mqtt::start(&cfg, sealer, metrics.clone(), mqtt_stop.clone());
     let mqtt_task = tracker.spawn(event_loop);
 
     let ingest = ingest::Ingest {

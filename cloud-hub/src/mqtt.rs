@@ -30,6 +30,13 @@
 //! re-send their batches in flight at once instead of after `forward.ack_timeout`.
 //! Reconnects back off from 100 ms to at most 2 s with full jitter: a returning broker
 //! is found within about 2 s, and a fleet of hubs does not reconnect in the same instant.
+//!
+//! # Signed messages
+//!
+//! With `mqtt.signing_key` set, everything the hub publishes to agents (acks, desired
+//! states, the online announcement) goes out as a `SignedV1` bound to its topic
+//! ([`Sealer`]), so agents that pin the hub's public key act on nothing a broker client
+//! forged. [`MqttHandle`] has no untyped publish: every message passes the sealer.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -40,8 +47,35 @@ use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Outgoing, Packet, Publ
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+use brume_protocol::{AckV1, HubKind, HubMessage, SignedV1, topics};
+use brume_signing::SecretKey;
+
 use crate::config::Config;
 use crate::metrics::Metrics;
+
+/// Signs what the hub publishes to agents when it has a key (`mqtt.signing_key`);
+/// without one, messages go out unsigned, as before signing existed.
+#[derive(Debug, Clone, Default)]
+pub struct Sealer(Option<Arc<SecretKey>>);
+
+impl Sealer {
+    /// A sealer signing with `key`, or passing messages through unsigned.
+    pub fn new(key: Option<SecretKey>) -> Sealer {
+        Sealer(key.map(Arc::new))
+    }
+
+    /// The payload to publish on `topic` for `message` (an unsigned message of `kind`'s
+    /// envelope).
+    pub fn seal(&self, kind: HubKind, topic: &str, message: Vec<u8>) -> Vec<u8> {
+        match &self.0 {
+            None => message,
+            Some(key) => {
+                let (key_id, signature) = key.sign_hub_message(topic, &message);
+                kind.seal(SignedV1 { message, key_id: key_id.0, signature: signature.to_vec() })
+            }
+        }
+    }
+}
 
 /// Capacity of the queue from the event loop task to the ingest task, in publishes.
 /// See the module docs for why it does not fill in practice.
@@ -79,6 +113,8 @@ pub struct MqttHandle {
     /// Current connection generation, bumped by the event loop task on every
     /// disconnect and connect.
     generation: Arc<AtomicU64>,
+    /// Signs every message to agents (or passes it through without a key).
+    sealer: Sealer,
 }
 
 impl MqttHandle {
@@ -92,14 +128,20 @@ impl MqttHandle {
         self.client.ack(&d.publish).await
     }
 
-    /// Publishes `payload` QoS 1 on `topic`. Fails only when the event loop is gone.
-    pub async fn publish(&self, topic: String, payload: Vec<u8>) -> Result<(), rumqttc::ClientError> {
+    /// Publishes an acknowledgement QoS 1 on the agent's ack topic, signed when the hub
+    /// has a key. Fails only when the event loop is gone.
+    pub async fn publish_ack(&self, agent_id: &str, ack: AckV1) -> Result<(), rumqttc::ClientError> {
+        let topic = topics::acks(agent_id);
+        let payload = self.sealer.seal(HubKind::Ack, &topic, HubMessage::AckV1(ack).encode());
         self.client.publish(topic, QoS::AtLeastOnce, false, payload).await
     }
 
-    /// Publishes `payload` QoS 1 and retained on `topic` (desired states: the broker hands
-    /// the latest to an agent when it subscribes). Fails only when the event loop is gone.
-    pub async fn publish_retained(&self, topic: String, payload: Vec<u8>) -> Result<(), rumqttc::ClientError> {
+    /// Publishes an (unsigned, encoded) desired state QoS 1 and retained on the agent's
+    /// desired topic (the broker hands the latest to an agent when it subscribes), signed
+    /// when the hub has a key. Fails only when the event loop is gone.
+    pub async fn publish_desired(&self, agent_id: &str, message: Vec<u8>) -> Result<(), rumqttc::ClientError> {
+        let topic = topics::desired(agent_id);
+        let payload = self.sealer.seal(HubKind::Desired, &topic, message);
         self.client.publish(topic, QoS::AtLeastOnce, true, payload).await
     }
 
@@ -133,13 +175,14 @@ pub fn options(cfg: &Config) -> MqttOptions {
 /// [`MqttHandle::disconnect`] has been sent. Deliveries go to the returned receiver.
 pub fn start(
     cfg: &Config,
+    sealer: Sealer,
     metrics: Arc<Metrics>,
     stop: CancellationToken,
 ) -> (MqttHandle, mpsc::Receiver<Delivery>, impl Future<Output = ()> + Send + 'static) {
     let (client, eventloop) = AsyncClient::new(options(cfg), REQUEST_CHANNEL);
     let (tx, rx) = mpsc::channel(DELIVERY_QUEUE);
     let generation = Arc::new(AtomicU64::new(0));
-    let handle = MqttHandle { client: client.clone(), generation: generation.clone() };
+    let handle = MqttHandle { client: client.clone(), generation: generation.clone(), sealer: sealer.clone() };
     let driver = EventLoopDriver {
         eventloop,
         client,
@@ -150,6 +193,7 @@ pub fn start(
         status_filter: cfg.status_filter(),
         report_filter: cfg.report_filter(),
         awaiting_subacks: 0,
+        sealer,
     };
     (handle, rx, driver.run(stop))
 }
@@ -169,6 +213,8 @@ struct EventLoopDriver {
     report_filter: String,
     /// SUBACKs still expected on the current connection; at 0 the hub announces itself.
     awaiting_subacks: usize,
+    /// Signs the announcement.
+    sealer: Sealer,
 }
 
 impl EventLoopDriver {
@@ -212,7 +258,8 @@ impl EventLoopDriver {
                         let msg = brume_protocol::HubAnnouncement::OnlineV1(brume_protocol::HubOnlineV1 {
                             subscribed_ms: crate::clock::now_ms(),
                         });
-                        let mut p = Publish::new(brume_protocol::topics::HUB_ONLINE, QoS::AtLeastOnce, msg.encode());
+                        let payload = self.sealer.seal(HubKind::Announcement, topics::HUB_ONLINE, msg.encode());
+                        let mut p = Publish::new(topics::HUB_ONLINE, QoS::AtLeastOnce, payload);
                         p.retain = true;
                         self.eventloop.pending.push_back(Request::Publish(p));
                     }

@@ -411,6 +411,13 @@ pub struct ForwardConfig {
     pub json_topic: String,
     /// JSON mode: one message per `reading` or per `batch`.
     pub json_granularity: JsonGranularity,
+    /// Hub mode: the public keys of the hubs' signing keys (`ed25519:<hex>`, printed by
+    /// `cloud-hub keygen`; several during a rotation). When set, the agent acts only on hub
+    /// messages (acknowledgements, desired states, the online announcement) signed by one
+    /// of them for the topic they arrived on; anything else is dropped and counted
+    /// (`hub_messages_rejected`), so no other broker client can make it delete batches
+    /// from its outbox. Empty: hub messages are not authenticated (a warning at start).
+    pub hub_keys: Vec<String>,
 }
 
 impl Default for ForwardConfig {
@@ -431,6 +438,7 @@ impl Default for ForwardConfig {
             heartbeat: Duration::from_secs(10),
             json_topic: "brume/json/{agent}".into(),
             json_granularity: JsonGranularity::Reading,
+            hub_keys: Vec::new(),
         }
     }
 }
@@ -649,6 +657,13 @@ impl Config {
         if self.listener.max_inflight == 0 {
             return Err(invalid("listener.max_inflight", "must be at least 1"));
         }
+        brume_signing::Keyring::parse(&f.hub_keys).map_err(|e| invalid("forward.hub_keys", e.to_string()))?;
+        if !f.hub_keys.is_empty() && f.mode != ForwardMode::Hub {
+            return Err(invalid(
+                "forward.hub_keys",
+                "only hub mode has hub messages to verify (forward.mode = \"hub\")",
+            ));
+        }
         let fl = &self.fleet;
         if fl.enabled() {
             if !(fl.hub_url.starts_with("http://") || fl.hub_url.starts_with("https://"))
@@ -803,6 +818,8 @@ mod tests {
         assert!(err("[store]\npage_size = \"128 KiB\"").contains("`store.page_size`"));
         assert!(err("[fleet]\nhub_url = \"hub:8080\"").contains("`fleet.hub_url`"));
         assert!(err("[fleet]\nhub_url = \"http://hub:8080\"").contains("`fleet.trusted_keys`"));
+        assert!(err("[forward]\nhub_keys = [\"ed25519:00\"]").contains("`forward.hub_keys`"));
+        assert!(err("[forward]\nmode = \"json\"\nhub_keys = [\"ed25519:3b6a27bcceb6a42d62a3a8d02a6f0d73653215771de243a63ac048a18b59da29\"]").contains("`forward.hub_keys`"));
         assert!(err("[fleet]\ntrusted_keys = [\"ed25519:00\"]").contains("`fleet.trusted_keys`"));
         assert!(
             err("[forward]\nmode = \"json\"\n[fleet]\nhub_url = \"http://h:1\"\ntrusted_keys = [\"x\"]")

@@ -14,6 +14,11 @@
 //! after the hub committed it; the broker's PUBACK means nothing here. In `json` mode the
 //! broker's PUBACK of every message of the batch is the acknowledgement.
 //!
+//! With `forward.hub_keys` set, the event-loop task acts on a hub message (ack, desired
+//! state, online announcement) only if it is signed by a pinned hub key for the topic it
+//! arrived on ([`HubAuth`]): anyone else who can publish on the broker could otherwise
+//! make the agent delete batches the hub never stored.
+//!
 //! rumqttc keeps unacknowledged publishes only in memory and, with a clean session, drops
 //! them on reconnect. That is fine: the outbox in SQLite is the source of truth, and after
 //! every (re)connect the forwarder starts again from the oldest unacknowledged batch. The
@@ -27,8 +32,11 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use brume_protocol::{AgentMessage, Batch, HubMessage, Value, topics};
+use std::borrow::Cow;
+
+use brume_protocol::{AgentMessage, Batch, HubKind, HubMessage, Value, topics};
 use brume_protocol::{AgentStatus, Desired, DesiredState, ModuleHealth, StatusExtV2, StatusV1};
+use brume_signing::{KeyId, Keyring, SignatureError};
 use rand::Rng;
 use rumqttc::{AsyncClient, Event, EventLoop, LastWill, MqttOptions, Outgoing, Packet, QoS};
 
@@ -108,6 +116,12 @@ pub async fn run(
         heartbeat: f.heartbeat,
         modules,
     };
+    if f.mode == ForwardMode::Hub && f.hub_keys.is_empty() {
+        tracing::warn!(
+            "forward.hub_keys is empty: acknowledgements and desired states are not authenticated, so any client \
+             of the broker can make this agent drop batches from its outbox; pin the hubs' key (cloud-hub keygen)"
+        );
+    }
     let client_id = if f.client_id.is_empty() { format!("brume-agent-{}", cfg.agent_id) } else { f.client_id.clone() };
     let mut opts = MqttOptions::new(client_id, f.host.clone(), f.port);
     opts.set_keep_alive(f.keep_alive);
@@ -157,6 +171,18 @@ async fn event_loop_task(
 ) {
     let ack_topic = topics::acks(&cfg.agent_id);
     let desired_topic = topics::desired(&cfg.agent_id);
+    // Parsed when the config was validated.
+    let auth = HubAuth { keys: Keyring::parse(&cfg.forward.hub_keys).unwrap_or_default() };
+    let open = |kind: HubKind, topic: &str, payload: &'_ [u8]| -> Option<Vec<u8>> {
+        match auth.open(kind, topic, payload) {
+            Ok(m) => Some(m.into_owned()),
+            Err(reason) => {
+                metrics.hub_messages_rejected.get_or_create(&[("kind", kind.as_str()), ("reason", reason)]).inc();
+                tracing::warn!(topic, reason, "dropping a hub message that is not verifiably from a trusted hub");
+                None
+            }
+        }
+    };
     let json = cfg.forward.mode == ForwardMode::Json;
     let mut backoff = cfg.forward.reconnect_min;
     let mut connected = false;
@@ -175,24 +201,32 @@ async fn event_loop_task(
                 Some(LinkEvent::Connected)
             }
             Ok(Event::Incoming(Packet::Publish(p))) if p.topic == topics::HUB_ONLINE => {
-                match brume_protocol::HubAnnouncement::decode(&p.payload) {
-                    Ok(brume_protocol::HubAnnouncement::OnlineV1(o)) => Some(LinkEvent::HubOnline(o.subscribed_ms)),
+                open(HubKind::Announcement, &p.topic, &p.payload).and_then(|m| {
+                    match brume_protocol::HubAnnouncement::decode(&m) {
+                        Ok(brume_protocol::HubAnnouncement::OnlineV1(o)) => Some(LinkEvent::HubOnline(o.subscribed_ms)),
+                        Ok(brume_protocol::HubAnnouncement::SignedV1(_)) => None, // refused by `open`
+                        Err(e) => {
+                            tracing::warn!(error = %e, "ignoring undecodable hub announcement");
+                            None
+                        }
+                    }
+                })
+            }
+            Ok(Event::Incoming(Packet::Publish(p))) if p.topic == ack_topic => {
+                open(HubKind::Ack, &p.topic, &p.payload).and_then(|m| match HubMessage::decode(&m) {
+                    Ok(HubMessage::AckV1(a)) => Some(LinkEvent::HubAck { epoch: a.epoch, seqs: a.seqs }),
+                    Ok(HubMessage::SignedV1(_)) => None, // refused by `open`
                     Err(e) => {
-                        tracing::warn!(error = %e, "ignoring undecodable hub announcement");
+                        tracing::warn!(error = %e, "ignoring undecodable acknowledgement from the hub");
                         None
                     }
-                }
+                })
             }
-            Ok(Event::Incoming(Packet::Publish(p))) if p.topic == ack_topic => match HubMessage::decode(&p.payload) {
-                Ok(HubMessage::AckV1(a)) => Some(LinkEvent::HubAck { epoch: a.epoch, seqs: a.seqs }),
-                Err(e) => {
-                    tracing::warn!(error = %e, "ignoring undecodable acknowledgement from the hub");
-                    None
-                }
-            },
             Ok(Event::Incoming(Packet::Publish(p))) if p.topic == desired_topic => {
-                if let Some(d) = &desired {
-                    take_desired(d, &cfg.agent_id, &p.payload, &metrics);
+                if let Some(d) = &desired
+                    && let Some(m) = open(HubKind::Desired, &p.topic, &p.payload)
+                {
+                    take_desired(d, &cfg.agent_id, &m, &metrics);
                 }
                 None
             }
@@ -229,6 +263,31 @@ async fn event_loop_task(
         }
     }
     metrics.connected.set(0);
+}
+
+/// Checks that hub messages come from a trusted hub (`forward.hub_keys`).
+struct HubAuth {
+    /// The pinned hub keys; empty: nothing is verified.
+    keys: Keyring,
+}
+
+impl HubAuth {
+    /// The unsigned message to act on in `payload`, received on `topic`, or why it is
+    /// dropped (a metric label). With pinned keys only a signed message that one of them
+    /// verifies for this topic passes; without, any message passes, a signed one unverified.
+    fn open<'a>(&self, kind: HubKind, topic: &str, payload: &'a [u8]) -> Result<Cow<'a, [u8]>, &'static str> {
+        match kind.signed_part(payload) {
+            Err(_) => Err("malformed"),
+            Ok(None) if self.keys.is_empty() => Ok(Cow::Borrowed(payload)),
+            Ok(None) => Err("unsigned"),
+            Ok(Some(s)) if self.keys.is_empty() => Ok(Cow::Owned(s.message)),
+            Ok(Some(s)) => match self.keys.verify_hub_message(topic, &s.message, KeyId(s.key_id), &s.signature) {
+                Ok(_) => Ok(Cow::Owned(s.message)),
+                Err(SignatureError::UntrustedKey { .. }) => Err("untrusted_key"),
+                Err(_) => Err("bad_signature"),
+            },
+        }
+    }
 }
 
 /// Keeps a desired state if it is for this agent and newer than the one held. Never
@@ -708,5 +767,40 @@ pub fn json_value(v: &Value) -> serde_json::Value {
         Value::I64(x) => serde_json::json!(x),
         Value::Bool(x) => serde_json::json!(x),
         Value::Str(x) => serde_json::json!(x),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use brume_protocol::{AckV1, SignedV1};
+    use brume_signing::SecretKey;
+
+    fn signed(key: &SecretKey, topic: &str, message: &[u8]) -> Vec<u8> {
+        let (key_id, signature) = key.sign_hub_message(topic, message);
+        HubKind::Ack.seal(SignedV1 { message: message.to_vec(), key_id: key_id.0, signature: signature.to_vec() })
+    }
+
+    #[test]
+    fn hub_auth_passes_only_what_a_pinned_key_signed_for_the_topic() {
+        let hub = SecretKey::generate();
+        let pinned = HubAuth { keys: Keyring::new(vec![hub.public()]) };
+        let open = HubAuth { keys: Keyring::default() };
+        let topic = topics::acks("a1");
+        let ack = HubMessage::AckV1(AckV1 { epoch: 1, seqs: vec![3] }).encode();
+        let good = signed(&hub, &topic, &ack);
+        assert_eq!(pinned.open(HubKind::Ack, &topic, &good).unwrap(), &ack[..]);
+        assert_eq!(pinned.open(HubKind::Ack, &topic, &ack), Err("unsigned"));
+        // Signed for another agent's topic, by another key, altered, undecodable.
+        assert_eq!(pinned.open(HubKind::Ack, &topics::acks("a2"), &good), Err("bad_signature"));
+        let other = signed(&SecretKey::generate(), &topic, &ack);
+        assert_eq!(pinned.open(HubKind::Ack, &topic, &other), Err("untrusted_key"));
+        let mut altered = good.clone();
+        *altered.last_mut().unwrap() ^= 1;
+        assert_eq!(pinned.open(HubKind::Ack, &topic, &altered), Err("bad_signature"));
+        assert_eq!(pinned.open(HubKind::Ack, &topic, &good[..good.len() - 1]), Err("malformed"));
+        // Without pinned keys both forms are read (nothing can be verified).
+        assert_eq!(open.open(HubKind::Ack, &topic, &ack).unwrap(), &ack[..]);
+        assert_eq!(open.open(HubKind::Ack, &topic, &other).unwrap(), &ack[..]);
     }
 }

@@ -116,6 +116,10 @@ pub struct Metrics {
     /// Desired states received from the hub, by `result="taken|stale|rejected"` (stale:
     /// not newer than the one held, e.g. a replayed or late retained message).
     pub desired_states: Family<[(&'static str, &'static str); 1], Counter>,
+    /// Hub messages dropped before they were acted on, by `kind="ack|desired|announcement"`
+    /// and `reason="unsigned|untrusted_key|bad_signature|malformed"` (signatures are
+    /// checked only with `forward.hub_keys`).
+    pub hub_messages_rejected: Family<[(&'static str, &'static str); 2], Counter>,
     /// Open sensor connections on the built-in listener.
     pub listener_connections: Gauge,
     /// Store bytes (budget accounting), set at scrape time.
@@ -167,6 +171,7 @@ impl Default for Metrics {
             connected: Gauge::default(),
             reconnects: Counter::default(),
             desired_states: Family::default(),
+            hub_messages_rejected: Family::default(),
             listener_connections: Gauge::default(),
             store_bytes: Gauge::default(),
             store_readings: Gauge::default(),
@@ -283,6 +288,11 @@ impl Metrics {
             "desired_states",
             "Desired states received from the hub, by result (taken, stale, rejected)",
             self.desired_states.clone(),
+        );
+        r.register(
+            "hub_messages_rejected",
+            "Hub messages dropped unread, by kind and reason (unsigned, untrusted_key, bad_signature, malformed)",
+            self.hub_messages_rejected.clone(),
         );
         r.register("listener_connections", "Open sensor connections", self.listener_connections.clone());
         r.register("store_bytes", "Bytes of stored readings", self.store_bytes.clone());

@@ -177,13 +177,18 @@ impl Hub {
 
     /// Starts a hub with `extra` TOML appended to its config (e.g. a `[storage]` table).
     pub async fn start_with(exe: &Path, broker_port: u16, extra: &str) -> Result<Hub> {
+        Hub::start_with_mqtt(exe, broker_port, "", extra).await
+    }
+
+    /// [`Hub::start_with`], and `mqtt` lines added to its `[mqtt]` table.
+    pub async fn start_with_mqtt(exe: &Path, broker_port: u16, mqtt: &str, extra: &str) -> Result<Hub> {
         let dir = tempfile::tempdir()?;
         let http = free_port();
         let cfg = dir.path().join("hub.toml");
         std::fs::write(
             &cfg,
             format!(
-                "data_dir = {data:?}\n[mqtt]\nhost = \"127.0.0.1\"\nport = {broker_port}\n[http]\nlisten = \"127.0.0.1:{http}\"\n{extra}\n",
+                "data_dir = {data:?}\n[mqtt]\nhost = \"127.0.0.1\"\nport = {broker_port}\n{mqtt}\n[http]\nlisten = \"127.0.0.1:{http}\"\n{extra}\n",
                 data = dir.path().join("data").display().to_string()
             ),
         )?;

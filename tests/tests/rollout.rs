@@ -66,6 +66,16 @@ async fn start_hub(broker_port: u16, public: &str) -> Hub {
     Hub::start_with(Path::new(HUB), broker_port, &fleet).await.unwrap()
 }
 
+/// A hub signing key (`mqtt.signing_key`) in a temporary directory: the hub's `[mqtt]`
+/// line and the agents' `forward.hub_keys` line.
+fn hub_signing_key() -> (tempfile::TempDir, String, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let key = SecretKey::generate();
+    let path = dir.path().join("hub.key");
+    key.write_new(&path).unwrap();
+    (dir, format!("signing_key = {path:?}"), format!("hub_keys = [{:?}]", key.public().to_string()))
+}
+
 fn fleet_config(hub: &Hub, key: &SecretKey) -> String {
     format!("hub_url = {:?}\ntrusted_keys = [{:?}]", hub.url, key.public().to_string())
 }
@@ -102,7 +112,11 @@ async fn at_hub(hub: &Hub) -> (BTreeMap<String, Vec<u64>>, BTreeMap<String, Vec<
 async fn rollout_of_v2_in_waves_loses_and_repeats_nothing() {
     let broker = Mosquitto::start().unwrap();
     let key = SecretKey::generate();
-    let hub = start_hub(broker.port, &key.public().to_string()).await;
+    // The hub signs its messages and the agents act only on signed ones: the whole
+    // rollout runs on signed desired states and acks.
+    let (hub_key_dir, signing, hub_keys) = hub_signing_key();
+    let fleet = format!("[fleet]\ntrusted_keys = [{:?}]\nreconcile_interval = \"200ms\"\n", key.public().to_string());
+    let hub = Hub::start_with_mqtt(Path::new(HUB), broker.port, &signing, &fleet).await.unwrap();
     let v1 = built_module_bytes("threshold");
     let v2 = with_version(&v1, "0.1.0", "0.2.0");
     let v1_sha = upload(&hub, &key, &v1).await["sha256"].as_str().unwrap().to_owned();
@@ -111,7 +125,7 @@ async fn rollout_of_v2_in_waves_loses_and_repeats_nothing() {
     let fleet = fleet_config(&hub, &key);
     let mut agents = Vec::new();
     for i in 0..5 {
-        let extra = [("fleet", fleet.as_str()), ("labels", "site = \"plant-1\"")];
+        let extra = [("fleet", fleet.as_str()), ("labels", "site = \"plant-1\""), ("forward", hub_keys.as_str())];
         agents.push(Agent::start(Path::new(AGENT), &format!("edge-{i}"), broker.port, &extra).await.unwrap());
     }
     let config = json!({"limit": -1.0, "field": "n"});
@@ -148,15 +162,24 @@ async fn rollout_of_v2_in_waves_loses_and_repeats_nothing() {
     agents.push(offline);
     wait_running(&hub, d2, 5, &agents.iter().collect::<Vec<_>>()).await;
 
-    // A replayed old desired state (generation 1, v1) changes nothing.
+    // A replayed old desired state (generation 1, v1, signed by the hub as a recorded
+    // genuine message would be) changes nothing.
     let old = brume_protocol::DesiredState::V1(brume_protocol::DesiredV1 {
         agent_id: "edge-4".into(),
         generation: 1,
         issued_ms: 0,
         modules: vec![],
     });
+    let topic = brume_protocol::topics::desired("edge-4");
+    let hub_key = SecretKey::read(&hub_key_dir.path().join("hub.key")).unwrap();
+    let (key_id, signature) = hub_key.sign_hub_message(&topic, &old.encode());
+    let replayed = brume_protocol::HubKind::Desired.seal(brume_protocol::SignedV1 {
+        message: old.encode(),
+        key_id: key_id.0,
+        signature: signature.to_vec(),
+    });
     let (client, mut el) = AsyncClient::new(MqttOptions::new("replayer", "127.0.0.1", broker.port), 10);
-    client.publish(brume_protocol::topics::desired("edge-4"), QoS::AtLeastOnce, false, old.encode()).await.unwrap();
+    client.publish(topic, QoS::AtLeastOnce, false, replayed).await.unwrap();
     let _ = tokio::time::timeout(Duration::from_secs(2), async {
         loop {
             if let Ok(rumqttc::Event::Incoming(rumqttc::Packet::PubAck(_))) = el.poll().await {
@@ -473,13 +496,19 @@ async fn tampered_or_untrusted_builds_are_refused_by_the_agent() {
 async fn kill_9_in_the_middle_of_a_swap_runs_one_build_from_the_right_cursor() {
     let broker = Mosquitto::start().unwrap();
     let key = SecretKey::generate();
-    let hub = start_hub(broker.port, &key.public().to_string()).await;
+    // The hub signs its messages and the agents act only on signed ones: kill -9 and the
+    // swap run on signed desired states and acks.
+    let (_hub_key, signing, hub_keys) = hub_signing_key();
+    let fleet = format!("[fleet]\ntrusted_keys = [{:?}]\nreconcile_interval = \"200ms\"\n", key.public().to_string());
+    let hub = Hub::start_with_mqtt(Path::new(HUB), broker.port, &signing, &fleet).await.unwrap();
     let v1 = built_module_bytes("threshold");
     let v2 = with_version(&v1, "0.1.0", "0.2.0");
     let v1_sha = upload(&hub, &key, &v1).await["sha256"].as_str().unwrap().to_owned();
     let v2_sha = upload(&hub, &key, &v2).await["sha256"].as_str().unwrap().to_owned();
     let fleet = fleet_config(&hub, &key);
-    let mut agent = Agent::start(Path::new(AGENT), "edge-k", broker.port, &[("fleet", &fleet)]).await.unwrap();
+    let mut agent = Agent::start(Path::new(AGENT), "edge-k", broker.port, &[("fleet", &fleet), ("forward", &hub_keys)])
+        .await
+        .unwrap();
     let config = json!({"limit": -1.0, "field": "n"});
     let d1 =
         deploy(&hub, json!({"module": "threshold", "version": "0.1.0", "config": config, "probation": "0s"})).await;
@@ -530,15 +559,24 @@ async fn two_hubs_on_postgres_either_drives_and_serves_a_rollout() {
         "[storage]\nbackend = \"postgres\"\n[storage.postgres]\nurl = {url:?}\n[fleet]\ntrusted_keys = [{:?}]\nreconcile_interval = \"200ms\"\n",
         key.public().to_string()
     );
-    let mut first = Hub::start_with(Path::new(HUB), broker.port, &cfg).await.unwrap();
-    let second = Hub::start_with(Path::new(HUB), broker.port, &cfg).await.unwrap();
+    // Both hubs sign with the same key, which the agents pin.
+    let (_hub_key, signing, hub_keys) = hub_signing_key();
+    let mut first = Hub::start_with_mqtt(Path::new(HUB), broker.port, &signing, &cfg).await.unwrap();
+    let second = Hub::start_with_mqtt(Path::new(HUB), broker.port, &signing, &cfg).await.unwrap();
     let v1 = built_module_bytes("threshold");
     upload(&first, &key, &v1).await;
     let fleet = fleet_config(&second, &key);
     let mut agents = Vec::new();
     for i in 0..2 {
         agents.push(
-            Agent::start(Path::new(AGENT), &format!("edge-pg{i}"), broker.port, &[("fleet", &fleet)]).await.unwrap(),
+            Agent::start(
+                Path::new(AGENT),
+                &format!("edge-pg{i}"),
+                broker.port,
+                &[("fleet", &fleet), ("forward", &hub_keys)],
+            )
+            .await
+            .unwrap(),
         );
     }
     wait_until("both agents known", Duration::from_secs(20), || async {

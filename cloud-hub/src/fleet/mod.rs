@@ -34,7 +34,6 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use brume_protocol::topics;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
@@ -184,7 +183,7 @@ impl Reconciler {
             match pass {
                 Ok(Ok(out)) => {
                     for sd in out {
-                        if self.mqtt.publish_retained(topics::desired(&sd.agent_id), sd.message).await.is_err() {
+                        if self.mqtt.publish_desired(&sd.agent_id, sd.message).await.is_err() {
                             return; // the event loop is gone: shutting down
                         }
                         tracing::debug!(agent_id = %sd.agent_id, generation = sd.generation, "desired state published");

@@ -309,6 +309,7 @@ async fn postgres_poison_batches_are_quarantined_and_never_stop_other_agents() {
     while !(3..=12).all(|s| acked.contains(&s)) {
         match good.next_ack(util::DEADLINE).await.expect("the good agent's batches are all acknowledged") {
             HubMessage::AckV1(a) => acked.extend(a.seqs),
+            other => panic!("unexpected {other:?} from a hub without a signing key"),
         }
     }
     assert_eq!(

@@ -46,6 +46,10 @@ pub enum DesiredState {
     V1(DesiredV1),
     /// Version 2: version 1 plus re-processing jobs.
     V2(DesiredV2),
+    /// A message of this envelope (a `V1` or `V2`) signed by the hub: see
+    /// [`crate::SignedV1`]. [`DesiredState::decode`] refuses it: verify it and decode the
+    /// message inside.
+    SignedV1(crate::SignedV1),
 }
 
 /// The desired state as this build uses it: [`DesiredState::decode`] returns every
@@ -266,6 +270,12 @@ impl DesiredState {
         let d: Desired = match decode_exact(bytes)? {
             DesiredState::V1(d) => d.into(),
             DesiredState::V2(d) => d,
+            DesiredState::SignedV1(_) => {
+                return Err(invalid(
+                    "desired state",
+                    "a signed message: verify its signature and decode the message inside",
+                ));
+            }
         };
         validate_agent_id(&d.agent_id)?;
         if d.modules.len() > MAX_FLEET_MODULES {

@@ -358,6 +358,99 @@ pub struct AckV1 {
 pub enum HubMessage {
     /// Version 1 acknowledgement.
     AckV1(AckV1),
+    /// A message of this envelope (an `AckV1`) signed by the hub: see [`SignedV1`].
+    SignedV1(SignedV1),
+}
+
+/// A hub-to-agent message signed with a hub's ed25519 key (the `SignedV1` variant of
+/// [`HubMessage`], [`HubAnnouncement`] and [`DesiredState`]).
+///
+/// `message` is the encoding of an unsigned message of the same envelope; the signature
+/// covers `b"brume-hub-message-v1\0" || topic || b"\0" || message` (computed by the
+/// `brume-signing` crate), so a signed message is valid only on the topic it was published
+/// on: an acknowledgement for one agent cannot be replayed to another, nor an ack as a
+/// desired state. Replaying a message on its own topic only repeats what the hub said
+/// (batches stay committed; an older desired-state generation is ignored).
+///
+/// Agents that pin hub keys (`forward.hub_keys`) act only on signed messages whose key and
+/// signature they verify; the others read `message` unverified. Hubs sign only when they
+/// have a key (`mqtt.signing_key`), so agents older than this variant keep working until
+/// it is configured.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SignedV1 {
+    /// The unsigned message's encoding.
+    #[serde(with = "serde_bytes")]
+    pub message: Vec<u8>,
+    /// The signing key's id: the first 8 bytes of sha256 of its public key.
+    pub key_id: [u8; 8],
+    /// The 64-byte ed25519 signature.
+    #[serde(with = "serde_bytes")]
+    pub signature: Vec<u8>,
+}
+
+/// The kinds of message a hub sends to agents; each has its own envelope.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum HubKind {
+    /// [`HubMessage`] on [`topics::acks`].
+    Ack,
+    /// [`HubAnnouncement`] on [`topics::HUB_ONLINE`].
+    Announcement,
+    /// [`DesiredState`] on [`topics::desired`].
+    Desired,
+}
+
+impl HubKind {
+    /// A short name, for metrics and logs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            HubKind::Ack => "ack",
+            HubKind::Announcement => "announcement",
+            HubKind::Desired => "desired",
+        }
+    }
+
+    /// Encodes `signed` in this kind's envelope.
+    pub fn seal(self, signed: SignedV1) -> Vec<u8> {
+        match self {
+            HubKind::Ack => HubMessage::SignedV1(signed).encode(),
+            HubKind::Announcement => HubAnnouncement::SignedV1(signed).encode(),
+            HubKind::Desired => fleet::DesiredState::SignedV1(signed).encode(),
+        }
+    }
+
+    /// The signed message in `bytes`, if it is one (`None`: an unsigned message, not
+    /// decoded here). Decoding the envelope is all this does; nothing is verified.
+    pub fn signed_part(self, bytes: &[u8]) -> Result<Option<SignedV1>, DecodeError> {
+        // The variant index leads the encoding: only a signed message is decoded here.
+        let signed_index = match self {
+            HubKind::Ack | HubKind::Announcement => 1,
+            HubKind::Desired => 2,
+        };
+        if bytes.first() != Some(&signed_index) {
+            return Ok(None);
+        }
+        let s = match self {
+            HubKind::Ack => match decode_exact(bytes)? {
+                HubMessage::SignedV1(s) => s,
+                HubMessage::AckV1(_) => unreachable!("variant index checked"),
+            },
+            HubKind::Announcement => match decode_exact(bytes)? {
+                HubAnnouncement::SignedV1(s) => s,
+                HubAnnouncement::OnlineV1(_) => unreachable!("variant index checked"),
+            },
+            HubKind::Desired => match decode_exact(bytes)? {
+                fleet::DesiredState::SignedV1(s) => s,
+                _ => unreachable!("variant index checked"),
+            },
+        };
+        if s.signature.len() != 64 {
+            return Err(invalid("hub signature", format!("{} bytes, expected 64", s.signature.len())));
+        }
+        if s.message.first() == Some(&signed_index) {
+            return Err(invalid("signed hub message", "a signed message inside a signed message"));
+        }
+        Ok(Some(s))
+    }
 }
 
 /// What hubs announce to every agent on [`topics::HUB_ONLINE`] (retained). The variant
@@ -366,6 +459,8 @@ pub enum HubMessage {
 pub enum HubAnnouncement {
     /// Version 1: a hub has (re)subscribed to batches.
     OnlineV1(HubOnlineV1),
+    /// A message of this envelope (an `OnlineV1`) signed by the hub: see [`SignedV1`].
+    SignedV1(SignedV1),
 }
 
 /// A hub is subscribed again after (re)connecting to the broker. Batches published while

@@ -106,6 +106,50 @@ fn golden_bytes_ack_v1() {
 }
 
 #[test]
+fn golden_bytes_signed_v1() {
+    let signed = SignedV1 { message: vec![0, 7, 1, 1], key_id: [0xaa; 8], signature: vec![0x55; 64] };
+    let m = HubMessage::SignedV1(signed.clone());
+    // Variant 1, the message's length and bytes, the key id (a fixed array, no length),
+    // the signature's length and bytes.
+    let mut expected = vec![1, 4, 0, 7, 1, 1];
+    expected.extend([0xaa; 8]);
+    expected.push(64);
+    expected.extend([0x55; 64]);
+    assert_eq!(m.encode(), expected);
+    assert_eq!(HubMessage::decode(&expected).unwrap(), m);
+    assert_eq!(HubKind::Ack.seal(signed.clone()), expected);
+    assert_eq!(HubKind::Ack.signed_part(&expected).unwrap(), Some(signed.clone()));
+    // The same signed message in the other envelopes: only the variant index differs.
+    let mut announcement = expected.clone();
+    assert_eq!(HubKind::Announcement.seal(signed.clone()), announcement);
+    announcement[0] = 2;
+    assert_eq!(HubKind::Desired.seal(signed.clone()), announcement);
+    assert_eq!(HubKind::Desired.signed_part(&announcement).unwrap(), Some(signed.clone()));
+    assert!(DesiredState::decode(&announcement).is_err(), "a signed desired state is not decoded unverified");
+}
+
+#[test]
+fn signed_part_passes_unsigned_messages_and_refuses_bad_signed_ones() {
+    let ack = HubMessage::AckV1(AckV1 { epoch: 7, seqs: vec![1] }).encode();
+    assert_eq!(HubKind::Ack.signed_part(&ack), Ok(None));
+    assert_eq!(HubKind::Desired.signed_part(&desired().encode()), Ok(None));
+    let online = HubAnnouncement::OnlineV1(HubOnlineV1 { subscribed_ms: 1 }).encode();
+    assert_eq!(HubKind::Announcement.signed_part(&online), Ok(None));
+    let sealed =
+        |message: Vec<u8>, sig: usize| HubKind::Ack.seal(SignedV1 { message, key_id: [1; 8], signature: vec![0; sig] });
+    // A signature of the wrong length.
+    assert!(HubKind::Ack.signed_part(&sealed(ack.clone(), 63)).is_err());
+    // A signed message inside a signed message.
+    assert!(HubKind::Ack.signed_part(&sealed(sealed(ack.clone(), 64), 64)).is_err());
+    // Truncated and trailing bytes.
+    let good = sealed(ack, 64);
+    assert!(HubKind::Ack.signed_part(&good[..good.len() - 1]).is_err());
+    let mut long = good.clone();
+    long.push(0);
+    assert!(HubKind::Ack.signed_part(&long).is_err());
+}
+
+#[test]
 fn refuses_unknown_version() {
     let mut bytes = batch().encode();
     bytes[0] = 9;
@@ -326,7 +370,7 @@ fn hub_announcement_golden_bytes() {
     // Variant 0, then the zigzag varint of 1.
     assert_eq!(m.encode(), [0x00, 0x02]);
     assert_eq!(HubAnnouncement::decode(&m.encode()), Ok(m));
-    assert!(HubAnnouncement::decode(&[0x01, 0x02]).is_err(), "unknown version");
+    assert!(HubAnnouncement::decode(&[0x02, 0x02]).is_err(), "unknown version");
 }
 
 fn desired() -> DesiredState {
@@ -418,6 +462,9 @@ proptest! {
     fn control_plane_decoders_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
         let _ = DesiredState::decode(&bytes);
         let _ = AgentReport::decode(&bytes);
+        for kind in [HubKind::Ack, HubKind::Announcement, HubKind::Desired] {
+            let _ = kind.signed_part(&bytes);
+        }
     }
 }
 

@@ -1,4 +1,9 @@
-//! Ed25519 signatures of Brume WASM modules.
+//! Ed25519 signatures of Brume WASM modules, and of the hub's messages to agents.
+//!
+//! Hub messages ([`SecretKey::sign_hub_message`], [`Keyring::verify_hub_message`]) are
+//! signed over `b"brume-hub-message-v1\0" || topic || b"\0" || message` with the hub's
+//! key (same key file format), so that an agent pinning it acts only on what a hub said,
+//! on the topic it said it on. The rest of this page is about modules.
 //!
 //! A publisher signs a module with its secret key. The hub verifies the signature when
 //! the module is uploaded, against its trusted publisher keys (`registry.trusted_keys`),
@@ -43,6 +48,19 @@ use sha2::{Digest, Sha256};
 
 /// Domain separation prefix of every module signature.
 const CONTEXT: &[u8] = b"brume-module-signature-v1\0";
+/// Domain separation prefix of every signed hub message (`brume_protocol::SignedV1`).
+const HUB_CONTEXT: &[u8] = b"brume-hub-message-v1\0";
+
+/// What a hub signs for a message published on `topic`: the prefix, the topic, a NUL
+/// (never part of an MQTT topic), the message.
+fn hub_message(topic: &str, message: &[u8]) -> Vec<u8> {
+    let mut m = Vec::with_capacity(HUB_CONTEXT.len() + topic.len() + 1 + message.len());
+    m.extend_from_slice(HUB_CONTEXT);
+    m.extend_from_slice(topic.as_bytes());
+    m.push(0);
+    m.extend_from_slice(message);
+    m
+}
 
 const PUBLIC_PREFIX: &str = "ed25519:";
 const SIGNATURE_PREFIX: &str = "brume-sig-v1:";
@@ -79,6 +97,15 @@ pub enum SignatureError {
         key_id: KeyId,
         /// Hex sha256 of the module that was checked.
         sha256: String,
+    },
+    /// A hub message's signature does not match it under the key it names: it was forged
+    /// or altered, or published on another topic than the one it was signed for.
+    #[error("hub message on {topic} is not signed by key {key_id}: forged, altered or moved from another topic")]
+    HubMismatch {
+        /// The key id the message names.
+        key_id: KeyId,
+        /// The topic it arrived on.
+        topic: String,
     },
     /// Reading or writing a key file failed.
     #[error("{op} {path}: {source}")]
@@ -236,6 +263,12 @@ impl SecretKey {
         Signature { key_id: self.public().id(), bytes: self.0.sign(&message(sha256)).to_bytes() }
     }
 
+    /// Signs a hub message published on `topic` (see `brume_protocol::SignedV1`).
+    /// Returns the key id and the signature.
+    pub fn sign_hub_message(&self, topic: &str, message: &[u8]) -> (KeyId, [u8; 64]) {
+        (self.public().id(), self.0.sign(&hub_message(topic, message)).to_bytes())
+    }
+
     /// The key file's text (`brume-secret-key-v1:<hex seed>`).
     pub fn to_file_text(&self) -> String {
         format!("{SECRET_PREFIX}{}\n", to_hex(self.0.as_bytes()))
@@ -315,19 +348,43 @@ impl Keyring {
     /// signature can never vouch for other bytes. Uses ed25519's strict verification
     /// (no malleable or small-order encodings).
     pub fn verify(&self, sha256: &[u8; 32], sig: &Signature) -> Result<KeyId, SignatureError> {
-        let key = self.keys.iter().find(|k| k.id() == sig.key_id).ok_or_else(|| SignatureError::UntrustedKey {
-            key_id: sig.key_id,
-            trusted: if self.keys.is_empty() {
-                "none".into()
-            } else {
-                self.keys.iter().map(|k| k.id().to_string()).collect::<Vec<_>>().join(", ")
-            },
-        })?;
+        let key = self.find(sig.key_id)?;
         let s = ed25519_dalek::Signature::from_bytes(&sig.bytes);
         key.0
             .verify_strict(&message(sha256), &s)
             .map(|()| sig.key_id)
             .map_err(|_| SignatureError::Mismatch { key_id: sig.key_id, sha256: to_hex(sha256) })
+    }
+
+    /// Checks that `signature` is a trusted key's signature of a hub message published on
+    /// `topic` (see [`SecretKey::sign_hub_message`]), with strict verification.
+    pub fn verify_hub_message(
+        &self,
+        topic: &str,
+        message: &[u8],
+        key_id: KeyId,
+        signature: &[u8],
+    ) -> Result<KeyId, SignatureError> {
+        let key = self.find(key_id)?;
+        let bytes: [u8; 64] = signature.try_into().map_err(|_| SignatureError::Malformed {
+            what: "hub signature",
+            problem: format!("{} bytes, expected 64", signature.len()),
+        })?;
+        key.0
+            .verify_strict(&hub_message(topic, message), &ed25519_dalek::Signature::from_bytes(&bytes))
+            .map(|()| key_id)
+            .map_err(|_| SignatureError::HubMismatch { key_id, topic: topic.to_owned() })
+    }
+
+    fn find(&self, key_id: KeyId) -> Result<&PublicKey, SignatureError> {
+        self.keys.iter().find(|k| k.id() == key_id).ok_or_else(|| SignatureError::UntrustedKey {
+            key_id,
+            trusted: if self.keys.is_empty() {
+                "none".into()
+            } else {
+                self.keys.iter().map(|k| k.id().to_string()).collect::<Vec<_>>().join(", ")
+            },
+        })
     }
 
     /// [`verify`](Self::verify) of a module's bytes.
@@ -338,6 +395,36 @@ impl Keyring {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn hub_messages_verify_only_on_their_topic_and_bytes() {
+        let key = SecretKey::generate();
+        let ring = Keyring::new(vec![key.public()]);
+        let (id, sig) = key.sign_hub_message("brume/v1/agents/a1/acks", b"ack");
+        assert_eq!(ring.verify_hub_message("brume/v1/agents/a1/acks", b"ack", id, &sig).unwrap(), id);
+        // Another agent's topic, other bytes, a flipped bit, a short signature, another key.
+        for (topic, msg) in [("brume/v1/agents/a2/acks", &b"ack"[..]), ("brume/v1/agents/a1/acks", b"acj")] {
+            assert!(matches!(ring.verify_hub_message(topic, msg, id, &sig), Err(SignatureError::HubMismatch { .. })));
+        }
+        let mut bad = sig;
+        bad[10] ^= 1;
+        assert!(ring.verify_hub_message("brume/v1/agents/a1/acks", b"ack", id, &bad).is_err());
+        assert!(matches!(
+            ring.verify_hub_message("brume/v1/agents/a1/acks", b"ack", id, &sig[..63]),
+            Err(SignatureError::Malformed { .. })
+        ));
+        let other = SecretKey::generate();
+        let (oid, osig) = other.sign_hub_message("brume/v1/agents/a1/acks", b"ack");
+        assert!(matches!(
+            ring.verify_hub_message("brume/v1/agents/a1/acks", b"ack", oid, &osig),
+            Err(SignatureError::UntrustedKey { .. })
+        ));
+        // The same key id with another key's signature.
+        assert!(ring.verify_hub_message("brume/v1/agents/a1/acks", b"ack", id, &osig).is_err());
+        // A module signature of the same bytes is not a hub message signature.
+        let msig = key.sign(b"ack");
+        assert!(ring.verify_hub_message("brume/v1/agents/a1/acks", b"ack", id, &msig.bytes).is_err());
+    }
+
     use super::*;
     use proptest::prelude::*;
 
