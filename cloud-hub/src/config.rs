@@ -278,6 +278,9 @@ pub struct MqttConfig {
     /// of a fleet uses the same key (or agents pin each hub's). Unset: messages are
     /// unsigned. Upgrade agents before setting it: older agents cannot read signed ones.
     pub signing_key: Option<std::path::PathBuf>,
+    /// TLS to the broker (`[mqtt.tls]`: `ca_file`, and `cert_file` + `key_file` for
+    /// brokers that identify clients by certificate). Absent: plain TCP.
+    pub tls: Option<brume_tls::ClientTls>,
 }
 
 impl Default for MqttConfig {
@@ -289,6 +292,7 @@ impl Default for MqttConfig {
             share_group: "brume-hub".to_owned(),
             keep_alive: Duration::from_secs(30),
             signing_key: None,
+            tls: None,
         }
     }
 }
@@ -368,6 +372,9 @@ impl Config {
         }
         if m.port == 0 {
             return Err(invalid("mqtt.port", "must be 1 to 65535"));
+        }
+        if let Some(tls) = &m.tls {
+            tls.client_config().map_err(|e| invalid("mqtt.tls", e.to_string()))?;
         }
         // MQTT 3.1.1 brokers must accept 23 characters; most accept far more. 256 keeps
         // the id printable in logs and well inside every broker's limit we know of.

@@ -207,7 +207,8 @@ pub async fn run_with_store(
             mqtt::Sealer::new(Some(key))
         }
     };
-    let (mqtt, deliveries, event_loop) = mqtt::start(&cfg, sealer, metrics.clone(), mqtt_stop.clone());
+    let (mqtt, deliveries, event_loop) = mqtt::start(&cfg, sealer, metrics.clone(), mqtt_stop.clone())
+        .map_err(|e| ConfigError::Invalid { key: "mqtt.tls", reason: e.to_string() })?;
     let mqtt_task = tracker.spawn(event_loop);
 
     let ingest = ingest::Ingest {

@@ -151,8 +151,9 @@ impl MqttHandle {
     }
 }
 
-/// Builds the client options from the configuration.
-pub fn options(cfg: &Config) -> MqttOptions {
+/// Builds the client options from the configuration; fails only if `[mqtt.tls]` files
+/// cannot be used.
+pub fn options(cfg: &Config) -> Result<MqttOptions, brume_tls::TlsError> {
     let client_id = if cfg.mqtt.client_id.is_empty() {
         format!("brume-hub-{:08x}", rand::rng().random::<u32>())
     } else {
@@ -166,7 +167,12 @@ pub fn options(cfg: &Config) -> MqttOptions {
         .set_manual_acks(true)
         .set_max_packet_size(brume_protocol::limits::MAX_MESSAGE_BYTES + PACKET_OVERHEAD, MAX_OUTGOING_PACKET)
         .set_request_channel_capacity(REQUEST_CHANNEL);
-    opts
+    if let Some(tls) = &cfg.mqtt.tls {
+        opts.set_transport(rumqttc::Transport::tls_with_config(rumqttc::TlsConfiguration::Rustls(
+            tls.client_config()?,
+        )));
+    }
+    Ok(opts)
 }
 
 /// Creates the client and the event loop task's future.
@@ -178,8 +184,8 @@ pub fn start(
     sealer: Sealer,
     metrics: Arc<Metrics>,
     stop: CancellationToken,
-) -> (MqttHandle, mpsc::Receiver<Delivery>, impl Future<Output = ()> + Send + 'static) {
-    let (client, eventloop) = AsyncClient::new(options(cfg), REQUEST_CHANNEL);
+) -> Result<(MqttHandle, mpsc::Receiver<Delivery>, impl Future<Output = ()> + Send + 'static), brume_tls::TlsError> {
+    let (client, eventloop) = AsyncClient::new(options(cfg)?, REQUEST_CHANNEL);
     let (tx, rx) = mpsc::channel(DELIVERY_QUEUE);
     let generation = Arc::new(AtomicU64::new(0));
     let handle = MqttHandle { client: client.clone(), generation: generation.clone(), sealer: sealer.clone() };
@@ -195,7 +201,7 @@ pub fn start(
         awaiting_subacks: 0,
         sealer,
     };
-    (handle, rx, driver.run(stop))
+    Ok((handle, rx, driver.run(stop)))
 }
 
 struct EventLoopDriver {
@@ -330,7 +336,7 @@ mod tests {
     #[test]
     fn options_from_config() {
         let cfg = Config::default();
-        let opts = options(&cfg);
+        let opts = options(&cfg).unwrap();
         assert!(opts.client_id().starts_with("brume-hub-"));
         assert!(opts.manual_acks());
         assert!(opts.clean_session());

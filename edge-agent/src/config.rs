@@ -418,6 +418,9 @@ pub struct ForwardConfig {
     /// (`hub_messages_rejected`), so no other broker client can make it delete batches
     /// from its outbox. Empty: hub messages are not authenticated (a warning at start).
     pub hub_keys: Vec<String>,
+    /// TLS to the cloud broker (`[forward.tls]`: `ca_file`, and `cert_file` + `key_file`
+    /// for brokers that identify agents by client certificate). Absent: plain TCP.
+    pub tls: Option<brume_tls::ClientTls>,
 }
 
 impl Default for ForwardConfig {
@@ -439,6 +442,7 @@ impl Default for ForwardConfig {
             json_topic: "brume/json/{agent}".into(),
             json_granularity: JsonGranularity::Reading,
             hub_keys: Vec::new(),
+            tls: None,
         }
     }
 }
@@ -513,6 +517,8 @@ pub struct SubscribeConfig {
     pub topics: Vec<String>,
     /// Prefix removed from topics to form stream names.
     pub strip_prefix: String,
+    /// TLS to the local broker (`[subscribe.tls]`, as `[forward.tls]`). Absent: plain TCP.
+    pub tls: Option<brume_tls::ClientTls>,
 }
 
 impl Default for SubscribeConfig {
@@ -524,6 +530,7 @@ impl Default for SubscribeConfig {
             client_id: String::new(),
             topics: vec!["sensors/#".into()],
             strip_prefix: String::new(),
+            tls: None,
         }
     }
 }
@@ -658,6 +665,12 @@ impl Config {
             return Err(invalid("listener.max_inflight", "must be at least 1"));
         }
         brume_signing::Keyring::parse(&f.hub_keys).map_err(|e| invalid("forward.hub_keys", e.to_string()))?;
+        if let Some(tls) = &f.tls {
+            tls.client_config().map_err(|e| invalid("forward.tls", e.to_string()))?;
+        }
+        if let Some(tls) = &self.subscribe.tls {
+            tls.client_config().map_err(|e| invalid("subscribe.tls", e.to_string()))?;
+        }
         if !f.hub_keys.is_empty() && f.mode != ForwardMode::Hub {
             return Err(invalid(
                 "forward.hub_keys",

@@ -124,6 +124,16 @@ pub async fn run(
     }
     let client_id = if f.client_id.is_empty() { format!("brume-agent-{}", cfg.agent_id) } else { f.client_id.clone() };
     let mut opts = MqttOptions::new(client_id, f.host.clone(), f.port);
+    if let Some(tls) = &f.tls {
+        // Checked when the config was loaded; the files may have gone since.
+        match tls.client_config() {
+            Ok(c) => opts.set_transport(rumqttc::Transport::tls_with_config(rumqttc::TlsConfiguration::Rustls(c))),
+            Err(e) => {
+                tracing::error!(error = %e, "forward.tls unusable; not forwarding (readings stay in the store)");
+                return;
+            }
+        };
+    }
     opts.set_keep_alive(f.keep_alive);
     opts.set_clean_session(true);
     // Incoming: acks are small; a desired state (up to 64 modules with their configs)
@@ -186,6 +196,10 @@ async fn event_loop_task(
     let json = cfg.forward.mode == ForwardMode::Json;
     let mut backoff = cfg.forward.reconnect_min;
     let mut connected = false;
+    // The last connection error logged as a warning: a new kind of failure (refused, a
+    // certificate the broker rejects or that does not verify) is reported once, repeats
+    // at debug level.
+    let mut last_warned: Option<String> = None;
     loop {
         let ev = tokio::select! {
             _ = shutdown.cancelled() => break,
@@ -196,6 +210,7 @@ async fn event_loop_task(
                 tracing::info!(host = %cfg.forward.host, port = cfg.forward.port, "connected to cloud broker");
                 backoff = cfg.forward.reconnect_min;
                 connected = true;
+                last_warned = None;
                 metrics.connected.set(1);
                 status.lock().unwrap_or_else(|e| e.into_inner()).last_error = None;
                 Some(LinkEvent::Connected)
@@ -239,6 +254,15 @@ async fn event_loop_task(
                     connected = false;
                     metrics.connected.set(0);
                     let _ = tx.send(LinkEvent::Disconnected).await;
+                } else if last_warned.as_deref() != Some(&e.to_string()) {
+                    tracing::warn!(
+                        error = %e,
+                        host = %cfg.forward.host,
+                        port = cfg.forward.port,
+                        tls = cfg.forward.tls.is_some(),
+                        "cannot connect to cloud broker; buffering locally and retrying"
+                    );
+                    last_warned = Some(e.to_string());
                 } else {
                     tracing::debug!(error = %e, "cloud broker still unreachable");
                 }

@@ -153,3 +153,193 @@ async fn forged_hub_messages_are_ignored_by_agents_that_pin_the_hub_key() {
         .collect();
     assert_eq!(from_pinned, (0..100).collect::<Vec<_>>(), "every reading of the pinned agent, once, in order");
 }
+
+/// A test PKI: a CA and certificates it (or another CA) issues, as PEM files.
+struct Pki {
+    dir: tempfile::TempDir,
+    ca: rcgen::Issuer<'static, rcgen::KeyPair>,
+}
+
+impl Pki {
+    fn new(name: &str) -> Pki {
+        let dir = tempfile::tempdir().unwrap();
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params.distinguished_name.push(rcgen::DnType::CommonName, format!("{name} CA"));
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = params.self_signed(&key).unwrap();
+        std::fs::write(dir.path().join("ca.pem"), cert.pem()).unwrap();
+        Pki { dir, ca: rcgen::Issuer::new(params, key) }
+    }
+
+    fn ca_file(&self) -> std::path::PathBuf {
+        self.dir.path().join("ca.pem")
+    }
+
+    /// A certificate for `cn` (also its only subject alternative name), valid now or
+    /// expired in 2021. Returns (certificate file, key file).
+    fn issue(&self, cn: &str, expired: bool) -> (std::path::PathBuf, std::path::PathBuf) {
+        let mut params = rcgen::CertificateParams::new(vec![cn.to_owned()]).unwrap();
+        params.distinguished_name.push(rcgen::DnType::CommonName, cn);
+        if expired {
+            params.not_before = rcgen::date_time_ymd(2020, 1, 1);
+            params.not_after = rcgen::date_time_ymd(2021, 1, 1);
+        }
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = params.signed_by(&key, &self.ca).unwrap();
+        let tag = if expired { "-expired" } else { "" };
+        let (c, k) = (self.dir.path().join(format!("{cn}{tag}.pem")), self.dir.path().join(format!("{cn}{tag}.key")));
+        std::fs::write(&c, cert.pem()).unwrap();
+        std::fs::write(&k, key.serialize_pem()).unwrap();
+        (c, k)
+    }
+
+    /// A `[... .tls]` table body trusting this CA, with `identity`'s certificate and key.
+    fn client_toml(&self, identity: Option<&(std::path::PathBuf, std::path::PathBuf)>) -> String {
+        let mut t = format!("ca_file = {:?}\n", self.ca_file());
+        if let Some((c, k)) = identity {
+            t.push_str(&format!("cert_file = {c:?}\nkey_file = {k:?}\n"));
+        }
+        t
+    }
+}
+
+/// The broker's per-agent ACL as shipped (README, "Security").
+const ACL: &str = include_str!("../../integrations/mosquitto/brume.acl");
+
+async fn last_error(agent: &Agent) -> String {
+    agent.status().await.unwrap()["forward"]["last_error"].as_str().unwrap_or("").to_owned()
+}
+
+/// MQTT over TLS with client certificates (mutual TLS) and the per-agent ACL: the agent
+/// and the hub connect with their certificates and readings flow; plaintext, an expired
+/// certificate, one from another CA and a broker certificate the agent does not trust are
+/// all refused; an agent's certificate cannot publish batches as another agent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mqtt_over_mutual_tls_with_per_agent_acl() {
+    let pki = Pki::new("fleet");
+    let server = pki.issue("127.0.0.1", false);
+    std::fs::write(pki.dir.path().join("acl"), ACL).unwrap();
+    // The shipped listener configuration, on the harness's port, with this PKI's files.
+    let server_files = [("ca.pem", pki.ca_file()), ("broker.pem", server.0.clone()), ("broker.key", server.1.clone())];
+    let conf: String = include_str!("../../integrations/mosquitto/mosquitto-tls.conf")
+        .lines()
+        .filter(|l| !l.starts_with("listener ") && !l.starts_with("per_listener_settings"))
+        .map(|l| {
+            let mut l = l.replace("/etc/mosquitto/brume/brume.acl", &pki.dir.path().join("acl").display().to_string());
+            for (name, path) in &server_files {
+                l = l.replace(&format!("/etc/mosquitto/brume/{name}"), &path.display().to_string());
+            }
+            assert!(!l.contains("/etc/"), "a path the test does not replace: {l}");
+            format!("{l}\n")
+        })
+        .collect();
+    let broker = brume_test_support::Mosquitto::start_with(|_| {
+        format!("persistence false\nlog_dest stderr\nlog_type error\nlog_type warning\n{conf}")
+    })
+    .unwrap();
+    let hub_id = pki.issue("brume-hub", false);
+    let hub = Hub::start_with_mqtt(
+        Path::new(HUB),
+        broker.port,
+        &format!("[mqtt.tls]\n{}", pki.client_toml(Some(&hub_id))),
+        "",
+    )
+    .await
+    .unwrap();
+    let a_id = pki.issue("edge-a", false);
+    let port = broker.port;
+    let tls_agent = |id: &'static str, table: String| async move {
+        Agent::start(Path::new(AGENT), id, port, &[("forward.tls", &table)]).await.unwrap()
+    };
+    let a = tls_agent("edge-a", pki.client_toml(Some(&a_id))).await;
+    write(&a, "tls", 0..50).await;
+    a.wait_drained(Duration::from_secs(30)).await;
+    assert_eq!(hub.readings("tls").await.unwrap().len(), 50);
+
+    // Refused: plaintext to a TLS-only listener, an expired client certificate, one from
+    // another CA, and a broker certificate from a CA the agent does not trust.
+    let other = Pki::new("rogue");
+    let expired = pki.issue("edge-x", true);
+    let rogue = other.issue("edge-r", false);
+    let s_id = pki.issue("edge-s", false);
+    let plain = Agent::start(Path::new(AGENT), "edge-plain", broker.port, &[]).await.unwrap();
+    let old = tls_agent("edge-x", pki.client_toml(Some(&expired))).await;
+    let identity = |ca: std::path::PathBuf, id: &(std::path::PathBuf, std::path::PathBuf)| {
+        format!("ca_file = {ca:?}\ncert_file = {:?}\nkey_file = {:?}\n", id.0, id.1)
+    };
+    let stranger = tls_agent("edge-r", identity(pki.ca_file(), &rogue)).await;
+    let suspicious = tls_agent("edge-s", identity(other.ca_file(), &s_id)).await;
+    for agent in [&plain, &old, &stranger, &suspicious] {
+        write(agent, "refused", 0..5).await;
+    }
+    wait_until("every refused agent to report a connection error", Duration::from_secs(20), || async {
+        let mut all = true;
+        for agent in [&plain, &old, &stranger, &suspicious] {
+            all &= !last_error(agent).await.is_empty();
+        }
+        all
+    })
+    .await
+    .unwrap();
+    // The agent names the reason when it is its own check that failed.
+    let e = last_error(&suspicious).await;
+    assert!(e.to_lowercase().contains("certificate") || e.contains("UnknownIssuer"), "{e}");
+    for agent in [&plain, &old, &stranger, &suspicious] {
+        let s = agent.status().await.unwrap();
+        assert_eq!(s["forward"]["connected"], false, "{s}");
+        let waiting = s["outbox"]["readings"].as_u64().unwrap() + s["store"]["unbatched_readings"].as_u64().unwrap();
+        assert_eq!(waiting, 5, "nothing left the refused agent: {s}");
+    }
+
+    // edge-a's certificate publishing as edge-b: on edge-b's topic the broker drops it
+    // (ACL); on its own topic with edge-b in the payload the hub refuses it. Then a batch
+    // of its own on the same connection, acknowledged by the hub: the broker and the hub
+    // handle one connection's publishes in order, so the two before were dealt with.
+    let client_tls = brume_tls::ClientTls { ca_file: pki.ca_file(), cert_file: Some(a_id.0), key_file: Some(a_id.1) };
+    let mut opts = MqttOptions::new("edge-a-impostor", "127.0.0.1", broker.port);
+    opts.set_transport(rumqttc::Transport::tls_with_config(rumqttc::TlsConfiguration::Rustls(
+        client_tls.client_config().unwrap(),
+    )));
+    let (client, mut el) = AsyncClient::new(opts, 16);
+    client.subscribe(topics::acks("edge-a"), QoS::AtLeastOnce).await.unwrap();
+    let batch = |agent: &str, epoch: u64| {
+        AgentMessage::BatchV2(brume_protocol::BatchV2 {
+            agent_id: agent.into(),
+            epoch,
+            seq: 1,
+            created_ms: 0,
+            streams: vec![brume_protocol::StreamChunk {
+                stream: format!("forged/{agent}/{epoch}"),
+                points: vec![brume_protocol::Point {
+                    ts_ns: 1_700_000_000_000_000_000,
+                    fields: brume_protocol::FieldsBlob::encode(&[brume_protocol::Field {
+                        name: "v".into(),
+                        value: brume_protocol::Value::F64(1.0),
+                    }])
+                    .unwrap(),
+                }],
+            }],
+            losses: vec![],
+            lineage: vec![],
+        })
+        .encode()
+    };
+    client.publish(topics::batches("edge-b"), QoS::AtLeastOnce, false, batch("edge-b", 77)).await.unwrap();
+    client.publish(topics::batches("edge-a"), QoS::AtLeastOnce, false, batch("edge-b", 78)).await.unwrap();
+    client.publish(topics::batches("edge-a"), QoS::AtLeastOnce, false, batch("edge-a", 79)).await.unwrap();
+    tokio::time::timeout(Duration::from_secs(20), async {
+        loop {
+            if let Ok(Event::Incoming(Packet::Publish(p))) = el.poll().await
+                && matches!(HubMessage::decode(&p.payload), Ok(HubMessage::AckV1(AckV1 { epoch: 79, .. })))
+            {
+                break;
+            }
+        }
+    })
+    .await
+    .expect("the impostor connection's own batch is acknowledged");
+    let streams: Vec<String> = hub.counts().await.unwrap().into_iter().map(|(s, _)| s).collect();
+    assert!(streams.contains(&"forged/edge-a/79".to_owned()), "{streams:?}");
+    assert!(!streams.iter().any(|s| s.contains("edge-b")), "a batch as edge-b was stored: {streams:?}");
+}

@@ -42,6 +42,16 @@ pub async fn run(
 ) {
     let client_id = opts_client_id(&cfg, &agent_id);
     let mut opts = MqttOptions::new(client_id, cfg.host.clone(), cfg.port);
+    if let Some(tls) = &cfg.tls {
+        // Checked when the config was loaded; the files may have gone since.
+        match tls.client_config() {
+            Ok(c) => opts.set_transport(rumqttc::Transport::tls_with_config(rumqttc::TlsConfiguration::Rustls(c))),
+            Err(e) => {
+                tracing::error!(error = %e, "subscribe.tls unusable; not subscribing");
+                return;
+            }
+        };
+    }
     opts.set_clean_session(false);
     opts.set_manual_acks(true);
     opts.set_keep_alive(Duration::from_secs(30));
