@@ -24,14 +24,22 @@ function h(tag, attrs, ...children) {
   return el;
 }
 
-/** GET (or another method) of the API; throws an Error with the hub's message. */
+/** Thrown when the hub wants a token (HTTP 401): the shell shows the login form. */
+class NeedLogin extends Error {}
+
+/** GET (or another method) of the API; throws an Error with the hub's message. The
+ * session cookie goes along (same origin); the CSRF header marks the request as the
+ * dashboard's own, which the hub requires for changes made with the cookie. */
 async function api(path, opts) {
-  const res = await fetch(path, Object.assign({ headers: { Accept: "application/json" } }, opts || {}));
+  const o = Object.assign({}, opts || {});
+  o.headers = Object.assign({ Accept: "application/json", "x-brume-csrf": "1" }, o.headers || {});
+  const res = await fetch(path, o);
   const text = await res.text();
   let body = null;
   try { body = text ? JSON.parse(text) : null; } catch (_) { body = text; }
   if (!res.ok) {
     const msg = body && body.error ? body.error : text;
+    if (res.status === 401) throw new NeedLogin(msg);
     throw new Error(`${res.status} ${path}: ${msg}`);
   }
   return body;
@@ -637,6 +645,44 @@ async function hubStatus() {
   }
 }
 
+/** The login form: the token is sent once, to POST /api/v1/session, which keeps it in an
+ * HttpOnly cookie (never readable by this script afterwards). */
+function pageLogin(main, why) {
+  const input = h("input", { id: "token", type: "password", autocomplete: "off", placeholder: "brume_…", size: 50 });
+  const err = h("p", { class: "error", id: "login-error" });
+  const form = h("form", {
+    id: "login",
+    onsubmit: async (ev) => {
+      ev.preventDefault();
+      try {
+        await api("/api/v1/session", { method: "POST", body: JSON.stringify({ token: input.value.trim() }), headers: { "Content-Type": "application/json" } });
+        input.value = "";
+        await sessionBar();
+        show();
+      } catch (e) { err.textContent = e.message; }
+    },
+  }, h("label", {}, "API token ", input), " ", h("button", { type: "submit" }, "Log in"));
+  main.replaceChildren(h("h1", {}, "Log in"),
+    h("p", { class: "muted" }, why || "This hub needs an API token with the read scope (cloud-hub token)."), form, err);
+  document.body.dataset.ready = "login";
+  input.focus();
+}
+
+/** Who is logged in, with a log-out button; empty when the API is open. */
+async function sessionBar() {
+  const el = document.getElementById("session");
+  try {
+    const s = await api("/api/v1/session");
+    if (s.open) { el.replaceChildren(); return; }
+    el.replaceChildren(h("span", { id: "session-name" }, `${s.name} (${s.scopes.join(", ")})`), " ",
+      h("button", { id: "logout", onclick: async () => {
+        await api("/api/v1/session", { method: "DELETE" }).catch(() => {});
+        await sessionBar();
+        show();
+      } }, "Log out"));
+  } catch (_) { el.replaceChildren(); }
+}
+
 async function show() {
   leave();
   const r = route();
@@ -647,11 +693,20 @@ async function show() {
   const pages = { data: pageData, fleet: pageFleet, agent: pageAgent, modules: pageModules, deployment: pageDeployment };
   const page = pages[r.page];
   if (!page) { main.append(h("p", { class: "error" }, `No page ${JSON.stringify(r.page)}.`)); return; }
-  try { await page(main, r.arg); } catch (e) { showError(main, e); }
+  // Pages load parts in the background and show their errors in place: ask first whether
+  // the hub wants a token this browser does not have.
+  try { await api("/api/v1/session"); } catch (e) {
+    if (e instanceof NeedLogin) { pageLogin(main); return; }
+  }
+  try { await page(main, r.arg); } catch (e) {
+    if (e instanceof NeedLogin) { leave(); pageLogin(main, e.message); return; }
+    showError(main, e);
+  }
   document.body.dataset.ready = r.page;
 }
 
 window.addEventListener("hashchange", show);
 hubStatus();
+sessionBar();
 setInterval(hubStatus, 10000);
 show();

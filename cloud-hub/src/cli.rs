@@ -61,6 +61,17 @@ enum Cmd {
         #[arg(long, value_name = "FILE")]
         out: PathBuf,
     },
+    /// Create an API token: prints the token (give it to its holder; it is shown once)
+    /// and the `[[http.tokens]]` entry for every hub's config (only its sha256).
+    Token {
+        /// Who or what will hold it (shown in logs).
+        #[arg(long)]
+        name: String,
+        /// What it may do: read, modules (upload, deploy, rollouts, re-process), fleet
+        /// (quarantine). Repeat for several.
+        #[arg(long = "scope", value_name = "SCOPE", required = true)]
+        scopes: Vec<String>,
+    },
 }
 
 /// Entry point of the `cloud-hub` binary: returns the process exit code.
@@ -81,6 +92,19 @@ pub fn main() -> ExitCode {
                     eprintln!("hub signing key written to {} (set mqtt.signing_key to it on every hub)", out.display());
                     eprintln!("public key (add it to forward.hub_keys of every agent):");
                     println!("{}", key.public());
+                    Ok(ExitCode::SUCCESS)
+                }
+                Cmd::Token { name, scopes } => {
+                    for s in &scopes {
+                        if !["read", "modules", "fleet"].contains(&s.as_str()) {
+                            anyhow::bail!("unknown scope {s:?}: read, modules or fleet");
+                        }
+                    }
+                    let (token, sha256) = crate::auth::new_token();
+                    eprintln!("add to [http] of every hub's config:\n");
+                    eprintln!("[[http.tokens]]\nname = {name:?}\nsha256 = {sha256:?}\nscopes = {scopes:?}\n");
+                    eprintln!("the token (shown once; CLI: export BRUME_TOKEN=...; dashboard: paste it at login):");
+                    println!("{token}");
                     Ok(ExitCode::SUCCESS)
                 }
             }

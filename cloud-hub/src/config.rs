@@ -308,11 +308,15 @@ pub struct HttpConfig {
     /// once; more get 503 with `Retry-After`. Bounds the hub's memory and the database
     /// load that dashboards can cause.
     pub max_concurrent_queries: usize,
+    /// API tokens (`[[http.tokens]]`: `name`, `sha256`, `scopes`), written by `cloud-hub
+    /// token`. With any, every API route but health, metrics, the dashboard's files and
+    /// module downloads needs a token with its scope; without, the API is open.
+    pub tokens: Vec<crate::auth::TokenConfig>,
 }
 
 impl Default for HttpConfig {
     fn default() -> Self {
-        HttpConfig { listen: SocketAddr::from(([127, 0, 0, 1], 8080)), max_concurrent_queries: 8 }
+        HttpConfig { listen: SocketAddr::from(([127, 0, 0, 1], 8080)), max_concurrent_queries: 8, tokens: Vec::new() }
     }
 }
 
@@ -373,6 +377,7 @@ impl Config {
         if m.port == 0 {
             return Err(invalid("mqtt.port", "must be 1 to 65535"));
         }
+        crate::auth::Auth::new(&self.http.tokens).map_err(|e| invalid("http.tokens", e))?;
         if let Some(tls) = &m.tls {
             tls.client_config().map_err(|e| invalid("mqtt.tls", e.to_string()))?;
         }

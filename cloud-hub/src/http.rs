@@ -44,6 +44,8 @@ pub struct AppState {
     pub queries: Arc<tokio::sync::Semaphore>,
     /// The control plane: upload checks, and the reconciler's wake-up.
     pub fleet: Arc<crate::fleet::FleetHandle>,
+    /// API tokens (`[[http.tokens]]`); without any, the API is open.
+    pub auth: Arc<crate::auth::Auth>,
 }
 
 impl AppState {
@@ -79,8 +81,10 @@ pub fn app(state: AppState) -> Router {
         .route("/api/v1/quarantine/{id}/payload", get(quarantine_payload))
         .route("/api/v1/quarantine/{id}/reingest", axum::routing::post(quarantine_reingest))
         .route("/api/v1/openapi.json", get(|| async { ([(header::CONTENT_TYPE, "application/json")], OPENAPI) }))
+        .route("/api/v1/session", get(crate::auth::session).post(crate::auth::session).delete(crate::auth::session))
         .merge(crate::fleet::http::routes(&state))
         .merge(crate::dashboard::routes())
+        .layer(axum::middleware::from_fn_with_state(state.auth.clone(), crate::auth::check))
         .with_state(state)
 }
 
@@ -961,6 +965,7 @@ mod tests {
             shutdown: tokio_util::sync::CancellationToken::new(),
             queries: queries.clone(),
             fleet: Arc::new(crate::fleet::FleetHandle::new(&Default::default()).unwrap()),
+            auth: Default::default(),
         };
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
@@ -1010,6 +1015,7 @@ mod tests {
             shutdown: tokio_util::sync::CancellationToken::new(),
             queries: queries.clone(),
             fleet: Arc::new(crate::fleet::FleetHandle::new(&Default::default()).unwrap()),
+            auth: Default::default(),
         };
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());

@@ -17,6 +17,7 @@
 //! invalid.
 
 pub mod aggregate;
+pub mod auth;
 pub mod cli;
 mod clock;
 pub mod config;
@@ -198,6 +199,12 @@ pub async fn run_with_store(
     // The MQTT task has its own token: it must outlive `shutdown` so that the ingest
     // task's final acks and the DISCONNECT still go out.
     let mqtt_stop = CancellationToken::new();
+    let auth = Arc::new(
+        auth::Auth::new(&cfg.http.tokens).map_err(|reason| ConfigError::Invalid { key: "http.tokens", reason })?,
+    );
+    if auth.is_open() {
+        tracing::warn!("no http.tokens: the HTTP API and dashboard are open to anyone who can reach the port");
+    }
     let sealer = match &cfg.mqtt.signing_key {
         None => mqtt::Sealer::new(None),
         Some(path) => {
@@ -244,6 +251,7 @@ pub async fn run_with_store(
         shutdown: shutdown.clone(),
         queries: Arc::new(tokio::sync::Semaphore::new(cfg.http.max_concurrent_queries)),
         fleet,
+        auth,
     });
     let http_shutdown = shutdown.clone();
     let http_task = tracker.spawn(async move {

@@ -33,6 +33,10 @@ pub struct HubArgs {
     /// Base URL of a hub's HTTP API.
     #[arg(long, env = "BRUME_HUB", default_value = "http://127.0.0.1:8080")]
     hub: String,
+    /// API token (from `cloud-hub token`), for hubs with `[[http.tokens]]`. Prefer the
+    /// environment variable: arguments show in `ps`.
+    #[arg(long, env = "BRUME_TOKEN", hide_env_values = true)]
+    token: Option<String>,
     /// Print JSON (the API's documents) instead of tables.
     #[arg(long)]
     json: bool,
@@ -236,8 +240,16 @@ struct Client {
 }
 
 impl Client {
-    fn new(hub: &HubArgs) -> Client {
-        Client { base: hub.hub.trim_end_matches('/').to_owned(), http: reqwest::Client::new() }
+    fn new(hub: &HubArgs) -> anyhow::Result<Client> {
+        let mut headers = reqwest::header::HeaderMap::new();
+        if let Some(t) = &hub.token {
+            let mut v = reqwest::header::HeaderValue::try_from(format!("Bearer {t}"))
+                .context("BRUME_TOKEN / --token is not a valid token (printable ASCII)")?;
+            v.set_sensitive(true);
+            headers.insert(reqwest::header::AUTHORIZATION, v);
+        }
+        let http = reqwest::Client::builder().default_headers(headers).build().context("building the HTTP client")?;
+        Ok(Client { base: hub.hub.trim_end_matches('/').to_owned(), http })
     }
 
     /// Sends a request; a non-2xx answer becomes an error with the API's message.
@@ -358,7 +370,7 @@ pub async fn module(cmd: ModuleCmd) -> anyhow::Result<ExitCode> {
                         .to_owned()
                 }
             };
-            let client = Client::new(&hub);
+            let client = Client::new(&hub)?;
             let size = wasm.len();
             let body = upload_body(wasm, !hub.json && std::io::stderr().is_terminal());
             let (status, v) = client
@@ -386,7 +398,7 @@ pub async fn module(cmd: ModuleCmd) -> anyhow::Result<ExitCode> {
             }
         }
         ModuleCmd::Ls { name, hub } => {
-            let client = Client::new(&hub);
+            let client = Client::new(&hub)?;
             let path = match &name {
                 Some(n) => format!("/api/v1/registry/modules?name={}", urlencode(n)),
                 None => "/api/v1/registry/modules".into(),
@@ -479,7 +491,7 @@ pub async fn deploy(a: DeployArgs) -> anyhow::Result<ExitCode> {
     if let Some(i) = &a.inputs {
         body["inputs"] = json!(i);
     }
-    let client = Client::new(&a.hub);
+    let client = Client::new(&a.hub)?;
     let d = client.post("/api/v1/deployments", &body).await?;
     let id = d["id"].as_u64().context("the hub's answer has no deployment id")?;
     if a.hub.json {
@@ -632,7 +644,7 @@ async fn watch(client: &Client, id: u64, json: bool) -> anyhow::Result<ExitCode>
 pub async fn rollout(cmd: RolloutCmd) -> anyhow::Result<ExitCode> {
     let (action, a) = match cmd {
         RolloutCmd::Ls { hub } => {
-            let v = Client::new(&hub).get("/api/v1/deployments").await?;
+            let v = Client::new(&hub)?.get("/api/v1/deployments").await?;
             if hub.json {
                 print_json(&v);
             } else {
@@ -662,7 +674,7 @@ pub async fn rollout(cmd: RolloutCmd) -> anyhow::Result<ExitCode> {
             return Ok(ExitCode::SUCCESS);
         }
         RolloutCmd::Show { id, hub } => {
-            let d = Client::new(&hub).get(&format!("/api/v1/deployments/{id}")).await?;
+            let d = Client::new(&hub)?.get(&format!("/api/v1/deployments/{id}")).await?;
             if hub.json {
                 print_json(&d)
             } else {
@@ -670,7 +682,7 @@ pub async fn rollout(cmd: RolloutCmd) -> anyhow::Result<ExitCode> {
             }
             return Ok(ExitCode::SUCCESS);
         }
-        RolloutCmd::Watch { id, hub } => return watch(&Client::new(&hub), id, hub.json).await,
+        RolloutCmd::Watch { id, hub } => return watch(&Client::new(&hub)?, id, hub.json).await,
         RolloutCmd::Pause(a) => ("pause", a),
         RolloutCmd::Resume(a) => ("resume", a),
         RolloutCmd::Abort(a) => ("abort", a),
@@ -680,7 +692,7 @@ pub async fn rollout(cmd: RolloutCmd) -> anyhow::Result<ExitCode> {
         Some(r) => json!({ "reason": r }),
         None => json!({}),
     };
-    let d = Client::new(&a.hub).post(&format!("/api/v1/deployments/{}/{action}", a.id), &body).await?;
+    let d = Client::new(&a.hub)?.post(&format!("/api/v1/deployments/{}/{action}", a.id), &body).await?;
     if a.hub.json {
         print_json(&d)
     } else {
@@ -692,7 +704,7 @@ pub async fn rollout(cmd: RolloutCmd) -> anyhow::Result<ExitCode> {
 /// `cloud-hub agents ...`
 pub async fn agents(cmd: AgentsCmd) -> anyhow::Result<ExitCode> {
     let AgentsCmd::Ls { hub } = cmd;
-    let v = Client::new(&hub).get("/api/v1/fleet/agents").await?;
+    let v = Client::new(&hub)?.get("/api/v1/fleet/agents").await?;
     if hub.json {
         print_json(&v);
         return Ok(ExitCode::SUCCESS);

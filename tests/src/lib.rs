@@ -167,9 +167,19 @@ pub struct Hub {
     pub proc: Proc,
     /// Its data directory (kept across restarts).
     pub dir: tempfile::TempDir,
+    /// The API token the harness's own requests send, for hubs with `[[http.tokens]]`.
+    pub token: Option<String>,
 }
 
 impl Hub {
+    fn api(&self, path: &str) -> reqwest::RequestBuilder {
+        let r = reqwest::Client::new().get(format!("{}{path}", self.url));
+        match &self.token {
+            Some(t) => r.bearer_auth(t),
+            None => r,
+        }
+    }
+
     /// Starts a hub against the broker on `broker_port`.
     pub async fn start(exe: &Path, broker_port: u16) -> Result<Hub> {
         Hub::start_with(exe, broker_port, "").await
@@ -194,7 +204,7 @@ impl Hub {
         )?;
         let proc =
             Proc::spawn("cloud-hub", exe, &["--config".into(), cfg.display().to_string()], &dir.path().join("log"))?;
-        let hub = Hub { url: format!("http://127.0.0.1:{http}"), proc, dir };
+        let hub = Hub { url: format!("http://127.0.0.1:{http}"), proc, dir, token: None };
         wait_until("the hub's HTTP API", Duration::from_secs(20), || port_open(http)).await?;
         Ok(hub)
     }
@@ -208,12 +218,11 @@ impl Hub {
 
     /// All readings of a stream, in the hub's order, paging through the API.
     pub async fn readings(&self, stream: &str) -> Result<Vec<serde_json::Value>> {
-        let client = reqwest::Client::new();
         let mut out = Vec::new();
         let mut after: Option<String> = None;
         loop {
-            let mut req = client
-                .get(format!("{}/api/v1/readings", self.url))
+            let mut req = self
+                .api("/api/v1/readings")
                 .query(&[("stream", stream), ("limit", &cloud_hub::http::MAX_LIMIT.to_string())]);
             if let Some(a) = &after {
                 req = req.query(&[("after", a)]);
@@ -229,8 +238,7 @@ impl Hub {
 
     /// Reading counts per stream.
     pub async fn counts(&self) -> Result<Vec<(String, u64)>> {
-        let v: serde_json::Value =
-            reqwest::get(format!("{}/api/v1/streams", self.url)).await?.error_for_status()?.json().await?;
+        let v: serde_json::Value = self.api("/api/v1/streams").send().await?.error_for_status()?.json().await?;
         Ok(v.as_array()
             .context("streams array")?
             .iter()

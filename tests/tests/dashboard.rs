@@ -107,8 +107,9 @@ fn artifacts() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/test-artifacts")
 }
 
-async fn get_json(url: &str) -> Value {
-    reqwest::get(url).await.unwrap().error_for_status().unwrap().json().await.unwrap()
+async fn get_json(hub: &Hub, path: &str) -> Value {
+    let r = reqwest::Client::new().get(format!("{}{path}", hub.url)).bearer_auth(hub.token.as_ref().unwrap());
+    r.send().await.unwrap().error_for_status().unwrap().json().await.unwrap()
 }
 
 /// CSV rows as strings (no quoting needed for these numbers and names).
@@ -132,7 +133,12 @@ async fn dashboard_shows_data_and_fleet_in_a_real_browser() {
     let broker = Mosquitto::start().unwrap();
     let key = SecretKey::generate();
     let fleet = format!("[fleet]\ntrusted_keys = [{:?}]\nreconcile_interval = \"200ms\"\n", key.public().to_string());
-    let hub = Hub::start_with(Path::new(HUB), broker.port, &fleet).await.unwrap();
+    // The hub has API tokens: the browser logs in with one (scopes read and modules).
+    let (token, sha256) = cloud_hub::auth::new_token();
+    let tokens =
+        format!("[[http.tokens]]\nname = \"operator\"\nsha256 = {sha256:?}\nscopes = [\"read\", \"modules\"]\n");
+    let mut hub = Hub::start_with(Path::new(HUB), broker.port, &format!("{tokens}{fleet}")).await.unwrap();
+    hub.token = Some(token.clone());
     let fleet = format!("hub_url = {:?}\ntrusted_keys = [{:?}]", hub.url, key.public().to_string());
     let mut agent = Agent::start(
         Path::new(AGENT),
@@ -155,12 +161,27 @@ async fn dashboard_shows_data_and_fleet_in_a_real_browser() {
     // ours ask the same question.
     let range = format!("field=n&range=custom&from={}&to={}&live=0", start_ms - 60_000, end_ms + 60_000);
     c.goto(&format!("{}/ui/#/data?{range}", hub.url)).await.unwrap();
+    // Logged out, the page asks for a token; a wrong one is refused with the hub's reason.
+    browser.wait_for("#login").await;
+    c.find(Locator::Id("token")).await.unwrap().send_keys("brume_wrong").await.unwrap();
+    c.find(Locator::Css("#login button")).await.unwrap().click().await.unwrap();
+    wait_until("the login refusal", PAGE, || async {
+        browser.attr("#login-error", "id").await.is_some()
+            && c.find(Locator::Id("login-error")).await.unwrap().text().await.unwrap().contains("unknown")
+    })
+    .await
+    .unwrap();
+    let field = c.find(Locator::Id("token")).await.unwrap();
+    field.clear().await.unwrap();
+    field.send_keys(&token).await.unwrap();
+    c.find(Locator::Css("#login button")).await.unwrap().click().await.unwrap();
+    assert!(browser.wait_for("#session-name").await.text().await.unwrap().contains("operator"));
     browser.wait_for("#stream-list li[data-stream=\"s/0\"]").await.click().await.unwrap();
     browser.wait_for("#chart[data-points]").await;
     let points: usize = browser.attr("#chart", "data-points").await.unwrap().parse().unwrap();
     let query = browser.attr("#data-body", "data-query").await.expect("the page says what it asked");
     assert!(query.starts_with("/api/v1/aggregate?") && query.contains("stream=s%2F0"), "{query}");
-    let api = get_json(&format!("{}{query}", hub.url)).await;
+    let api = get_json(&hub, &query).await;
     let buckets = api["buckets"].as_array().unwrap();
     assert!(!buckets.is_empty(), "{api}");
     assert_eq!(points, buckets.len(), "one point per bucket of {query}");
@@ -204,7 +225,7 @@ async fn dashboard_shows_data_and_fleet_in_a_real_browser() {
     browser.wait_for("#chart[data-points]").await;
     let query = browser.attr("#data-body", "data-query").await.unwrap();
     assert!(query.starts_with("/api/v1/fleet/aggregate?") && query.contains("label=site%3Aplant-1"), "{query}");
-    let fleet = get_json(&format!("{}{query}", hub.url)).await;
+    let fleet = get_json(&hub, &query).await;
     assert_eq!(fleet["agents"], json!(["dash-1"]));
     let points: usize = browser.attr("#chart", "data-points").await.unwrap().parse().unwrap();
     assert_eq!(points, fleet["buckets"].as_array().unwrap().len());
@@ -234,6 +255,7 @@ async fn dashboard_shows_data_and_fleet_in_a_real_browser() {
     let wasm = built_module_bytes("downsample");
     let resp = reqwest::Client::new()
         .post(format!("{}/api/v1/registry/modules", hub.url))
+        .bearer_auth(&token)
         .header("Brume-Signature", key.sign(&wasm).to_string())
         .body(wasm)
         .send()
@@ -251,11 +273,11 @@ async fn dashboard_shows_data_and_fleet_in_a_real_browser() {
     browser.wait_for("#progress-table tr td.online").await;
     let url = c.current_url().await.unwrap();
     let id = url.fragment().and_then(|f| f.strip_prefix("/deployment/")).expect("on the deployment page").to_owned();
-    let d = get_json(&format!("{}/api/v1/deployments/{id}", hub.url)).await;
+    let d = get_json(&hub, &format!("/api/v1/deployments/{id}")).await;
     assert_eq!((d["module"].clone(), d["selector"].clone()), (json!("downsample"), json!({"site": "plant-1"})), "{d}");
     assert_eq!(d["config"], json!({"window_s": 5, "field": "n"}));
     wait_until("the deployment to be done", PAGE, || async {
-        get_json(&format!("{}/api/v1/deployments/{id}", hub.url)).await["state"] == "done"
+        get_json(&hub, &format!("/api/v1/deployments/{id}")).await["state"] == "done"
     })
     .await
     .unwrap();
@@ -265,7 +287,7 @@ async fn dashboard_shows_data_and_fleet_in_a_real_browser() {
     c.send_alert_text("checked from the dashboard").await.unwrap();
     c.accept_alert().await.unwrap();
     browser.wait_for("#deployment-state[data-state=\"rolled_back\"]").await;
-    let d = get_json(&format!("{}/api/v1/deployments/{id}", hub.url)).await;
+    let d = get_json(&hub, &format!("/api/v1/deployments/{id}")).await;
     assert_eq!(d["reason"], "checked from the dashboard", "{d}");
 
     // Fleet: online with platform and labels, then offline once stopped.

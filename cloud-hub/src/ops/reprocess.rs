@@ -165,7 +165,7 @@ pub async fn reprocess(cmd: ReprocessCmd) -> anyhow::Result<ExitCode> {
     match cmd {
         ReprocessCmd::Run(a) => run(a).await,
         ReprocessCmd::Ls { hub } => {
-            let v = Client::new(&hub).get("/api/v1/reprocess").await?;
+            let v = Client::new(&hub)?.get("/api/v1/reprocess").await?;
             if hub.json {
                 print_json(&v);
             } else {
@@ -190,7 +190,7 @@ pub async fn reprocess(cmd: ReprocessCmd) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         ReprocessCmd::Show { id, hub } => {
-            let j = Client::new(&hub).get(&format!("/api/v1/reprocess/{id}")).await?;
+            let j = Client::new(&hub)?.get(&format!("/api/v1/reprocess/{id}")).await?;
             if hub.json {
                 print_json(&j)
             } else {
@@ -198,9 +198,9 @@ pub async fn reprocess(cmd: ReprocessCmd) -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        ReprocessCmd::Watch { id, hub } => watch(&Client::new(&hub), id, hub.json).await,
+        ReprocessCmd::Watch { id, hub } => watch(&Client::new(&hub)?, id, hub.json).await,
         ReprocessCmd::Cancel { id, hub } => {
-            let j = Client::new(&hub).post(&format!("/api/v1/reprocess/{id}/cancel"), &json!({})).await?;
+            let j = Client::new(&hub)?.post(&format!("/api/v1/reprocess/{id}/cancel"), &json!({})).await?;
             if hub.json {
                 print_json(&j)
             } else {
@@ -234,7 +234,7 @@ async fn run(a: RunArgs) -> anyhow::Result<ExitCode> {
     if let Some(i) = &a.inputs {
         body["inputs"] = json!(i);
     }
-    let client = Client::new(&a.hub);
+    let client = Client::new(&a.hub)?;
     let j = client.post("/api/v1/reprocess", &body).await?;
     let id = j["id"].as_u64().context("the hub's answer has no job id")?;
     if a.hub.json {

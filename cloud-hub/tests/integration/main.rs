@@ -3,6 +3,7 @@
 //! for the `postgres_*` tests (each starts its own private server).
 
 // The store unit tests' private PostgreSQL harness, shared rather than copied.
+mod auth;
 mod fleet;
 mod util;
 
@@ -702,6 +703,7 @@ async fn openapi_document_matches_the_routes() {
             "/api/v1/reprocess",
             "/api/v1/reprocess/{id}",
             "/api/v1/reprocess/{id}/cancel",
+            "/api/v1/session",
             "/api/v1/streams",
             "/api/v1/tail",
             "/healthz",
