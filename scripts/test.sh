@@ -37,6 +37,9 @@ cargo test --workspace --locked --no-fail-fast "$@" 2>&1 | tee -a "$log" || stat
 # The Prometheus scrape config and alert rules: promtool's checks and the rules' unit tests
 # (integrations/prometheus/brume-alerts.test.yml), and every metric they name exists.
 ./scripts/check-integrations.sh 2>&1 | tee -a "$log" || status=$?
+# Licences, banned crates, sources and (when the database is reachable) advisories of
+# every dependency (deny.toml).
+./scripts/check-supply-chain.sh 2>&1 | tee -a "$log" || status=$?
 # The example modules' native tests; extra args are for the main workspace only.
 (cd modules/examples && cargo test --locked --no-fail-fast) 2>&1 | tee -a "$log" || status=$?
 # One closing line for the whole run, summed over every test binary. A skipped test also
