@@ -40,6 +40,9 @@ cargo test --workspace --locked --no-fail-fast "$@" 2>&1 | tee -a "$log" || stat
 # Licences, banned crates, sources and (when the database is reachable) advisories of
 # every dependency (deny.toml).
 ./scripts/check-supply-chain.sh 2>&1 | tee -a "$log" || status=$?
+# Every network, sensor and module decoder under libFuzzer for FUZZ_SECONDS each
+# (fuzz/fuzz_targets, corpus in fuzz/corpus).
+./scripts/fuzz.sh 2>&1 | tee -a "$log" || status=$?
 # The example modules' native tests; extra args are for the main workspace only.
 (cd modules/examples && cargo test --locked --no-fail-fast) 2>&1 | tee -a "$log" || status=$?
 # One closing line for the whole run, summed over every test binary. A skipped test also

@@ -59,7 +59,10 @@ pub struct ClientTls {
 /// Makes ring rustls' process-wide crypto provider. Idempotent; call before building any
 /// TLS client or server (the settings below call it too).
 pub fn install_provider() {
-    // Err means a provider is installed already: ours, by an earlier call.
+    // Err means a provider is installed already: ours, by an earlier call. Newer rustls
+    // releases mark ring's provider deprecated because it has no post-quantum key
+    // exchange; ring is kept on purpose (no C toolchain beyond cc for ARM cross builds).
+    #[allow(deprecated)]
     let _ = rustls::crypto::ring::default_provider().install_default();
 }
 
