@@ -33,7 +33,11 @@ async fn tokens_and_scopes_guard_the_api() {
     };
     for open in ["/healthz", "/readyz", "/metrics", "/api/v1/openapi.json", "/ui/", "/ui/app.js"] {
         let s = get(open, None).await.unwrap().status();
-        assert!(s.is_success(), "{open} is open: {s}");
+        // /readyz may say 503 until the hub has its broker connection: not a refusal.
+        assert!(
+            s != StatusCode::UNAUTHORIZED && s != StatusCode::FORBIDDEN && s != StatusCode::NOT_FOUND,
+            "{open} is open: {s}"
+        );
     }
     // Module downloads by sha256 (agents make them): 404 for an unknown module, not 401.
     assert_eq!(get(&format!("/api/v1/registry/modules/{}", "ab".repeat(32)), None).await.unwrap().status(), 404);
