@@ -183,12 +183,25 @@ async fn event_loop_task(
     let desired_topic = topics::desired(&cfg.agent_id);
     // Parsed when the config was validated.
     let auth = HubAuth { keys: Keyring::parse(&cfg.forward.hub_keys).unwrap_or_default() };
-    let open = |kind: HubKind, topic: &str, payload: &'_ [u8]| -> Option<Vec<u8>> {
+    // Rejections are counted each; logged as a warning at most every 10 s, so a flood of
+    // forgeries cannot flood the log (and the flash it is written to).
+    let mut last_warned_rejection: Option<Instant> = None;
+    let mut open = |kind: HubKind, topic: &str, payload: &'_ [u8]| -> Option<Vec<u8>> {
         match auth.open(kind, topic, payload) {
             Ok(m) => Some(m.into_owned()),
             Err(reason) => {
                 metrics.hub_messages_rejected.get_or_create(&[("kind", kind.as_str()), ("reason", reason)]).inc();
-                tracing::warn!(topic, reason, "dropping a hub message that is not verifiably from a trusted hub");
+                if last_warned_rejection.is_none_or(|t| t.elapsed() >= Duration::from_secs(10)) {
+                    last_warned_rejection = Some(Instant::now());
+                    tracing::warn!(
+                        topic,
+                        reason,
+                        "dropping a hub message that is not verifiably from a trusted hub \
+                         (further ones for 10 s only counted in brume_agent_hub_messages_rejected_total)"
+                    );
+                } else {
+                    tracing::debug!(topic, reason, "dropping a hub message that is not verifiably from a trusted hub");
+                }
                 None
             }
         }
