@@ -15,6 +15,15 @@ cd "$(dirname "$0")/../fuzz"
 FUZZ_VERSION=0.13.2
 seconds=${FUZZ_SECONDS:-30}
 
+# libFuzzer itself is C++ (built by libfuzzer-sys).
+if ! command -v c++ >/dev/null 2>&1; then
+  echo "installing: g++ (libFuzzer is C++)"
+  SUDO=""
+  [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends g++
+fi
+
 if ! cargo fuzz --version 2>/dev/null | grep -q "$FUZZ_VERSION"; then
   echo "installing: cargo-fuzz $FUZZ_VERSION"
   cargo install --locked --quiet "cargo-fuzz@$FUZZ_VERSION"

@@ -124,15 +124,8 @@ pub async fn run(
     }
     let client_id = if f.client_id.is_empty() { format!("brume-agent-{}", cfg.agent_id) } else { f.client_id.clone() };
     let mut opts = MqttOptions::new(client_id, f.host.clone(), f.port);
-    if let Some(tls) = &f.tls {
-        // Checked when the config was loaded; the files may have gone since.
-        match tls.client_config() {
-            Ok(c) => opts.set_transport(rumqttc::Transport::tls_with_config(rumqttc::TlsConfiguration::Rustls(c))),
-            Err(e) => {
-                tracing::error!(error = %e, "forward.tls unusable; not forwarding (readings stay in the store)");
-                return;
-            }
-        };
+    if set_mqtt_tls(&mut opts, f.tls.as_ref(), "forward.tls").is_err() {
+        return; // not forwarding: readings stay in the store
     }
     opts.set_keep_alive(f.keep_alive);
     opts.set_clean_session(true);
@@ -300,6 +293,23 @@ async fn event_loop_task(
         }
     }
     metrics.connected.set(0);
+}
+
+/// Puts `opts` on TLS when `tls` is set (`key` names its config table). The files were
+/// checked when the config was loaded, but may have gone since: then the error is logged
+/// and the connection must not be made.
+pub(crate) fn set_mqtt_tls(opts: &mut MqttOptions, tls: Option<&brume_tls::ClientTls>, key: &str) -> Result<(), ()> {
+    let Some(tls) = tls else { return Ok(()) };
+    match tls.client_config() {
+        Ok(c) => {
+            opts.set_transport(rumqttc::Transport::tls_with_config(rumqttc::TlsConfiguration::Rustls(c)));
+            Ok(())
+        }
+        Err(e) => {
+            tracing::error!(error = %e, key, "TLS settings unusable; not connecting");
+            Err(())
+        }
+    }
 }
 
 /// Checks that hub messages come from a trusted hub (`forward.hub_keys`).

@@ -329,6 +329,20 @@ impl Agent {
         wait_until("the agent's HTTP server after restart", Duration::from_secs(60), || port_open(port)).await
     }
 
+    /// Writes a JSON array of readings to `stream` through the agent's HTTP API and checks
+    /// the 204 (every reading committed).
+    pub async fn write_json(&self, stream: &str, array: &str) {
+        let r = reqwest::Client::new()
+            .post(format!("{}/api/v1/write", self.url))
+            .query(&[("stream", stream)])
+            .header("content-type", "application/json")
+            .body(array.to_owned())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status().as_u16(), 204, "{}", r.text().await.unwrap_or_default());
+    }
+
     /// The agent's JSON status.
     pub async fn status(&self) -> Result<serde_json::Value> {
         Ok(reqwest::get(format!("{}/api/v1/status", self.url)).await?.error_for_status()?.json().await?)

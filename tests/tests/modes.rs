@@ -93,14 +93,7 @@ async fn json_mode_publishes_one_object_per_reading() {
     .await
     .unwrap();
     let body = (0..100).map(|i| format!("{{\"n\":{i},\"ok\":true,\"site\":\"a\"}}")).collect::<Vec<_>>().join(",");
-    let res = reqwest::Client::new()
-        .post(format!("{}/api/v1/write?stream=line/1", agent.url))
-        .header("content-type", "application/json")
-        .body(format!("[{body}]"))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(res.status().as_u16(), 204);
+    agent.write_json("line/1", &format!("[{body}]")).await;
     let mut got = Vec::new();
     tokio::time::timeout(Duration::from_secs(30), async {
         while got.len() < 100 {
@@ -148,17 +141,9 @@ async fn dropped_readings_are_counted_and_reported_to_the_hub() {
     )
     .await
     .unwrap();
-    let client = reqwest::Client::new();
     for k in 0..20 {
         let body = (0..100).map(|i| format!("{{\"n\":{}}}", k * 100 + i)).collect::<Vec<_>>().join(",");
-        let r = client
-            .post(format!("{}/api/v1/write?stream=lossy", agent.url))
-            .header("content-type", "application/json")
-            .body(format!("[{body}]"))
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(r.status().as_u16(), 204);
+        agent.write_json("lossy", &format!("[{body}]")).await;
     }
     let status = agent.status().await.unwrap();
     let lost = status["losses"][0]["total"].as_u64().expect("losses reported in status");

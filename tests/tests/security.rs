@@ -14,14 +14,7 @@ const HUB: &str = env!("CARGO_BIN_EXE_e2e-cloud-hub");
 /// Writes `n` readings `{"n": i}` to a stream through the agent's HTTP API.
 async fn write(agent: &Agent, stream: &str, range: std::ops::Range<u64>) {
     let body = range.map(|i| format!("{{\"n\":{i}}}")).collect::<Vec<_>>().join(",");
-    let r = reqwest::Client::new()
-        .post(format!("{}/api/v1/write?stream={stream}", agent.url))
-        .header("content-type", "application/json")
-        .body(format!("[{body}]"))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status().as_u16(), 204);
+    agent.write_json(stream, &format!("[{body}]")).await;
 }
 
 /// The agent's counter `brume_agent_<name>` with exactly these labels (0 when absent).

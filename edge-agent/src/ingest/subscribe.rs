@@ -42,15 +42,8 @@ pub async fn run(
 ) {
     let client_id = opts_client_id(&cfg, &agent_id);
     let mut opts = MqttOptions::new(client_id, cfg.host.clone(), cfg.port);
-    if let Some(tls) = &cfg.tls {
-        // Checked when the config was loaded; the files may have gone since.
-        match tls.client_config() {
-            Ok(c) => opts.set_transport(rumqttc::Transport::tls_with_config(rumqttc::TlsConfiguration::Rustls(c))),
-            Err(e) => {
-                tracing::error!(error = %e, "subscribe.tls unusable; not subscribing");
-                return;
-            }
-        };
+    if crate::forward::set_mqtt_tls(&mut opts, cfg.tls.as_ref(), "subscribe.tls").is_err() {
+        return; // not subscribing
     }
     opts.set_clean_session(false);
     opts.set_manual_acks(true);
